@@ -1,0 +1,39 @@
+"""espquant: quantize ONNX models for Espressif's ESP-DL and know what the chip will compute.
+
+The public API keeps the names of the legacy ESP-DL quantization toolkit, so switching is one import.
+"""
+
+from espquant.errors import (
+    DatasetError,
+    EspquantError,
+    ModelError,
+    OptionError,
+    QuantTableError,
+    TargetError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
+from espquant.optimizer import (
+    convert_model_batch_to_dynamic,
+    fix_input_shapes,
+    optimize_fp_model,
+    optimize_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DatasetError",
+    "EspquantError",
+    "ModelError",
+    "OptionError",
+    "QuantTableError",
+    "TargetError",
+    "UnsupportedModelError",
+    "UnsupportedOpError",
+    "__version__",
+    "convert_model_batch_to_dynamic",
+    "fix_input_shapes",
+    "optimize_fp_model",
+    "optimize_model",
+]

@@ -1,0 +1,193 @@
+"""The ``espquant`` command line.
+
+Subcommands mirror the Python API. Errors that espquant explains (bad paths, bad options, models it
+cannot handle) print as one line on stderr with exit code 1; bad usage exits with 2; neither shows a
+traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from espquant import __version__
+from espquant.errors import EspquantError, OptionError
+
+logger = logging.getLogger("espquant")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class EspquantGroup(click.Group):
+    """A click group that turns espquant errors into one clear line and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OptionError as exc:
+            err.print(f"[bold red]espquant: usage error:[/] {exc}", soft_wrap=True)
+            ctx.exit(2)
+        except EspquantError as exc:
+            err.print(f"[bold red]espquant: error:[/] {exc}", soft_wrap=True)
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug") or ctx.obj and ctx.obj.get("debug"):
+                raise
+            err.print(
+                f"[bold red]espquant: internal error:[/] {type(exc).__name__}: {exc}. "
+                "Run again with --debug for the traceback and please report it.",
+                soft_wrap=True,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=EspquantGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="espquant")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for unexpected errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """Quantize ONNX models for Espressif ESP-DL chips and know what the chip will compute.
+
+    \b
+    Typical flow:
+      espquant demo                                  # everything on a bundled MNIST model
+      espquant optimize model.onnx                   # -> model_optimized.onnx
+      espquant optimize model.onnx --input-shape input:1,3,96,96
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(level)
+
+
+def _parse_passes(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise OptionError("--passes: give a comma-separated list of pass names (see --list-passes).")
+    return names
+
+
+def print_report(report: Any, output: str | None, console: Console = out, title: str | None = None) -> None:
+    """Print an optimization report as a table of passes and a summary line."""
+    table = Table(title=title or "optimizer passes", title_justify="left", show_lines=False)
+    table.add_column("pass", no_wrap=True)
+    table.add_column("from", style="dim", no_wrap=True)
+    table.add_column("changes", justify="right")
+    table.add_column("what changed")
+    table.add_column("time", justify="right", style="dim", no_wrap=True)
+    for record in report.records:
+        if record.runs == 0:
+            continue
+        style = None if record.changes else "dim"
+        table.add_row(record.name, record.source, str(record.changes) if record.changes else "-",
+                      record.describe() or "nothing to do", f"{record.seconds:.2f}s", style=style)
+    console.print(table)
+    before, after = sum(report.nodes_before.values()), sum(report.nodes_after.values())
+    diff = []
+    for op in sorted(set(report.nodes_before) | set(report.nodes_after)):
+        delta = report.nodes_after[op] - report.nodes_before[op]
+        if delta:
+            diff.append(f"{op} {delta:+d}")
+    console.print(f"nodes {before} -> {after}" + (f" ({', '.join(diff)})" if diff else "")
+                  + f" in {report.rounds} round(s), {report.seconds:.2f}s")
+    for message in report.warnings:
+        console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    if output:
+        console.print(f"wrote [bold]{output}[/]")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path (default: <model>_optimized.onnx).")
+@click.option("--passes", "passes_text", metavar="P1,P2,...", help="Run only these passes (see --list-passes).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Pin a dynamic input's shape, e.g. input:1,3,48,192. Repeat for several inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--list-passes", is_flag=True, help="List the passes in pipeline order and exit.")
+def optimize(model: Path | None, output: Path | None, passes_text: str | None, input_shapes: tuple[str, ...],
+             as_json: bool, list_passes: bool) -> None:
+    """Clean a float ONNX model before quantization.
+
+    Folds BatchNormalization into Conv/Gemm/ConvTranspose, fuses biases and pads, turns MatMul+Add
+    into Gemm, removes no-ops, folds constant subgraphs (shape chains), upgrades old opsets to 13,
+    names every node and infers shapes. The input file is never modified.
+
+    \b
+    Examples:
+      espquant optimize mnist.onnx
+      espquant optimize mnist.onnx -o clean.onnx --json
+      espquant optimize ocr.onnx --input-shape x:1,3,48,192
+      espquant optimize mnist.onnx --passes fold_constants,fold_batchnorm
+    """
+    from espquant.optimizer import PASSES, optimize_file
+    from espquant.optimizer.shapes import parse_input_shape
+
+    if list_passes:
+        table = Table(title="optimizer passes, in pipeline order", title_justify="left")
+        for column in ("pass", "stage", "from"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("what it does")
+        for p in PASSES:
+            table.add_row(p.name, p.stage, p.source, p.summary)
+        out.print(table)
+        return
+    if model is None:
+        raise click.UsageError("missing argument MODEL (the .onnx file to optimize).")
+    shapes = dict(parse_input_shape(text) for text in input_shapes)
+    path, report = optimize_file(model, output, _parse_passes(passes_text), shapes or None)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "output": path, **report.to_dict()}, indent=2))
+    else:
+        print_report(report, path, title=f"optimizer passes on {model}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("espquant-demo"), show_default=True,
+              help="Folder for the demo's output files (created if missing).")
+def demo(workdir: Path) -> None:
+    """Run espquant on the bundled MNIST CNN and real digits.
+
+    The demo model (Conv, BatchNormalization, Relu, MaxPool, a residual Add, a depthwise Conv, Flatten,
+    Gemm) and 3,000 MNIST digits ship inside the package. The demo copies the model to WORKDIR,
+    optimizes it, prints what each pass changed, and checks on 2,000 test digits that the optimized
+    float model is exactly as accurate as the original.
+    """
+    from espquant.demo import demo_model_path, float_accuracy, load_demo_data
+    from espquant.model_io import atomic_write_bytes
+    from espquant.optimizer import optimize_file
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = workdir / "demo_mnist_cnn.onnx"
+    atomic_write_bytes(source, demo_model_path().read_bytes())
+    out.print(f"[bold]espquant demo[/]: MNIST CNN ({source.stat().st_size / 1024:.0f} KiB) -> {workdir}/")
+    path, report = optimize_file(source)
+    print_report(report, path, title="1. optimize: what each pass changed")
+    data = load_demo_data()
+    before = float_accuracy(source.read_bytes(), data.test_inputs, data.test_labels)
+    after = float_accuracy(Path(path).read_bytes(), data.test_inputs, data.test_labels)
+    table = Table(title=f"float accuracy on {len(data.test_labels)} MNIST test digits (onnxruntime)",
+                  title_justify="left")
+    table.add_column("model")
+    table.add_column("top-1", justify="right")
+    table.add_row(source.name, f"{before:.2f}%")
+    table.add_row(Path(path).name, f"{after:.2f}%")
+    out.print(table)
+    if abs(before - after) > 1e-9:
+        raise EspquantError(f"the optimized demo model's accuracy changed ({before:.2f}% -> {after:.2f}%)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,133 @@
+"""A small read view over an ONNX graph: producers, consumers, initializers as numpy, topological order.
+
+Passes ask the same questions again and again ("who produces this tensor?", "is this input a constant?",
+"how many nodes read this output?"). :class:`GraphView` answers them from indexes built once. It is a
+snapshot: a pass that edits the graph builds a new view afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = [
+    "GraphView",
+    "opset_version",
+    "tensor_shape",
+    "set_initializer",
+    "remove_nodes",
+    "replace_nodes",
+    "unique_name",
+]
+
+
+class GraphView:
+    """Indexes over ``graph`` for quick producer / consumer / constant look-ups."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.graph_outputs: set[str] = {o.name for o in graph.output}
+        self.graph_inputs: set[str] = {i.name for i in graph.input} - set(self.initializers)
+        self.value_info: dict[str, onnx.ValueInfoProto] = {
+            v.name: v for v in [*graph.input, *graph.value_info, *graph.output]
+        }
+
+    def is_constant(self, name: str) -> bool:
+        """True for an initializer that is not also a graph input (graph inputs can be overridden)."""
+        return name in self.initializers and name not in {i.name for i in self.graph.input}
+
+    def array(self, name: str) -> np.ndarray:
+        """The initializer ``name`` as a numpy array."""
+        return numpy_helper.to_array(self.initializers[name])
+
+    def single_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The only node reading ``name``, or None when zero or several nodes read it or it is a graph output."""
+        readers = self.consumers.get(name, [])
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        """The inferred shape of ``name`` (ints for static dims, names for symbolic, None when unknown)."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        info = self.value_info.get(name)
+        return tensor_shape(info) if info is not None else None
+
+
+def tensor_shape(info: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    """The shape recorded in a ValueInfoProto, or None when it records no rank."""
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The opset the model imports for ``domain`` ("" and "ai.onnx" are the same default domain)."""
+    for entry in model.opset_import:
+        if entry.domain in ({"", "ai.onnx"} if domain in ("", "ai.onnx") else {domain}):
+            return entry.version
+    return 0
+
+
+def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    """Add the initializer ``name`` or replace its value in place (keeps the graph's order stable)."""
+    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    for index, existing in enumerate(graph.initializer):
+        if existing.name == name:
+            graph.initializer[index].CopyFrom(tensor)
+            return
+    graph.initializer.append(tensor)
+
+
+def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> None:
+    """Remove the given nodes (by identity) from ``graph``, keeping the order of the rest."""
+    replace_nodes(graph, {id(node): [] for node in doomed})
+
+
+def replace_nodes(graph: onnx.GraphProto, replacements: dict[int, list[onnx.NodeProto]]) -> None:
+    """Replace each node whose ``id`` is a key by the key's list of nodes (empty: removal), in place.
+
+    Node identity is stable here because callers hold references to the nodes they found in the graph.
+    """
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for kept in replacements.get(id(node), [node]):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(kept)
+            rebuilt.append(copy)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base`` itself if free, else ``base_1``, ``base_2``...; the name returned is added to ``taken``."""
+    name, counter = base, 0
+    while name in taken:
+        counter += 1
+        name = f"{base}_{counter}"
+    taken.add(name)
+    return name

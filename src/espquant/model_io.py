@@ -1,0 +1,143 @@
+"""Reading and writing ONNX models safely.
+
+Two promises live here: the user's input model is never modified, and every output appears atomically
+(written to a temporary file in the destination folder, then renamed over the target), so an interrupted
+run never leaves a half-written model behind. Every failure becomes a :class:`ModelError` that names the
+path and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from espquant.errors import ModelError
+
+__all__ = ["load_model", "save_model", "atomic_write_bytes", "check_distinct_paths"]
+
+# Protobuf refuses to serialise a message of 2 GiB or more; above this, weights go to an external file.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Load an ONNX model from ``path``, with its external data, or raise a clear :class:`ModelError`.
+
+    Args:
+        path: a ``.onnx`` file.
+
+    Returns:
+        The model, with any external tensor data loaded into memory.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file. Check the path to the .onnx model.")
+    if p.is_dir():
+        raise ModelError(f"{p}: is a folder, not an ONNX model file. Pass the path of the .onnx file.")
+    if p.suffix.lower() != ".onnx":
+        raise ModelError(
+            f"{p}: expected an ONNX model file ending in '.onnx'. Export your network to ONNX first "
+            "(for example with torch.onnx.export or tf2onnx)."
+        )
+    if p.stat().st_size == 0:
+        raise ModelError(f"{p}: the file is empty. Export the model again.")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise ModelError(
+            f"{p}: not a readable ONNX model, the file is corrupt or truncated ({exc}). Export it again."
+        ) from exc
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelError(f"{p}: the file parsed but holds no graph nodes; it is truncated or not an ONNX model.")
+    _load_external_data(model, p)
+    _validate_structure(model, p)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Load tensors stored in side files, naming the missing file when one is absent."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model, uses_external_data
+
+    missing = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if not (path.parent / location).is_file():
+                missing.append(f"{tensor.name!r} -> {location!r}")
+    if missing:
+        raise ModelError(
+            f"{path}: external weight data not found next to the model: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}. Keep the data file(s) in the same folder as the .onnx file."
+        )
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{path}: could not read its external weight data ({exc}).") from exc
+
+
+def _validate_structure(model: onnx.ModelProto, path: Path | str) -> None:
+    """Reject models espquant cannot work on at all, before any pass touches them."""
+    initializer_names = {t.name for t in model.graph.initializer}
+    real_inputs = [i.name for i in model.graph.input if i.name not in initializer_names]
+    if not real_inputs:
+        raise ModelError(
+            f"{path}: the graph has no inputs (every declared input is a constant initializer). "
+            "espquant needs at least one data input to feed; export the model with its input tensor."
+        )
+    if not model.graph.output:
+        raise ModelError(f"{path}: the graph declares no outputs; export the model with its output tensor(s).")
+
+
+def check_distinct_paths(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
+    """Refuse to write an output over the user's input model."""
+    src, dst = Path(input_path).resolve(), Path(output_path).resolve()
+    if src == dst or (dst.exists() and os.path.samefile(src, dst)):
+        raise ModelError(
+            f"{output_path}: the output path is the input model itself; espquant never overwrites its input. "
+            "Choose another output path (or omit it to get '<name>_optimized.onnx')."
+        )
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelError(f"{target}: the folder {folder} does not exist; create it or choose another output path.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` atomically; weights go to ``<name>.data`` beside it when the model exceeds 2 GiB."""
+    target = Path(path)
+    if target.suffix.lower() != ".onnx":
+        raise ModelError(f"{target}: output model paths must end in '.onnx'.")
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        atomic_write_bytes(target, model.SerializeToString())
+        return
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    data_name = target.name + ".data"
+    tmp_data = target.parent / f".{data_name}.tmp"
+    convert_model_to_external_data(copy, all_tensors_to_one_file=True, location=tmp_data.name)
+    onnx.external_data_helper.write_external_data_tensors(copy, str(target.parent))
+    for tensor in onnx.external_data_helper._get_all_tensors(copy):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    os.replace(tmp_data, target.parent / data_name)
+    atomic_write_bytes(target, copy.SerializeToString())

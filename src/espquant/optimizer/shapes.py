@@ -1,0 +1,165 @@
+"""Shapes: inference, the dynamic batch dimension, and pinning dynamic input dimensions.
+
+ESP-DL plans memory from static shapes, so every tensor but the batch dimension must have a known size.
+Shape inference runs on a light copy of the model in which large weights are declared as typed inputs
+instead of carried as data: ONNX's inference serialises the whole model, and on a model with hundreds of
+megabytes of weights that copy costs more than the inference itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import onnx
+from onnx import helper, shape_inference
+
+from espquant.errors import OptionError
+from espquant.graph import tensor_shape
+from espquant.optimizer.pipeline import PassResult
+
+__all__ = [
+    "BATCH_DIM",
+    "infer_shapes",
+    "infer_shapes_pass",
+    "convert_model_batch_to_dynamic",
+    "fix_input_shapes",
+    "parse_input_shape",
+]
+
+BATCH_DIM = "N"
+# Initializers up to this many elements stay as data: shape chains (Reshape targets, Slice bounds) need values.
+_SMALL_INITIALIZER = 4096
+
+
+def infer_shapes(model: onnx.ModelProto) -> list[str]:
+    """Replace ``model.graph.value_info`` with freshly inferred shapes; returns warnings (never raises).
+
+    Graph outputs get their inferred type where they had none.
+    """
+    graph = model.graph
+    small, large = [], []
+    for tensor in graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        (small if count <= _SMALL_INITIALIZER else large).append(tensor)
+    declared = {i.name for i in graph.input}
+    weight_inputs = [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large if t.name not in declared
+    ]
+    light_graph = helper.make_graph(
+        list(graph.node), graph.name or "graph", [*graph.input, *weight_inputs], list(graph.output), small
+    )
+    light = helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    light.functions.extend(model.functions)
+    try:
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and plain RuntimeErrors
+        return [f"shape inference failed ({exc}); shapes are left as they were"]
+    weight_names = {t.name for t in large}
+    del graph.value_info[:]
+    graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in weight_names)
+    inferred_outputs = {o.name: o for o in inferred.graph.output}
+    for output in graph.output:
+        better = inferred_outputs.get(output.name)
+        if better is not None and _rank_known(better) and not _fully_static(output):
+            output.type.CopyFrom(better.type)
+    return []
+
+
+def _rank_known(info: onnx.ValueInfoProto) -> bool:
+    return tensor_shape(info) is not None
+
+
+def _fully_static(info: onnx.ValueInfoProto) -> bool:
+    shape = tensor_shape(info)
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def infer_shapes_pass(model: onnx.ModelProto) -> PassResult:
+    """Pipeline form of :func:`infer_shapes`: reports how many tensors have a known shape afterwards."""
+    warnings = infer_shapes(model)
+    known = sum(1 for v in model.graph.value_info if _rank_known(v))
+    return PassResult(0, (f"{known} intermediate tensor shapes known",) if not warnings else (), tuple(warnings))
+
+
+def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def convert_model_batch_to_dynamic(model_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of the model whose inputs' and outputs' first dimension is the symbolic ``N``.
+
+    Shapes are inferred again so intermediate tensors carry ``N`` too. A constant ``Reshape`` target that
+    hard-codes batch 1 still fixes the batch; the optimizer's folding leaves such targets visible.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(model_proto)
+    for info in [*_data_inputs(model), *model.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if info.type.tensor_type.HasField("shape") and len(dims) > 0:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH_DIM
+    del model.graph.value_info[:]
+    infer_shapes(model)
+    return model
+
+
+def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """Return a copy of the model with the named inputs' dimensions pinned to ``shapes``.
+
+    Many exporters declare height and width dynamic; the chip needs them static. Each given shape must have
+    the input's rank and agree with its already-static dimensions. Shapes are inferred again afterwards.
+
+    Raises:
+        OptionError: an unknown input name, a wrong rank, a non-positive size, or a conflict with a static dim.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(model_proto)
+    inputs = {i.name: i for i in _data_inputs(model)}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise OptionError(
+                f"input shape for {name!r}: the model has no such input; its inputs are {', '.join(inputs)}."
+            )
+        if any(int(d) <= 0 for d in shape):
+            raise OptionError(f"input shape for {name!r}: {list(shape)} has a non-positive dimension.")
+        info = inputs[name]
+        current = tensor_shape(info)
+        if current is not None and len(current) != len(shape):
+            raise OptionError(
+                f"input shape for {name!r}: {list(shape)} has rank {len(shape)} but the input has rank "
+                f"{len(current)} ({_show(current)})."
+            )
+        if current is not None:
+            for axis, (old, new) in enumerate(zip(current, shape)):
+                if isinstance(old, int) and old != int(new):
+                    raise OptionError(
+                        f"input shape for {name!r}: dimension {axis} is fixed to {old} in the model, not {new} "
+                        f"(model shape {_show(current)})."
+                    )
+        tensor_type = info.type.tensor_type
+        tensor_type.ClearField("shape")
+        for size in shape:
+            tensor_type.shape.dim.add().dim_value = int(size)
+    del model.graph.value_info[:]
+    infer_shapes(model)
+    return model
+
+
+def _show(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """Parse ``NAME:1,3,48,192`` (the CLI's ``--input-shape``) into ``(name, [1, 3, 48, 192])``."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = [int(d) for d in dims.split(",") if d.strip()]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape:
+        raise OptionError(f"--input-shape {text!r}: expected NAME:D0,D1,... for example 'input:1,3,48,192'.")
+    return name, shape
+
