@@ -72,6 +72,7 @@ PASSES: list[OptimizerPass] = [
     OX["fuse_transpose_into_gemm"],
     OptimizerPass("sum_to_add", sum_to_add, "two-input Sum -> Add"),
     OptimizerPass("reshape_prelu_slopes", reshape_prelu_slopes, "PRelu slopes -> (C, 1, 1)"),
+    OX["eliminate_deadend"],
     OX["eliminate_unused_initializer"],
     OX["eliminate_duplicate_initializer"],
     OptimizerPass("name_nodes", name_nodes, "give every node a unique, stable name", "finish"),

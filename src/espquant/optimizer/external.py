@@ -146,6 +146,15 @@ def _feeds(producer_types: set[str], consumer_type: str, constant_operand: bool 
     return test
 
 
+def _has_dead_node(model: onnx.ModelProto) -> bool:
+    """True when some node's outputs are all unread (fusions such as MatMul+Add leave the MatMul behind)."""
+    view = GraphView(model.graph)
+    return any(
+        not any(name and (view.consumers.get(name) or name in view.graph_outputs) for name in node.output)
+        for node in model.graph.node
+    )
+
+
 def _has_unused_initializer(model: onnx.ModelProto) -> bool:
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
            for node in model.graph.node for a in node.attribute):
@@ -190,6 +199,7 @@ ONNXOPTIMIZER_PASSES: dict[str, OptimizerPass] = {
               "turn 2-D MatMul + Add(constant) into Gemm"),
         _wrap("fuse_transpose_into_gemm", _feeds({"Transpose"}, "Gemm"), "fold Transpose into Gemm's transA/transB",
               skeleton=True),
+        _wrap("eliminate_deadend", _has_dead_node, "remove nodes whose outputs nothing reads", skeleton=True),
         _wrap("eliminate_unused_initializer", _has_unused_initializer, "drop initializers no node reads",
               skeleton=True),
         _wrap("eliminate_duplicate_initializer", _has_duplicate_initializer,

@@ -1,0 +1,60 @@
+"""Tiny-model builders and an onnxruntime runner shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = OPSET, value_info=()) -> onnx.ModelProto:
+    """A checked model from helper-made pieces; initializers given as {name: array}."""
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(initializers).items()]
+    graph = helper.make_graph(nodes, "test", inputs, outputs, inits, value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    if all(o.type.tensor_type.HasField("shape") for o in outputs):
+        onnx.checker.check_model(model)
+    return model
+
+
+def tensor(name: str, shape, dtype=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np.ndarray], rtol=1e-5) -> None:
+    for x, y in zip(run(a, feeds), run(b, feeds)):
+        np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * max(1.0, float(np.abs(x).max())))
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def bn_params(rng: np.random.Generator, channels: int, prefix: str = "bn") -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}_gamma": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        f"{prefix}_beta": rng.standard_normal(channels).astype(np.float32),
+        f"{prefix}_mean": rng.standard_normal(channels).astype(np.float32),
+        f"{prefix}_var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
+    }
+
+
+def bn_node(x: str, y: str, prefix: str = "bn", epsilon: float = 1e-3) -> onnx.NodeProto:
+    return helper.make_node(
+        "BatchNormalization",
+        [x, f"{prefix}_gamma", f"{prefix}_beta", f"{prefix}_mean", f"{prefix}_var"],
+        [y],
+        epsilon=epsilon,
+        name=f"{prefix}_node",
+    )
