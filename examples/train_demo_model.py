@@ -60,8 +60,7 @@ OPSET = 17
 PIXEL_SCALE = 256.0
 """Input = uint8 / 256, matching how the original pickle stored the pixels."""
 
-REQUIRED_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add",
-                "Flatten", "Gemm"}
+REQUIRED_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "Add", "Flatten", "Gemm"}
 
 
 def to_input(images_u8: NDArray[np.uint8]) -> NDArray[np.float32]:
@@ -104,10 +103,10 @@ class DemoCNN(nn.Module):
     def __init__(self, c1: int = 16, c2: int = 32, n_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            ConvBNReLU(1, c1, 3),     # 28x28, first node is a Conv on the input
-            nn.MaxPool2d(2),          # 14x14
+            ConvBNReLU(1, c1, 3),  # 28x28, first node is a Conv on the input
+            nn.MaxPool2d(2),  # 14x14
             ConvBNReLU(c1, c2, 3),
-            nn.MaxPool2d(2),          # 7x7
+            nn.MaxPool2d(2),  # 7x7
             ResidualDW(c2),
         )
         self.flatten = nn.Flatten()
@@ -135,8 +134,8 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     padded = F.pad(x, (max_shift,) * 4)
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])          # (n, h)
-    cols = (dx[:, None] + torch.arange(w)[None, :])          # (n, w)
+    rows = dy[:, None] + torch.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + torch.arange(w)[None, :]  # (n, w)
     idx_n = torch.arange(n)[:, None, None]
     return padded[idx_n, 0, rows[:, :, None], cols[:, None, :]][:, None]
 
@@ -145,8 +144,7 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 def torch_predict(model: nn.Module, x: NDArray[np.float32], batch: int = 1000) -> NDArray[np.float32]:
     """Logits of ``model`` (in eval mode) for preprocessed inputs ``x``."""
     model.eval()
-    outs = [model(torch.from_numpy(x[i:i + batch])).numpy()
-            for i in range(0, len(x), batch)]
+    outs = [model(torch.from_numpy(x[i : i + batch])).numpy() for i in range(0, len(x), batch)]
     return np.concatenate(outs)
 
 
@@ -155,8 +153,9 @@ def accuracy(logits: NDArray[np.float32], labels: NDArray[np.integer]) -> float:
     return float((logits.argmax(axis=1) == labels).mean())
 
 
-def train(model: nn.Module, data: dict[str, NDArray], epochs: int, batch: int,
-          lr: float, seed: int) -> tuple[nn.Module, int, float]:
+def train(
+    model: nn.Module, data: dict[str, NDArray], epochs: int, batch: int, lr: float, seed: int
+) -> tuple[nn.Module, int, float]:
     """Train with AdamW + one-cycle LR; return the best-validation weights."""
     x_train = torch.from_numpy(to_input(data["train_images"]))
     y_train = torch.from_numpy(data["train_labels"].astype(np.int64))
@@ -175,7 +174,7 @@ def train(model: nn.Module, data: dict[str, NDArray], epochs: int, batch: int,
         perm = torch.randperm(len(x_train), generator=gen)
         total_loss = 0.0
         for i in range(0, len(perm), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             xb = random_shift(x_train[idx], 2, gen)
             loss = F.cross_entropy(model(xb), y_train[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -184,8 +183,11 @@ def train(model: nn.Module, data: dict[str, NDArray], epochs: int, batch: int,
             sched.step()
             total_loss += float(loss.detach()) * len(idx)
         val_acc = accuracy(torch_predict(model, x_val), y_val)
-        print(f"epoch {epoch:2d}/{epochs}: loss {total_loss / len(perm):.4f} "
-              f"val acc {val_acc:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(
+            f"epoch {epoch:2d}/{epochs}: loss {total_loss / len(perm):.4f} "
+            f"val acc {val_acc:.4f} ({time.perf_counter() - t0:.1f}s)",
+            flush=True,
+        )
         if val_acc >= best_val:  # ties go to the later (lower-LR) epoch
             best_state, best_epoch, best_val = copy.deepcopy(model.state_dict()), epoch, val_acc
     model.load_state_dict(best_state)
@@ -207,21 +209,25 @@ def export_onnx(model: nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         # The TorchScript exporter is chosen on purpose (see module doc).
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
-                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         torch.onnx.export(
-            model, (dummy,), tmp,
+            model,
+            (dummy,),
+            tmp,
             dynamo=False,
-            input_names=["input"], output_names=["logits"],
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
             opset_version=OPSET,
             do_constant_folding=False,
             training=torch.onnx.TrainingMode.EVAL,
         )
         proto = onnx.load(tmp)
-        proto.doc_string = ("espquant demo MNIST CNN. Input 'input': float32 "
-                            "(N,1,28,28) = uint8 pixels / 256.0, no other "
-                            "normalization. Output 'logits': (N,10).")
+        proto.doc_string = (
+            "espquant demo MNIST CNN. Input 'input': float32 "
+            "(N,1,28,28) = uint8 pixels / 256.0, no other "
+            "normalization. Output 'logits': (N,10)."
+        )
         onnx.save(proto, tmp)  # small model: weights stay inside the file
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -239,16 +245,18 @@ def check_onnx(path: Path, n_bn_modules: int) -> list[str]:
 
     domains = {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import}
     assert domains <= {"", "ai.onnx"}, f"non-default domains: {domains}"
-    assert all(init.data_location != onnx.TensorProto.EXTERNAL
-               for init in proto.graph.initializer), "external data found"
-    assert ops[0] == "Conv" and proto.graph.node[0].input[0] == "input", \
-        "the model must start with a Conv on the input"
+    assert all(init.data_location != onnx.TensorProto.EXTERNAL for init in proto.graph.initializer), (
+        "external data found"
+    )
+    assert ops[0] == "Conv" and proto.graph.node[0].input[0] == "input", "the model must start with a Conv on the input"
     missing = REQUIRED_OPS - set(ops)
     assert not missing, f"missing op types: {missing}"
-    assert ops.count("BatchNormalization") == n_bn_modules, \
+    assert ops.count("BatchNormalization") == n_bn_modules, (
         f"{ops.count('BatchNormalization')} BN nodes for {n_bn_modules} BN modules"
-    depthwise = [n for n in proto.graph.node if n.op_type == "Conv"
-                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    )
+    depthwise = [
+        n for n in proto.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
     assert depthwise, "no depthwise Conv found"
 
     (inp,), (out,) = proto.graph.input, proto.graph.output
@@ -263,20 +271,26 @@ def check_onnx(path: Path, n_bn_modules: int) -> list[str]:
 def ort_predict(path: Path, x: NDArray[np.float32], batch: int = 1000) -> NDArray[np.float32]:
     """Logits from onnxruntime (CPU), batched to exercise the dynamic N."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(["logits"], {"input": x[i:i + batch]})[0]
-            for i in range(0, len(x), batch)]
+    outs = [sess.run(["logits"], {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train, export, verify, summarize."""
     parser = argparse.ArgumentParser(description="Train and export the espquant demo CNN.")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                        help="full MNIST from fetch_mnist.py (default: %(default)s)")
-    parser.add_argument("--demo", type=Path, default=DEFAULT_DEMO,
-                        help="shipped subset from fetch_mnist.py (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="ONNX file to write (default: %(default)s)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="full MNIST from fetch_mnist.py (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--demo",
+        type=Path,
+        default=DEFAULT_DEMO,
+        help="shipped subset from fetch_mnist.py (default: %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="ONNX file to write (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=4e-3)
@@ -297,14 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(args.demo) as npz:
         demo = {k: npz[k] for k in npz.files}
     # The shipped test images must be the head of the official test set.
-    assert np.array_equal(demo["test_images"], data["test_images"][:len(demo["test_images"])])
-    assert np.array_equal(demo["test_labels"], data["test_labels"][:len(demo["test_labels"])])
+    assert np.array_equal(demo["test_images"], data["test_images"][: len(demo["test_images"])])
+    assert np.array_equal(demo["test_labels"], data["test_labels"][: len(demo["test_labels"])])
 
     model = DemoCNN()
     n_params = sum(p.numel() for p in model.parameters())
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    print(f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
-          f"{ort.__version__}; {n_params} parameters, {n_bn} BatchNorm layers")
+    print(
+        f"torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime "
+        f"{ort.__version__}; {n_params} parameters, {n_bn} BatchNorm layers"
+    )
 
     t0 = time.perf_counter()
     model, best_epoch, best_val = train(model, data, args.epochs, args.batch, args.lr, args.seed)
@@ -333,17 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     print("  counts: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(ops).items())))
     print("\n=== summary ===")
     print(f"parameters:                    {n_params}")
-    print(f"training time:                 {train_s:.0f}s ({args.epochs} epochs, "
-          f"{args.threads} threads), best epoch {best_epoch}")
+    print(
+        f"training time:                 {train_s:.0f}s ({args.epochs} epochs, "
+        f"{args.threads} threads), best epoch {best_epoch}"
+    )
     print(f"val acc (10k, torch):          {best_val:.4f}")
     print(f"test acc (10k, torch):         {acc_full_torch:.4f}")
     print(f"test acc (10k, onnxruntime):   {acc_full:.4f}")
     print(f"test acc (2000 shipped, ort):  {acc_demo:.4f}")
     print(f"max |ort - torch| logits:      {max_diff:.2e}")
-    print(f"{args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out}: "
-          f"{args.out.stat().st_size / 1024:.1f} KB")
-    print(f"{args.demo.relative_to(REPO_ROOT) if args.demo.is_relative_to(REPO_ROOT) else args.demo}: "
-          f"{args.demo.stat().st_size / 1024:.1f} KB")
+    print(
+        f"{args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out}: "
+        f"{args.out.stat().st_size / 1024:.1f} KB"
+    )
+    print(
+        f"{args.demo.relative_to(REPO_ROOT) if args.demo.is_relative_to(REPO_ROOT) else args.demo}: "
+        f"{args.demo.stat().st_size / 1024:.1f} KB"
+    )
     return 0
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import EQUIVALENCE_LOG, ONNX_TEST_DATA
 from onnx import helper, numpy_helper
 
+from conftest import EQUIVALENCE_LOG, ONNX_TEST_DATA
 from espquant.graph import GraphView
 from espquant.optimizer import optimize_model_with_report
 
@@ -159,8 +159,10 @@ def test_optimized_model_matches_original(path: str, randomize: bool) -> None:
         assert error <= RELATIVE_TOLERANCE, f"{label}: output {index} differs, relative error {error:.3g}"
     view = GraphView(optimized.graph)
     leftover = [
-        n.name for n in optimized.graph.node
-        if n.op_type == "BatchNormalization" and view.producer.get(n.input[0]) is not None
+        n.name
+        for n in optimized.graph.node
+        if n.op_type == "BatchNormalization"
+        and view.producer.get(n.input[0]) is not None
         and view.producer[n.input[0]].op_type in LINEAR
     ]
     assert not leftover, f"{label}: BatchNormalization after Conv/Gemm left: {leftover}"

@@ -5,15 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import (
-    assert_same_outputs,
-    bn_node,
-    bn_params,
-    make_model,
-    op_types,
-    run,
-    tensor,
-)
 from onnx import TensorProto, helper, numpy_helper
 
 from espquant.errors import OptionError
@@ -29,6 +20,15 @@ from espquant.optimizer.cleanup import (
 )
 from espquant.optimizer.constants import constants_to_initializers, fold_constants, remove_initializer_inputs
 from espquant.optimizer.shapes import infer_shapes
+from helpers import (
+    assert_same_outputs,
+    bn_node,
+    bn_params,
+    make_model,
+    op_types,
+    run,
+    tensor,
+)
 
 
 def _x(rng, *shape):
@@ -107,8 +107,7 @@ def test_batchnorm_not_folded_when_layer_output_has_other_readers(rng):
 
 def test_lone_batchnorm_becomes_mul_add(rng):
     #   x(2,3,4,4) -> BatchNormalization -> y
-    model = make_model([bn_node("x", "y")], [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 3, 4, 4])],
-                       bn_params(rng, 3))
+    model = make_model([bn_node("x", "y")], [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 3, 4, 4])], bn_params(rng, 3))
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     infer_shapes(rewritten)
@@ -161,7 +160,11 @@ def test_fold_constants_turns_a_shape_chain_into_a_constant_target(rng):
         helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
         helper.make_node("Reshape", ["x", "target"], ["y"]),
     ]
-    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
+    inits = {
+        "zero": np.array(0, np.int64),
+        "axes": np.array([0], np.int64),
+        "minus_one": np.array([-1], np.int64),
+    }
     model = make_model(nodes, [tensor("x", [2, 3, 4])], [tensor("y", [2, 12])], inits)
     optimized = optimize_model(model)
     assert op_types(optimized) == ["Reshape"]
@@ -176,8 +179,12 @@ def test_fold_constants_skips_random_ops_and_graph_outputs():
         helper.make_node("Add", ["x", "r"], ["y"]),
         helper.make_node("Mul", ["two", "two"], ["four"]),
     ]
-    model = make_model(nodes, [tensor("x", [2])], [tensor("y", [2]), tensor("four", [1])],
-                       {"two": np.array([2.0], np.float32)})
+    model = make_model(
+        nodes,
+        [tensor("x", [2])],
+        [tensor("y", [2]), tensor("four", [1])],
+        {"two": np.array([2.0], np.float32)},
+    )
     result = fold_constants(model)
     assert result.changes == 0
     assert op_types(model) == ["RandomUniform", "Add", "Mul"]
@@ -185,8 +192,10 @@ def test_fold_constants_skips_random_ops_and_graph_outputs():
 
 def test_remove_initializer_inputs():
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])], "g",
-        [tensor("x", [2]), tensor("w", [2])], [tensor("y", [2])],
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [tensor("x", [2]), tensor("w", [2])],
+        [tensor("y", [2])],
         [numpy_helper.from_array(np.ones(2, np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -229,8 +238,12 @@ def test_inference_dropout_is_removed_even_when_it_feeds_the_output(rng):
 
 def test_training_dropout_is_kept():
     nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["y"])]
-    model = make_model(nodes, [tensor("x", [4]), tensor("train", [], TensorProto.BOOL)], [tensor("y", [4])],
-                       {"ratio": np.array(0.5, np.float32)})
+    model = make_model(
+        nodes,
+        [tensor("x", [4]), tensor("train", [], TensorProto.BOOL)],
+        [tensor("y", [4])],
+        {"ratio": np.array(0.5, np.float32)},
+    )
     assert eliminate_inference_dropout(model).changes == 0
 
 
@@ -245,8 +258,12 @@ def test_sum_of_two_becomes_add(rng):
 
 
 def test_prelu_slope_gets_channel_shape(rng):
-    model = make_model([helper.make_node("PRelu", ["x", "slope"], ["y"])], [tensor("x", [1, 3, 4, 5])],
-                       [tensor("y", [1, 3, 4, 5])], {"slope": rng.uniform(0, 1, (1, 3, 1, 1)).astype(np.float32)})
+    model = make_model(
+        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        [tensor("x", [1, 3, 4, 5])],
+        [tensor("y", [1, 3, 4, 5])],
+        {"slope": rng.uniform(0, 1, (1, 3, 1, 1)).astype(np.float32)},
+    )
     reshaped = onnx.ModelProto()
     reshaped.CopyFrom(model)
     infer_shapes(reshaped)
@@ -258,9 +275,13 @@ def test_prelu_slope_gets_channel_shape(rng):
 def test_prelu_flat_per_channel_slope_is_repaired(rng):
     # A (C,) slope on NCHW broadcasts over W in ONNX; with W != C it cannot run, so it is meant per channel.
     slope = rng.uniform(0, 1, 3).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("PRelu", ["x", "slope"], ["y"])], "g",
-                              [tensor("x", [1, 3, 4, 5])], [tensor("y", [1, 3, 4, 5])],
-                              [numpy_helper.from_array(slope, "slope")])
+    graph = helper.make_graph(
+        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        "g",
+        [tensor("x", [1, 3, 4, 5])],
+        [tensor("y", [1, 3, 4, 5])],
+        [numpy_helper.from_array(slope, "slope")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     infer_shapes(model)
     assert reshape_prelu_slopes(model).changes == 1
@@ -270,8 +291,12 @@ def test_prelu_flat_per_channel_slope_is_repaired(rng):
 
 
 def test_prelu_ambiguous_flat_slope_is_left_with_a_warning(rng):
-    model = make_model([helper.make_node("PRelu", ["x", "slope"], ["y"])], [tensor("x", [1, 3, 4, 3])],
-                       [tensor("y", [1, 3, 4, 3])], {"slope": rng.uniform(0, 1, 3).astype(np.float32)})
+    model = make_model(
+        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        [tensor("x", [1, 3, 4, 3])],
+        [tensor("y", [1, 3, 4, 3])],
+        {"slope": rng.uniform(0, 1, 3).astype(np.float32)},
+    )
     infer_shapes(model)
     result = reshape_prelu_slopes(model)
     assert result.changes == 0
@@ -316,12 +341,21 @@ def test_pad_bias_matmul_and_transpose_fusions(rng):
         "b": _x(rng, 5),
         "K": _x(rng, 3, 4),
     }
-    model = make_model(nodes, [tensor("x", [1, 3, 4, 4]), tensor("x2", [3, 2])],
-                       [tensor("y", [1, 5]), tensor("z", [2, 4])], inits)
+    model = make_model(
+        nodes,
+        [tensor("x", [1, 3, 4, 4]), tensor("x2", [3, 2])],
+        [tensor("y", [1, 5]), tensor("z", [2, 4])],
+        inits,
+    )
     optimized, report = optimize_model_with_report(model)
     assert op_types(optimized) == ["Conv", "Flatten", "Gemm", "Gemm"]
-    for name in ("fuse_pad_into_conv", "fuse_add_bias_into_conv", "fuse_matmul_add_bias_into_gemm",
-                 "fuse_transpose_into_gemm", "eliminate_deadend"):
+    for name in (
+        "fuse_pad_into_conv",
+        "fuse_add_bias_into_conv",
+        "fuse_matmul_add_bias_into_gemm",
+        "fuse_transpose_into_gemm",
+        "eliminate_deadend",
+    ):
         assert report.changes_of(name) > 0, name
     assert_same_outputs(model, optimized, {"x": _x(rng, 1, 3, 4, 4), "x2": _x(rng, 3, 2)})
 
@@ -335,9 +369,12 @@ def test_duplicate_large_initializers_are_merged_with_their_real_values(rng):
         helper.make_node("MatMul", ["m", "B1"], ["c"]),
         helper.make_node("MatMul", ["m", "B2"], ["d"]),
     ]
-    model = make_model(nodes, [tensor("x", [1, 4, 5, 5]), tensor("m", [2, 64])],
-                       [tensor(n, None) for n in "abcd"], {"W1": weight, "W2": weight.copy(), "B1": big,
-                                                            "B2": big.copy()})
+    model = make_model(
+        nodes,
+        [tensor("x", [1, 4, 5, 5]), tensor("m", [2, 64])],
+        [tensor(n, None) for n in "abcd"],
+        {"W1": weight, "W2": weight.copy(), "B1": big, "B2": big.copy()},
+    )
     optimized, report = optimize_model_with_report(model)
     assert len(optimized.graph.initializer) == 2
     assert report.changes_of("eliminate_duplicate_initializer") == 2
@@ -363,8 +400,12 @@ def test_optimizing_twice_changes_nothing(rng):
 
 def test_optimize_model_leaves_its_argument_alone(rng):
     inits = {"W": _x(rng, 4, 3, 1, 1), **bn_params(rng, 4)}
-    model = make_model([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
-                       [tensor("x", [1, 3, 2, 2])], [tensor("y", None)], inits)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+        [tensor("x", [1, 3, 2, 2])],
+        [tensor("y", None)],
+        inits,
+    )
     before = model.SerializeToString()
     optimize_model(model)
     assert model.SerializeToString() == before
@@ -378,8 +419,12 @@ def test_unknown_pass_name_is_an_option_error():
 
 def test_selected_passes_only(rng):
     inits = {"W": _x(rng, 4, 3, 1, 1), **bn_params(rng, 4)}
-    model = make_model([helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
-                       [tensor("x", [1, 3, 2, 2])], [tensor("y", None)], inits)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")],
+        [tensor("x", [1, 3, 2, 2])],
+        [tensor("y", None)],
+        inits,
+    )
     untouched = optimize_model(model, passes=["name_nodes"])
     assert "BatchNormalization" in op_types(untouched)
     folded = optimize_model(model, passes=["fold_batchnorm"])
@@ -392,7 +437,11 @@ def test_input_normalisation_is_warned_about(rng):
         helper.make_node("Div", ["s", "std"], ["n"]),
         helper.make_node("Relu", ["n"], ["y"]),
     ]
-    model = make_model(nodes, [tensor("x", [1, 3])], [tensor("y", [1, 3])],
-                       {"mean": np.full(3, 0.5, np.float32), "std": np.full(3, 0.2, np.float32)})
+    model = make_model(
+        nodes,
+        [tensor("x", [1, 3])],
+        [tensor("y", [1, 3])],
+        {"mean": np.full(3, 0.5, np.float32), "std": np.full(3, 0.2, np.float32)},
+    )
     _, report = optimize_model_with_report(model)
     assert any("sub_mean" in w and "normalis" in w for w in report.warnings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,17 @@ from espquant import __version__
 from espquant.errors import EspquantError, OptionError
 
 logger = logging.getLogger("espquant")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that is 120 columns wide when output goes to a file or pipe (rich's default is 80)."""
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or "COLUMNS" in os.environ else 120
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
 
 
 class EspquantGroup(click.Group):
@@ -84,25 +94,36 @@ def print_report(report: Any, output: str | None, console: Console = out, title:
     """Print an optimization report as a table of passes and a summary line."""
     table = Table(title=title or "optimizer passes", title_justify="left", show_lines=False)
     table.add_column("pass", no_wrap=True)
-    table.add_column("from", style="dim", no_wrap=True)
     table.add_column("changes", justify="right")
     table.add_column("what changed")
     table.add_column("time", justify="right", style="dim", no_wrap=True)
+    idle = []
     for record in report.records:
         if record.runs == 0:
             continue
-        style = None if record.changes else "dim"
-        table.add_row(record.name, record.source, str(record.changes) if record.changes else "-",
-                      record.describe() or "nothing to do", f"{record.seconds:.2f}s", style=style)
+        if not record.details:
+            idle.append(record.name)
+            continue
+        table.add_row(
+            record.name,
+            str(record.changes) if record.changes else "-",
+            record.describe(),
+            f"{record.seconds:.2f}s",
+        )
     console.print(table)
+    if idle:
+        console.print(f"[dim]{len(idle)} other passes found nothing to do: {', '.join(idle)}[/]", soft_wrap=True)
     before, after = sum(report.nodes_before.values()), sum(report.nodes_after.values())
     diff = []
     for op in sorted(set(report.nodes_before) | set(report.nodes_after)):
         delta = report.nodes_after[op] - report.nodes_before[op]
         if delta:
             diff.append(f"{op} {delta:+d}")
-    console.print(f"nodes {before} -> {after}" + (f" ({', '.join(diff)})" if diff else "")
-                  + f" in {report.rounds} round(s), {report.seconds:.2f}s")
+    console.print(
+        f"nodes {before} -> {after}"
+        + (f" ({', '.join(diff)})" if diff else "")
+        + f" in {report.rounds} round(s), {report.seconds:.2f}s"
+    )
     for message in report.warnings:
         console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
     if output:
@@ -113,12 +134,23 @@ def print_report(report: Any, output: str | None, console: Console = out, title:
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output path (default: <model>_optimized.onnx).")
 @click.option("--passes", "passes_text", metavar="P1,P2,...", help="Run only these passes (see --list-passes).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D0,D1,...",
-              help="Pin a dynamic input's shape, e.g. input:1,3,48,192. Repeat for several inputs.")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    metavar="NAME:D0,D1,...",
+    help="Pin a dynamic input's shape, e.g. input:1,3,48,192. Repeat for several inputs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--list-passes", is_flag=True, help="List the passes in pipeline order and exit.")
-def optimize(model: Path | None, output: Path | None, passes_text: str | None, input_shapes: tuple[str, ...],
-             as_json: bool, list_passes: bool) -> None:
+def optimize(
+    model: Path | None,
+    output: Path | None,
+    passes_text: str | None,
+    input_shapes: tuple[str, ...],
+    as_json: bool,
+    list_passes: bool,
+) -> None:
     """Clean a float ONNX model before quantization.
 
     Folds BatchNormalization into Conv/Gemm/ConvTranspose, fuses biases and pads, turns MatMul+Add
@@ -155,8 +187,13 @@ def optimize(model: Path | None, output: Path | None, passes_text: str | None, i
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("espquant-demo"), show_default=True,
-              help="Folder for the demo's output files (created if missing).")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("espquant-demo"),
+    show_default=True,
+    help="Folder for the demo's output files (created if missing).",
+)
 def demo(workdir: Path) -> None:
     """Run espquant on the bundled MNIST CNN and real digits.
 
@@ -178,8 +215,10 @@ def demo(workdir: Path) -> None:
     data = load_demo_data()
     before = float_accuracy(source.read_bytes(), data.test_inputs, data.test_labels)
     after = float_accuracy(Path(path).read_bytes(), data.test_inputs, data.test_labels)
-    table = Table(title=f"float accuracy on {len(data.test_labels)} MNIST test digits (onnxruntime)",
-                  title_justify="left")
+    table = Table(
+        title=f"float accuracy on {len(data.test_labels)} MNIST test digits (onnxruntime)",
+        title_justify="left",
+    )
     table.add_column("model")
     table.add_column("top-1", justify="right")
     table.add_row(source.name, f"{before:.2f}%")

@@ -54,6 +54,16 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p}: the file parsed but holds no graph nodes; it is truncated or not an ONNX model.")
     _load_external_data(model, p)
     _validate_structure(model, p)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelError(
+            f"{p}: the model is not valid ONNX ({first}); the file is truncated or was exported incorrectly. "
+            "Export it again."
+        ) from exc
+    except ValueError:
+        pass  # over 2 GiB: the in-memory checker cannot take it; later steps report real problems
     return model
 
 

@@ -43,8 +43,15 @@ def _attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
     return next((a.f for a in node.attribute if a.name == name), default)
 
 
-def _write_param(model: onnx.ModelProto, view: GraphView, node: onnx.NodeProto, index: int,
-                 value: np.ndarray, taken: set[str], suffix: str) -> None:
+def _write_param(
+    model: onnx.ModelProto,
+    view: GraphView,
+    node: onnx.NodeProto,
+    index: int,
+    value: np.ndarray,
+    taken: set[str],
+    suffix: str,
+) -> None:
     """Store ``value`` as input ``index`` of ``node``: in place if only this node reads the old tensor,
     else under a fresh name, so a weight shared with another node is never changed behind its back."""
     old = node.input[index] if index < len(node.input) else ""
@@ -58,8 +65,14 @@ def _write_param(model: onnx.ModelProto, view: GraphView, node: onnx.NodeProto, 
     node.input[index] = name
 
 
-def _fold_into(model: onnx.ModelProto, view: GraphView, layer: onnx.NodeProto,
-               scale: np.ndarray, shift: np.ndarray, taken: set[str]) -> bool:
+def _fold_into(
+    model: onnx.ModelProto,
+    view: GraphView,
+    layer: onnx.NodeProto,
+    scale: np.ndarray,
+    shift: np.ndarray,
+    taken: set[str],
+) -> bool:
     """Fold ``y = scale * layer(x) + shift`` into ``layer``'s parameters; False when it cannot."""
     if len(layer.input) < 2 or not view.is_constant(layer.input[1]):
         return False

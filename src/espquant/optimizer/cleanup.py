@@ -69,8 +69,10 @@ def eliminate_inference_dropout(model: onnx.ModelProto) -> PassResult:
         training = node.input[2] if len(node.input) > 2 else ""
         if training and not (view.is_constant(training) and not bool(view.array(training))):
             continue
-        if len(node.output) > 1 and node.output[1] and (
-            view.consumers.get(node.output[1]) or node.output[1] in view.graph_outputs
+        if (
+            len(node.output) > 1
+            and node.output[1]
+            and (view.consumers.get(node.output[1]) or node.output[1] in view.graph_outputs)
         ):
             continue
         source, result = node.input[0], node.output[0]
@@ -161,4 +163,3 @@ def name_nodes(model: onnx.ModelProto) -> PassResult:
     for node in unnamed:
         node.name = unique_name(f"{node.op_type}_{len(taken)}", taken)
     return PassResult(len(unnamed), (f"named {len(unnamed)} node(s)",) if unnamed else ())
-

@@ -27,10 +27,22 @@ from espquant.optimizer.cleanup import (
 )
 from espquant.optimizer.constants import constants_to_initializers, fold_constants, remove_initializer_inputs
 from espquant.optimizer.external import ONNXOPTIMIZER_PASSES as OX
-from espquant.optimizer.pipeline import OptimizationReport, OptimizerPass, PassResult, run_pipeline, select_passes
+from espquant.optimizer.pipeline import (
+    OptimizationReport,
+    OptimizerPass,
+    PassResult,
+    run_pipeline,
+    select_passes,
+)
 from espquant.optimizer.shapes import infer_shapes_pass
 
-__all__ = ["PASSES", "optimize_model", "optimize_model_with_report", "optimize_fp_model", "normalization_warnings"]
+__all__ = [
+    "PASSES",
+    "optimize_model",
+    "optimize_model_with_report",
+    "optimize_fp_model",
+    "normalization_warnings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +64,18 @@ def check_model_proto(model: onnx.ModelProto) -> PassResult:
 PASSES: list[OptimizerPass] = [
     OptimizerPass("upgrade_opset", upgrade_opset, "convert opsets below 13 up to 13", "prepare"),
     OptimizerPass("constants_to_initializers", constants_to_initializers, "Constant nodes -> initializers", "prepare"),
-    OptimizerPass("remove_initializer_inputs", remove_initializer_inputs, "drop initializers from graph inputs",
-                  "prepare"),
-    OptimizerPass("infer_shapes_first", infer_shapes_pass, "shape inference for the passes that need shapes",
-                  "prepare"),
+    OptimizerPass(
+        "remove_initializer_inputs",
+        remove_initializer_inputs,
+        "drop initializers from graph inputs",
+        "prepare",
+    ),
+    OptimizerPass(
+        "refresh_shapes",
+        infer_shapes_pass,
+        "shape inference at the start of each round, for the passes that read shapes",
+        "fixpoint",
+    ),
     OptimizerPass("fold_constants", fold_constants, "evaluate constant subgraphs and static Shape chains"),
     OX["eliminate_identity"],
     OptimizerPass("eliminate_inference_dropout", eliminate_inference_dropout, "remove Dropout (identity at inference)"),

@@ -52,8 +52,14 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.T
             small.append(numpy_helper.from_array(np.frombuffer(_digest(tensor), dtype=np.uint8), tensor.name))
         else:
             small.append(tensor)
-    light = helper.make_graph(list(graph.node), graph.name, list(graph.input), list(graph.output), small,
-                              value_info=list(graph.value_info))
+    light = helper.make_graph(
+        list(graph.node),
+        graph.name,
+        list(graph.input),
+        list(graph.output),
+        small,
+        value_info=list(graph.value_info),
+    )
     skeleton = helper.make_model(light, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     skeleton.functions.extend(model.functions)
     return skeleton, stubbed
@@ -62,8 +68,14 @@ def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.T
 def _restore(model: onnx.ModelProto, result: onnx.ModelProto, stubbed: dict[str, onnx.TensorProto]) -> None:
     """Write the skeleton run's graph into ``model``, swapping the real tensors back in for the stand-ins."""
     tensors = [stubbed.get(t.name, t) for t in result.graph.initializer]
-    graph = helper.make_graph(list(result.graph.node), result.graph.name, list(result.graph.input),
-                              list(result.graph.output), tensors, value_info=list(result.graph.value_info))
+    graph = helper.make_graph(
+        list(result.graph.node),
+        result.graph.name,
+        list(result.graph.input),
+        list(result.graph.output),
+        tensors,
+        value_info=list(result.graph.value_info),
+    )
     model.graph.CopyFrom(graph)
 
 
@@ -156,8 +168,11 @@ def _has_dead_node(model: onnx.ModelProto) -> bool:
 
 
 def _has_unused_initializer(model: onnx.ModelProto) -> bool:
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in model.graph.node for a in node.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for node in model.graph.node
+        for a in node.attribute
+    ):
         return True  # subgraphs may read outer initializers: let onnxoptimizer decide
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     return any(t.name not in used for t in model.graph.initializer)
@@ -189,20 +204,46 @@ ONNXOPTIMIZER_PASSES: dict[str, OptimizerPass] = {
         _wrap("eliminate_nop_flatten", _has_op("Flatten"), "remove Flatten that keeps the shape", skeleton=True),
         _wrap("eliminate_nop_pad", _has_op("Pad"), "remove Pad with all-zero pads", skeleton=True),
         _wrap("eliminate_nop_transpose", _has_op("Transpose"), "remove identity Transpose", skeleton=True),
-        _wrap("fuse_pad_into_conv", _feeds({"Pad"}, "Conv"), "fold a constant Pad into the next Conv's pads",
-              skeleton=True),
-        _wrap("fuse_bn_into_conv", _feeds({"Conv"}, "BatchNormalization"), "fold BatchNormalization into Conv",
-              then=_fold),
-        _wrap("fuse_add_bias_into_conv", _feeds({"Conv"}, "Add", constant_operand=True),
-              "turn Conv + Add(constant) into Conv's bias"),
-        _wrap("fuse_matmul_add_bias_into_gemm", _feeds({"MatMul"}, "Add", constant_operand=True),
-              "turn 2-D MatMul + Add(constant) into Gemm"),
-        _wrap("fuse_transpose_into_gemm", _feeds({"Transpose"}, "Gemm"), "fold Transpose into Gemm's transA/transB",
-              skeleton=True),
+        _wrap(
+            "fuse_pad_into_conv",
+            _feeds({"Pad"}, "Conv"),
+            "fold a constant Pad into the next Conv's pads",
+            skeleton=True,
+        ),
+        _wrap(
+            "fuse_bn_into_conv",
+            _feeds({"Conv"}, "BatchNormalization"),
+            "fold BatchNormalization into Conv",
+            then=_fold,
+        ),
+        _wrap(
+            "fuse_add_bias_into_conv",
+            _feeds({"Conv"}, "Add", constant_operand=True),
+            "turn Conv + Add(constant) into Conv's bias",
+        ),
+        _wrap(
+            "fuse_matmul_add_bias_into_gemm",
+            _feeds({"MatMul"}, "Add", constant_operand=True),
+            "turn 2-D MatMul + Add(constant) into Gemm",
+        ),
+        _wrap(
+            "fuse_transpose_into_gemm",
+            _feeds({"Transpose"}, "Gemm"),
+            "fold Transpose into Gemm's transA/transB",
+            skeleton=True,
+        ),
         _wrap("eliminate_deadend", _has_dead_node, "remove nodes whose outputs nothing reads", skeleton=True),
-        _wrap("eliminate_unused_initializer", _has_unused_initializer, "drop initializers no node reads",
-              skeleton=True),
-        _wrap("eliminate_duplicate_initializer", _has_duplicate_initializer,
-              "merge initializers with identical values", skeleton=True),
+        _wrap(
+            "eliminate_unused_initializer",
+            _has_unused_initializer,
+            "drop initializers no node reads",
+            skeleton=True,
+        ),
+        _wrap(
+            "eliminate_duplicate_initializer",
+            _has_duplicate_initializer,
+            "merge initializers with identical values",
+            skeleton=True,
+        ),
     ]
 }

@@ -135,9 +135,7 @@ def select_passes(available: Sequence[OptimizerPass], names: Sequence[str] | Non
     return [p for p in available if p.name in wanted]
 
 
-def run_pipeline(
-    model: onnx.ModelProto, passes: Sequence[OptimizerPass], max_rounds: int = 16
-) -> OptimizationReport:
+def run_pipeline(model: onnx.ModelProto, passes: Sequence[OptimizerPass], max_rounds: int = 16) -> OptimizationReport:
     """Run ``passes`` on ``model`` in place: prepare once, fixpoint until stable, finish once."""
     start = time.perf_counter()
     before = Counter(node.op_type for node in model.graph.node)
