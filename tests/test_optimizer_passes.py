@@ -445,3 +445,39 @@ def test_input_normalisation_is_warned_about(rng):
     )
     _, report = optimize_model_with_report(model)
     assert any("sub_mean" in w and "normalis" in w for w in report.warnings)
+
+
+def test_dynamic_batch_view_chain_folds_to_a_copy_target(rng):
+    #   x(N,3,4) -> Shape -> Gather(0) -> Unsqueeze -> Concat(., [-1]) -> Reshape(x, .) -> y(N,12)
+    #   (PyTorch's x.view(x.size(0), -1) exported with a dynamic batch)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", ["N", 12])], inits)
+    optimized, report = optimize_model_with_report(model)
+    assert op_types(optimized) == ["Reshape"]
+    assert report.changes_of("reshape_copy_dims") == 1
+    np.testing.assert_array_equal(GraphView(optimized.graph).array(optimized.graph.node[0].input[1]), [0, -1])
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 3, 4)})
+
+
+def test_reshape_target_from_another_axis_is_left_alone(rng):
+    # Position 0 of the target takes x.shape[1]: a 0 there would copy axis 0 instead, so no rewrite.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["ch"], axis=0),
+        helper.make_node("Unsqueeze", ["ch", "axes"], ["ch1"]),
+        helper.make_node("Concat", ["ch1", "minus_one"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    inits = {"one": np.array(1, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", [3, "M"])], inits)
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("reshape_copy_dims") == 0
+    assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 4)})

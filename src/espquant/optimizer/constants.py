@@ -15,10 +15,10 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from espquant.graph import GraphView, remove_nodes, set_initializer
+from espquant.graph import GraphView, remove_nodes, set_initializer, unique_name
 from espquant.optimizer.pipeline import PassResult
 
-__all__ = ["constants_to_initializers", "remove_initializer_inputs", "fold_constants"]
+__all__ = ["constants_to_initializers", "remove_initializer_inputs", "fold_constants", "reshape_copy_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +182,71 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
         graph.value_info.extend(copies)
     details = tuple(f"folded {count} {op}" for op, count in sorted(folded_types.items()))
     return PassResult(len(doomed), details)
+
+
+def _scalar_index(view: GraphView, name: str) -> int | None:
+    """The single integer held by constant ``name`` (scalar or one-element 1-D), else None."""
+    if not view.is_constant(name):
+        return None
+    value = view.array(name)
+    return int(value.reshape(-1)[0]) if value.size == 1 and value.dtype.kind in "iu" else None
+
+
+def _input_dim_reference(view: GraphView, name: str, data: str) -> int | None:
+    """Which axis of ``data`` the 1-element tensor ``name`` holds, when it is ``Shape(data)[i]``.
+
+    Recognises ``Gather(Shape(data), [i])`` and ``Unsqueeze(Gather(Shape(data), i), [0])``, the forms
+    PyTorch writes for ``x.size(i)`` inside ``x.view(...)``.
+    """
+    node = view.producer.get(name)
+    if node is not None and node.op_type == "Unsqueeze":
+        axes = node.input[1] if len(node.input) > 1 else ""
+        attr_axes = [list(a.ints) for a in node.attribute if a.name == "axes"]
+        if (axes and _scalar_index(view, axes) != 0) or (attr_axes and attr_axes[0] != [0]):
+            return None
+        node = view.producer.get(node.input[0])
+    if node is None or node.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return None
+    shape = view.producer.get(node.input[0])
+    if shape is None or shape.op_type != "Shape" or shape.input[0] != data or shape.attribute:
+        return None
+    index = _scalar_index(view, node.input[1])
+    rank = view.shape(data)
+    if index is not None and index < 0 and rank is not None:
+        index += len(rank)
+    return index
+
+
+def reshape_copy_dims(model: onnx.ModelProto) -> PassResult:
+    """Turn ``Reshape(x, Concat(x.shape[i] at position i, constants...))`` into a constant target with 0 there.
+
+    With ``allowzero`` unset, a 0 in a Reshape target copies that axis from the input, so a target built at
+    run time from the input's own (dynamic) batch dimension becomes a constant and the shape chain dies.
+    This is how ``x.view(x.size(0), -1)`` from PyTorch folds while the batch stays dynamic.
+    """
+    graph = model.graph
+    view = GraphView(graph)
+    taken = set(view.initializers) | set(view.producer)
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        concat = view.producer.get(node.input[1])
+        if concat is None or concat.op_type != "Concat" or view.is_constant(node.input[1]):
+            continue
+        target: list[int] = []
+        for part in concat.input:
+            if view.is_constant(part):
+                target.extend(int(v) for v in view.array(part).reshape(-1))
+                continue
+            if _input_dim_reference(view, part, node.input[0]) != len(target):
+                break
+            target.append(0)
+        else:
+            name = unique_name(f"{node.name or 'Reshape'}_shape", taken)
+            set_initializer(graph, name, np.array(target, dtype=np.int64))
+            node.input[1] = name
+            changed += 1
+    return PassResult(
+        changed, (f"{changed} Reshape target(s) from the input's own shape -> constant",) if changed else ()
+    )

@@ -25,7 +25,12 @@ from espquant.optimizer.cleanup import (
     sum_to_add,
     upgrade_opset,
 )
-from espquant.optimizer.constants import constants_to_initializers, fold_constants, remove_initializer_inputs
+from espquant.optimizer.constants import (
+    constants_to_initializers,
+    fold_constants,
+    remove_initializer_inputs,
+    reshape_copy_dims,
+)
 from espquant.optimizer.external import ONNXOPTIMIZER_PASSES as OX
 from espquant.optimizer.pipeline import (
     OptimizationReport,
@@ -77,6 +82,9 @@ PASSES: list[OptimizerPass] = [
         "fixpoint",
     ),
     OptimizerPass("fold_constants", fold_constants, "evaluate constant subgraphs and static Shape chains"),
+    OptimizerPass(
+        "reshape_copy_dims", reshape_copy_dims, "Reshape targets built from the input's dynamic batch -> constant"
+    ),
     OX["eliminate_identity"],
     OptimizerPass("eliminate_inference_dropout", eliminate_inference_dropout, "remove Dropout (identity at inference)"),
     OX["eliminate_nop_dropout"],

@@ -8,13 +8,14 @@ megabytes of weights that copy costs more than the inference itself.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import helper, shape_inference
 
 from espquant.errors import OptionError
-from espquant.graph import tensor_shape
+from espquant.graph import GraphView, tensor_shape
 from espquant.optimizer.pipeline import PassResult
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "fix_input_shapes",
     "parse_input_shape",
 ]
+
+logger = logging.getLogger(__name__)
 
 BATCH_DIM = "N"
 # Initializers up to this many elements stay as data: shape chains (Reshape targets, Slice bounds) need values.
@@ -102,7 +105,28 @@ def convert_model_batch_to_dynamic(model_proto: onnx.ModelProto) -> onnx.ModelPr
             dims[0].dim_param = BATCH_DIM
     del model.graph.value_info[:]
     infer_shapes(model)
+    for message in batch_pinning_reshapes(model):
+        logger.warning(message)
     return model
+
+
+def batch_pinning_reshapes(model: onnx.ModelProto) -> list[str]:
+    """Warnings for Reshape nodes whose constant target starts with 1: they pin the batch to 1.
+
+    Such targets usually come from exporting with batch 1; the user should export with a dynamic batch
+    (or write ``x.view(x.size(0), -1)``) so the optimizer can make that dimension a copy (0).
+    """
+    view = GraphView(model.graph)
+    messages = []
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and len(node.input) > 1 and view.is_constant(node.input[1]):
+            target = view.array(node.input[1]).reshape(-1)
+            if target.size and int(target[0]) == 1:
+                messages.append(
+                    f"Reshape {node.name!r} has the constant target {target.tolist()}, which fixes the batch "
+                    "to 1: batches larger than 1 will fail there. Export the model with a dynamic batch."
+                )
+    return messages
 
 
 def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
