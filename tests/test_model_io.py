@@ -204,6 +204,6 @@ def test_fix_input_shapes_rejects_bad_shapes(rng, shapes, message):
 def test_convert_model_batch_to_dynamic_warns_about_batch_pinning_reshape(rng, caplog):
     nodes = [helper.make_node("Reshape", ["x", "target"], ["y"])]
     model = make_model(nodes, [tensor("x", [1, 3, 4])], [tensor("y", [1, 12])], {"target": np.array([1, 12])})
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="espquant.optimizer.shapes"):
         convert_model_batch_to_dynamic(model)
     assert "fixes the batch to 1" in caplog.text
