@@ -69,7 +69,7 @@ def main() -> None:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
         table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
-    Console().print(table)
+    Console(width=160).print(table)
     largest = max(rows, key=lambda r: r["parameters"])
     summary = {
         "benchmark": "optimizer_light_models",

@@ -112,7 +112,7 @@ def print_report(report: Any, output: str | None, console: Console = out, title:
         )
     console.print(table)
     if idle:
-        console.print(f"[dim]{len(idle)} other passes found nothing to do: {', '.join(idle)}[/]", soft_wrap=True)
+        console.print(f"[dim]{len(idle)} other passes found nothing to do (--list-passes shows them all)[/]")
     before, after = sum(report.nodes_before.values()), sum(report.nodes_after.values())
     diff = []
     for op in sorted(set(report.nodes_before) | set(report.nodes_after)):
