@@ -91,3 +91,16 @@ def test_optimize_each_light_model_prints_table(tmp_path):
     result = _run("optimize", path, "-o", tmp_path / "squeezenet.onnx")
     assert result.exit_code == 0, result.output
     assert "upgrade_opset" in result.output and "opset 9 -> 13" in result.output
+
+
+def test_unexpected_errors_are_one_line_unless_debug(model_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("espquant.optimizer.optimize_file", broken)
+    result = _run("optimize", model_path)
+    assert result.exit_code == 1
+    assert "internal error: RuntimeError: boom" in result.output and "--debug" in result.output
+    assert "Traceback" not in result.output
+    result = _run("--debug", "optimize", model_path)
+    assert isinstance(result.exception, RuntimeError)

@@ -19,7 +19,7 @@ def test_demo_data_shapes_and_types():
     assert data.test_labels.shape == (2000,) and set(np.unique(data.test_labels)) == set(range(10))
     inputs = data.test_inputs
     assert inputs.shape == (2000, 1, 28, 28) and inputs.dtype == np.float32
-    assert 0.0 <= inputs.min() and inputs.max() < 1.0
+    assert inputs.min() >= 0.0 and inputs.max() < 1.0
 
 
 def test_demo_model_has_the_promised_architecture():

@@ -152,20 +152,7 @@ def test_constants_to_initializers_handles_every_attribute_form():
 
 
 def test_fold_constants_turns_a_shape_chain_into_a_constant_target(rng):
-    #   x(2,3,4) -> Shape -> Gather(0) -> Unsqueeze -> Concat(-1) -> Reshape(x, .) -> y(2,12)
-    nodes = [
-        helper.make_node("Shape", ["x"], ["shape"]),
-        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
-        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
-        helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
-        helper.make_node("Reshape", ["x", "target"], ["y"]),
-    ]
-    inits = {
-        "zero": np.array(0, np.int64),
-        "axes": np.array([0], np.int64),
-        "minus_one": np.array([-1], np.int64),
-    }
-    model = make_model(nodes, [tensor("x", [2, 3, 4])], [tensor("y", [2, 12])], inits)
+    model = _view_chain_model(0, [2, 3, 4], [2, 12])
     optimized = optimize_model(model)
     assert op_types(optimized) == ["Reshape"]
     target = GraphView(optimized.graph).array(optimized.graph.node[0].input[1])
@@ -447,18 +434,27 @@ def test_input_normalisation_is_warned_about(rng):
     assert any("sub_mean" in w and "normalis" in w for w in report.warnings)
 
 
-def test_dynamic_batch_view_chain_folds_to_a_copy_target(rng):
-    #   x(N,3,4) -> Shape -> Gather(0) -> Unsqueeze -> Concat(., [-1]) -> Reshape(x, .) -> y(N,12)
-    #   (PyTorch's x.view(x.size(0), -1) exported with a dynamic batch)
+def _view_chain_model(axis: int, input_shape, output_shape) -> onnx.ModelProto:
+    """x -> Shape -> Gather(axis) -> Unsqueeze -> Concat(., [-1]) -> Reshape(x, .) -> y
+
+    With axis 0 this is PyTorch's ``x.view(x.size(0), -1)``."""
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
-        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
-        helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
-        helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
+        helper.make_node("Gather", ["shape", "index"], ["dim"], axis=0),
+        helper.make_node("Unsqueeze", ["dim", "axes"], ["dim1"]),
+        helper.make_node("Concat", ["dim1", "minus_one"], ["target"], axis=0),
         helper.make_node("Reshape", ["x", "target"], ["y"]),
     ]
-    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
-    model = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", ["N", 12])], inits)
+    inits = {
+        "index": np.array(axis, np.int64),
+        "axes": np.array([0], np.int64),
+        "minus_one": np.array([-1], np.int64),
+    }
+    return make_model(nodes, [tensor("x", input_shape)], [tensor("y", output_shape)], inits)
+
+
+def test_dynamic_batch_view_chain_folds_to_a_copy_target(rng):
+    model = _view_chain_model(0, ["N", 3, 4], ["N", 12])
     optimized, report = optimize_model_with_report(model)
     assert op_types(optimized) == ["Reshape"]
     assert report.changes_of("reshape_copy_dims") == 1
@@ -469,15 +465,7 @@ def test_dynamic_batch_view_chain_folds_to_a_copy_target(rng):
 
 def test_reshape_target_from_another_axis_is_left_alone(rng):
     # Position 0 of the target takes x.shape[1]: a 0 there would copy axis 0 instead, so no rewrite.
-    nodes = [
-        helper.make_node("Shape", ["x"], ["shape"]),
-        helper.make_node("Gather", ["shape", "one"], ["ch"], axis=0),
-        helper.make_node("Unsqueeze", ["ch", "axes"], ["ch1"]),
-        helper.make_node("Concat", ["ch1", "minus_one"], ["target"], axis=0),
-        helper.make_node("Reshape", ["x", "target"], ["y"]),
-    ]
-    inits = {"one": np.array(1, np.int64), "axes": np.array([0], np.int64), "minus_one": np.array([-1], np.int64)}
-    model = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", [3, "M"])], inits)
+    model = _view_chain_model(1, ["N", 3, 4], [3, "M"])
     optimized, report = optimize_model_with_report(model)
     assert report.changes_of("reshape_copy_dims") == 0
     assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 4)})

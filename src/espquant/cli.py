@@ -50,7 +50,7 @@ class EspquantGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:
-            if ctx.params.get("debug") or ctx.obj and ctx.obj.get("debug"):
+            if (ctx.obj or {}).get("debug"):
                 raise
             err.print(
                 f"[bold red]espquant: internal error:[/] {type(exc).__name__}: {exc}. "

@@ -41,14 +41,15 @@ class GraphView:
                 if name:
                     self.consumers[name].append(node)
         self.graph_outputs: set[str] = {o.name for o in graph.output}
-        self.graph_inputs: set[str] = {i.name for i in graph.input} - set(self.initializers)
+        self._declared_inputs: set[str] = {i.name for i in graph.input}
+        self.graph_inputs: set[str] = self._declared_inputs - set(self.initializers)
         self.value_info: dict[str, onnx.ValueInfoProto] = {
             v.name: v for v in [*graph.input, *graph.value_info, *graph.output]
         }
 
     def is_constant(self, name: str) -> bool:
         """True for an initializer that is not also a graph input (graph inputs can be overridden)."""
-        return name in self.initializers and name not in {i.name for i in self.graph.input}
+        return name in self.initializers and name not in self._declared_inputs
 
     def array(self, name: str) -> np.ndarray:
         """The initializer ``name`` as a numpy array."""

@@ -39,7 +39,7 @@ from espquant.optimizer.pipeline import (
     run_pipeline,
     select_passes,
 )
-from espquant.optimizer.shapes import infer_shapes_pass
+from espquant.optimizer.shapes import fix_input_shapes, infer_shapes_pass
 
 __all__ = [
     "PASSES",
@@ -176,8 +176,6 @@ def optimize_file(
     input_shapes: dict[str, list[int]] | None = None,
 ) -> tuple[str, OptimizationReport]:
     """File-to-file optimization with the report, as the CLI uses it."""
-    from espquant.optimizer.shapes import fix_input_shapes
-
     target = Path(output_path) if output_path is not None else default_output_path(model_path)
     check_distinct_paths(model_path, target)
     if target.suffix.lower() != ".onnx":

@@ -24,6 +24,7 @@ import onnxoptimizer
 from onnx import helper, numpy_helper
 
 from espquant.graph import GraphView
+from espquant.optimizer.constants import fold_constants
 from espquant.optimizer.pipeline import OptimizerPass, PassResult
 
 __all__ = ["ONNXOPTIMIZER_PASSES"]
@@ -190,12 +191,6 @@ def _has_duplicate_initializer(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _fold(model: onnx.ModelProto) -> PassResult:
-    from espquant.optimizer.constants import fold_constants
-
-    return fold_constants(model)
-
-
 ONNXOPTIMIZER_PASSES: dict[str, OptimizerPass] = {
     p.name: p
     for p in [
@@ -214,7 +209,7 @@ ONNXOPTIMIZER_PASSES: dict[str, OptimizerPass] = {
             "fuse_bn_into_conv",
             _feeds({"Conv"}, "BatchNormalization"),
             "fold BatchNormalization into Conv",
-            then=_fold,
+            then=fold_constants,
         ),
         _wrap(
             "fuse_add_bias_into_conv",
