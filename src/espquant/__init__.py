@@ -3,6 +3,8 @@
 The public API keeps the names of the legacy ESP-DL quantization toolkit, so switching is one import.
 """
 
+from espquant.calibration import Calibrator
+from espquant.checker import CheckReport, check_model
 from espquant.errors import (
     DatasetError,
     EspquantError,
@@ -19,10 +21,18 @@ from espquant.optimizer import (
     optimize_fp_model,
     optimize_model,
 )
+from espquant.quant import get_target, target_names
+from espquant.simulator import Evaluator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibrator",
+    "CheckReport",
+    "Evaluator",
+    "check_model",
+    "get_target",
+    "target_names",
     "DatasetError",
     "EspquantError",
     "ModelError",

@@ -187,6 +187,63 @@ def optimize(
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--target",
+    default="esp32s3",
+    show_default=True,
+    metavar="CHIP",
+    help="Target chip: esp32s3, esp32p4, esp32s31, esp32, esp32s2, esp32c2, esp32c3, esp32c5, esp32c6.",
+)
+@click.option(
+    "--bits", default="int8", show_default=True, type=click.Choice(["int8", "int16"]), help="Quantization width."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+@click.pass_context
+def check(ctx: click.Context, model: Path, target: str, bits: str, as_json: bool) -> None:
+    """Check that ESP-DL can run a model on a target chip, and list every reason it cannot.
+
+    Prints one row per op type (count, supported, reason) and then every problem with the node, the
+    attribute or input at fault and a hint. Exit code 1 when the model is incompatible.
+    Optimize the model first: BatchNormalization, Dropout and shape chains are the optimizer's job.
+
+    \b
+    Examples:
+      espquant optimize net.onnx && espquant check net_optimized.onnx
+      espquant check net_optimized.onnx --target esp32p4 --bits int16 --json
+    """
+    from espquant.checker import check_model
+    from espquant.model_io import load_model
+
+    report = check_model(load_model(model), target=target, bits=bits, strict=False)
+    if as_json:
+        click.echo(json.dumps({"model": str(model), **report.to_dict()}, indent=2))
+    else:
+        print_check_report(report, str(model))
+    if not report.ok:
+        ctx.exit(1)
+
+
+def print_check_report(report: Any, subject: str, console: Console = out) -> None:
+    """The checker's table (one row per op type) followed by every problem."""
+    table = Table(title=f"{subject} on {report.target}, int{report.bits}", title_justify="left")
+    table.add_column("op type", no_wrap=True)
+    table.add_column("count", justify="right")
+    table.add_column("supported", justify="center")
+    table.add_column("reason")
+    for row in report.ops:
+        mark = "[green]yes[/]" if row.supported else "[bold red]no[/]"
+        table.add_row(row.op_type, str(row.count), mark, "; ".join(row.reasons))
+    console.print(table)
+    for problem in sorted(report.problems, key=lambda p: bool(p.op_type)):
+        console.print(f"[red]-[/] {problem}", soft_wrap=True)
+    if report.ok:
+        console.print(f"[bold green]compatible[/]: ESP-DL can run this model on {report.target} at int{report.bits}")
+    else:
+        console.print(f"[bold red]incompatible[/]: {len(report.problems)} problem(s)")
+
+
+@main.command()
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path),

@@ -1,0 +1,106 @@
+"""Activations and unary math (ARITHMETIC.md section 8), and the Softmax family (section 10)."""
+
+from __future__ import annotations
+
+from espquant.ops.spec import Constraint, ExponentRule, NodeContext, OpSpec, activation, qparam, weight
+
+__all__ = ["SPECS"]
+
+
+def _unary(op_type: str, ref: str, min_opset: int = 13, **extra) -> OpSpec:
+    """A float function applied per element: int8 via a stored table, int16 by float32 emulation."""
+    return OpSpec(
+        op_type, "activation", (activation("X"),), ExponentRule.OWN, ref, min_opset=min_opset, int8_lut=True, **extra
+    )
+
+
+def _prelu_slope(ctx: NodeContext) -> str | None:
+    slope = ctx.constants.get(1)
+    if slope is None or slope.size <= 1:
+        return None
+    shape = ctx.static_shape(0)
+    channels = shape[1] if shape is not None and len(shape) > 1 else None
+    if channels is not None and slope.size != channels:
+        return f"slope of shape {list(slope.shape)} is neither one value nor one per channel ({channels})"
+    return None
+
+
+def _prelu_per_channel_on_p4(ctx: NodeContext) -> str | None:
+    slope = ctx.constants.get(1)
+    if slope is not None and slope.size > 1:
+        return (
+            "per-channel PRelu on ESP32-P4: the rounding of the esp.vprelu instruction is not known "
+            "(ARITHMETIC.md 14.2), so espquant cannot promise what the chip computes"
+        )
+    return None
+
+
+def _softmax(op_type: str) -> OpSpec:
+    return OpSpec(
+        op_type,
+        "softmax",
+        (activation("X"),),
+        ExponentRule.OWN,
+        "10 (Softmax: float32 output)",
+        output_dtype="float32",
+        notes=("the output is float32; a QuantizeLinear brings it back to integers when a consumer needs them",),
+    )
+
+
+SPECS: tuple[OpSpec, ...] = (
+    OpSpec(
+        "Relu",
+        "activation",
+        (activation("X"),),
+        ExponentRule.PASSTHROUGH,
+        "8.3 (Relu: max(q, 0) when e_in = e_out)",
+        notes=("fused into a preceding Conv/Gemm/MatMul whose only consumer it is",),
+    ),
+    _unary("LeakyRelu", "8.1, 8.3"),
+    OpSpec(
+        "PRelu",
+        "activation",
+        (activation("X"), weight("slope", channel_axis=None)),
+        ExponentRule.OWN,
+        "8.1 (one slope: table), 8.4 (per channel)",
+        int8_lut=True,
+        constraints=(
+            Constraint("input slope", _prelu_slope, "give the slope shape (C, 1, 1) or a single value"),
+            Constraint(
+                "input slope",
+                _prelu_per_channel_on_p4,
+                "use a single slope, or LeakyRelu, on ESP32-P4",
+                families=frozenset({"p4"}),
+            ),
+        ),
+        notes=(
+            "int8 with one slope: table look-up; per channel: integer kernel with its own slope exponent",
+            "plain-C chips copy positive values unchanged: calibrate with e_out = e_in there",
+        ),
+    ),
+    OpSpec(
+        "Clip",
+        "activation",
+        (activation("X"), qparam("min"), qparam("max")),
+        ExponentRule.OWN,
+        "8.1 (int8 table), 8.5 (int16: clamp then rescale)",
+        int8_lut=True,
+    ),
+    _unary("Sigmoid", "8.1, 8.3"),
+    _unary("Tanh", "8.1, 8.3"),
+    _unary("HardSigmoid", "8.1, 8.3"),
+    _unary("HardSwish", "8.1, 8.3"),
+    _unary("Swish", "8.1, 8.3", min_opset=24),
+    _unary("Elu", "8.1, 8.3"),
+    _unary("Exp", "8.1, 8.3"),
+    _unary("Log", "8.1, 8.3"),
+    _unary("Sqrt", "8.1, 8.3"),
+    _unary(
+        "Gelu",
+        "8.2 (table-driven at int8 and int16)",
+        min_opset=20,
+        notes=("runs only through a table, also at int16 (the exporter must write an int16 LUT)",),
+    ),
+    _softmax("Softmax"),
+    _softmax("LogSoftmax"),
+)

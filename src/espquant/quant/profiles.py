@@ -1,0 +1,112 @@
+"""Target profiles: the arithmetic facts of each chip family, as data.
+
+ESP-DL v3 has three arithmetic families (spec ARITHMETIC.md section 0): ESP32-S3 (PIE v1), ESP32-P4 /
+ESP32-S31 (PIE v2) and the plain-C chips. Everything that differs between them (rounding, accumulator and
+bias widths, per-channel weights) lives here, so kernels, the calibrator and the checker read a profile
+instead of testing chip names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from espquant.errors import TargetError
+
+__all__ = ["TargetProfile", "TARGETS", "get_target", "target_names"]
+
+Family = Literal["s3", "p4", "c"]
+Rounding = Literal["half_up", "half_even"]
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    """Arithmetic facts of one target chip (ARITHMETIC.md section 0).
+
+    Attributes:
+        name: the ESP-PPQ / ESP-IDF target name, e.g. ``"esp32s3"``.
+        family: ``"s3"``, ``"p4"`` or ``"c"``: chips of one family compute identically.
+        rounding: rounding of every right shift and float->int conversion.
+        per_channel_weights: whether Conv/ConvTranspose/Gemm weights may carry one exponent per output channel.
+        conv_acc_bits: accumulator width of Conv/Gemm/MatMul per activation width (8, 16) for the SIMD
+            lanes (S3 int8: 20-bit saturating lanes), or the C type width on plain-C chips.
+        tail_acc_bits: accumulator width for the channels left over after the 16 (int8) / 8 (int16) lane
+            blocks (S3 ACCX / P4 XACC: 40 bits); equals ``conv_acc_bits`` on plain-C chips.
+        bias_bits: bias payload width per activation width, as ESP-PPQ clips it.
+        simd: whether the chip has PIE SIMD kernels (S3, P4).
+    """
+
+    name: str
+    family: Family
+    rounding: Rounding
+    per_channel_weights: bool
+    conv_acc_bits: dict[int, int]
+    tail_acc_bits: dict[int, int]
+    bias_bits: dict[int, int]
+    simd: bool
+    description: str
+
+
+_S3 = dict(
+    family="s3",
+    rounding="half_up",
+    per_channel_weights=False,
+    conv_acc_bits={8: 20, 16: 40},
+    tail_acc_bits={8: 40, 16: 40},
+    bias_bits={8: 20, 16: 40},
+    simd=True,
+)
+_P4 = dict(
+    family="p4",
+    rounding="half_even",
+    per_channel_weights=True,
+    conv_acc_bits={8: 32, 16: 64},
+    tail_acc_bits={8: 40, 16: 40},
+    bias_bits={8: 32, 16: 40},
+    simd=True,
+)
+_C = dict(
+    family="c",
+    rounding="half_up",
+    per_channel_weights=False,
+    conv_acc_bits={8: 32, 16: 64},
+    tail_acc_bits={8: 32, 16: 64},
+    bias_bits={8: 32, 16: 64},
+    simd=False,
+)
+
+TARGETS: dict[str, TargetProfile] = {
+    "esp32s3": TargetProfile(name="esp32s3", description="ESP32-S3 (PIE v1 SIMD)", **_S3),
+    "esp32p4": TargetProfile(name="esp32p4", description="ESP32-P4 (PIE v2 SIMD)", **_P4),
+    "esp32s31": TargetProfile(name="esp32s31", description="ESP32-S31 (PIE v2 SIMD, as ESP32-P4)", **_P4),
+    **{
+        name: TargetProfile(name=name, description=f"{label} (plain C kernels)", **_C)
+        for name, label in [
+            ("esp32", "ESP32"),
+            ("esp32s2", "ESP32-S2"),
+            ("esp32c2", "ESP32-C2"),
+            ("esp32c3", "ESP32-C3"),
+            ("esp32c5", "ESP32-C5"),
+            ("esp32c6", "ESP32-C6"),
+        ]
+    },
+}
+
+
+def target_names() -> list[str]:
+    """Every valid target name."""
+    return list(TARGETS)
+
+
+def get_target(name: str | TargetProfile) -> TargetProfile:
+    """The profile of target ``name`` (case-insensitive, dashes ignored, e.g. ``ESP32-S3``).
+
+    Raises:
+        TargetError: an unknown name, listing the valid ones.
+    """
+    if isinstance(name, TargetProfile):
+        return name
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    if key not in TARGETS:
+        raise TargetError(f"unknown target chip {name!r}; valid targets: {', '.join(TARGETS)}.")
+    return TARGETS[key]
