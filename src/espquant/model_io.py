@@ -54,17 +54,34 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelError(f"{p}: the file parsed but holds no graph nodes; it is truncated or not an ONNX model.")
     _load_external_data(model, p)
     _validate_structure(model, p)
+    _check_valid(model, p)
+    return model
+
+
+def _check_valid(model: onnx.ModelProto, path: Path) -> None:
+    """Run ``onnx.checker``; graph outputs declared without a shape are given their inferred one first
+    (hand-built models often omit it, and it is the one thing the checker rejects that is easy to repair)."""
     try:
         onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(
-            f"{p}: the model is not valid ONNX ({first}); the file is truncated or was exported incorrectly. "
-            "Export it again."
-        ) from exc
+        return
     except ValueError:
-        pass  # over 2 GiB: the in-memory checker cannot take it; later steps report real problems
-    return model
+        return  # over 2 GiB: the in-memory checker cannot take it; later steps report real problems
+    except onnx.checker.ValidationError as exc:
+        error = exc
+    if "shape" in str(error) and any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
+        from espquant.optimizer.shapes import infer_shapes
+
+        infer_shapes(model)
+        try:
+            onnx.checker.check_model(model)
+            return
+        except onnx.checker.ValidationError as exc:
+            error = exc
+    first = str(error).strip().splitlines()[0]
+    raise ModelError(
+        f"{path}: the model is not valid ONNX ({first}); the file is truncated or was exported incorrectly. "
+        "Export it again."
+    ) from error
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:

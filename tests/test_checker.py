@@ -1,0 +1,367 @@
+"""The model checker: tiny models per op and per rejected attribute, the light models pinned, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import ONNX_TEST_DATA
+from helpers import make_model, tensor
+from onnx import TensorProto, helper
+
+from espquant import Calibrator, Evaluator, check_model
+from espquant.checker import parse_bits
+from espquant.cli import main
+from espquant.errors import OptionError, TargetError, UnsupportedModelError
+from espquant.optimizer import optimize_model
+
+F = np.float32
+
+
+def _rng():
+    return np.random.default_rng(3)
+
+
+def conv(**attrs):
+    w_shape = attrs.pop("w_shape", (4, 3, 3, 3))
+    x_shape = attrs.pop("x_shape", [1, 3, 8, 8])
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", **attrs)
+    return make_model([node], [tensor("x", x_shape)], [tensor("y", None)], {"W": _rng().random(w_shape, F)})
+
+
+def unary(op, x_shape=(1, 4, 6, 6), inputs=(), inits=None, opset=17, outputs=("y",), **attrs):
+    node = helper.make_node(op, ["x", *inputs], list(outputs), name=op.lower(), **attrs)
+    return make_model(
+        [node], [tensor("x", list(x_shape))], [tensor(o, None) for o in outputs], inits or {}, opset=opset
+    )
+
+
+def binary(op, a_shape, b_shape):
+    node = helper.make_node(op, ["a", "b"], ["y"], name=op.lower())
+    return make_model([node], [tensor("a", a_shape), tensor("b", b_shape)], [tensor("y", None)])
+
+
+def gemm(**attrs):
+    node = helper.make_node("Gemm", ["a", "B", "C"], ["y"], name="gemm", **attrs)
+    inits = {"B": _rng().random((5, 3), F), "C": _rng().random(3, F)}
+    return make_model([node], [tensor("a", [2, 5])], [tensor("y", [2, 3])], inits)
+
+
+I64 = np.int64
+CASES = {
+    # supported forms
+    "conv": (conv(pads=[1, 1, 1, 1]), None),
+    "conv-1d": (conv(w_shape=(4, 3, 3), x_shape=[1, 3, 16]), None),
+    "conv-depthwise": (conv(group=3, w_shape=(3, 1, 3, 3)), None),
+    "gemm": (gemm(transB=0), None),
+    "matmul-runtime-b": (binary("MatMul", [2, 3, 4], [1, 4, 5]), None),
+    "add-broadcast": (binary("Add", [1, 4, 6, 6], [1, 4, 1, 1]), None),
+    "maxpool": (unary("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), None),
+    "avgpool-include-pad": (unary("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), None),
+    "sigmoid": (unary("Sigmoid"), None),
+    "prelu-per-channel-s3": (unary("PRelu", inputs=["s"], inits={"s": np.full((4, 1, 1), 0.1, F)}), None),
+    "pad-reflect": (
+        unary("Pad", inputs=["p"], inits={"p": np.array([0, 0, 1, 1, 0, 0, 1, 1], I64)}, mode="reflect"),
+        None,
+    ),
+    "resize-nearest": (
+        unary(
+            "Resize",
+            inputs=["", "sc"],
+            inits={"sc": np.array([1, 1, 2, 2], F)},
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        ),
+        None,
+    ),
+    "reshape-constant": (unary("Reshape", inputs=["t"], inits={"t": np.array([1, -1], I64)}), None),
+    "softmax": (unary("Softmax", x_shape=(1, 10), axis=-1), None),
+    # rejected: (expected field, reason fragment)
+    "conv-3d": (conv(w_shape=(4, 3, 3, 3, 3), x_shape=[1, 3, 6, 6, 6]), ("input X", "rank 5")),
+    "conv-grouped": (conv(group=2, w_shape=(4, 2, 3, 3), x_shape=[1, 4, 8, 8]), ("attribute group", "grouped")),
+    "conv-auto-pad": (conv(auto_pad="SAME_UPPER"), ("attribute auto_pad", "SAME_UPPER")),
+    "gemm-trans-a": (gemm(transA=1), ("attribute transA", "transA=1")),
+    "gemm-alpha": (gemm(alpha=0.5), ("attribute alpha", "alpha=0.5")),
+    "gemm-beta": (gemm(beta=2.0), ("attribute beta", "beta=2.0")),
+    "matmul-5d": (binary("MatMul", [1, 2, 2, 3, 4], [1, 2, 2, 4, 5]), ("input shapes", "up to 4-D")),
+    "add-5-merged-axes": (binary("Add", [2, 1, 3, 1, 5], [1, 4, 1, 6, 1]), ("input shapes", "5 merged axes")),
+    "maxpool-ceil": (unary("MaxPool", kernel_shape=[2, 2], ceil_mode=1), ("attribute ceil_mode", "ceil_mode=1")),
+    "maxpool-dilation": (unary("MaxPool", kernel_shape=[2, 2], dilations=[2, 2]), ("attribute dilations", "dilation")),
+    "maxpool-indices": (unary("MaxPool", outputs=("y", "i"), kernel_shape=[2, 2]), ("outputs", "Indices")),
+    "avgpool-exclude-pad": (
+        unary("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        ("attribute count_include_pad", "full kernel area"),
+    ),
+    "pad-wrap": (
+        unary("Pad", inputs=["p"], inits={"p": np.array([0, 0, 1, 1, 0, 0, 1, 1], I64)}, opset=19, mode="wrap"),
+        ("attribute mode", "'wrap'"),
+    ),
+    "pad-reflect-too-wide": (
+        unary("Pad", inputs=["p"], inits={"p": np.array([0, 0, 6, 0, 0, 0, 0, 0], I64)}, mode="reflect"),
+        ("input pads", "exceed size - 1"),
+    ),
+    "resize-cubic": (
+        unary("Resize", inputs=["", "sc"], inits={"sc": np.array([1, 1, 2, 2], F)}, mode="cubic"),
+        ("attribute mode", "'cubic'"),
+    ),
+    "resize-half-pixel-nearest": (
+        unary("Resize", inputs=["", "sc"], inits={"sc": np.array([1, 1, 2, 2], F)}, mode="nearest"),
+        ("attribute coordinate_transformation_mode", "asymmetric"),
+    ),
+    "resize-channels": (
+        unary(
+            "Resize",
+            inputs=["", "sc"],
+            inits={"sc": np.array([1, 2, 2, 2], F)},
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        ),
+        ("input scales", "two spatial axes"),
+    ),
+    "reshape-allowzero": (
+        unary("Reshape", inputs=["t"], inits={"t": np.array([1, -1], I64)}, allowzero=1),
+        ("attribute allowzero", "allowzero=1"),
+    ),
+    "prelu-odd-slope": (
+        unary("PRelu", inputs=["s"], inits={"s": np.full((6,), 0.1, F)}, x_shape=(1, 4, 6, 6)),
+        ("input slope", "neither one value"),
+    ),
+    "batchnorm": (
+        unary("BatchNormalization", inputs=["g", "b", "m", "v"], inits={k: np.ones(4, F) for k in "gbmv"}),
+        ("op type", "no BatchNormalization"),
+    ),
+    "lrn": (unary("LRN", size=3), ("op type", "no LRN")),
+    "mod-unspecified": (binary("Mod", [2, 3], [2, 3]), ("op type", "has not analysed")),
+    "gelu-old-opset": (unary("Gelu", opset=20), None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_checker_cases(name):
+    model, expected = CASES[name]
+    report = check_model(model, target="esp32s3", bits="int8", strict=False)
+    if expected is None:
+        assert report.ok, [str(p) for p in report.problems]
+        return
+    field, fragment = expected
+    assert not report.ok
+    assert any(p.field == field and fragment in p.reason for p in report.problems), [str(p) for p in report.problems]
+
+
+def test_resize_is_int8_only():
+    model = CASES["resize-nearest"][0]
+    report = check_model(model, bits="int16", strict=False)
+    assert [p.field for p in report.problems] == ["bits"]
+
+
+def test_per_channel_prelu_is_refused_on_p4_only():
+    model = CASES["prelu-per-channel-s3"][0]
+    assert check_model(model, target="esp32s3", strict=False).ok
+    assert check_model(model, target="esp32c3", strict=False).ok
+    report = check_model(model, target="esp32p4", strict=False)
+    assert any("esp.vprelu" in p.reason for p in report.problems)
+    assert check_model(model, target=None, strict=False).ok  # target-independent check skips it
+
+
+def test_runtime_reshape_target_gets_the_optimizer_hint():
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Reshape", ["x", "s"], ["y"], name="reshape"),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 3, 4])], [tensor("y", None)])
+    report = check_model(model, strict=False)
+    reshape = [p for p in report.problems if p.op_type == "Reshape"]
+    assert reshape and "fold the shape chain" in reshape[0].hint
+    assert any(p.op_type == "Shape" and "shape computation" in p.hint for p in report.problems)
+
+
+def test_strict_check_raises_one_error_listing_every_problem():
+    model = CASES["lrn"][0]
+    nodes = [
+        helper.make_node("LRN", ["x"], ["l"], size=3, name="lrn1"),
+        helper.make_node("MaxPool", ["l"], ["y"], kernel_shape=[2, 2], ceil_mode=1, name="pool1"),
+    ]
+    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", None)])
+    with pytest.raises(UnsupportedModelError) as info:
+        check_model(model)
+    text = str(info.value)
+    assert "2 problem(s)" in text
+    assert "node 'lrn1' (LRN)" in text and "node 'pool1' (MaxPool): attribute ceil_mode" in text
+
+
+# --- model-level problems -----------------------------------------------------------------------------------
+
+
+def test_unknown_domain_control_flow_dynamic_shapes_and_non_float_inputs():
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [tensor("t", [1, 2])])
+    nodes = [
+        helper.make_node("Custom", ["x"], ["c"], domain="com.vendor", name="custom"),
+        helper.make_node("If", ["flag"], ["z"], then_branch=then, else_branch=then, name="branch"),
+        helper.make_node("Relu", ["d"], ["r"], name="relu"),
+        helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT, name="cast"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            tensor("x", [1, 2]),
+            tensor("flag", [], TensorProto.BOOL),
+            tensor("d", ["N", 3, "H", "W"]),
+            tensor("ids", [1, 4], TensorProto.INT64),
+        ],
+        [tensor("c", None), tensor("z", [1, 2]), tensor("r", None), tensor("f", None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.vendor", 1)])
+    report = check_model(model, strict=False)
+    text = [str(p) for p in report.problems]
+    assert any("custom domain 'com.vendor'" in t for t in text)
+    assert any("node 'branch' (If)" in t and "control flow" in t for t in text)
+    assert any("graph input 'd'" in t and "not static beyond the batch" in t for t in text)
+    assert any("graph input 'flag'" in t and "BOOL" in t for t in text)
+    assert any("graph input 'ids'" in t and "INT64" in t for t in text)
+    assert any("node 'cast' (Cast)" in t for t in text)
+
+
+def test_initializer_listed_as_graph_input_and_old_opset():
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [tensor("x", [1, 2]), tensor("w", [1, 2])],
+        [tensor("y", [1, 2])],
+        [onnx.numpy_helper.from_array(np.ones((1, 2), F), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    report = check_model(model, strict=False)
+    fields = {p.field for p in report.problems}
+    assert {"graph inputs", "opset"} <= fields
+    assert check_model(optimize_model(model), strict=False).ok
+
+
+def test_batch_dimension_may_be_dynamic():
+    model = unary("Relu", x_shape=("N", 4, 6, 6))
+    assert check_model(model, strict=False).ok
+
+
+def test_bad_target_and_bits():
+    model = unary("Relu")
+    with pytest.raises(TargetError, match="valid targets: esp32s3, esp32p4"):
+        check_model(model, target="esp8266")
+    with pytest.raises(OptionError, match="int8' or 'int16"):
+        check_model(model, bits="int4")
+    assert parse_bits("INT16") == 16 and parse_bits(8) == 8
+
+
+# --- legacy contract ------------------------------------------------------------------------------------------
+
+
+def test_calibrator_and_evaluator_check_model_return_legacy_codes(caplog):
+    good, bad = unary("Relu"), CASES["lrn"][0]
+    calibrator = Calibrator("int8", "per-channel", "entropy")
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    with caplog.at_level(logging.ERROR, logger="espquant.checker"):
+        assert calibrator.check_model(good) == 0
+        assert evaluator.check_model(good) == 0
+        assert calibrator.check_model(bad) == -1
+        assert evaluator.check_model(bad) == -1
+    assert "no LRN operator" in caplog.text
+    per_channel_prelu = CASES["prelu-per-channel-s3"][0]
+    assert Evaluator("int8", "esp32s3").check_model(per_channel_prelu) == 0
+    assert Evaluator("int8", "esp32p4").check_model(per_channel_prelu) == -1
+
+
+def test_calibrator_and_evaluator_configuration():
+    assert Evaluator("int16", "esp32p4").target_chip == "esp32p4"
+    assert Evaluator("int16", "esp32p4").granularity is None
+    with pytest.raises(OptionError, match="per-tensor only"):
+        Calibrator("int16", "per-channel", "minmax")
+    with pytest.raises(OptionError, match="calibration method 'kl'"):
+        Calibrator("int8", "per-tensor", "kl")
+    with pytest.raises(OptionError, match="use 'int8' or 'int16'"):
+        Calibrator("int4")
+    calibrator = Calibrator("int8")
+    calibrator.set_method("per-channel", "mse")
+    assert (calibrator.granularity, calibrator.method) == ("per-channel", "mse")
+    with pytest.raises(OptionError, match="not available"):
+        calibrator.set_providers(["NoSuchExecutionProvider"])
+    evaluator = Evaluator("int8", "per-tensor", "ESP32-S3")
+    evaluator.set_target_chip("esp32c6")
+    assert evaluator.target.family == "c"
+    with pytest.raises(TargetError):
+        evaluator.set_target_chip("esp8266")
+
+
+def test_per_channel_on_a_per_tensor_chip_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="espquant.simulator.evaluator"):
+        Evaluator("int8", "per-channel", "esp32s3")
+    assert "per-tensor weights only" in caplog.text
+
+
+# --- the light models, pinned ----------------------------------------------------------------------------------
+
+# Which light models ESP-DL can run after `espquant optimize`, and the (op type, field) of every reason
+# for the others. A change here is a change in support: make it on purpose.
+LIGHT_EXPECTED = {
+    "light_bvlc_alexnet": {("Conv", "attribute group"), ("LRN", "op type")},
+    "light_densenet121": set(),
+    "light_inception_v1": {("AveragePool", "attribute count_include_pad"), ("LRN", "op type")},
+    "light_inception_v2": {("AveragePool", "attribute count_include_pad")},
+    "light_resnet50": set(),
+    "light_shufflenet": {("AveragePool", "attribute count_include_pad"), ("Conv", "attribute group")},
+    "light_squeezenet": set(),
+    "light_vgg19": set(),
+    "light_zfnet512": {("LRN", "op type")},
+}
+
+
+@pytest.fixture(scope="module")
+def optimized_light_models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = optimize_model(onnx.load(ONNX_TEST_DATA / "light" / f"{name}.onnx"))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(LIGHT_EXPECTED))
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+def test_light_models_support_is_pinned(optimized_light_models, name, target, bits):
+    report = check_model(optimized_light_models(name), target=target, bits=bits, strict=False)
+    assert {(p.op_type, p.field) for p in report.problems} == LIGHT_EXPECTED[name]
+
+
+# --- CLI --------------------------------------------------------------------------------------------------------
+
+
+def test_cli_check_table_json_and_exit_codes(tmp_path):
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(unary("Relu"), good)
+    onnx.save(CASES["conv-grouped"][0], bad)
+    result = CliRunner().invoke(main, ["check", str(good)])
+    assert result.exit_code == 0 and "compatible" in result.output and "Relu" in result.output
+    result = CliRunner().invoke(main, ["check", str(bad), "--target", "esp32p4"])
+    assert result.exit_code == 1
+    assert "grouped" in result.output and "node 'conv' (Conv)" in result.output
+    result = CliRunner().invoke(main, ["check", str(bad), "--json", "--bits", "int16"])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["compatible"] is False and report["bits"] == 16
+    assert report["ops"][0] == {
+        "op_type": "Conv",
+        "count": 1,
+        "supported": False,
+        "reasons": report["ops"][0]["reasons"],
+    }
+    result = CliRunner().invoke(main, ["check", str(good), "--target", "esp8266"])
+    assert result.exit_code == 1 and "unknown target chip 'esp8266'" in result.output
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "missing.onnx")])
+    assert result.exit_code == 1 and "no such file" in result.output

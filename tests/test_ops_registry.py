@@ -1,0 +1,121 @@
+"""Registry consistency: every entry carries what the checker, calibrator, simulator and exporters need."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from espquant.ops import REGISTRY, UNREGISTERED_HINTS, ExponentRule, Role, get_op_spec, merged_broadcast_shapes
+from espquant.ops.spec import OpSpec
+
+# The op types registered by ESP-DL's runtime (dl_module_creator.hpp at v3.3.9) that a float ONNX model
+# can contain; LUT, InsertZeros and StreamingCache are produced by the exporter, not by users.
+RUNTIME_OPS = {
+    "Add", "AveragePool", "Clip", "Concat", "Conv", "DepthToSpace", "DequantizeLinear", "Div", "Elu", "Equal",
+    "Exp", "Flatten", "GRU", "Gather", "Gelu", "Gemm", "GlobalAveragePool", "Greater", "GreaterOrEqual",
+    "HardSigmoid", "HardSwish", "Identity", "LSTM", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual",
+    "Log", "LogSoftmax", "LpNormalization", "MatMul", "MaxPool", "Mod", "Mul", "Neg", "PRelu", "Pad", "Pow",
+    "QuantizeLinear", "RMSNormalization", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+    "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu",
+    "RequantizeLinear", "Reshape", "Resize", "ReverseSequence", "ScatterND", "Sigmoid", "Slice", "Softmax",
+    "SpaceToDepth", "Split", "Sqrt", "Squeeze", "Sub", "Swish", "Tanh", "Transpose", "Unsqueeze",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", REGISTRY.values(), ids=list(REGISTRY))
+def test_entry_is_complete(spec: OpSpec):
+    if spec.onnx_standard:
+        assert onnx.defs.has(spec.op_type), f"{spec.op_type} is not an ONNX op"
+        assert spec.min_opset <= onnx.defs.onnx_opset_version()
+        schema = onnx.defs.get_schema(spec.op_type)
+        assert len(spec.inputs) <= max(schema.max_input, 1) or spec.variadic
+    assert spec.inputs and spec.inputs[0].role is Role.ACTIVATION
+    assert isinstance(spec.exponent, ExponentRule)
+    assert spec.spec_ref
+    assert spec.bits and spec.bits <= {8, 16}
+    assert spec.output_dtype in ("quantized", "float32", "bool")
+    if spec.status != "supported":
+        assert spec.status_reason, "an unspecified op must say why"
+    for position in spec.weight_inputs:
+        assert spec.category in ("linear", "activation"), spec.op_type
+        assert spec.inputs[position].must_be_constant or spec.inputs[position].may_be_runtime
+    if spec.bias_inputs:
+        assert spec.weight_inputs, "a bias exponent is e_in + e_w: there must be a weight"
+    for constraint in spec.constraints:
+        assert constraint.field and callable(constraint.test)
+    # Hooks for the simulator and exporters exist on every entry.
+    for hook in ("float_reference", "int_kernel", "export_attributes"):
+        assert hasattr(spec, hook)
+
+
+def test_every_runtime_op_is_registered_and_nothing_else_is_unexplained():
+    assert RUNTIME_OPS <= set(REGISTRY)
+    assert set(REGISTRY) - RUNTIME_OPS == {"ConvTranspose"}  # runs as InsertZeros + Conv
+    assert not set(UNREGISTERED_HINTS) & set(REGISTRY)
+
+
+def test_only_esp_dl_ops_are_non_standard():
+    assert {s.op_type for s in REGISTRY.values() if not s.onnx_standard} == {"RequantizeLinear"}
+
+
+def test_quantization_facts_from_the_spec():
+    conv, gemm, matmul = get_op_spec("Conv"), get_op_spec("Gemm"), get_op_spec("MatMul")
+    assert conv.inputs[1].role is Role.WEIGHT and conv.inputs[1].channel_axis == 0
+    assert conv.inputs[2].role is Role.BIAS
+    assert get_op_spec("ConvTranspose").inputs[1].channel_axis == 1
+    assert gemm.inputs[1].resolve_channel_axis({"transB": 1}) == 0
+    assert gemm.inputs[1].resolve_channel_axis({"transB": 0}) == 1
+    assert matmul.inputs[1].may_be_runtime and matmul.inputs[1].channel_axis is None
+    for op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        assert get_op_spec(op).fuses == {"Relu"}
+        assert get_op_spec(op).nonnegative_shift
+    assert get_op_spec("Mul").nonnegative_shift
+    assert get_op_spec("Concat").exponent is ExponentRule.SHARED and get_op_spec("Concat").variadic
+    for op in ("MaxPool", "Relu", "Reshape", "Flatten", "Transpose", "Slice", "Squeeze", "Gather", "Pad"):
+        assert get_op_spec(op).exponent is ExponentRule.PASSTHROUGH, op
+    for op in ("Add", "Sub"):
+        assert get_op_spec(op).exponent is ExponentRule.ALIGN_TO_OUTPUT
+    assert get_op_spec("Greater").output_dtype == "bool"
+    assert get_op_spec("Softmax").output_dtype == "float32"
+    for op in ("Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "Exp", "Clip"):
+        assert get_op_spec(op).int8_lut, op
+    assert get_op_spec("Resize").bits == {8}
+    assert get_op_spec("Reshape").inputs[1].role is Role.PARAM
+    assert get_op_spec("Pad").inputs[2].role is Role.QPARAM
+    for op in ("Mod", "ReduceSum", "LayerNormalization", "GRU", "LSTM", "ScatterND"):
+        assert get_op_spec(op).status == "unspecified", op
+    assert get_op_spec("BatchNormalization") is None
+
+
+# --- ESP-DL's merged broadcasting -------------------------------------------------------------------------
+
+
+@st.composite
+def broadcastable_pairs(draw):
+    out = draw(st.lists(st.integers(1, 4), min_size=1, max_size=6))
+    a = [d if draw(st.booleans()) else 1 for d in out]
+    b = [d if draw(st.booleans()) else 1 for d in out]
+    return a[draw(st.integers(0, len(a))) :], b[draw(st.integers(0, len(b))) :]
+
+
+@settings(max_examples=300, deadline=None)
+@given(broadcastable_pairs())
+def test_merged_broadcast_is_numpy_broadcasting(pair):
+    a_shape, b_shape = pair
+    rng = np.random.default_rng(0)
+    a = rng.integers(-5, 5, a_shape)
+    b = rng.integers(-5, 5, b_shape)
+    merged_a, merged_b, merged_out = merged_broadcast_shapes(a_shape, b_shape)
+    assert len(merged_a) == len(merged_b) == len(merged_out)
+    expected = (a + b).reshape(merged_out)
+    np.testing.assert_array_equal(a.reshape(merged_a) + b.reshape(merged_b), expected)
+
+
+def test_merged_broadcast_examples_from_the_spec():
+    assert merged_broadcast_shapes([1, 96, 5, 1], [1, 96, 5, 49])[2] == [480, 49]
+    assert merged_broadcast_shapes([1, 1, 4, 5], [2, 3, 1, 1]) == ([1, 20], [6, 1], [6, 20])
+    assert merged_broadcast_shapes([48], [1]) == ([48], [1], [48])
+    assert len(merged_broadcast_shapes([2, 1, 3, 1, 5], [1, 4, 1, 6, 1])[2]) == 5
