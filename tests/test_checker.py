@@ -365,3 +365,14 @@ def test_cli_check_table_json_and_exit_codes(tmp_path):
     assert result.exit_code == 1 and "unknown target chip 'esp8266'" in result.output
     result = CliRunner().invoke(main, ["check", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_cli_check_all_targets_prints_a_support_matrix(tmp_path):
+    path = tmp_path / "prelu.onnx"
+    onnx.save(CASES["prelu-per-channel-s3"][0], path)
+    result = CliRunner().invoke(main, ["check", str(path), "--target", "all"])
+    assert result.exit_code == 1  # per-channel PRelu cannot run on ESP32-P4 / S31
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ esp32")}
+    assert "yes" in lines["esp32s3"] and "yes" in lines["esp32c6"]
+    assert "no" in lines["esp32p4"] and "no" in lines["esp32s31"]
+    assert "esp32p4/int8, esp32p4/int16, esp32s31/int8, esp32s31/int16" in result.output
