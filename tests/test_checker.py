@@ -9,15 +9,15 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import ONNX_TEST_DATA
-from helpers import make_model, tensor
 from onnx import TensorProto, helper
 
+from conftest import ONNX_TEST_DATA
 from espquant import Calibrator, Evaluator, check_model
 from espquant.checker import parse_bits
 from espquant.cli import main
 from espquant.errors import OptionError, TargetError, UnsupportedModelError
 from espquant.optimizer import optimize_model
+from helpers import make_model, tensor
 
 F = np.float32
 

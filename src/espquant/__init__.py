@@ -3,6 +3,7 @@
 The public API keeps the names of the legacy ESP-DL quantization toolkit, so switching is one import.
 """
 
+from espquant._version import __version__  # noqa: E402
 from espquant.calibration import Calibrator
 from espquant.checker import CheckReport, check_model
 from espquant.errors import (
@@ -23,8 +24,6 @@ from espquant.optimizer import (
 )
 from espquant.quant import get_target, target_names
 from espquant.simulator import Evaluator
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Calibrator",

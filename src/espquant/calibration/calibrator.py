@@ -1,16 +1,27 @@
-"""The legacy-compatible ``Calibrator``: its configuration (bit width, granularity, method), providers,
-and the model check. Calibration itself builds on this class."""
+"""The legacy-compatible ``Calibrator``: configuration (bit width, granularity, method), providers, the
+model check, and ``generate_quantization_table``, which measures every activation on the calibration set
+and writes the quantization table."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import onnx
 
-from espquant.checker import legacy_check, parse_bits
+from espquant._version import __version__
+from espquant.calibration.collector import collect
+from espquant.calibration.dataset import InputSpec, iterate_batches
+from espquant.calibration.exponents import Requantize, assign_exponents
+from espquant.calibration.observers import Observer, make_observer
+from espquant.calibration.plan import plan_calibration
+from espquant.checker import check_model, legacy_check, parse_bits
 from espquant.errors import OptionError
+from espquant.graph import tensor_shape
 from espquant.providers import validate_providers
+from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
 __all__ = ["Calibrator", "CALIBRATION_METHODS", "GRANULARITIES"]
 
@@ -34,6 +45,16 @@ def validate_method(bits: int, granularity: str, method: str) -> None:
         raise OptionError(
             f"calibration method {method!r} for int{bits}: use one of {', '.join(CALIBRATION_METHODS[bits])}."
         )
+
+
+@dataclass
+class CalibrationResult:
+    """The table plus what the terminal report shows: ranges, observers and needed requantizations."""
+
+    table: QuantTable
+    observers: dict[str, Observer]
+    samples: int
+    requantize: list[Requantize]
 
 
 class Calibrator:
@@ -67,3 +88,55 @@ class Calibrator:
         Calibration is target-independent, so only the rules that hold on every target are checked.
         """
         return legacy_check(model_proto, target=None, bits=self.bits)
+
+    def calibrate(
+        self,
+        model_proto: onnx.ModelProto,
+        calib_dataset: object,
+        batch_size: int = 32,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> CalibrationResult:
+        """Measure the model on the data and choose every exponent; nothing is written.
+
+        Raises:
+            UnsupportedModelError: the model uses something ESP-DL cannot run (every problem listed).
+            DatasetError: empty data, wrong shape or dtype, NaN/Inf (naming the first bad sample).
+        """
+        check_model(model_proto, target=None, bits=self.bits, strict=True)
+        plan = plan_calibration(model_proto)
+        initializers = {t.name for t in model_proto.graph.initializer}
+        inputs = [
+            InputSpec(i.name, tuple(d if isinstance(d, int) else None for d in (tensor_shape(i) or [])))
+            for i in model_proto.graph.input
+            if i.name not in initializers
+        ]
+        observers = {name: make_observer(self.method) for name in dict.fromkeys(plan.observed)}
+        batches = iterate_batches(calib_dataset, inputs, batch_size)
+        samples = collect(model_proto, observers, batches, self.providers, on_batch)
+        observed = {name: observer.exponent(self.bits) for name, observer in observers.items()}
+        assignment = assign_exponents(model_proto, plan, observed, self.bits, self.granularity == "per-channel")
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "bits": self.bits,
+            "granularity": self.granularity,
+            "method": self.method,
+            "target_independent": True,
+            "graph_hash": graph_hash(model_proto),
+            "samples": samples,
+            "espquant_version": __version__,
+            "float_tensors": plan.float_tensors,
+            "requantize": [vars(r) for r in assignment.requantize],
+        }
+        return CalibrationResult(QuantTable(assignment.exponents, metadata), observers, samples, assignment.requantize)
+
+    def generate_quantization_table(
+        self,
+        model_proto: onnx.ModelProto,
+        calib_dataset: object,
+        pickle_file_path: str | os.PathLike[str],
+        batch_size: int = 32,
+    ) -> QuantTable:
+        """Legacy API: calibrate and write the table to ``pickle_file_path`` (plus its ``.json`` twin)."""
+        result = self.calibrate(model_proto, calib_dataset, batch_size)
+        result.table.save(pickle_file_path)
+        return result.table

@@ -1,0 +1,128 @@
+"""From observed ranges to a consistent set of exponents, following the registry's rules.
+
+Order of application, node by node in topological order:
+- weights: one exponent per tensor, or per output channel (granularity per-channel, ops whose registry
+  entry gives a channel axis); biases: ``e_in + e_w`` (per channel when the weight is);
+- a Conv/Gemm/MatMul that absorbs its Relu takes the Relu output's exponent;
+- pass-through ops (MaxPool, Relu, data movement) give their output the input's exponent;
+- Concat's inputs and output share the largest exponent among them;
+- kernels that cannot shift left (Conv, Gemm, MatMul, Mul) get ``e_out >= e_in + e_w``;
+- wherever a consumer needs an exponent its producer does not have (Concat, Add/Sub inputs aligned to the
+  output, comparisons aligned to the largest input) a RequantizeLinear is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from espquant.calibration.plan import CalibrationPlan
+from espquant.graph import GraphView
+from espquant.ops import ExponentRule, Role
+from espquant.quant.pot import exponent_for_max_abs
+
+__all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "weight_exponents"]
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """A RequantizeLinear the quantized model needs before ``node``'s input ``position``."""
+
+    node: str
+    position: int
+    tensor: str
+    from_exponent: int
+    to_exponent: int
+
+
+@dataclass
+class ExponentAssignment:
+    exponents: dict[str, int | list[int]]
+    requantize: list[Requantize] = field(default_factory=list)
+
+
+def weight_exponents(values: np.ndarray, bits: int, channel_axis: int | None) -> int | list[int]:
+    """Exponent(s) of a weight from max |w|: one, or one per slice along ``channel_axis``."""
+    if channel_axis is None:
+        return exponent_for_max_abs(float(np.max(np.abs(values))) if values.size else 0.0, bits)
+    moved = np.moveaxis(np.abs(values), channel_axis, 0).reshape(values.shape[channel_axis], -1)
+    return [exponent_for_max_abs(float(m), bits) for m in moved.max(axis=1)]
+
+
+def _largest(value: int | list[int]) -> int:
+    return max(value) if isinstance(value, list) else value
+
+
+def assign_exponents(
+    model: onnx.ModelProto, plan: CalibrationPlan, observed: dict[str, int], bits: int, per_channel: bool
+) -> ExponentAssignment:
+    """Turn the observed exponents into the table's exponents (see the module docstring for the rules)."""
+    view = GraphView(model.graph)
+    exps: dict[str, int | list[int]] = dict(observed)
+    for name in plan.constants:
+        exps[name] = weight_exponents(view.array(name), bits, None)
+    weights = {(id(w.node), w.position): w for w in plan.weights}
+    result = ExponentAssignment(exps)
+
+    def need(node: onnx.NodeProto, position: int, tensor: str, target: int) -> None:
+        current = exps.get(tensor)
+        if isinstance(current, int) and current != target:
+            result.requantize.append(Requantize(node.name, position, tensor, current, target))
+
+    for node, spec in plan.nodes:
+        weight_exp: int | list[int] | None = None
+        for position, tensor in enumerate(node.input):
+            use = weights.get((id(node), position))
+            if use is not None:
+                axis = use.channel_axis if per_channel else None
+                exps[tensor] = weight_exponents(view.array(tensor), bits, axis)
+                weight_exp = exps[tensor]
+        input_exp = exps.get(node.input[0]) if node.input else None
+        for position, tensor in enumerate(node.input):
+            role = spec.input_spec(position)
+            if not tensor or role is None:
+                continue
+            if role.role is Role.BIAS and isinstance(input_exp, int) and weight_exp is not None:
+                exps[tensor] = (
+                    [input_exp + e for e in weight_exp] if isinstance(weight_exp, list) else input_exp + weight_exp
+                )
+            elif role.role is Role.QPARAM and isinstance(input_exp, int):
+                exps[tensor] = input_exp
+        outputs = [o for o in node.output if o and o not in plan.float_tensors]
+        if spec.exponent is ExponentRule.PASSTHROUGH and isinstance(input_exp, int):
+            for output in outputs:
+                exps[output] = input_exp
+        elif spec.exponent is ExponentRule.SHARED:
+            members = [t for t in node.input if t and isinstance(exps.get(t), int)]
+            shared = max([exps[t] for t in members] + [exps[o] for o in outputs if o in exps])  # type: ignore[type-var]
+            for output in outputs:
+                exps[output] = shared
+            for position, tensor in enumerate(node.input):
+                if tensor:
+                    need(node, position, tensor, shared)
+        for output in outputs:
+            target = plan.fused.get(output, output)
+            if target not in exps:
+                continue
+            value = exps[target]
+            if spec.nonnegative_shift and isinstance(value, int):
+                operands = [exps.get(t) for t in node.input[:2] if t]
+                if len(operands) == 2 and all(o is not None for o in operands):
+                    floor = sum(_largest(o) for o in operands)  # type: ignore[arg-type]
+                    value = max(value, floor)
+            exps[output] = value
+            if target != output:
+                exps[target] = value
+        if spec.exponent is ExponentRule.ALIGN_TO_OUTPUT and outputs and isinstance(exps.get(outputs[0]), int):
+            for position, tensor in enumerate(node.input):
+                if tensor:
+                    need(node, position, tensor, exps[outputs[0]])  # type: ignore[arg-type]
+        elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
+            present = [exps[t] for t in node.input if t and isinstance(exps.get(t), int)]
+            if present:
+                for position, tensor in enumerate(node.input):
+                    if tensor:
+                        need(node, position, tensor, max(present))  # type: ignore[type-var]
+    return result

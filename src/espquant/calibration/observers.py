@@ -1,0 +1,167 @@
+"""Observers: running statistics of one tensor over the calibration set, and the exponent they choose.
+
+One interface (``update`` with each batch, ``exponent(bits)`` at the end, ``clipped_fraction``), four
+methods. Memory is fixed per tensor whatever the data set size: min-max keeps two numbers; the others a
+histogram of |x| with a fixed number of bins over a power-of-two range that doubles when a larger value
+arrives (merging bin pairs, which is exact). Because exponents are powers of two, bin edges and
+quantization steps line up exactly, and the entropy and MSE methods simply evaluate each candidate
+exponent near the min-max one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from espquant.quant.pot import exponent_for_max_abs, qmax
+
+__all__ = ["Observer", "MinMaxObserver", "HistogramObserver", "make_observer", "OBSERVER_METHODS"]
+
+OBSERVER_METHODS = ("minmax", "entropy", "percentile", "mse")
+BINS = 8192  # power of two: bin edges align with every power-of-two quantization step down to R / 8192
+CANDIDATES = 6  # exponents tried below the min-max exponent by entropy and mse
+DEFAULT_PERCENTILE = 99.99
+
+
+class Observer:
+    """Statistics of one tensor; subclasses choose the exponent."""
+
+    method = "minmax"
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.count = 0
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(values))))
+            self.count += values.size
+
+    def exponent(self, bits: int) -> int:
+        return exponent_for_max_abs(self.max_abs, bits)
+
+    def clipped_fraction(self, exponent: int, bits: int) -> float:
+        """Fraction of observed values outside the range of ``exponent`` (0 when it covers the maximum)."""
+        return 0.0 if self.max_abs <= (qmax(bits) + 0.5) * 2.0**exponent else float("nan")
+
+
+class MinMaxObserver(Observer):
+    """max |x| over everything seen; exponent = the smallest that keeps it in range."""
+
+
+class HistogramObserver(Observer):
+    """A fixed-size histogram of |x| for the entropy, percentile and mse methods."""
+
+    def __init__(self, method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
+        super().__init__()
+        self.method = method
+        self.percentile = percentile
+        self.range_log2: int | None = None  # histogram covers [0, 2**range_log2)
+        self.counts = np.zeros(BINS, dtype=np.int64)
+        self.zeros = 0  # exact zeros (every ReLU output below 0) are kept out of the bins: always exact
+
+    def update(self, values: np.ndarray) -> None:
+        if not values.size:
+            return
+        magnitudes = np.abs(values.astype(np.float64, copy=False)).ravel()
+        batch_max = float(magnitudes.max())
+        self.max_abs = max(self.max_abs, batch_max)
+        self.count += magnitudes.size
+        nonzero = magnitudes[magnitudes > 0]
+        self.zeros += magnitudes.size - nonzero.size
+        if not nonzero.size:
+            return
+        magnitudes = nonzero
+        needed = math.frexp(batch_max)[1]  # smallest k with batch_max < 2**k
+        if self.range_log2 is None:
+            self.range_log2 = needed
+        while needed > self.range_log2:
+            self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1), np.zeros(BINS // 2, np.int64)])
+            self.range_log2 += 1
+        scale = BINS / 2.0**self.range_log2
+        index = np.minimum((magnitudes * scale).astype(np.int64), BINS - 1)
+        self.counts += np.bincount(index, minlength=BINS)
+
+    # --- helpers over the histogram -------------------------------------------------------------------
+    def _bin_width(self) -> float:
+        return 2.0 ** (self.range_log2 or 0) / BINS
+
+    def _centers(self) -> np.ndarray:
+        return (np.arange(BINS) + 0.5) * self._bin_width()
+
+    def clipped_fraction(self, exponent: int, bits: int) -> float:
+        if self.count == 0 or self.range_log2 is None:
+            return 0.0
+        limit = (qmax(bits) + 0.5) * 2.0**exponent
+        if self.max_abs <= limit:
+            return 0.0
+        return float(self.counts[self._centers() > limit].sum()) / self.count
+
+    def exponent(self, bits: int) -> int:
+        top = exponent_for_max_abs(self.max_abs, bits)
+        if self.range_log2 is None or self.method == "minmax":
+            return top
+        if self.method == "percentile":
+            return self._percentile_exponent(bits, top)
+        candidates = list(range(top - CANDIDATES, top + 1))
+        if self.method == "mse":
+            scores = [self._squared_error(e, bits) for e in candidates]
+        elif self.method == "entropy":
+            scores = [self._divergence(e, bits) for e in candidates]
+        else:
+            raise ValueError(f"unknown observer method {self.method!r}")
+        best = min(scores)
+        # Ties go to the larger exponent: equal error, less clipping.
+        return max(e for e, s in zip(candidates, scores) if s <= best)
+
+    def _percentile_exponent(self, bits: int, top: int) -> int:
+        cumulative = np.cumsum(self.counts)
+        target = self.percentile / 100.0 * cumulative[-1]
+        index = int(np.searchsorted(cumulative, target))
+        value = min((index + 1) * self._bin_width(), self.max_abs)
+        return min(exponent_for_max_abs(value, bits), top)
+
+    def _squared_error(self, exponent: int, bits: int) -> float:
+        """Expected squared quantization error of the histogram (bin centres) at ``exponent``."""
+        step = 2.0**exponent
+        centers = self._centers()
+        quantized = np.clip(np.round(centers / step), 0, qmax(bits)) * step
+        return float(np.sum(self.counts * (centers - quantized) ** 2))
+
+    def _divergence(self, exponent: int, bits: int) -> float:
+        """KL(P || Q): P the histogram clipped at the range of ``exponent`` (outliers folded into the last
+        kept bin), Q that range quantized to ``qmax + 1`` levels of |q| and spread back over the bins."""
+        step = 2.0**exponent
+        width = self._bin_width()
+        kept = int(min(BINS, math.ceil((qmax(bits) + 0.5) * step / width)))
+        kept = max(kept, 1)
+        reference = self.counts[:kept].astype(np.float64)
+        candidate_source = reference.copy()
+        reference[-1] += float(self.counts[kept:].sum())
+        bins_per_step = step / width
+        if bins_per_step <= 1.0:
+            quantized = candidate_source  # the grid is finer than the bins: only clipping differs
+        else:
+            levels = np.floor((np.arange(kept) + 0.5) / bins_per_step + 0.5).astype(np.int64)
+            sums = np.bincount(levels, weights=candidate_source)
+            nonzero = np.bincount(levels, weights=(candidate_source > 0).astype(np.float64))
+            spread = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
+            quantized = np.where(candidate_source > 0, spread[levels], 0.0)
+        p = reference / reference.sum()
+        total = quantized.sum()
+        if total == 0:
+            return float("inf")
+        q = quantized / total
+        mask = p > 0
+        q_masked = np.maximum(q[mask], 1e-12)
+        return float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
+
+
+def make_observer(method: str) -> Observer:
+    """A fresh observer for ``method``."""
+    if method == "minmax":
+        return MinMaxObserver()
+    if method in ("entropy", "percentile", "mse"):
+        return HistogramObserver(method)
+    raise ValueError(f"unknown calibration method {method!r}; use one of {', '.join(OBSERVER_METHODS)}")

@@ -1,0 +1,49 @@
+"""Power-of-two quantization arithmetic shared by the calibrator, the quantizer and the simulator.
+
+ESP-DL numbers are ``real = q * 2**e`` with ``q`` a signed integer of ``bits`` bits, symmetric, no zero
+point (ARITHMETIC.md section 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["qmin", "qmax", "exponent_for_max_abs", "DEFAULT_EMPTY_EXPONENT"]
+
+
+def qmax(bits: int) -> int:
+    """Largest integer of a signed ``bits``-bit value (127 for int8)."""
+    return (1 << (bits - 1)) - 1
+
+
+def qmin(bits: int) -> int:
+    """Smallest integer of a signed ``bits``-bit value (-128 for int8)."""
+    return -(1 << (bits - 1))
+
+
+def DEFAULT_EMPTY_EXPONENT(bits: int) -> int:  # noqa: N802 - reads as the constant it is
+    """Exponent for an all-zero tensor: any exponent is exact; this one represents [-1, 1) as a neutral choice."""
+    return -(bits - 1)
+
+
+def exponent_for_max_abs(max_abs: float | np.ndarray, bits: int) -> int:
+    """The smallest exponent ``e`` with ``max_abs <= qmax(bits) * 2**e``.
+
+    A value exactly on the boundary (``max_abs == qmax * 2**e``) takes that ``e``: it is representable
+    without clipping. ``max_abs == 0`` gives :func:`DEFAULT_EMPTY_EXPONENT`.
+    """
+    value = float(max_abs)
+    if not math.isfinite(value):
+        raise ValueError(f"cannot choose an exponent for a non-finite range {value}")
+    if value <= 0.0:
+        return DEFAULT_EMPTY_EXPONENT(bits)
+    limit = qmax(bits)
+    exponent = math.ceil(math.log2(value / limit))
+    # log2 rounding can be off by one near exact powers: settle it with exact float comparisons.
+    while value > limit * 2.0**exponent:
+        exponent += 1
+    while exponent > -1074 and value <= limit * 2.0 ** (exponent - 1):
+        exponent -= 1
+    return exponent

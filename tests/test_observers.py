@@ -1,0 +1,108 @@
+"""Observers and the exponent rule, against hand-worked values and numpy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from espquant.calibration.observers import BINS, HistogramObserver, MinMaxObserver, make_observer
+from espquant.quant.pot import exponent_for_max_abs, qmax
+
+
+@pytest.mark.parametrize(
+    ("max_abs", "bits", "expected"),
+    [
+        (127.0, 8, 0),  # exactly qmax * 2^0: representable, no larger exponent
+        (127.0001, 8, 1),
+        (1.0, 8, -6),  # 127 * 2^-7 = 0.992 < 1
+        (0.992, 8, -7),
+        (0.0, 8, -7),  # all zeros: the neutral default
+        (0.0, 16, -15),
+        (32767 * 2.0**-10, 16, -10),
+        (3.0, 16, -13),
+    ],
+)
+def test_exponent_rule_examples(max_abs, bits, expected):
+    assert exponent_for_max_abs(max_abs, bits) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.floats(min_value=1e-30, max_value=1e30, allow_nan=False), st.sampled_from([8, 16]))
+def test_exponent_rule_is_the_smallest_that_fits(max_abs, bits):
+    e = exponent_for_max_abs(max_abs, bits)
+    assert max_abs <= qmax(bits) * 2.0**e
+    assert max_abs > qmax(bits) * 2.0 ** (e - 1)
+
+
+def test_exponent_rule_rejects_non_finite():
+    with pytest.raises(ValueError):
+        exponent_for_max_abs(math.inf, 8)
+
+
+def test_minmax_observer_streams():
+    observer = MinMaxObserver()
+    for batch in (np.array([0.5, -2.0]), np.array([1.0, 3.9])):
+        observer.update(batch)
+    assert observer.max_abs == 3.9 and observer.count == 4
+    assert observer.exponent(8) == exponent_for_max_abs(3.9, 8) == -5
+    assert observer.clipped_fraction(-5, 8) == 0.0
+
+
+def test_histogram_grows_exactly_by_merging_bins(rng):
+    data = [rng.normal(0, 0.1, 1000), rng.normal(0, 3.0, 1000), rng.normal(0, 40.0, 1000)]
+    streamed = HistogramObserver("mse")
+    for batch in data:
+        streamed.update(batch)
+    whole = HistogramObserver("mse")
+    whole.update(np.concatenate(data))
+    assert streamed.range_log2 == whole.range_log2
+    np.testing.assert_array_equal(streamed.counts, whole.counts)
+    # numpy reference over the final range
+    edges = np.linspace(0, 2.0**whole.range_log2, BINS + 1)
+    reference, _ = np.histogram(np.abs(np.concatenate(data)), bins=edges)
+    np.testing.assert_array_equal(whole.counts, reference)
+
+
+def test_percentile_ignores_a_rare_outlier(rng):
+    values = np.concatenate([rng.uniform(-1, 1, 100_000), [100.0]])
+    assert make_observer("minmax").exponent(8) == -7  # empty observer: the neutral default
+    minmax, percentile = make_observer("minmax"), make_observer("percentile")
+    for observer in (minmax, percentile):
+        observer.update(values)
+    assert minmax.exponent(8) == exponent_for_max_abs(100.0, 8) == 0
+    assert percentile.exponent(8) == exponent_for_max_abs(1.0, 8) == -6
+    assert 0 < percentile.clipped_fraction(-6, 8) < 1e-4
+
+
+def test_mse_matches_a_brute_force_search(rng):
+    values = rng.laplace(0, 1.0, 50_000)
+    observer = make_observer("mse")
+    observer.update(values)
+    top = exponent_for_max_abs(np.abs(values).max(), 8)
+
+    def error(e):
+        q = np.clip(np.round(values / 2.0**e), -128, 127) * 2.0**e
+        return np.sum((values - q) ** 2)
+
+    brute = min(range(top - 6, top + 1), key=error)
+    assert abs(observer.exponent(8) - brute) <= 1  # histogram bin centres vs exact values
+
+
+def test_entropy_clips_a_long_tail_but_not_a_uniform_range(rng):
+    tail = make_observer("entropy")
+    tail.update(np.concatenate([rng.normal(0, 1, 200_000), [60.0]]))
+    assert tail.exponent(8) < exponent_for_max_abs(60.0, 8)
+    uniform = make_observer("entropy")
+    uniform.update(rng.uniform(-1, 1, 200_000))
+    assert uniform.exponent(8) == exponent_for_max_abs(1.0, 8)
+
+
+def test_exact_zeros_do_not_count_as_clipped(rng):
+    observer = make_observer("entropy")
+    observer.update(np.maximum(rng.normal(0, 1, 10_000), 0))  # a ReLU output: half zeros
+    assert observer.zeros > 4000
+    assert observer.clipped_fraction(observer.exponent(8), 8) < 0.5
