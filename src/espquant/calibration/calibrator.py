@@ -20,6 +20,7 @@ from espquant.calibration.plan import plan_calibration
 from espquant.checker import check_model, legacy_check, parse_bits
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
+from espquant.optimizer.shapes import batch_pinning_reshapes, convert_model_batch_to_dynamic
 from espquant.providers import validate_providers
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
@@ -45,6 +46,26 @@ def validate_method(bits: int, granularity: str, method: str) -> None:
         raise OptionError(
             f"calibration method {method!r} for int{bits}: use one of {', '.join(CALIBRATION_METHODS[bits])}."
         )
+
+
+def _batchable(model: onnx.ModelProto, batch_size: int) -> tuple[onnx.ModelProto, int]:
+    """A model that accepts batches: a static batch dimension is made dynamic, unless a constant Reshape
+    pins it, in which case the data is fed in batches of that static size."""
+    initializers = {t.name for t in model.graph.initializer}
+    static = {
+        shape[0]
+        for info in model.graph.input
+        if info.name not in initializers and (shape := tensor_shape(info)) and isinstance(shape[0], int)
+    }
+    if not static:
+        return model, batch_size
+    if not batch_pinning_reshapes(model):
+        return convert_model_batch_to_dynamic(model), batch_size
+    if len(static) > 1:
+        raise OptionError(f"the model's inputs have different static batch sizes {sorted(static)}.")
+    fixed = static.pop()
+    logger.info("a Reshape pins the batch to %d: calibrating in batches of %d", fixed, fixed)
+    return model, fixed
 
 
 @dataclass
@@ -104,15 +125,16 @@ class Calibrator:
         """
         check_model(model_proto, target=None, bits=self.bits, strict=True)
         plan = plan_calibration(model_proto)
-        initializers = {t.name for t in model_proto.graph.initializer}
+        runnable, batch_size = _batchable(model_proto, batch_size)
+        initializers = {t.name for t in runnable.graph.initializer}
         inputs = [
             InputSpec(i.name, tuple(d if isinstance(d, int) else None for d in (tensor_shape(i) or [])))
-            for i in model_proto.graph.input
+            for i in runnable.graph.input
             if i.name not in initializers
         ]
         observers = {name: make_observer(self.method) for name in dict.fromkeys(plan.observed)}
         batches = iterate_batches(calib_dataset, inputs, batch_size)
-        samples = collect(model_proto, observers, batches, self.providers, on_batch)
+        samples = collect(runnable, observers, batches, self.providers, on_batch)
         observed = {name: observer.exponent(self.bits) for name, observer in observers.items()}
         assignment = assign_exponents(model_proto, plan, observed, self.bits, self.granularity == "per-channel")
         metadata = {

@@ -1,0 +1,210 @@
+"""End to end calibration: legacy configurations on the demo model, registry rules, bad data, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from espquant import Calibrator
+from espquant.cli import main
+from espquant.demo import demo_model_path, load_demo_data
+from espquant.errors import DatasetError, UnsupportedModelError
+from espquant.ops import Role, get_op_spec
+from espquant.optimizer import optimize_model
+from espquant.quant.pot import exponent_for_max_abs
+from espquant.table import QuantTable, graph_hash
+from helpers import make_model, tensor
+
+LEGACY_CONFIGS = [
+    ("int8", "per-tensor", "minmax"),
+    ("int8", "per-tensor", "entropy"),
+    ("int8", "per-channel", "minmax"),
+    ("int8", "per-channel", "entropy"),
+    ("int16", "per-tensor", "minmax"),
+]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return optimize_model(onnx.load(demo_model_path())), load_demo_data().calib_inputs[:300]
+
+
+def needed_tensors(model: onnx.ModelProto) -> set[str]:
+    """Every tensor the simulator holds: quantized inputs/outputs of every node (not shape parameters)."""
+    names = set()
+    for node in model.graph.node:
+        spec = get_op_spec(node.op_type)
+        for position, name in enumerate(node.input):
+            role = spec.input_spec(position)
+            if name and role is not None and role.role in (Role.ACTIVATION, Role.WEIGHT, Role.BIAS, Role.QPARAM):
+                names.add(name)
+        if spec.output_dtype == "quantized":
+            names.update(o for o in node.output if o)
+    return names
+
+
+@pytest.mark.parametrize(("bits", "granularity", "method"), LEGACY_CONFIGS)
+def test_demo_model_in_every_legacy_configuration(tmp_path, demo, bits, granularity, method):
+    model, data = demo
+    path = tmp_path / "demo_calib.pickle"
+    table = Calibrator(bits, granularity, method).generate_quantization_table(model, data, str(path))
+    loaded = QuantTable.load(path)
+    assert loaded.exponents == table.exponents
+    assert (tmp_path / "demo_calib.json").is_file()
+    loaded.check_model(model, needed_tensors(model))  # every tensor the simulator needs, right model
+    meta = loaded.metadata
+    assert (meta["bits"], meta["granularity"], meta["method"]) == (int(bits[3:]), granularity, method)
+    assert meta["graph_hash"] == graph_hash(model) and meta["samples"] == 300
+    per_channel = [n for n, e in loaded.exponents.items() if isinstance(e, list)]
+    assert bool(per_channel) == (granularity == "per-channel")
+    assert loaded["input"] == (
+        exponent_for_max_abs(float(np.abs(data).max()), int(bits[3:])) if method == "minmax" else loaded["input"]
+    )
+
+
+def test_streamed_batches_equal_one_array(demo):
+    model, data = demo
+    whole = Calibrator("int8", "per-tensor", "entropy").calibrate(model, data, batch_size=64).table
+    streamed = (
+        Calibrator("int8", "per-tensor", "entropy")
+        .calibrate(model, (data[i : i + 50] for i in range(0, len(data), 50)))
+        .table
+    )
+    assert whole.exponents == streamed.exponents
+
+
+def _conv_relu_pool_model(rng, outlier_channel=None):
+    #   x -> Conv(W, B) -> Relu -> MaxPool -> Concat(., x2) -> y ;  x2 -> Add(x2, x2) -> (into Concat)
+    weight = rng.normal(0, 0.1, (4, 2, 3, 3)).astype(np.float32)
+    if outlier_channel is not None:
+        weight[outlier_channel] *= 100
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Add", ["x2", "x2"], ["a"], name="add"),
+        helper.make_node("Concat", ["p", "a"], ["y"], axis=1, name="concat"),
+    ]
+    inits = {"W": weight, "B": rng.normal(0, 0.1, 4).astype(np.float32)}
+    return make_model(
+        nodes, [tensor("x", [1, 2, 8, 8]), tensor("x2", [1, 3, 4, 4])], [tensor("y", [1, 7, 4, 4])], inits
+    )
+
+
+def test_registry_rules_are_applied(rng):
+    model = _conv_relu_pool_model(rng)
+    data = {
+        "x": rng.normal(0, 1, (64, 2, 8, 8)).astype(np.float32),
+        "x2": rng.normal(0, 20, (64, 3, 4, 4)).astype(np.float32),
+    }
+    result = Calibrator("int8").calibrate(model, data)
+    e = result.table.exponents
+    assert "c" not in result.observers and "r" in result.observers  # the Conv takes its fused Relu's exponent
+    assert e["c"] == e["r"] and e["p"] == e["r"]  # fused Relu, then MaxPool passes it through
+    assert e["c"] >= e["x"] + e["W"]  # no left shift in the Conv kernel
+    assert e["B"] == e["x"] + e["W"]  # bias at e_in + e_w
+    assert e["y"] == max(e["p"], e["a"])  # Concat shares the largest exponent
+    small = "p" if e["p"] < e["a"] else "a"
+    # Add aligns both inputs to its output (x2 + x2 needs one more bit), Concat its smaller input.
+    assert [(r.node, r.position, r.tensor, r.to_exponent) for r in result.requantize] == [
+        ("add", 0, "x2", e["a"]),
+        ("add", 1, "x2", e["a"]),
+        ("concat", ["p", "a"].index(small), small, e["y"]),
+    ]
+
+
+def test_per_channel_weights_isolate_an_outlier_channel(rng):
+    model = _conv_relu_pool_model(rng, outlier_channel=2)
+    data = {
+        "x": rng.normal(0, 1, (8, 2, 8, 8)).astype(np.float32),
+        "x2": rng.normal(0, 1, (8, 3, 4, 4)).astype(np.float32),
+    }
+    per_tensor = Calibrator("int8", "per-tensor").calibrate(model, data).table
+    per_channel = Calibrator("int8", "per-channel").calibrate(model, data).table
+    channels = per_channel["W"]
+    assert isinstance(channels, list) and len(channels) == 4
+    assert max(channels) == channels[2] == per_tensor["W"]
+    assert all(c <= channels[2] - 6 for i, c in enumerate(channels) if i != 2)
+    assert per_channel["B"] == [per_channel["x"] + c for c in channels]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (np.zeros((0, 1, 28, 28), np.float32), "empty"),
+        (np.zeros((4, 28, 28), np.float32), r"rank 3 instead of 4"),
+        (np.zeros((4, 1, 28, 27), np.float32), r"axis 3 is 27, expected 28"),
+        (np.array([["a"]]), "not numeric"),
+        ({"image": np.zeros((2, 1, 28, 28), np.float32)}, r"unknown input\(s\) \['image'\]"),
+        ([], "empty"),
+        ("calib.npy", "pass an array"),
+    ],
+)
+def test_bad_calibration_data(demo, data, message):
+    with pytest.raises(DatasetError, match=message):
+        Calibrator("int8").calibrate(demo[0], data)
+
+
+def test_nan_names_the_first_bad_sample(demo):
+    data = demo[1][:40].copy()
+    data[37, 0, 3, 3] = np.nan
+    data[39, 0, 0, 0] = np.inf
+    with pytest.raises(DatasetError, match="input 'input': sample 37 contains NaN or Inf"):
+        Calibrator("int8").calibrate(demo[0], data, batch_size=16)
+
+
+def test_unsupported_model_is_refused_with_every_reason():
+    nodes = [helper.make_node("LRN", ["x"], ["y"], size=3, name="lrn")]
+    model = make_model(nodes, [tensor("x", [1, 4, 6, 6])], [tensor("y", [1, 4, 6, 6])])
+    with pytest.raises(UnsupportedModelError, match="node 'lrn' \\(LRN\\)"):
+        Calibrator("int8").calibrate(model, np.zeros((1, 4, 6, 6), np.float32))
+
+
+def test_cli_calibrate(tmp_path, demo):
+    model, data = demo
+    onnx.save(model, tmp_path / "demo.onnx")
+    np.save(tmp_path / "calib.npy", data[:100])
+    result = CliRunner().invoke(
+        main,
+        ["calibrate", str(tmp_path / "demo.onnx"), "--data", str(tmp_path / "calib.npy"), "--method", "percentile"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "max |x|" in result.output and "clipped" in result.output and "logits" in result.output
+    assert QuantTable.load(tmp_path / "demo_calib.pickle").metadata["method"] == "percentile"
+    result = CliRunner().invoke(
+        main,
+        [
+            "calibrate",
+            str(tmp_path / "demo.onnx"),
+            "--data",
+            str(tmp_path / "calib.npy"),
+            "--json",
+            "-o",
+            str(tmp_path / "t.pickle"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["metadata"]["samples"] == 100
+    result = CliRunner().invoke(main, ["calibrate", str(tmp_path / "demo.onnx"), "--data", str(tmp_path / "x.npy")])
+    assert result.exit_code == 1 and "no such data file" in result.output
+
+
+def test_static_batch_models_are_calibrated_in_batches(rng):
+    # A constant Reshape target [1, 12] pins the batch to 1: data is fed one sample at a time.
+    nodes = [
+        helper.make_node("Reshape", ["x", "t"], ["r"], name="reshape"),
+        helper.make_node("Relu", ["r"], ["y"], name="relu"),
+    ]
+    pinned = make_model(nodes, [tensor("x", [1, 3, 4])], [tensor("y", [1, 12])], {"t": np.array([1, 12])})
+    data = rng.normal(0, 1, (10, 3, 4)).astype(np.float32)
+    result = Calibrator("int8").calibrate(pinned, data, batch_size=4)
+    assert result.samples == 10
+    assert result.table["x"] == exponent_for_max_abs(float(np.abs(data).max()), 8)
+    # Without the Reshape the static batch is simply made dynamic.
+    free = make_model([nodes[1]], [tensor("r", [1, 12])], [tensor("y", [1, 12])])
+    assert Calibrator("int8").calibrate(free, data.reshape(10, 12), batch_size=4).samples == 10
