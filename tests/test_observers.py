@@ -72,7 +72,8 @@ def test_percentile_ignores_a_rare_outlier(rng):
     assert make_observer("minmax").exponent(8) == -7  # empty observer: the neutral default
     minmax, percentile = make_observer("minmax"), make_observer("percentile")
     for observer in (minmax, percentile):
-        observer.update(values)
+        for chunk in np.array_split(values, 4):  # chunks below SAMPLES_PER_BATCH: every value is counted
+            observer.update(chunk)
     assert minmax.exponent(8) == exponent_for_max_abs(100.0, 8) == 0
     assert percentile.exponent(8) == exponent_for_max_abs(1.0, 8) == -6
     assert 0 < percentile.clipped_fraction(-6, 8) < 1e-4
@@ -106,3 +107,12 @@ def test_exact_zeros_do_not_count_as_clipped(rng):
     observer.update(np.maximum(rng.normal(0, 1, 10_000), 0))  # a ReLU output: half zeros
     assert observer.zeros > 4000
     assert observer.clipped_fraction(observer.exponent(8), 8) < 0.5
+
+
+def test_large_batches_are_subsampled_but_the_maximum_is_exact(rng):
+    observer = make_observer("entropy")
+    values = rng.normal(0, 1, 1_000_000)
+    values[123_457] = 50.0  # not on the sampling stride of the first batch
+    observer.update(values)
+    assert observer.max_abs == 50.0
+    assert observer.sampled <= 1 << 16 and observer.count == 1_000_000

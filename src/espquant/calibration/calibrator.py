@@ -116,8 +116,14 @@ class Calibrator:
         calib_dataset: object,
         batch_size: int = 32,
         on_batch: Callable[[int], None] | None = None,
+        threads: int | None = None,
     ) -> CalibrationResult:
         """Measure the model on the data and choose every exponent; nothing is written.
+
+        Args:
+            batch_size: samples per onnxruntime run when the data is an array (iterables keep their batches).
+            on_batch: called with the number of samples after each batch (progress bars).
+            threads: onnxruntime intra-op threads (None: onnxruntime's default).
 
         Raises:
             UnsupportedModelError: the model uses something ESP-DL cannot run (every problem listed).
@@ -134,7 +140,7 @@ class Calibrator:
         ]
         observers = {name: make_observer(self.method) for name in dict.fromkeys(plan.observed)}
         batches = iterate_batches(calib_dataset, inputs, batch_size)
-        samples = collect(runnable, observers, batches, self.providers, on_batch)
+        samples = collect(runnable, observers, batches, self.providers, on_batch, threads)
         observed = {name: observer.exponent(self.bits) for name, observer in observers.items()}
         assignment = assign_exponents(model_proto, plan, observed, self.bits, self.granularity == "per-channel")
         metadata = {

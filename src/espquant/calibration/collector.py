@@ -1,5 +1,9 @@
-"""Runs the float model under onnxruntime once per batch, exposing every observed tensor as an output,
-and feeds the observers. Only the current batch's activations are ever in memory."""
+"""Runs the float model under onnxruntime once per batch and feeds the observers.
+
+Every observed tensor is exposed as a graph output. Where shapes are static, onnxruntime writes those
+outputs straight into buffers allocated once per batch size (IO binding), so no activation is copied;
+otherwise plain ``run`` is used. Only the current batch's activations are ever in memory.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from onnx import helper
 
 from espquant.calibration.dataset import Batch
 from espquant.calibration.observers import Observer
+from espquant.graph import GraphView
+from espquant.optimizer.shapes import infer_shapes
 
 __all__ = ["collect"]
 
@@ -27,6 +33,58 @@ def _exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return exposed
 
 
+def _session(model: onnx.ModelProto, providers: Sequence[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+
+
+class _Runner:
+    """One session over the exposed model; outputs land in reusable buffers when shapes are static."""
+
+    def __init__(self, model: onnx.ModelProto, fetched: list[str], providers: Sequence[str], threads: int | None):
+        self.model = _exposing(model, fetched)
+        self.fetched = fetched
+        self.session = _session(self.model, providers, threads)
+        self.buffers: dict[int, dict[str, np.ndarray] | None] = {}
+
+    def _allocate(self, batch: int) -> dict[str, np.ndarray] | None:
+        sized = onnx.ModelProto()
+        sized.CopyFrom(self.model)
+        initializers = {t.name for t in sized.graph.initializer}
+        for info in sized.graph.input:
+            dims = info.type.tensor_type.shape.dim
+            if info.name not in initializers and len(dims):
+                dims[0].Clear()
+                dims[0].dim_value = batch
+        infer_shapes(sized)
+        view = GraphView(sized.graph)
+        buffers = {}
+        for name in self.fetched:
+            shape = view.shape(name)
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                return None
+            buffers[name] = np.empty(shape, dtype=np.float32)
+        return buffers
+
+    def run(self, batch: Batch) -> list[np.ndarray]:
+        size = next(iter(batch.values())).shape[0]
+        if size not in self.buffers:
+            self.buffers[size] = self._allocate(size)
+        buffers = self.buffers[size]
+        if buffers is None:
+            return [np.asarray(v) for v in self.session.run(self.fetched, batch)]
+        binding = self.session.io_binding()
+        for name, value in batch.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, buffer in buffers.items():
+            binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return [buffers[name] for name in self.fetched]
+
+
 def collect(
     model: onnx.ModelProto,
     observers: dict[str, Observer],
@@ -37,17 +95,13 @@ def collect(
 ) -> int:
     """Feed every batch through the model and the observers; returns the number of samples seen."""
     inputs = {i.name for i in model.graph.input}
-    computed = [name for name in observers if name not in inputs]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(_exposing(model, computed).SerializeToString(), options, providers=list(providers))
+    fetched = [name for name in observers if name not in inputs]
+    runner = _Runner(model, fetched, providers, threads)
     samples = 0
     for batch in batches:
-        values = session.run(computed, batch) if computed else []
-        for name, value in zip(computed, values):
-            observers[name].update(np.asarray(value))
+        values = runner.run(batch) if fetched else []
+        for name, value in zip(fetched, values):
+            observers[name].update(value)
         for name, value in batch.items():
             if name in observers:
                 observers[name].update(value)
