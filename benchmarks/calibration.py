@@ -149,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--models", nargs="+", default=["demo", "mobilenet_v2_035_96"])
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best time is kept")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "SAMPLES", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,7 +176,7 @@ def main() -> None:
     from rich.table import Table
 
     rows = []
-    for name in ("demo", "mobilenet_v2_035_96"):
+    for name in args.models:
         for samples in args.samples:
             base = run(name, samples, "forward")
             row = {
@@ -198,7 +199,7 @@ def main() -> None:
         table.add_row(*(str(v) for v in row.values()))
     Console(width=200).print(table)
     memory = {}
-    for name in ("demo", "mobilenet_v2_035_96"):
+    for name in args.models:
         mine = [r for r in rows if r["model"] == name]
         if len(mine) >= 2:
             small, large = mine[0], mine[-1]

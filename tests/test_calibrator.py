@@ -208,3 +208,37 @@ def test_static_batch_models_are_calibrated_in_batches(rng):
     # Without the Reshape the static batch is simply made dynamic.
     free = make_model([nodes[1]], [tensor("r", [1, 12])], [tensor("y", [1, 12])])
     assert Calibrator("int8").calibrate(free, data.reshape(10, 12), batch_size=4).samples == 10
+
+
+def test_minmax_ranges_equal_a_direct_measurement(rng):
+    # Clip and Relu outputs are derived from their input's extremes instead of being measured: the result
+    # must equal measuring every tensor directly.
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["k"], name="clip"),
+        helper.make_node("Conv", ["k", "W2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r"], name="relu"),
+        helper.make_node("Clip", ["c2", "lo"], ["k2"], name="clip_low_only"),
+        helper.make_node("Add", ["r", "k2"], ["y"], name="add"),
+    ]
+    inits = {
+        "W": rng.normal(0, 1, (3, 2, 3, 3)).astype(np.float32),
+        "W2": rng.normal(0, 1, (3, 3, 1, 1)).astype(np.float32),
+        "lo": np.array(0.5, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 5, 5])], [tensor("y", ["N", 3, 5, 5])], inits)
+    data = rng.normal(0, 2, (40, 2, 5, 5)).astype(np.float32)
+    result = Calibrator("int8").calibrate(model, data, batch_size=16)
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    names = ["c", "k", "c2", "r", "k2", "y"]
+    exposed.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names[:-1])
+    values = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        names, {"x": data}
+    )
+    for name, value in zip(names, values):
+        if name in result.observers:
+            assert result.observers[name].max_abs == float(np.abs(value).max()), name

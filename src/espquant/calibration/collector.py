@@ -3,10 +3,15 @@
 Every observed tensor is exposed as a graph output. Where shapes are static, onnxruntime writes those
 outputs straight into buffers allocated once per batch size (IO binding), so no activation is copied;
 otherwise plain ``run`` is used. Only the current batch's activations are ever in memory.
+
+For min-max, the output of a Relu or of a Clip with constant bounds is not exposed at all: its extremes
+are exactly the clamped extremes of its input, so the producer's batch range gives them for free (and
+onnxruntime keeps its Conv + activation fusion for the layer).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -15,7 +20,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from espquant.calibration.dataset import Batch
-from espquant.calibration.observers import Observer
+from espquant.calibration.observers import MinMaxObserver, Observer
 from espquant.graph import GraphView
 from espquant.optimizer.shapes import infer_shapes
 
@@ -85,6 +90,30 @@ class _Runner:
         return [buffers[name] for name in self.fetched]
 
 
+def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -> dict[str, tuple[str, float, float]]:
+    """Observed outputs of Relu / constant-bound Clip nodes whose input is observed: output -> (input, lo, hi)."""
+    if not all(isinstance(o, MinMaxObserver) for o in observers.values()):
+        return {}
+    view = GraphView(model.graph)
+    derived: dict[str, tuple[str, float, float]] = {}
+    for node in model.graph.node:
+        if node.output[0] not in observers or node.input[0] not in observers:
+            continue
+        if node.op_type == "Relu":
+            derived[node.output[0]] = (node.input[0], 0.0, math.inf)
+        elif node.op_type == "Clip" and all(not n or view.is_constant(n) for n in node.input[1:3]):
+            low = float(view.array(node.input[1])) if len(node.input) > 1 and node.input[1] else -math.inf
+            high = float(view.array(node.input[2])) if len(node.input) > 2 and node.input[2] else math.inf
+            derived[node.output[0]] = (node.input[0], low, high)
+    # A source must itself be measured, not derived (Relu after Relu): resolve chains to the measured root.
+    for name, (source, low, high) in list(derived.items()):
+        while source in derived:
+            source, inner_low, inner_high = derived[source]
+            low, high = max(low, inner_low), min(high, inner_high)
+        derived[name] = (source, low, high)
+    return derived
+
+
 def collect(
     model: onnx.ModelProto,
     observers: dict[str, Observer],
@@ -95,16 +124,24 @@ def collect(
 ) -> int:
     """Feed every batch through the model and the observers; returns the number of samples seen."""
     inputs = {i.name for i in model.graph.input}
-    fetched = [name for name in observers if name not in inputs]
+    derived = _clamp_derivations(model, observers)
+    fetched = [name for name in observers if name not in inputs and name not in derived]
     runner = _Runner(model, fetched, providers, threads)
     samples = 0
     for batch in batches:
         values = runner.run(batch) if fetched else []
-        for name, value in zip(fetched, values):
-            observers[name].update(value)
-        for name, value in batch.items():
-            if name in observers:
+        ranges: dict[str, tuple[float, float, int]] = {}
+        for name, value in [*zip(fetched, values), *((n, v) for n, v in batch.items() if n in observers)]:
+            if derived:
+                if value.size:
+                    ranges[name] = (float(value.min()), float(value.max()), value.size)
+                    observers[name].update_range(*ranges[name])
+            else:
                 observers[name].update(value)
+        for name, (source, low, high) in derived.items():
+            if source in ranges:
+                lo, hi, count = ranges[source]
+                observers[name].update_range(min(max(lo, low), high), min(max(hi, low), high), count)
         size = next(iter(batch.values())).shape[0]
         samples += size
         if on_batch is not None:

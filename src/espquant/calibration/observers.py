@@ -26,7 +26,7 @@ OBSERVER_METHODS = ("minmax", "entropy", "percentile", "mse")
 BINS = 8192  # power of two: bin edges align with every power-of-two quantization step down to R / 8192
 CANDIDATES = 6  # exponents tried below the min-max exponent by entropy and mse
 DEFAULT_PERCENTILE = 99.99
-SAMPLES_PER_BATCH = 1 << 16
+SAMPLES_PER_BATCH = 1 << 14
 
 
 class Observer:
@@ -40,8 +40,12 @@ class Observer:
 
     def update(self, values: np.ndarray) -> None:
         if values.size:
-            self.max_abs = max(self.max_abs, float(values.max()), -float(values.min()))
-            self.count += values.size
+            self.update_range(float(values.min()), float(values.max()), values.size)
+
+    def update_range(self, low: float, high: float, count: int) -> None:
+        """Fold in a batch known by its extremes only (enough for min-max, not for histograms)."""
+        self.max_abs = max(self.max_abs, high, -low)
+        self.count += count
 
     def exponent(self, bits: int) -> int:
         return exponent_for_max_abs(self.max_abs, bits)
@@ -80,12 +84,12 @@ class HistogramObserver(Observer):
             flat = flat[self.batches % stride :: stride]
         self.batches += 1
         self.sampled += flat.size
-        magnitudes = np.abs(flat.astype(np.float64))
+        magnitudes = np.abs(flat)
         nonzero = magnitudes[magnitudes > 0]
         self.zeros += magnitudes.size - nonzero.size
         if not nonzero.size:
             return
-        magnitudes = nonzero
+        magnitudes = nonzero.astype(np.float64)
         needed = math.frexp(float(magnitudes.max()))[1]  # smallest k with every sampled value < 2**k
         if self.range_log2 is None:
             self.range_log2 = needed
