@@ -8,6 +8,7 @@ from espquant.ops.spec import (
     NodeContext,
     OpSpec,
     activation,
+    attr_all_ones,
     attr_equals,
     attr_in,
     bias,
@@ -31,16 +32,6 @@ def _conv_groups(ctx: NodeContext) -> str | None:
     if w is not None and w.shape[1] == 1 and w.shape[0] == group and in_channels in (None, group):
         return None  # depthwise, one filter per channel
     return f"group={group} is a grouped convolution; ESP-DL supports group 1 or depthwise (group = in = out channels)"
-
-
-def _all_ones(name: str) -> Constraint:
-    def test(ctx: NodeContext) -> str | None:
-        values = ctx.attrs.get(name)
-        if values and any(int(v) != 1 for v in values):
-            return f"{name}={list(values)} is not supported (must be all 1)"
-        return None
-
-    return Constraint(f"attribute {name}", test)
 
 
 def _gemm_beta(ctx: NodeContext) -> str | None:
@@ -90,7 +81,7 @@ SPECS: tuple[OpSpec, ...] = (
         constraints=(
             input_rank_in(0, {3, 4}, _ONE_OR_TWO_D),
             attr_equals("group", 1, "ESP-DL runs ConvTranspose as InsertZeros + Conv with group 1"),
-            _all_ones("dilations"),
+            attr_all_ones("dilations", "ESP-DL runs ConvTranspose without dilation"),
             attr_equals("auto_pad", "NOTSET", "export with explicit pads"),
         ),
         fuses=RELU,

@@ -8,6 +8,7 @@ from espquant.ops.spec import (
     NodeContext,
     OpSpec,
     activation,
+    attr_all_ones,
     attr_equals,
     attr_in,
     input_rank_in,
@@ -18,13 +19,6 @@ __all__ = ["SPECS"]
 _POOL_RANK = input_rank_in(0, {3, 4}, "ESP-DL pools 1-D and 2-D inputs (NCW / NCHW)")
 _NO_CEIL = attr_equals("ceil_mode", 0, "the runtime ignores ceil_mode: add explicit end pads and use ceil_mode 0")
 _AUTO_PAD = attr_in("auto_pad", {"NOTSET", "VALID"}, "export with explicit pads (auto_pad NOTSET)")
-
-
-def _no_dilation(ctx: NodeContext) -> str | None:
-    dilations = ctx.attrs.get("dilations")
-    if dilations and any(int(d) != 1 for d in dilations):
-        return f"dilations={list(dilations)}; ESP-DL pools have no dilation"
-    return None
 
 
 def _excluded_padding(ctx: NodeContext) -> str | None:
@@ -43,7 +37,7 @@ def _single_output(ctx: NodeContext) -> str | None:
     return None
 
 
-NO_DILATION = Constraint("attribute dilations", _no_dilation)
+NO_DILATION = attr_all_ones("dilations", "ESP-DL pools have no dilation")
 
 SPECS: tuple[OpSpec, ...] = (
     OpSpec(

@@ -29,6 +29,7 @@ __all__ = [
     "OpSpec",
     "attr_in",
     "attr_equals",
+    "attr_all_ones",
     "input_rank_in",
     "activation",
     "weight",
@@ -176,6 +177,18 @@ def attr_in(name: str, allowed: set[Any] | frozenset[Any], hint: str = "", **sco
 def attr_equals(name: str, value: Any, hint: str = "", **scope: Any) -> Constraint:
     """Attribute ``name`` must equal ``value``."""
     return attr_in(name, {value}, hint, **scope)
+
+
+def attr_all_ones(name: str, hint: str = "") -> Constraint:
+    """A list attribute (dilations) must be absent or all ones."""
+
+    def test(ctx: NodeContext) -> str | None:
+        values = ctx.attrs.get(name)
+        if values and any(int(v) != 1 for v in values):
+            return f"{name}={list(values)} is not supported (ESP-DL needs all 1)"
+        return None
+
+    return Constraint(f"attribute {name}", test, hint)
 
 
 def input_rank_in(position: int, ranks: set[int], hint: str = "", label: str = "X") -> Constraint:
