@@ -256,27 +256,17 @@ def calibrate(
       espquant calibrate mnist_optimized.onnx --data calib.npy
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from espquant.calibration import Calibrator
     from espquant.model_io import load_model
+    from espquant.progress import progress_bar
 
     proto = load_model(model)
     data = _load_calibration_data(data_path)
     calibrator = Calibrator(bits, granularity, method)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else None
     target = output or model.with_name(f"{model.stem}_calib.pickle")
-    with Progress(
-        TextColumn("calibrating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=as_json,
-    ) as progress:
-        task = progress.add_task("samples", total=total)
-        result = calibrator.calibrate(proto, data, batch_size, on_batch=lambda n: progress.advance(task, n))
+    with progress_bar("calibrating", total, enabled=not as_json and err.is_terminal) as advance:
+        result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
     table_path, json_path = result.table.save(target)
     if as_json:
         click.echo(json.dumps({"table": str(table_path), **json.loads(json_path.read_text())}, indent=2))

@@ -21,6 +21,7 @@ from espquant.checker import check_model, legacy_check, parse_bits
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
 from espquant.optimizer.shapes import batch_pinning_reshapes, convert_model_batch_to_dynamic
+from espquant.progress import progress_bar
 from espquant.providers import validate_providers
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
@@ -46,6 +47,14 @@ def validate_method(bits: int, granularity: str, method: str) -> None:
         raise OptionError(
             f"calibration method {method!r} for int{bits}: use one of {', '.join(CALIBRATION_METHODS[bits])}."
         )
+
+
+def _sample_count(data: object) -> int | None:
+    """The number of samples when the data says it up front (arrays, dicts of arrays), else None."""
+    if isinstance(data, dict):
+        data = next(iter(data.values()), None)
+    shape = getattr(data, "shape", None)
+    return int(shape[0]) if shape else None
 
 
 def _batchable(model: onnx.ModelProto, batch_size: int) -> tuple[onnx.ModelProto, int]:
@@ -164,7 +173,11 @@ class Calibrator:
         pickle_file_path: str | os.PathLike[str],
         batch_size: int = 32,
     ) -> QuantTable:
-        """Legacy API: calibrate and write the table to ``pickle_file_path`` (plus its ``.json`` twin)."""
-        result = self.calibrate(model_proto, calib_dataset, batch_size)
+        """Legacy API: calibrate and write the table to ``pickle_file_path`` (plus its ``.json`` twin).
+
+        A progress bar shows on an interactive terminal (stderr), as the legacy toolkit's users expect.
+        """
+        with progress_bar("calibrating", _sample_count(calib_dataset)) as advance:
+            result = self.calibrate(model_proto, calib_dataset, batch_size, on_batch=advance)
         result.table.save(pickle_file_path)
         return result.table
