@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -408,6 +409,82 @@ def print_check_report(report: Any, subject: str, console: Console = out) -> Non
         console.print(f"[bold green]compatible[/]: ESP-DL can run this model on {report.target} at int{report.bits}")
     else:
         console.print(f"[bold red]incompatible[/]: {len(report.problems)} problem(s)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the decoded file as JSON.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show what an ESP-DL .espdl file holds: nodes, exponents, constants and test values.
+
+    Reads both containers (EDL2, and the EDL1 of ESP-DL 3.0.x).
+
+    \b
+    Examples:
+      espquant inspect model.espdl
+      espquant inspect model.espdl --json
+    """
+    from espquant.export import read_espdl
+
+    decoded = read_espdl(model)
+    if as_json:
+        click.echo(json.dumps(_espdl_summary(decoded), indent=2))
+        return
+    out.print(
+        f"[bold]{model}[/]: {decoded.container}, target {decoded.target or 'not recorded'}, "
+        f"ir_version {decoded.ir_version}, graph {decoded.graph_name!r}"
+    )
+    nodes = Table(title=f"{len(decoded.nodes)} node(s)", title_justify="left")
+    for column in ("node", "op", "quant", "inputs -> outputs", "attributes"):
+        nodes.add_column(column, overflow="fold")
+    for node in decoded.nodes:
+        attrs = ", ".join(f"{k}={v}" for k, v in node.attributes.items() if k != "quant_type")
+        nodes.add_row(
+            node.name, node.op_type, node.quant_type, f"{', '.join(node.inputs)} -> {', '.join(node.outputs)}", attrs
+        )
+    out.print(nodes)
+    tensors = Table(title="variables and constants", title_justify="left")
+    for column in ("name", "kind", "dtype", "shape", "exponent(s)"):
+        tensors.add_column(column, overflow="fold")
+    for value in decoded.values.values():
+        tensors.add_row(value.name, "variable", value.dtype, str(list(value.shape or [])), str(value.exponents))
+    for tensor in decoded.initializers.values():
+        layout = f" {tensor.doc}" if tensor.doc else ""
+        tensors.add_row(tensor.name, f"constant{layout}", tensor.dtype, str(list(tensor.dims)), str(tensor.exponents))
+    out.print(tensors)
+    for label, values in (("test input", decoded.test_inputs), ("test output", decoded.test_outputs)):
+        for tensor in values.values():
+            out.print(
+                f"{label} {tensor.name!r}: {tensor.dtype} {list(tensor.dims)}, exponent {tensor.exponent}, "
+                f"values {np.array2string(tensor.data.reshape(-1)[:8], separator=' ')}"
+                f"{' ...' if tensor.data.size > 8 else ''}"
+            )
+
+
+def _espdl_summary(decoded: Any) -> dict[str, Any]:
+    def tensor(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "exponents": t.exponents, "doc": t.doc}
+
+    return {
+        "path": decoded.path,
+        "container": decoded.container,
+        "target": decoded.target,
+        "ir_version": decoded.ir_version,
+        "nodes": [
+            {
+                "name": n.name,
+                "op_type": n.op_type,
+                "inputs": n.inputs,
+                "outputs": n.outputs,
+                "attributes": {k: v for k, v in n.attributes.items() if not hasattr(v, "data")},
+            }
+            for n in decoded.nodes
+        ],
+        "values": [vars(v) for v in decoded.values.values()],
+        "initializers": [tensor(t) for t in decoded.initializers.values()],
+        "test_inputs": [tensor(t) for t in decoded.test_inputs.values()],
+        "test_outputs": [tensor(t) for t in decoded.test_outputs.values()],
+    }
 
 
 @main.command()
