@@ -116,3 +116,47 @@ def test_large_batches_are_subsampled_but_the_maximum_is_exact(rng):
     observer.update(values)
     assert observer.max_abs == 50.0
     assert observer.sampled <= 1 << 14 and observer.count == 1_000_000
+
+
+# --- the chip's rounding primitives (ARITHMETIC.md section 3 worked examples) ------------------------------
+
+from espquant.quant.rounding import round_float, saturate, shift_round, wrap  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("acc", "shift", "half_up", "half_even"),
+    [
+        (20, 3, 3, 2),
+        (28, 3, 4, 4),
+        (-12, 3, -1, -2),
+        (-20, 3, -2, -2),
+        (-28, 3, -3, -4),
+        (-1, 1, 0, 0),
+        (1030, 3, 129, 129),
+    ],
+)
+def test_shift_round_worked_examples(acc, shift, half_up, half_even):
+    assert shift_round(np.array([acc]), shift, "half_up")[0] == half_up
+    assert shift_round(np.array([acc]), shift, "half_even")[0] == half_even
+    assert saturate(shift_round(np.array([1030]), 3, "half_up"), 8)[0] == 127
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**40), 2**40), st.integers(-3, 30))
+def test_shift_round_matches_python_integers(acc, shift):
+    from fractions import Fraction
+
+    exact = Fraction(acc, 2**shift) if shift >= 0 else Fraction(acc * 2 ** (-shift))
+    floor = exact.numerator // exact.denominator
+    frac = exact - floor
+    up = floor + (1 if frac >= Fraction(1, 2) else 0)
+    even = floor + (1 if frac > Fraction(1, 2) or (frac == Fraction(1, 2) and floor % 2 == 1) else 0)
+    assert shift_round(np.array([acc]), shift, "half_up")[0] == up
+    assert shift_round(np.array([acc]), shift, "half_even")[0] == even
+
+
+def test_round_float_and_wrap():
+    values = np.array([2.5, -2.5, -6.5000005, 0.49999997], dtype=np.float32)
+    assert round_float(values, "half_up").tolist() == [3, -2, -7, 0]
+    assert round_float(values, "half_even").tolist() == [2, -2, -7, 0]
+    assert wrap(np.array([2**19, 2**19 - 1, -(2**19) - 1]), 20).tolist() == [-(2**19), 2**19 - 1, 2**19 - 1]
