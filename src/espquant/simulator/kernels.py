@@ -1,0 +1,272 @@
+"""ESP-DL's integer kernels, in numpy, following ARITHMETIC.md operation by operation.
+
+Every kernel takes integer arrays in the layout the chip holds them (NHWC around conv-like ops, as the
+file stores them) and a ``TargetProfile``; it never tests a chip name. Integer accumulation is exact:
+float64 BLAS where the bound ``sum |w||x| + |b| < 2**53`` is checked, int64 otherwise. Where a
+saturating accumulator lane (ESP32-S3 int8: 20 bits) could overflow, the products are accumulated one tap
+at a time in filter-memory order with saturation after each, as the SIMD instruction does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from espquant.ops.broadcast import merged_broadcast_shapes
+from espquant.quant.profiles import TargetProfile
+from espquant.quant.rounding import round_float, saturate, shift_round, wrap
+
+__all__ = [
+    "conv2d_nhwc",
+    "matmul_slices",
+    "add",
+    "sub",
+    "mul",
+    "average_pool_nhwc",
+    "max_pool_nhwc",
+    "resize_nearest_nhwc",
+    "lut_int8",
+    "softmax_float",
+    "quantize_float",
+]
+
+_EXACT = float(2**53)
+F32 = np.float32
+
+
+def _lanes(bits: int) -> int:
+    return 16 if bits == 8 else 8
+
+
+def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for integer arrays, exactly: float64 BLAS when every partial sum stays below 2**53."""
+    bound = float(np.abs(a).max(initial=0)) * float(np.abs(b).sum(axis=0).max(initial=0))
+    if bound < _EXACT:
+        return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+    return a.astype(np.int64) @ b.astype(np.int64)
+
+
+def _saturating_accumulate(cols: np.ndarray, weight: np.ndarray, start: np.ndarray, bits: int) -> np.ndarray:
+    """``start + sum_t cols[:, t] * weight[t, :]`` with the running value clamped to ``bits`` after every tap."""
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    acc = np.broadcast_to(start, (cols.shape[0], weight.shape[1])).astype(np.int64).copy()
+    for tap in range(weight.shape[0]):
+        acc += cols[:, tap, None].astype(np.int64) * weight[tap].astype(np.int64)
+        np.clip(acc, low, high, out=acc)
+    return acc
+
+
+def _accumulate(
+    cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """Accumulators ``(rows, N)`` for ``cols (rows, taps)`` and ``weight (taps, N)``, starting from the bias,
+    with the profile's lane width and saturation (16/8-lane blocks vs the tail channels)."""
+    n = weight.shape[1]
+    start = np.zeros(n, np.int64) if bias is None else bias.astype(np.int64)
+    lane_bits, tail_bits = profile.conv_acc_bits[bits], profile.tail_acc_bits[bits]
+    blocked = (n // _lanes(bits)) * _lanes(bits) if profile.simd else 0
+    if profile.family == "s3" and bits == 8 and blocked:
+        start = start.copy()
+        start[:blocked] = wrap(start[:blocked], lane_bits)  # the 20-bit lane load wraps the int32 bias
+    bound = float(np.abs(cols).max(initial=0)) * float(np.abs(weight).sum(axis=0).max(initial=0))
+    bound += float(np.abs(start).max(initial=0))
+    if not profile.simd or bound < 2.0 ** (min(lane_bits, tail_bits) - 1):
+        return _exact_matmul(cols, weight) + start  # no lane can saturate: plain exact sums
+    out = np.empty((cols.shape[0], n), np.int64)
+    if blocked:
+        out[:, :blocked] = _saturating_accumulate(cols, weight[:, :blocked], start[:blocked], lane_bits)
+    if blocked < n:
+        out[:, blocked:] = _saturating_accumulate(cols, weight[:, blocked:], start[blocked:], tail_bits)
+    return out
+
+
+def _finish(acc: np.ndarray, shift: np.ndarray | int, relu: bool, bits: int, profile: TargetProfile) -> np.ndarray:
+    """Shift with the profile's rounding, fused ReLU, saturate (ARITHMETIC.md 4.1 steps 3-4)."""
+    y = shift_round(acc, shift, profile.rounding)
+    if relu:
+        y = np.maximum(y, 0)
+    return saturate(y, bits)
+
+
+def conv2d_nhwc(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    depthwise: bool,
+    shift: np.ndarray | int,
+    relu: bool,
+    bits: int,
+    profile: TargetProfile,
+) -> np.ndarray:
+    """Conv / depthwise Conv on NHWC integers; ``weight`` is ``(N, KH, KW, C)`` (depthwise: ``(N, KH, KW)``).
+
+    ``pads`` in ONNX order ``[top, left, bottom, right]``; padding taps contribute nothing (zero padding).
+    """
+    batch, height, width, channels = x.shape
+    kh, kw = weight.shape[1], weight.shape[2]
+    sh, sw = strides
+    dh, dw = dilations
+    top, left, bottom, right = pads
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.int64)
+    padded[:, top : top + height, left : left + width, :] = x
+    out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    taps = [
+        padded[:, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    if depthwise:
+        n = weight.shape[0]
+        cols = np.stack(taps, axis=-2).reshape(-1, kh * kw, channels)  # (rows, taps, C)
+        w = weight.reshape(n, kh * kw).T  # (taps, N)
+        acc = np.empty((cols.shape[0], n), np.int64)
+        for c in range(n):  # each channel is its own 1-output accumulation
+            acc[:, c : c + 1] = _accumulate(
+                cols[:, :, c], w[:, c : c + 1], None if bias is None else bias[c : c + 1], bits, profile
+            )
+    else:
+        n = weight.shape[0]
+        cols = np.stack(taps, axis=3).reshape(-1, kh * kw * channels)  # (kh, kw, c) filter-memory order
+        acc = _accumulate(cols, weight.reshape(n, -1).T, bias, bits, profile)
+    return _finish(acc, shift, relu, bits, profile).reshape(batch, out_h, out_w, n)
+
+
+def matmul_slices(
+    a: np.ndarray, b: np.ndarray, *, shift: int, relu: bool, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """MatMul as 1x1 convolutions without bias per batch slice (``a (..., M, K)``, ``b (..., K, N)``)."""
+    a2 = a if a.ndim > 1 else a[None, :]
+    b2 = b if b.ndim > 1 else b[:, None]
+    batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    a3 = np.broadcast_to(a2, (*batch, *a2.shape[-2:])).reshape(-1, *a2.shape[-2:])
+    b3 = np.broadcast_to(b2, (*batch, *b2.shape[-2:])).reshape(-1, *b2.shape[-2:])
+    out = np.stack(
+        [_finish(_accumulate(sa, sb, None, bits, profile), shift, relu, bits, profile) for sa, sb in zip(a3, b3)]
+    )
+    out = out.reshape(*batch, a2.shape[-2], b2.shape[-1])
+    if a.ndim == 1 and b.ndim == 1:
+        return out.reshape(1)
+    if a.ndim == 1:
+        return out[..., 0, :]
+    if b.ndim == 1:
+        return out[..., 0]
+    return out
+
+
+def add(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """Raw-integer saturating addition: no exponent alignment in the runtime (ARITHMETIC.md 5)."""
+    return saturate(a.astype(np.int64) + b.astype(np.int64), bits)
+
+
+def sub(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    return saturate(a.astype(np.int64) - b.astype(np.int64), bits)
+
+
+def mul(
+    a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """Mul: integer SIMD rule when the merged innermost length fills the lanes on S3/P4, else float32."""
+    merged_a, merged_b, merged_out = merged_broadcast_shapes(a.shape, b.shape)
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    if profile.simd and merged_out[-1] >= _lanes(bits):
+        product = a.astype(np.int64) * b.astype(np.int64)
+        return saturate(shift_round(product, e_out - e_a - e_b, profile.rounding), bits).reshape(shape)
+    k = F32(F32(F32(2.0**e_a) * F32(2.0**e_b)) * F32(2.0**-e_out))
+    a2 = np.broadcast_to(a.reshape(merged_a), merged_out).astype(np.int64)
+    b2 = np.broadcast_to(b.reshape(merged_b), merged_out).astype(np.int64)
+    if merged_b[-1] == 1 and merged_a[-1] != 1:  # vector x scalar: k' = f32(b * k)
+        scaled = a2.astype(F32) * (b2.astype(F32) * k).astype(F32)
+    elif merged_a[-1] == 1 and merged_b[-1] != 1:
+        scaled = b2.astype(F32) * (a2.astype(F32) * k).astype(F32)
+    else:
+        scaled = (a2 * b2).astype(F32) * k
+    return saturate(round_float(scaled.astype(F32), profile.rounding), bits).reshape(shape)
+
+
+def _pool_windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int], fill: float):
+    batch, height, width, channels = x.shape
+    kh, kw = kernel
+    sh, sw = strides
+    top, left, bottom, right = pads
+    padded = np.full((batch, height + top + bottom, width + left + right, channels), fill)
+    padded[:, top : top + height, left : left + width, :] = x
+    out_h = (height + top + bottom - kh) // sh + 1
+    out_w = (width + left + right - kw) // sw + 1
+    windows = [
+        padded[:, i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return np.stack(windows, axis=0)
+
+
+def average_pool_nhwc(
+    x: np.ndarray,
+    *,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[int],
+    e_in: int,
+    e_out: int,
+    bits: int,
+    profile: TargetProfile,
+) -> np.ndarray:
+    """Integer sum of the taps inside the input, divided by the full kernel area in float32 steps (7)."""
+    total = _pool_windows(x.astype(np.int64), kernel, strides, pads, 0).sum(axis=0)
+    area = kernel[0] * kernel[1]
+    inverse = F32(1.0) / F32(area)
+    k = F32(F32(F32(2.0**e_in) * inverse) * F32(2.0**-e_out))
+    return saturate(round_float((total.astype(F32) * k).astype(F32), profile.rounding), bits)
+
+
+def max_pool_nhwc(x: np.ndarray, *, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int]) -> np.ndarray:
+    """Max of raw integers over the taps inside the input (padding never wins)."""
+    low = np.iinfo(np.int64).min
+    return _pool_windows(x.astype(np.int64), kernel, strides, pads, low).max(axis=0)
+
+
+def resize_nearest_nhwc(
+    x: np.ndarray, *, scale_h: float, scale_w: float, e_in: int, e_out: int, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """Nearest (asymmetric + floor) resize of NHWC integers, rescaled when exponents differ (9)."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = int(height * scale_h), int(width * scale_w)
+    rows = np.minimum((np.arange(out_h) * F32(1.0 / F32(scale_h))).astype(np.int64), height - 1)
+    cols = np.minimum((np.arange(out_w) * F32(1.0 / F32(scale_w))).astype(np.int64), width - 1)
+    y = x[:, rows][:, :, cols]
+    if e_in == e_out:
+        return y
+    shift, mult = max(0, e_out - e_in), 2 ** max(0, e_in - e_out)
+    return saturate(round_float(y.astype(F32) * F32(mult) / F32(2**shift), profile.rounding), bits)
+
+
+def lut_int8(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``out = T[q + 128]``: an int8 activation by its stored table (8.1)."""
+    return table.reshape(-1)[x.astype(np.int64) + 128]
+
+
+def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | None) -> np.ndarray:
+    """Softmax with float32 output: int8 via the exp table without max subtraction, else float (10)."""
+    axis = axis % x.ndim
+    moved = np.moveaxis(x, axis, -1)
+    if bits == 8 and e_in is not None:
+        table = np.exp(((np.arange(256) - 128) * 2.0**e_in).astype(F32)).astype(F32)
+        e = table[moved.astype(np.int64) + 128]
+    else:
+        values = moved.astype(F32) * F32(2.0**e_in) if e_in is not None else moved.astype(F32)
+        e = np.exp((values - values.max(axis=-1, keepdims=True)).astype(F32)).astype(F32)
+    total = np.zeros(e.shape[:-1], F32)
+    for k in range(e.shape[-1]):  # sequential float32 sum, as the runtime does
+        total = (total + e[..., k]).astype(F32)
+    return np.moveaxis((e / total[..., None]).astype(F32), -1, axis)
+
+
+def quantize_float(x: np.ndarray, *, e_out: int, bits: int, profile: TargetProfile) -> np.ndarray:
+    """QuantizeLinear: ``q = sat(R(x * f32(2**-e)))`` (6)."""
+    return saturate(round_float((x.astype(F32) * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)
