@@ -14,14 +14,13 @@ import pytest
 
 from conftest import shared_dir
 from espquant.errors import ModelError, TargetError
-from espquant.simulator.espdl_model import load_espdl
+from espquant.simulator.espdl_model import compare_output, load_espdl
 
 VECTORS = shared_dir() / "vectors"
 FILES = sorted(VECTORS.glob("*/*.espdl")) if VECTORS.is_dir() else []
 needs_vectors = pytest.mark.skipif(
     not FILES, reason=f"Espressif's reference vectors not found at {VECTORS} (set ESPQUANT_SHARED to the shared folder)"
 )
-FLOAT_ULP = 8
 
 
 def _target(path):
@@ -30,13 +29,8 @@ def _target(path):
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> str | None:
-    got = got.reshape(want.shape)
-    if want.dtype.kind == "f":
-        spacing = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
-        ulp = np.abs(got.astype(np.float64) - want.astype(np.float64)) / spacing
-        return None if ulp.max(initial=0) <= FLOAT_ULP else f"max {ulp.max():.1f} ulp"
-    diff = got.astype(np.int64) != want.astype(np.int64)
-    return None if not diff.any() else f"{int(diff.sum())}/{want.size} elements differ"
+    equal, detail = compare_output(got, want)
+    return None if equal else detail
 
 
 @needs_vectors
@@ -75,3 +69,30 @@ def test_target_is_required_or_checked():
     model = load_espdl(gemm)
     with pytest.raises(ModelError, match="no value for model input"):
         model.run({})
+
+
+@needs_vectors
+def test_cli_run_self_test_and_inputs(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from espquant.cli import main
+
+    gemm = VECTORS / "espdl-gemm" / "esp32s3_linear_ishap_1_31_kshap_32_31_relu_s8.espdl"
+    result = CliRunner().invoke(main, ["run", str(gemm), "--self-test", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["outputs"][0]["equal"] is True
+    model = load_espdl(gemm)
+    inputs, expected = model.test_values
+    np.save(tmp_path / "x.npy", next(iter(inputs.values())))
+    result = CliRunner().invoke(
+        main, ["run", str(gemm), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npz")]
+    )
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "y.npz") as saved:
+        name = next(iter(expected))
+        np.testing.assert_array_equal(saved[name].reshape(-1), expected[name].reshape(-1))
+    old = next(p for p in FILES if p.parent.name == "espdl-ops")
+    result = CliRunner().invoke(main, ["run", str(old), "--self-test"])
+    assert result.exit_code == 1 and "pass target=" in result.output

@@ -24,12 +24,14 @@ from espquant.optimizer import (
 )
 from espquant.quant import get_target, target_names
 from espquant.simulator import Evaluator
+from espquant.simulator.espdl_model import load_espdl
 
 __all__ = [
     "Calibrator",
     "CheckReport",
     "Evaluator",
     "check_model",
+    "load_espdl",
     "get_target",
     "target_names",
     "DatasetError",

@@ -21,7 +21,10 @@ from espquant.quant.rounding import round_float, saturate
 from espquant.simulator import kernels
 from espquant.simulator.layouts import decode_conv_weight, decode_depthwise_weight, decode_kn_matrix
 
-__all__ = ["EspdlModel", "load_espdl", "Value"]
+__all__ = ["EspdlModel", "load_espdl", "Value", "compare_output", "FLOAT_ULP"]
+
+# Float outputs stored in reference files are host (PyTorch) values: compared within this many float32 ulp.
+FLOAT_ULP = 8
 
 _BITS = {"S8": 8, "S16": 16}
 _INT_DTYPES = {"INT8": np.int8, "INT16": np.int16}
@@ -416,6 +419,17 @@ _HANDLERS: dict[str, Callable[[EspdlModel, EspdlNode, dict[str, Value]], list[np
 }
 
 
+def compare_output(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
+    """Simulated vs stored output: integers must be equal, floats within ``FLOAT_ULP`` float32 ulp."""
+    got = np.asarray(got).reshape(want.shape)
+    if want.dtype.kind == "f":
+        spacing = np.spacing(np.abs(want).astype(np.float32)).astype(np.float64)
+        worst = float((np.abs(got.astype(np.float64) - want.astype(np.float64)) / spacing).max(initial=0))
+        return worst <= FLOAT_ULP, f"max {worst:.1f} float32 ulp"
+    differ = int((got.astype(np.int64) != want.astype(np.int64)).sum())
+    return differ == 0, f"{differ}/{want.size} elements differ"
+
+
 def load_espdl(path: str | os.PathLike[str], target: str | None = None) -> EspdlModel:
     """Decode an ``.espdl`` file and bind it to its target chip's arithmetic.
 
@@ -432,5 +446,8 @@ def load_espdl(path: str | os.PathLike[str], target: str | None = None) -> Espdl
             raise TargetError(f"{path}: the file was exported for {recorded}, not {target}.")
         return EspdlModel(decoded, get_target(recorded))
     if target is None:
-        raise TargetError(f"{path}: the file does not record its target chip; pass target= (e.g. 'esp32s3').")
+        raise TargetError(
+            f"{path}: the file does not record its target chip; pass target= (on the command line --target), "
+            "e.g. 'esp32s3'."
+        )
     return EspdlModel(decoded, get_target(target))
