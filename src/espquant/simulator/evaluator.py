@@ -1,18 +1,23 @@
-"""The legacy-compatible ``Evaluator``: its configuration (bit width, granularity, target chip),
-providers and the per-target model check. Simulation builds on this class."""
+"""The legacy-compatible ``Evaluator``: configuration (bit width, granularity, target chip), providers, the
+per-target model check, and the simulation itself: ``generate_quantized_model`` builds the integer model
+from the float model and the quantization table, ``evaluate_quantized_model`` runs it like the chip."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 
 from espquant.calibration.calibrator import GRANULARITIES
 from espquant.checker import legacy_check, parse_bits
-from espquant.errors import OptionError
+from espquant.errors import DatasetError, OptionError, QuantTableError, UnsupportedOpError
 from espquant.providers import validate_providers
 from espquant.quant.profiles import TARGETS, TargetProfile, get_target
+from espquant.simulator.quantized_model import QuantizedModel, build_quantized_model, missing_kernels
+from espquant.table import QuantTable
 
 __all__ = ["Evaluator"]
 
@@ -41,6 +46,9 @@ class Evaluator:
         self.granularity = granularity
         self.target: TargetProfile = get_target(target_chip)
         self.providers = ["CPUExecutionProvider"]
+        self.quantized: QuantizedModel | None = None
+        self._float_model: onnx.ModelProto | None = None
+        self._table: QuantTable | None = None
         self._warn_per_channel()
 
     def _warn_per_channel(self) -> None:
@@ -56,9 +64,11 @@ class Evaluator:
         return self.target.name
 
     def set_target_chip(self, target_chip: str) -> None:
-        """Switch the target chip (an unknown name lists the valid ones)."""
+        """Switch the target chip (an unknown name lists the valid ones); a built model is rebuilt for it."""
         self.target = get_target(target_chip)
         self._warn_per_channel()
+        if self._float_model is not None and self._table is not None:
+            self.quantized = build_quantized_model(self._float_model, self._table, self.target, self.bits)
 
     def set_providers(self, providers: Sequence[str]) -> None:
         """onnxruntime execution providers used for the float reference."""
@@ -67,3 +77,76 @@ class Evaluator:
     def check_model(self, model_proto: onnx.ModelProto) -> int:
         """Legacy contract: log every problem on this target and return -1 if incompatible, else 0."""
         return legacy_check(model_proto, target=self.target, bits=self.bits)
+
+    def generate_quantized_model(
+        self, model_proto: onnx.ModelProto, pickle_file_path: str | os.PathLike[str] | QuantTable
+    ) -> QuantizedModel:
+        """Build the integer model the chip would hold from the float model and its quantization table.
+
+        Raises:
+            QuantTableError: a table of another model, of another bit width, or missing tensors.
+            UnsupportedModelError / UnsupportedOpError: something the chip or the simulator cannot run.
+        """
+        table = pickle_file_path if isinstance(pickle_file_path, QuantTable) else QuantTable.load(pickle_file_path)
+        table_bits = table.metadata.get("bits")
+        if table_bits is not None and table_bits != self.bits:
+            raise QuantTableError(f"the table was calibrated for int{table_bits}, this Evaluator is int{self.bits}.")
+        if self.granularity is None:
+            self.granularity = table.metadata.get("granularity", "per-tensor")
+            self._warn_per_channel()
+        missing = missing_kernels(model_proto)
+        if missing:
+            raise UnsupportedOpError(f"the simulator has no kernel yet for: {', '.join(missing)}.")
+        self._float_model, self._table = model_proto, table
+        self.quantized = build_quantized_model(model_proto, table, self.target, self.bits)
+        return self.quantized
+
+    def evaluate_quantized_model(
+        self, batch_fp_input: np.ndarray | dict[str, np.ndarray], to_float: bool = False
+    ) -> tuple[list[np.ndarray], list[str]]:
+        """Quantize the float inputs as the chip does, run the integer model, return its outputs.
+
+        Returns:
+            ``(outputs, output_names)`` in the ONNX model's order and layout: the integers the chip
+            produces, or with ``to_float`` those integers times ``2**exponent``.
+        """
+        if self.quantized is None:
+            raise OptionError("call generate_quantized_model(model, table) before evaluate_quantized_model.")
+        model = self.quantized
+        feeds = batch_fp_input if isinstance(batch_fp_input, dict) else {model.inputs[0]: batch_fp_input}
+        if set(feeds) != set(model.inputs):
+            raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
+        shapes = _input_shapes(self._float_model)
+        ints = {}
+        for name, value in feeds.items():
+            array = np.asarray(value)
+            expected = shapes.get(name)
+            if array.dtype.kind not in "fiu":
+                raise DatasetError(f"input {name!r}: dtype {array.dtype} is not numeric.")
+            if expected is not None and (
+                array.ndim != len(expected)
+                or any(e is not None and e != g for e, g in zip(expected[1:], array.shape[1:]))
+            ):
+                raise DatasetError(f"input {name!r}: shape {array.shape} does not match the model's {expected}.")
+            ints[name] = model.quantize_input(name, array)
+        results = model.run(ints)
+        outputs = []
+        for name in model.outputs:
+            value = results[name]
+            if to_float and name not in model.float_tensors:
+                value = value.astype(np.float64) * 2.0 ** model.exponent(name)
+            outputs.append(value)
+        return outputs, list(model.outputs)
+
+
+def _input_shapes(model: onnx.ModelProto | None) -> dict[str, list[int | None]]:
+    if model is None:
+        return {}
+    from espquant.graph import tensor_shape
+
+    shapes = {}
+    for info in model.graph.input:
+        shape = tensor_shape(info)
+        if shape is not None:
+            shapes[info.name] = [d if isinstance(d, int) else None for d in shape]
+    return shapes

@@ -1,0 +1,457 @@
+"""The quantized model: an ONNX float model plus a quantization table, turned into what the chip holds
+(integer weights and biases, exponents, fused Relu, RequantizeLinear where needed) and run with the
+integer kernels.
+
+The graph keeps ONNX's layout (NCHW); conv-like kernels are called on NHWC views, which changes no value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from espquant.calibration.plan import plan_calibration
+from espquant.errors import UnsupportedOpError
+from espquant.graph import GraphView
+from espquant.ops import ExponentRule, Role
+from espquant.quant.profiles import TargetProfile
+from espquant.quant.rounding import round_float, saturate, shift_round
+from espquant.simulator import kernels
+from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path, lut_table
+from espquant.table import QuantTable
+
+__all__ = ["QuantizedModel", "QNode", "build_quantized_model", "simulated_ops", "missing_kernels"]
+
+F32 = np.float32
+
+
+@dataclass
+class QNode:
+    """One node as the chip runs it."""
+
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    relu: bool = False  # a fused Relu
+    table: np.ndarray | None = None  # int8 activation table
+
+
+@dataclass
+class QuantizedModel:
+    """Integer constants, exponents and nodes for one target and bit width; ``run`` simulates the chip."""
+
+    nodes: list[QNode]
+    constants: dict[str, np.ndarray]
+    exponents: dict[str, int | list[int]]
+    inputs: list[str]
+    outputs: list[str]
+    profile: TargetProfile
+    bits: int
+    float_tensors: set[str] = field(default_factory=set)
+    requantized: int = 0
+
+    def exponent(self, name: str) -> int:
+        value = self.exponents[name]
+        return value if isinstance(value, int) else max(value)
+
+    def quantize_input(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The device's input quantization ``q = sat(R(x 2^-e))`` with the profile's rounding."""
+        scaled = (np.asarray(x, dtype=F32) * F32(2.0 ** -self.exponent(name))).astype(F32)
+        return saturate(round_float(scaled, self.profile.rounding), self.bits)
+
+    def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
+        env: dict[str, np.ndarray] = dict(self.constants)
+        env.update({k: np.asarray(v, dtype=np.int64) for k, v in int_inputs.items()})
+        for node in self.nodes:
+            results = _RUN[node.op_type](self, node, env)
+            env.update(zip(node.outputs, results))
+        return dict(env) if keep else {name: env[name] for name in self.outputs}
+
+
+# --- building ---------------------------------------------------------------------------------------------------
+
+
+def _quantize_constant(value: np.ndarray, exponent: int | list[int], axis: int | None, bits: int, rounding: str):
+    if isinstance(exponent, list):
+        shape = [1] * value.ndim
+        shape[axis if axis is not None else 0] = len(exponent)
+        scale = (2.0 ** -np.asarray(exponent, dtype=np.float64)).reshape(shape)
+    else:
+        scale = 2.0**-exponent
+    return saturate(round_float(value.astype(np.float64) * scale, rounding), bits)
+
+
+def build_quantized_model(
+    model: onnx.ModelProto, table: QuantTable, profile: TargetProfile, bits: int
+) -> QuantizedModel:
+    """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
+    plan = plan_calibration(model)
+    view = GraphView(model.graph)
+    needed = set(plan.observed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    table.check_model(model, sorted(needed))
+    exps = dict(table.exponents)
+    constants: dict[str, np.ndarray] = {}
+    nodes: list[QNode] = []
+    fused_relu_nodes = {view.single_consumer(out).name for out in plan.fused}  # type: ignore[union-attr]
+    requantized = 0
+    rounding = profile.rounding
+
+    def requantize_to(tensor: str, target: int, consumer: str) -> str:
+        nonlocal requantized
+        current = exps.get(tensor)
+        if tensor in constants or view.is_constant(tensor) or current is None or current == target:
+            return tensor
+        name = f"{tensor}__requant_{target}"
+        if name not in exps:
+            nodes.append(QNode("RequantizeLinear", f"{consumer}__requant", [tensor], [name], {}))
+            exps[name] = target
+            requantized += 1
+        return name
+
+    for node, spec in plan.nodes:
+        if node.name in fused_relu_nodes:
+            continue
+        if spec.op_type in ("ConvTranspose",):
+            raise UnsupportedOpError(f"node {node.name!r}: the simulator has no {node.op_type} kernel yet")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        outputs = list(node.output)
+        relu = False
+        if outputs and outputs[0] in plan.fused:
+            outputs[0] = plan.fused[outputs[0]]
+            relu = True
+        out_exp = exps.get(outputs[0]) if outputs else None
+        inputs = list(node.input)
+        for position, tensor in enumerate(inputs):
+            role = spec.input_spec(position)
+            if not tensor or role is None or not view.is_constant(tensor):
+                continue
+            value = view.array(tensor)
+            if role.role is Role.WEIGHT:
+                axis = role.resolve_channel_axis(attrs)
+                constants[tensor] = _quantize_constant(value, exps[tensor], axis, bits, rounding)
+            elif role.role is Role.BIAS:
+                bias_bits = profile.bias_bits[bits]
+                constants[tensor] = _quantize_constant(value, exps[tensor], 0, bias_bits, rounding)
+            elif role.role in (Role.ACTIVATION, Role.QPARAM):
+                target = exps.get(tensor, out_exp)
+                if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED) and isinstance(out_exp, int):
+                    target = out_exp
+                if role.role is Role.QPARAM:
+                    target = exps.get(inputs[0], target)
+                exps[tensor] = target
+                constants[tensor] = _quantize_constant(value, target, None, bits, rounding)
+            else:  # integer parameters, indices, ignored inputs: as they are
+                constants[tensor] = value
+        if spec.exponent in (
+            ExponentRule.ALIGN_TO_OUTPUT,
+            ExponentRule.SHARED,
+            ExponentRule.PASSTHROUGH,
+        ) and isinstance(out_exp, int):
+            activation_positions = [
+                i
+                for i, t in enumerate(inputs)
+                if t and spec.input_spec(i) and spec.input_spec(i).role is Role.ACTIVATION
+            ]
+            if spec.exponent is ExponentRule.PASSTHROUGH:
+                activation_positions = activation_positions[:1]
+            for position in activation_positions:
+                inputs[position] = requantize_to(inputs[position], out_exp, node.name)
+        elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
+            present = [exps[t] for t in inputs if t and isinstance(exps.get(t), int)]
+            for position, tensor in enumerate(inputs):
+                if tensor and present:
+                    inputs[position] = requantize_to(tensor, max(present), node.name)  # type: ignore[type-var]
+        qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu)
+        if bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
+            in_exp = exps[inputs[0]]
+            qnode.table = lut_table(float_function(node.op_type, attrs), in_exp, out_exp, rounding)  # type: ignore[arg-type]
+        nodes.append(qnode)
+    graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
+    return QuantizedModel(
+        nodes=nodes,
+        constants=constants,
+        exponents=exps,
+        inputs=graph_inputs,
+        outputs=[o.name for o in model.graph.output],
+        profile=profile,
+        bits=bits,
+        float_tensors=set(plan.float_tensors),
+        requantized=requantized,
+    )
+
+
+# --- running ----------------------------------------------------------------------------------------------------
+
+
+def _nhwc(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, 1, -1)
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return np.moveaxis(x, -1, 1)
+
+
+def _shift(m: QuantizedModel, out: str, e_in: int, weight: str) -> np.ndarray | int:
+    e_w = m.exponents[weight]
+    if isinstance(e_w, list):
+        return m.exponent(out) - e_in - np.asarray(e_w, dtype=np.int64)
+    return m.exponent(out) - e_in - e_w
+
+
+def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    w = env[node.inputs[1]]
+    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    group = int(node.attrs.get("group", 1))
+    one_d = x.ndim == 3
+    if one_d:
+        x, w = x[:, :, None, :], w[:, :, None, :]
+    kernel = w.shape[2:]
+    pads = list(node.attrs.get("pads", [0] * (2 * len(kernel))))
+    pads = [0, pads[0], 0, pads[1]] if one_d else pads
+    strides = list(node.attrs.get("strides", [1] * len(kernel)))
+    dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
+    if one_d:
+        strides, dilations = [1, *strides], [1, *dilations]
+    depthwise = group > 1
+    weight = w[:, 0] if depthwise else np.moveaxis(w, 1, -1)  # (N, KH, KW[, C])
+    out = kernels.conv2d_nhwc(
+        _nhwc(x),
+        weight,
+        bias,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        depthwise=depthwise,
+        shift=_shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1]),
+        relu=node.relu,
+        bits=m.bits,
+        profile=m.profile,
+    )
+    out = _nchw(out)
+    return [out[:, :, 0, :] if one_d else out]
+
+
+def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    a = env[node.inputs[0]]
+    b = env[node.inputs[1]]
+    b = b.T if node.attrs.get("transB", 0) else b
+    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    if bias is not None:
+        bias = np.broadcast_to(bias, (b.shape[1],)) if bias.size in (1, b.shape[1]) else bias.reshape(-1)
+    acc = kernels._accumulate(a.astype(np.int64), b.astype(np.int64), bias, m.bits, m.profile)
+    shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
+    return [kernels._finish(acc, shift, node.relu, m.bits, m.profile)]
+
+
+def _matmul(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    a, b = env[node.inputs[0]], env[node.inputs[1]]
+    shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]) - m.exponent(node.inputs[1])
+    return [kernels.matmul_slices(a, b, shift=shift, relu=node.relu, bits=m.bits, profile=m.profile)]
+
+
+def _binary(op):
+    def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [op(env[node.inputs[0]], env[node.inputs[1]], m.bits)]
+
+    return run
+
+
+def _mul(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    a, b = node.inputs
+    return [
+        kernels.mul(
+            env[a],
+            env[b],
+            e_a=m.exponent(a),
+            e_b=m.exponent(b),
+            e_out=m.exponent(node.outputs[0]),
+            bits=m.bits,
+            profile=m.profile,
+        )
+    ]
+
+
+def _pool_args(node: QNode, x: np.ndarray, global_pool: bool) -> dict[str, Any]:
+    if global_pool:
+        return {"kernel": x.shape[2:4], "strides": (1, 1), "pads": (0, 0, 0, 0)}
+    return {
+        "kernel": node.attrs["kernel_shape"],
+        "strides": node.attrs.get("strides", [1, 1]),
+        "pads": node.attrs.get("pads", [0, 0, 0, 0]),
+    }
+
+
+def _pool(kind: str):
+    def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+        x = env[node.inputs[0]]
+        one_d = x.ndim == 3
+        x4 = x[:, :, None, :] if one_d else x
+        args = _pool_args(node, x4, kind == "global")
+        if one_d and kind != "global":
+            args = {
+                "kernel": [1, *args["kernel"]],
+                "strides": [1, *args["strides"]],
+                "pads": [0, args["pads"][0], 0, args["pads"][1]],
+            }
+        if kind == "max":
+            out = kernels.max_pool_nhwc(_nhwc(x4), **args)
+        else:
+            out = kernels.average_pool_nhwc(
+                _nhwc(x4),
+                **args,
+                e_in=m.exponent(node.inputs[0]),
+                e_out=m.exponent(node.outputs[0]),
+                bits=m.bits,
+                profile=m.profile,
+            )
+        out = _nchw(out)
+        return [out[:, :, 0, :] if one_d else out]
+
+    return run
+
+
+def _activation(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
+    if node.table is not None:
+        return [kernels.lut_int8(x, node.table)]
+    if node.op_type == "Relu" and e_in == e_out:
+        return [np.maximum(x, 0)]
+    fn = float_function(node.op_type, node.attrs)
+    return [float_path(fn, x, e_in, e_out, m.bits, m.profile.rounding)]
+
+
+def _clip(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
+    low = env[node.inputs[1]] if len(node.inputs) > 1 and node.inputs[1] else None
+    high = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    clamped = np.clip(x, low, high)
+    if e_in == e_out:
+        return [clamped]
+    scaled = (clamped.astype(F32) * F32(2.0 ** (e_in - e_out))).astype(F32)
+    return [saturate(round_float(scaled, m.profile.rounding), m.bits)]
+
+
+def _requantize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    d = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
+    return [saturate(shift_round(x, d, m.profile.rounding), m.bits)]
+
+
+def _softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    return [
+        kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=m.exponent(node.inputs[0]), bits=m.bits)
+    ]
+
+
+def _reshape(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    shape = [x.shape[i] if int(d) == 0 else int(d) for i, d in enumerate(env[node.inputs[1]].reshape(-1))]
+    return [x.reshape(shape)]
+
+
+def _flatten(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    axis = int(node.attrs.get("axis", 1)) % (x.ndim + 1) if x.ndim else 0
+    return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
+
+
+def _transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    return [np.transpose(x, node.attrs.get("perm", list(range(x.ndim))[::-1]))]
+
+
+def _concat(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [np.concatenate([env[t] for t in node.inputs if t], axis=int(node.attrs.get("axis", 0)))]
+
+
+def _axes(node: QNode, env: dict[str, np.ndarray]) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1]:
+        return [int(a) for a in env[node.inputs[1]].reshape(-1)]
+    return list(node.attrs["axes"]) if "axes" in node.attrs else None
+
+
+def _squeeze(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    axes = _axes(node, env)
+    return [np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(a % x.ndim for a in axes))]
+
+
+def _unsqueeze(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    axes = _axes(node, env) or []
+    rank = x.ndim + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = np.expand_dims(x, axis)
+    return [x]
+
+
+def _identity(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [env[node.inputs[0]]]
+
+
+def _reduce(kind: str):
+    def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+        x = env[node.inputs[0]]
+        axes = _axes(node, env)
+        axis = tuple(range(x.ndim)) if not axes else tuple(a % x.ndim for a in axes)
+        keep = bool(node.attrs.get("keepdims", 1))
+        if kind == "max":
+            return [x.max(axis=axis, keepdims=keep)]
+        if kind == "min":
+            return [x.min(axis=axis, keepdims=keep)]
+        total = x.astype(np.int64).sum(axis=axis, keepdims=keep)
+        count = int(np.prod([x.shape[a] for a in axis]))
+        e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
+        value = ((total.astype(F32) * F32(2.0**e_in)).astype(F32) / F32(count)).astype(F32)
+        return [saturate(round_float((value * F32(2.0**-e_out)).astype(F32), m.profile.rounding), m.bits)]
+
+    return run
+
+
+_RUN = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Add": _binary(kernels.add),
+    "Sub": _binary(kernels.sub),
+    "Mul": _mul,
+    "MaxPool": _pool("max"),
+    "AveragePool": _pool("average"),
+    "GlobalAveragePool": _pool("global"),
+    "Relu": _activation,
+    **{op: _activation for op in FLOAT_FUNCTIONS if op != "Relu"},
+    "Clip": _clip,
+    "RequantizeLinear": _requantize,
+    "Softmax": _softmax,
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Transpose": _transpose,
+    "Concat": _concat,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Identity": _identity,
+    "ReduceMean": _reduce("mean"),
+    "ReduceMax": _reduce("max"),
+    "ReduceMin": _reduce("min"),
+}
+
+
+def simulated_ops() -> set[str]:
+    """Op types this simulator runs from an ONNX model."""
+    return set(_RUN)
+
+
+def missing_kernels(model: onnx.ModelProto) -> list[str]:
+    """Op types of ``model`` the simulator cannot run yet."""
+    return sorted({n.op_type for n in model.graph.node} - set(_RUN))
