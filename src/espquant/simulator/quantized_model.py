@@ -419,7 +419,57 @@ def _reduce(kind: str):
     return run
 
 
+def _slice(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    starts, ends = (env[node.inputs[i]].reshape(-1).tolist() for i in (1, 2))
+    axes = env[node.inputs[3]].reshape(-1).tolist() if len(node.inputs) > 3 and node.inputs[3] else range(len(starts))
+    steps = env[node.inputs[4]].reshape(-1).tolist() if len(node.inputs) > 4 and node.inputs[4] else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis) % x.ndim] = slice(*slice(int(start), int(end), int(step)).indices(x.shape[int(axis) % x.ndim]))
+    return [x[tuple(index)]]
+
+
+def _pad(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    pads = [int(p) for p in env[node.inputs[1]].reshape(-1)]
+    axes = env[node.inputs[3]].reshape(-1).tolist() if len(node.inputs) > 3 and node.inputs[3] else range(x.ndim)
+    widths = [(0, 0)] * x.ndim
+    count = len(pads) // 2
+    for k, axis in enumerate(axes):
+        widths[int(axis) % x.ndim] = (pads[k], pads[k + count])
+    mode = node.attrs.get("mode", "constant")
+    if mode == "constant":
+        value = env[node.inputs[2]].reshape(-1)[0] if len(node.inputs) > 2 and node.inputs[2] else 0
+        return [np.pad(x, widths, mode="constant", constant_values=value)]
+    return [np.pad(x, widths, mode="edge" if mode == "edge" else "reflect")]
+
+
+def _resize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    if node.attrs.get("mode", "nearest") != "nearest":
+        raise UnsupportedOpError(f"node {node.name!r}: linear Resize is not simulated yet")
+    if len(node.inputs) > 2 and node.inputs[2] and env[node.inputs[2]].size:
+        scales = env[node.inputs[2]].reshape(-1).astype(float)
+    else:
+        sizes = env[node.inputs[3]].reshape(-1)
+        scales = sizes / np.array(x.shape, dtype=float)
+    out = kernels.resize_nearest_nhwc(
+        _nhwc(x),
+        scale_h=float(scales[2]),
+        scale_w=float(scales[3]),
+        e_in=m.exponent(node.inputs[0]),
+        e_out=m.exponent(node.outputs[0]),
+        bits=m.bits,
+        profile=m.profile,
+    )
+    return [_nchw(out)]
+
+
 _RUN = {
+    "Slice": _slice,
+    "Pad": _pad,
+    "Resize": _resize,
     "Conv": _conv,
     "Gemm": _gemm,
     "MatMul": _matmul,

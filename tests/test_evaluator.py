@@ -1,0 +1,146 @@
+"""The Evaluator end to end: float model + table -> what the chip computes, and its bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+from espquant import Calibrator, Evaluator
+from espquant.errors import DatasetError, OptionError, QuantTableError, TargetError, UnsupportedOpError
+from espquant.table import QuantTable
+from helpers import make_model, tensor
+
+
+def _mixed_model(rng):
+    #   x -> Conv -> Relu -> MaxPool --+--> Concat -> Sigmoid -> GlobalAveragePool -> Flatten -> Gemm -> y
+    #   x -> Conv2 ---------> MaxPool2 +-> Add(., MaxPool) -^
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool1"),
+        helper.make_node("Conv", ["x", "W2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("MaxPool", ["c2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2], name="pool2"),
+        helper.make_node("Add", ["p2", "p1"], ["a"], name="add"),
+        helper.make_node("Concat", ["p1", "a"], ["cat"], axis=1, name="concat"),
+        helper.make_node("Sigmoid", ["cat"], ["s"], name="sigmoid"),
+        helper.make_node("GlobalAveragePool", ["s"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "Wf", "Bf"], ["y"], transB=1, name="fc"),
+    ]
+    inits = {
+        "W1": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "B1": rng.normal(0, 0.1, 4).astype(np.float32),
+        "W2": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "Wf": rng.normal(0, 0.5, (5, 8)).astype(np.float32),
+        "Bf": rng.normal(0, 0.1, 5).astype(np.float32),
+    }
+    return make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 5])], inits)
+
+
+@pytest.fixture
+def mixed(rng):
+    model = _mixed_model(rng)
+    data = rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    return model, data
+
+
+def _float(model, data):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data})[0]
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
+def test_int16_matches_the_float_model_closely_and_int8_roughly(tmp_path, mixed, target):
+    model, data = mixed
+    expected = _float(model, data)
+    for bits, tolerance in (("int16", 2e-3), ("int8", 0.15)):
+        path = tmp_path / f"{bits}.pickle"
+        Calibrator(bits).generate_quantization_table(model, data, str(path))
+        evaluator = Evaluator(bits, "per-tensor", target)
+        quantized = evaluator.generate_quantized_model(model, str(path))
+        assert quantized.requantized >= 1  # Add / Concat inputs brought to a shared exponent
+        outputs, names = evaluator.evaluate_quantized_model(data, to_float=True)
+        assert names == ["y"]
+        error = np.abs(outputs[0] - expected).max() / np.abs(expected).max()
+        assert error < tolerance, (bits, error)
+        ints, _ = evaluator.evaluate_quantized_model(data)
+        limit = 2 ** (int(bits[3:]) - 1)
+        assert ints[0].dtype.kind == "i" and -limit <= ints[0].min() and ints[0].max() < limit
+
+
+def test_per_channel_table_and_target_switch(tmp_path, mixed, caplog):
+    model, data = mixed
+    path = tmp_path / "pc.pickle"
+    Calibrator("int8", "per-channel").generate_quantization_table(model, data, str(path))
+    evaluator = Evaluator("int8", "esp32p4")  # granularity read from the table
+    evaluator.generate_quantized_model(model, str(path))
+    assert evaluator.granularity == "per-channel"
+    p4 = evaluator.evaluate_quantized_model(data)[0][0]
+    with caplog.at_level("WARNING", logger="espquant.simulator.evaluator"):
+        evaluator.set_target_chip("esp32s3")  # rebuilt; S3's runtime cannot run per-channel weights
+    assert "per-tensor weights only" in caplog.text
+    s3 = evaluator.evaluate_quantized_model(data)[0][0]
+    assert np.abs(p4.astype(int) - s3.astype(int)).max() <= 2  # same integers up to the rounding rule
+
+
+def test_bad_inputs(tmp_path, mixed, rng):
+    model, data = mixed
+    path = tmp_path / "t.pickle"
+    Calibrator("int8").generate_quantization_table(model, data, str(path))
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    with pytest.raises(OptionError, match="call generate_quantized_model"):
+        evaluator.evaluate_quantized_model(data)
+    with pytest.raises(QuantTableError, match="int8, this Evaluator is int16"):
+        Evaluator("int16", "esp32s3").generate_quantized_model(model, str(path))
+    other = _mixed_model(np.random.default_rng(99))
+    with pytest.raises(QuantTableError, match="another model"):
+        evaluator.generate_quantized_model(other, str(path))
+    evaluator.generate_quantized_model(model, QuantTable.load(path))
+    with pytest.raises(DatasetError, match="shape"):
+        evaluator.evaluate_quantized_model(data[:, :2])
+    with pytest.raises(DatasetError, match="do not match"):
+        evaluator.evaluate_quantized_model({"image": data})
+    with pytest.raises(TargetError, match="valid targets"):
+        Evaluator("int8", "per-tensor", "esp8266")
+
+
+def test_ops_without_a_kernel_are_named(tmp_path, rng):
+    node = helper.make_node("Div", ["x", "d"], ["y"], name="divide")
+    model = make_model([node], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], {"d": np.full(4, 3.0, np.float32)})
+    data = rng.normal(0, 1, (4, 4)).astype(np.float32)
+    Calibrator("int8").generate_quantization_table(model, data, str(tmp_path / "r.pickle"))
+    with pytest.raises(UnsupportedOpError, match="no kernel yet for: Div"):
+        Evaluator("int8", "esp32s3").generate_quantized_model(model, str(tmp_path / "r.pickle"))
+
+
+def test_resize_pad_slice_run_like_the_float_model(tmp_path, rng):
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect", name="pad"),
+        helper.make_node("Slice", ["p", "starts", "ends", "axes"], ["s"], name="slice"),
+        helper.make_node(
+            "Resize",
+            ["s", "", "scales"],
+            ["y"],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+            name="up",
+        ),
+    ]
+    inits = {
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "starts": np.array([1], np.int64),
+        "ends": np.array([5], np.int64),
+        "axes": np.array([3], np.int64),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 4, 4])], [tensor("y", ["N", 2, 12, 8])], inits)
+    data = rng.normal(0, 1, (6, 2, 4, 4)).astype(np.float32)
+    Calibrator("int8").generate_quantization_table(model, data, str(tmp_path / "t.pickle"))
+    evaluator = Evaluator("int8", "esp32s3")  # Resize is int8-only on ESP-DL
+    evaluator.generate_quantized_model(model, str(tmp_path / "t.pickle"))
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    # Pure data movement: only the input's quantization (half a step) separates it from the float model.
+    step = 2.0 ** evaluator.quantized.exponent("x")
+    np.testing.assert_allclose(got, _float(model, data), atol=step / 2 + 1e-7)
