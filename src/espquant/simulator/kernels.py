@@ -39,11 +39,17 @@ def _lanes(bits: int) -> int:
     return 16 if bits == 8 else 8
 
 
-def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` for integer arrays, exactly: float64 BLAS when every partial sum stays below 2**53."""
-    bound = float(np.abs(a).max(initial=0)) * float(np.abs(b).sum(axis=0).max(initial=0))
+def _max_abs(values: np.ndarray) -> int:
+    return max(int(values.max(initial=0)), -int(values.min(initial=0))) if values.size else 0
+
+
+def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
+    """``a @ b`` for integers, exactly: float32 BLAS when every partial sum stays below 2**24, float64 below
+    2**53 (``bound`` = max |a| * max column sum |b|), int64 otherwise."""
+    if bound < 2.0**24:
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.int64)
     if bound < _EXACT:
-        return np.rint(a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
+        return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
     return a.astype(np.int64) @ b.astype(np.int64)
 
 
@@ -57,28 +63,54 @@ def _saturating_accumulate(cols: np.ndarray, weight: np.ndarray, start: np.ndarr
     return acc
 
 
+def _lane_start(bias: np.ndarray | None, n: int, bits: int, profile: TargetProfile, blocked: int) -> np.ndarray:
+    start = np.zeros(n, np.int64) if bias is None else bias.astype(np.int64).copy()
+    if profile.family == "s3" and bits == 8 and blocked:
+        start[:blocked] = wrap(start[:blocked], profile.conv_acc_bits[bits])  # 20-bit lanes wrap the bias
+    return start
+
+
 def _accumulate(
     cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, bits: int, profile: TargetProfile
 ) -> np.ndarray:
     """Accumulators ``(rows, N)`` for ``cols (rows, taps)`` and ``weight (taps, N)``, starting from the bias,
     with the profile's lane width and saturation (16/8-lane blocks vs the tail channels)."""
     n = weight.shape[1]
-    start = np.zeros(n, np.int64) if bias is None else bias.astype(np.int64)
-    lane_bits, tail_bits = profile.conv_acc_bits[bits], profile.tail_acc_bits[bits]
     blocked = (n // _lanes(bits)) * _lanes(bits) if profile.simd else 0
-    if profile.family == "s3" and bits == 8 and blocked:
-        start = start.copy()
-        start[:blocked] = wrap(start[:blocked], lane_bits)  # the 20-bit lane load wraps the int32 bias
-    bound = float(np.abs(cols).max(initial=0)) * float(np.abs(weight).sum(axis=0).max(initial=0))
-    bound += float(np.abs(start).max(initial=0))
-    if not profile.simd or bound < 2.0 ** (min(lane_bits, tail_bits) - 1):
-        return _exact_matmul(cols, weight) + start  # no lane can saturate: plain exact sums
+    start = _lane_start(bias, n, bits, profile, blocked)
+    x_max = float(_max_abs(cols))
+    column_sums = np.abs(weight.astype(np.int64)).sum(axis=0)
     out = np.empty((cols.shape[0], n), np.int64)
-    if blocked:
-        out[:, :blocked] = _saturating_accumulate(cols, weight[:, :blocked], start[:blocked], lane_bits)
-    if blocked < n:
-        out[:, blocked:] = _saturating_accumulate(cols, weight[:, blocked:], start[blocked:], tail_bits)
+    for low, high, width in ((0, blocked, profile.conv_acc_bits[bits]), (blocked, n, profile.tail_acc_bits[bits])):
+        if low == high:
+            continue
+        products = x_max * float(column_sums[low:high].max())
+        if not profile.simd or products + float(_max_abs(start[low:high])) < 2.0 ** (width - 1):
+            out[:, low:high] = _exact_matmul(cols, weight[:, low:high], products) + start[low:high]
+        else:  # a lane could saturate: accumulate tap by tap as the instruction does
+            out[:, low:high] = _saturating_accumulate(cols, weight[:, low:high], start[low:high], width)
     return out
+
+
+def _accumulate_depthwise(
+    cols: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """Depthwise accumulators ``(rows, C)`` for ``cols (rows, taps, C)``, ``weight (taps, C)``; every channel
+    runs in the SIMD lanes (no tail path for depthwise, ARITHMETIC.md 4.3)."""
+    n = weight.shape[1]
+    lane_bits = profile.conv_acc_bits[bits]
+    start = _lane_start(bias, n, bits, profile, n if profile.simd else 0)
+    products = float(_max_abs(cols)) * float(np.abs(weight.astype(np.int64)).sum(axis=0).max(initial=0))
+    if not profile.simd or products + float(_max_abs(start)) < 2.0 ** (lane_bits - 1):
+        kind = np.float32 if products < 2.0**24 else (np.float64 if products < _EXACT else np.int64)
+        acc = np.einsum("rtc,tc->rc", cols.astype(kind), weight.astype(kind))
+        return acc.astype(np.int64) + start
+    low, high = -(1 << (lane_bits - 1)), (1 << (lane_bits - 1)) - 1
+    acc = np.broadcast_to(start, (cols.shape[0], n)).astype(np.int64).copy()
+    for tap in range(weight.shape[0]):
+        acc += cols[:, tap, :].astype(np.int64) * weight[tap].astype(np.int64)
+        np.clip(acc, low, high, out=acc)
+    return acc
 
 
 def _finish(acc: np.ndarray, shift: np.ndarray | int, relu: bool, bits: int, profile: TargetProfile) -> np.ndarray:
@@ -112,7 +144,8 @@ def conv2d_nhwc(
     sh, sw = strides
     dh, dw = dilations
     top, left, bottom, right = pads
-    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), np.int64)
+    compact = np.int16 if bits <= 16 and _max_abs(x) < 2**15 else np.int64
+    padded = np.zeros((batch, height + top + bottom, width + left + right, channels), compact)
     padded[:, top : top + height, left : left + width, :] = x
     out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
@@ -124,12 +157,7 @@ def conv2d_nhwc(
     if depthwise:
         n = weight.shape[0]
         cols = np.stack(taps, axis=-2).reshape(-1, kh * kw, channels)  # (rows, taps, C)
-        w = weight.reshape(n, kh * kw).T  # (taps, N)
-        acc = np.empty((cols.shape[0], n), np.int64)
-        for c in range(n):  # each channel is its own 1-output accumulation
-            acc[:, c : c + 1] = _accumulate(
-                cols[:, :, c], w[:, c : c + 1], None if bias is None else bias[c : c + 1], bits, profile
-            )
+        acc = _accumulate_depthwise(cols, weight.reshape(n, kh * kw).T, bias, bits, profile)
     else:
         n = weight.shape[0]
         cols = np.stack(taps, axis=3).reshape(-1, kh * kw * channels)  # (kh, kw, c) filter-memory order
