@@ -57,8 +57,10 @@ def _saturating_accumulate(cols: np.ndarray, weight: np.ndarray, start: np.ndarr
     """``start + sum_t cols[:, t] * weight[t, :]`` with the running value clamped to ``bits`` after every tap."""
     low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     acc = np.broadcast_to(start, (cols.shape[0], weight.shape[1])).astype(np.int64).copy()
-    for tap in range(weight.shape[0]):
-        acc += cols[:, tap, None].astype(np.int64) * weight[tap].astype(np.int64)
+    columns = cols.astype(np.int64)
+    weights = weight.astype(np.int64)
+    for tap in range(weights.shape[0]):
+        acc += columns[:, tap, None] * weights[tap]
         np.clip(acc, low, high, out=acc)
     return acc
 
@@ -85,11 +87,24 @@ def _accumulate(
         if low == high:
             continue
         products = x_max * float(column_sums[low:high].max())
-        if not profile.simd or products + float(_max_abs(start[low:high])) < 2.0 ** (width - 1):
-            out[:, low:high] = _exact_matmul(cols, weight[:, low:high], products) + start[low:high]
-        else:  # a lane could saturate: accumulate tap by tap as the instruction does
-            out[:, low:high] = _saturating_accumulate(cols, weight[:, low:high], start[low:high], width)
+        part, part_start = weight[:, low:high], start[low:high]
+        limit = 2.0 ** (width - 1)
+        if (
+            not profile.simd
+            or products + float(_max_abs(part_start)) < limit
+            or not _may_saturate(cols, part, part_start, products, limit)
+        ):
+            out[:, low:high] = _exact_matmul(cols, part, products) + part_start
+        else:  # a lane does reach the rail on this data: accumulate tap by tap as the instruction does
+            out[:, low:high] = _saturating_accumulate(cols, part, part_start, width)
     return out
+
+
+def _may_saturate(cols: np.ndarray, weight: np.ndarray, start: np.ndarray, products: float, limit: float) -> bool:
+    """Whether some running sum can reach ``limit`` on this data: every partial sum of a lane is bounded by
+    ``|start| + sum_t |x_t w_t|``, computed exactly for each output (a data-dependent, tight bound)."""
+    magnitude = _exact_matmul(np.abs(cols.astype(np.int64)), np.abs(weight.astype(np.int64)), products)
+    return bool((magnitude + np.abs(start)).max(initial=0) >= limit)
 
 
 def _accumulate_depthwise(
@@ -101,14 +116,20 @@ def _accumulate_depthwise(
     lane_bits = profile.conv_acc_bits[bits]
     start = _lane_start(bias, n, bits, profile, n if profile.simd else 0)
     products = float(_max_abs(cols)) * float(np.abs(weight.astype(np.int64)).sum(axis=0).max(initial=0))
-    if not profile.simd or products + float(_max_abs(start)) < 2.0 ** (lane_bits - 1):
-        kind = np.float32 if products < 2.0**24 else (np.float64 if products < _EXACT else np.int64)
+    kind = np.float32 if products < 2.0**24 else (np.float64 if products < _EXACT else np.int64)
+    limit = 2.0 ** (lane_bits - 1)
+    safe = not profile.simd or products + float(_max_abs(start)) < limit
+    if not safe:  # the tight, data-dependent bound of every lane's running sum
+        magnitude = np.einsum("rtc,tc->rc", np.abs(cols).astype(kind), np.abs(weight).astype(kind))
+        safe = float((magnitude.astype(np.int64) + np.abs(start)).max(initial=0)) < limit
+    if safe:
         acc = np.einsum("rtc,tc->rc", cols.astype(kind), weight.astype(kind))
         return acc.astype(np.int64) + start
     low, high = -(1 << (lane_bits - 1)), (1 << (lane_bits - 1)) - 1
     acc = np.broadcast_to(start, (cols.shape[0], n)).astype(np.int64).copy()
-    for tap in range(weight.shape[0]):
-        acc += cols[:, tap, :].astype(np.int64) * weight[tap].astype(np.int64)
+    columns, weights = cols.astype(np.int64), weight.astype(np.int64)
+    for tap in range(weights.shape[0]):
+        acc += columns[:, tap, :] * weights[tap]
         np.clip(acc, low, high, out=acc)
     return acc
 
