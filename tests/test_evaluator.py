@@ -144,3 +144,39 @@ def test_resize_pad_slice_run_like_the_float_model(tmp_path, rng):
     # Pure data movement: only the input's quantization (half a step) separates it from the float model.
     step = 2.0 ** evaluator.quantized.exponent("x")
     np.testing.assert_allclose(got, _float(model, data), atol=step / 2 + 1e-7)
+
+
+def test_cli_evaluate(tmp_path, mixed, rng):
+    import json
+
+    from click.testing import CliRunner
+
+    from espquant.cli import main
+
+    model, data = mixed
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", data)
+    labels = _float(model, data).argmax(1)
+    np.save(tmp_path / "y.npy", labels)
+    Calibrator("int16").generate_quantization_table(model, data, str(tmp_path / "t.pickle"))
+    args = [
+        "evaluate",
+        str(tmp_path / "m.onnx"),
+        "--table",
+        str(tmp_path / "t.pickle"),
+        "--data",
+        str(tmp_path / "x.npy"),
+        "--labels",
+        str(tmp_path / "y.npy"),
+        "--target",
+        "esp32p4",
+        "--batch-size",
+        "16",
+    ]
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["bits"] == 16 and report["samples"] == len(data) and report["float_accuracy"] == 1.0
+    assert report["outputs"][0]["sqnr_db"] > 40 and report["top1_agreement"] > 0.95
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "SQNR" in result.output and "int16 accuracy (simulated)" in result.output
