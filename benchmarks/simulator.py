@@ -72,7 +72,7 @@ def main() -> None:
             table = Calibrator(bits).calibrate(model, inputs[:256]).table
             for target in ("esp32s3", "esp32p4"):
                 evaluator = Evaluator(bits, "per-tensor", target)
-                evaluator.generate_quantized_model(model, table)
+                evaluator.generate_quantized_model(model, table).threads = 1
                 seconds = _best(
                     lambda ev=evaluator, bs=batches: [ev.evaluate_quantized_model(b) for b in bs], args.repeats
                 )

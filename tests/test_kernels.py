@@ -118,3 +118,42 @@ def test_mul_paths():
     short = kernels.mul(a[:, :5], b[:, :5], e_a=-4, e_b=-4, e_out=-5, bits=8, profile=P4)  # float path
     expected = np.rint(np.arange(-8, -3) * 3 / 8.0)
     np.testing.assert_array_equal(short[0], expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 2]),
+    st.sampled_from([[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 2, 1]]),
+    st.sampled_from([1, 2]),
+    st.booleans(),
+)
+def test_float32_onnxruntime_sums_equal_the_integer_kernel(seed, stride, pads, dilation, depthwise):
+    # The fast path (onnxruntime float32 Conv, used when every partial sum stays below 2**24) must give the
+    # very integers of the numpy kernel.
+    from espquant.simulator.quantized_model import QNode, QuantizedModel, _float32_conv_sums
+
+    rng = np.random.default_rng(seed)
+    channels = 6
+    x = rng.integers(-128, 128, (2, channels, 7, 8))
+    w = rng.integers(-40, 40, (channels, 1, 3, 3)) if depthwise else rng.integers(-40, 40, (5, channels, 3, 3))
+    group = channels if depthwise else 1
+    model = QuantizedModel([], {}, {}, [], [], P4, 8)
+    node = QNode("Conv", f"conv{seed}", ["x", "w"], ["y"], {})
+    sums = _float32_conv_sums(model, node, x, w, None, [stride] * 2, pads, [dilation] * 2, group)
+    assert sums is not None
+    # Reference: the definition, in int64 sums over each output pixel's window.
+    padded = np.pad(x, [(0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])])
+    out_h = (padded.shape[2] - dilation * 2 - 1) // stride + 1
+    out_w = (padded.shape[3] - dilation * 2 - 1) // stride + 1
+    reference = np.zeros((2, w.shape[0], out_h, out_w), np.int64)
+    for oy in range(out_h):
+        for ox in range(out_w):
+            rows = slice(oy * stride, oy * stride + 2 * dilation + 1, dilation)
+            cols = slice(ox * stride, ox * stride + 2 * dilation + 1, dilation)
+            window = padded[:, :, rows, cols]
+            if depthwise:
+                reference[:, :, oy, ox] = np.einsum("bchw,chw->bc", window, w[:, 0])
+            else:
+                reference[:, :, oy, ox] = np.einsum("bchw,nchw->bn", window, w)
+    np.testing.assert_array_equal(sums, reference)

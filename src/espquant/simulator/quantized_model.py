@@ -55,6 +55,8 @@ class QuantizedModel:
     bits: int
     float_tensors: set[str] = field(default_factory=set)
     requantized: int = 0
+    threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def exponent(self, name: str) -> int:
         value = self.exponents[name]
@@ -220,6 +222,13 @@ def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
     if one_d:
         strides, dilations = [1, *strides], [1, *dilations]
+    shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
+    sums = _float32_conv_sums(m, node, x, w, bias, strides, pads, dilations, group)
+    if sums is not None:
+        start = 0 if bias is None else bias.reshape(1, -1, 1, 1)
+        channel_shift = shift.reshape(1, -1, 1, 1) if isinstance(shift, np.ndarray) else shift
+        out = kernels._finish(sums + start, channel_shift, node.relu, m.bits, m.profile)
+        return [out[:, :, 0, :] if one_d else out]
     depthwise = group > 1
     weight = w[:, 0] if depthwise else np.moveaxis(w, 1, -1)  # (N, KH, KW[, C])
     out = kernels.conv2d_nhwc(
@@ -237,6 +246,51 @@ def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     )
     out = _nchw(out)
     return [out[:, :, 0, :] if one_d else out]
+
+
+def _float32_conv_sums(
+    m: QuantizedModel,
+    node: QNode,
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    group: int,
+) -> np.ndarray | None:
+    """The integer sums of a convolution computed by onnxruntime's float32 Conv, or None when not provably exact.
+
+    Every product and partial sum is an integer below ``max|x| * max_n sum|w_n| < 2**24``, so float32
+    represents each exactly whatever order the kernel adds them in. Also required: no accumulator lane can
+    saturate (``bound + |bias|`` below the narrowest lane), else the numpy path emulates the lanes.
+    """
+    x_max = max(int(x.max(initial=0)), -int(x.min(initial=0)))
+    products = float(x_max) * float(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1).max(initial=0))
+    bias_max = 0 if bias is None else max(int(bias.max(initial=0)), -int(bias.min(initial=0)))
+    lanes = min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits])
+    if products >= 2.0**24 or products + bias_max >= 2.0 ** (lanes - 1):
+        return None
+    session = m._sessions.get(node.name)
+    if session is None:
+        import onnxruntime as ort
+
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, pads=pads, dilations=dilations, group=group)
+        graph = helper.make_graph(
+            [conv],
+            "conv_sums",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", *x.shape[1:]])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
+        )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if m.threads:
+            options.intra_op_num_threads = m.threads
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        m._sessions[node.name] = session
+    return session.run(None, {"x": x.astype(np.float32)})[0].astype(np.int64)
 
 
 def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
