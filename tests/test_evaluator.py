@@ -181,3 +181,29 @@ def test_cli_evaluate(tmp_path, mixed, rng):
     assert report["outputs"][0]["sqnr_db"] > 40 and report["top1_agreement"] > 0.95
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0 and "SQNR" in result.output and "int16 accuracy (simulated)" in result.output
+
+
+def test_a_real_architecture_at_int16(tmp_path):
+    # SqueezeNet from the onnx package (random He weights instead of its constant 0.02 ones), optimized,
+    # calibrated and simulated: int16 must track the float model closely. Its final Reshape (from the opset
+    # upgrade of Softmax) pins batch 1 and follows a float Softmax: both paths are exercised.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import ONNX_TEST_DATA
+    from espquant.optimizer import optimize_model
+    from test_optimizer_equivalence import randomize_light_weights
+
+    model = optimize_model(randomize_light_weights(onnx.load(ONNX_TEST_DATA / "light" / "light_squeezenet.onnx"), 7))
+    name = model.graph.input[0].name
+    x = np.random.default_rng(0).normal(0, 1, (4, 3, 224, 224)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    table = Calibrator("int16").calibrate(model, x).table
+    evaluator = Evaluator("int16", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, table)
+    got = np.concatenate([evaluator.evaluate_quantized_model(x[i : i + 1], to_float=True)[0][0] for i in range(len(x))])
+    sqnr = 10 * np.log10(np.sum(expected.astype(np.float64) ** 2) / np.sum((got - expected) ** 2))
+    assert sqnr > 50, sqnr
+    assert (got.argmax(-1) == expected.argmax(-1)).all()

@@ -62,10 +62,14 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
                 plan.weights.append(WeightUse(node, position, tensor, role.resolve_channel_axis(attrs)))
             elif role.role is Role.ACTIVATION and tensor not in plan.constants:
                 plan.constants.append(tensor)
+        # Float edges (Softmax outputs) stay float through pass-through ops (a Reshape after a Softmax).
+        float_input = (
+            spec.exponent is ExponentRule.PASSTHROUGH and bool(node.input) and node.input[0] in plan.float_tensors
+        )
         for output in node.output:
             if not output:
                 continue
-            if spec.output_dtype != "quantized":
+            if spec.output_dtype != "quantized" or float_input:
                 plan.float_tensors.append(output)
                 continue
             consumer = view.single_consumer(output)
