@@ -7,6 +7,7 @@ The graph keeps ONNX's layout (NCHW); conv-like kernels are called on NHWC views
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from espquant.table import QuantTable
 __all__ = ["QuantizedModel", "QNode", "build_quantized_model", "simulated_ops", "missing_kernels"]
 
 F32 = np.float32
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,6 +172,15 @@ def build_quantized_model(
             for position, tensor in enumerate(inputs):
                 if tensor and present:
                     inputs[position] = requantize_to(tensor, max(present), node.name)  # type: ignore[type-var]
+        softmax_exponent = exps.get(inputs[0]) if node.op_type in ("Softmax", "LogSoftmax") and bits == 8 else None
+        if isinstance(softmax_exponent, int) and 127 * 2.0**softmax_exponent > 88.0:  # expf overflows above ~88.7
+            logger.warning(
+                "int8 %s %r: input exponent %d lets the runtime's exp table overflow (inf / NaN on the chip, "
+                "ARITHMETIC.md 10); quantize this layer's input with int16 or keep its range below 88",
+                node.op_type,
+                node.name,
+                softmax_exponent,
+            )
         qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu)
         if bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
             in_exp = exps[inputs[0]]
