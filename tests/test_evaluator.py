@@ -107,11 +107,16 @@ def test_bad_inputs(tmp_path, mixed, rng):
 
 
 def test_ops_without_a_kernel_are_named(tmp_path, rng):
-    node = helper.make_node("Div", ["x", "d"], ["y"], name="divide")
-    model = make_model([node], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], {"d": np.full(4, 3.0, np.float32)})
-    data = rng.normal(0, 1, (4, 4)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv")
+    model = make_model(
+        [node],
+        [tensor("x", ["N", 2, 4, 4])],
+        [tensor("y", ["N", 3, 6, 6])],
+        {"w": rng.normal(0, 1, (2, 3, 3, 3)).astype(np.float32)},
+    )
+    data = rng.normal(0, 1, (4, 2, 4, 4)).astype(np.float32)
     Calibrator("int8").generate_quantization_table(model, data, str(tmp_path / "r.pickle"))
-    with pytest.raises(UnsupportedOpError, match="no kernel yet for: Div"):
+    with pytest.raises(UnsupportedOpError, match="no kernel yet for: ConvTranspose"):
         Evaluator("int8", "esp32s3").generate_quantized_model(model, str(tmp_path / "r.pickle"))
 
 
@@ -207,3 +212,82 @@ def test_a_real_architecture_at_int16(tmp_path):
     sqnr = 10 * np.log10(np.sum(expected.astype(np.float64) ** 2) / np.sum((got - expected) ** 2))
     assert sqnr > 50, sqnr
     assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+OPS_AGAINST_FLOAT = {
+    # name: (nodes, initializers, output shape)
+    "div": ([helper.make_node("Div", ["x", "d"], ["y"])], {"d": np.full((1, 3, 1, 1), 2.5, np.float32)}, [2, 3, 4, 4]),
+    "pow": ([helper.make_node("Pow", ["x", "p"], ["y"])], {"p": np.array(2.0, np.float32)}, [2, 3, 4, 4]),
+    "prelu": (
+        [helper.make_node("PRelu", ["x", "s"], ["y"])],
+        {"s": np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1, 1)},
+        [2, 3, 4, 4],
+    ),
+    "neg": ([helper.make_node("Neg", ["x"], ["y"])], {}, [2, 3, 4, 4]),
+    "split": (
+        [helper.make_node("Split", ["x", "sz"], ["y", "z"], axis=1)],
+        {"sz": np.array([1, 2], np.int64)},
+        [2, 1, 4, 4],
+    ),
+    "gather": (
+        [helper.make_node("Gather", ["x", "i"], ["y"], axis=1)],
+        {"i": np.array([2, 0], np.int64)},
+        [2, 2, 4, 4],
+    ),
+    "log_softmax": ([helper.make_node("LogSoftmax", ["x"], ["y"], axis=1)], {}, [2, 3, 4, 4]),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS_AGAINST_FLOAT))
+def test_more_kernels_follow_the_float_model_at_int16(tmp_path, rng, name):
+    nodes, inits, out_shape = OPS_AGAINST_FLOAT[name]
+    outputs = [tensor(o, None) for o in nodes[0].output]
+    model = make_model(nodes, [tensor("x", ["N", 3, 4, 4])], outputs, inits)
+    data = rng.normal(0, 1, (2, 3, 4, 4)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    evaluator = Evaluator("int16", "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0]
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": data}
+    )
+    for g, e, output in zip(got, expected, nodes[0].output):
+        if name == "log_softmax":  # a float32 output: the chip's float arithmetic, not a quantized value
+            np.testing.assert_allclose(g, e, atol=1e-3)
+            continue
+        step = 2.0 ** evaluator.quantized.exponent(output)
+        assert np.abs(g - e).max() <= 3 * step + 2 * 2.0 ** evaluator.quantized.exponent("x"), (name, output)
+
+
+def test_depth_to_space_and_space_to_depth_round_trip(tmp_path, rng):
+    nodes = [
+        helper.make_node("SpaceToDepth", ["x"], ["s"], blocksize=2),
+        helper.make_node("DepthToSpace", ["s"], ["y"], blocksize=2, mode="CRD"),
+        helper.make_node("DepthToSpace", ["s"], ["z"], blocksize=2, mode="DCR"),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 2, 4, 4])], [tensor("y", None), tensor("z", None)])
+    data = rng.normal(0, 1, (2, 2, 4, 4)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0]
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": data}
+    )
+    step = 2.0 ** evaluator.quantized.exponent("x")
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=step / 2 + 1e-7)
+
+
+def test_div_special_cases_from_the_spec():
+    from espquant.quant.profiles import get_target
+    from espquant.simulator import kernels
+
+    s3 = get_target("esp32s3")
+    a = np.array([10, -10, 0, 7], np.int64)
+    b = np.array([0, 0, 0, 2], np.int64)
+    out = kernels.div(a, b, e_a=-4, e_b=-4, e_out=-4, bits=8, profile=s3)
+    # b = 0: the extreme by the sign of a; a = 0: 0; (7/16) / (2/16) = 3.5, at exponent -4 -> 56
+    assert out.tolist() == [127, -128, 0, 56]
+    table_path = kernels.div(np.array([0]), np.array([0, 3]), e_a=-4, e_b=-4, e_out=-4, bits=8, profile=s3)
+    assert table_path.tolist() == [-128, 0]  # the int8 scalar / vector table: 0 / 0 -> -128

@@ -319,3 +319,57 @@ def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | Non
 def quantize_float(x: np.ndarray, *, e_out: int, bits: int, profile: TargetProfile) -> np.ndarray:
     """QuantizeLinear: ``q = sat(R(x * f32(2**-e)))`` (6)."""
     return saturate(round_float((x.astype(F32) * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)
+
+
+def div(
+    a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """Div in float32 steps (ARITHMETIC.md 5): ``r = f32(f32(2^-e_out) 2^e_a) / 2^e_b``; vector / scalar
+    ``sat(R(f32(a f32(r / b))))``, otherwise ``sat(R(f32(f32(a r) / b)))``; a = 0 gives 0 and b = 0 the type's
+    extreme by the sign of a, except in the int8 scalar / vector table, whose b = 0 entry is 127 when
+    ``a r > 0`` and -128 otherwise (so 0 / 0 gives -128 there)."""
+    r = F32(F32(F32(2.0**-e_out) * F32(2.0**e_a)) / F32(2.0**e_b))
+    shape = np.broadcast_shapes(a.shape, b.shape)
+    a_full = np.broadcast_to(a.astype(np.int64), shape)
+    b_full = np.broadcast_to(b.astype(np.int64), shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if b.size == 1 and a.size > 1:
+            values = (a_full.astype(F32) * F32(r / F32(b.reshape(-1)[0]))).astype(F32)
+        else:
+            values = ((a_full.astype(F32) * r).astype(F32) / b_full.astype(F32)).astype(F32)
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    values = np.nan_to_num(values, nan=0.0, posinf=float(high) + 1, neginf=float(low) - 1)
+    out = saturate(round_float(values, profile.rounding), bits)
+    if bits == 8 and a.size == 1 and b.size > 1:  # the scalar / vector table
+        out[b_full == 0] = high if float(a.reshape(-1)[0]) * float(r) > 0 else low
+    else:
+        out[b_full == 0] = np.where(a_full[b_full == 0] > 0, high, low)
+        out[a_full == 0] = 0
+    return out
+
+
+def pow_float(a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, bits: int, profile: TargetProfile):
+    """Pow: ``sat(R(f32(powf(a 2^e_a, b 2^e_b)) 2^-e_out))`` (5)."""
+    with np.errstate(all="ignore"):
+        base = (a.astype(F32) * F32(2.0**e_a)).astype(F32)
+        exponent = (b.astype(F32) * F32(2.0**e_b)).astype(F32)
+        value = (np.power(base, exponent).astype(F32) * F32(2.0**-e_out)).astype(F32)
+    value = np.nan_to_num(value, nan=0.0, posinf=2.0**bits, neginf=-(2.0**bits))
+    return saturate(round_float(value, profile.rounding), bits)
+
+
+def prelu_per_channel(
+    q: np.ndarray, slope: np.ndarray, *, e_in: int, e_out: int, e_slope: int, bits: int, profile: TargetProfile
+) -> np.ndarray:
+    """PRelu with one slope per channel (8.4): negatives ``SR(q alpha, e_out - e_in - e_alpha)``; positives
+    rescaled to e_out (S3) or copied unchanged (plain C, correct only when e_in = e_out)."""
+    q64 = q.astype(np.int64)
+    product = q64 * slope.astype(np.int64)
+    if profile.family == "c":  # prelu_11c: positives copied, negatives floored
+        negative = product >> max(e_out - e_in - e_slope, 0)
+        positive = q64
+    else:
+        negative = shift_round(product, e_out - e_in - e_slope, profile.rounding)
+        up, down = max(0, e_in - e_out), max(0, e_out - e_in)
+        positive = shift_round(q64 << up, down, profile.rounding) if down else q64 << up
+    return saturate(np.where(q64 > 0, positive, np.where(q64 < 0, negative, 0)), bits)

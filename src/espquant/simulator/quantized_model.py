@@ -185,6 +185,11 @@ def build_quantized_model(
         if bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
             in_exp = exps[inputs[0]]
             qnode.table = lut_table(float_function(node.op_type, attrs), in_exp, out_exp, rounding)  # type: ignore[arg-type]
+        elif bits == 8 and node.op_type == "PRelu" and view.is_constant(inputs[1]) and view.array(inputs[1]).size == 1:
+            slope = F32(view.array(inputs[1]).reshape(-1)[0])  # one slope: the int8 table (8.1)
+            qnode.table = lut_table(
+                lambda x, s=slope: np.where(x >= 0, x, x * s).astype(F32), exps[inputs[0]], out_exp, rounding
+            )  # type: ignore[arg-type]
         nodes.append(qnode)
     graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
     return QuantizedModel(
@@ -531,7 +536,114 @@ def _resize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[
     return [_nchw(out)]
 
 
+def _arith(kernel):
+    def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+        a, b = node.inputs
+        return [
+            kernel(
+                env[a],
+                env[b],
+                e_a=m.exponent(a),
+                e_b=m.exponent(b),
+                e_out=m.exponent(node.outputs[0]),
+                bits=m.bits,
+                profile=m.profile,
+            )
+        ]
+
+    return run
+
+
+def _prelu(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x, slope = env[node.inputs[0]], env[node.inputs[1]]
+    if node.table is not None:
+        return [kernels.lut_int8(x, node.table)]
+    return [
+        kernels.prelu_per_channel(
+            x,
+            slope,
+            e_in=m.exponent(node.inputs[0]),
+            e_out=m.exponent(node.outputs[0]),
+            e_slope=m.exponent(node.inputs[1]),
+            bits=m.bits,
+            profile=m.profile,
+        )
+    ]
+
+
+def _neg(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    from espquant.quant.rounding import wrap
+
+    return [wrap(-env[node.inputs[0]].astype(np.int64), m.bits)]  # no saturation: -(-128) wraps to -128
+
+
+def _compare(op):
+    def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [op(env[node.inputs[0]], env[node.inputs[1]])]
+
+    return run
+
+
+def _split(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    axis = int(node.attrs.get("axis", 0)) % x.ndim
+    if len(node.inputs) > 1 and node.inputs[1]:
+        sizes = [int(v) for v in env[node.inputs[1]].reshape(-1)]
+    elif "split" in node.attrs:
+        sizes = list(node.attrs["split"])
+    else:
+        count = len(node.outputs)
+        chunk = -(-x.shape[axis] // count)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(count)]
+    return np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+
+
+def _gather(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x, indices = env[node.inputs[0]], env[node.inputs[1]].astype(np.int64)
+    axis = int(node.attrs.get("axis", 0)) % x.ndim
+    return [np.take(x, np.where(indices < 0, indices + x.shape[axis], indices), axis=axis)]
+
+
+def _depth_to_space(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    b, c, h, w = x.shape
+    size = int(node.attrs["blocksize"])
+    if node.attrs.get("mode", "DCR") == "DCR":
+        y = x.reshape(b, size, size, c // size**2, h, w).transpose(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(b, c // size**2, size, size, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return [y.reshape(b, c // size**2, h * size, w * size)]
+
+
+def _space_to_depth(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    x = env[node.inputs[0]]
+    b, c, h, w = x.shape
+    size = int(node.attrs["blocksize"])
+    y = x.reshape(b, c, h // size, size, w // size, size).transpose(0, 3, 5, 1, 2, 4)
+    return [y.reshape(b, c * size**2, h // size, w // size)]
+
+
+def _log_softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    probabilities = _softmax(m, node, env)[0]
+    with np.errstate(divide="ignore"):
+        return [np.log(probabilities).astype(F32)]
+
+
 _RUN = {
+    "Div": _arith(kernels.div),
+    "Pow": _arith(kernels.pow_float),
+    "PRelu": _prelu,
+    "Neg": _neg,
+    "Greater": _compare(np.greater),
+    "GreaterOrEqual": _compare(np.greater_equal),
+    "Less": _compare(np.less),
+    "LessOrEqual": _compare(np.less_equal),
+    "Equal": _compare(np.equal),
+    "Split": _split,
+    "Gather": _gather,
+    "DepthToSpace": _depth_to_space,
+    "SpaceToDepth": _space_to_depth,
+    "LogSoftmax": _log_softmax,
     "Slice": _slice,
     "Pad": _pad,
     "Resize": _resize,
