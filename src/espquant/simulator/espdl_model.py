@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -211,23 +210,13 @@ def _mul(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.n
     ]
 
 
-def _pool_args(node: EspdlNode, x: np.ndarray, global_pool: bool) -> dict[str, Any]:
-    if global_pool:
-        return {"kernel": x.shape[1:3], "strides": (1, 1), "pads": (0, 0, 0, 0)}
-    return {
-        "kernel": node.attributes["kernel_shape"],
-        "strides": node.attributes.get("strides", [1, 1]),
-        "pads": node.attributes.get("pads", [0, 0, 0, 0]),
-    }
-
-
 def _average_pool(global_pool: bool):
     def run(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
         x = env[node.inputs[0]]
         return [
             kernels.average_pool_nhwc(
                 x.data,
-                **_pool_args(node, x.data, global_pool),
+                **kernels.pool_arguments(node.attributes, x.data.shape[1:3], global_pool),
                 e_in=x.exponent,
                 e_out=model._exponent(node.outputs[0]),
                 bits=_bits(node),
@@ -240,7 +229,7 @@ def _average_pool(global_pool: bool):
 
 def _max_pool(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
-    return [kernels.max_pool_nhwc(x.data, **_pool_args(node, x.data, False))]
+    return [kernels.max_pool_nhwc(x.data, **kernels.pool_arguments(node.attributes, x.data.shape[1:3], False))]
 
 
 def _ints(model: EspdlModel, name: str) -> list[int]:

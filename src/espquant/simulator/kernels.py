@@ -10,6 +10,7 @@ at a time in filter-memory order with saturation after each, as the SIMD instruc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -236,6 +237,17 @@ def mul(
     else:
         scaled = (a2 * b2).astype(F32) * k
     return saturate(round_float(scaled.astype(F32), profile.rounding), bits).reshape(shape)
+
+
+def pool_arguments(attrs: dict[str, Any], spatial: Sequence[int], global_pool: bool) -> dict[str, Any]:
+    """Kernel, strides and ``[top, left, bottom, right]`` pads of a 2-D pool (global: the whole plane)."""
+    if global_pool:
+        return {"kernel": tuple(spatial), "strides": (1, 1), "pads": (0, 0, 0, 0)}
+    return {
+        "kernel": attrs["kernel_shape"],
+        "strides": attrs.get("strides", [1, 1]),
+        "pads": attrs.get("pads", [0, 0, 0, 0]),
+    }
 
 
 def _pool_windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int], fill: float):

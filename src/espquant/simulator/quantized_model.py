@@ -334,37 +334,12 @@ def _binary(op):
     return run
 
 
-def _mul(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
-    a, b = node.inputs
-    return [
-        kernels.mul(
-            env[a],
-            env[b],
-            e_a=m.exponent(a),
-            e_b=m.exponent(b),
-            e_out=m.exponent(node.outputs[0]),
-            bits=m.bits,
-            profile=m.profile,
-        )
-    ]
-
-
-def _pool_args(node: QNode, x: np.ndarray, global_pool: bool) -> dict[str, Any]:
-    if global_pool:
-        return {"kernel": x.shape[2:4], "strides": (1, 1), "pads": (0, 0, 0, 0)}
-    return {
-        "kernel": node.attrs["kernel_shape"],
-        "strides": node.attrs.get("strides", [1, 1]),
-        "pads": node.attrs.get("pads", [0, 0, 0, 0]),
-    }
-
-
 def _pool(kind: str):
     def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
         x = env[node.inputs[0]]
         one_d = x.ndim == 3
         x4 = x[:, :, None, :] if one_d else x
-        args = _pool_args(node, x4, kind == "global")
+        args = kernels.pool_arguments(node.attrs, x4.shape[2:4], kind == "global")
         if one_d and kind != "global":
             args = {
                 "kernel": [1, *args["kernel"]],
@@ -652,7 +627,7 @@ _RUN = {
     "MatMul": _matmul,
     "Add": _binary(kernels.add),
     "Sub": _binary(kernels.sub),
-    "Mul": _mul,
+    "Mul": _arith(kernels.mul),
     "MaxPool": _pool("max"),
     "AveragePool": _pool("average"),
     "GlobalAveragePool": _pool("global"),
