@@ -107,17 +107,43 @@ def test_bad_inputs(tmp_path, mixed, rng):
 
 
 def test_ops_without_a_kernel_are_named(tmp_path, rng):
-    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv")
-    model = make_model(
-        [node],
-        [tensor("x", ["N", 2, 4, 4])],
-        [tensor("y", ["N", 3, 6, 6])],
-        {"w": rng.normal(0, 1, (2, 3, 3, 3)).astype(np.float32)},
-    )
-    data = rng.normal(0, 1, (4, 2, 4, 4)).astype(np.float32)
-    Calibrator("int8").generate_quantization_table(model, data, str(tmp_path / "r.pickle"))
-    with pytest.raises(UnsupportedOpError, match="no kernel yet for: ConvTranspose"):
+    node = helper.make_node("ReverseSequence", ["x", "lens"], ["y"], batch_axis=1, time_axis=0, name="reverse")
+    model = make_model([node], [tensor("x", [4, 2, 3])], [tensor("y", [4, 2, 3])], {"lens": np.array([4, 2], np.int64)})
+    data = rng.normal(0, 1, (4, 2, 3)).astype(np.float32)
+    Calibrator("int8").generate_quantization_table(model, data, str(tmp_path / "r.pickle"), batch_size=4)
+    with pytest.raises(UnsupportedOpError, match="no kernel yet for: ReverseSequence"):
         Evaluator("int8", "esp32s3").generate_quantized_model(model, str(tmp_path / "r.pickle"))
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {},
+        {"strides": [2, 2]},
+        {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+        {"strides": [2, 2], "output_padding": [1, 1]},
+        {"strides": [2, 1], "pads": [0, 1, 2, 1]},
+    ],
+)
+def test_conv_transpose_follows_the_float_model(rng, attrs):
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], name="deconv", **attrs)
+    inits = {"w": rng.normal(0, 0.5, (3, 4, 3, 3)).astype(np.float32), "b": rng.normal(0, 0.1, 4).astype(np.float32)}
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [tensor("x", ["N", 3, 5, 5])],
+        [tensor("y", None)],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = rng.normal(0, 1, (2, 3, 5, 5)).astype(np.float32)
+    expected = _float(model, data)
+    table = Calibrator("int16").calibrate(model, data).table
+    evaluator = Evaluator("int16", "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 2.0**-10 * np.abs(expected).max() + 2.0 ** evaluator.quantized.exponent("y")
 
 
 def test_resize_pad_slice_run_like_the_float_model(tmp_path, rng):

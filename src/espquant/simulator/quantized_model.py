@@ -121,8 +121,6 @@ def build_quantized_model(
     for node, spec in plan.nodes:
         if node.name in fused_relu_nodes:
             continue
-        if spec.op_type in ("ConvTranspose",):
-            raise UnsupportedOpError(f"node {node.name!r}: the simulator has no {node.op_type} kernel yet")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         outputs = list(node.output)
@@ -255,6 +253,51 @@ def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
         pads=pads,
         dilations=dilations,
         depthwise=depthwise,
+        shift=_shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1]),
+        relu=node.relu,
+        bits=m.bits,
+        profile=m.profile,
+    )
+    out = _nchw(out)
+    return [out[:, :, 0, :] if one_d else out]
+
+
+def _conv_transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ConvTranspose as ESP-DL runs it: InsertZeros (stride - 1 zeros between pixels) then a stride-1 Conv
+    with the kernel flipped and its channel axes swapped (group 1)."""
+    x = env[node.inputs[0]]
+    w = env[node.inputs[1]]  # (C_in, C_out, KH, KW)
+    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    one_d = x.ndim == 3
+    if one_d:
+        x, w = x[:, :, None, :], w[:, :, None, :]
+    spatial = 2
+    strides = list(node.attrs.get("strides", [1] * (spatial - one_d)))
+    dilations = list(node.attrs.get("dilations", [1] * (spatial - one_d)))
+    pads = list(node.attrs.get("pads", [0] * 2 * (spatial - one_d)))
+    extra = list(node.attrs.get("output_padding", [0] * (spatial - one_d)))
+    if one_d:
+        strides, dilations, extra = [1, *strides], [1, *dilations], [0, *extra]
+        pads = [0, pads[0], 0, pads[1]]
+    batch, channels, height, width = x.shape
+    kh, kw = w.shape[2:]
+    inserted = np.zeros((batch, channels, (height - 1) * strides[0] + 1, (width - 1) * strides[1] + 1), np.int64)
+    inserted[:, :, :: strides[0], :: strides[1]] = x
+    begin = [dilations[0] * (kh - 1) - pads[0], dilations[1] * (kw - 1) - pads[1]]
+    end = [dilations[0] * (kh - 1) - pads[2] + extra[0], dilations[1] * (kw - 1) - pads[3] + extra[1]]
+    grow = [max(v, 0) for v in (*begin, *end)]
+    padded = np.pad(inserted, [(0, 0), (0, 0), (grow[0], grow[2]), (grow[1], grow[3])])
+    crop = [max(-v, 0) for v in (*begin, *end)]
+    padded = padded[:, :, crop[0] : padded.shape[2] - crop[2], crop[1] : padded.shape[3] - crop[3]]
+    flipped = np.flip(w, axis=(2, 3)).transpose(1, 0, 2, 3)  # (C_out, C_in, KH, KW)
+    out = kernels.conv2d_nhwc(
+        _nhwc(padded),
+        np.moveaxis(flipped, 1, -1),
+        bias,
+        strides=[1, 1],
+        pads=[0, 0, 0, 0],
+        dilations=dilations,
+        depthwise=False,
         shift=_shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1]),
         relu=node.relu,
         bits=m.bits,
@@ -605,6 +648,7 @@ def _log_softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> 
 
 
 _RUN = {
+    "ConvTranspose": _conv_transpose,
     "Div": _arith(kernels.div),
     "Pow": _arith(kernels.pow_float),
     "PRelu": _prelu,
