@@ -317,3 +317,22 @@ def test_div_special_cases_from_the_spec():
     assert out.tolist() == [127, -128, 0, 56]
     table_path = kernels.div(np.array([0]), np.array([0, 3]), e_a=-4, e_b=-4, e_out=-4, bits=8, profile=s3)
     assert table_path.tolist() == [-128, 0]  # the int8 scalar / vector table: 0 / 0 -> -128
+
+
+@pytest.mark.parametrize("transform", ["half_pixel", "align_corners"])
+def test_linear_resize_follows_the_float_model(rng, transform):
+    node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode="linear", coordinate_transformation_mode=transform)
+    model = make_model(
+        [node],
+        [tensor("x", ["N", 2, 5, 6])],
+        [tensor("y", ["N", 2, 10, 12])],
+        {"s": np.array([1, 1, 2, 2], np.float32)},
+    )
+    data = rng.normal(0, 1, (2, 2, 5, 6)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    step = 2.0 ** evaluator.quantized.exponent("y")
+    # The input's own quantization (half a step) plus the output rounding (half a step) separate them.
+    np.testing.assert_allclose(got, _float(model, data), atol=step + 1e-6)

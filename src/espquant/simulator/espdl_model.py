@@ -302,8 +302,19 @@ def _pad(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.n
 def _resize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
     scales = model._const(node.inputs[2]).data.reshape(-1)
-    if node.attributes.get("mode", "nearest") != "nearest":
-        raise UnsupportedOpError(f"node {node.name!r}: linear Resize is not simulated yet")
+    if node.attributes.get("mode", "nearest") == "linear":
+        return [
+            kernels.resize_linear_nhwc(
+                x.data,
+                scale_h=float(scales[2]),
+                scale_w=float(scales[3]),
+                align_corners=node.attributes.get("coordinate_transformation_mode") == "align_corners",
+                e_in=x.exponent,
+                e_out=model._exponent(node.outputs[0]),
+                bits=_bits(node),
+                profile=model.profile,
+            )
+        ]
     return [
         kernels.resize_nearest_nhwc(
             x.data,

@@ -385,3 +385,49 @@ def prelu_per_channel(
         up, down = max(0, e_in - e_out), max(0, e_out - e_in)
         positive = shift_round(q64 << up, down, profile.rounding) if down else q64 << up
     return saturate(np.where(q64 > 0, positive, np.where(q64 < 0, negative, 0)), bits)
+
+
+def _linear_axis(size_in: int, size_out: int, scale: float, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source index and weight of each output coordinate along one axis (ARITHMETIC.md 9, linear)."""
+    out = np.arange(size_out, dtype=F32)
+    if align_corners:
+        inverse = F32((size_in - 1) / (size_out - 1)) if size_out > 1 else F32(0.0)
+        position = (out * inverse).astype(F32)
+    else:
+        inverse = F32(1.0) / F32(scale)
+        position = ((out + F32(0.5)) * inverse - F32(0.5)).astype(F32)
+    index = np.floor(position).astype(np.int64)
+    weight = (position - index.astype(F32)).astype(F32)
+    low = index < 0
+    index[low], weight[low] = 0, F32(0.0)
+    high = index >= size_in - 1
+    index[high], weight[high] = max(size_in - 2, 0), F32(1.0)
+    if size_in == 1:
+        index[:], weight[:] = 0, F32(0.0)
+    return index, weight
+
+
+def resize_linear_nhwc(
+    x: np.ndarray,
+    *,
+    scale_h: float,
+    scale_w: float,
+    align_corners: bool,
+    e_in: int,
+    e_out: int,
+    bits: int,
+    profile: TargetProfile,
+) -> np.ndarray:
+    """Bilinear resize: rows blended first, then columns, in float32 from dequantized values (9)."""
+    batch, height, width, channels = x.shape
+    out_h, out_w = int(height * scale_h), int(width * scale_w)
+    rows, row_w = _linear_axis(height, out_h, scale_h, align_corners)
+    cols, col_w = _linear_axis(width, out_w, scale_w, align_corners)
+    values = (x.astype(F32) * F32(2.0**e_in)).astype(F32)
+    next_rows = np.minimum(rows + 1, height - 1)
+    wr = row_w[None, :, None, None]
+    blended = (values[:, rows] * (F32(1.0) - wr) + values[:, next_rows] * wr).astype(F32)
+    next_cols = np.minimum(cols + 1, width - 1)
+    wc = col_w[None, None, :, None]
+    result = (blended[:, :, cols] * (F32(1.0) - wc) + blended[:, :, next_cols] * wc).astype(F32)
+    return saturate(round_float((result * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)

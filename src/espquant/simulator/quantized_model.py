@@ -16,7 +16,6 @@ import onnx
 from onnx import helper
 
 from espquant.calibration.plan import plan_calibration
-from espquant.errors import UnsupportedOpError
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
 from espquant.quant.profiles import TargetProfile
@@ -535,22 +534,19 @@ def _pad(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.
 
 def _resize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
-    if node.attrs.get("mode", "nearest") != "nearest":
-        raise UnsupportedOpError(f"node {node.name!r}: linear Resize is not simulated yet")
     if len(node.inputs) > 2 and node.inputs[2] and env[node.inputs[2]].size:
         scales = env[node.inputs[2]].reshape(-1).astype(float)
     else:
         sizes = env[node.inputs[3]].reshape(-1)
         scales = sizes / np.array(x.shape, dtype=float)
-    out = kernels.resize_nearest_nhwc(
-        _nhwc(x),
-        scale_h=float(scales[2]),
-        scale_w=float(scales[3]),
-        e_in=m.exponent(node.inputs[0]),
-        e_out=m.exponent(node.outputs[0]),
-        bits=m.bits,
-        profile=m.profile,
-    )
+    common = dict(e_in=m.exponent(node.inputs[0]), e_out=m.exponent(node.outputs[0]), bits=m.bits, profile=m.profile)
+    if node.attrs.get("mode", "nearest") == "linear":
+        align = node.attrs.get("coordinate_transformation_mode") == "align_corners"
+        out = kernels.resize_linear_nhwc(
+            _nhwc(x), scale_h=float(scales[2]), scale_w=float(scales[3]), align_corners=align, **common
+        )
+    else:
+        out = kernels.resize_nearest_nhwc(_nhwc(x), scale_h=float(scales[2]), scale_w=float(scales[3]), **common)
     return [_nchw(out)]
 
 
