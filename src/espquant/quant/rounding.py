@@ -28,8 +28,10 @@ def shift_round(acc: np.ndarray, shift: int | np.ndarray, rounding: str) -> np.n
         if rounding == "half_up":
             return (acc + half) >> shift_array  # floor((a + 2^(s-1)) / 2^s)
         floor = acc >> shift_array
-        remainder = acc - (floor << shift_array)
-        return floor + ((remainder > half) | ((remainder == half) & ((floor & 1) == 1)))
+        remainder = acc & ((np.int64(1) << shift_array) - 1)
+        # Round up when the remainder passes one half, or equals it and the floor is odd: r + (q & 1) > half.
+        remainder += floor & 1
+        return floor + (remainder > half)
     positive = np.maximum(shift_array, 1)
     floor = acc >> positive
     remainder = acc - (floor << positive)
