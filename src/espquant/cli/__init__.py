@@ -1,0 +1,14 @@
+"""The ``espquant`` command line: one module per subcommand, registered on the group in ``app``.
+
+Subcommands mirror the Python API. Errors that espquant explains (bad paths, bad options, models it
+cannot handle) print as one line on stderr with exit code 1; bad usage exits with 2; neither shows a
+traceback unless ``--debug`` is given.
+"""
+
+from espquant.cli import calibrate, check, demo, espdl, evaluate, optimize  # noqa: F401 - registers the subcommands
+from espquant.cli.app import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

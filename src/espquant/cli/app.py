@@ -1,0 +1,77 @@
+"""The ``espquant`` command group: consoles, logging, and the error handling every subcommand shares.
+
+Errors that espquant explains (bad paths, bad options, models it cannot handle) print as one line on stderr
+with exit code 1; bad usage exits with 2; neither shows a traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+
+from espquant._version import __version__
+from espquant.errors import EspquantError, OptionError
+
+logger = logging.getLogger("espquant")
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that is 120 columns wide when output goes to a file or pipe (rich's default is 80)."""
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or "COLUMNS" in os.environ else 120
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+class EspquantGroup(click.Group):
+    """A click group that turns espquant errors into one clear line and the right exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OptionError as exc:
+            err.print(f"[bold red]espquant: usage error:[/] {exc}", soft_wrap=True)
+            ctx.exit(2)
+        except EspquantError as exc:
+            err.print(f"[bold red]espquant: error:[/] {exc}", soft_wrap=True)
+            ctx.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            err.print(
+                f"[bold red]espquant: internal error:[/] {type(exc).__name__}: {exc}. "
+                "Run again with --debug for the traceback and please report it.",
+                soft_wrap=True,
+            )
+            ctx.exit(1)
+
+
+@click.group(cls=EspquantGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="espquant")
+@click.option("-v", "--verbose", count=True, help="Log more (-v: info, -vv: debug).")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for unexpected errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, debug: bool) -> None:
+    """Quantize ONNX models for Espressif ESP-DL chips and know what the chip will compute.
+
+    \b
+    Typical flow:
+      espquant demo                                  # everything on a bundled MNIST model
+      espquant optimize model.onnx                   # -> model_optimized.onnx
+      espquant optimize model.onnx --input-shape input:1,3,96,96
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logger.setLevel(level)

@@ -1,0 +1,133 @@
+"""``espquant calibrate``: measure activations and write the quantization table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from espquant.cli.app import err, main, out
+
+
+def load_array_data(path: Path) -> Any:
+    """Arrays from ``.npy`` (memory-mapped, so large sets stream from disk) or ``.npz`` (one array per input)."""
+
+    from espquant.errors import DatasetError
+
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: no such data file. Give a .npy array (N, ...) or an .npz with one array per input."
+        )
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{path}: cannot read it as numpy data ({exc}).") from exc
+    raise DatasetError(f"{path}: calibration data must be a .npy or .npz file.")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Calibration inputs, already normalised: .npy (N, ...) or .npz with one array per input name.",
+)
+@click.option("--bits", default="int8", show_default=True, type=click.Choice(["int8", "int16"]))
+@click.option(
+    "--granularity",
+    default="per-tensor",
+    show_default=True,
+    type=click.Choice(["per-tensor", "per-channel"]),
+    help="Weights: one exponent, or one per channel.",
+)
+@click.option(
+    "--method",
+    default="minmax",
+    show_default=True,
+    type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
+    help="How activation ranges are chosen.",
+)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Table path (default: <model>_calib.pickle).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of a terminal table.")
+def calibrate(
+    model: Path,
+    data_path: Path,
+    bits: str,
+    granularity: str,
+    method: str,
+    batch_size: int,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Measure activations on calibration data and write the quantization table.
+
+    Runs the float model once per batch under onnxruntime (memory does not grow with the data set),
+    chooses a power-of-two exponent for every tensor, applies ESP-DL's rules (fused Relu, pass-through
+    ops, Concat sharing, no left shifts), and writes TABLE.pickle (legacy format) and TABLE.json.
+
+    \b
+    Examples:
+      espquant calibrate mnist_optimized.onnx --data calib.npy
+      espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
+    """
+    from espquant.calibration import Calibrator
+    from espquant.model_io import load_model
+    from espquant.progress import progress_bar
+
+    proto = load_model(model)
+    data = load_array_data(data_path)
+    calibrator = Calibrator(bits, granularity, method)
+    total = len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else None
+    target = output or model.with_name(f"{model.stem}_calib.pickle")
+    with progress_bar("calibrating", total, enabled=not as_json and err.is_terminal) as advance:
+        result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
+    table_path, json_path = result.table.save(target)
+    if as_json:
+        click.echo(json.dumps({"table": str(table_path), **json.loads(json_path.read_text())}, indent=2))
+        return
+    print_calibration(result)
+    out.print(f"wrote [bold]{table_path}[/] and [bold]{json_path}[/]")
+
+
+def print_calibration(result: Any, console: Console = out) -> None:
+    """Activations with their range, exponent and clipped fraction; then weights and requantizations."""
+    bits = result.table.metadata["bits"]
+    table = Table(
+        title=f"activations ({result.samples} samples, {result.table.metadata['method']}, int{bits})",
+        title_justify="left",
+    )
+    table.add_column("tensor", overflow="fold")
+    table.add_column("max |x|", justify="right")
+    table.add_column("exponent", justify="right")
+    table.add_column("range", justify="right")
+    table.add_column("clipped", justify="right")
+    limit = (1 << (bits - 1)) - 1
+    for name, observer in result.observers.items():
+        exponent = result.table.exponents[name]
+        clipped = observer.clipped_fraction(exponent, bits)
+        table.add_row(
+            name, f"{observer.max_abs:.4g}", str(exponent), f"±{limit * 2.0**exponent:.4g}", f"{100 * clipped:.3f}%"
+        )
+    console.print(table)
+    others = [n for n in result.table.exponents if n not in result.observers]
+    per_channel = sum(isinstance(result.table.exponents[n], list) for n in others)
+    console.print(f"{len(others)} weights, biases and derived tensors ({per_channel} per-channel)")
+    for r in result.requantize:
+        console.print(
+            f"RequantizeLinear before node {r.node!r} input {r.position} ({r.tensor}): "
+            f"exponent {r.from_exponent} -> {r.to_exponent}",
+            soft_wrap=True,
+        )

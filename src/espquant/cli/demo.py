@@ -1,0 +1,80 @@
+"""``espquant demo``: the whole pipeline on the bundled MNIST model and digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from espquant.cli.app import main, out
+from espquant.cli.calibrate import print_calibration
+from espquant.cli.check import print_support_matrix, support_matrix
+from espquant.cli.optimize import print_report
+from espquant.errors import EspquantError
+
+
+@main.command()
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("espquant-demo"),
+    show_default=True,
+    help="Folder for the demo's output files (created if missing).",
+)
+def demo(workdir: Path) -> None:
+    """Run espquant on the bundled MNIST CNN and real digits.
+
+    The demo model (Conv, BatchNormalization, Relu, MaxPool, a residual Add, a depthwise Conv, Flatten,
+    Gemm) and 3,000 MNIST digits ship inside the package. The demo copies the model to WORKDIR,
+    optimizes it and prints what each pass changed, checks that ESP-DL can run it on every target
+    chip, calibrates it on 1,000 training digits (int8 and int16 tables), and measures on 2,000 test
+    digits the accuracy of the float model and of the integer model each chip family computes.
+    """
+    import onnx
+
+    from espquant.demo import demo_model_path, float_accuracy, load_demo_data
+    from espquant.model_io import atomic_write_bytes
+    from espquant.optimizer import optimize_file
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = workdir / "demo_mnist_cnn.onnx"
+    atomic_write_bytes(source, demo_model_path().read_bytes())
+    out.print(f"[bold]espquant demo[/]: MNIST CNN ({source.stat().st_size / 1024:.0f} KiB) -> {workdir}/")
+    path, report = optimize_file(source)
+    print_report(report, path, title="1. optimize: what each pass changed")
+    reports = support_matrix(onnx.load(path))
+    print_support_matrix(reports, f"2. check: can ESP-DL run {Path(path).name}?")
+    data = load_demo_data()
+    from espquant.calibration import Calibrator
+    from espquant.simulator import Evaluator
+
+    optimized = onnx.load(path)
+    calibration = Calibrator("int8", "per-tensor", "minmax").calibrate(optimized, data.calib_inputs)
+    table_path, _ = calibration.table.save(workdir / "demo_mnist_cnn_calib_int8.pickle")
+    out.print(f"3. calibrate: {len(data.calib_images)} MNIST training digits, int8 per-tensor min-max")
+    print_calibration(calibration)
+    out.print(f"wrote [bold]{table_path}[/]")
+    int16 = Calibrator("int16", "per-tensor", "minmax").calibrate(optimized, data.calib_inputs)
+    int16_path, _ = int16.table.save(workdir / "demo_mnist_cnn_calib_int16.pickle")
+    out.print(f"   and the int16 table: [bold]{int16_path}[/]")
+    before = float_accuracy(source.read_bytes(), data.test_inputs, data.test_labels)
+    after = float_accuracy(Path(path).read_bytes(), data.test_inputs, data.test_labels)
+    table = Table(
+        title=f"4. evaluate: top-1 accuracy on {len(data.test_labels)} MNIST test digits", title_justify="left"
+    )
+    table.add_column("model")
+    table.add_column("arithmetic")
+    table.add_column("top-1", justify="right")
+    table.add_row(source.name, "float32 (onnxruntime)", f"{before:.2f}%")
+    table.add_row(Path(path).name, "float32 (onnxruntime)", f"{after:.2f}%")
+    for bits, table_file in (("int8", table_path), ("int16", int16_path)):
+        for target in ("esp32s3", "esp32p4", "esp32c3"):
+            evaluator = Evaluator(bits, "per-tensor", target)
+            evaluator.generate_quantized_model(optimized, table_file)
+            logits = evaluator.evaluate_quantized_model(data.test_inputs)[0][0]
+            accuracy = 100.0 * float((logits.argmax(axis=1) == data.test_labels).mean())
+            table.add_row(Path(path).name, f"{bits} on {target} (simulated)", f"{accuracy:.2f}%")
+    out.print(table)
+    if abs(before - after) > 1e-9:
+        raise EspquantError(f"the optimized demo model's accuracy changed ({before:.2f}% -> {after:.2f}%)")

@@ -1,0 +1,177 @@
+"""``espquant run`` and ``espquant inspect``: ESP-DL ``.espdl`` files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.table import Table
+
+from espquant.cli.app import main, out
+from espquant.errors import OptionError
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", metavar="CHIP", help="Target chip, for files that do not record it (ESP-DL 3.0.x).")
+@click.option("--self-test", is_flag=True, help="Run the file's embedded test inputs and compare with its outputs.")
+@click.option(
+    "--input",
+    "input_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Quantized input(s): NAME=file.npy, or file.npy for a single-input model.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    model: Path,
+    target: str | None,
+    self_test: bool,
+    input_paths: tuple[Path, ...],
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Simulate an ESP-DL .espdl model: the integers the chip computes, from the file alone.
+
+    \b
+    Examples:
+      espquant run model.espdl --self-test
+      espquant run old_model.espdl --target esp32p4 --self-test --json
+      espquant run model.espdl --input x.npy -o outputs.npz
+    """
+    from espquant.simulator.espdl_model import compare_output, load_espdl
+
+    loaded = load_espdl(model, target)
+    if self_test:
+        values = loaded.test_values
+        if values is None:
+            raise OptionError(f"{model}: the file embeds no test values; give --input instead.")
+        inputs, expected = values
+        got = loaded.run(inputs, keep=True)
+        rows = []
+        for name, want in expected.items():
+            equal, detail = compare_output(got[name], want)
+            rows.append({"output": name, "equal": equal, "detail": detail})
+        if as_json:
+            click.echo(json.dumps({"model": str(model), "target": loaded.profile.name, "outputs": rows}, indent=2))
+        else:
+            table = Table(
+                title=f"{model} on {loaded.profile.name}: simulation vs embedded outputs", title_justify="left"
+            )
+            for column in ("output", "equal", "detail"):
+                table.add_column(column)
+            for row in rows:
+                table.add_row(row["output"], "[green]yes[/]" if row["equal"] else "[bold red]no[/]", row["detail"])
+            out.print(table)
+        if not all(row["equal"] for row in rows):
+            ctx.exit(1)
+        return
+    if not input_paths:
+        raise OptionError("give --input NAME=file.npy (or --self-test).")
+    feeds = {}
+    names = [v.name for v in loaded.inputs]
+    for text in input_paths:
+        name, _, file = str(text).rpartition("=")
+        if not name:
+            if len(names) != 1:
+                raise OptionError(f"the model has inputs {names}: use --input NAME=file.npy.")
+            name = names[0]
+        feeds[name] = np.load(file, allow_pickle=False)
+    results = loaded.run(feeds)
+    if output is not None:
+        import io
+
+        from espquant.model_io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        np.savez(buffer, **results)
+        atomic_write_bytes(output, buffer.getvalue())
+    if as_json:
+        click.echo(json.dumps({name: value.tolist() for name, value in results.items()}))
+    else:
+        for name, value in results.items():
+            declared = next(v for v in loaded.outputs if v.name == name)
+            out.print(f"{name}: {value.dtype} {list(value.shape)}, exponent {declared.exponent}")
+            out.print(np.array2string(value, threshold=64))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the decoded file as JSON.")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show what an ESP-DL .espdl file holds: nodes, exponents, constants and test values.
+
+    Reads both containers (EDL2, and the EDL1 of ESP-DL 3.0.x).
+
+    \b
+    Examples:
+      espquant inspect model.espdl
+      espquant inspect model.espdl --json
+    """
+    from espquant.export import read_espdl
+
+    decoded = read_espdl(model)
+    if as_json:
+        click.echo(json.dumps(_espdl_summary(decoded), indent=2))
+        return
+    out.print(
+        f"[bold]{model}[/]: {decoded.container}, target {decoded.target or 'not recorded'}, "
+        f"ir_version {decoded.ir_version}, graph {decoded.graph_name!r}"
+    )
+    nodes = Table(title=f"{len(decoded.nodes)} node(s)", title_justify="left")
+    for column in ("node", "op", "quant", "inputs -> outputs", "attributes"):
+        nodes.add_column(column, overflow="fold")
+    for node in decoded.nodes:
+        attrs = ", ".join(f"{k}={v}" for k, v in node.attributes.items() if k != "quant_type")
+        nodes.add_row(
+            node.name, node.op_type, node.quant_type, f"{', '.join(node.inputs)} -> {', '.join(node.outputs)}", attrs
+        )
+    out.print(nodes)
+    tensors = Table(title="variables and constants", title_justify="left")
+    for column in ("name", "kind", "dtype", "shape", "exponent(s)"):
+        tensors.add_column(column, overflow="fold")
+    for value in decoded.values.values():
+        tensors.add_row(value.name, "variable", value.dtype, str(list(value.shape or [])), str(value.exponents))
+    for tensor in decoded.initializers.values():
+        layout = f" {tensor.doc}" if tensor.doc else ""
+        tensors.add_row(tensor.name, f"constant{layout}", tensor.dtype, str(list(tensor.dims)), str(tensor.exponents))
+    out.print(tensors)
+    for label, values in (("test input", decoded.test_inputs), ("test output", decoded.test_outputs)):
+        for tensor in values.values():
+            out.print(
+                f"{label} {tensor.name!r}: {tensor.dtype} {list(tensor.dims)}, exponent {tensor.exponent}, "
+                f"values {np.array2string(tensor.data.reshape(-1)[:8], separator=' ')}"
+                f"{' ...' if tensor.data.size > 8 else ''}"
+            )
+
+
+def _espdl_summary(decoded: Any) -> dict[str, Any]:
+    def tensor(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": t.dtype, "dims": list(t.dims), "exponents": t.exponents, "doc": t.doc}
+
+    return {
+        "path": decoded.path,
+        "container": decoded.container,
+        "target": decoded.target,
+        "ir_version": decoded.ir_version,
+        "nodes": [
+            {
+                "name": n.name,
+                "op_type": n.op_type,
+                "inputs": n.inputs,
+                "outputs": n.outputs,
+                "attributes": {k: v for k, v in n.attributes.items() if not hasattr(v, "data")},
+            }
+            for n in decoded.nodes
+        ],
+        "values": [vars(v) for v in decoded.values.values()],
+        "initializers": [tensor(t) for t in decoded.initializers.values()],
+        "test_inputs": [tensor(t) for t in decoded.test_inputs.values()],
+        "test_outputs": [tensor(t) for t in decoded.test_outputs.values()],
+    }
