@@ -336,3 +336,25 @@ def test_linear_resize_follows_the_float_model(rng, transform):
     step = 2.0 ** evaluator.quantized.exponent("y")
     # The input's own quantization (half a step) plus the output rounding (half a step) separate them.
     np.testing.assert_allclose(got, _float(model, data), atol=step + 1e-6)
+
+
+def test_unnamed_nodes_are_not_mistaken_for_fused_relus(rng):
+    # Exported models may leave every node name empty: only the Relu that the Conv absorbs may vanish.
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Sigmoid", ["r"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", ["N", 2, 4, 4])],
+        [tensor("y", ["N", 3, 4, 4])],
+        {"w": rng.normal(0, 0.5, (3, 2, 1, 1)).astype(np.float32)},
+    )
+    data = rng.normal(0, 1, (4, 2, 4, 4)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    evaluator = Evaluator("int16", "per-tensor", "esp32s3")
+    quantized = evaluator.generate_quantized_model(model, table)
+    assert [n.op_type for n in quantized.nodes] == ["Conv", "Sigmoid"] and quantized.nodes[0].relu
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    np.testing.assert_allclose(got, _float(model, data), atol=2e-3)

@@ -101,7 +101,8 @@ def build_quantized_model(
     exps = dict(table.exponents)
     constants: dict[str, np.ndarray] = {}
     nodes: list[QNode] = []
-    fused_relu_nodes = {view.single_consumer(out).name for out in plan.fused}  # type: ignore[union-attr]
+    # The Relu nodes absorbed by their Conv/Gemm/MatMul, by identity (names may be empty in unoptimized models).
+    fused_relu_nodes = {id(view.single_consumer(out)) for out in plan.fused}
     requantized = 0
     rounding = profile.rounding
 
@@ -118,7 +119,7 @@ def build_quantized_model(
         return name
 
     for node, spec in plan.nodes:
-        if node.name in fused_relu_nodes:
+        if id(node) in fused_relu_nodes:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
