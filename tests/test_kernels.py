@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,3 +158,32 @@ def test_float32_onnxruntime_sums_equal_the_integer_kernel(seed, stride, pads, d
             else:
                 reference[:, :, oy, ox] = np.einsum("bchw,nchw->bn", window, w)
     np.testing.assert_array_equal(sums, reference)
+
+
+@pytest.mark.parametrize("scale", [1, 4, 127])
+def test_fast_path_equals_lane_emulation_on_esp32s3(scale):
+    # Weights whose worst case exceeds the S3 20-bit lane: with small inputs this data never reaches the rail
+    # (the fast path must be taken and agree); with scale 127 it does (the emulation must be used).
+    from espquant.simulator.quantized_model import QNode, QuantizedModel, _conv
+
+    rng = np.random.default_rng(scale)
+    x = rng.integers(-scale, scale + 1, (2, 32, 6, 6))
+    w = rng.integers(-127, 128, (16, 32, 3, 3))
+    model = QuantizedModel([], {}, {"x": -7, "w": -7, "y": -2}, ["x"], ["y"], S3, 8)
+    node = QNode("Conv", "conv", ["x", "w"], ["y"], {"pads": [1, 1, 1, 1]})
+    got = _conv(model, node, {"x": x, "w": w})[0]
+    expected = kernels.conv2d_nhwc(
+        np.moveaxis(x, 1, -1),
+        np.moveaxis(w, 1, -1),
+        None,
+        strides=[1, 1],
+        pads=[1, 1, 1, 1],
+        dilations=[1, 1],
+        depthwise=False,
+        shift=12,
+        relu=False,
+        bits=8,
+        profile=S3,
+    )
+    np.testing.assert_array_equal(got, np.moveaxis(expected, -1, 1))
+    assert ("conv" in model._sessions) == (scale < 127)

@@ -322,15 +322,38 @@ def _float32_conv_sums(
 
     Every product and partial sum is an integer below ``max|x| * max_n sum|w_n| < 2**24``, so float32
     represents each exactly whatever order the kernel adds them in. Also required: no accumulator lane can
-    saturate (``bound + |bias|`` below the narrowest lane), else the numpy path emulates the lanes.
+    saturate on this data (``sum |x||w| + |bias|`` below the narrowest lane, computed the same exact way),
+    else the numpy path emulates the lanes.
     """
     x_max = max(int(x.max(initial=0)), -int(x.min(initial=0)))
-    products = float(x_max) * float(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1).max(initial=0))
-    bias_max = 0 if bias is None else max(int(bias.max(initial=0)), -int(bias.min(initial=0)))
-    lanes = min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits])
-    if products >= 2.0**24 or products + bias_max >= 2.0 ** (lanes - 1):
+    magnitudes = np.abs(w.astype(np.int64))
+    products = float(x_max) * float(magnitudes.reshape(w.shape[0], -1).sum(axis=1).max(initial=0))
+    if products >= 2.0**24:
         return None
-    session = m._sessions.get(node.name)
+    bias_max = 0 if bias is None else max(int(bias.max(initial=0)), -int(bias.min(initial=0)))
+    limit = 2.0 ** (min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits]) - 1)
+    if products + bias_max >= limit:
+        # The worst case could reach a lane's rail: check this data's own bound, sum |x||w| per output.
+        bound = _conv_session(m, node.name + "|abs", magnitudes, x.shape[1:], strides, pads, dilations, group)
+        reach = bound.run(None, {"x": np.abs(x).astype(np.float32)})[0].max(initial=0)
+        if float(reach) + bias_max >= limit:
+            return None  # a lane does saturate: the numpy path emulates it tap by tap
+    conv = _conv_session(m, node.name, w, x.shape[1:], strides, pads, dilations, group)
+    return conv.run(None, {"x": x.astype(np.float32)})[0].astype(np.int64)
+
+
+def _conv_session(
+    m: QuantizedModel,
+    key: str,
+    w: np.ndarray,
+    input_shape: tuple[int, ...],
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    group: int,
+) -> Any:
+    """An onnxruntime session computing ``Conv(x, w)`` in float32, cached on the model under ``key``."""
+    session = m._sessions.get(key)
     if session is None:
         import onnxruntime as ort
 
@@ -338,7 +361,7 @@ def _float32_conv_sums(
         graph = helper.make_graph(
             [conv],
             "conv_sums",
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", *x.shape[1:]])],
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", *input_shape])],
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
             [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
         )
@@ -348,8 +371,8 @@ def _float32_conv_sums(
             options.intra_op_num_threads = m.threads
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        m._sessions[node.name] = session
-    return session.run(None, {"x": x.astype(np.float32)})[0].astype(np.int64)
+        m._sessions[key] = session
+    return session
 
 
 def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
