@@ -358,3 +358,19 @@ def test_unnamed_nodes_are_not_mistaken_for_fused_relus(rng):
     assert [n.op_type for n in quantized.nodes] == ["Conv", "Sigmoid"] and quantized.nodes[0].relu
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
     np.testing.assert_allclose(got, _float(model, data), atol=2e-3)
+
+
+def test_unnamed_convolutions_keep_their_own_weights(rng):
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Conv", ["a", "w2"], ["y"])]
+    inits = {
+        "w1": rng.normal(0, 0.5, (2, 2, 1, 1)).astype(np.float32),
+        "w2": rng.normal(0, 0.5, (2, 2, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 2, 3, 3])], inits)
+    data = rng.normal(0, 1, (4, 2, 3, 3)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    assert len(evaluator.quantized._sessions) == 2  # one exact float32 session per convolution
+    np.testing.assert_allclose(got, _float(model, data), atol=0.1)

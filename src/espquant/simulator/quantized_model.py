@@ -236,13 +236,29 @@ def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
     if one_d:
         strides, dilations = [1, *strides], [1, *dilations]
+    out = _integer_conv(m, node, x, w, bias, strides, pads, dilations, group)
+    return [out[:, :, 0, :] if one_d else out]
+
+
+def _integer_conv(
+    m: QuantizedModel,
+    node: QNode,
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    strides: list[int],
+    pads: list[int],
+    dilations: list[int],
+    group: int,
+) -> np.ndarray:
+    """A 2-D convolution on NCHW integers as the chip computes it: exact sums (onnxruntime float32 when provably
+    exact, else the numpy kernel with lane emulation), shift, fused ReLU, saturation."""
     shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
     sums = _float32_conv_sums(m, node, x, w, bias, strides, pads, dilations, group)
     if sums is not None:
         start = 0 if bias is None else bias.reshape(1, -1, 1, 1)
         channel_shift = shift.reshape(1, -1, 1, 1) if isinstance(shift, np.ndarray) else shift
-        out = kernels._finish(sums + start, channel_shift, node.relu, m.bits, m.profile)
-        return [out[:, :, 0, :] if one_d else out]
+        return kernels._finish(sums + start, channel_shift, node.relu, m.bits, m.profile)
     depthwise = group > 1
     weight = w[:, 0] if depthwise else np.moveaxis(w, 1, -1)  # (N, KH, KW[, C])
     out = kernels.conv2d_nhwc(
@@ -253,13 +269,12 @@ def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
         pads=pads,
         dilations=dilations,
         depthwise=depthwise,
-        shift=_shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1]),
+        shift=shift,
         relu=node.relu,
         bits=m.bits,
         profile=m.profile,
     )
-    out = _nchw(out)
-    return [out[:, :, 0, :] if one_d else out]
+    return _nchw(out)
 
 
 def _conv_transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -289,21 +304,8 @@ def _conv_transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) 
     padded = np.pad(inserted, [(0, 0), (0, 0), (grow[0], grow[2]), (grow[1], grow[3])])
     crop = [max(-v, 0) for v in (*begin, *end)]
     padded = padded[:, :, crop[0] : padded.shape[2] - crop[2], crop[1] : padded.shape[3] - crop[3]]
-    flipped = np.flip(w, axis=(2, 3)).transpose(1, 0, 2, 3)  # (C_out, C_in, KH, KW)
-    out = kernels.conv2d_nhwc(
-        _nhwc(padded),
-        np.moveaxis(flipped, 1, -1),
-        bias,
-        strides=[1, 1],
-        pads=[0, 0, 0, 0],
-        dilations=dilations,
-        depthwise=False,
-        shift=_shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1]),
-        relu=node.relu,
-        bits=m.bits,
-        profile=m.profile,
-    )
-    out = _nchw(out)
+    flipped = np.ascontiguousarray(np.flip(w, axis=(2, 3)).transpose(1, 0, 2, 3))  # (C_out, C_in, KH, KW)
+    out = _integer_conv(m, node, padded, flipped, bias, [1, 1], [0, 0, 0, 0], dilations, 1)
     return [out[:, :, 0, :] if one_d else out]
 
 
@@ -334,11 +336,11 @@ def _float32_conv_sums(
     limit = 2.0 ** (min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits]) - 1)
     if products + bias_max >= limit:
         # The worst case could reach a lane's rail: check this data's own bound, sum |x||w| per output.
-        bound = _conv_session(m, node.name + "|abs", magnitudes, x.shape[1:], strides, pads, dilations, group)
+        bound = _conv_session(m, node.outputs[0] + "|abs", magnitudes, x.shape[1:], strides, pads, dilations, group)
         reach = bound.run(None, {"x": np.abs(x).astype(np.float32)})[0].max(initial=0)
         if float(reach) + bias_max >= limit:
             return None  # a lane does saturate: the numpy path emulates it tap by tap
-    conv = _conv_session(m, node.name, w, x.shape[1:], strides, pads, dilations, group)
+    conv = _conv_session(m, node.outputs[0], w, x.shape[1:], strides, pads, dilations, group)
     return conv.run(None, {"x": x.astype(np.float32)})[0].astype(np.int64)
 
 
@@ -352,7 +354,8 @@ def _conv_session(
     dilations: list[int],
     group: int,
 ) -> Any:
-    """An onnxruntime session computing ``Conv(x, w)`` in float32, cached on the model under ``key``."""
+    """An onnxruntime session computing ``Conv(x, w)`` in float32, cached on the model under ``key`` (the
+    node's output tensor name: unique, unlike node names)."""
     session = m._sessions.get(key)
     if session is None:
         import onnxruntime as ort
