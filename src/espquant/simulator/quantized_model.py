@@ -670,8 +670,20 @@ def _log_softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> 
         return [np.log(probabilities).astype(F32)]
 
 
+def _reverse_sequence(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Reverse the first ``sequence_lens[b]`` steps along the time axis of every batch entry."""
+    x = env[node.inputs[0]].copy()
+    lengths = env[node.inputs[1]].reshape(-1)
+    batch_axis, time_axis = int(node.attrs.get("batch_axis", 1)), int(node.attrs.get("time_axis", 0))
+    moved = np.moveaxis(x, (batch_axis, time_axis), (0, 1))
+    for b, length in enumerate(lengths.tolist()):
+        moved[b, : int(length)] = moved[b, : int(length)][::-1].copy()
+    return [np.moveaxis(moved, (0, 1), (batch_axis, time_axis))]
+
+
 _RUN = {
     "ConvTranspose": _conv_transpose,
+    "ReverseSequence": _reverse_sequence,
     "Div": _arith(kernels.div),
     "Pow": _arith(kernels.pow_float),
     "PRelu": _prelu,
