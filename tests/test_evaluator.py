@@ -390,3 +390,26 @@ def test_unnamed_convolutions_keep_their_own_weights(rng):
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
     assert len(evaluator.quantized._sessions) == 2  # one exact float32 session per convolution
     np.testing.assert_allclose(got, _float(model, data), atol=0.1)
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_one_dimensional_convolutions_follow_the_float_model(rng, op):
+    attrs = {"strides": [2], "pads": [1, 0]}
+    shape = (3, 4, 3) if op == "Conv" else (4, 3, 3)  # Conv: (out, in, k); ConvTranspose: (in, out, k)
+    node = helper.make_node(op, ["x", "w"], ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [tensor("x", ["N", 4, 9])],
+        [tensor("y", None)],
+        [onnx.numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = rng.normal(0, 1, (2, 4, 9)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    evaluator = Evaluator("int16", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    expected = _float_named(model, {"x": data})
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2.0 ** evaluator.quantized.exponent("y") + 1e-3)

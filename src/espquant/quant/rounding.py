@@ -23,23 +23,18 @@ def shift_round(acc: np.ndarray, shift: int | np.ndarray, rounding: str) -> np.n
     shift_array = np.asarray(shift, dtype=np.int64)
     if rounding not in ("half_up", "half_even"):
         raise ValueError(f"unknown rounding {rounding!r}")
-    if shift_array.size and shift_array.min() > 0:  # the common case: a right shift everywhere
-        half = np.int64(1) << (shift_array - 1)
-        if rounding == "half_up":
-            return (acc + half) >> shift_array  # floor((a + 2^(s-1)) / 2^s)
-        floor = acc >> shift_array
-        remainder = acc & ((np.int64(1) << shift_array) - 1)
-        # Round up when the remainder passes one half, or equals it and the floor is odd: r + (q & 1) > half.
-        remainder += floor & 1
-        return floor + (remainder > half)
     positive = np.maximum(shift_array, 1)
-    floor = acc >> positive
-    remainder = acc - (floor << positive)
     half = np.int64(1) << (positive - 1)
     if rounding == "half_up":
-        rounded = floor + (remainder >= half)
+        rounded = (acc + half) >> positive  # floor((a + 2^(s-1)) / 2^s)
     else:
-        rounded = floor + ((remainder > half) | ((remainder == half) & ((floor & 1) == 1)))
+        floor = acc >> positive
+        remainder = acc & ((np.int64(1) << positive) - 1)
+        # Round up when the remainder passes one half, or equals it and the floor is odd: r + (q & 1) > half.
+        remainder += floor & 1
+        rounded = floor + (remainder > half)
+    if shift_array.size and shift_array.min() > 0:  # the common case: a right shift everywhere
+        return rounded
     left = acc << np.maximum(-shift_array, 0)
     return np.where(shift_array > 0, rounded, np.where(shift_array == 0, acc, left)).astype(np.int64)
 

@@ -221,23 +221,38 @@ def _shift(m: QuantizedModel, out: str, e_in: int, weight: str) -> np.ndarray | 
     return m.exponent(out) - e_in - e_w
 
 
-def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    w = env[node.inputs[1]]
-    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
-    group = int(node.attrs.get("group", 1))
+def _conv_operands(node: QNode, env: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Input, weight, bias and geometry of a Conv / ConvTranspose node, 1-D lifted to 2-D (H = 1)."""
+    x, w = env[node.inputs[0]], env[node.inputs[1]]
     one_d = x.ndim == 3
     if one_d:
         x, w = x[:, :, None, :], w[:, :, None, :]
-    kernel = w.shape[2:]
-    pads = list(node.attrs.get("pads", [0] * (2 * len(kernel))))
-    pads = [0, pads[0], 0, pads[1]] if one_d else pads
-    strides = list(node.attrs.get("strides", [1] * len(kernel)))
-    dilations = list(node.attrs.get("dilations", [1] * len(kernel)))
+    axes = 1 if one_d else 2
+    pads = list(node.attrs.get("pads", [0] * 2 * axes))
+    strides = list(node.attrs.get("strides", [1] * axes))
+    dilations = list(node.attrs.get("dilations", [1] * axes))
+    extra = list(node.attrs.get("output_padding", [0] * axes))
     if one_d:
-        strides, dilations = [1, *strides], [1, *dilations]
-    out = _integer_conv(m, node, x, w, bias, strides, pads, dilations, group)
-    return [out[:, :, 0, :] if one_d else out]
+        pads, strides, dilations, extra = [0, pads[0], 0, pads[1]], [1, *strides], [1, *dilations], [0, *extra]
+    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
+    return {
+        "x": x,
+        "w": w,
+        "bias": bias,
+        "one_d": one_d,
+        "pads": pads,
+        "strides": strides,
+        "dilations": dilations,
+        "output_padding": extra,
+    }
+
+
+def _conv(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    o = _conv_operands(node, env)
+    out = _integer_conv(
+        m, node, o["x"], o["w"], o["bias"], o["strides"], o["pads"], o["dilations"], int(node.attrs.get("group", 1))
+    )
+    return [out[:, :, 0, :] if o["one_d"] else out]
 
 
 def _integer_conv(
@@ -280,20 +295,8 @@ def _integer_conv(
 def _conv_transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     """ConvTranspose as ESP-DL runs it: InsertZeros (stride - 1 zeros between pixels) then a stride-1 Conv
     with the kernel flipped and its channel axes swapped (group 1)."""
-    x = env[node.inputs[0]]
-    w = env[node.inputs[1]]  # (C_in, C_out, KH, KW)
-    bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
-    one_d = x.ndim == 3
-    if one_d:
-        x, w = x[:, :, None, :], w[:, :, None, :]
-    spatial = 2
-    strides = list(node.attrs.get("strides", [1] * (spatial - one_d)))
-    dilations = list(node.attrs.get("dilations", [1] * (spatial - one_d)))
-    pads = list(node.attrs.get("pads", [0] * 2 * (spatial - one_d)))
-    extra = list(node.attrs.get("output_padding", [0] * (spatial - one_d)))
-    if one_d:
-        strides, dilations, extra = [1, *strides], [1, *dilations], [0, *extra]
-        pads = [0, pads[0], 0, pads[1]]
+    o = _conv_operands(node, env)
+    x, w, strides, dilations, pads, extra = o["x"], o["w"], o["strides"], o["dilations"], o["pads"], o["output_padding"]
     batch, channels, height, width = x.shape
     kh, kw = w.shape[2:]
     inserted = np.zeros((batch, channels, (height - 1) * strides[0] + 1, (width - 1) * strides[1] + 1), np.int64)
@@ -305,8 +308,8 @@ def _conv_transpose(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) 
     crop = [max(-v, 0) for v in (*begin, *end)]
     padded = padded[:, :, crop[0] : padded.shape[2] - crop[2], crop[1] : padded.shape[3] - crop[3]]
     flipped = np.ascontiguousarray(np.flip(w, axis=(2, 3)).transpose(1, 0, 2, 3))  # (C_out, C_in, KH, KW)
-    out = _integer_conv(m, node, padded, flipped, bias, [1, 1], [0, 0, 0, 0], dilations, 1)
-    return [out[:, :, 0, :] if one_d else out]
+    out = _integer_conv(m, node, padded, flipped, o["bias"], [1, 1], [0, 0, 0, 0], dilations, 1)
+    return [out[:, :, 0, :] if o["one_d"] else out]
 
 
 def _float32_conv_sums(
