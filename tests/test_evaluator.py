@@ -387,9 +387,12 @@ def test_unnamed_convolutions_keep_their_own_weights(rng):
     table = Calibrator("int8").calibrate(model, data).table
     evaluator = Evaluator("int8", "per-tensor", "esp32p4")
     evaluator.generate_quantized_model(model, table)
+    compiled = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    evaluator.quantized.compiled = False
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
     assert len(evaluator.quantized._sessions) == 2  # one exact float32 session per convolution
     np.testing.assert_allclose(got, _float(model, data), atol=0.1)
+    np.testing.assert_array_equal(compiled, got)
 
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])

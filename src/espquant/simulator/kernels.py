@@ -90,22 +90,24 @@ def _accumulate(
         products = x_max * float(column_sums[low:high].max())
         part, part_start = weight[:, low:high], start[low:high]
         limit = 2.0 ** (width - 1)
-        if (
-            not profile.simd
-            or products + float(_max_abs(part_start)) < limit
-            or not _may_saturate(cols, part, part_start, products, limit)
-        ):
-            out[:, low:high] = _exact_matmul(cols, part, products) + part_start
-        else:  # a lane does reach the rail on this data: accumulate tap by tap as the instruction does
-            out[:, low:high] = _saturating_accumulate(cols, part, part_start, width)
+        out[:, low:high] = _exact_matmul(cols, part, products) + part_start
+        if profile.simd and products + float(_max_abs(part_start)) >= limit:
+            _emulate_risky(out[:, low:high], cols, part, part_start, products, width)
     return out
 
 
-def _may_saturate(cols: np.ndarray, weight: np.ndarray, start: np.ndarray, products: float, limit: float) -> bool:
-    """Whether some running sum can reach ``limit`` on this data: every partial sum of a lane is bounded by
-    ``|start| + sum_t |x_t w_t|``, computed exactly for each output (a data-dependent, tight bound)."""
+def _emulate_risky(
+    acc: np.ndarray, cols: np.ndarray, weight: np.ndarray, start: np.ndarray, products: float, width: int
+) -> None:
+    """Overwrite, in ``acc`` (the exact sums), the outputs whose lane can reach its rail on this data with the
+    tap-by-tap saturating accumulation. A lane's running sum is bounded by ``|start| + sum_t |x_t w_t|``
+    (computed exactly per output), so every other output never saturates and its exact sum is the chip's."""
     magnitude = _exact_matmul(np.abs(cols.astype(np.int64)), np.abs(weight.astype(np.int64)), products)
-    return bool((magnitude + np.abs(start)).max(initial=0) >= limit)
+    risky = magnitude + np.abs(start) >= 2.0 ** (width - 1)
+    if not risky.any():
+        return
+    rows, columns = np.flatnonzero(risky.any(axis=1)), np.flatnonzero(risky.any(axis=0))
+    acc[np.ix_(rows, columns)] = _saturating_accumulate(cols[rows], weight[:, columns], start[columns], width)
 
 
 def _accumulate_depthwise(

@@ -22,6 +22,7 @@ from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate, shift_round
 from espquant.simulator import kernels
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path, lut_table
+from espquant.simulator.compiled import QUANTIZE_INPUT, CompiledProgram, GuardTripped, compile_program
 from espquant.table import QuantTable
 
 __all__ = ["QuantizedModel", "QNode", "build_quantized_model", "simulated_ops", "missing_kernels"]
@@ -57,7 +58,10 @@ class QuantizedModel:
     float_tensors: set[str] = field(default_factory=set)
     requantized: int = 0
     threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
+    compiled: bool = True  # run provably exact node runs as onnxruntime graphs (simulator/compiled.py)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+    _programs: dict[tuple[bool, int | None], CompiledProgram] = field(default_factory=dict, repr=False)
+    _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
 
     def exponent(self, name: str) -> int:
         value = self.exponents[name]
@@ -69,12 +73,58 @@ class QuantizedModel:
         return saturate(round_float(scaled, self.profile.rounding), self.bits)
 
     def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
-        env: dict[str, np.ndarray] = dict(self.constants)
-        env.update({k: np.asarray(v, dtype=np.int64) for k, v in int_inputs.items()})
+        """Integer inputs in, the chip's integer outputs out (``keep``: every tensor, by the interpreter)."""
+        ints = {k: np.asarray(v, dtype=np.int64) for k, v in int_inputs.items()}
+        if self.compiled and not keep and all(_fits_float32(v) for v in ints.values()):
+            return self._run_compiled(ints, quantize_inputs=False)
+        env = {**self.constants, **ints}
         for node in self.nodes:
-            results = _RUN[node.op_type](self, node, env)
-            env.update(zip(node.outputs, results))
+            self._interpret(node, env)
         return dict(env) if keep else {name: env[name] for name in self.outputs}
+
+    def run_float(self, float_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run`` on float inputs quantized as the device does (``quantize_input``), in one compiled pass."""
+        if self.compiled:
+            return self._run_compiled({_float_name(k): np.asarray(v) for k, v in float_inputs.items()}, True)
+        return self.run({name: self.quantize_input(name, value) for name, value in float_inputs.items()})
+
+    def _run_compiled(self, feeds: dict[str, np.ndarray], quantize_inputs: bool) -> dict[str, np.ndarray]:
+        """Run the compiled program; a node whose guard trips moves to the interpreter for good (the program
+        is rebuilt without it) and the batch runs again, so the loop ends after at most one trip per node."""
+        while True:
+            env = {**self.constants, **feeds}
+            try:
+                self._program(quantize_inputs).run(env, self._interpret)
+            except GuardTripped as trip:
+                logger.debug("compiled guard tripped for %s: interpreting them", trip.nodes)
+                self._guarded.update(trip.nodes)
+                self._programs.clear()
+                continue
+            return {name: env[name] for name in self.outputs}
+
+    def _interpret(self, node: QNode, env: dict[str, np.ndarray]) -> None:
+        if node.op_type == QUANTIZE_INPUT:
+            env[node.outputs[0]] = self.quantize_input(node.outputs[0], env[node.inputs[0]])
+            return
+        env.update(zip(node.outputs, _RUN[node.op_type](self, node, env)))
+
+    def _program(self, quantize_inputs: bool) -> CompiledProgram:
+        key = (quantize_inputs, self.threads)
+        program = self._programs.get(key)
+        if program is None:
+            prologue = [QNode(QUANTIZE_INPUT, "", [_float_name(n)], [n], {}) for n in self.inputs]
+            nodes = prologue + self.nodes if quantize_inputs else self.nodes
+            program = self._programs[key] = compile_program(self, nodes, self.threads, frozenset(self._guarded))
+        return program
+
+
+def _float_name(name: str) -> str:
+    return name + "::float"
+
+
+def _fits_float32(values: np.ndarray) -> bool:
+    """Integers a float32 holds exactly (the compiled segments' representation)."""
+    return values.size == 0 or max(int(values.max()), -int(values.min())) < 2**24
 
 
 # --- building ---------------------------------------------------------------------------------------------------

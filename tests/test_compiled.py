@@ -1,0 +1,210 @@
+"""The compiled simulation (onnxruntime float32 segments) against the numpy interpreter and hand-worked cases.
+
+Every lowering must reproduce the interpreter's integers exactly, on every target and width, including data
+that saturates, ties under both roundings and accumulator lanes that reach ESP32-S3's 20-bit rail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from espquant import Calibrator, Evaluator
+from espquant.demo import demo_model_path, load_demo_data
+from espquant.optimizer import optimize_model
+from espquant.quant.profiles import get_target
+from espquant.quant.rounding import shift_round
+from espquant.simulator.quantized_model import QNode, QuantizedModel
+from helpers import make_model, tensor
+
+TARGETS = ["esp32s3", "esp32p4", "esp32c3"]
+
+
+def _cnn(rng):
+    """Every lowered operator in one graph, plus a Mul and a Softmax that stay in the interpreter (so segments
+    hand tensors to interpreter steps and back)."""
+    c = 16
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "wd", "bd"], ["c2"], pads=[1, 1, 1, 1], group=c, name="dw"),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], name="relu6"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="pw"),
+        helper.make_node("Add", ["c3", "r1"], ["s"], name="skip"),
+        helper.make_node("Mul", ["s", "scale"], ["m"], name="mul"),
+        helper.make_node("MaxPool", ["m"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="max"),
+        helper.make_node(
+            "AveragePool", ["p1"], ["p2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1, name="avg"
+        ),
+        helper.make_node("Sub", ["p2", "p1"], ["d"], name="sub"),
+        helper.make_node("Sigmoid", ["d"], ["g"], name="sigmoid"),
+        helper.make_node("Transpose", ["g"], ["t"], perm=[0, 1, 3, 2], name="transpose"),
+        helper.make_node("Concat", ["t", "p1"], ["cat"], axis=1, name="concat"),
+        helper.make_node("GlobalAveragePool", ["cat"], ["gap"], name="gap"),
+        helper.make_node("Squeeze", ["gap", "axes"], ["sq"], name="squeeze"),
+        helper.make_node("Unsqueeze", ["sq", "axes"], ["un"], name="unsqueeze"),
+        helper.make_node("Flatten", ["un"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["logits"], transB=1, name="fc"),
+        helper.make_node("Reshape", ["logits", "shape"], ["y"], name="reshape"),
+        helper.make_node("Softmax", ["y"], ["prob"], axis=-1, name="softmax"),
+    ]
+    inits = {
+        "w1": rng.normal(0, 0.4, (c, 3, 3, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.2, c).astype(np.float32),
+        "wd": rng.normal(0, 0.5, (c, 1, 3, 3)).astype(np.float32),
+        "bd": rng.normal(0, 0.2, c).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+        "w3": rng.normal(0, 0.3, (c, c, 1, 1)).astype(np.float32),
+        "scale": rng.uniform(0.5, 2.0, (1, c, 1, 1)).astype(np.float32),
+        "axes": np.array([3], np.int64),
+        "wg": rng.normal(0, 0.3, (10, 2 * c)).astype(np.float32),
+        "bg": rng.normal(0, 0.1, 10).astype(np.float32),
+        "shape": np.array([-1, 10], np.int64),
+    }
+    return make_model(
+        nodes, [tensor("x", ["N", 3, 12, 12])], [tensor("y", ["N", 10]), tensor("prob", ["N", 10])], inits
+    )
+
+
+def _both(quantized: QuantizedModel, data: np.ndarray) -> tuple[dict, dict]:
+    quantized.compiled = True
+    fast = quantized.run_float({quantized.inputs[0]: data})
+    quantized.compiled = False
+    slow = quantized.run_float({quantized.inputs[0]: data})
+    quantized.compiled = True
+    return fast, slow
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_compiled_equals_the_interpreter_on_every_lowered_operator(rng, bits, target):
+    model = _cnn(rng)
+    calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    table = Calibrator(bits).calibrate(model, calibration).table
+    quantized = Evaluator(bits, "per-tensor", target).generate_quantized_model(model, table)
+    data = 3 * rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32)  # wider than calibrated: saturation
+    fast, slow = _both(quantized, data)
+    for name in quantized.outputs:
+        np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)
+        assert fast[name].dtype == slow[name].dtype
+    program = quantized._programs[(True, None)]
+    interpreted = {n.op_type for n in program.interpreted_nodes}
+    expected = {"Mul", "Softmax"} if bits == "int8" else {"Mul", "Softmax", "Conv", "Gemm", "Sigmoid"}
+    assert interpreted <= expected, interpreted
+    assert program.compiled_nodes >= (19 if bits == "int8" else 12)
+
+
+def test_per_channel_shifts_on_the_p4(rng):
+    model = _cnn(rng)
+    calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    table = Calibrator("int8", "per-channel").calibrate(model, calibration).table
+    quantized = Evaluator("int8", "per-channel", "esp32p4").generate_quantized_model(model, table)
+    assert any(isinstance(e, list) for e in quantized.exponents.values())
+    fast, slow = _both(quantized, 2 * rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32))
+    for name in quantized.outputs:
+        np.testing.assert_array_equal(fast[name], slow[name])
+
+
+def _saturating_gemm(rng):
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1, name="fc")]
+    weight = np.abs(rng.normal(1.0, 0.05, (20, 200))).astype(np.float32)  # 16 SIMD lanes + a 4-channel tail
+    return make_model(nodes, [tensor("x", ["N", 200])], [tensor("y", ["N", 20])], {"w": weight})
+
+
+def test_a_lane_that_saturates_on_the_s3_trips_the_guard_and_matches_the_interpreter(rng):
+    model = _saturating_gemm(rng)
+    calibration = rng.uniform(-1, 1, (32, 200)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, calibration).table
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    gentle = rng.uniform(-1, 1, (4, 200)).astype(np.float32)
+    fast, slow = _both(quantized, gentle)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert not quantized._guarded  # sums of mixed signs stay far from the rail
+    hot = np.ones((4, 200), np.float32)  # every product positive: the 20-bit running sums hit the rail
+    fast, slow = _both(quantized, hot)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert quantized._guarded == {"y"}
+    program = quantized._programs[(True, None)]
+    assert [n.op_type for n in program.interpreted_nodes] == ["Gemm"]
+    # The same data on the P4 (32-bit lanes) needs no guard at all.
+    p4 = Evaluator("int8", "per-tensor", "esp32p4").generate_quantized_model(model, table)
+    fast, slow = _both(p4, hot)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert not p4._guarded
+
+
+def _requantize_model(target: str, e_in: int, e_out: int, bits: int = 8) -> QuantizedModel:
+    return QuantizedModel(
+        nodes=[QNode("RequantizeLinear", "r", ["x"], ["y"], {})],
+        constants={},
+        exponents={"x": e_in, "y": e_out},
+        inputs=["x"],
+        outputs=["y"],
+        profile=get_target(target),
+        bits=bits,
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("esp32s3", [-1, -1, 0, 1, 2, 3]), ("esp32p4", [-2, -1, 0, 0, 2, 2])],
+)
+def test_requantize_ties_hand_worked(target, expected):
+    """SR(x, 1) of odd x: every value is a tie; half-up rounds toward +inf, half-even to the even neighbour."""
+    model = _requantize_model(target, -4, -3)
+    x = np.array([[-3, -2, -1, 1, 3, 5, 127]])
+    got = model.run({"x": x})["y"]
+    assert model._programs[(False, None)].compiled_nodes == 1
+    np.testing.assert_array_equal(got[0, :6], expected)
+    assert got[0, 6] == 64  # 63.5 rounds up under both rules and stays inside int8
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**15), 2**15 - 1), min_size=1, max_size=40),
+    shift=st.integers(-6, 20),
+    target=st.sampled_from(["esp32s3", "esp32p4"]),
+)
+def test_requantize_matches_python_integers(values, shift, target):
+    model = _requantize_model(target, 0, shift, bits=16)
+    rounding = get_target(target).rounding
+    expected = [min(max(int(v), -(2**15)), 2**15 - 1) for v in shift_round(np.array(values), shift, rounding)]
+    got = model.run({"x": np.array(values)})["y"]
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize(("target", "expected"), [("esp32s3", [1, 2, 0, -1, 0, 3]), ("esp32p4", [0, 2, 0, -2, 0, 2])])
+def test_input_quantization_ties_and_the_float32_half_trap(target, expected):
+    """0.49999997 (the float32 just below one half) plus 0.5 rounds up to 1.0 in float32; the chip rounds in
+    double and gets 0. The compiled graph must too."""
+    model = _requantize_model(target, 0, 0)
+    just_below_half = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    x = np.array([[0.5, 1.5, -0.5, -1.5, just_below_half, 2.5]], np.float32)
+    got = model.run_float({"x": x})["y"]
+    assert model._programs[(True, None)].compiled_nodes == 2
+    np.testing.assert_array_equal(got[0], expected)
+    np.testing.assert_array_equal(got, model.run({"x": model.quantize_input("x", x)})["y"])
+
+
+def test_inputs_beyond_float32_integers_use_the_interpreter():
+    model = _requantize_model("esp32s3", 0, 30, bits=16)
+    x = np.array([[2**40 + 1, -(2**40)]])
+    np.testing.assert_array_equal(model.run({"x": x})["y"], [[1024, -1024]])
+    assert not model._programs
+
+
+def test_the_demo_model_compiles_entirely_at_int8():
+    model = optimize_model(onnx.load(demo_model_path()))
+    data = load_demo_data().test_inputs[:64]
+    table = Calibrator("int8").calibrate(model, data).table
+    for target in TARGETS:
+        quantized = Evaluator("int8", "per-tensor", target).generate_quantized_model(model, table)
+        fast, slow = _both(quantized, data)
+        np.testing.assert_array_equal(fast[quantized.outputs[0]], slow[quantized.outputs[0]])
+        program = quantized._programs[(True, None)]
+        assert program.interpreted_nodes == [] and program.compiled_nodes == len(quantized.nodes) + 1
