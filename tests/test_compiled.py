@@ -208,3 +208,17 @@ def test_the_demo_model_compiles_entirely_at_int8():
         np.testing.assert_array_equal(fast[quantized.outputs[0]], slow[quantized.outputs[0]])
         program = quantized._programs[(True, None)]
         assert program.interpreted_nodes == [] and program.compiled_nodes == len(quantized.nodes) + 1
+
+
+@pytest.mark.parametrize("elements", [64, 40])
+def test_s3_int8_left_shift_by_seven_or_more_uses_a_one_byte_multiplier(elements):
+    """ARITHMETIC.md 6: the S3 SIMD requantize (above 50 elements) broadcasts 2^7 as the byte -128 and 2^8 as
+    0; the P4 (16-bit broadcast) and small tensors (float path) compute the exact left shift."""
+    x = np.arange(-elements // 2, elements - elements // 2).reshape(1, elements)
+    for shift, s3_multiplier in ((-7, -128), (-8, 0), (-6, 64)):
+        s3 = _requantize_model("esp32s3", 0, shift).run({"x": x})["y"]
+        p4 = _requantize_model("esp32p4", 0, shift).run({"x": x})["y"]
+        exact = np.clip(x * 2**-shift, -128, 127)
+        np.testing.assert_array_equal(p4, exact)
+        expected = np.clip(x * s3_multiplier, -128, 127) if elements > 50 else exact
+        np.testing.assert_array_equal(s3, expected)

@@ -9,7 +9,14 @@ import pytest
 from onnx import helper
 
 from espquant import Calibrator, Evaluator
-from espquant.errors import DatasetError, OptionError, QuantTableError, TargetError, UnsupportedOpError
+from espquant.errors import (
+    DatasetError,
+    OptionError,
+    QuantTableError,
+    TargetError,
+    UnsupportedModelError,
+    UnsupportedOpError,
+)
 from espquant.table import QuantTable
 from helpers import make_model, tensor
 
@@ -416,3 +423,57 @@ def test_one_dimensional_convolutions_follow_the_float_model(rng, op):
     expected = _float_named(model, {"x": data})
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=2.0 ** evaluator.quantized.exponent("y") + 1e-3)
+
+
+def _qdq_model(scale=2.0**-5, zero_point=0, reader="Relu"):
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant"),
+        helper.make_node(reader, ["q"], ["r"], name="reader"),
+        helper.make_node("DequantizeLinear", ["r", "s", "z"], ["y"], name="dequant"),
+    ]
+    inits = {"s": np.array(scale, np.float32), "z": np.array(zero_point, np.int8)}
+    return make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])], inits)
+
+
+@pytest.mark.parametrize(("target", "rounding"), [("esp32s3", np.floor), ("esp32p4", np.rint)])
+def test_quantize_and_dequantize_linear_follow_the_runtime(rng, target, rounding):
+    """The input stays float up to the QuantizeLinear, which quantizes it once at the exponent of its
+    power-of-two scale (ties included); DequantizeLinear gives q * 2^e as float32."""
+    model = _qdq_model()
+    data = rng.normal(0, 1, (8, 64)).astype(np.float32)
+    data[0, :8] = (np.arange(8) - 4 + 0.5) / 32  # exact ties at 2^-5
+    table = Calibrator("int8").calibrate(model, data).table
+    assert table.exponents["q"] == -5 and "x" not in table.exponents
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    shifted = data.astype(np.float64) * 32
+    integers = np.clip(np.floor(shifted + 0.5) if rounding is np.floor else np.rint(shifted), -128, 127)
+    np.testing.assert_array_equal(got, np.maximum(integers, 0) / 32)
+    assert got.dtype == np.float32 and "y" in quantized.float_tensors
+    quantized.compiled = False
+    np.testing.assert_array_equal(evaluator.evaluate_quantized_model(data, to_float=True)[0][0], got)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_qdq_model(scale=0.3), "not one power of two"),
+        (_qdq_model(zero_point=3), "zero point is not 0"),
+    ],
+)
+def test_qdq_scales_that_are_not_esp_dl_numbers_are_refused(rng, model, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        Calibrator("int8").calibrate(model, rng.normal(0, 1, (4, 64)).astype(np.float32))
+
+
+def test_a_dequantized_tensor_feeding_a_quantized_op_is_refused(rng):
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="quant"),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["d"], name="dequant"),
+        helper.make_node("Gemm", ["d", "w"], ["y"], name="fc"),
+    ]
+    inits = {"s": np.array(0.25, np.float32), "w": rng.normal(0, 1, (64, 4)).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 4])], inits)
+    with pytest.raises(UnsupportedModelError, match="'dequant' gives float32 on the chip, but Gemm 'fc'"):
+        Calibrator("int8").calibrate(model, rng.normal(0, 1, (4, 64)).astype(np.float32))

@@ -150,7 +150,7 @@ class Calibrator:
         observers = {name: make_observer(self.method) for name in dict.fromkeys(plan.observed)}
         batches = iterate_batches(calib_dataset, inputs, batch_size)
         samples = collect(runnable, observers, batches, self.providers, on_batch, threads)
-        observed = {name: observer.exponent(self.bits) for name, observer in observers.items()}
+        observed = {name: observer.exponent(self.bits) for name, observer in observers.items()} | plan.fixed
         assignment = assign_exponents(model_proto, plan, observed, self.bits, self.granularity == "per-channel")
         metadata = {
             "format_version": FORMAT_VERSION,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from espquant.errors import UnsupportedModelError
@@ -35,6 +36,7 @@ class CalibrationPlan:
     weights: list[WeightUse] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant operands quantized like activations
     float_tensors: list[str] = field(default_factory=list)  # float32 / bool outputs (Softmax, comparisons)
+    fixed: dict[str, int] = field(default_factory=dict)  # exponents the model states (QuantizeLinear scales)
 
 
 def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
@@ -49,10 +51,21 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
         raise UnsupportedModelError(
             f"cannot calibrate op type(s) ESP-DL does not run: {', '.join(unknown)}; run `espquant check` for details."
         )
+    # A graph input read only by QuantizeLinear nodes reaches the chip as float: the Q node quantizes it once.
+    for name in list(observed):
+        readers = view.consumers.get(name, [])
+        if readers and all(r.op_type == "QuantizeLinear" and r.input[0] == name for r in readers):
+            observed.remove(name)
+            plan.float_tensors.append(name)
     for node in model.graph.node:
         spec = get_op_spec(node.op_type)
         assert spec is not None
         nodes.append((node, spec))
+        if node.op_type == "QuantizeLinear":
+            _fix_from_scale(plan, view, node)
+            continue
+        if node.op_type == "DequantizeLinear":
+            _check_dequantized_readers(view, node, spec)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         for position, tensor in enumerate(node.input):
             role = spec.input_spec(position)
@@ -79,3 +92,40 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
             elif spec.exponent is not ExponentRule.PASSTHROUGH:
                 observed.append(output)
     return plan
+
+
+def _fix_from_scale(plan: CalibrationPlan, view: GraphView, node: onnx.NodeProto) -> None:
+    """A QuantizeLinear's output exponent is its power-of-two scale (the checker refuses any other scale)."""
+    scale = view.array(node.input[1]) if len(node.input) > 1 and view.is_constant(node.input[1]) else None
+    values = None if scale is None else np.unique(scale.astype(np.float64))
+    if values is None or values.size != 1 or not (values[0] > 0 and np.log2(values[0]).is_integer()):
+        raise UnsupportedModelError(
+            f"QuantizeLinear {node.name or node.output[0]!r}: its scale must be one constant power of two; "
+            "run `espquant check` for details."
+        )
+    plan.fixed[node.output[0]] = int(np.log2(values[0]))
+
+
+def _check_dequantized_readers(view: GraphView, node: onnx.NodeProto, spec: OpSpec) -> None:
+    """DequantizeLinear gives float32 on the chip: only data movement, QuantizeLinear or a graph output may
+    read it (a Conv reading floats cannot run)."""
+    pending = [node.output[0]]
+    while pending:
+        tensor = pending.pop()
+        for reader in view.consumers.get(tensor, []):
+            reader_spec = get_op_spec(reader.op_type)
+            if reader.op_type == "QuantizeLinear":
+                continue
+            if (
+                reader_spec is not None
+                and reader_spec.exponent is ExponentRule.PASSTHROUGH
+                and reader.input[0] == tensor
+            ):
+                pending.extend(o for o in reader.output if o)
+                continue
+            raise UnsupportedModelError(
+                f"DequantizeLinear {node.name or node.output[0]!r} gives float32 on the chip, but "
+                f"{reader.op_type} {reader.name or reader.output[0]!r} needs quantized input; remove the "
+                "QuantizeLinear/DequantizeLinear pairs (espquant calibrates the float model itself) or keep "
+                "DequantizeLinear only before the model's outputs."
+            )

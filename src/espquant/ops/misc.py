@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-from espquant.ops.spec import ExponentRule, OpSpec, activation, ignored, param
+import numpy as np
+
+from espquant.ops.spec import Constraint, ExponentRule, NodeContext, OpSpec, activation, ignored, param
 
 __all__ = ["SPECS"]
+
+
+def _power_of_two_scale(ctx: NodeContext) -> str | None:
+    """ESP-DL ignores Q/DQ scales and zero points, so they must already say what the runtime does: one
+    power-of-two scale (the exponent) and a zero zero-point."""
+    scale = ctx.constants.get(1)
+    if scale is None:
+        return "the scale is computed at run time; ESP-DL needs a constant power-of-two scale"
+    values = np.unique(np.asarray(scale, dtype=np.float64).reshape(-1))
+    if values.size != 1 or not (values[0] > 0 and np.log2(values[0]).is_integer()):
+        return f"scale {values[:4].tolist()} is not one power of two (ESP-DL numbers are int * 2^exponent)"
+    zero_point = ctx.constants.get(2)
+    if zero_point is not None and np.any(np.asarray(zero_point) != 0):
+        return "the zero point is not 0 (ESP-DL quantization is symmetric)"
+    return None
+
+
+_QDQ_SCALE = Constraint(
+    "input scale",
+    _power_of_two_scale,
+    "re-quantize the model with power-of-two scales and zero point 0, or remove the Q/DQ pairs and let "
+    "espquant calibrate the float model",
+)
 
 
 def _reduce(op_type: str, exponent: ExponentRule, ref: str, **extra) -> OpSpec:
@@ -52,7 +77,11 @@ SPECS: tuple[OpSpec, ...] = (
         (activation("x"), ignored("y_scale", optional=False), ignored("y_zero_point")),
         ExponentRule.OWN,
         "6",
-        notes=("only the output dtype and exponent matter; scale and zero point are ignored by the runtime",),
+        constraints=(_QDQ_SCALE,),
+        notes=(
+            "only the output dtype and exponent matter; scale and zero point are ignored by the runtime",
+            "espquant takes the output exponent from the power-of-two scale instead of calibrating it",
+        ),
     ),
     OpSpec(
         "DequantizeLinear",
@@ -61,6 +90,7 @@ SPECS: tuple[OpSpec, ...] = (
         ExponentRule.OWN,
         "6",
         output_dtype="float32",
+        constraints=(_QDQ_SCALE,),
     ),
     OpSpec(
         "RequantizeLinear",

@@ -8,7 +8,7 @@ instead of testing chip names.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from espquant.errors import TargetError
@@ -34,6 +34,9 @@ class TargetProfile:
             blocks (S3 ACCX / P4 XACC: 40 bits); equals ``conv_acc_bits`` on plain-C chips.
         bias_bits: bias payload width per activation width, as ESP-PPQ clips it.
         simd: whether the chip has PIE SIMD kernels (S3, P4).
+        requant_multiplier_bits: per activation width, the width in which the SIMD RequantizeLinear
+            broadcasts a left shift's multiplier ``2^-d`` (tensors above 50 elements): on the S3 an int8 left
+            shift by 7 multiplies by -128 and by 8 or more by 0 (ARITHMETIC.md 6). Absent: exact.
     """
 
     name: str
@@ -45,6 +48,18 @@ class TargetProfile:
     bias_bits: dict[int, int]
     simd: bool
     description: str
+    requant_multiplier_bits: dict[int, int] = field(default_factory=dict)
+
+    def requant_multiplier(self, bits: int, shift: int) -> int | None:
+        """The multiplier a RequantizeLinear left shift (``shift < 0``) really applies when it differs from
+        ``2^-shift`` (the broadcast wraps it), else None."""
+        width = self.requant_multiplier_bits.get(bits)
+        if shift >= 0 or width is None:
+            return None
+        exact = 1 << -shift
+        wrapped = exact & ((1 << width) - 1)
+        wrapped -= (1 << width) if wrapped >= 1 << (width - 1) else 0
+        return None if wrapped == exact else wrapped
 
 
 _S3 = dict(
@@ -55,6 +70,7 @@ _S3 = dict(
     tail_acc_bits={8: 40, 16: 40},
     bias_bits={8: 20, 16: 40},
     simd=True,
+    requant_multiplier_bits={8: 8},
 )
 _P4 = dict(
     family="p4",
@@ -64,6 +80,7 @@ _P4 = dict(
     tail_acc_bits={8: 40, 16: 40},
     bias_bits={8: 32, 16: 40},
     simd=True,
+    requant_multiplier_bits={8: 16},
 )
 _C = dict(
     family="c",

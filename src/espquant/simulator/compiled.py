@@ -283,8 +283,16 @@ def _rescale(b: _Builder, x: str, shift: int, output: str) -> None:
 
 
 def _lower_requantize(b: _Builder, node: QNode) -> None:
+    """RequantizeLinear, and QuantizeLinear (the same runtime module) on float or integer input."""
     m = b.model
-    _rescale(b, b.use(node.inputs[0]), m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]), node.outputs[0])
+    if node.op_type == "QuantizeLinear" and node.inputs[0] in m.float_tensors:
+        b.consumed.append(node.inputs[0])
+        _quantize(b, node.inputs[0], m.exponent(node.outputs[0]), node.outputs[0])
+        return
+    shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
+    if m.profile.requant_multiplier(m.bits, shift) is not None:
+        raise _Refused("the wrapped left-shift multiplier depends on the tensor size")
+    _rescale(b, b.use(node.inputs[0]), shift, node.outputs[0])
 
 
 def _pool_attrs(node: QNode) -> dict[str, Any]:
@@ -341,11 +349,14 @@ def _round_saturate(b: _Builder, values: str, output: str) -> None:
 
 
 def _lower_quantize_input(b: _Builder, node: QNode) -> None:
-    """``QuantizedModel.quantize_input``: ``sat(R(f32(x) * f32(2^-e)))``; the input is float, not integer."""
-    source = node.inputs[0]
-    b.consumed.append(source)  # fed as float32, as quantize_input converts it
-    scaled = b.op("Mul", [source, b.const(2.0 ** -b.model.exponent(node.outputs[0]), node.outputs[0])])
-    _round_saturate(b, scaled, node.outputs[0])
+    """``QuantizedModel.quantize_input``; the input is float (fed as float32, as quantize_input converts it)."""
+    b.consumed.append(node.inputs[0])
+    _quantize(b, node.inputs[0], b.model.exponent(node.outputs[0]), node.outputs[0])
+
+
+def _quantize(b: _Builder, source: str, exponent: int, output: str) -> None:
+    """float -> int: ``sat(R(f32(x) * f32(2^-e)))``."""
+    _round_saturate(b, b.op("Mul", [source, b.const(2.0**-exponent, output)]), output)
 
 
 def _lower_reshape(b: _Builder, node: QNode) -> None:
@@ -383,6 +394,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Relu": _lower_relu,
     "Clip": _lower_clip,
     "RequantizeLinear": _lower_requantize,
+    "QuantizeLinear": _lower_requantize,
     "MaxPool": _lower_max_pool,
     "AveragePool": _lower_average_pool,
     "GlobalAveragePool": _lower_average_pool,

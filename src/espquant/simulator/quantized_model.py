@@ -68,14 +68,16 @@ class QuantizedModel:
         return value if isinstance(value, int) else max(value)
 
     def quantize_input(self, name: str, x: np.ndarray) -> np.ndarray:
-        """The device's input quantization ``q = sat(R(x 2^-e))`` with the profile's rounding."""
-        scaled = (np.asarray(x, dtype=F32) * F32(2.0 ** -self.exponent(name))).astype(F32)
-        return saturate(round_float(scaled, self.profile.rounding), self.bits)
+        """The device's input quantization ``q = sat(R(x 2^-e))`` with the profile's rounding; an input the
+        model keeps float (read only by QuantizeLinear nodes) stays float32."""
+        if name in self.float_tensors:
+            return np.asarray(x, dtype=F32)
+        return kernels.quantize_float(np.asarray(x), e_out=self.exponent(name), bits=self.bits, profile=self.profile)
 
     def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
         """Integer inputs in, the chip's integer outputs out (``keep``: every tensor, by the interpreter)."""
-        ints = {k: np.asarray(v, dtype=np.int64) for k, v in int_inputs.items()}
-        if self.compiled and not keep and all(_fits_float32(v) for v in ints.values()):
+        ints = {k: np.asarray(v, dtype=F32 if k in self.float_tensors else np.int64) for k, v in int_inputs.items()}
+        if self.compiled and not keep and all(_fits_float32(v) for v in ints.values() if v.dtype != F32):
             return self._run_compiled(ints, quantize_inputs=False)
         env = {**self.constants, **ints}
         for node in self.nodes:
@@ -85,7 +87,8 @@ class QuantizedModel:
     def run_float(self, float_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``run`` on float inputs quantized as the device does (``quantize_input``), in one compiled pass."""
         if self.compiled:
-            return self._run_compiled({_float_name(k): np.asarray(v) for k, v in float_inputs.items()}, True)
+            feeds = {k if k in self.float_tensors else _float_name(k): np.asarray(v) for k, v in float_inputs.items()}
+            return self._run_compiled(feeds, True)
         return self.run({name: self.quantize_input(name, value) for name, value in float_inputs.items()})
 
     def _run_compiled(self, feeds: dict[str, np.ndarray], quantize_inputs: bool) -> dict[str, np.ndarray]:
@@ -112,7 +115,9 @@ class QuantizedModel:
         key = (quantize_inputs, self.threads)
         program = self._programs.get(key)
         if program is None:
-            prologue = [QNode(QUANTIZE_INPUT, "", [_float_name(n)], [n], {}) for n in self.inputs]
+            prologue = [
+                QNode(QUANTIZE_INPUT, "", [_float_name(n)], [n], {}) for n in self.inputs if n not in self.float_tensors
+            ]
             nodes = prologue + self.nodes if quantize_inputs else self.nodes
             program = self._programs[key] = compile_program(self, nodes, self.threads, frozenset(self._guarded))
         return program
@@ -146,7 +151,7 @@ def build_quantized_model(
     """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
     plan = plan_calibration(model)
     view = GraphView(model.graph)
-    needed = set(plan.observed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    needed = set(plan.observed) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     table.check_model(model, sorted(needed))
     exps = dict(table.exponents)
     constants: dict[str, np.ndarray] = {}
@@ -509,9 +514,29 @@ def _clip(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
 
 
 def _requantize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """int -> int at another exponent: ``sat(SR(q, d))``, ``d = e_out - e_in`` (a left shift when negative),
+    with the ESP32-S3 int8 quirk: its SIMD path broadcasts the left-shift multiplier ``2^-d`` as one byte, so
+    ``d = -7`` multiplies by -128 and ``d <= -8`` by 0 (ARITHMETIC.md 6; tensors above 50 elements)."""
     x = env[node.inputs[0]]
     d = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
+    multiplier = m.profile.requant_multiplier(m.bits, d)
+    if multiplier is not None and x[0].size > 50:
+        return [saturate(x.astype(np.int64) * multiplier, m.bits)]
     return [saturate(shift_round(x, d, m.profile.rounding), m.bits)]
+
+
+def _quantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """QuantizeLinear runs the same module as RequantizeLinear: float -> int, or int -> int (6)."""
+    if node.inputs[0] in m.float_tensors:
+        x = env[node.inputs[0]]
+        return [kernels.quantize_float(x, e_out=m.exponent(node.outputs[0]), bits=m.bits, profile=m.profile)]
+    return _requantize(m, node, env)
+
+
+def _dequantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """int -> float32: ``q * 2^e`` (6)."""
+    x = env[node.inputs[0]]
+    return [(x.astype(F32) * F32(2.0 ** m.exponent(node.inputs[0]))).astype(F32)]
 
 
 def _softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -767,6 +792,8 @@ _RUN = {
     **{op: _activation for op in FLOAT_FUNCTIONS if op != "Relu"},
     "Clip": _clip,
     "RequantizeLinear": _requantize,
+    "QuantizeLinear": _quantize_linear,
+    "DequantizeLinear": _dequantize_linear,
     "Softmax": _softmax,
     "Reshape": _reshape,
     "Flatten": _flatten,
