@@ -222,3 +222,36 @@ def test_s3_int8_left_shift_by_seven_or_more_uses_a_one_byte_multiplier(elements
         np.testing.assert_array_equal(p4, exact)
         expected = np.clip(x * s3_multiplier, -128, 127) if elements > 50 else exact
         np.testing.assert_array_equal(s3, expected)
+
+
+def test_non_negative_inputs_halve_the_lane_bound_without_a_guard(rng):
+    """After a ReLU the running sums of a 16-lane block lie in [127 * sum(w < 0), 127 * sum(w > 0)]: here
+    516,128 < 2^19 while the signed bound (128 * sum |w| = 1,040,384) would need a data guard. Inputs
+    pinned at the int8 maximum on the positive taps reach that bound exactly and stay unsaturated."""
+    weight = np.where(np.arange(64) % 2 == 0, 1.0, -1.0)[None, :] * np.full((16, 64), 127 / 64)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Gemm", ["r", "w"], ["y"], transB=1)]
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 16])], {"w": weight.astype(np.float32)})
+    table = Calibrator("int8").calibrate(model, rng.uniform(-1, 1, (16, 64)).astype(np.float32)).table
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    assert np.abs(quantized.constants["w"]).min() == 127
+    extreme = np.where(np.arange(64) % 2 == 0, 10.0, -10.0)[None, :].repeat(3, axis=0).astype(np.float32)
+    fast, slow = _both(quantized, extreme)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    program = quantized._programs[(True, None)]
+    assert program.compiled_nodes == 3 and not any(step.guards for step in program.steps)
+
+
+def test_one_step_past_the_non_negative_bound_saturates_and_is_guarded(rng):
+    """The same block with 127 * sum(w > 0) = 524,510 >= 2^19: the rail is reached, the guard trips and the
+    interpreter's tap-by-tap saturation decides (a bound that undercounted by one would miss it)."""
+    row = np.where(np.arange(64) % 2 == 0, 127, -127)
+    row[1] = 66  # one negative tap turned into a small positive one
+    weight = np.repeat(row[None, :] / 64, 16, axis=0).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Gemm", ["r", "w"], ["y"], transB=1)]
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 16])], {"w": weight})
+    table = Calibrator("int8").calibrate(model, rng.uniform(-1, 1, (16, 64)).astype(np.float32)).table
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    extreme = np.where(row > 0, 10.0, -10.0)[None, :].repeat(3, axis=0).astype(np.float32)
+    fast, slow = _both(quantized, extreme)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert quantized._guarded == {"y"}

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from espquant.ops import REGISTRY, UNREGISTERED_HINTS, ExponentRule, Role, get_op_spec, merged_broadcast_shapes
 from espquant.ops.spec import OpSpec
+from espquant.simulator.quantized_model import simulated_ops
 
 # The op types registered by ESP-DL's runtime (dl_module_creator.hpp at v3.3.9) that a float ONNX model
 # can contain; LUT, InsertZeros and StreamingCache are produced by the exporter, not by users.
@@ -46,9 +47,8 @@ def test_entry_is_complete(spec: OpSpec):
         assert spec.weight_inputs, "a bias exponent is e_in + e_w: there must be a weight"
     for constraint in spec.constraints:
         assert constraint.field and callable(constraint.test)
-    # Hooks for the simulator and exporters exist on every entry.
-    for hook in ("float_reference", "int_kernel", "export_attributes"):
-        assert hasattr(spec, hook)
+    # The simulator has an integer kernel for every supported entry, and none for what it must refuse.
+    assert (spec.op_type in simulated_ops()) == (spec.status == "supported"), spec.op_type
 
 
 def test_every_runtime_op_is_registered_and_nothing_else_is_unexplained():

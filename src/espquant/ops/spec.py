@@ -3,14 +3,17 @@
 An :class:`OpSpec` holds everything the rest of espquant needs to know about an operator on ESP-DL:
 which inputs are quantized activations, weights (with their per-channel axis), biases or plain integer
 parameters; which tensors share an exponent; what fuses into it; which attribute values and bit widths
-the runtime accepts (per target family where they differ); and, as hooks filled by the simulator and the
-exporters, its float reference, integer kernel and attribute mapping.
+the runtime accepts (per target family where they differ).
+
+The entries are data only: the simulator's integer kernels (``espquant.simulator.quantized_model``) and
+compiled lowerings (``espquant.simulator.compiled``) are tables keyed by the same op types, and a test
+keeps them covering every supported entry (the float reference is onnxruntime itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -239,7 +242,6 @@ class OpSpec:
             computes; the checker then rejects it with ``status_reason``.
         onnx_standard: False for ESP-DL's own op types (RequantizeLinear).
         notes: facts later stages must honour (calibration constraints, per-target quirks).
-        float_reference / int_kernel / export_attributes: hooks filled by the simulator and exporters.
     """
 
     op_type: str
@@ -260,9 +262,6 @@ class OpSpec:
     status_reason: str = ""
     onnx_standard: bool = True
     notes: tuple[str, ...] = ()
-    float_reference: Callable[..., Any] | None = field(default=None, compare=False)
-    int_kernel: Callable[..., Any] | None = field(default=None, compare=False)
-    export_attributes: Callable[..., Any] | None = field(default=None, compare=False)
 
     def input_spec(self, position: int) -> InputSpec | None:
         """The spec of input ``position`` (the last one repeats for variadic ops)."""

@@ -59,6 +59,7 @@ class _Builder:
     guards: list[str] = field(default_factory=list)
     guard_nodes: list[str] = field(default_factory=list)  # the node (first output) each guard protects
     produced: set[str] = field(default_factory=set)
+    nonnegative: set[str] = field(default_factory=set)  # integer tensors that can never be negative
     consumed: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -172,22 +173,31 @@ def _accumulating(
     ).reshape(-1)
     channels = weight.shape[0]
     shift = np.broadcast_to(shift, (channels,)).copy()
-    magnitudes = np.abs(weight.astype(np.int64)).reshape(channels, -1).sum(axis=1)
-    x_max = float(2 ** (m.bits - 1))
     bias64 = np.zeros(channels, np.int64) if bias is None else np.broadcast_to(bias.astype(np.int64), (channels,))
     half = _half(shift, m.profile.rounding)
-    worst = x_max * magnitudes.astype(np.float64) + np.abs(bias64) + half
-    if float(worst.max(initial=0)) >= EXACT_F32:
+    # Every partial sum is the bias plus a subset of the products. With signed inputs a subset is bounded by
+    # 2^(bits-1) sum|w|; with inputs that cannot be negative (after a ReLU / ReLU6) by qmax times the sum
+    # of the positive (or of the negative) weights, about half as much.
+    flat = weight.astype(np.int64).reshape(channels, -1).astype(np.float64)
+    if node.inputs[0] in b.nonnegative:
+        x_max = float(qmax(m.bits))
+        high, low = x_max * np.clip(flat, 0, None).sum(axis=1), x_max * np.clip(flat, None, 0).sum(axis=1)
+    else:
+        x_max = float(2 ** (m.bits - 1))
+        high = x_max * np.abs(flat).sum(axis=1)
+        low = -high
+    if float((np.maximum(high, -low) + np.abs(bias64 + half)).max(initial=0)) >= EXACT_F32:
         raise _Refused("the accumulator bound is not exact in float32")
     limit = _lane_limit(m)
     bias_max = float(np.abs(bias64).max(initial=0))
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
-    if limit is not None and float((x_max * magnitudes + np.abs(bias64)).max(initial=0)) >= limit:
+    reach = np.maximum(np.abs(bias64 + high), np.abs(bias64 + low))  # the chip's running sums stay inside
+    if limit is not None and float(reach.max(initial=0)) >= limit:
         if bias_max >= limit:
             raise _Refused("the bias alone fills the accumulator lane")
-        reach = contract(b.op("Abs", [x]), b.const(embed(np.abs(weight)), hint + "::abs"), None)
-        top = b.op("ReduceMax", [reach], keepdims=0)
+        bound = contract(b.op("Abs", [x]), b.const(embed(np.abs(weight)), hint + "::abs"), None)
+        top = b.op("ReduceMax", [bound], keepdims=0)
         b.guard(b.op("GreaterOrEqual", [top, b.const(limit - bias_max, hint)]), node)
     start = bias64 + half
     acc = contract(x, b.const(embed(weight), hint), b.const(start, hint) if np.any(start) else None)
@@ -470,6 +480,45 @@ def _as_f32(value: np.ndarray) -> np.ndarray:
     return value if value.dtype == F32 else value.astype(F32)
 
 
+_KEEPS_SIGN = {
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "RequantizeLinear",
+    "Concat",
+}
+
+
+def _nonnegative_tensors(model: QuantizedModel, nodes: list[QNode]) -> set[str]:
+    """Integer tensors that are never negative, whatever the data: outputs of a fused or plain ReLU, of a
+    Clip with a non-negative constant lower bound, of an int8 table without negative entries, and what
+    sign-keeping ops (pools, data movement, requantization: rounding and saturation keep x >= 0) make of
+    them."""
+    found: set[str] = set()
+    for node in nodes:
+        if not node.outputs or node.outputs[0] in model.float_tensors:
+            continue
+        inputs = [t for t in node.inputs if t and t not in model.constants]
+        if node.relu or node.op_type == "Relu":
+            keeps = True
+        elif node.table is not None:
+            keeps = bool(node.table.min() >= 0)
+        elif node.op_type == "Clip":
+            low = node.inputs[1] if len(node.inputs) > 1 else ""
+            keeps = bool(low) and low in model.constants and float(np.min(model.constants[low])) >= 0
+        else:
+            keeps = node.op_type in _KEEPS_SIGN and bool(inputs) and all(t in found for t in inputs)
+        if keeps:
+            found.add(node.outputs[0])
+    return found
+
+
 def compile_program(
     model: QuantizedModel, nodes: list[QNode], threads: int | None, interpret: frozenset[str] = frozenset()
 ) -> CompiledProgram:
@@ -482,7 +531,8 @@ def compile_program(
         live |= {t for t in node.inputs if t}
     needed_after.reverse()
     steps: list[_Segment | QNode] = []
-    builder = _Builder(model)
+    nonnegative = _nonnegative_tensors(model, nodes)
+    builder = _Builder(model, nonnegative=nonnegative)
     count = 0
     for index, node in enumerate(nodes):
         lower = _lower_table if node.table is not None else _LOWER.get(node.op_type)
@@ -495,7 +545,7 @@ def compile_program(
             builder.rollback(mark)
             if builder.nodes:
                 steps.append(_segment(builder, sorted(builder.produced & needed_after[index - 1]), threads, count))
-            builder, count = _Builder(model), 0
+            builder, count = _Builder(model, nonnegative=nonnegative), 0
             steps.append(node)
             continue
         builder.produced.update(t for t in node.outputs if t)
