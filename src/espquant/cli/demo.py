@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -76,5 +77,36 @@ def demo(workdir: Path) -> None:
             accuracy = 100.0 * float((logits.argmax(axis=1) == data.test_labels).mean())
             table.add_row(Path(path).name, f"{bits} on {target} (simulated)", f"{accuracy:.2f}%")
     out.print(table)
+    _export_step(optimized, table_path, data, workdir)
     if abs(before - after) > 1e-9:
         raise EspquantError(f"the optimized demo model's accuracy changed ({before:.2f}% -> {after:.2f}%)")
+
+
+def _export_step(optimized: Any, table_path: Path, data: Any, workdir: Path) -> None:
+    """5. export the int8 model for one chip of each family, re-load each file and simulate it from its
+    own contents on every test digit: the integers must equal the in-memory model's."""
+    import numpy as np
+
+    from espquant.simulator import Evaluator
+    from espquant.simulator.espdl_model import load_espdl
+
+    table = Table(title="5. export: .espdl files, re-loaded and simulated", title_justify="left")
+    for column in ("target", "file", "bytes", "outputs equal to the simulation", "top-1"):
+        table.add_column(column, justify="left" if column in ("target", "file") else "right")
+    for target in ("esp32s3", "esp32p4", "esp32c3"):
+        evaluator = Evaluator("int8", "per-tensor", target)
+        quantized = evaluator.generate_quantized_model(optimized, table_path)
+        path = evaluator.export_espdl(workdir / f"demo_mnist_cnn_{target}.espdl", data.test_inputs, force=True)
+        loaded = load_espdl(path)
+        name = quantized.inputs[0]
+        ints = quantized.quantize_input(name, data.test_inputs)
+        expected = quantized.run({name: ints})[quantized.outputs[0]]
+        output = loaded.outputs[0].name
+        got = loaded.run({name: np.transpose(ints, loaded.onnx_layout(name))})[output]
+        got = np.transpose(got, np.argsort(loaded.onnx_layout(output)))
+        equal = int((got == expected).all(axis=tuple(range(1, got.ndim))).sum())
+        accuracy = 100.0 * float((got.argmax(axis=1) == data.test_labels).mean())
+        table.add_row(target, path.name, f"{path.stat().st_size:,}", f"{equal}/{len(got)}", f"{accuracy:.2f}%")
+        if equal != len(got):
+            raise EspquantError(f"{path}: the re-loaded file computes other integers than the in-memory model")
+    out.print(table)

@@ -63,6 +63,13 @@ class EspdlModel:
             {name: t.data for name, t in self.file.test_outputs.items()},
         )
 
+    def onnx_layout(self, name: str) -> tuple[int, ...] | None:
+        """For a graph input or output of a file espquant exported: the permutation that takes the ONNX
+        model's tensor to the file's layout (``np.transpose(onnx_array, perm)``), e.g. ``(0, 2, 3, 1)`` for
+        an NHWC image; None when the file does not say (other writers)."""
+        value = self.file.metadata.get(f"espquant.layout:{name}")
+        return tuple(int(p) for p in value.split(",")) if value else None
+
     def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
         """Run the graph on quantized inputs (the file's layout) and return the graph outputs.
 
@@ -374,10 +381,20 @@ def _softmax(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[
 
 
 def _quantize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
+    """QuantizeLinear / RequantizeLinear (one runtime module): float -> int, or int -> int (6)."""
     x = env[node.inputs[0]]
     declared = model.file.values.get(node.outputs[0])
     bits = 16 if declared is not None and declared.dtype == "INT16" else 8
-    return [kernels.quantize_float(x.data, e_out=model._exponent(node.outputs[0]), bits=bits, profile=model.profile)]
+    e_out = model._exponent(node.outputs[0])
+    if x.data.dtype.kind == "f":
+        return [kernels.quantize_float(x.data, e_out=e_out, bits=bits, profile=model.profile)]
+    return [kernels.requantize(x.data, e_out - x.exponent, bits, model.profile)]
+
+
+def _dequantize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
+    """int -> float32: ``q * 2^e`` (6)."""
+    x = env[node.inputs[0]]
+    return [(x.data.astype(np.float32) * np.float32(2.0**x.exponent)).astype(np.float32)]
 
 
 def _float_unary(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
@@ -416,6 +433,8 @@ _HANDLERS: dict[str, Callable[[EspdlModel, EspdlNode, dict[str, Value]], list[np
     "Clip": _clip,
     "Softmax": _softmax,
     "QuantizeLinear": _quantize,
+    "RequantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
 }
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -100,6 +102,25 @@ class Evaluator:
         self._float_model, self._table = model_proto, table
         self.quantized = build_quantized_model(model_proto, table, self.target, self.bits)
         return self.quantized
+
+    def export_espdl(self, path: str | os.PathLike[str], test_inputs: Any = None, force: bool = False) -> Path:
+        """Write the quantized model as an ESP-DL v3 ``.espdl`` file for this target (atomically).
+
+        Args:
+            path: the output file; an existing one is only replaced with ``force``.
+            test_inputs: float inputs (an array, or a dict per input); the first sample and the outputs the
+                simulator computes for it are embedded as the file's test values. Default: fixed
+                pseudo-random integers over the input's whole range.
+
+        Raises:
+            TargetError: per-channel exponents for a chip that runs per-tensor weights only.
+            UnsupportedOpError: an operator the exporter cannot write yet (nothing is written).
+        """
+        from espquant.export.espdl_export import export_espdl
+
+        if self.quantized is None or self._float_model is None:
+            raise OptionError("call generate_quantized_model(model, table) before export_espdl.")
+        return export_espdl(self.quantized, self._float_model, path, test_inputs=test_inputs, force=force)
 
     def evaluate_quantized_model(
         self, batch_fp_input: np.ndarray | dict[str, np.ndarray], to_float: bool = False

@@ -330,6 +330,16 @@ def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | Non
     return np.moveaxis((e / total[..., None]).astype(F32), -1, axis)
 
 
+def requantize(x: np.ndarray, shift: int, bits: int, profile: TargetProfile) -> np.ndarray:
+    """int -> int at another exponent: ``sat(SR(q, d))``, ``d = e_out - e_in`` (a left shift when negative),
+    with the SIMD broadcast of a left shift's multiplier in the profile's width (ARITHMETIC.md 6: on the
+    ESP32-S3 an int8 left shift by 7 multiplies by -128 and by 8 or more by 0; tensors above 50 elements)."""
+    multiplier = profile.requant_multiplier(bits, shift)
+    if multiplier is not None and x[0].size > 50:
+        return saturate(x.astype(np.int64) * multiplier, bits)
+    return saturate(shift_round(x, shift, profile.rounding), bits)
+
+
 def quantize_float(x: np.ndarray, *, e_out: int, bits: int, profile: TargetProfile) -> np.ndarray:
     """QuantizeLinear: ``q = sat(R(x * f32(2**-e)))`` (6)."""
     return saturate(round_float((x.astype(F32) * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)

@@ -19,7 +19,7 @@ from espquant.calibration.plan import plan_calibration
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
 from espquant.quant.profiles import TargetProfile
-from espquant.quant.rounding import round_float, saturate, shift_round
+from espquant.quant.rounding import round_float, saturate
 from espquant.simulator import kernels
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path, lut_table
 from espquant.simulator.compiled import QUANTIZE_INPUT, CompiledProgram, GuardTripped, compile_program
@@ -514,15 +514,8 @@ def _clip(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
 
 
 def _requantize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """int -> int at another exponent: ``sat(SR(q, d))``, ``d = e_out - e_in`` (a left shift when negative),
-    with the ESP32-S3 int8 quirk: its SIMD path broadcasts the left-shift multiplier ``2^-d`` as one byte, so
-    ``d = -7`` multiplies by -128 and ``d <= -8`` by 0 (ARITHMETIC.md 6; tensors above 50 elements)."""
     x = env[node.inputs[0]]
-    d = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
-    multiplier = m.profile.requant_multiplier(m.bits, d)
-    if multiplier is not None and x[0].size > 50:
-        return [saturate(x.astype(np.int64) * multiplier, m.bits)]
-    return [saturate(shift_round(x, d, m.profile.rounding), m.bits)]
+    return [kernels.requantize(x, m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]), m.bits, m.profile)]
 
 
 def _quantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,0 +1,74 @@
+"""``espquant export``: the quantized model in a form something else can load (the chip, Netron, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from espquant.cli.app import main, out
+from espquant.cli.calibrate import load_array_data
+from espquant.errors import OptionError
+
+FORMATS = ("espdl",)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--table",
+    "table_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Quantization table from `espquant calibrate` (.pickle or .json).",
+)
+@click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="The chip to export for.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="espdl",
+    show_default=True,
+    help="espdl: ESP-DL v3 model file.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <model>_<target>.espdl].")
+@click.option(
+    "--test-input",
+    "test_input",
+    type=click.Path(path_type=Path),
+    help="Float inputs (.npy / .npz); the first sample and the simulated outputs become the file's test values "
+    "[default: fixed pseudo-random integers].",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def export(
+    model: Path, table_path: Path, target: str, fmt: str, output: Path | None, test_input: Path | None, force: bool
+) -> None:
+    """Write the quantized model for a chip: an .espdl file ESP-DL v3 loads directly.
+
+    The weights are laid out for the target (blocked SIMD lanes on ESP32-S3 / -P4, plain on the C chips),
+    activations NHWC around convolutions, with every exponent, the int8 look-up tables and one test input
+    whose outputs espquant simulates: ESP-DL's model test on the device compares against them. Before
+    writing, the file's own contents are simulated and must reproduce those outputs bit for bit.
+
+    \b
+    Examples:
+      espquant export mnist_optimized.onnx --table mnist_calib.pickle --target esp32s3 -o mnist_s3.espdl
+      espquant export net.onnx --table t.pickle --target esp32p4 --test-input sample.npy --force
+      espquant run mnist_s3.espdl --self-test      # re-load it and check the embedded outputs
+    """
+    from espquant.model_io import check_distinct_paths, load_model
+    from espquant.simulator import Evaluator
+    from espquant.table import QuantTable
+
+    proto = load_model(model)
+    table = QuantTable.load(table_path)
+    destination = output or model.with_name(f"{model.stem}_{target}.{fmt}")
+    check_distinct_paths(model, destination)
+    if destination.exists() and not force:
+        raise OptionError(f"{destination} exists; add --force to replace it.")
+    bits = f"int{table.metadata.get('bits', 8)}"
+    evaluator = Evaluator(bits, table.metadata.get("granularity"), target)
+    evaluator.generate_quantized_model(proto, table)
+    samples = load_array_data(test_input) if test_input is not None else None
+    written = evaluator.export_espdl(destination, test_inputs=samples, force=force)
+    out.print(f"wrote {written} ({written.stat().st_size:,} bytes, {evaluator.target.name}, {bits})")

@@ -1,0 +1,448 @@
+"""Export a quantized model as an ESP-DL v3 ``.espdl`` file (ESPDL_FORMAT.md section 9, the exporter checklist).
+
+The in-memory :class:`QuantizedModel` already holds what the chip computes with (integer weights and biases,
+exponents, fused ReLU, RequantizeLinear where exponents change, int8 tables). Exporting re-expresses it in the
+runtime's terms:
+
+- layouts (5.1): 4-D tensors entering or leaving Conv and the pools are NHWC; element-wise ops, activations
+  and (re)quantization inherit their input's layout; every other op (Gemm, Flatten, Reshape, Transpose, ...)
+  works in ONNX layout, so a ``Transpose`` is inserted wherever a tensor must change layout. A graph input
+  is stored NHWC when its first reader is a conv-like op;
+- weights in the target's byte order (5.2: blocked 16 / 8 lanes on ESP32-S3 and -P4, plain on the C chips),
+  biases INT32 (int8 ops) / INT64 (int16 ops) at ``e_in + e_w``, per-channel exponent lists where the table
+  has them (only on targets that run them);
+- ``quant_type``, ``activation`` and ``lut`` attributes, int8 tables as ``<Op>_lut_<k>`` initializers,
+  scales / zero points of the (re)quantize nodes, every variable in ``value_info`` with dtype and exponent;
+- test values: one input and the integers the simulator computes for it, so the chip's own model test
+  compares against espquant.
+
+Before anything is written the exported graph is simulated from its own contents (the same reader path
+``load_espdl`` uses) and must reproduce those integers bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espquant._version import __version__
+from espquant.errors import ModelError, OptionError, TargetError, UnsupportedOpError
+from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
+from espquant.export.espdl_writer import write_espdl
+from espquant.quant.pot import qmax, qmin
+from espquant.simulator.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
+from espquant.simulator.quantized_model import QNode, QuantizedModel
+
+__all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "export_espdl"]
+
+LAYOUT_KEY = "espquant.layout:"
+
+_CONV_LIKE = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool"}
+_INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Add", "Sub", "Mul"}
+_INHERIT |= {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu"}
+_ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
+EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT)
+_NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
+
+
+@dataclass
+class _Export:
+    """The file being assembled, with each tensor's current layout (a permutation of its ONNX axes)."""
+
+    model: QuantizedModel
+    values: dict[str, np.ndarray]  # every tensor of one simulated sample, ONNX layout
+    nodes: list[EspdlNode] = field(default_factory=list)
+    initializers: dict[str, EspdlTensor] = field(default_factory=dict)
+    declared: dict[str, EspdlValue] = field(default_factory=dict)
+    layout: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    alias: dict[str, str] = field(default_factory=dict)  # Identity outputs -> their input
+    luts: int = 0
+
+    @property
+    def bits(self) -> int:
+        return self.model.bits
+
+    @property
+    def int_dtype(self) -> str:
+        return "INT8" if self.bits == 8 else "INT16"
+
+    def quant_type(self, tensor: str) -> str:
+        return "F32" if tensor in self.model.float_tensors else ("S8" if self.bits == 8 else "S16")
+
+    def name(self, tensor: str) -> str:
+        return self.alias.get(tensor, tensor)
+
+    def perm(self, tensor: str) -> tuple[int, ...]:
+        return self.layout.get(self.name(tensor), tuple(range(self.values[tensor].ndim)))
+
+    def declare(self, tensor: str, perm: tuple[int, ...], stored: str | None = None) -> None:
+        """value_info for ``tensor`` (stored under ``stored``) in layout ``perm``."""
+        name = stored or tensor
+        self.layout[name] = perm
+        value = self.values[tensor]
+        floating = tensor in self.model.float_tensors
+        exponent = 0 if floating else self.model.exponent(tensor)
+        shape = tuple(int(value.shape[p]) for p in perm)
+        self.declared[name] = EspdlValue(name, "FLOAT" if floating else self.int_dtype, shape, [exponent])
+
+    def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
+        dims = tuple(int(d) for d in np.shape(data)) or (1,)
+        self.initializers[name] = EspdlTensor(name, dtype, dims, np.asarray(data).reshape(dims), exponents, doc)
+        return name
+
+    def ensure(self, tensor: str, perm: tuple[int, ...]) -> str:
+        """``tensor`` in layout ``perm``: the stored name, behind a Transpose node when it is elsewhere."""
+        current = self.perm(tensor)
+        if current == perm:
+            return self.name(tensor)
+        stored = f"{self.name(tensor)}__{'_'.join(map(str, perm))}"
+        if stored not in self.declared:
+            step = [current.index(p) for p in perm]  # x_cur.transpose(step) is the tensor in layout perm
+            self.nodes.append(
+                EspdlNode(
+                    f"{stored}_transpose",
+                    "Transpose",
+                    [self.name(tensor)],
+                    [stored],
+                    {"perm": step, "quant_type": self.quant_type(tensor)},
+                )
+            )
+            self.declare(tensor, perm, stored)
+        return stored
+
+
+def _identity(rank: int) -> tuple[int, ...]:
+    return tuple(range(rank))
+
+
+def _weight_doc(kind: str, n: int, bits: int, blocked: bool) -> str:
+    if not blocked:
+        return f"layout ==> {'HWCN' if kind == 'depthwise' else 'NHWC'}"
+    lanes = 16 if bits == 8 else 8
+    return f"layout ==> (N/{lanes})HWC{lanes}" + ("_UNALIGNED" if n % lanes else "")
+
+
+def _exponent_list(model: QuantizedModel, name: str) -> list[int]:
+    value = model.exponents[name]
+    return list(value) if isinstance(value, list) else [int(value)]
+
+
+def _bias(e: _Export, node: QNode, channels: int) -> list[str]:
+    if len(node.inputs) < 3 or not node.inputs[2]:
+        return []
+    bias = np.broadcast_to(np.asarray(e.model.constants[node.inputs[2]]).reshape(-1), (channels,))
+    dtype = "INT32" if e.bits == 8 else "INT64"
+    return [e.constant(node.inputs[2], bias.astype(np.int64), dtype, _exponent_list(e.model, node.inputs[2]))]
+
+
+def _conv(e: _Export, node: QNode) -> EspdlNode:
+    weight = np.asarray(e.model.constants[node.inputs[1]])
+    if weight.ndim != 4:
+        raise UnsupportedOpError(f"node {node.name!r}: only 2-D convolutions can be exported yet")
+    group = int(node.attrs.get("group", 1))
+    n, c, kh, kw = weight.shape
+    blocked = e.model.profile.simd
+    if group == 1:
+        flat = encode_conv_weight(weight.transpose(0, 2, 3, 1), e.bits, blocked)
+        dims, kind = (kh, kw, c, n), "conv"
+    elif c == 1 and group == n:
+        flat = encode_depthwise_weight(weight[:, 0], e.bits, blocked)
+        dims, kind = (kh, kw, n, 1), "depthwise"
+    else:
+        raise UnsupportedOpError(f"node {node.name!r}: grouped convolution (group {group}) has no ESP-DL kernel")
+    x = e.ensure(node.inputs[0], _NHWC[4])
+    w = e.constant(
+        node.inputs[1],
+        flat.reshape(dims),
+        e.int_dtype,
+        _exponent_list(e.model, node.inputs[1]),
+        _weight_doc(kind, n, e.bits, blocked),
+    )
+    attrs = {
+        "activation": "Relu" if node.relu else "Linear",
+        "dilations": list(node.attrs.get("dilations", [1, 1])),
+        "group": group,
+        "kernel_shape": [kh, kw],
+        "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+        "strides": list(node.attrs.get("strides", [1, 1])),
+    }
+    e.declare(node.outputs[0], _NHWC[4])
+    return EspdlNode(node.name, "Conv", [x, w, *_bias(e, node, n)], list(node.outputs), attrs)
+
+
+def _gemm(e: _Export, node: QNode) -> EspdlNode:
+    if node.attrs.get("transA", 0):
+        raise UnsupportedOpError(f"node {node.name!r}: Gemm with transA has no ESP-DL kernel")
+    matrix = np.asarray(e.model.constants[node.inputs[1]])
+    matrix = matrix.T if node.attrs.get("transB", 0) else matrix  # (K, N)
+    k, n = matrix.shape
+    blocked = e.model.profile.simd
+    x = e.ensure(node.inputs[0], _identity(2))
+    w = e.constant(
+        node.inputs[1],
+        encode_kn_matrix(matrix, e.bits, blocked).reshape(1, 1, k, n),
+        e.int_dtype,
+        _exponent_list(e.model, node.inputs[1]),
+        _weight_doc("conv", n, e.bits, blocked),
+    )
+    attrs = {"activation": "Relu" if node.relu else "Linear", "alpha": 1.0, "beta": 1.0, "transB": 0}
+    e.declare(node.outputs[0], _identity(2))
+    return EspdlNode(node.name, "Gemm", [x, w, *_bias(e, node, n)], list(node.outputs), attrs)
+
+
+def _pool(e: _Export, node: QNode) -> EspdlNode:
+    x = e.ensure(node.inputs[0], _NHWC[4])
+    attrs: dict[str, Any] = {}
+    if node.op_type != "GlobalAveragePool":
+        attrs = {
+            "kernel_shape": list(node.attrs["kernel_shape"]),
+            "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+            "strides": list(node.attrs.get("strides", [1, 1])),
+        }
+    e.declare(node.outputs[0], _NHWC[4])
+    return EspdlNode(node.name, node.op_type, [x], [node.outputs[0]], attrs)
+
+
+def _operand(e: _Export, tensor: str, perm: tuple[int, ...], rank: int) -> str:
+    """An element-wise operand in layout ``perm``: constants are permuted in place (after padding their shape
+    to the output rank, as broadcasting does), activations through ``ensure``."""
+    if tensor in e.model.constants:
+        value = np.asarray(e.model.constants[tensor])
+        value = value.reshape((1,) * (rank - value.ndim) + value.shape).transpose(perm)
+        return e.constant(tensor, value.astype(np.int64), e.int_dtype, _exponent_list(e.model, tensor))
+    return e.ensure(tensor, perm)
+
+
+def _elementwise(e: _Export, node: QNode) -> EspdlNode:
+    """Activations, Add / Sub / Mul, Clip and (re)quantization: computed in the first input's layout."""
+    first = node.inputs[0]
+    rank = e.values[node.outputs[0]].ndim
+    perm = e.perm(first) if e.values[first].ndim == rank else _identity(rank)
+    inputs = [e.ensure(first, perm)]
+    attrs: dict[str, Any] = {}
+    op_type = node.op_type
+    if op_type in ("Add", "Sub", "Mul"):
+        inputs.append(_operand(e, node.inputs[1], perm, rank))
+    elif op_type == "Clip":
+        for tensor in node.inputs[1:3]:
+            inputs.append(_operand(e, tensor, (0,), 1) if tensor else "")
+        if len(inputs) == 3 and not inputs[2]:
+            inputs.pop()
+    elif op_type in ("RequantizeLinear", "QuantizeLinear", "DequantizeLinear"):
+        inputs += _scale_and_zero_point(e, node)
+    elif op_type == "PRelu":
+        if node.table is None:
+            raise UnsupportedOpError(f"node {node.name!r}: PRelu with per-channel slopes cannot be exported yet")
+    elif op_type in ("Relu",) and node.table is None:
+        if e.model.exponent(first) != e.model.exponent(node.outputs[0]):
+            raise UnsupportedOpError(f"node {node.name!r}: a rescaling Relu without a table cannot be exported yet")
+    elif node.table is None:
+        raise UnsupportedOpError(
+            f"node {node.name!r}: {op_type} at int{e.bits} (no int8 look-up table) cannot be exported yet"
+        )
+    if node.table is not None:
+        table = f"{op_type}_lut_{e.luts}"
+        e.luts += 1
+        e.constant(table, node.table.reshape(-1).astype(np.int64), "INT8", [e.model.exponent(node.outputs[0])])
+        attrs["lut"] = table
+        inputs = inputs[:1]
+    for key in ("alpha", "beta"):
+        if key in node.attrs and op_type in ("LeakyRelu", "HardSigmoid"):
+            attrs[key] = float(node.attrs[key])
+    e.declare(node.outputs[0], perm)
+    return EspdlNode(node.name, op_type, inputs, [node.outputs[0]], attrs)
+
+
+def _scale_and_zero_point(e: _Export, node: QNode) -> list[str]:
+    """Scale and zero point of a (re)quantize node: informational for the runtime (ESPDL_FORMAT.md 4)."""
+    source, target = node.inputs[0], node.outputs[0]
+    if node.op_type == "DequantizeLinear":
+        scale = 2.0 ** e.model.exponent(source)
+    elif source in e.model.float_tensors:
+        scale = 2.0 ** e.model.exponent(target)
+    else:
+        scale = 2.0 ** (e.model.exponent(target) - e.model.exponent(source))
+    scale_name = e.constant(f"{target}_scale", np.array([scale], np.float32), "FLOAT", [0])
+    zero_name = e.constant(f"{target}_zero_point", np.zeros(1, np.int64), e.int_dtype, [0])
+    return [scale_name, zero_name]
+
+
+def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
+    """Ops that work in the original ONNX layout; shape-like operands become INT64 inputs."""
+    op_type = node.op_type
+    if op_type == "Identity":
+        e.alias[node.outputs[0]] = e.name(node.inputs[0])
+        return None
+    if op_type == "Concat":
+        parts = [t for t in node.inputs if t]
+        perms = {e.perm(t) for t in parts}
+        perm = perms.pop() if len(perms) == 1 else _identity(e.values[parts[0]].ndim)
+        axis = int(node.attrs.get("axis", 0)) % len(perm)
+        e.declare(node.outputs[0], perm)
+        inputs = [e.ensure(t, perm) for t in parts]
+        return EspdlNode(node.name, "Concat", inputs, [node.outputs[0]], {"axis": perm.index(axis)})
+    rank = e.values[node.inputs[0]].ndim
+    inputs = [e.ensure(node.inputs[0], _identity(rank))]
+    attrs: dict[str, Any] = {}
+    if op_type == "Reshape":
+        shape = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64).reshape(-1)
+        inputs.append(e.constant(node.inputs[1], shape, "INT64", [0]))
+    elif op_type in ("Squeeze", "Unsqueeze"):
+        axes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] else None
+        values = np.asarray(e.model.constants[axes] if axes else node.attrs.get("axes", []), np.int64).reshape(-1)
+        if op_type == "Unsqueeze" or values.size:
+            inputs.append(e.constant(axes or f"{node.outputs[0]}_axes", values, "INT64", [0]))
+    elif op_type in ("Flatten", "Softmax"):
+        attrs["axis"] = int(node.attrs.get("axis", 1 if op_type == "Flatten" else -1))
+    elif op_type == "Transpose":
+        attrs["perm"] = list(node.attrs.get("perm", list(range(rank))[::-1]))
+    e.declare(node.outputs[0], _identity(e.values[node.outputs[0]].ndim))
+    return EspdlNode(node.name, op_type, inputs, [node.outputs[0]], attrs)
+
+
+_EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    **{op: _pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool")},
+    **{op: _elementwise for op in _INHERIT},
+    **{op: _onnx_layout for op in _ONNX_LAYOUT - {"Gemm"}},
+}
+
+
+def check_exportable(model: QuantizedModel) -> None:
+    """Everything that would stop an export, raised before anything is computed or written."""
+    profile = model.profile
+    per_channel = [name for name, value in model.exponents.items() if isinstance(value, list)]
+    if per_channel and not profile.per_channel_weights:
+        raise TargetError(
+            f"{profile.name} runs per-tensor weights only, but the table gives per-channel exponents to "
+            f"{', '.join(sorted(per_channel)[:4])}: calibrate with granularity 'per-tensor' for this chip "
+            "(per-channel weights run on esp32p4)."
+        )
+    unknown = sorted({f"{n.op_type} ({n.name or n.outputs[0]})" for n in model.nodes if n.op_type not in _EXPORT})
+    if unknown:
+        raise UnsupportedOpError(
+            f"cannot export to .espdl yet: {', '.join(unknown)}; exportable op types: {', '.join(sorted(_EXPORT))}."
+        )
+
+
+def _sample_inputs(model: QuantizedModel, float_model: onnx.ModelProto, test_inputs: Any) -> dict[str, np.ndarray]:
+    """One sample per input: the first of ``test_inputs`` (float data, quantized as the chip does), or fixed
+    pseudo-random integers over the whole integer range (saturation and signs included)."""
+    from espquant.graph import tensor_shape
+
+    shapes = {i.name: tensor_shape(i) for i in float_model.graph.input}
+    if test_inputs is not None:
+        feeds = test_inputs if isinstance(test_inputs, dict) else {model.inputs[0]: test_inputs}
+        missing = set(model.inputs) - set(feeds)
+        if missing:
+            raise OptionError(f"test_inputs: no value for model input(s) {sorted(missing)}")
+        return {name: model.quantize_input(name, np.asarray(feeds[name])[:1]) for name in model.inputs}
+    rng = np.random.default_rng(0)
+    samples = {}
+    for name in model.inputs:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (shapes.get(name) or [])]
+        shape[:1] = [1]
+        if name in model.float_tensors:
+            samples[name] = rng.normal(0, 1, shape).astype(np.float32)
+        else:
+            samples[name] = rng.integers(qmin(model.bits), qmax(model.bits) + 1, shape)
+    return samples
+
+
+def build_espdl(
+    model: QuantizedModel, float_model: onnx.ModelProto, test_inputs: Any = None, check: bool = True
+) -> EspdlFile:
+    """The ``.espdl`` contents for ``model`` (see the module docstring); ``check`` simulates the result from its
+    own contents and refuses it unless it reproduces the in-memory model's integers."""
+    check_exportable(model)
+    inputs = _sample_inputs(model, float_model, test_inputs)
+    values = model.run(inputs, keep=True)
+    e = _Export(model, values)
+    readers = {t: [n for n in model.nodes if t in n.inputs] for t in model.inputs}
+    for name in model.inputs:
+        rank = values[name].ndim
+        first = readers[name][0] if readers[name] else None
+        nhwc = first is not None and first.op_type in _CONV_LIKE and rank in _NHWC
+        e.declare(name, _NHWC[rank] if nhwc else _identity(rank))
+    for node in model.nodes:
+        converted = _EXPORT[node.op_type](e, node)
+        if converted is None:
+            continue
+        converted.attributes["quant_type"] = e.quant_type(node.outputs[0])
+        if node.op_type == "DequantizeLinear":
+            converted.attributes["quant_type"] = e.quant_type(node.inputs[0])
+        converted.name = converted.name or f"{node.op_type}_{len(e.nodes)}"
+        e.nodes.append(converted)
+    outputs = [e.name(o) for o in model.outputs]
+    test_in = {name: _test_tensor(e, name, values[name], e.declared[name]) for name in model.inputs}
+    test_out = {}
+    for original, stored in zip(model.outputs, outputs):
+        test_out[stored] = _test_tensor(e, stored, values[original], e.declared[stored])
+    espdl = EspdlFile(
+        path="",
+        container="EDL2",
+        ir_version=int(float_model.ir_version),
+        metadata={
+            "target": model.profile.name,
+            "producer": f"espquant {__version__}",
+            # Where a graph input / output is stored permuted: its axes as ONNX axes (read by onnx_layout).
+            **{f"{LAYOUT_KEY}{name}": ",".join(map(str, e.layout[name])) for name in [*model.inputs, *outputs]},
+        },
+        graph_name=float_model.graph.name or "main_graph",
+        nodes=e.nodes,
+        initializers=e.initializers,
+        inputs=[e.declared[name] for name in model.inputs],
+        outputs=[e.declared[name] for name in outputs],
+        values=dict(e.declared),
+        test_inputs=test_in,
+        test_outputs=test_out,
+    )
+    if check:
+        _self_check(espdl, model)
+    return espdl
+
+
+def _test_tensor(e: _Export, name: str, value: np.ndarray, declared: EspdlValue) -> EspdlTensor:
+    perm = e.layout[name]
+    data = np.transpose(value, perm)
+    dtype = {"INT8": "INT8", "INT16": "INT16"}.get(declared.dtype, "FLOAT")
+    data = data.astype(np.float32) if dtype == "FLOAT" else data.astype(np.int64)
+    return EspdlTensor(name, dtype, tuple(int(d) for d in data.shape) or (1,), data, list(declared.exponents))
+
+
+def _self_check(espdl: EspdlFile, model: QuantizedModel) -> None:
+    from espquant.simulator.espdl_model import EspdlModel, compare_output
+
+    simulated = EspdlModel(espdl, model.profile).run({n: t.data for n, t in espdl.test_inputs.items()})
+    for name, expected in espdl.test_outputs.items():
+        same, detail = compare_output(simulated[name], expected.data)
+        if not same:
+            raise ModelError(
+                f"internal error: the exported graph does not reproduce output {name!r} ({detail}); nothing was "
+                "written. Please report this with the model."
+            )
+
+
+def export_espdl(
+    model: QuantizedModel,
+    float_model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    test_inputs: Any = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` as an ``.espdl`` file at ``path`` (atomically); an existing file needs ``force``."""
+    target = Path(path)
+    if target.exists() and not force:
+        raise OptionError(f"{target} exists; pass force=True (--force on the command line) to overwrite it.")
+    if not target.parent.is_dir():
+        raise OptionError(f"{target.parent}: no such directory for the output file.")
+    espdl = build_espdl(model, float_model, test_inputs)
+    write_espdl(espdl, target)
+    return target
