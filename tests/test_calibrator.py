@@ -13,7 +13,7 @@ from onnx import helper
 from espquant import Calibrator
 from espquant.cli import main
 from espquant.demo import demo_model_path, load_demo_data
-from espquant.errors import DatasetError, UnsupportedModelError
+from espquant.errors import DatasetError, ModelError, UnsupportedModelError
 from espquant.ops import Role, get_op_spec
 from espquant.optimizer import optimize_model
 from espquant.quant.pot import exponent_for_max_abs
@@ -242,3 +242,13 @@ def test_minmax_ranges_equal_a_direct_measurement(rng):
     for name, value in zip(names, values):
         if name in result.observers:
             assert result.observers[name].max_abs == float(np.abs(value).max()), name
+
+
+def test_a_model_onnxruntime_refuses_is_a_clear_error(rng):
+    """A float64 weight under a float32 input: onnxruntime cannot bind the types; the user gets one line that
+    says so and how to check the model, not onnxruntime's exception."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    weight = rng.normal(0, 1, (2, 2, 1, 1))  # float64
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 2, 3, 3])], {"w": weight})
+    with pytest.raises(ModelError, match="onnxruntime cannot load the model for calibration.*onnx.checker"):
+        Calibrator("int8").calibrate(model, rng.normal(0, 1, (2, 2, 3, 3)).astype(np.float32))

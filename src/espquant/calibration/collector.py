@@ -21,6 +21,7 @@ from onnx import helper
 
 from espquant.calibration.dataset import Batch
 from espquant.calibration.observers import MinMaxObserver, Observer
+from espquant.errors import ModelError
 from espquant.graph import GraphView
 from espquant.optimizer.shapes import infer_shapes
 
@@ -43,7 +44,13 @@ def _session(model: onnx.ModelProto, providers: Sequence[str], threads: int | No
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
+        raise ModelError(
+            f"onnxruntime cannot load the model for calibration: {exc}. Check the model with "
+            "`python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"`."
+        ) from exc
 
 
 class _Runner:

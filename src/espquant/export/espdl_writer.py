@@ -44,7 +44,7 @@ class _Writer:
         b.StartVector(4, len(items), 4)
         for item in reversed(items):
             b.PrependUOffsetTRelative(item)
-        return b.EndVector(len(items))
+        return b.EndVector()
 
     def strings(self, values: list[str]) -> int:
         return self.offsets([self.builder.CreateString(v) for v in values])
@@ -60,7 +60,7 @@ class _Writer:
         b.StartVector(16, count, 16)
         b.head -= len(padded)
         b.Bytes[b.head : b.head + len(padded)] = padded
-        return b.EndVector(count)
+        return b.EndVector()
 
     # --- tables -------------------------------------------------------------------------------------------------
     def tensor(self, tensor: EspdlTensor) -> int:

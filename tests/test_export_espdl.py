@@ -1,0 +1,291 @@
+"""The .espdl exporter: the FlatBuffers writer, the weight byte orders, the exported graph and its round trip.
+
+The round trip is the contract: a file written for a target, read back with ``load_espdl`` and simulated from
+its own contents (NHWC layouts, blocked weights, tables and all), computes exactly the integers of the
+in-memory quantized model, on every target and width.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import helper
+
+from conftest import shared_dir
+from espquant import Calibrator, Evaluator
+from espquant.cli import main
+from espquant.demo import demo_model_path, load_demo_data
+from espquant.errors import OptionError, TargetError, UnsupportedOpError
+from espquant.export.espdl_reader import read_espdl
+from espquant.export.espdl_writer import encode_espdl
+from espquant.optimizer import optimize_model
+from espquant.simulator.espdl_model import load_espdl
+from espquant.simulator.layouts import (
+    decode_conv_weight,
+    decode_depthwise_weight,
+    decode_kn_matrix,
+    encode_conv_weight,
+    encode_depthwise_weight,
+    encode_kn_matrix,
+)
+from helpers import make_model, tensor
+from test_compiled import _cnn
+
+VECTORS = sorted((shared_dir() / "vectors").glob("*/*.espdl")) if (shared_dir() / "vectors").is_dir() else []
+TARGETS = ["esp32s3", "esp32p4", "esp32c3"]
+
+
+# --- the writer ---------------------------------------------------------------------------------------------
+
+
+def _same_tensor(a, b) -> bool:
+    return (
+        (a.name, a.dtype, a.dims, a.doc) == (b.name, b.dtype, b.dims, b.doc)
+        and np.array_equal(np.asarray(a.data).reshape(-1), np.asarray(b.data).reshape(-1))
+        and (a.exponents or [0]) == (b.exponents or [0])
+    )
+
+
+def _values(values):
+    return [(v.name, v.dtype, v.shape, v.exponents or [0]) for v in values]
+
+
+@pytest.mark.skipif(not VECTORS, reason=f"Espressif's reference vectors not found under {shared_dir()}")
+def test_the_writer_reproduces_every_shared_file(tmp_path):
+    """Every file Espressif's toolchain wrote (EDL1 and EDL2) is re-encoded as EDL2 and reads back the same."""
+    for path in VECTORS:
+        original = read_espdl(path)
+        data = encode_espdl(original)
+        assert data[:4] == b"EDL2" and len(data) % 16 == 0
+        assert struct.unpack_from("<II", data, 4) == (0, len(data) - 16)
+        copy_path = tmp_path / "copy.espdl"
+        copy_path.write_bytes(data)
+        copy = read_espdl(copy_path)
+        assert copy.nodes == original.nodes, path.name
+        assert (copy.metadata, copy.graph_name, copy.ir_version) == (
+            original.metadata,
+            original.graph_name,
+            original.ir_version,
+        )
+        assert list(copy.initializers) == list(original.initializers)
+        assert all(_same_tensor(copy.initializers[k], v) for k, v in original.initializers.items()), path.name
+        for mine, theirs in ((copy.test_inputs, original.test_inputs), (copy.test_outputs, original.test_outputs)):
+            assert list(mine) == list(theirs) and all(_same_tensor(mine[k], v) for k, v in theirs.items())
+        assert _values(copy.inputs) == _values(original.inputs)
+        assert _values(copy.values.values()) == _values(original.values.values())
+
+
+# --- weight byte orders -------------------------------------------------------------------------------------
+
+
+def test_blocked_int8_conv_bytes_by_hand():
+    """N = 17 int8 output channels: one block of 16 lanes interleaved per tap and input channel, then the
+    17th channel in plain HWC order (ESPDL_FORMAT.md 5.2)."""
+    n, kh, kw, c = 17, 1, 2, 3
+    weight = np.array(
+        [[[[100 * o + 10 * y + ch for ch in range(c)] for y in range(kw)] for _ in range(kh)] for o in range(n)]
+    )
+    flat = encode_conv_weight(weight, 8, blocked=True)
+    assert flat[:16].tolist() == [100 * o for o in range(16)]  # tap (0, 0), channel 0, lanes 0..15
+    assert flat[16:32].tolist() == [100 * o + 1 for o in range(16)]  # channel 1
+    assert flat[48:64].tolist() == [100 * o + 10 for o in range(16)]  # tap (0, 1), channel 0
+    assert flat[96:].tolist() == [1600, 1601, 1602, 1610, 1611, 1612]  # the tail channel, plain
+    assert encode_conv_weight(weight, 8, blocked=False)[:6].tolist() == [0, 1, 2, 10, 11, 12]  # NHWC
+    depthwise = np.arange(9 * 3).reshape(9, 1, 3)  # (N, KH, KW) with N = 9 at int16: one 8-lane block + 1
+    flat = encode_depthwise_weight(depthwise, 16, blocked=True)
+    assert flat[:8].tolist() == [3 * o for o in range(8)] and flat[-3:].tolist() == [24, 25, 26]
+    assert encode_depthwise_weight(depthwise, 16, blocked=False)[:9].tolist() == [3 * o for o in range(9)]  # HWN
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 3),
+    c=st.integers(1, 5),
+    bits=st.sampled_from([8, 16]),
+    blocked=st.booleans(),
+)
+def test_encoders_invert_the_decoders(n, k, c, bits, blocked):
+    rng = np.random.default_rng(n * 100 + k * 10 + c)
+    conv = rng.integers(-128, 128, (n, k, k + 1, c))
+    assert np.array_equal(
+        decode_conv_weight(encode_conv_weight(conv, bits, blocked), n, k, k + 1, c, bits, blocked), conv
+    )
+    depthwise = rng.integers(-128, 128, (n, k, k))
+    flat = encode_depthwise_weight(depthwise, bits, blocked)
+    assert np.array_equal(decode_depthwise_weight(flat, n, k, k, bits, blocked), depthwise)
+    matrix = rng.integers(-128, 128, (c + 3, n))
+    assert np.array_equal(decode_kn_matrix(encode_kn_matrix(matrix, bits, blocked), c + 3, n, bits, blocked), matrix)
+
+
+# --- the exported graph ---------------------------------------------------------------------------------------
+
+
+def _round_trip(quantized, path, samples: np.ndarray) -> None:
+    """The file re-loaded and run on ``samples`` equals the in-memory model, output by output."""
+    loaded = load_espdl(path)
+    ints = {name: quantized.quantize_input(name, samples) for name in quantized.inputs[:1]}
+    expected = quantized.run(ints)
+    feeds = {name: np.transpose(v, loaded.onnx_layout(name)) for name, v in ints.items()}
+    got = loaded.run(feeds)
+    assert [o.name for o in loaded.outputs] == list(expected)
+    for name, want in expected.items():
+        back = np.transpose(got[name], np.argsort(loaded.onnx_layout(name)))
+        if name in quantized.float_tensors:
+            np.testing.assert_array_equal(back.astype(np.float32), want.astype(np.float32))
+        else:
+            np.testing.assert_array_equal(back, want, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return optimize_model(onnx.load(demo_model_path())), load_demo_data()
+
+
+@pytest.mark.parametrize(
+    ("bits", "granularity", "target"),
+    [
+        ("int8", "per-tensor", "esp32s3"),
+        ("int8", "per-tensor", "esp32p4"),
+        ("int8", "per-tensor", "esp32c3"),
+        ("int8", "per-channel", "esp32p4"),
+        ("int16", "per-tensor", "esp32s3"),
+        ("int16", "per-tensor", "esp32p4"),
+        ("int16", "per-tensor", "esp32c3"),
+    ],
+)
+def test_the_demo_model_round_trips_bit_for_bit(tmp_path, demo, bits, granularity, target):
+    model, data = demo
+    table = Calibrator(bits, granularity).calibrate(model, data.calib_inputs[:200]).table
+    evaluator = Evaluator(bits, granularity, target)
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "demo.espdl", data.test_inputs)
+    _round_trip(quantized, path, data.test_inputs[:256])
+    decoded = read_espdl(path)
+    raw = path.read_bytes()
+    assert raw[:4] == b"EDL2" and struct.unpack_from("<II", raw, 4) == (0, len(raw) - 16) and len(raw) % 16 == 0
+    assert decoded.metadata["target"] == target and decoded.ir_version == model.ir_version
+    convs = [n for n in decoded.nodes if n.op_type == "Conv"]
+    assert {n.quant_type for n in decoded.nodes} == {"S8" if bits == "int8" else "S16"}
+    assert {n.attributes["activation"] for n in convs} == {"Relu", "Linear"}
+    weight, bias = decoded.initializers[convs[0].inputs[1]], decoded.initializers[convs[0].inputs[2]]
+    assert weight.dtype == ("INT8" if bits == "int8" else "INT16")
+    assert bias.dtype == ("INT32" if bits == "int8" else "INT64")
+    assert weight.dims == (3, 3, 1, 16)  # [KH, KW, C, N]
+    lanes = 16 if bits == "int8" else 8
+    assert weight.doc == (f"layout ==> (N/{lanes})HWC{lanes}" if target != "esp32c3" else "layout ==> NHWC")
+    assert len(weight.exponents) == (16 if granularity == "per-channel" else 1)
+    assert bias.exponents == [quantized.exponent(convs[0].inputs[0]) + e for e in weight.exponents]
+    assert decoded.inputs[0].shape == (1, 28, 28, 1)  # the image enters a Conv: stored NHWC
+    assert all(v.exponents == [quantized.exponent(k)] for k, v in decoded.values.items() if k in quantized.exponents)
+    # The embedded test values: the first given digit and the simulator's outputs for it.
+    loaded = load_espdl(path)
+    inputs, outputs = loaded.test_values
+    first = quantized.quantize_input(quantized.inputs[0], data.test_inputs[:1])
+    np.testing.assert_array_equal(inputs[quantized.inputs[0]], first.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(loaded.run(inputs)["logits"], outputs["logits"])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_exportable_operator_round_trips(tmp_path, rng, target):
+    """Conv (strided, depthwise, fused ReLU), Clip, Add / Sub / Mul with a per-channel constant, MaxPool,
+    AveragePool, an int8 Sigmoid table, Transpose, Concat, GlobalAveragePool, Squeeze / Unsqueeze, Flatten,
+    Gemm, Reshape, Softmax (float output) and RequantizeLinear where exponents change: Transposes go in
+    wherever an op needs the other layout."""
+    model = _cnn(rng)
+    table = Calibrator("int8").calibrate(model, rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)).table
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "cnn.espdl")
+    _round_trip(quantized, path, 3 * rng.normal(0, 1, (32, 3, 12, 12)).astype(np.float32))
+    decoded = read_espdl(path)
+    ops = {n.op_type for n in decoded.nodes}
+    assert {"Transpose", "RequantizeLinear", "Softmax", "Sigmoid", "Mul", "Concat"} <= ops
+    sigmoid = next(n for n in decoded.nodes if n.op_type == "Sigmoid")
+    lut = decoded.initializers[sigmoid.attributes["lut"]]
+    assert lut.dtype == "INT8" and lut.dims == (256,)
+    softmax = next(n for n in decoded.nodes if n.op_type == "Softmax")
+    assert decoded.values[softmax.outputs[0]].dtype == "FLOAT"
+    mul = next(n for n in decoded.nodes if n.op_type == "Mul")
+    assert decoded.initializers[mul.inputs[1]].dims == (1, 1, 1, 16)  # the (1, C, 1, 1) constant, NHWC
+
+
+def test_quantize_dequantize_and_int16_round_trip(tmp_path, rng):
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant"),
+        helper.make_node("Relu", ["q"], ["r"], name="relu"),
+        helper.make_node("DequantizeLinear", ["r", "s", "z"], ["y"], name="dequant"),
+    ]
+    inits = {"s": np.array(2.0**-7, np.float32), "z": np.array(0, np.int8)}
+    model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 64])], inits)
+    data = rng.normal(0, 1, (32, 64)).astype(np.float32)
+    for bits in ("int8", "int16"):
+        table = Calibrator(bits).calibrate(model, data).table
+        evaluator = Evaluator(bits, "per-tensor", "esp32p4")
+        quantized = evaluator.generate_quantized_model(model, table)
+        path = evaluator.export_espdl(tmp_path / f"qdq_{bits}.espdl", data)
+        loaded = load_espdl(path)
+        assert loaded.inputs[0].dtype == "FLOAT" and loaded.outputs[0].dtype == "FLOAT"
+        got = loaded.run({"x": data})["y"]
+        np.testing.assert_array_equal(got, quantized.run_float({"x": data})["y"])
+
+
+# --- bad inputs ---------------------------------------------------------------------------------------------
+
+
+def test_refusals_happen_before_anything_is_written(tmp_path, demo, rng):
+    model, data = demo
+    per_channel = Calibrator("int8", "per-channel").calibrate(model, data.calib_inputs[:64]).table
+    evaluator = Evaluator("int8", "per-channel", "esp32s3")
+    evaluator.generate_quantized_model(model, per_channel)
+    with pytest.raises(TargetError, match="per-tensor weights only.*esp32p4"):
+        evaluator.export_espdl(tmp_path / "s3.espdl")
+    assert not (tmp_path / "s3.espdl").exists()
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], name="up")]
+    up = make_model(
+        nodes,
+        [tensor("x", ["N", 2, 4, 4])],
+        [tensor("y", ["N", 3, 9, 9])],
+        {"w": rng.normal(0, 1, (2, 3, 3, 3)).astype(np.float32)},
+    )
+    table = Calibrator("int8").calibrate(up, rng.normal(0, 1, (4, 2, 4, 4)).astype(np.float32)).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(up, table)
+    with pytest.raises(UnsupportedOpError, match=r"ConvTranspose \(up\)"):
+        evaluator.export_espdl(tmp_path / "up.espdl")
+    assert not list(tmp_path.iterdir())
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table)
+    target = tmp_path / "demo.espdl"
+    target.write_bytes(b"keep me")
+    with pytest.raises(OptionError, match="exists"):
+        evaluator.export_espdl(target)
+    assert target.read_bytes() == b"keep me"
+    evaluator.export_espdl(target, force=True)
+    assert target.read_bytes()[:4] == b"EDL2"
+    with pytest.raises(OptionError, match="no such directory"):
+        evaluator.export_espdl(tmp_path / "missing" / "x.espdl")
+
+
+def test_cli_export_then_self_test(tmp_path, demo):
+    from click.testing import CliRunner
+
+    model, data = demo
+    onnx.save(model, tmp_path / "m.onnx")
+    Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table.save(tmp_path / "t.pickle")
+    np.save(tmp_path / "x.npy", data.test_inputs[:4])
+    runner = CliRunner()
+    args = ["export", str(tmp_path / "m.onnx"), "--table", str(tmp_path / "t.pickle"), "--target", "esp32c3"]
+    result = runner.invoke(main, [*args, "--test-input", str(tmp_path / "x.npy")])
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "m_esp32c3.espdl"
+    assert written.is_file()
+    assert runner.invoke(main, args).exit_code == 2  # exists: --force needed
+    assert runner.invoke(main, [*args, "--force"]).exit_code == 0
+    result = runner.invoke(main, ["run", str(written), "--self-test"])
+    assert result.exit_code == 0, result.output
