@@ -289,3 +289,36 @@ def test_cli_export_then_self_test(tmp_path, demo):
     assert runner.invoke(main, [*args, "--force"]).exit_code == 0
     result = runner.invoke(main, ["run", str(written), "--self-test"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_pad_slice_and_resize_round_trip(tmp_path, rng, mode, target):
+    """Pad and Slice work in ONNX layout (INT64 operands), Resize on NHWC with NCHW-ordered scales: the
+    exporter puts Transposes between them."""
+    resize = {"mode": mode, "coordinate_transformation_mode": "asymmetric" if mode == "nearest" else "half_pixel"}
+    resize |= {"nearest_mode": "floor"} if mode == "nearest" else {}
+    nodes = [
+        helper.make_node("Pad", ["x", "pads", "zero"], ["p"], mode="constant", name="pad"),
+        helper.make_node("Slice", ["p", "starts", "ends", "axes"], ["s"], name="slice"),
+        helper.make_node("Resize", ["s", "", "scales"], ["y"], name="up", **resize),
+    ]
+    inits = {
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "zero": np.array(0.25, np.float32),
+        "starts": np.array([1], np.int64),
+        "ends": np.array([5], np.int64),
+        "axes": np.array([3], np.int64),
+        "scales": np.array([1, 1, 2, 2], np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 4, 4])], [tensor("y", ["N", 2, 12, 8])], inits)
+    data = rng.normal(0, 1, (6, 2, 4, 4)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data)
+    _round_trip(quantized, path, data)
+    decoded = read_espdl(path)
+    assert [n.op_type for n in decoded.nodes] == ["Pad", "Slice", "Transpose", "Resize"]
+    up = decoded.nodes[-1]
+    assert up.inputs[1] == "" and decoded.initializers[up.inputs[2]].data.tolist() == [1, 1, 2, 2]

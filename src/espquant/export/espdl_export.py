@@ -43,10 +43,11 @@ __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "e
 
 LAYOUT_KEY = "espquant.layout:"
 
-_CONV_LIKE = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool"}
+_CONV_LIKE = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize"}
 _INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Add", "Sub", "Mul"}
 _INHERIT |= {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu"}
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
+_ONNX_LAYOUT |= {"Slice", "Pad"}
 EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT)
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
 
@@ -209,6 +210,23 @@ def _pool(e: _Export, node: QNode) -> EspdlNode:
     return EspdlNode(node.name, node.op_type, [x], [node.outputs[0]], attrs)
 
 
+def _resize(e: _Export, node: QNode) -> EspdlNode:
+    """Resize on NHWC data; the runtime takes ``(X, roi or "", scales FLOAT[4] in NCHW order)``."""
+    source, result = e.values[node.inputs[0]], e.values[node.outputs[0]]
+    if source.ndim != 4:
+        raise UnsupportedOpError(f"node {node.name!r}: only 4-D Resize can be exported")
+    x = e.ensure(node.inputs[0], _NHWC[4])
+    scales = np.array([r / s for r, s in zip(result.shape, source.shape)], np.float32)
+    attrs = {
+        key: node.attrs[key]
+        for key in ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a")
+        if key in node.attrs
+    }
+    e.declare(node.outputs[0], _NHWC[4])
+    scale_name = e.constant(f"{node.outputs[0]}_scales", scales, "FLOAT", [0])
+    return EspdlNode(node.name, "Resize", [x, "", scale_name], [node.outputs[0]], attrs)
+
+
 def _operand(e: _Export, tensor: str, perm: tuple[int, ...], rank: int) -> str:
     """An element-wise operand in layout ``perm``: constants are permuted in place (after padding their shape
     to the output rank, as broadcasting does), activations through ``ensure``."""
@@ -298,6 +316,18 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
         values = np.asarray(e.model.constants[axes] if axes else node.attrs.get("axes", []), np.int64).reshape(-1)
         if op_type == "Unsqueeze" or values.size:
             inputs.append(e.constant(axes or f"{node.outputs[0]}_axes", values, "INT64", [0]))
+    elif op_type == "Slice":
+        for tensor in node.inputs[1:]:
+            if tensor:
+                inputs.append(e.constant(tensor, np.asarray(e.model.constants[tensor]).astype(np.int64), "INT64", [0]))
+    elif op_type == "Pad":
+        if len(node.inputs) > 3 and node.inputs[3]:
+            raise UnsupportedOpError(f"node {node.name!r}: Pad with an axes input cannot be exported yet")
+        pads = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64).reshape(-1)
+        inputs.append(e.constant(node.inputs[1], pads, "INT64", [0]))
+        if len(node.inputs) > 2 and node.inputs[2]:
+            inputs.append(_operand(e, node.inputs[2], (0,), 1))
+        attrs["mode"] = node.attrs.get("mode", "constant")
     elif op_type in ("Flatten", "Softmax"):
         attrs["axis"] = int(node.attrs.get("axis", 1 if op_type == "Flatten" else -1))
     elif op_type == "Transpose":
@@ -310,6 +340,7 @@ _EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
     "Conv": _conv,
     "Gemm": _gemm,
     **{op: _pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool")},
+    "Resize": _resize,
     **{op: _elementwise for op in _INHERIT},
     **{op: _onnx_layout for op in _ONNX_LAYOUT - {"Gemm"}},
 }
