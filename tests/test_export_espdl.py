@@ -322,3 +322,31 @@ def test_pad_slice_and_resize_round_trip(tmp_path, rng, mode, target):
     assert [n.op_type for n in decoded.nodes] == ["Pad", "Slice", "Transpose", "Resize"]
     up = decoded.nodes[-1]
     assert up.inputs[1] == "" and decoded.initializers[up.inputs[2]].data.tolist() == [1, 1, 2, 2]
+
+
+def test_constant_first_operands_and_unique_node_names(tmp_path, rng):
+    """Sub(constant, x) after a Conv (NHWC): the constant follows the activation's layout; two requantized
+    operands of one Add get distinct node names in the file."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv_a"),
+        helper.make_node("Conv", ["x", "w2"], ["b"], name="conv_b"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("Sub", ["bias", "s"], ["y"], name="sub"),
+    ]
+    inits = {
+        "w1": rng.normal(0, 0.2, (4, 3, 1, 1)).astype(np.float32),
+        "w2": rng.normal(0, 3.0, (4, 3, 1, 1)).astype(np.float32),
+        "bias": rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 5, 5])], [tensor("y", ["N", 4, 5, 5])], inits)
+    data = rng.normal(0, 1, (8, 3, 5, 5)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data)
+    _round_trip(quantized, path, data)
+    decoded = read_espdl(path)
+    names = [n.name for n in decoded.nodes]
+    assert len(names) == len(set(names))
+    sub = next(n for n in decoded.nodes if n.op_type == "Sub")
+    assert decoded.initializers[sub.inputs[0]].dims == (1, 1, 1, 4)

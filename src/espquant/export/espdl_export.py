@@ -234,6 +234,12 @@ def _operand(e: _Export, tensor: str, perm: tuple[int, ...], rank: int) -> str:
         value = np.asarray(e.model.constants[tensor])
         value = value.reshape((1,) * (rank - value.ndim) + value.shape).transpose(perm)
         return e.constant(tensor, value.astype(np.int64), e.int_dtype, _exponent_list(e.model, tensor))
+    if e.values[tensor].ndim != len(perm):  # a broadcast activation operand of lower rank
+        if perm != _identity(len(perm)) or e.perm(tensor) != _identity(e.values[tensor].ndim):
+            raise UnsupportedOpError(
+                f"{tensor!r}: a broadcast operand across a layout change (NHWC) cannot be exported yet"
+            )
+        return e.name(tensor)
     return e.ensure(tensor, perm)
 
 
@@ -241,8 +247,10 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     """Activations, Add / Sub / Mul, Clip and (re)quantization: computed in the first input's layout."""
     first = node.inputs[0]
     rank = e.values[node.outputs[0]].ndim
-    perm = e.perm(first) if e.values[first].ndim == rank else _identity(rank)
-    inputs = [e.ensure(first, perm)]
+    # The layout of the first activation operand (a constant first operand takes the other's layout).
+    lead = next((t for t in node.inputs[:2] if t and t not in e.model.constants), first)
+    perm = e.perm(lead) if e.values[lead].ndim == rank else _identity(rank)
+    inputs = [_operand(e, first, perm, rank)]
     attrs: dict[str, Any] = {}
     op_type = node.op_type
     if op_type in ("Add", "Sub", "Mul"):
@@ -402,6 +410,7 @@ def build_espdl(
         first = readers[name][0] if readers[name] else None
         nhwc = first is not None and first.op_type in _CONV_LIKE and rank in _NHWC
         e.declare(name, _NHWC[rank] if nhwc else _identity(rank))
+    used: set[str] = set()
     for node in model.nodes:
         converted = _EXPORT[node.op_type](e, node)
         if converted is None:
@@ -410,6 +419,9 @@ def build_espdl(
         if node.op_type == "DequantizeLinear":
             converted.attributes["quant_type"] = e.quant_type(node.inputs[0])
         converted.name = converted.name or f"{node.op_type}_{len(e.nodes)}"
+        while converted.name in used:  # e.g. two RequantizeLinear nodes before one Add
+            converted.name += "_"
+        used.add(converted.name)
         e.nodes.append(converted)
     outputs = [e.name(o) for o in model.outputs]
     test_in = {name: _test_tensor(e, name, values[name], e.declared[name]) for name in model.inputs}
