@@ -207,3 +207,15 @@ def test_convert_model_batch_to_dynamic_warns_about_batch_pinning_reshape(rng, c
     with caplog.at_level("WARNING", logger="espquant.optimizer.shapes"):
         convert_model_batch_to_dynamic(model)
     assert "fixes the batch to 1" in caplog.text
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    """The temporary file is created 0600; the result must be readable like any file the user writes."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "out.bin", b"data")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644

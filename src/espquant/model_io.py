@@ -136,6 +136,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise ModelError(f"{target}: the folder {folder} does not exist; create it or choose another output path.")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
