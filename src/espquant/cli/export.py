@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,7 +11,7 @@ from espquant.cli.app import main, out
 from espquant.cli.calibrate import load_array_data
 from espquant.errors import OptionError
 
-FORMATS = ("espdl",)
+FORMATS = ("espdl", "qdq")
 
 
 @main.command()
@@ -29,32 +30,42 @@ FORMATS = ("espdl",)
     type=click.Choice(FORMATS),
     default="espdl",
     show_default=True,
-    help="espdl: ESP-DL v3 model file.",
+    help="espdl: ESP-DL v3 model file for the chip. qdq: the float ONNX model with QuantizeLinear / "
+    "DequantizeLinear pairs at the table's power-of-two scales (for Netron and onnxruntime).",
 )
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file [default: <model>_<target>.espdl].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file [default: <model>_<target>.espdl, or <model>_qdq.onnx].",
+)
 @click.option(
     "--test-input",
     "test_input",
     type=click.Path(path_type=Path),
-    help="Float inputs (.npy / .npz); the first sample and the simulated outputs become the file's test values "
-    "[default: fixed pseudo-random integers].",
+    help="Float inputs (.npy / .npz). espdl: the first sample and the simulated outputs become the file's test "
+    "values [default: fixed pseudo-random integers]. qdq: the data the agreement with the simulator is measured on.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def export(
     model: Path, table_path: Path, target: str, fmt: str, output: Path | None, test_input: Path | None, force: bool
 ) -> None:
-    """Write the quantized model for a chip: an .espdl file ESP-DL v3 loads directly.
+    """Write the quantized model: an .espdl file ESP-DL v3 loads directly, or a QDQ ONNX model.
 
     The weights are laid out for the target (blocked SIMD lanes on ESP32-S3 / -P4, plain on the C chips),
     activations NHWC around convolutions, with every exponent, the int8 look-up tables and one test input
     whose outputs espquant simulates: ESP-DL's model test on the device compares against them. Before
     writing, the file's own contents are simulated and must reproduce those outputs bit for bit.
 
+    The QDQ model runs in onnxruntime and opens in Netron; onnxruntime rounds and accumulates differently
+    from the chip, so with --test-input the agreement with the simulator is printed.
+
     \b
     Examples:
       espquant export mnist_optimized.onnx --table mnist_calib.pickle --target esp32s3 -o mnist_s3.espdl
       espquant export net.onnx --table t.pickle --target esp32p4 --test-input sample.npy --force
       espquant run mnist_s3.espdl --self-test      # re-load it and check the embedded outputs
+      espquant export net.onnx --table t.pickle --format qdq --target esp32p4 --test-input x.npy
     """
     from espquant.model_io import check_distinct_paths, load_model
     from espquant.simulator import Evaluator
@@ -62,13 +73,41 @@ def export(
 
     proto = load_model(model)
     table = QuantTable.load(table_path)
-    destination = output or model.with_name(f"{model.stem}_{target}.{fmt}")
+    default = f"{model.stem}_{target}.espdl" if fmt == "espdl" else f"{model.stem}_qdq.onnx"
+    destination = output or model.with_name(default)
     check_distinct_paths(model, destination)
     if destination.exists() and not force:
         raise OptionError(f"{destination} exists; add --force to replace it.")
+    samples = load_array_data(test_input) if test_input is not None else None
+    if fmt == "qdq":
+        _export_qdq(proto, table, destination, target, samples)
+        return
     bits = f"int{table.metadata.get('bits', 8)}"
     evaluator = Evaluator(bits, table.metadata.get("granularity"), target)
     evaluator.generate_quantized_model(proto, table)
-    samples = load_array_data(test_input) if test_input is not None else None
     written = evaluator.export_espdl(destination, test_inputs=samples, force=force)
     out.print(f"wrote {written} ({written.stat().st_size:,} bytes, {evaluator.target.name}, {bits})")
+
+
+def _export_qdq(proto: Any, table: Any, destination: Path, target: str, samples: Any) -> None:
+    from rich.table import Table
+
+    from espquant.export.qdq import qdq_agreement, save_qdq
+
+    written = save_qdq(proto, table, destination, force=True)
+    out.print(f"wrote {written} ({written.stat().st_size:,} bytes, QDQ, int{table.metadata.get('bits', 8)})")
+    if samples is None:
+        return
+    agreement = qdq_agreement(proto, table, target, samples)
+    report = Table(title=f"onnxruntime on the QDQ model vs the simulated {target}", title_justify="left")
+    for column in ("output", "equal values", "max |difference|", "same top-1"):
+        report.add_column(column, justify="left" if column == "output" else "right")
+    for name, row in agreement.items():
+        top1 = row.get("top1_agreement")
+        report.add_row(
+            name,
+            f"{100 * row['equal_fraction']:.2f}%",
+            f"{row['max_abs_diff']:.4g}",
+            "-" if top1 is None else f"{100 * top1:.2f}%",
+        )
+    out.print(report)
