@@ -140,7 +140,7 @@ def test_a_lane_that_saturates_on_the_s3_trips_the_guard_and_matches_the_interpr
 
 def _requantize_model(target: str, e_in: int, e_out: int, bits: int = 8) -> QuantizedModel:
     return QuantizedModel(
-        nodes=[QNode("RequantizeLinear", "r", ["x"], ["y"], {})],
+        nodes=[QNode("RequantizeLinear", "r", ["x"], ["y"], {}, bits=bits)],
         constants={},
         exponents={"x": e_in, "y": e_out},
         inputs=["x"],

@@ -17,6 +17,7 @@ from espquant.calibration.dataset import InputSpec, iterate_batches
 from espquant.calibration.exponents import Requantize, assign_exponents
 from espquant.calibration.observers import Observer, make_observer
 from espquant.calibration.plan import plan_calibration
+from espquant.calibration.precision import resolve_int16_layers, tensor_widths
 from espquant.checker import check_model, legacy_check, parse_bits
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
@@ -102,6 +103,17 @@ class Calibrator:
         self.granularity = granularity
         self.method = calib_method
         self.providers = ["CPUExecutionProvider"]
+        self.int16_layers: list[str] = []
+
+    def set_int16_layers(self, layers: Sequence[str]) -> None:
+        """Mixed precision: compute these layers (node names or output tensors) at int16, the rest at int8.
+
+        ESP-DL v3 runs each layer at its own width and converts between widths with RequantizeLinear; an int16
+        layer costs twice the memory and more time but gives 256x finer steps (``calibration/precision.py``).
+        """
+        if self.bits != 8 and layers:
+            raise OptionError("int16 layers only make sense in an int8 model (this calibrator is int16 already).")
+        self.int16_layers = list(layers)
 
     def set_method(self, granularity: str, calib_method: str) -> None:
         """Change granularity and method together (validated as a pair)."""
@@ -150,8 +162,11 @@ class Calibrator:
         observers = {name: make_observer(self.method) for name in dict.fromkeys(plan.observed)}
         batches = iterate_batches(calib_dataset, inputs, batch_size)
         samples = collect(runnable, observers, batches, self.providers, on_batch, threads)
-        observed = {name: observer.exponent(self.bits) for name, observer in observers.items()} | plan.fixed
-        assignment = assign_exponents(model_proto, plan, observed, self.bits, self.granularity == "per-channel")
+        int16 = resolve_int16_layers(plan, self.int16_layers)
+        widths = tensor_widths(model_proto, plan, self.bits, int16)
+        observed = {name: o.exponent(widths.get(name, self.bits)) for name, o in observers.items()} | plan.fixed
+        per_channel = self.granularity == "per-channel"
+        assignment = assign_exponents(model_proto, plan, observed, self.bits, per_channel, widths)
         metadata = {
             "format_version": FORMAT_VERSION,
             "bits": self.bits,
@@ -163,6 +178,7 @@ class Calibrator:
             "espquant_version": __version__,
             "float_tensors": plan.float_tensors,
             "requantize": [vars(r) for r in assignment.requantize],
+            "int16_layers": int16,
         }
         return CalibrationResult(QuantTable(assignment.exponents, metadata), observers, samples, assignment.requantize)
 

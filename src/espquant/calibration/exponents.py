@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from espquant.calibration.plan import CalibrationPlan
+from espquant.calibration.precision import equivalent_exponent
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
 from espquant.quant.pot import exponent_for_max_abs
@@ -56,15 +57,37 @@ def _largest(value: int | list[int]) -> int:
 
 
 def assign_exponents(
-    model: onnx.ModelProto, plan: CalibrationPlan, observed: dict[str, int], bits: int, per_channel: bool
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    observed: dict[str, int],
+    bits: int,
+    per_channel: bool,
+    widths: dict[str, int] | None = None,
 ) -> ExponentAssignment:
-    """Turn the observed exponents into the table's exponents (see the module docstring for the rules)."""
+    """Turn the observed exponents into the table's exponents (see the module docstring for the rules).
+
+    ``widths`` gives the tensors whose width differs from ``bits`` (mixed precision, ``precision.py``): their
+    exponents are observed at that width, a layer's weights take its output's width, and members of a
+    shared exponent are compared at the output's width."""
+    widths = widths or {}
     view = GraphView(model.graph)
     exps: dict[str, int | list[int]] = dict(observed)
     for name in plan.constants:
         exps[name] = weight_exponents(view.array(name), bits, None)
     weights = {(id(w.node), w.position): w for w in plan.weights}
     result = ExponentAssignment(exps)
+
+    def width(tensor: str) -> int:
+        return widths.get(tensor, bits)
+
+    def at_width(tensor: str, node_bits: int) -> int | list[int] | None:
+        """A tensor's exponent as a layer of width ``node_bits`` reads it (weights are already at it)."""
+        value = exps.get(tensor)
+        if isinstance(value, int) and tensor not in plan_weights:
+            return equivalent_exponent(value, width(tensor), node_bits)
+        return value
+
+    plan_weights = {w.tensor for w in plan.weights}
 
     def need(node: onnx.NodeProto, position: int, tensor: str, target: int) -> None:
         current = exps.get(tensor)
@@ -73,13 +96,16 @@ def assign_exponents(
 
     for node, spec in plan.nodes:
         weight_exp: int | list[int] | None = None
+        node_bits = width(plan.fused.get(node.output[0], node.output[0])) if node.output else bits
         for position, tensor in enumerate(node.input):
             use = weights.get((id(node), position))
             if use is not None:
                 axis = use.channel_axis if per_channel else None
-                exps[tensor] = weight_exponents(view.array(tensor), bits, axis)
+                exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis)
                 weight_exp = exps[tensor]
         input_exp = exps.get(node.input[0]) if node.input else None
+        if isinstance(input_exp, int):  # read at the layer's width (an int8 input of an int16 layer is widened)
+            input_exp = equivalent_exponent(input_exp, width(node.input[0]), node_bits)
         for position, tensor in enumerate(node.input):
             role = spec.input_spec(position)
             if not tensor or role is None:
@@ -96,7 +122,8 @@ def assign_exponents(
                 exps[output] = input_exp
         elif spec.exponent is ExponentRule.SHARED:
             members = [t for t in node.input if t and isinstance(exps.get(t), int)]
-            shared = max([exps[t] for t in members] + [exps[o] for o in outputs if o in exps])  # type: ignore[type-var]
+            member_exps = [equivalent_exponent(exps[t], width(t), node_bits) for t in members]  # type: ignore[arg-type]
+            shared = max(member_exps + [exps[o] for o in outputs if o in exps])  # type: ignore[type-var]
             for output in outputs:
                 exps[output] = shared
             for position, tensor in enumerate(node.input):
@@ -108,7 +135,7 @@ def assign_exponents(
                 continue
             value = exps[target]
             if spec.nonnegative_shift and isinstance(value, int):
-                operands = [exps.get(t) for t in node.input[:2] if t]
+                operands = [input_exp, *(at_width(t, node_bits) for t in node.input[1:2] if t)] if node.input[0] else []
                 if len(operands) == 2 and all(o is not None for o in operands):
                     floor = sum(_largest(o) for o in operands)  # type: ignore[arg-type]
                     value = max(value, floor)

@@ -64,17 +64,16 @@ class _Export:
     layout: dict[str, tuple[int, ...]] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)  # Identity outputs -> their input
     luts: int = 0
-
-    @property
-    def bits(self) -> int:
-        return self.model.bits
+    bits: int = 8  # the width of the node being converted (mixed models have int8 and int16 nodes)
 
     @property
     def int_dtype(self) -> str:
         return "INT8" if self.bits == 8 else "INT16"
 
     def quant_type(self, tensor: str) -> str:
-        return "F32" if tensor in self.model.float_tensors else ("S8" if self.bits == 8 else "S16")
+        if tensor in self.model.float_tensors:
+            return "F32"
+        return "S8" if self.model.width(tensor) == 8 else "S16"
 
     def name(self, tensor: str) -> str:
         return self.alias.get(tensor, tensor)
@@ -90,7 +89,8 @@ class _Export:
         floating = tensor in self.model.float_tensors
         exponent = 0 if floating else self.model.exponent(tensor)
         shape = tuple(int(value.shape[p]) for p in perm)
-        self.declared[name] = EspdlValue(name, "FLOAT" if floating else self.int_dtype, shape, [exponent])
+        dtype = "FLOAT" if floating else ("INT8" if self.model.width(tensor) == 8 else "INT16")
+        self.declared[name] = EspdlValue(name, dtype, shape, [exponent])
 
     def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
         dims = tuple(int(d) for d in np.shape(data)) or (1,)
@@ -412,6 +412,7 @@ def build_espdl(
         e.declare(name, _NHWC[rank] if nhwc else _identity(rank))
     used: set[str] = set()
     for node in model.nodes:
+        e.bits = node.bits
         converted = _EXPORT[node.op_type](e, node)
         if converted is None:
             continue

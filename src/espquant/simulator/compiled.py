@@ -60,6 +60,7 @@ class _Builder:
     guard_nodes: list[str] = field(default_factory=list)  # the node (first output) each guard protects
     produced: set[str] = field(default_factory=set)
     nonnegative: set[str] = field(default_factory=set)  # integer tensors that can never be negative
+    bits: int = 8  # the width of the node being lowered
     consumed: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -108,7 +109,7 @@ class _Builder:
     # --- shared integer steps -----------------------------------------------------------------------------------
 
     def saturate(self, x: str, output: str, low_zero: bool = False) -> str:
-        bits = self.model.bits
+        bits = self.bits
         low = self.const(0.0 if low_zero else qmin(bits), output)
         return self.op("Clip", [x, low, self.const(qmax(bits), output)], output)
 
@@ -132,7 +133,7 @@ class _Builder:
             return self.op("Round", [values])
         wide = self.op("Cast", [values], to=TensorProto.DOUBLE)
         floor = self.op("Floor", [self.op("Add", [wide, self.const(0.5, hint, np.float64)])])
-        bits = self.model.bits
+        bits = self.bits
         clipped = self.op(
             "Clip", [floor, self.const(qmin(bits), hint, np.float64), self.const(qmax(bits), hint, np.float64)]
         )
@@ -146,11 +147,11 @@ def _half(shift: np.ndarray, rounding: str) -> np.ndarray:
     return np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 0)
 
 
-def _lane_limit(m: QuantizedModel) -> float | None:
+def _lane_limit(m: QuantizedModel, bits: int) -> float | None:
     """The narrowest accumulator rail a SIMD profile can reach, or None when no rail is reachable in float32."""
     if not m.profile.simd:
         return None
-    limit = 2.0 ** (min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits]) - 1)
+    limit = 2.0 ** (min(m.profile.conv_acc_bits[bits], m.profile.tail_acc_bits[bits]) - 1)
     return limit if limit < EXACT_F32 else None
 
 
@@ -180,15 +181,15 @@ def _accumulating(
     # of the positive (or of the negative) weights, about half as much.
     flat = weight.astype(np.int64).reshape(channels, -1).astype(np.float64)
     if node.inputs[0] in b.nonnegative:
-        x_max = float(qmax(m.bits))
+        x_max = float(qmax(b.bits))
         high, low = x_max * np.clip(flat, 0, None).sum(axis=1), x_max * np.clip(flat, None, 0).sum(axis=1)
     else:
-        x_max = float(2 ** (m.bits - 1))
+        x_max = float(2 ** (b.bits - 1))
         high = x_max * np.abs(flat).sum(axis=1)
         low = -high
     if float((np.maximum(high, -low) + np.abs(bias64 + half)).max(initial=0)) >= EXACT_F32:
         raise _Refused("the accumulator bound is not exact in float32")
-    limit = _lane_limit(m)
+    limit = _lane_limit(m, b.bits)
     bias_max = float(np.abs(bias64).max(initial=0))
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
@@ -300,7 +301,7 @@ def _lower_requantize(b: _Builder, node: QNode) -> None:
         _quantize(b, node.inputs[0], m.exponent(node.outputs[0]), node.outputs[0])
         return
     shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
-    if m.profile.requant_multiplier(m.bits, shift) is not None:
+    if m.profile.requant_multiplier(b.bits, shift) is not None:
         raise _Refused("the wrapped left-shift multiplier depends on the tensor size")
     _rescale(b, b.use(node.inputs[0]), shift, node.outputs[0])
 
@@ -338,12 +339,12 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
         spatial = b.op("Slice", [b.op("Shape", [x]), b.const([2], hint, np.int64), b.const([4], hint, np.int64)])
         area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
         # The plane is only known at run time: the sum is exact while 2^(bits-1) * area stays below 2^24.
-        b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_F32 / 2 ** (m.bits - 1), hint)]), node)
+        b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_F32 / 2 ** (b.bits - 1), hint)]), node)
         inverse = b.op("Div", [b.const(1.0, hint), area])
     else:
         attrs = _pool_attrs(node)
         kernel_area = attrs["kernel_shape"][0] * attrs["kernel_shape"][1]
-        if 2.0 ** (m.bits - 1) * kernel_area >= 2.0**20:
+        if 2.0 ** (b.bits - 1) * kernel_area >= 2.0**20:
             raise _Refused("pool sums too large to recover exactly")
         mean = b.op("AveragePool", [x], count_include_pad=1, **attrs)
         total = b.op("Round", [b.op("Mul", [mean, b.const(float(kernel_area), hint)])])
@@ -537,6 +538,7 @@ def compile_program(
     for index, node in enumerate(nodes):
         lower = _lower_table if node.table is not None else _LOWER.get(node.op_type)
         mark = builder.mark()
+        builder.bits = node.bits
         try:
             if lower is None or (node.outputs and node.outputs[0] in interpret):
                 raise _Refused("no lowering")

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from espquant.calibration.plan import plan_calibration
+from espquant.calibration.precision import equivalent_exponent, tensor_widths
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
 from espquant.quant.profiles import TargetProfile
@@ -42,6 +43,7 @@ class QNode:
     attrs: dict[str, Any]
     relu: bool = False  # a fused Relu
     table: np.ndarray | None = None  # int8 activation table
+    bits: int = 8  # the width the node computes and writes at (its quant_type)
 
 
 @dataclass
@@ -56,12 +58,17 @@ class QuantizedModel:
     profile: TargetProfile
     bits: int
     float_tensors: set[str] = field(default_factory=set)
+    widths: dict[str, int] = field(default_factory=dict)  # tensors whose width is not ``bits`` (mixed precision)
     requantized: int = 0
     threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
     compiled: bool = True  # run provably exact node runs as onnxruntime graphs (simulator/compiled.py)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
     _programs: dict[tuple[bool, int | None], CompiledProgram] = field(default_factory=dict, repr=False)
     _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
+
+    def width(self, name: str) -> int:
+        """The integer width of tensor ``name`` (``bits`` except in the int16 layers of a mixed model)."""
+        return self.widths.get(name, self.bits)
 
     def exponent(self, name: str) -> int:
         value = self.exponents[name]
@@ -72,7 +79,9 @@ class QuantizedModel:
         model keeps float (read only by QuantizeLinear nodes) stays float32."""
         if name in self.float_tensors:
             return np.asarray(x, dtype=F32)
-        return kernels.quantize_float(np.asarray(x), e_out=self.exponent(name), bits=self.bits, profile=self.profile)
+        return kernels.quantize_float(
+            np.asarray(x), e_out=self.exponent(name), bits=self.width(name), profile=self.profile
+        )
 
     def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
         """Integer inputs in, the chip's integer outputs out (``keep``: every tensor, by the interpreter)."""
@@ -116,7 +125,9 @@ class QuantizedModel:
         program = self._programs.get(key)
         if program is None:
             prologue = [
-                QNode(QUANTIZE_INPUT, "", [_float_name(n)], [n], {}) for n in self.inputs if n not in self.float_tensors
+                QNode(QUANTIZE_INPUT, "", [_float_name(n)], [n], {}, bits=self.width(n))
+                for n in self.inputs
+                if n not in self.float_tensors
             ]
             nodes = prologue + self.nodes if quantize_inputs else self.nodes
             program = self._programs[key] = compile_program(self, nodes, self.threads, frozenset(self._guarded))
@@ -154,6 +165,7 @@ def build_quantized_model(
     needed = set(plan.observed) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     table.check_model(model, sorted(needed))
     exps = dict(table.exponents)
+    widths = tensor_widths(model, plan, bits, table.metadata.get("int16_layers") or [])
     constants: dict[str, np.ndarray] = {}
     nodes: list[QNode] = []
     # The Relu nodes absorbed by their Conv/Gemm/MatMul, by identity (names may be empty in unoptimized models).
@@ -161,17 +173,27 @@ def build_quantized_model(
     requantized = 0
     rounding = profile.rounding
 
-    def requantize_to(tensor: str, target: int, consumer: str) -> str:
+    def requantize_to(tensor: str, target: int, consumer: str, width: int) -> str:
+        """``tensor`` at exponent ``target`` and ``width`` bits: through one RequantizeLinear when it differs."""
         nonlocal requantized
         current = exps.get(tensor)
-        if tensor in constants or view.is_constant(tensor) or current is None or current == target:
+        if tensor in constants or view.is_constant(tensor) or not isinstance(current, int):
             return tensor
-        name = f"{tensor}__requant_{target}"
+        if current == target and widths.get(tensor, bits) == width:
+            return tensor
+        name = f"{tensor}__requant_{target}" + ("" if width == bits else f"_int{width}")
         if name not in exps:
-            nodes.append(QNode("RequantizeLinear", f"{consumer}__requant", [tensor], [name], {}))
+            nodes.append(QNode("RequantizeLinear", f"{consumer}__requant", [tensor], [name], {}, bits=width))
             exps[name] = target
+            if width != bits:
+                widths[name] = width
             requantized += 1
         return name
+
+    def at_width(tensor: str, width: int) -> int | None:
+        """The exponent that keeps ``tensor``'s range at ``width`` bits (int8 e -> int16 e - 8)."""
+        value = exps.get(tensor)
+        return equivalent_exponent(value, widths.get(tensor, bits), width) if isinstance(value, int) else None
 
     for node, spec in plan.nodes:
         if id(node) in fused_relu_nodes:
@@ -184,6 +206,7 @@ def build_quantized_model(
             outputs[0] = plan.fused[outputs[0]]
             relu = True
         out_exp = exps.get(outputs[0]) if outputs else None
+        node_bits = widths.get(outputs[0], bits) if outputs else bits
         inputs = list(node.input)
         for position, tensor in enumerate(inputs):
             role = spec.input_spec(position)
@@ -192,9 +215,9 @@ def build_quantized_model(
             value = view.array(tensor)
             if role.role is Role.WEIGHT:
                 axis = role.resolve_channel_axis(attrs)
-                constants[tensor] = _quantize_constant(value, exps[tensor], axis, bits, rounding)
+                constants[tensor] = _quantize_constant(value, exps[tensor], axis, node_bits, rounding)
             elif role.role is Role.BIAS:
-                bias_bits = profile.bias_bits[bits]
+                bias_bits = profile.bias_bits[node_bits]
                 constants[tensor] = _quantize_constant(value, exps[tensor], 0, bias_bits, rounding)
             elif role.role in (Role.ACTIVATION, Role.QPARAM):
                 target = exps.get(tensor, out_exp)
@@ -203,29 +226,30 @@ def build_quantized_model(
                 if role.role is Role.QPARAM:
                     target = exps.get(inputs[0], target)
                 exps[tensor] = target
-                constants[tensor] = _quantize_constant(value, target, None, bits, rounding)
+                constants[tensor] = _quantize_constant(value, target, None, node_bits, rounding)
             else:  # integer parameters, indices, ignored inputs: as they are
                 constants[tensor] = value
+        # Every activation input at the exponent the rule asks for and at the node's width, in one step.
+        activations = [
+            i for i, t in enumerate(inputs) if t and spec.input_spec(i) and spec.input_spec(i).role is Role.ACTIVATION
+        ]
+        aligned = activations
+        targets: dict[int, int | None] = {i: at_width(inputs[i], node_bits) for i in activations}
         if spec.exponent in (
             ExponentRule.ALIGN_TO_OUTPUT,
             ExponentRule.SHARED,
             ExponentRule.PASSTHROUGH,
         ) and isinstance(out_exp, int):
-            activation_positions = [
-                i
-                for i, t in enumerate(inputs)
-                if t and spec.input_spec(i) and spec.input_spec(i).role is Role.ACTIVATION
-            ]
-            if spec.exponent is ExponentRule.PASSTHROUGH:
-                activation_positions = activation_positions[:1]
-            for position in activation_positions:
-                inputs[position] = requantize_to(inputs[position], out_exp, node.name)
+            aligned = activations[:1] if spec.exponent is ExponentRule.PASSTHROUGH else activations
+            targets.update(dict.fromkeys(aligned, out_exp))
         elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
-            present = [exps[t] for t in inputs if t and isinstance(exps.get(t), int)]
-            for position, tensor in enumerate(inputs):
-                if tensor and present:
-                    inputs[position] = requantize_to(tensor, max(present), node.name)  # type: ignore[type-var]
-        softmax_exponent = exps.get(inputs[0]) if node.op_type in ("Softmax", "LogSoftmax") and bits == 8 else None
+            present = [e for e in targets.values() if e is not None]
+            if present:
+                targets = dict.fromkeys(activations, max(present))
+        for position, target in targets.items():
+            if target is not None and inputs[position] not in constants:
+                inputs[position] = requantize_to(inputs[position], target, node.name, node_bits)
+        softmax_exponent = exps.get(inputs[0]) if node.op_type in ("Softmax", "LogSoftmax") and node_bits == 8 else None
         if isinstance(softmax_exponent, int) and 127 * 2.0**softmax_exponent > 88.0:  # expf overflows above ~88.7
             logger.warning(
                 "int8 %s %r: input exponent %d lets the runtime's exp table overflow (inf / NaN on the chip, "
@@ -234,11 +258,16 @@ def build_quantized_model(
                 node.name,
                 softmax_exponent,
             )
-        qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu)
-        if bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
+        qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu, bits=node_bits)
+        if node_bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
             in_exp = exps[inputs[0]]
             qnode.table = lut_table(float_function(node.op_type, attrs), in_exp, out_exp, rounding)  # type: ignore[arg-type]
-        elif bits == 8 and node.op_type == "PRelu" and view.is_constant(inputs[1]) and view.array(inputs[1]).size == 1:
+        elif (
+            node_bits == 8
+            and node.op_type == "PRelu"
+            and view.is_constant(inputs[1])
+            and view.array(inputs[1]).size == 1
+        ):
             slope = F32(view.array(inputs[1]).reshape(-1)[0])  # one slope: the int8 table (8.1)
             qnode.table = lut_table(
                 lambda x, s=slope: np.where(x >= 0, x, x * s).astype(F32), exps[inputs[0]], out_exp, rounding
@@ -254,6 +283,7 @@ def build_quantized_model(
         profile=profile,
         bits=bits,
         float_tensors=set(plan.float_tensors),
+        widths=widths,
         requantized=requantized,
     )
 
@@ -328,7 +358,7 @@ def _integer_conv(
     if sums is not None:
         start = 0 if bias is None else bias.reshape(1, -1, 1, 1)
         channel_shift = shift.reshape(1, -1, 1, 1) if isinstance(shift, np.ndarray) else shift
-        return kernels._finish(sums + start, channel_shift, node.relu, m.bits, m.profile)
+        return kernels._finish(sums + start, channel_shift, node.relu, node.bits, m.profile)
     depthwise = group > 1
     weight = w[:, 0] if depthwise else np.moveaxis(w, 1, -1)  # (N, KH, KW[, C])
     out = kernels.conv2d_nhwc(
@@ -341,7 +371,7 @@ def _integer_conv(
         depthwise=depthwise,
         shift=shift,
         relu=node.relu,
-        bits=m.bits,
+        bits=node.bits,
         profile=m.profile,
     )
     return _nchw(out)
@@ -391,7 +421,7 @@ def _float32_conv_sums(
     if products >= 2.0**24:
         return None
     bias_max = 0 if bias is None else max(int(bias.max(initial=0)), -int(bias.min(initial=0)))
-    limit = 2.0 ** (min(m.profile.conv_acc_bits[m.bits], m.profile.tail_acc_bits[m.bits]) - 1)
+    limit = 2.0 ** (min(m.profile.conv_acc_bits[node.bits], m.profile.tail_acc_bits[node.bits]) - 1)
     if products + bias_max >= limit:
         # The worst case could reach a lane's rail: check this data's own bound, sum |x||w| per output.
         bound = _conv_session(m, node.outputs[0] + "|abs", magnitudes, x.shape[1:], strides, pads, dilations, group)
@@ -443,20 +473,20 @@ def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
     if bias is not None:
         bias = np.broadcast_to(bias, (b.shape[1],)) if bias.size in (1, b.shape[1]) else bias.reshape(-1)
-    acc = kernels._accumulate(a.astype(np.int64), b.astype(np.int64), bias, m.bits, m.profile)
+    acc = kernels._accumulate(a.astype(np.int64), b.astype(np.int64), bias, node.bits, m.profile)
     shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
-    return [kernels._finish(acc, shift, node.relu, m.bits, m.profile)]
+    return [kernels._finish(acc, shift, node.relu, node.bits, m.profile)]
 
 
 def _matmul(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     a, b = env[node.inputs[0]], env[node.inputs[1]]
     shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]) - m.exponent(node.inputs[1])
-    return [kernels.matmul_slices(a, b, shift=shift, relu=node.relu, bits=m.bits, profile=m.profile)]
+    return [kernels.matmul_slices(a, b, shift=shift, relu=node.relu, bits=node.bits, profile=m.profile)]
 
 
 def _binary(op):
     def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [op(env[node.inputs[0]], env[node.inputs[1]], m.bits)]
+        return [op(env[node.inputs[0]], env[node.inputs[1]], node.bits)]
 
     return run
 
@@ -481,7 +511,7 @@ def _pool(kind: str):
                 **args,
                 e_in=m.exponent(node.inputs[0]),
                 e_out=m.exponent(node.outputs[0]),
-                bits=m.bits,
+                bits=node.bits,
                 profile=m.profile,
             )
         out = _nchw(out)
@@ -498,7 +528,7 @@ def _activation(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> l
     if node.op_type == "Relu" and e_in == e_out:
         return [np.maximum(x, 0)]
     fn = float_function(node.op_type, node.attrs)
-    return [float_path(fn, x, e_in, e_out, m.bits, m.profile.rounding)]
+    return [float_path(fn, x, e_in, e_out, node.bits, m.profile.rounding)]
 
 
 def _clip(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -510,19 +540,19 @@ def _clip(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     if e_in == e_out:
         return [clamped]
     scaled = (clamped.astype(F32) * F32(2.0 ** (e_in - e_out))).astype(F32)
-    return [saturate(round_float(scaled, m.profile.rounding), m.bits)]
+    return [saturate(round_float(scaled, m.profile.rounding), node.bits)]
 
 
 def _requantize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
-    return [kernels.requantize(x, m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]), m.bits, m.profile)]
+    return [kernels.requantize(x, m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]), node.bits, m.profile)]
 
 
 def _quantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     """QuantizeLinear runs the same module as RequantizeLinear: float -> int, or int -> int (6)."""
     if node.inputs[0] in m.float_tensors:
         x = env[node.inputs[0]]
-        return [kernels.quantize_float(x, e_out=m.exponent(node.outputs[0]), bits=m.bits, profile=m.profile)]
+        return [kernels.quantize_float(x, e_out=m.exponent(node.outputs[0]), bits=node.bits, profile=m.profile)]
     return _requantize(m, node, env)
 
 
@@ -535,7 +565,7 @@ def _dequantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray
 def _softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
     return [
-        kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=m.exponent(node.inputs[0]), bits=m.bits)
+        kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=m.exponent(node.inputs[0]), bits=node.bits)
     ]
 
 
@@ -599,7 +629,7 @@ def _reduce(kind: str):
         count = int(np.prod([x.shape[a] for a in axis]))
         e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
         value = ((total.astype(F32) * F32(2.0**e_in)).astype(F32) / F32(count)).astype(F32)
-        return [saturate(round_float((value * F32(2.0**-e_out)).astype(F32), m.profile.rounding), m.bits)]
+        return [saturate(round_float((value * F32(2.0**-e_out)).astype(F32), m.profile.rounding), node.bits)]
 
     return run
 
@@ -637,7 +667,7 @@ def _resize(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[
     else:
         sizes = env[node.inputs[3]].reshape(-1)
         scales = sizes / np.array(x.shape, dtype=float)
-    common = dict(e_in=m.exponent(node.inputs[0]), e_out=m.exponent(node.outputs[0]), bits=m.bits, profile=m.profile)
+    common = dict(e_in=m.exponent(node.inputs[0]), e_out=m.exponent(node.outputs[0]), bits=node.bits, profile=m.profile)
     if node.attrs.get("mode", "nearest") == "linear":
         align = node.attrs.get("coordinate_transformation_mode") == "align_corners"
         out = kernels.resize_linear_nhwc(
@@ -658,7 +688,7 @@ def _arith(kernel):
                 e_a=m.exponent(a),
                 e_b=m.exponent(b),
                 e_out=m.exponent(node.outputs[0]),
-                bits=m.bits,
+                bits=node.bits,
                 profile=m.profile,
             )
         ]
@@ -677,7 +707,7 @@ def _prelu(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[n
             e_in=m.exponent(node.inputs[0]),
             e_out=m.exponent(node.outputs[0]),
             e_slope=m.exponent(node.inputs[1]),
-            bits=m.bits,
+            bits=node.bits,
             profile=m.profile,
         )
     ]
@@ -686,7 +716,7 @@ def _prelu(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[n
 def _neg(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     from espquant.quant.rounding import wrap
 
-    return [wrap(-env[node.inputs[0]].astype(np.int64), m.bits)]  # no saturation: -(-128) wraps to -128
+    return [wrap(-env[node.inputs[0]].astype(np.int64), node.bits)]  # no saturation: -(-128) wraps to -128
 
 
 def _compare(op):

@@ -1,0 +1,68 @@
+"""Mixed precision: which tensors are int16 in an int8 model.
+
+ESP-DL v3 runs each layer at its own width (``quant_type`` S8 or S16 per node) and converts between widths
+with RequantizeLinear. A table lists its int16 layers by their output tensors (metadata ``int16_layers``);
+the widths of everything else follow from the graph:
+
+- an int16 layer's output is int16 (for a Conv / Gemm that absorbs its Relu: the Relu output);
+- pass-through ops (data movement, MaxPool, Relu at the same exponent) keep their input's width, so a
+  reshape does not cost a conversion;
+- ops whose inputs share one exponent (Concat) take the widest member's width;
+- everything else has the table's base width.
+
+A layer reads its activation inputs at its own width: where a producer has the other width the quantized
+model converts it with a RequantizeLinear (int8 -> int16 widens losslessly, ``e16 = e8 - 8``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx
+
+from espquant.calibration.plan import CalibrationPlan
+from espquant.errors import QuantTableError
+from espquant.ops import ExponentRule
+
+__all__ = ["WIDEN", "resolve_int16_layers", "tensor_widths", "equivalent_exponent"]
+
+WIDEN = 8  # int8 -> int16 keeps the range when the exponent drops by 8 bits
+
+
+def equivalent_exponent(exponent: int, from_bits: int, to_bits: int) -> int:
+    """The exponent that keeps a tensor's range when its width changes (int8 e <-> int16 e - 8)."""
+    return exponent - (to_bits - from_bits)
+
+
+def resolve_int16_layers(plan: CalibrationPlan, names: Iterable[str]) -> list[str]:
+    """Output tensors of the layers named by node name or by (any) output tensor, fused Relu resolved."""
+    by_node = {node.name: node for node, _ in plan.nodes if node.name}
+    outputs = {o for node, _ in plan.nodes for o in node.output if o}
+    resolved = []
+    for name in names:
+        if name in by_node:
+            tensor = by_node[name].output[0]
+        elif name in outputs:
+            tensor = name
+        else:
+            raise QuantTableError(f"int16 layer {name!r}: no node or tensor of that name in the model.")
+        resolved.append(plan.fused.get(tensor, tensor))
+    return sorted(set(resolved))
+
+
+def tensor_widths(model: onnx.ModelProto, plan: CalibrationPlan, base: int, int16: Iterable[str]) -> dict[str, int]:
+    """The width of every activation tensor that differs from ``base`` (module docstring)."""
+    del model  # the plan holds the graph in topological order
+    wide = set(int16)
+    if base == 16 or not wide:
+        return {}
+    # A Conv / Gemm that absorbs its Relu writes the Relu output: its own output tensor has that width too.
+    wide.update(raw for raw, fused in plan.fused.items() if fused in wide)
+    for node, spec in plan.nodes:
+        outputs = [plan.fused.get(o, o) for o in node.output if o]
+        inputs = [t for t in node.input if t]
+        passes_through = spec.exponent is ExponentRule.PASSTHROUGH and bool(inputs) and inputs[0] in wide
+        shares = spec.exponent is ExponentRule.SHARED and any(t in wide for t in inputs)
+        if passes_through or shares:
+            wide.update(outputs)
+    return dict.fromkeys(sorted(wide - set(plan.float_tensors)), 16)
