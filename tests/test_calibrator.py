@@ -252,3 +252,28 @@ def test_a_model_onnxruntime_refuses_is_a_clear_error(rng):
     model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 2, 3, 3])], {"w": weight})
     with pytest.raises(ModelError, match="onnxruntime cannot load the model for calibration.*onnx.checker"):
         Calibrator("int8").calibrate(model, rng.normal(0, 1, (2, 2, 3, 3)).astype(np.float32))
+
+
+def test_legacy_export_coefficient_to_cpp_and_the_cli(tmp_path):
+    """The legacy toolkit's call, as its example.py makes it, and `espquant export --format cpp`."""
+    model = optimize_model(onnx.load(demo_model_path()))
+    data = load_demo_data()
+    calibrator = Calibrator("int8", "per-tensor", "minmax")
+    calibrator.generate_quantization_table(model, data.calib_inputs[:200], str(tmp_path / "t.pickle"))
+    written = calibrator.export_coefficient_to_cpp(
+        model, str(tmp_path / "t.pickle"), "esp32s3", str(tmp_path), "mnist_coefficient", True
+    )
+    assert [p.name for p in written] == [
+        "mnist_coefficient.cpp",
+        "mnist_coefficient.hpp",
+        "mnist_coefficient_model.hpp",
+    ]
+    assert "get_" in written[1].read_text()
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "cpp").mkdir()
+    args = ["export", str(tmp_path / "m.onnx"), "--table", str(tmp_path / "t.pickle"), "--format", "cpp"]
+    result = CliRunner().invoke(main, [*args, "--target", "esp32c3", "-o", str(tmp_path / "cpp")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cpp" / "m_coefficient_model.hpp").is_file()
+    result = CliRunner().invoke(main, [*args, "--target", "esp32p4", "-o", str(tmp_path / "cpp")])
+    assert result.exit_code == 1 and "esp32s3" in result.output  # the legacy library's chips are listed

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
@@ -181,6 +182,28 @@ class Calibrator:
             "int16_layers": int16,
         }
         return CalibrationResult(QuantTable(assignment.exponents, metadata), observers, samples, assignment.requantize)
+
+    def export_coefficient_to_cpp(
+        self,
+        model_proto: onnx.ModelProto,
+        pickle_file_path: str | os.PathLike[str],
+        target_chip: str,
+        output_path: str | os.PathLike[str],
+        file_name: str,
+        print_model_info: bool = False,
+    ) -> list[Path]:
+        """Legacy API: C++ coefficient files for the legacy ESP-DL library (v1.1 / v2.0 layer classes).
+
+        Writes ``<file_name>.cpp`` / ``.hpp`` (every layer's filter, bias and activation as constant arrays with
+        ``get_<layer>_filter()`` ... getters) and ``<file_name>_model.hpp`` (a model class that builds and calls
+        the layers in order) into ``output_path``, for ``target_chip`` 'esp32', 'esp32s2', 'esp32c3' or
+        'esp32s3'. See :mod:`espquant.export.cpp` for the layouts and what is assumed of the legacy runtime.
+        """
+        from espquant.export.cpp import export_coefficient_to_cpp
+
+        return export_coefficient_to_cpp(
+            model_proto, pickle_file_path, target_chip, output_path, file_name, print_model_info, bits=self.bits
+        )
 
     def generate_quantization_table(
         self,

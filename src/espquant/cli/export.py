@@ -11,7 +11,7 @@ from espquant.cli.app import main, out
 from espquant.cli.calibrate import load_array_data
 from espquant.errors import OptionError
 
-FORMATS = ("espdl", "qdq")
+FORMATS = ("espdl", "qdq", "cpp")
 
 
 @main.command()
@@ -31,13 +31,14 @@ FORMATS = ("espdl", "qdq")
     default="espdl",
     show_default=True,
     help="espdl: ESP-DL v3 model file for the chip. qdq: the float ONNX model with QuantizeLinear / "
-    "DequantizeLinear pairs at the table's power-of-two scales (for Netron and onnxruntime).",
+    "DequantizeLinear pairs at the table's power-of-two scales (for Netron and onnxruntime). cpp: coefficient "
+    "files for the legacy ESP-DL library (esp32, esp32s2, esp32c3, esp32s3); -o is then a folder.",
 )
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output file [default: <model>_<target>.espdl, or <model>_qdq.onnx].",
+    help="Output file [default: <model>_<target>.espdl, <model>_qdq.onnx; cpp: a folder, default the model's].",
 )
 @click.option(
     "--test-input",
@@ -66,6 +67,7 @@ def export(
       espquant export net.onnx --table t.pickle --target esp32p4 --test-input sample.npy --force
       espquant run mnist_s3.espdl --self-test      # re-load it and check the embedded outputs
       espquant export net.onnx --table t.pickle --format qdq --target esp32p4 --test-input x.npy
+      espquant export net.onnx --table t.pickle --format cpp --target esp32s3 -o main/model/
     """
     from espquant.model_io import check_distinct_paths, load_model
     from espquant.simulator import Evaluator
@@ -73,6 +75,9 @@ def export(
 
     proto = load_model(model)
     table = QuantTable.load(table_path)
+    if fmt == "cpp":
+        _export_cpp(proto, table, model, target, output)
+        return
     default = f"{model.stem}_{target}.espdl" if fmt == "espdl" else f"{model.stem}_qdq.onnx"
     destination = output or model.with_name(default)
     check_distinct_paths(model, destination)
@@ -111,3 +116,14 @@ def _export_qdq(proto: Any, table: Any, destination: Path, target: str, samples:
             "-" if top1 is None else f"{100 * top1:.2f}%",
         )
     out.print(report)
+
+
+def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path | None) -> None:
+    from espquant.export.cpp import export_coefficient_to_cpp
+
+    destination = folder or model.parent
+    if destination.exists() and not destination.is_dir():
+        raise OptionError(f"{destination}: --format cpp writes three files; give a folder with -o.")
+    written = export_coefficient_to_cpp(proto, table, target, destination, f"{model.stem}_coefficient", True)
+    for path in written:
+        out.print(f"wrote {path}")
