@@ -371,3 +371,17 @@ def test_a_real_architecture_exports_and_round_trips(tmp_path):
         _round_trip(quantized, written, sample[None])
     decoded = read_espdl(written)
     assert sum(n.op_type == "Conv" for n in decoded.nodes) == 26 and decoded.inputs[0].shape == (1, 224, 224, 3)
+
+
+def test_an_unwritable_output_is_a_clear_error(tmp_path, demo, monkeypatch):
+    model, data = demo
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("espquant.model_io.tempfile.mkstemp", refuse)
+    with pytest.raises(OptionError, match="cannot write the file \\(Permission denied\\)"):
+        evaluator.export_espdl(tmp_path / "m.espdl")
+    assert not list(tmp_path.iterdir())

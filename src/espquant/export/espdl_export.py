@@ -400,6 +400,9 @@ def build_espdl(
 ) -> EspdlFile:
     """The ``.espdl`` contents for ``model`` (see the module docstring); ``check`` simulates the result from its
     own contents and refuses it unless it reproduces the in-memory model's integers."""
+    from espquant.checker import check_model
+
+    check_model(float_model, target=model.profile.name, bits=model.bits, strict=True)  # the target's own rules
     check_exportable(model)
     inputs = _sample_inputs(model, float_model, test_inputs)
     values = model.run(inputs, keep=True)
@@ -488,5 +491,10 @@ def export_espdl(
     if not target.parent.is_dir():
         raise OptionError(f"{target.parent}: no such directory for the output file.")
     espdl = build_espdl(model, float_model, test_inputs)
-    write_espdl(espdl, target)
+    try:
+        write_espdl(espdl, target)
+    except OSError as exc:
+        raise OptionError(
+            f"{target}: cannot write the file ({exc.strerror or exc}); choose another output path."
+        ) from exc
     return target
