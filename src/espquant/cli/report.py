@@ -32,9 +32,39 @@ from espquant.cli.calibrate import load_array_data
     "-o", "--output", "report_dir", type=click.Path(path_type=Path), help="Folder for report.md / .json / index.html."
 )
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=1), help="Rows of the terminal table.")
+@click.option(
+    "--suggest-int16",
+    "suggest",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="Make the K layers with the largest own error int16, re-calibrate, and compare accuracy and size.",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0),
+    metavar="POINTS",
+    help="Add int16 layers worst-first until the accuracy drop against float is at most POINTS.",
+)
+@click.option("--labels", "labels_path", type=click.Path(path_type=Path), help="Class labels (.npy) for accuracy.")
+@click.option(
+    "--calib-data",
+    "calib_path",
+    type=click.Path(path_type=Path),
+    help="Calibration inputs for re-calibrating with int16 layers [default: --data].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of a table.")
 def report(
-    model: Path, table_path: Path, data_path: Path, target: str, report_dir: Path | None, top: int, as_json: bool
+    model: Path,
+    table_path: Path,
+    data_path: Path,
+    target: str,
+    report_dir: Path | None,
+    top: int,
+    suggest: int | None,
+    budget: float | None,
+    labels_path: Path | None,
+    calib_path: Path | None,
+    as_json: bool,
 ) -> None:
     """Find the layers that lose accuracy: every tensor of the simulated chip against the float model.
 
@@ -43,10 +73,16 @@ def report(
     fraction of values the exponent clips. The worst layers come first. With -o, the report is written as
     Markdown, JSON and (with the plot extra) an HTML page with an SQNR chart and histograms.
 
+    Mixed precision: --suggest-int16 K makes the K worst layers int16 (ESP-DL v3 runs mixed models), or
+    --budget POINTS adds them one by one until the accuracy (with --labels; else top-1 agreement with the
+    float model) is within POINTS of float; accuracy and weight size are printed per step, and the mixed
+    table is written to the -o folder (or beside the table) for `espquant evaluate` / `export`.
+
     \b
     Examples:
       espquant report mnist_optimized.onnx --table mnist_calib.pickle --data test.npy --target esp32s3
       espquant report net.onnx --table t.pickle --data x.npy -o report/    # then open report/index.html
+      espquant report net.onnx --table t.pickle --data x.npy --labels y.npy --budget 0.3
     """
     from rich.table import Table
 
@@ -69,3 +105,59 @@ def report(
         written = write_report(analysis, report_dir)
         for kind, path in written.items():
             out.print(f"{kind}: {path}")
+    if suggest is not None or budget is not None:
+        _mixed(model, table_path, data_path, target, suggest, budget, labels_path, calib_path, report_dir, as_json)
+
+
+def _mixed(
+    model: Path,
+    table_path: Path,
+    data_path: Path,
+    target: str,
+    count: int | None,
+    budget: float | None,
+    labels_path: Path | None,
+    calib_path: Path | None,
+    report_dir: Path | None,
+    as_json: bool,
+) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    from espquant.errors import OptionError
+    from espquant.model_io import load_model
+    from espquant.report.mixed import suggest_int16
+
+    if count is not None and budget is not None:
+        raise OptionError("give --suggest-int16 K or --budget POINTS, not both.")
+    data = load_array_data(data_path)
+    if isinstance(data, dict):
+        raise OptionError("mixed-precision suggestions support one-input models (--data as one array).")
+    labels = np.load(labels_path, allow_pickle=False) if labels_path is not None else None
+    calibration = load_array_data(calib_path) if calib_path is not None else None
+    result = suggest_int16(
+        load_model(model),
+        table_path,
+        data,
+        target,
+        count=count,
+        budget=budget,
+        labels=labels,
+        calibration_data=calibration,
+    )
+    if as_json:
+        out.print_json(json.dumps(result.to_dict()))
+    else:
+        title = f"mixed precision on {target}: {result.metric} (float {result.float_accuracy:.2f}%)"
+        table = Table(title=title, title_justify="left")
+        for column in ("int16 layers", result.metric, "vs float", "weights + biases"):
+            table.add_column(column, justify="left" if column == "int16 layers" else "right")
+        for step in result.steps:
+            layers = ", ".join(step.int16_layers) if step.int16_layers else "none (all int8)"
+            drop = step.accuracy - result.float_accuracy
+            table.add_row(layers, f"{step.accuracy:.2f}%", f"{drop:+.2f}", f"{step.weight_bytes:,} B")
+        out.print(table)
+    if result.table is not None:
+        folder = report_dir or table_path.parent
+        saved, _ = result.table.save(folder / f"{table_path.stem}_mixed.pickle")
+        out.print(f"mixed table: {saved}")
