@@ -277,3 +277,12 @@ def test_legacy_export_coefficient_to_cpp_and_the_cli(tmp_path):
     assert (tmp_path / "cpp" / "m_coefficient_model.hpp").is_file()
     result = CliRunner().invoke(main, [*args, "--target", "esp32p4", "-o", str(tmp_path / "cpp")])
     assert result.exit_code == 1 and "esp32s3" in result.output  # the legacy library's chips are listed
+
+
+def test_clip_bounds_stored_as_one_element_vectors(rng):
+    """torch's ReLU6 export writes Clip's min / max as shape-[1] tensors; min-max derives the range from them."""
+    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["y"], name="relu6")]
+    inits = {"lo": np.array([0.0], np.float32), "hi": np.array([6.0], np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 8])], inits)
+    table = Calibrator("int8").calibrate(model, 10 * rng.normal(0, 1, (16, 8)).astype(np.float32)).table
+    assert table.exponents["y"] == exponent_for_max_abs(6.0, 8)

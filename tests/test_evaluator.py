@@ -477,3 +477,30 @@ def test_a_dequantized_tensor_feeding_a_quantized_op_is_refused(rng):
     model = make_model(nodes, [tensor("x", ["N", 64])], [tensor("y", ["N", 4])], inits)
     with pytest.raises(UnsupportedModelError, match="'dequant' gives float32 on the chip, but Gemm 'fc'"):
         Calibrator("int8").calibrate(model, rng.normal(0, 1, (4, 64)).astype(np.float32))
+
+
+def test_a_clip_bound_shared_by_layers_of_different_exponents(rng):
+    """torch exports one Clip-bound constant for every ReLU6; each Clip compares raw integers at its own input
+    exponent, so each needs its own integer copy of the bound (here 6.0 at two exponents)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["b"], name="relu6_1"),
+        helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6_2"),
+    ]
+    inits = {
+        "w1": rng.normal(0, 0.5, (4, 2, 1, 1)).astype(np.float32),
+        "w2": rng.normal(0, 4.0, (4, 4, 1, 1)).astype(np.float32),  # a much wider range: another exponent
+        "lo": np.array([0.0], np.float32),
+        "hi": np.array([6.0], np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 4, 3, 3])], inits)
+    data = 4 * rng.normal(0, 1, (16, 2, 3, 3)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    quantized = evaluator.generate_quantized_model(model, table)
+    assert quantized.exponent("a") != quantized.exponent("c")
+    values = quantized.run({"x": quantized.quantize_input("x", data)}, keep=True)
+    for tensor_name in ("b", "y"):
+        top = values[tensor_name].max() * 2.0 ** quantized.exponent(tensor_name)
+        assert top == pytest.approx(6.0, abs=0.2), tensor_name

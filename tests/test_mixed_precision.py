@@ -125,3 +125,29 @@ def test_cli_report_suggests_and_writes_the_mixed_table(tmp_path, demo):
     assert QuantTable.load(tmp_path / "t_mixed.pickle").metadata["int16_layers"]
     result = CliRunner().invoke(main, [*args, "--suggest-int16", "1", "--budget", "0.5"])
     assert result.exit_code == 2
+
+
+def test_an_int16_clip_compares_with_bounds_at_its_own_input_exponent(rng):
+    """Clip's min / max are raw integers at the exponent the node reads its input with: an int16 Clip whose
+    input comes from an int8 layer reads it widened (e - 8), so its bounds must be quantized there too."""
+    from onnx import helper
+
+    from helpers import make_model, tensor
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6"),
+    ]
+    inits = {
+        "w": rng.normal(0, 1, (4, 2, 1, 1)).astype(np.float32),
+        "lo": np.array([0.0], np.float32),
+        "hi": np.array([6.0], np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 4, 3, 3])], inits)
+    data = 4 * rng.normal(0, 1, (16, 2, 3, 3)).astype(np.float32)
+    calibrator = Calibrator("int8")
+    calibrator.set_int16_layers(["relu6"])
+    evaluator = Evaluator("int8", "per-tensor", "esp32p4")
+    evaluator.generate_quantized_model(model, calibrator.calibrate(model, data).table)
+    got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    assert got.max() == pytest.approx(6.0, abs=0.05) and got.min() == 0.0

@@ -113,8 +113,12 @@ def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -
         if node.op_type == "Relu":
             derived[node.output[0]] = (node.input[0], 0.0, math.inf)
         elif node.op_type == "Clip" and all(not n or view.is_constant(n) for n in node.input[1:3]):
-            low = float(view.array(node.input[1])) if len(node.input) > 1 and node.input[1] else -math.inf
-            high = float(view.array(node.input[2])) if len(node.input) > 2 and node.input[2] else math.inf
+            low = (
+                float(view.array(node.input[1]).reshape(-1)[0]) if len(node.input) > 1 and node.input[1] else -math.inf
+            )
+            high = (
+                float(view.array(node.input[2]).reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else math.inf
+            )
             derived[node.output[0]] = (node.input[0], low, high)
     # A source must itself be measured, not derived (Relu after Relu): resolve chains to the measured root.
     for name, (source, low, high) in list(derived.items()):

@@ -223,10 +223,24 @@ def build_quantized_model(
                 target = exps.get(tensor, out_exp)
                 if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED) and isinstance(out_exp, int):
                     target = out_exp
-                if role.role is Role.QPARAM:
-                    target = exps.get(inputs[0], target)
-                exps[tensor] = target
-                constants[tensor] = _quantize_constant(value, target, None, node_bits, rounding)
+                if role.role is Role.QPARAM:  # compared with the first input's integers as the node reads them
+                    aligned = spec.exponent in (
+                        ExponentRule.ALIGN_TO_OUTPUT,
+                        ExponentRule.SHARED,
+                        ExponentRule.PASSTHROUGH,
+                    )
+                    read_at = out_exp if aligned and isinstance(out_exp, int) else at_width(inputs[0], node_bits)
+                    target = read_at if read_at is not None else target
+                name = tensor
+                if tensor in constants and (exps.get(tensor) != target or widths.get(tensor, bits) != node_bits):
+                    # One initializer read at several exponents (torch shares one Clip bound between every
+                    # ReLU6): each exponent gets its own integer copy.
+                    name = f"{tensor}__e{target}" + ("" if node_bits == bits else f"_int{node_bits}")
+                exps[name] = target
+                if node_bits != bits:
+                    widths[name] = node_bits
+                constants[name] = _quantize_constant(value, target, None, node_bits, rounding)
+                inputs[position] = name
             else:  # integer parameters, indices, ignored inputs: as they are
                 constants[tensor] = value
         # Every activation input at the exponent the rule asks for and at the node's width, in one step.
