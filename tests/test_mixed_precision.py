@@ -151,3 +151,15 @@ def test_an_int16_clip_compares_with_bounds_at_its_own_input_exponent(rng):
     evaluator.generate_quantized_model(model, calibrator.calibrate(model, data).table)
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
     assert got.max() == pytest.approx(6.0, abs=0.05) and got.min() == 0.0
+
+
+def test_formats_without_mixed_precision_refuse_a_mixed_table(tmp_path, demo, mixed_table):
+    from espquant.export.cpp import export_coefficient_to_cpp
+    from espquant.export.qdq import export_qdq
+
+    model, _ = demo
+    with pytest.raises(OptionError, match="mixed-precision table"):
+        export_qdq(model, mixed_table)
+    with pytest.raises(OptionError, match="one width per model"):
+        export_coefficient_to_cpp(model, mixed_table, "esp32s3", tmp_path, "m")
+    assert not list(tmp_path.iterdir())

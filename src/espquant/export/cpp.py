@@ -1043,6 +1043,8 @@ def export_coefficient_to_cpp(
         raise OptionError(f"file_name {file_name!r}: give a plain base name such as 'mnist_coefficient'.")
     folder = _output_folder(output_path)
     quant_table = table if isinstance(table, QuantTable) else QuantTable.load(table)
+    if quant_table.metadata.get("int16_layers"):
+        raise OptionError("the legacy ESP-DL library runs one width per model: export an int8 or an int16 table.")
     width = _table_bits(quant_table, bits)
     q = build_quantized_model(model_proto, quant_table, get_target(key), width)
     layers = plan_legacy_layers(q, model_proto, key)

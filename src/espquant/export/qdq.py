@@ -496,6 +496,11 @@ def export_qdq(
         ModelError: the opset upgrade int16 needs failed, or the result is not valid ONNX.
     """
     quant_table, source = _load_table(table)
+    if quant_table.metadata.get("int16_layers"):
+        raise OptionError(
+            f"{source}: a mixed-precision table (int16 layers) cannot be exported as QDQ yet; export the int8 "
+            "table, or use --format espdl, which runs mixed models."
+        )
     width = _resolve_bits(quant_table, bits, source)
     quant_table.check_model(model_proto, (), source)  # another model's table first: the clearest message
     plan = plan_calibration(model_proto)
@@ -580,6 +585,11 @@ def qdq_agreement(
     from espquant.simulator import Evaluator
 
     quant_table, source = _load_table(table)
+    if quant_table.metadata.get("int16_layers"):
+        raise OptionError(
+            f"{source}: a mixed-precision table (int16 layers) cannot be exported as QDQ yet; export the int8 "
+            "table, or use --format espdl, which runs mixed models."
+        )
     width = _resolve_bits(quant_table, bits, source)
     qdq = export_qdq(model_proto, quant_table, width)
     feeds = _feeds(model_proto, data)
