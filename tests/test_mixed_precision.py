@@ -163,3 +163,22 @@ def test_formats_without_mixed_precision_refuse_a_mixed_table(tmp_path, demo, mi
     with pytest.raises(OptionError, match="one width per model"):
         export_coefficient_to_cpp(model, mixed_table, "esp32s3", tmp_path, "m")
     assert not list(tmp_path.iterdir())
+
+
+def test_an_int16_graph_input_round_trips(tmp_path, demo):
+    """Naming the graph input makes the chip quantize the image to int16 for the first (int16) layer."""
+    model, data = demo
+    first = "/features/features.0/features.0.0/Conv"
+    calibrator = Calibrator("int8")
+    calibrator.set_int16_layers(["input", first])
+    table = calibrator.calibrate(model, data.calib_inputs[:200]).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    quantized = evaluator.generate_quantized_model(model, table)
+    assert quantized.width("input") == 16 and quantized.nodes[0].bits == 16
+    assert quantized.quantize_input("input", data.test_inputs[:1]).max() > 127
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data.test_inputs)
+    loaded = load_espdl(path)
+    assert loaded.inputs[0].dtype == "INT16"
+    ints = quantized.quantize_input("input", data.test_inputs[:64])
+    got = loaded.run({"input": np.transpose(ints, loaded.onnx_layout("input"))})["logits"]
+    np.testing.assert_array_equal(got, quantized.run({"input": ints})["logits"])

@@ -35,9 +35,10 @@ def equivalent_exponent(exponent: int, from_bits: int, to_bits: int) -> int:
 
 
 def resolve_int16_layers(plan: CalibrationPlan, names: Iterable[str]) -> list[str]:
-    """Output tensors of the layers named by node name or by (any) output tensor, fused Relu resolved."""
+    """Output tensors of the layers named by node name or by (any) output tensor, fused Relu resolved; a graph
+    input may be named too (the chip then quantizes the input to int16)."""
     by_node = {node.name: node for node, _ in plan.nodes if node.name}
-    outputs = {o for node, _ in plan.nodes for o in node.output if o}
+    outputs = {o for node, _ in plan.nodes for o in node.output if o} | set(plan.observed)  # graph inputs too
     resolved = []
     for name in names:
         if name in by_node:
