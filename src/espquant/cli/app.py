@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -75,3 +76,19 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     level = logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(level)
+
+
+def table_option(command: Any) -> Any:
+    """``--table``: the quantization table a command reads (evaluate, export, report)."""
+    return click.option(
+        "--table",
+        "table_path",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Quantization table from `espquant calibrate` (.pickle or .json).",
+    )(command)
+
+
+def data_option(help_text: str) -> Any:
+    """``--data``: normalised float inputs as .npy / .npz (``load_array_data``)."""
+    return click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help=help_text)

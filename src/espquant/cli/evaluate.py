@@ -10,26 +10,14 @@ import click
 import numpy as np
 from rich.table import Table
 
-from espquant.cli.app import err, main, out
+from espquant.cli.app import data_option, err, main, out, table_option
 from espquant.cli.calibrate import load_array_data
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--table",
-    "table_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Quantization table from `espquant calibrate` (.pickle or .json).",
-)
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Normalised float inputs: .npy (N, ...) or .npz with one array per input.",
-)
+@table_option
+@data_option("Normalised float inputs: .npy (N, ...) or .npz with one array per input.")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), help="Integer class labels (.npy, N).")
 @click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="Target chip to simulate.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))

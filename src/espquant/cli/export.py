@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from espquant.cli.app import main, out
+from espquant.cli.app import main, out, table_option
 from espquant.cli.calibrate import load_array_data
 from espquant.errors import OptionError
 
@@ -16,13 +16,7 @@ FORMATS = ("espdl", "qdq", "cpp")
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--table",
-    "table_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Quantization table from `espquant calibrate` (.pickle or .json).",
-)
+@table_option
 @click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="The chip to export for.")
 @click.option(
     "--format",

@@ -7,26 +7,14 @@ from pathlib import Path
 
 import click
 
-from espquant.cli.app import main, out
+from espquant.cli.app import data_option, main, out, table_option
 from espquant.cli.calibrate import load_array_data
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--table",
-    "table_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Quantization table from `espquant calibrate` (.pickle or .json).",
-)
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Normalised float inputs: .npy (N, ...) or .npz with one array per input (a few hundred samples do).",
-)
+@table_option
+@data_option("Normalised float inputs: .npy (N, ...) or .npz with one array per input (a few hundred samples do).")
 @click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="Target chip to simulate.")
 @click.option(
     "-o", "--output", "report_dir", type=click.Path(path_type=Path), help="Folder for report.md / .json / index.html."
