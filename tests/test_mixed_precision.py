@@ -103,6 +103,10 @@ def test_suggest_int16_follows_the_analysis_and_measures_each_step(demo):
     assert budget.metric == "accuracy" and len(budget.steps) == 1  # already within the budget: nothing added
     with pytest.raises(OptionError, match="either count"):
         suggest_int16(model, table, images, "esp32p4")
+    everything = suggest_int16(model, table, images[:64], "esp32p4", count=100)  # more than there are layers
+    last = everything.steps[-1]
+    assert last.int16_layers[-1] == "input" and len(last.int16_layers) == len(set(last.int16_layers))
+    assert last.accuracy >= 98.0 and last.weight_bytes > 2 * everything.steps[0].weight_bytes * 0.9
 
 
 def test_cli_report_suggests_and_writes_the_mixed_table(tmp_path, demo):

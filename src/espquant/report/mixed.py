@@ -4,8 +4,8 @@ The layer report ranks layers by the error they add on their own. ``suggest_int1
 into int16 layers (re-calibrating, since an int16 tensor takes its own exponent), simulates the mixed model
 on the user's data and reports accuracy and weight size for each step: either a fixed number of layers
 (``count``) or one layer at a time until the accuracy drop against the float model is within ``budget``
-points (or every candidate is int16). Accuracy is top-1 against labels when given, else top-1 agreement
-with the float model.
+points (or everything, the model inputs included, is int16). Accuracy is top-1 against labels when given,
+else top-1 agreement with the float model.
 """
 
 from __future__ import annotations
@@ -115,15 +115,17 @@ def suggest_int16(
     metric = "accuracy" if labels is not None else "agreement"
     float_accuracy = 100.0 * float((float_top1 == reference).mean())
     result = MixedPrecision(metric, float_accuracy)
-    accuracy, size = _top1(model, table, target, data, reference)
-    result.steps.append(PrecisionStep([], accuracy, size))
-    ranking = [
-        layer.tensor for layer in analyze(model, table, data, target).worst() if layer.added_sqnr_db != float("inf")
-    ]
+    # Worst own error first; layers that add nothing measurable and finally the inputs themselves come last, so
+    # a budget can end with everything int16.
+    ranking = [layer.tensor for layer in analyze(model, table, data, target).worst()]
+    ranking += [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     calibrator = Calibrator(
         "int8", table.metadata.get("granularity", "per-tensor"), table.metadata.get("method", "minmax")
     )
     calibration = calibration_data if calibration_data is not None else data
+    # The all-int8 baseline is calibrated on the same data as every mixed step, so the steps compare fairly.
+    accuracy, size = _top1(model, calibrator.calibrate(model, calibration).table, target, data, reference)
+    result.steps.append(PrecisionStep([], accuracy, size))
     plan = ranking[:count] if count is not None else ranking
     chosen: list[str] = []
     for layer in plan:
