@@ -150,7 +150,7 @@ def _own_output(
             exponent = model.exponent(tensor)
             env[tensor] = kernels.quantize_float(value, e_out=exponent, bits=model.bits, profile=model.profile)
             inputs.add(value, env[tensor] * 2.0**exponent)
-    model._interpret(node, env)
+    model.run_node(node, env)
     return env[node.outputs[0]]
 
 

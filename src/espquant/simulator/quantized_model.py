@@ -90,7 +90,7 @@ class QuantizedModel:
             return self._run_compiled(ints, quantize_inputs=False)
         env = {**self.constants, **ints}
         for node in self.nodes:
-            self._interpret(node, env)
+            self.run_node(node, env)
         return dict(env) if keep else {name: env[name] for name in self.outputs}
 
     def run_float(self, float_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -106,7 +106,7 @@ class QuantizedModel:
         while True:
             env = {**self.constants, **feeds}
             try:
-                self._program(quantize_inputs).run(env, self._interpret)
+                self._program(quantize_inputs).run(env, self.run_node)
             except GuardTripped as trip:
                 logger.debug("compiled guard tripped for %s: interpreting them", trip.nodes)
                 self._guarded.update(trip.nodes)
@@ -114,7 +114,8 @@ class QuantizedModel:
                 continue
             return {name: env[name] for name in self.outputs}
 
-    def _interpret(self, node: QNode, env: dict[str, np.ndarray]) -> None:
+    def run_node(self, node: QNode, env: dict[str, np.ndarray]) -> None:
+        """Interpret one node on ``env`` (its outputs are added): the numpy kernels, the reference path."""
         if node.op_type == QUANTIZE_INPUT:
             env[node.outputs[0]] = self.quantize_input(node.outputs[0], env[node.inputs[0]])
             return
