@@ -69,7 +69,12 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     Typical flow:
       espquant demo                                  # everything on a bundled MNIST model
       espquant optimize model.onnx                   # -> model_optimized.onnx
-      espquant optimize model.onnx --input-shape input:1,3,96,96
+      espquant check model_optimized.onnx --target all
+      espquant calibrate model_optimized.onnx --data calib.npy -o t.pickle
+      espquant evaluate model_optimized.onnx --table t.pickle --data test.npy --labels y.npy --target esp32s3
+      espquant report model_optimized.onnx --table t.pickle --data test.npy -o report/   # if accuracy drops
+      espquant export model_optimized.onnx --table t.pickle --target esp32s3 -o model.espdl
+      espquant run model.espdl --self-test           # re-load the file and check its embedded outputs
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
