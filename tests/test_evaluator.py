@@ -109,6 +109,10 @@ def test_bad_inputs(tmp_path, mixed, rng):
         evaluator.evaluate_quantized_model(data[:, :2])
     with pytest.raises(DatasetError, match="do not match"):
         evaluator.evaluate_quantized_model({"image": data})
+    broken = np.array(data[:4], dtype=np.float32)
+    broken[2].flat[5] = np.nan
+    with pytest.raises(DatasetError, match="sample 2 holds NaN"):
+        evaluator.evaluate_quantized_model(broken)
     with pytest.raises(TargetError, match="valid targets"):
         Evaluator("int8", "per-tensor", "esp8266")
 

@@ -149,6 +149,10 @@ class Evaluator:
                 or any(e is not None and e != g for e, g in zip(expected[1:], array.shape[1:]))
             ):
                 raise DatasetError(f"input {name!r}: shape {array.shape} does not match the model's {expected}.")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = ~np.isfinite(array.reshape(len(array), -1))
+                sample = int(np.flatnonzero(bad.any(axis=1))[0])
+                raise DatasetError(f"input {name!r}: sample {sample} holds NaN or Inf; the chip has no such integers.")
             checked[name] = array
         results = model.run_float(checked)
         outputs = []
