@@ -382,7 +382,11 @@ def _sample_inputs(model: QuantizedModel, float_model: onnx.ModelProto, test_inp
         missing = set(model.inputs) - set(feeds)
         if missing:
             raise OptionError(f"test_inputs: no value for model input(s) {sorted(missing)}")
-        return {name: model.quantize_input(name, np.asarray(feeds[name])[:1]) for name in model.inputs}
+        first = {name: np.asarray(feeds[name])[:1] for name in model.inputs}
+        for name, value in first.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise OptionError(f"test_inputs: the first sample of {name!r} holds NaN or Inf.")
+        return {name: model.quantize_input(name, value) for name, value in first.items()}
     rng = np.random.default_rng(0)
     samples = {}
     for name in model.inputs:
