@@ -385,3 +385,14 @@ def test_an_unwritable_output_is_a_clear_error(tmp_path, demo, monkeypatch):
     with pytest.raises(OptionError, match="cannot write the file \\(Permission denied\\)"):
         evaluator.export_espdl(tmp_path / "m.espdl")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_nan_test_input_is_refused(tmp_path, demo):
+    model, data = demo
+    evaluator = Evaluator("int8", "per-tensor", "esp32c3")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table)
+    sample = np.array(data.test_inputs[:1])
+    sample[0, 0, 3, 3] = np.inf
+    with pytest.raises(OptionError, match="NaN or Inf"):
+        evaluator.export_espdl(tmp_path / "m.espdl", sample)
+    assert not (tmp_path / "m.espdl").exists()
