@@ -187,3 +187,32 @@ def test_fast_path_equals_lane_emulation_on_esp32s3(scale):
     )
     np.testing.assert_array_equal(got, np.moveaxis(expected, -1, 1))
     assert ("y" in model._sessions) == (scale < 127)  # sessions are keyed by the output tensor
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    taps=st.integers(1, 100),
+    bits=st.sampled_from([8, 10, 20]),
+)
+def test_saturating_accumulation_matches_tap_by_tap_python_integers(data, taps, bits):
+    """Blocks of taps added at once (when no running sum can reach the rail) give exactly the sequential
+    clamp after every product, whatever the data does near the rails."""
+    from espquant.simulator.kernels import _saturating_accumulate
+
+    rows, outputs = 2, 3
+    value = st.integers(-128, 127)
+    cols = np.array(data.draw(st.lists(value, min_size=rows * taps, max_size=rows * taps))).reshape(rows, taps)
+    weight = np.array(data.draw(st.lists(value, min_size=taps * outputs, max_size=taps * outputs))).reshape(
+        taps, outputs
+    )
+    start = np.array(data.draw(st.lists(st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1), min_size=3, max_size=3)))
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    expected = np.zeros((rows, outputs), np.int64)
+    for r in range(rows):
+        for o in range(outputs):
+            acc = int(start[o])
+            for t in range(taps):
+                acc = min(max(acc + int(cols[r, t]) * int(weight[t, o]), low), high)
+            expected[r, o] = acc
+    np.testing.assert_array_equal(_saturating_accumulate(cols, weight, start, bits), expected)

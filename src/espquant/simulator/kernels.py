@@ -54,15 +54,26 @@ def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
     return a.astype(np.int64) @ b.astype(np.int64)
 
 
+_TAP_BLOCK = 32  # taps added at once when no running sum inside the block can reach the rail
+
+
 def _saturating_accumulate(cols: np.ndarray, weight: np.ndarray, start: np.ndarray, bits: int) -> np.ndarray:
     """``start + sum_t cols[:, t] * weight[t, :]`` with the running value clamped to ``bits`` after every tap."""
     low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     acc = np.broadcast_to(start, (cols.shape[0], weight.shape[1])).astype(np.int64).copy()
     columns = cols.astype(np.int64)
     weights = weight.astype(np.int64)
-    for tap in range(weights.shape[0]):
-        acc += columns[:, tap, None] * weights[tap]
-        np.clip(acc, low, high, out=acc)
+    for first in range(0, weights.shape[0], _TAP_BLOCK):
+        products = columns[:, first : first + _TAP_BLOCK, None] * weights[None, first : first + _TAP_BLOCK]
+        # No running sum inside the block can reach a rail when |acc| + sum |products| stays below 2^(bits-1):
+        # then the block adds at once (exactly what tap-by-tap clamping would give).
+        if int((np.abs(acc) + np.abs(products).sum(axis=1)).max(initial=0)) < (1 << (bits - 1)):
+            acc += products.sum(axis=1)
+            continue
+        for tap in range(products.shape[1]):
+            acc += products[:, tap]
+            np.minimum(acc, high, out=acc)
+            np.maximum(acc, low, out=acc)
     return acc
 
 
