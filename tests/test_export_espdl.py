@@ -396,3 +396,34 @@ def test_a_nan_test_input_is_refused(tmp_path, demo):
     with pytest.raises(OptionError, match="NaN or Inf"):
         evaluator.export_espdl(tmp_path / "m.espdl", sample)
     assert not (tmp_path / "m.espdl").exists()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_matmul_by_a_constant_round_trips(tmp_path, rng, target):
+    """Each trailing K x N slice of a constant B is stored in the Gemm byte order (blocked on S3 / P4); N = 20
+    leaves a 4-channel tail after one 16-lane block. A run-time B is refused clearly."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "b"], ["m"], name="matmul"),
+        helper.make_node("Relu", ["m"], ["y"], name="relu"),
+    ]
+    b = rng.normal(0, 0.3, (2, 12, 20)).astype(np.float32)
+    model = make_model(nodes, [tensor("x", ["N", 2, 5, 12])], [tensor("y", ["N", 2, 5, 20])], {"b": b})
+    data = rng.normal(0, 1, (8, 2, 5, 12)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data)
+    _round_trip(quantized, path, data)
+    decoded = read_espdl(path)
+    (matmul,) = [n for n in decoded.nodes if n.op_type == "MatMul"]
+    assert matmul.attributes["activation"] == "Relu" and decoded.initializers["b"].dims == (2, 12, 20)
+    runtime = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [tensor("x", ["N", 4, 6]), tensor("w", ["N", 6, 3])],
+        [tensor("y", ["N", 4, 3])],
+    )
+    feeds = {"x": rng.normal(0, 1, (4, 4, 6)).astype(np.float32), "w": rng.normal(0, 1, (4, 6, 3)).astype(np.float32)}
+    evaluator = Evaluator("int8", "per-tensor", target)
+    evaluator.generate_quantized_model(runtime, Calibrator("int8").calibrate(runtime, feeds).table)
+    with pytest.raises(UnsupportedOpError, match="run-time B"):
+        evaluator.export_espdl(tmp_path / "r.espdl", feeds)

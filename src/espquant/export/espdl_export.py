@@ -48,7 +48,7 @@ _INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLin
 _INHERIT |= {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu"}
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
 _ONNX_LAYOUT |= {"Slice", "Pad"}
-EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT)
+EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | {"MatMul"})
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
 
 
@@ -195,6 +195,23 @@ def _gemm(e: _Export, node: QNode) -> EspdlNode:
     attrs = {"activation": "Relu" if node.relu else "Linear", "alpha": 1.0, "beta": 1.0, "transB": 0}
     e.declare(node.outputs[0], _identity(2))
     return EspdlNode(node.name, "Gemm", [x, w, *_bias(e, node, n)], list(node.outputs), attrs)
+
+
+def _matmul(e: _Export, node: QNode) -> EspdlNode:
+    """MatMul by a constant B: every trailing K x N slice in the Gemm byte order (ESPDL_FORMAT.md 5.2), dims
+    kept. A B computed at run time needs layout nodes the exporter does not insert yet."""
+    if node.inputs[1] not in e.model.constants:
+        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a run-time B cannot be exported yet")
+    matrix = np.asarray(e.model.constants[node.inputs[1]])
+    if matrix.ndim < 2:
+        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
+    k, n = matrix.shape[-2:]
+    slices = matrix.reshape(-1, k, n)
+    flat = np.concatenate([encode_kn_matrix(s, e.bits, e.model.profile.simd) for s in slices])
+    a = e.ensure(node.inputs[0], _identity(e.values[node.inputs[0]].ndim))
+    b = e.constant(node.inputs[1], flat.reshape(matrix.shape), e.int_dtype, _exponent_list(e.model, node.inputs[1]))
+    e.declare(node.outputs[0], _identity(e.values[node.outputs[0]].ndim))
+    return EspdlNode(node.name, "MatMul", [a, b], [node.outputs[0]], {"activation": "Relu" if node.relu else "Linear"})
 
 
 def _pool(e: _Export, node: QNode) -> EspdlNode:
@@ -347,6 +364,7 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
 _EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
     "Conv": _conv,
     "Gemm": _gemm,
+    "MatMul": _matmul,
     **{op: _pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool")},
     "Resize": _resize,
     **{op: _elementwise for op in _INHERIT},
