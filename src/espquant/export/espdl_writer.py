@@ -19,16 +19,27 @@ import flatbuffers
 import numpy as np
 
 from espquant.errors import ModelError
-from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
+from espquant.export.espdl_reader import (
+    _DTYPE_NAMES,
+    _DTYPES,
+    _FLOAT,
+    _FLOATS,
+    _INT,
+    _INTS,
+    _STRING,
+    _STRINGS,
+    EspdlFile,
+    EspdlNode,
+    EspdlTensor,
+    EspdlValue,
+)
 from espquant.model_io import atomic_write_bytes
 
 __all__ = ["encode_espdl", "write_espdl"]
 
-_DATA_TYPES = {"FLOAT": 1, "UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "INT32": 6, "INT64": 7, "BOOL": 9,
-               "FLOAT16": 10, "DOUBLE": 11, "UINT32": 12, "UINT64": 13}  # fmt: skip
-_NUMPY = {"FLOAT": "<f4", "UINT8": "u1", "INT8": "i1", "UINT16": "<u2", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-          "BOOL": "?", "FLOAT16": "<f2", "DOUBLE": "<f8", "UINT32": "<u4", "UINT64": "<u8"}  # fmt: skip
-_FLOAT, _INT, _STRING, _FLOATS, _INTS, _STRINGS = 1, 2, 3, 6, 7, 8
+# The reader's tables, turned around: dtype name -> TensorDataType code, and the numpy dtype of each name.
+_DATA_TYPES = {name: code for code, name in _DTYPE_NAMES.items()}
+_NUMPY = {name: _DTYPES[code] for name, code in _DATA_TYPES.items()}
 _HEADER = 16
 
 

@@ -208,6 +208,12 @@ def build_quantized_model(
             relu = True
         out_exp = exps.get(outputs[0]) if outputs else None
         node_bits = widths.get(outputs[0], bits) if outputs else bits
+        # Ops that read their activation inputs at the output's exponent (PASSTHROUGH: the first input only).
+        aligns_to_output = isinstance(out_exp, int) and spec.exponent in (
+            ExponentRule.ALIGN_TO_OUTPUT,
+            ExponentRule.SHARED,
+            ExponentRule.PASSTHROUGH,
+        )
         inputs = list(node.input)
         for position, tensor in enumerate(inputs):
             role = spec.input_spec(position)
@@ -225,12 +231,7 @@ def build_quantized_model(
                 if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED) and isinstance(out_exp, int):
                     target = out_exp
                 if role.role is Role.QPARAM:  # compared with the first input's integers as the node reads them
-                    aligned = spec.exponent in (
-                        ExponentRule.ALIGN_TO_OUTPUT,
-                        ExponentRule.SHARED,
-                        ExponentRule.PASSTHROUGH,
-                    )
-                    read_at = out_exp if aligned and isinstance(out_exp, int) else at_width(inputs[0], node_bits)
+                    read_at = out_exp if aligns_to_output else at_width(inputs[0], node_bits)
                     target = read_at if read_at is not None else target
                 name = tensor
                 if tensor in constants and (exps.get(tensor) != target or widths.get(tensor, bits) != node_bits):
@@ -248,13 +249,8 @@ def build_quantized_model(
         activations = [
             i for i, t in enumerate(inputs) if t and spec.input_spec(i) and spec.input_spec(i).role is Role.ACTIVATION
         ]
-        aligned = activations
         targets: dict[int, int | None] = {i: at_width(inputs[i], node_bits) for i in activations}
-        if spec.exponent in (
-            ExponentRule.ALIGN_TO_OUTPUT,
-            ExponentRule.SHARED,
-            ExponentRule.PASSTHROUGH,
-        ) and isinstance(out_exp, int):
+        if aligns_to_output:
             aligned = activations[:1] if spec.exponent is ExponentRule.PASSTHROUGH else activations
             targets.update(dict.fromkeys(aligned, out_exp))
         elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
