@@ -50,6 +50,7 @@ _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze
 _ONNX_LAYOUT |= {"Slice", "Pad"}
 EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | {"MatMul"})
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
+_INT_DTYPES = {8: "INT8", 16: "INT16"}
 
 
 @dataclass
@@ -68,7 +69,7 @@ class _Export:
 
     @property
     def int_dtype(self) -> str:
-        return "INT8" if self.bits == 8 else "INT16"
+        return _INT_DTYPES[self.bits]
 
     def quant_type(self, tensor: str) -> str:
         if tensor in self.model.float_tensors:
@@ -89,7 +90,7 @@ class _Export:
         floating = tensor in self.model.float_tensors
         exponent = 0 if floating else self.model.exponent(tensor)
         shape = tuple(int(value.shape[p]) for p in perm)
-        dtype = "FLOAT" if floating else ("INT8" if self.model.width(tensor) == 8 else "INT16")
+        dtype = "FLOAT" if floating else _INT_DTYPES[self.model.width(tensor)]
         self.declared[name] = EspdlValue(name, dtype, shape, [exponent])
 
     def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
