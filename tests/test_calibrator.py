@@ -286,3 +286,39 @@ def test_clip_bounds_stored_as_one_element_vectors(rng):
     model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 8])], inits)
     table = Calibrator("int8").calibrate(model, 10 * rng.normal(0, 1, (16, 8)).astype(np.float32)).table
     assert table.exponents["y"] == exponent_for_max_abs(6.0, 8)
+
+
+def test_a_conv_read_only_by_a_clip_or_an_add_takes_its_readers_range(rng):
+    """Values the Conv saturates lie outside what the Clip keeps; an Add reads its inputs at its output's
+    exponent anyway. Either way the Conv writes at its reader's exponent: finer steps, no RequantizeLinear."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["k"], name="relu6"),
+        helper.make_node("Conv", ["k", "W2"], ["p"], name="project"),
+        helper.make_node("Add", ["k", "p"], ["s"], name="residual"),
+        helper.make_node("Add", ["s", "s"], ["y"], name="add_of_add"),  # not conv-like: keeps its own range
+    ]
+    inits = {
+        "W": rng.normal(0, 10, (3, 3, 1, 1)).astype(np.float32),  # pre-ReLU6 values reach about ±60
+        "W2": rng.normal(0, 0.3, (3, 3, 1, 1)).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 4, 4])], [tensor("y", ["N", 3, 4, 4])], inits)
+    data = rng.normal(0, 2, (32, 3, 4, 4)).astype(np.float32)
+    result = Calibrator("int8").calibrate(model, data)
+    e = result.table.exponents
+    assert set(result.observers) == {"x", "k", "s", "y"}
+    assert e["c"] == e["k"] == exponent_for_max_abs(6.0, 8) == -4
+    assert e["p"] == e["s"]
+    assert [(r.node, r.tensor) for r in result.requantize] == [
+        ("residual", "k"),
+        ("add_of_add", "s"),
+        ("add_of_add", "s"),
+    ]
+    # On the chip: a Conv output far beyond 6 saturates, and the ReLU6 still gives exactly 6.
+    from espquant import Evaluator
+
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, result.table)
+    values = quantized.run({"x": quantized.quantize_input("x", data)}, keep=True)
+    assert values["c"].max() == 127 and values["k"].max() == 96  # 96 * 2^-4 = 6

@@ -166,6 +166,8 @@ class Calibrator:
         int16 = resolve_int16_layers(plan, self.int16_layers)
         widths = tensor_widths(model_proto, plan, self.bits, int16)
         observed = {name: o.exponent(widths.get(name, self.bits)) for name, o in observers.items()} | plan.fixed
+        for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
+            observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, self.bits))
         per_channel = self.granularity == "per-channel"
         assignment = assign_exponents(model_proto, plan, observed, self.bits, per_channel, widths)
         metadata = {

@@ -1,5 +1,19 @@
 """What a model needs calibrated, read from the operator registry: which activations to observe, which
-constants are weights (and along which axis), biases, and where a Conv/Gemm/MatMul absorbs its Relu."""
+constants are weights (and along which axis), biases, where a Conv/Gemm/MatMul absorbs its Relu, and where
+it takes the range of the op that reads it.
+
+A Conv (Gemm, MatMul) accumulates in a wide register and rounds and saturates once, at its output. When
+its only reader is
+- a Clip with constant bounds: every value the Conv saturates lies outside the range the Clip keeps, and the
+  Clip maps it to the same bound as the exact value. Covering only the kept range loses nothing and leaves
+  finer steps inside it: a ReLU6 layer whose Conv output reaches 30 keeps steps of 2^-4 instead of 2^-2 at
+  int8, and the Clip runs with e_in = e_out, as in ESP-PPQ's files;
+- an Add or Sub, which reads its inputs at its output's exponent: a Conv at its own exponent would be
+  requantized to that one by a RequantizeLinear (two roundings, the same saturation, one more node on the
+  chip). Writing at the output's exponent directly is one rounding and no extra node.
+In both cases the Conv output takes the exponent of its reader's output range (``range_from``) and is not
+observed, which also spares calibration the cost of measuring it. Ops that align their inputs before
+summing (an Add reading an Add) keep their own range: their inputs would saturate before the sum."""
 
 from __future__ import annotations
 
@@ -33,10 +47,16 @@ class CalibrationPlan:
     nodes: list[tuple[onnx.NodeProto, OpSpec]]
     observed: list[str]  # activations whose range is measured on the data
     fused: dict[str, str]  # producer output -> the Relu output whose exponent it takes
+    range_from: dict[str, str] = field(default_factory=dict)  # conv-like output -> its reader's output (see above)
     weights: list[WeightUse] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant operands quantized like activations
     float_tensors: list[str] = field(default_factory=list)  # float32 / bool outputs (Softmax, comparisons)
     fixed: dict[str, int] = field(default_factory=dict)  # exponents the model states (QuantizeLinear scales)
+
+    @property
+    def activations(self) -> list[str]:
+        """Every activation the quantization table must give an exponent: measured, or taken from a reader."""
+        return [*self.observed, *self.range_from]
 
 
 def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
@@ -89,9 +109,26 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
             if spec.fuses and consumer is not None and consumer.op_type in spec.fuses:
                 fused[output] = consumer.output[0]
                 observed.append(consumer.output[0])
+            elif spec.fuses and consumer is not None and _reads_in_range(view, consumer, output):
+                plan.range_from[output] = consumer.output[0]
             elif spec.exponent is not ExponentRule.PASSTHROUGH:
                 observed.append(output)
+    # Only a reader whose own output is measured can lend its range (not a float or fixed-exponent output).
+    plan.range_from = {p: r for p, r in plan.range_from.items() if r in observed}
     return plan
+
+
+def _reads_in_range(view: GraphView, node: onnx.NodeProto, tensor: str) -> bool:
+    """``node`` needs ``tensor`` only within the range of its own output: a Clip of ``tensor`` with constant
+    (or absent) bounds, or an op that reads its inputs at its output's exponent (Add, Sub)."""
+    spec = get_op_spec(node.op_type)
+    if spec is not None and spec.exponent is ExponentRule.ALIGN_TO_OUTPUT:
+        return True
+    return (
+        node.op_type == "Clip"
+        and node.input[0] == tensor
+        and all(not bound or view.is_constant(bound) for bound in node.input[1:3])
+    )
 
 
 def _fix_from_scale(plan: CalibrationPlan, view: GraphView, node: onnx.NodeProto) -> None:

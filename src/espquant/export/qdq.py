@@ -504,7 +504,7 @@ def export_qdq(
     width = _resolve_bits(quant_table, bits, source)
     quant_table.check_model(model_proto, (), source)  # another model's table first: the clearest message
     plan = plan_calibration(model_proto)
-    needed = set(plan.observed) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     needed |= _bias_tensors(model_proto, plan)
     quant_table.check_model(model_proto, sorted(needed), source)
     qdq_plan = _plan_qdq(model_proto, quant_table, plan)

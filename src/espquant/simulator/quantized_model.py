@@ -163,7 +163,7 @@ def build_quantized_model(
     """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
     plan = plan_calibration(model)
     view = GraphView(model.graph)
-    needed = set(plan.observed) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     table.check_model(model, sorted(needed))
     exps = dict(table.exponents)
     widths = tensor_widths(model, plan, bits, table.metadata.get("int16_layers") or [])
