@@ -288,6 +288,66 @@ def test_clip_bounds_stored_as_one_element_vectors(rng):
     assert table.exponents["y"] == exponent_for_max_abs(6.0, 8)
 
 
+def _measure_directly(model: onnx.ModelProto, names: list[str], data: np.ndarray) -> dict[str, float]:
+    """max |x| of ``names`` from onnxruntime with every tensor exposed (no in-graph reduction)."""
+    import onnxruntime as ort
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in present
+    )
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    return {n: float(np.abs(v).max()) for n, v in zip(names, session.run(names, {"x": data}))}
+
+
+def test_pooled_maxima_equal_a_direct_measurement(rng):
+    """Min-max reduces non-negative tensors in the graph (GlobalMaxPool): on ranks 4 and 3, 3 or 16
+    channels, and a last batch of another size, every max |x| must equal measuring the tensor itself.
+    Tensors that may be negative, rank-2 tensors and symbolic spatial sizes are measured whole."""
+    from espquant.calibration.collector import _poolable
+
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["k"], name="relu6"),  # Conv takes this range
+        helper.make_node("Conv", ["k", "W16"], ["c16"], name="conv16"),
+        helper.make_node("Relu", ["c16"], ["r16"], name="relu16"),  # fused: observed as r16
+        helper.make_node("Clip", ["r16", "neg"], ["m"], name="clip_negative_low"),  # r16 observed: derived
+        helper.make_node("Reshape", ["m", "rows"], ["m3"], name="to_rank3"),
+        helper.make_node("Clip", ["m3", "lo"], ["r3"], name="clip_rank3"),
+        helper.make_node("ReduceMean", ["r3"], ["g"], axes=[2], keepdims=0, name="mean"),
+        helper.make_node("Gemm", ["g", "Wfc"], ["f"], transB=1, name="fc"),
+        helper.make_node("Relu", ["f"], ["y"], name="relu_fc"),  # rank 2: exposed
+        helper.make_node("Conv", ["k", "Wn", "Bn"], ["cn"], name="conv_negative"),
+        helper.make_node("Clip", ["cn", "neg"], ["n"], name="clip_keeps_negatives"),  # about -1: exposed
+    ]
+    inits = {
+        "W": rng.normal(0, 1, (3, 2, 3, 3)).astype(np.float32),
+        "W16": rng.normal(0, 1, (16, 3, 1, 1)).astype(np.float32),
+        "Wfc": rng.normal(0, 1, (4, 16)).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+        "neg": np.array(-1.0, np.float32),
+        "rows": np.array([-1, 16, 30]),  # static after the Reshape even when H and W are not
+        "Wn": rng.normal(0, 0.01, (2, 3, 1, 1)).astype(np.float32),
+        "Bn": np.array([-3.0, -3.0], np.float32),
+    }
+    outputs = [tensor("y", ["N", 4]), tensor("n", ["N", 2, 6, 5])]
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 5])], outputs, inits, opset=13)
+    data = rng.normal(0, 2, (10, 2, 6, 5)).astype(np.float32)
+    result = Calibrator("int8").calibrate(model, data, batch_size=4)
+    direct = _measure_directly(model, list(result.observers), data)
+    for name, observer in result.observers.items():
+        assert observer.max_abs == direct[name], name
+    assert direct["n"] == 1.0
+    measured = [n for n in result.observers if n != "x"]
+    assert set(_poolable(model, measured)) == {"k", "r16", "r3"}
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"  # the checker refuses this model,
+    assert set(_poolable(model, measured)) == {"r3"}  # but the collector must not assume static sizes
+    assert "c" not in result.observers and result.table["c"] == result.table["k"]
+
+
 def test_a_conv_read_only_by_a_clip_or_an_add_takes_its_readers_range(rng):
     """Values the Conv saturates lie outside what the Clip keeps; an Add reads its inputs at its output's
     exponent anyway. Either way the Conv writes at its reader's exponent: finer steps, no RequantizeLinear."""

@@ -4,9 +4,15 @@ Every observed tensor is exposed as a graph output. Where shapes are static, onn
 outputs straight into buffers allocated once per batch size (IO binding), so no activation is copied;
 otherwise plain ``run`` is used. Only the current batch's activations are ever in memory.
 
-For min-max, the output of a Relu or of a Clip with constant bounds is not exposed at all: its extremes
-are exactly the clamped extremes of its input, so the producer's batch range gives them for free (and
-onnxruntime keeps its Conv + activation fusion for the layer).
+For min-max, two shortcuts keep calibration close to the cost of inference:
+- the output of a Relu or of a Clip with constant bounds whose input is observed anyway is not exposed:
+  its extremes are exactly the clamped extremes of its input;
+- a tensor that cannot be negative (the output of a Relu, or of a Clip whose lower bound is >= 0) with
+  static spatial dimensions is reduced inside the graph by a GlobalMaxPool, and only its (N, C) maxima
+  are fetched. Its maximum is then its max |x|, exactly. onnxruntime runs the pool in its blocked
+  (NCHWc) layout, next to the Conv + activation it keeps fused. Exposing the full tensor instead makes
+  onnxruntime reorder it into NCHW for the caller, and on MobileNetV2 that reorder costs more than the
+  convolutions (benchmarks/calibration.py).
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from espquant.optimizer.shapes import infer_shapes
 __all__ = ["collect"]
 
 
-def _exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph outputs include ``names``."""
+def _exposing(model: onnx.ModelProto, names: Sequence[str], pools: dict[str, str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph outputs include ``names``; ``pools`` maps a pooled output to the
+    tensor that a new GlobalMaxPool node reduces into it."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
+    for pooled, source in (pools or {}).items():
+        exposed.graph.node.append(helper.make_node("GlobalMaxPool", [source], [pooled], name=pooled))
     present = {o.name for o in exposed.graph.output}
     for name in names:
         if name not in present:
@@ -56,11 +65,28 @@ def _session(model: onnx.ModelProto, providers: Sequence[str], threads: int | No
 class _Runner:
     """One session over the exposed model; outputs land in reusable buffers when shapes are static."""
 
-    def __init__(self, model: onnx.ModelProto, fetched: list[str], providers: Sequence[str], threads: int | None):
-        self.model = _exposing(model, fetched)
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        fetched: list[str],
+        providers: Sequence[str],
+        threads: int | None,
+        pools: dict[str, str] | None = None,
+    ):
+        self.model = _exposing(model, fetched, pools)
         self.fetched = fetched
         self.session = _session(self.model, providers, threads)
-        self.buffers: dict[int, dict[str, np.ndarray] | None] = {}
+        # Per batch size: outputs bound once to their buffers (None: shapes not static, plain runs).
+        self.bound: dict[int, tuple[ort.IOBinding, list[np.ndarray]] | None] = {}
+
+    def _bind(self, batch: int) -> tuple[ort.IOBinding, list[np.ndarray]] | None:
+        buffers = self._allocate(batch)
+        if buffers is None:
+            return None
+        binding = self.session.io_binding()
+        for name, buffer in buffers.items():
+            binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        return binding, [buffers[name] for name in self.fetched]
 
     def _allocate(self, batch: int) -> dict[str, np.ndarray] | None:
         sized = onnx.ModelProto()
@@ -83,22 +109,20 @@ class _Runner:
 
     def run(self, batch: Batch) -> list[np.ndarray]:
         size = next(iter(batch.values())).shape[0]
-        if size not in self.buffers:
-            self.buffers[size] = self._allocate(size)
-        buffers = self.buffers[size]
-        if buffers is None:
+        if size not in self.bound:
+            self.bound[size] = self._bind(size)
+        bound = self.bound[size]
+        if bound is None:
             return [np.asarray(v) for v in self.session.run(self.fetched, batch)]
-        binding = self.session.io_binding()
+        binding, outputs = bound
         for name, value in batch.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, buffer in buffers.items():
-            binding.bind_output(name, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
         try:
             self.session.run_with_iobinding(binding)
         except Exception:  # inferred shapes disagree with what onnxruntime computes: plain runs from now on
-            self.buffers = dict.fromkeys(self.buffers)
+            self.bound = dict.fromkeys(self.bound)
             return [np.asarray(v) for v in self.session.run(self.fetched, batch)]
-        return [buffers[name] for name in self.fetched]
+        return outputs
 
 
 def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -> dict[str, tuple[str, float, float]]:
@@ -129,6 +153,34 @@ def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -
     return derived
 
 
+def _nonnegative(model: onnx.ModelProto, view: GraphView) -> set[str]:
+    """Outputs that cannot hold a negative value: Relu outputs, and Clip outputs with a constant min >= 0."""
+    result = set()
+    for node in model.graph.node:
+        low = node.input[1] if node.op_type == "Clip" and len(node.input) > 1 else ""
+        if node.op_type == "Relu" or (low and view.is_constant(low) and float(view.array(low).reshape(-1)[0]) >= 0.0):
+            result.add(node.output[0])
+    return result
+
+
+def _poolable(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
+    """Of ``names``, the non-negative tensors of rank >= 3 with static spatial dimensions, with the number
+    of values that each (sample, channel) maximum stands for."""
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    infer_shapes(shaped)
+    view = GraphView(shaped.graph)
+    positive = _nonnegative(shaped, view)
+    result = {}
+    for name in names:
+        shape = view.shape(name)
+        if name in positive and shape is not None and len(shape) >= 3:
+            spatial = shape[2:]
+            if all(isinstance(d, int) and d > 0 for d in spatial):
+                result[name] = math.prod(spatial)  # type: ignore[arg-type]
+    return result
+
+
 def collect(
     model: onnx.ModelProto,
     observers: dict[str, Observer],
@@ -140,14 +192,22 @@ def collect(
     """Feed every batch through the model and the observers; returns the number of samples seen."""
     inputs = {i.name for i in model.graph.input}
     derived = _clamp_derivations(model, observers)
-    fetched = [name for name in observers if name not in inputs and name not in derived]
-    runner = _Runner(model, fetched, providers, threads)
+    measured = [name for name in observers if name not in inputs and name not in derived]
+    ranges_only = all(isinstance(o, MinMaxObserver) for o in observers.values())
+    pooled = _poolable(model, measured) if ranges_only else {}
+    pool_outputs = {name: f"{name}__espquant_max" for name in pooled}
+    fetched = [pool_outputs.get(name, name) for name in measured]
+    runner = _Runner(model, fetched, providers, threads, {pool_outputs[n]: n for n in pooled})
     samples = 0
     for batch in batches:
         values = runner.run(batch) if fetched else []
         ranges: dict[str, tuple[float, float, int]] = {}
-        for name, value in [*zip(fetched, values), *((n, v) for n, v in batch.items() if n in observers)]:
-            if derived:
+        for name, value in [*zip(measured, values), *((n, v) for n, v in batch.items() if n in observers)]:
+            if name in pooled:  # (N, C) maxima of a tensor that cannot be negative
+                if value.size:
+                    ranges[name] = (0.0, float(value.max()), value.size * pooled[name])
+                    observers[name].update_range(*ranges[name])
+            elif ranges_only:
                 if value.size:
                     ranges[name] = (float(value.min()), float(value.max()), value.size)
                     observers[name].update_range(*ranges[name])
