@@ -376,6 +376,14 @@ def test_a_conv_read_only_by_a_clip_or_an_add_takes_its_readers_range(rng):
         ("add_of_add", "s"),
         ("add_of_add", "s"),
     ]
+    from rich.console import Console
+
+    from espquant.cli.calibrate import print_calibration
+
+    console = Console(record=True, width=120)
+    print_calibration(result, console)
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if "│" in line}
+    assert "as k" in rows["c"] and "as s" in rows["p"] and "-4" in rows["c"]
     # On the chip: a Conv output far beyond 6 saturates, and the ReLU6 still gives exactly 6.
     from espquant import Evaluator
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -87,6 +87,7 @@ class CalibrationResult:
     observers: dict[str, Observer]
     samples: int
     requantize: list[Requantize]
+    range_from: dict[str, str] = field(default_factory=dict)  # Conv output -> the reader output it takes its range of
 
 
 class Calibrator:
@@ -183,7 +184,8 @@ class Calibrator:
             "requantize": [vars(r) for r in assignment.requantize],
             "int16_layers": int16,
         }
-        return CalibrationResult(QuantTable(assignment.exponents, metadata), observers, samples, assignment.requantize)
+        table = QuantTable(assignment.exponents, metadata)
+        return CalibrationResult(table, observers, samples, assignment.requantize, dict(plan.range_from))
 
     def export_coefficient_to_cpp(
         self,

@@ -121,8 +121,11 @@ def print_calibration(result: Any, console: Console = out) -> None:
         table.add_row(
             name, f"{observer.max_abs:.4g}", str(exponent), f"±{limit * 2.0**exponent:.4g}", f"{100 * clipped:.3f}%"
         )
+    for name, reader in result.range_from.items():  # not measured: the range its reader keeps (plan.py)
+        exponent = result.table.exponents[name]
+        table.add_row(name, f"as {reader}", str(exponent), f"±{limit * 2.0**exponent:.4g}", "-")
     console.print(table)
-    others = [n for n in result.table.exponents if n not in result.observers]
+    others = [n for n in result.table.exponents if n not in result.observers and n not in result.range_from]
     per_channel = sum(isinstance(result.table.exponents[n], list) for n in others)
     console.print(f"{len(others)} weights, biases and derived tensors ({per_channel} per-channel)")
     for r in result.requantize:
