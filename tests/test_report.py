@@ -61,6 +61,25 @@ def test_a_badly_scaled_layer_is_found_first(setup):
     assert flatten.sqnr_db < 15 and flatten.added_sqnr_db == float("inf")
 
 
+def test_a_conv_saturating_what_its_relu6_clamps_is_not_reported_as_clipping(rng):
+    """The Conv before a ReLU6 takes the Clip's range and saturates values beyond 6 by design; the report
+    compares it within [0, 6], where its values matter, so the Conv does not look like the worst layer."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="relu6"),
+    ]
+    inits = {
+        "w": rng.normal(0, 3.0, (4, 1, 3, 3)).astype(np.float32),  # pre-ReLU6 values far beyond +-6
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 1, 6, 6])], [tensor("r", ["N", 4, 6, 6])], inits)
+    data = rng.normal(0, 1, (32, 1, 6, 6)).astype(np.float32)
+    analysis = analyze(model, Calibrator("int8").calibrate(model, data).table, data, "esp32s3")
+    conv = next(layer for layer in analysis.layers if layer.tensor == "c")
+    assert conv.float_max == 6.0 and conv.clipped_fraction == 0.0 and conv.sqnr_db > 30
+
+
 def test_accumulated_error_is_zero_where_nothing_is_lost(rng):
     """A Relu on inputs that are exact multiples of the step: simulation equals the float model."""
     model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 16])], [tensor("y", ["N", 16])])

@@ -7,6 +7,7 @@ snapshot: a pass that edits the graph builds a new view afterwards.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -54,6 +55,21 @@ class GraphView:
     def array(self, name: str) -> np.ndarray:
         """The initializer ``name`` as a numpy array."""
         return numpy_helper.to_array(self.initializers[name])
+
+    def clamp_bounds(self, node: onnx.NodeProto) -> tuple[float, float] | None:
+        """``(low, high)`` that a Relu, or a Clip with constant (or absent) bounds, clamps its input to; None
+        for any other node or a Clip whose bounds are computed at run time."""
+        if node.op_type == "Relu":
+            return 0.0, math.inf
+        if node.op_type != "Clip":
+            return None
+        low, high = [*node.input[1:3], "", ""][:2]  # absent or empty: unbounded on that side
+        if any(name and not self.is_constant(name) for name in (low, high)):
+            return None
+        return (
+            float(self.array(low).reshape(-1)[0]) if low else -math.inf,
+            float(self.array(high).reshape(-1)[0]) if high else math.inf,
+        )
 
     def single_consumer(self, name: str) -> onnx.NodeProto | None:
         """The only node reading ``name``, or None when zero or several nodes read it or it is a graph output."""

@@ -132,18 +132,9 @@ def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -
     view = GraphView(model.graph)
     derived: dict[str, tuple[str, float, float]] = {}
     for node in model.graph.node:
-        if node.output[0] not in observers or node.input[0] not in observers:
-            continue
-        if node.op_type == "Relu":
-            derived[node.output[0]] = (node.input[0], 0.0, math.inf)
-        elif node.op_type == "Clip" and all(not n or view.is_constant(n) for n in node.input[1:3]):
-            low = (
-                float(view.array(node.input[1]).reshape(-1)[0]) if len(node.input) > 1 and node.input[1] else -math.inf
-            )
-            high = (
-                float(view.array(node.input[2]).reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else math.inf
-            )
-            derived[node.output[0]] = (node.input[0], low, high)
+        bounds = view.clamp_bounds(node)
+        if bounds is not None and node.output[0] in observers and node.input[0] in observers:
+            derived[node.output[0]] = (node.input[0], *bounds)
     # A source must itself be measured, not derived (Relu after Relu): resolve chains to the measured root.
     for name, (source, low, high) in list(derived.items()):
         while source in derived:
@@ -155,12 +146,8 @@ def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -
 
 def _nonnegative(model: onnx.ModelProto, view: GraphView) -> set[str]:
     """Outputs that cannot hold a negative value: Relu outputs, and Clip outputs with a constant min >= 0."""
-    result = set()
-    for node in model.graph.node:
-        low = node.input[1] if node.op_type == "Clip" and len(node.input) > 1 else ""
-        if node.op_type == "Relu" or (low and view.is_constant(low) and float(view.array(low).reshape(-1)[0]) >= 0.0):
-            result.add(node.output[0])
-    return result
+    bounds = {node.output[0]: view.clamp_bounds(node) for node in model.graph.node}
+    return {output for output, bound in bounds.items() if bound is not None and bound[0] >= 0.0}
 
 
 def _poolable(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:

@@ -124,11 +124,7 @@ def _reads_in_range(view: GraphView, node: onnx.NodeProto, tensor: str) -> bool:
     spec = get_op_spec(node.op_type)
     if spec is not None and spec.exponent is ExponentRule.ALIGN_TO_OUTPUT:
         return True
-    return (
-        node.op_type == "Clip"
-        and node.input[0] == tensor
-        and all(not bound or view.is_constant(bound) for bound in node.input[1:3])
-    )
+    return node.op_type == "Clip" and node.input[0] == tensor and view.clamp_bounds(node) is not None
 
 
 def _fix_from_scale(plan: CalibrationPlan, view: GraphView, node: onnx.NodeProto) -> None:

@@ -13,6 +13,10 @@ values on the same inputs) the analysis accumulates, over the whole data set:
   precision (weights, output exponent, saturation) come first;
 - the fraction of float values the exponent clips (outside ``[qmin, qmax] * 2**e``).
 
+A Conv whose only reader is a constant-bound Clip takes that Clip's range (``calibration/plan.py``) and
+saturates, by design, values the Clip clamps anyway: it is compared within ``[min, max]`` of the Clip, where
+its values matter (both sides clamped), so it is not reported as clipping what nobody reads.
+
 Sorting by own SQNR puts the layers to fix first (a better exponent, int16 for that layer, or a different
 calibration method). Histograms of the worst layers' float values are kept for the plots.
 """
@@ -154,6 +158,20 @@ def _own_output(
     return env[node.outputs[0]]
 
 
+def _kept_ranges(model_proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """Conv outputs that take their Clip reader's range -> the Clip's [min, max] (see the module docstring)."""
+    from espquant.calibration.plan import plan_calibration
+    from espquant.graph import GraphView
+
+    view = GraphView(model_proto.graph)
+    kept = {}
+    for tensor, reader_output in plan_calibration(model_proto).range_from.items():
+        bounds = view.clamp_bounds(view.producer[reader_output])  # None for an Add / Sub reader
+        if bounds is not None:
+            kept[tensor] = bounds
+    return kept
+
+
 def analyze(
     model_proto: onnx.ModelProto,
     table: QuantTable | str,
@@ -188,6 +206,12 @@ def analyze(
     counts = dict.fromkeys(compared, 0)
     ranges = {t: [math.inf, -math.inf] for t in compared}
     kept: dict[str, list[np.ndarray]] = {t: [] for t in compared}
+    kept_ranges = _kept_ranges(model_proto)
+
+    def seen(tensor: str, value: np.ndarray) -> np.ndarray:
+        """``value`` as the rest of the model sees it (within the Clip's bounds for a clamped Conv)."""
+        return np.clip(value, *kept_ranges[tensor]) if tensor in kept_ranges else value
+
     for start in range(0, total, batch_size):
         feeds = {k: np.asarray(v[start : start + batch_size], dtype=np.float32) for k, v in arrays.items()}
         floats = dict(zip(output_names, session.run(output_names, feeds)))
@@ -195,11 +219,11 @@ def analyze(
         ints = {name: quantized.quantize_input(name, value) for name, value in feeds.items()}
         simulated = quantized.run(ints, keep=True)
         for tensor in compared:
-            reference, exponent = floats[tensor], quantized.exponent(tensor)
-            accumulated[tensor].add(reference, simulated[tensor] * 2.0**exponent)
+            reference, exponent = seen(tensor, floats[tensor]), quantized.exponent(tensor)
+            accumulated[tensor].add(reference, seen(tensor, simulated[tensor] * 2.0**exponent))
             alone = _own_output(quantized, producers[tensor], floats, quantized_inputs[tensor])
             if alone is not None:
-                own[tensor].add(reference, alone * 2.0**exponent)
+                own[tensor].add(reference, seen(tensor, alone * 2.0**exponent))
             low, high = qmin(quantized.bits) * 2.0**exponent, qmax(quantized.bits) * 2.0**exponent
             clipped[tensor] += int(((reference < low) | (reference > high)).sum())
             counts[tensor] += reference.size
