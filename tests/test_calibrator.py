@@ -390,3 +390,18 @@ def test_a_conv_read_only_by_a_clip_or_an_add_takes_its_readers_range(rng):
     quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, result.table)
     values = quantized.run({"x": quantized.quantize_input("x", data)}, keep=True)
     assert values["c"].max() == 127 and values["k"].max() == 96  # 96 * 2^-4 = 6
+
+
+def test_mse_calibration_chooses_weight_exponents_by_squared_error_too(rng):
+    """calib_method 'mse' also picks each weight's exponent by squared error (the weights are known
+    exactly); the other methods keep max |w|. One outlier weight 1.0 among small ones: -7 instead of -6."""
+    weight = np.full((4, 2, 3, 3), 0.01, np.float32)
+    weight[0, 0, 0, 0] = 1.0
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv")]
+    model = make_model(nodes, [tensor("x", ["N", 2, 5, 5])], [tensor("y", ["N", 4, 3, 3])], {"W": weight})
+    data = rng.normal(0, 1, (8, 2, 5, 5)).astype(np.float32)
+    assert Calibrator("int8", "per-tensor", "minmax").calibrate(model, data).table["W"] == -6
+    assert Calibrator("int8", "per-tensor", "entropy").calibrate(model, data).table["W"] == -6
+    mse = Calibrator("int8", "per-tensor", "mse").calibrate(model, data).table
+    assert mse["W"] == -7 and mse["y"] >= mse["x"] + mse["W"]
+    assert Calibrator("int8", "per-channel", "mse").calibrate(model, data).table["W"] == [-7, -13, -13, -13]

@@ -93,6 +93,38 @@ def test_mse_matches_a_brute_force_search(rng):
     assert abs(observer.exponent(8) - brute) <= 1  # histogram bin centres vs exact values
 
 
+def test_mse_weight_exponent_worked_example():
+    """One weight 1.0 among a thousand 0.01 at int8. Min-max keeps 1.0 exactly at e = -6 (q = 64), and
+    0.01 rounds to 1 step of 2^-6: error 1000 * 0.005625^2 = 0.0316. At e = -7, 1.0 saturates to
+    127 * 2^-7 (error 6.1e-5), and 0.01 rounds to 2^-7: 1000 * 0.0021875^2 = 0.0048. Total 0.0049, the
+    least. At e = -8 the outlier alone costs (1 - 127/256)^2 = 0.25."""
+    from espquant.calibration.exponents import weight_exponents
+
+    weights = np.array([1.0] + [0.01] * 1000, np.float32)
+    assert weight_exponents(weights, 8, None) == -6
+    assert weight_exponents(weights, 8, None, "mse") == -7
+    per_channel = np.stack([weights, np.full_like(weights, 0.5)])  # a uniform row keeps its min-max exponent
+    assert weight_exponents(per_channel, 8, 0, "mse") == [-7, -7]  # 0.5 is exactly 64 * 2^-7
+    assert weight_exponents(per_channel, 8, 0) == [-6, -7]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=1, max_size=40), st.sampled_from([8, 16]))
+def test_mse_weight_exponent_is_never_worse_than_min_max(values, bits):
+    from espquant.calibration.exponents import weight_exponents
+
+    weights = np.array(values, np.float64)
+
+    def error(e: int) -> float:
+        return float(
+            np.sum((weights - np.clip(np.round(weights * 2.0**-e), -(2 ** (bits - 1)), qmax(bits)) * 2.0**e) ** 2)
+        )
+
+    top, chosen = weight_exponents(weights, bits, None), weight_exponents(weights, bits, None, "mse")
+    assert top - 6 <= chosen <= top
+    assert all(error(chosen) <= error(e) for e in range(top - 6, top + 1))
+
+
 def test_entropy_clips_a_long_tail_but_not_a_uniform_range(rng):
     tail = make_observer("entropy")
     tail.update(np.concatenate([rng.normal(0, 1, 200_000), [60.0]]))

@@ -170,7 +170,8 @@ class Calibrator:
         for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
             observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, self.bits))
         per_channel = self.granularity == "per-channel"
-        assignment = assign_exponents(model_proto, plan, observed, self.bits, per_channel, widths)
+        weight_method = "mse" if self.method == "mse" else "minmax"  # the weights are known exactly: no histogram
+        assignment = assign_exponents(model_proto, plan, observed, self.bits, per_channel, widths, weight_method)
         metadata = {
             "format_version": FORMAT_VERSION,
             "bits": self.bits,

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from espquant.calibration.observers import CANDIDATES
 from espquant.calibration.plan import CalibrationPlan
 from espquant.calibration.precision import equivalent_exponent
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
-from espquant.quant.pot import exponent_for_max_abs
+from espquant.quant.pot import exponent_for_max_abs, qmax, qmin
 
 __all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "weight_exponents"]
 
@@ -44,12 +45,32 @@ class ExponentAssignment:
     requantize: list[Requantize] = field(default_factory=list)
 
 
-def weight_exponents(values: np.ndarray, bits: int, channel_axis: int | None) -> int | list[int]:
-    """Exponent(s) of a weight from max |w|: one, or one per slice along ``channel_axis``."""
-    if channel_axis is None:
-        return exponent_for_max_abs(float(np.max(np.abs(values))) if values.size else 0.0, bits)
-    moved = np.moveaxis(np.abs(values), channel_axis, 0).reshape(values.shape[channel_axis], -1)
-    return [exponent_for_max_abs(float(m), bits) for m in moved.max(axis=1)]
+def weight_exponents(
+    values: np.ndarray, bits: int, channel_axis: int | None, method: str = "minmax"
+) -> int | list[int]:
+    """Exponent(s) of a weight: one, or one per slice along ``channel_axis``.
+
+    ``minmax``: the smallest exponent that keeps max |w|. ``mse``: of that one and the ``CANDIDATES``
+    finer ones, the exponent whose quantized weights (rounded, saturated as the chip stores them) are
+    closest to the float weights in squared error. The weights are all there, so the error is exact. A
+    finer step can win when one outlier weight would otherwise coarsen the whole tensor. Ties go to the
+    larger exponent."""
+    rows = values.reshape(1, -1) if channel_axis is None else np.moveaxis(values, channel_axis, 0)
+    rows = rows.reshape(rows.shape[0], -1).astype(np.float64)
+    tops = [exponent_for_max_abs(float(m), bits) for m in np.abs(rows).max(axis=1, initial=0.0)]
+    if method == "mse":
+        tops = [_closest_exponent(row, bits, top) for row, top in zip(rows, tops)]
+    return tops[0] if channel_axis is None else tops
+
+
+def _closest_exponent(row: np.ndarray, bits: int, top: int) -> int:
+    candidates = range(top - CANDIDATES, top + 1)
+    errors = [
+        float(np.sum((row - np.clip(np.round(row * 2.0**-e), qmin(bits), qmax(bits)) * 2.0**e) ** 2))
+        for e in candidates
+    ]
+    best = min(errors)
+    return max(e for e, error in zip(candidates, errors) if error <= best)
 
 
 def _largest(value: int | list[int]) -> int:
@@ -63,6 +84,7 @@ def assign_exponents(
     bits: int,
     per_channel: bool,
     widths: dict[str, int] | None = None,
+    weight_method: str = "minmax",
 ) -> ExponentAssignment:
     """Turn the observed exponents into the table's exponents (see the module docstring for the rules).
 
@@ -101,7 +123,7 @@ def assign_exponents(
             use = weights.get((id(node), position))
             if use is not None:
                 axis = use.channel_axis if per_channel else None
-                exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis)
+                exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis, weight_method)
                 weight_exp = exps[tensor]
         input_exp = exps.get(node.input[0]) if node.input else None
         if isinstance(input_exp, int):  # read at the layer's width (an int8 input of an int16 layer is widened)
