@@ -157,6 +157,38 @@ def test_an_int16_clip_compares_with_bounds_at_its_own_input_exponent(rng):
     assert got.max() == pytest.approx(6.0, abs=0.05) and got.min() == 0.0
 
 
+def test_an_int16_conv_takes_its_relu6_along(rng):
+    """The Clip after a Conv is that layer's activation: an int16 Conv makes it int16 too (an int8 Clip
+    would round the int16 Conv output back to int8 through a RequantizeLinear at once)."""
+    from onnx import helper
+
+    from helpers import make_model, tensor
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Clip", ["c", "lo", "hi"], ["k"], name="relu6"),
+        helper.make_node("Conv", ["k", "w2"], ["y"], name="conv2"),
+    ]
+    inits = {
+        "w": rng.normal(0, 1, (4, 2, 1, 1)).astype(np.float32),
+        "w2": rng.normal(0, 1, (4, 4, 1, 1)).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 2, 3, 3])], [tensor("y", ["N", 4, 3, 3])], inits)
+    data = 4 * rng.normal(0, 1, (16, 2, 3, 3)).astype(np.float32)
+    calibrator = Calibrator("int8")
+    calibrator.set_int16_layers(["conv"])
+    table = calibrator.calibrate(model, data).table
+    assert table.exponents["c"] == table.exponents["k"] == -12  # 6 at int16: 32767 * 2^-12 = 7.99
+    quantized = Evaluator("int8", "per-tensor", "esp32p4").generate_quantized_model(model, table)
+    assert quantized.widths["c"] == quantized.widths["k"] == 16
+    requantized = [n.inputs[0] for n in quantized.nodes if n.op_type == "RequantizeLinear"]
+    assert requantized == ["x", "k"]  # widened into the int16 conv, narrowed into the int8 conv2: none between
+    values = quantized.run({"x": quantized.quantize_input("x", data)}, keep=True)
+    assert values["k"].max() == 6 * 2**12
+
+
 def test_formats_without_mixed_precision_refuse_a_mixed_table(tmp_path, demo, mixed_table):
     from espquant.export.cpp import export_coefficient_to_cpp
     from espquant.export.qdq import export_qdq

@@ -5,6 +5,8 @@ with RequantizeLinear. A table lists its int16 layers by their output tensors (m
 the widths of everything else follow from the graph:
 
 - an int16 layer's output is int16 (for a Conv / Gemm that absorbs its Relu: the Relu output);
+- a Clip whose Conv takes its range (``plan.range_from``: a ReLU6 after a Conv) has the Conv's width: it is
+  that layer's activation, and an int8 Clip would round the int16 Conv back to int8 at once;
 - pass-through ops (data movement, MaxPool, Relu at the same exponent) keep their input's width, so a
   reshape does not cost a conversion;
 - ops whose inputs share one exponent (Concat) take the widest member's width;
@@ -64,6 +66,7 @@ def tensor_widths(model: onnx.ModelProto, plan: CalibrationPlan, base: int, int1
         inputs = [t for t in node.input if t]
         passes_through = spec.exponent is ExponentRule.PASSTHROUGH and bool(inputs) and inputs[0] in wide
         shares = spec.exponent is ExponentRule.SHARED and any(t in wide for t in inputs)
-        if passes_through or shares:
+        activation_of_wide = bool(inputs) and inputs[0] in wide and plan.range_from.get(inputs[0]) in outputs
+        if passes_through or shares or (activation_of_wide and node.op_type == "Clip"):
             wide.update(outputs)
     return dict.fromkeys(sorted(wide - set(plan.float_tensors)), 16)
