@@ -127,8 +127,6 @@ class _Runner:
 
 def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -> dict[str, tuple[str, float, float]]:
     """Observed outputs of Relu / constant-bound Clip nodes whose input is observed: output -> (input, lo, hi)."""
-    if not all(isinstance(o, MinMaxObserver) for o in observers.values()):
-        return {}
     view = GraphView(model.graph)
     derived: dict[str, tuple[str, float, float]] = {}
     for node in model.graph.node:
@@ -178,9 +176,9 @@ def collect(
 ) -> int:
     """Feed every batch through the model and the observers; returns the number of samples seen."""
     inputs = {i.name for i in model.graph.input}
-    derived = _clamp_derivations(model, observers)
+    ranges_only = all(isinstance(o, MinMaxObserver) for o in observers.values())  # no histogram to fill
+    derived = _clamp_derivations(model, observers) if ranges_only else {}
     measured = [name for name in observers if name not in inputs and name not in derived]
-    ranges_only = all(isinstance(o, MinMaxObserver) for o in observers.values())
     pooled = _poolable(model, measured) if ranges_only else {}
     pool_outputs = {name: f"{name}__espquant_max" for name in pooled}
     fetched = [pool_outputs.get(name, name) for name in measured]

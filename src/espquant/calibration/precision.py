@@ -66,7 +66,7 @@ def tensor_widths(model: onnx.ModelProto, plan: CalibrationPlan, base: int, int1
         inputs = [t for t in node.input if t]
         passes_through = spec.exponent is ExponentRule.PASSTHROUGH and bool(inputs) and inputs[0] in wide
         shares = spec.exponent is ExponentRule.SHARED and any(t in wide for t in inputs)
-        activation_of_wide = bool(inputs) and inputs[0] in wide and plan.range_from.get(inputs[0]) in outputs
-        if passes_through or shares or (activation_of_wide and node.op_type == "Clip"):
+        relu6_of_wide = node.op_type == "Clip" and bool(inputs) and inputs[0] in wide and inputs[0] in plan.range_from
+        if passes_through or shares or relu6_of_wide:
             wide.update(outputs)
     return dict.fromkeys(sorted(wide - set(plan.float_tensors)), 16)
