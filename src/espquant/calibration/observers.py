@@ -85,11 +85,10 @@ class HistogramObserver(Observer):
         self.batches += 1
         self.sampled += flat.size
         magnitudes = np.abs(flat)
-        nonzero = magnitudes[magnitudes > 0]
-        self.zeros += magnitudes.size - nonzero.size
-        if not nonzero.size:
+        zeros = magnitudes.size - int(np.count_nonzero(magnitudes))
+        self.zeros += zeros
+        if zeros == magnitudes.size:
             return
-        magnitudes = nonzero.astype(np.float64)
         needed = math.frexp(float(magnitudes.max()))[1]  # smallest k with every sampled value < 2**k
         if self.range_log2 is None:
             self.range_log2 = needed
@@ -97,8 +96,12 @@ class HistogramObserver(Observer):
             self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1), np.zeros(BINS // 2, np.int64)])
             self.range_log2 += 1
         scale = BINS / 2.0**self.range_log2
-        index = np.minimum((magnitudes * scale).astype(np.int64), BINS - 1)
-        self.counts += np.bincount(index, minlength=BINS)
+        # Below BINS without clamping: every value < 2**needed <= 2**range_log2, and scaling by a power of
+        # two is exact in float64.
+        index = (magnitudes.astype(np.float64) * scale).astype(np.int64)
+        counts = np.bincount(index, minlength=BINS)
+        counts[0] -= zeros  # binned with the rest (cheaper than filtering them out), then taken back out
+        self.counts += counts
 
     # --- helpers over the histogram -------------------------------------------------------------------
     def _bin_width(self) -> float:
