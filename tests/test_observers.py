@@ -141,6 +141,16 @@ def test_exact_zeros_do_not_count_as_clipped(rng):
     assert observer.clipped_fraction(observer.exponent(8), 8) < 0.5
 
 
+def test_exact_zeros_stay_out_of_the_bins(rng):
+    values = np.maximum(rng.normal(0, 1, 10_000), 0).astype(np.float32)  # half exact zeros
+    observer = HistogramObserver("entropy")
+    observer.update(values)
+    edges = np.linspace(0, 2.0**observer.range_log2, BINS + 1)
+    reference, _ = np.histogram(values[values > 0], bins=edges)
+    np.testing.assert_array_equal(observer.counts, reference)
+    assert observer.zeros == int((values == 0).sum())
+
+
 def test_large_batches_are_subsampled_but_the_maximum_is_exact(rng):
     observer = make_observer("entropy")
     values = rng.normal(0, 1, 1_000_000)
