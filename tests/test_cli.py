@@ -73,7 +73,7 @@ def test_list_passes():
         (["optimize", "MODEL", "--passes", "nope"], 2, "unknown optimizer pass(es): nope"),
         (["optimize", "MODEL", "--input-shape", "x=1,3"], 2, "expected NAME:D0,D1"),
         (["optimize", "MODEL", "--input-shape", "z:1,3,8,8"], 2, "no such input"),
-        (["optimize", "MODEL", "-o", "MODEL"], 1, "never overwrites its input"),
+        (["optimize", "MODEL", "-o", "MODEL"], 1, "never writes over its own inputs"),
         (["optimize"], 2, "missing argument MODEL"),
         (["optimize", "MODEL", "--bogus"], 2, "No such option"),
     ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -17,6 +16,7 @@ from espquant.errors import (
     UnsupportedModelError,
     UnsupportedOpError,
 )
+from espquant.runtime import create_session
 from espquant.table import QuantTable
 from helpers import make_model, tensor
 
@@ -55,7 +55,7 @@ def mixed(rng):
 
 
 def _float(model, data):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": data})[0]
+    return create_session(model).run(None, {"x": data})[0]
 
 
 @pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
@@ -139,7 +139,7 @@ def test_reverse_sequence_and_ops_without_a_kernel(tmp_path, rng):
 
 
 def _float_named(model, feeds):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    return create_session(model).run(None, feeds)[0]
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_a_real_architecture_at_int16(tmp_path):
     model = optimize_model(randomize_light_weights(onnx.load(ONNX_TEST_DATA / "light" / "light_squeezenet.onnx"), 7))
     name = model.graph.input[0].name
     x = np.random.default_rng(0).normal(0, 1, (4, 3, 224, 224)).astype(np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = create_session(model)
     expected = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
     table = Calibrator("int16").calibrate(model, x).table
     evaluator = Evaluator("int16", "per-tensor", "esp32p4")
@@ -301,7 +301,7 @@ def test_more_kernels_follow_the_float_model_at_int16(tmp_path, rng, name):
     evaluator = Evaluator("int16", "per-tensor", "esp32s3")
     evaluator.generate_quantized_model(model, table)
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0]
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    expected = create_session(model).run(
         None, {"x": data}
     )
     for g, e, output in zip(got, expected, nodes[0].output):
@@ -324,7 +324,7 @@ def test_depth_to_space_and_space_to_depth_round_trip(tmp_path, rng):
     evaluator = Evaluator("int8", "per-tensor", "esp32s3")
     evaluator.generate_quantized_model(model, table)
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0]
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+    expected = create_session(model).run(
         None, {"x": data}
     )
     step = 2.0 ** evaluator.quantized.exponent("x")

@@ -20,7 +20,7 @@ from onnx import helper
 
 from espquant import Calibrator, Evaluator
 from espquant.demo import demo_model_path, load_demo_data
-from espquant.errors import ModelError, OptionError, QuantTableError, TargetError, UnsupportedModelError
+from espquant.errors import ModelError, OptionError, OutputError, QuantTableError, TargetError, UnsupportedModelError
 from espquant.export import cpp
 from espquant.export.cpp import export_coefficient_to_cpp, legacy_filter_elements
 from espquant.optimizer import optimize_model
@@ -516,7 +516,7 @@ def test_output_path_that_is_a_file_or_under_a_file(demo, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ModelError, match="is a file, not a folder"):
         export_coefficient_to_cpp(model, tables[(8, "per-tensor")], "esp32", blocker, "x")
-    with pytest.raises(ModelError, match="cannot write there"):  # mkdir fails even for root
+    with pytest.raises(OutputError, match="cannot write there"):  # mkdir fails even for root
         export_coefficient_to_cpp(model, tables[(8, "per-tensor")], "esp32", blocker / "sub", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
 
@@ -528,7 +528,7 @@ def test_read_only_folder(demo, tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(ModelError, match="cannot write there"):
+        with pytest.raises(OutputError, match="cannot write there"):
             export_coefficient_to_cpp(model, tables[(8, "per-tensor")], "esp32", folder, "x")
         assert list(folder.iterdir()) == []
     finally:
@@ -536,18 +536,20 @@ def test_read_only_folder(demo, tmp_path):
 
 
 def test_a_failed_write_leaves_no_partial_files(demo, tmp_path, monkeypatch):
+    import espquant.files
+
     model, tables = demo
-    real = cpp.atomic_write_bytes
+    real = espquant.files._write_temporary
     calls = []
 
     def failing(path, data):
         calls.append(Path(path).name)
         if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real(path, data)
+            raise OutputError(f"{path}: writing failed (No space left on device); nothing was changed.")
+        return real(path, data)
 
-    monkeypatch.setattr(cpp, "atomic_write_bytes", failing)
-    with pytest.raises(ModelError, match="No space left on device"):
+    monkeypatch.setattr(espquant.files, "_write_temporary", failing)
+    with pytest.raises(OutputError, match="No space left on device"):
         export_coefficient_to_cpp(model, tables[(8, "per-tensor")], "esp32", tmp_path, "x")
     assert calls == ["x.cpp", "x.hpp"]
     assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,6 @@ import dataclasses
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -22,6 +21,7 @@ from espquant.errors import OptionError, QuantTableError
 from espquant.export.qdq import QDQ_OPSET, export_qdq, qdq_agreement, save_qdq
 from espquant.graph import opset_version
 from espquant.optimizer import optimize_model
+from espquant.runtime import create_session
 from espquant.table import QuantTable
 from helpers import make_model, run, tensor
 
@@ -331,7 +331,7 @@ def test_save_qdq_refuses_an_existing_file_without_force(demo, tables, tmp_path)
     assert save_qdq(model, table, target) == target
     saved = onnx.load(str(target))
     onnx.checker.check_model(saved)
-    session = ort.InferenceSession(target.read_bytes(), providers=["CPUExecutionProvider"])
+    session = create_session(target.read_bytes())
     logits = session.run(None, {"input": data.test_inputs[:8]})[0]
     assert logits.shape == (8, 10)
     target.write_bytes(b"precious")

@@ -11,8 +11,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from espquant import optimize_fp_model
-from espquant.errors import EspquantError, ModelError, OptionError
-from espquant.model_io import atomic_write_bytes, load_model
+from espquant.errors import EspquantError, ModelError, OptionError, OutputError
+from espquant.files import atomic_write_bytes
+from espquant.model_io import load_model
 from espquant.optimizer import convert_model_batch_to_dynamic, fix_input_shapes
 from helpers import bn_node, bn_params, make_model, op_types, tensor
 
@@ -121,9 +122,9 @@ def test_output_equal_to_input_is_refused(tmp_path, rng):
     source = tmp_path / "net.onnx"
     onnx.save(_conv_bn_model(rng), source)
     before = _digest(source)
-    with pytest.raises(ModelError, match="never overwrites its input"):
+    with pytest.raises(OutputError, match="never overwrites its input"):
         optimize_fp_model(source, source)
-    with pytest.raises(ModelError, match="never overwrites its input"):
+    with pytest.raises(OutputError, match="never overwrites its input"):
         optimize_fp_model(source, tmp_path / "." / "net.onnx")
     assert _digest(source) == before
 
@@ -131,7 +132,7 @@ def test_output_equal_to_input_is_refused(tmp_path, rng):
 def test_output_folder_missing(tmp_path, rng):
     source = tmp_path / "net.onnx"
     onnx.save(_conv_bn_model(rng), source)
-    with pytest.raises(ModelError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         optimize_fp_model(source, tmp_path / "missing" / "out.onnx")
 
 

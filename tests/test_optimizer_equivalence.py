@@ -22,16 +22,14 @@ from onnx import helper, numpy_helper
 from conftest import EQUIVALENCE_LOG, ONNX_TEST_DATA
 from espquant.graph import GraphView
 from espquant.optimizer import optimize_model_with_report
+from espquant.runtime import create_session
 
 RELATIVE_TOLERANCE = 1e-4
 LINEAR = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model, optimize=False)
 
 
 def _random_inputs(model: onnx.ModelProto, session: ort.InferenceSession, seed: int) -> dict[str, np.ndarray]:

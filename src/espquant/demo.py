@@ -62,9 +62,9 @@ def load_demo_data() -> DemoData:
 
 def float_accuracy(model_bytes: bytes, inputs: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
     """Top-1 accuracy of a float model under onnxruntime, in percent."""
-    import onnxruntime as ort
+    from espquant.runtime import create_session
 
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = create_session(model_bytes)
     name = session.get_inputs()[0].name
     correct = 0
     for start in range(0, len(inputs), batch):

@@ -17,6 +17,7 @@ __all__ = [
     "QuantTableError",
     "TargetError",
     "OptionError",
+    "OutputError",
 ]
 
 
@@ -50,3 +51,8 @@ class TargetError(EspquantError):
 
 class OptionError(EspquantError):
     """An option value (pass name, input shape, method, bit width...) is not one espquant accepts."""
+
+
+class OutputError(EspquantError):
+    """An output cannot be written: its folder is missing or read-only, the disk is full, or it would replace
+    one of the command's own inputs."""

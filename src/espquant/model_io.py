@@ -9,15 +9,15 @@ path and says what to do.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from espquant.errors import ModelError
+from espquant.files import atomic_write_bytes
 
-__all__ = ["load_model", "save_model", "atomic_write_bytes", "check_distinct_paths"]
+__all__ = ["load_model", "save_model"]
 
 # Protobuf refuses to serialise a message of 2 GiB or more; above this, weights go to an external file.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -116,38 +116,6 @@ def _validate_structure(model: onnx.ModelProto, path: Path | str) -> None:
         )
     if not model.graph.output:
         raise ModelError(f"{path}: the graph declares no outputs; export the model with its output tensor(s).")
-
-
-def check_distinct_paths(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str]) -> None:
-    """Refuse to write an output over the user's input model."""
-    src, dst = Path(input_path).resolve(), Path(output_path).resolve()
-    if src == dst or (dst.exists() and os.path.samefile(src, dst)):
-        raise ModelError(
-            f"{output_path}: the output path is the input model itself; espquant never overwrites its input. "
-            "Choose another output path (or omit it to get '<name>_optimized.onnx')."
-        )
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelError(f"{target}: the folder {folder} does not exist; create it or choose another output path.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:

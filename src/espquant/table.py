@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from espquant.errors import QuantTableError
-from espquant.model_io import atomic_write_bytes
+from espquant.errors import OptionError, QuantTableError
+from espquant.files import write_files
 
-__all__ = ["QuantTable", "graph_hash", "FORMAT_VERSION", "METADATA_KEY", "restricted_loads"]
+__all__ = ["QuantTable", "graph_hash", "table_paths", "FORMAT_VERSION", "METADATA_KEY", "restricted_loads"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "__espquant_metadata__"
@@ -68,6 +68,20 @@ def restricted_loads(data: bytes, source: str = "<bytes>") -> Any:
         ) from exc
     except Exception as exc:  # truncated or not a pickle at all
         raise QuantTableError(f"{source}: not a readable quantization table ({type(exc).__name__}: {exc}).") from exc
+
+
+def table_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The pickle a table is saved to and its JSON twin beside it (``t.pickle`` -> ``t.json``).
+
+    The path names the pickle; a ``.json`` path would make the twin the pickle itself, so it is refused.
+    """
+    target = Path(path)
+    if target.suffix.lower() == ".json":
+        raise OptionError(
+            f"{target}: name the table's pickle (for example {target.with_suffix('.pickle').name}); its JSON twin "
+            f"{target.name} is written beside it."
+        )
+    return target, target.with_suffix(".json")
 
 
 def graph_hash(model: onnx.ModelProto) -> str:
@@ -117,14 +131,12 @@ class QuantTable:
         return name in self.exponents
 
     def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write the pickle and its ``.json`` twin atomically; returns both paths."""
-        target = Path(path)
+        """Write the pickle and its ``.json`` twin, both or neither (atomically); returns both paths."""
+        target, twin = table_paths(path)
         legacy = {name: exponent for name, exponent in self.exponents.items()}
         legacy[METADATA_KEY] = dict(self.metadata)
-        atomic_write_bytes(target, pickle.dumps(legacy, protocol=4))
-        twin = target.with_suffix(".json")
         text = json.dumps({"metadata": self.metadata, "exponents": self.exponents}, indent=1, sort_keys=True)
-        atomic_write_bytes(twin, text.encode())
+        write_files({target: pickle.dumps(legacy, protocol=4), twin: text.encode()})
         return target, twin
 
     @classmethod

@@ -24,7 +24,7 @@ from espquant.errors import OptionError
 from espquant.graph import tensor_shape
 from espquant.optimizer.shapes import batch_pinning_reshapes, convert_model_batch_to_dynamic
 from espquant.progress import progress_bar
-from espquant.providers import validate_providers
+from espquant.runtime import validate_providers
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
 __all__ = ["Calibrator", "CALIBRATION_METHODS", "GRANULARITIES"]

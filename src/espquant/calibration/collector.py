@@ -27,9 +27,9 @@ from onnx import helper
 
 from espquant.calibration.dataset import Batch
 from espquant.calibration.observers import MinMaxObserver, Observer
-from espquant.errors import ModelError
 from espquant.graph import GraphView
 from espquant.optimizer.shapes import infer_shapes
+from espquant.runtime import create_session
 
 __all__ = ["collect"]
 
@@ -49,17 +49,7 @@ def _exposing(model: onnx.ModelProto, names: Sequence[str], pools: dict[str, str
 
 
 def _session(model: onnx.ModelProto, providers: Sequence[str], threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
-    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
-        raise ModelError(
-            f"onnxruntime cannot load the model for calibration: {exc}. Check the model with "
-            "`python -c \"import onnx; onnx.checker.check_model('model.onnx', full_check=True)\"`."
-        ) from exc
+    return create_session(model, providers, threads, what="the model for calibration")
 
 
 class _Runner:

@@ -97,3 +97,15 @@ def table_option(command: Any) -> Any:
 def data_option(help_text: str) -> Any:
     """``--data``: normalised float inputs as .npy / .npz (``load_array_data``)."""
     return click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help=help_text)
+
+
+def force_option(command: Any) -> Any:
+    """``--force``: the one switch that lets a command replace outputs that already exist (never its inputs)."""
+    return click.option(
+        "--force", is_flag=True, help="Replace output files that already exist (inputs are never replaced)."
+    )(command)
+
+
+def table_files(path: Path) -> list[Path]:
+    """A table and its twin (``t.pickle`` and ``t.json``): outputs must replace neither."""
+    return [path, path.with_suffix(".json"), path.with_suffix(".pickle")]

@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from espquant.cli.app import err, main, out
+from espquant.cli.app import err, force_option, main, out
 
 
 def load_array_data(path: Path) -> Any:
@@ -62,6 +62,7 @@ def load_array_data(path: Path) -> Any:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Table path (default: <model>_calib.pickle).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of a terminal table.")
+@force_option
 def calibrate(
     model: Path,
     data_path: Path,
@@ -71,27 +72,33 @@ def calibrate(
     batch_size: int,
     output: Path | None,
     as_json: bool,
+    force: bool,
 ) -> None:
     """Measure activations on calibration data and write the quantization table.
 
     Runs the float model once per batch under onnxruntime (memory does not grow with the data set),
     chooses a power-of-two exponent for every tensor, applies ESP-DL's rules (fused Relu, pass-through
-    ops, Concat sharing, no left shifts), and writes TABLE.pickle (legacy format) and TABLE.json.
+    ops, Concat sharing, no left shifts), and writes TABLE.pickle (legacy format) and TABLE.json, both or
+    neither; existing ones are replaced only with --force.
 
     \b
     Examples:
       espquant calibrate mnist_optimized.onnx --data calib.npy
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
+      espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
     """
     from espquant.calibration import Calibrator
+    from espquant.files import guard_outputs
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
+    from espquant.table import table_paths
 
     proto = load_model(model)
     data = load_array_data(data_path)
+    target = output or model.with_name(f"{model.stem}_calib.pickle")
+    guard_outputs(table_paths(target), [model, data_path], force)  # before the work, not after it
     calibrator = Calibrator(bits, granularity, method)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else None
-    target = output or model.with_name(f"{model.stem}_calib.pickle")
     with progress_bar("calibrating", total, enabled=not as_json and err.is_terminal) as advance:
         result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
     table_path, json_path = result.table.save(target)

@@ -8,11 +8,39 @@ from typing import Any
 import click
 from rich.table import Table
 
-from espquant.cli.app import main, out
+from espquant.cli.app import force_option, main, out
 from espquant.cli.calibrate import print_calibration
 from espquant.cli.check import print_support_matrix, support_matrix
 from espquant.cli.optimize import print_report
 from espquant.errors import EspquantError
+
+DEMO_TARGETS = ("esp32s3", "esp32p4", "esp32c3")
+# Written into a folder the demo made, so a second run may replace the demo's own files without --force.
+_MARKER = ".espquant-demo"
+
+
+def demo_files(workdir: Path) -> list[Path]:
+    """Every file the demo writes into ``workdir``."""
+    names = ["demo_mnist_cnn.onnx", "demo_mnist_cnn_optimized.onnx"]
+    for bits in ("int8", "int16"):
+        names += [f"demo_mnist_cnn_calib_{bits}.pickle", f"demo_mnist_cnn_calib_{bits}.json"]
+    names += [f"demo_mnist_cnn_{target}.espdl" for target in DEMO_TARGETS]
+    return [workdir / name for name in names]
+
+
+def _prepare_workdir(workdir: Path, force: bool) -> None:
+    """Create the folder, or reuse one an earlier demo made; other people's files need --force."""
+    from espquant.errors import OutputError
+    from espquant.files import guard_outputs
+
+    if workdir.exists() and not workdir.is_dir():
+        raise OutputError(f"{workdir}: is a file; --workdir names a folder for the demo's files.")
+    guard_outputs(demo_files(workdir), [], force or (workdir / _MARKER).is_file())
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / _MARKER).touch()
+    except OSError as exc:
+        raise OutputError(f"{workdir}: cannot write the demo's files there ({exc.strerror or exc}).") from exc
 
 
 @main.command()
@@ -21,9 +49,10 @@ from espquant.errors import EspquantError
     type=click.Path(path_type=Path),
     default=Path("espquant-demo"),
     show_default=True,
-    help="Folder for the demo's output files (created if missing).",
+    help="Folder for the demo's output files (created if missing; the demo's own files are replaced on a re-run).",
 )
-def demo(workdir: Path) -> None:
+@force_option
+def demo(workdir: Path, force: bool) -> None:
     """Run espquant on the bundled MNIST CNN and real digits.
 
     The demo model (Conv, BatchNormalization, Relu, MaxPool, a residual Add, a depthwise Conv, Flatten,
@@ -35,10 +64,10 @@ def demo(workdir: Path) -> None:
     import onnx
 
     from espquant.demo import demo_model_path, float_accuracy, load_demo_data
-    from espquant.model_io import atomic_write_bytes
+    from espquant.files import atomic_write_bytes
     from espquant.optimizer import optimize_file
 
-    workdir.mkdir(parents=True, exist_ok=True)
+    _prepare_workdir(workdir, force)
     source = workdir / "demo_mnist_cnn.onnx"
     atomic_write_bytes(source, demo_model_path().read_bytes())
     out.print(f"[bold]espquant demo[/]: MNIST CNN ({source.stat().st_size / 1024:.0f} KiB) -> {workdir}/")
@@ -70,7 +99,7 @@ def demo(workdir: Path) -> None:
     table.add_row(source.name, "float32 (onnxruntime)", f"{before:.2f}%")
     table.add_row(Path(path).name, "float32 (onnxruntime)", f"{after:.2f}%")
     for bits, table_file in (("int8", table_path), ("int16", int16_path)):
-        for target in ("esp32s3", "esp32p4", "esp32c3"):
+        for target in DEMO_TARGETS:
             evaluator = Evaluator(bits, "per-tensor", target)
             evaluator.generate_quantized_model(optimized, table_file)
             logits = evaluator.evaluate_quantized_model(data.test_inputs)[0][0]
@@ -93,7 +122,7 @@ def _export_step(optimized: Any, table_path: Path, data: Any, workdir: Path) -> 
     table = Table(title="5. export: .espdl files, re-loaded and simulated", title_justify="left")
     for column in ("target", "file", "bytes", "outputs equal to the simulation", "top-1"):
         table.add_column(column, justify="left" if column in ("target", "file") else "right")
-    for target in ("esp32s3", "esp32p4", "esp32c3"):
+    for target in DEMO_TARGETS:
         evaluator = Evaluator("int8", "per-tensor", target)
         quantized = evaluator.generate_quantized_model(optimized, table_path)
         path = evaluator.export_espdl(workdir / f"demo_mnist_cnn_{target}.espdl", data.test_inputs, force=True)

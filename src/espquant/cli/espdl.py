@@ -10,7 +10,7 @@ import click
 import numpy as np
 from rich.table import Table
 
-from espquant.cli.app import main, out
+from espquant.cli.app import force_option, main, out
 from espquant.errors import OptionError
 
 
@@ -25,8 +25,11 @@ from espquant.errors import OptionError
     type=click.Path(path_type=Path),
     help="Quantized input(s): NAME=file.npy, or file.npy for a single-input model.",
 )
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the outputs to this .npz file.")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Save the simulated outputs to this .npz file."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
+@force_option
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -36,6 +39,7 @@ def run(
     input_paths: tuple[Path, ...],
     output: Path | None,
     as_json: bool,
+    force: bool,
 ) -> None:
     """Simulate an ESP-DL .espdl model: the integers the chip computes, from the file alone.
 
@@ -45,8 +49,14 @@ def run(
       espquant run old_model.espdl --target esp32p4 --self-test --json
       espquant run model.espdl --input x.npy -o outputs.npz
     """
+    from espquant.files import guard_outputs
     from espquant.simulator.espdl_model import compare_output, load_espdl
 
+    if self_test and input_paths:
+        raise OptionError("give --self-test or --input, not both.")
+    if output is not None:
+        files = [Path(str(text).rpartition("=")[2]) for text in input_paths]
+        guard_outputs([output], [model, *files], force)
     loaded = load_espdl(model, target)
     if self_test:
         values = loaded.test_values
@@ -54,6 +64,8 @@ def run(
             raise OptionError(f"{model}: the file embeds no test values; give --input instead.")
         inputs, expected = values
         got = loaded.run(inputs, keep=True)
+        if output is not None:
+            _save_outputs(output, {name: got[name] for name in expected})
         rows = []
         for name, want in expected.items():
             equal, detail = compare_output(got[name], want)
@@ -87,7 +99,7 @@ def run(
     if output is not None:
         import io
 
-        from espquant.model_io import atomic_write_bytes
+        from espquant.files import atomic_write_bytes
 
         buffer = io.BytesIO()
         np.savez(buffer, **results)
@@ -99,6 +111,17 @@ def run(
             declared = next(v for v in loaded.outputs if v.name == name)
             out.print(f"{name}: {value.dtype} {list(value.shape)}, exponent {declared.exponent}")
             out.print(np.array2string(value, threshold=64))
+
+
+def _save_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
+    """The simulated outputs as one ``.npz`` (one array per output name), written atomically."""
+    import io
+
+    from espquant.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **outputs)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 @main.command()

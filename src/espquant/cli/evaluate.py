@@ -41,10 +41,9 @@ def evaluate(
       espquant evaluate mnist_optimized.onnx --table mnist_calib.pickle --data test.npy --labels labels.npy
       espquant evaluate net.onnx --table t.pickle --data x.npz --target esp32p4 --json
     """
-    import onnxruntime as ort
-
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
+    from espquant.runtime import create_session
     from espquant.simulator import Evaluator
     from espquant.table import QuantTable
 
@@ -54,7 +53,7 @@ def evaluate(
     bits = f"int{table.metadata.get('bits', 8)}"
     evaluator = Evaluator(bits, table.metadata.get("granularity"), target)
     evaluator.generate_quantized_model(proto, table)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=evaluator.providers)
+    session = create_session(proto, evaluator.providers)
     names = [o.name for o in session.get_outputs()]
     input_names = [i.name for i in session.get_inputs()]
     arrays = data if isinstance(data, dict) else {input_names[0]: data}

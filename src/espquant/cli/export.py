@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from espquant.cli.app import main, out, table_option
+from espquant.cli.app import force_option, main, out, table_files, table_option
 from espquant.cli.calibrate import load_array_data
 from espquant.errors import OptionError
 
@@ -32,7 +32,8 @@ FORMATS = ("espdl", "qdq", "cpp")
     "-o",
     "--output",
     type=click.Path(path_type=Path),
-    help="Output file [default: <model>_<target>.espdl, <model>_qdq.onnx; cpp: a folder, default the model's].",
+    help="Output file [default: <model>_<target>.espdl, <model>_qdq.onnx; cpp: a folder, default the model's]. "
+    "Existing files are replaced only with --force; the model, table and test input never.",
 )
 @click.option(
     "--test-input",
@@ -41,7 +42,7 @@ FORMATS = ("espdl", "qdq", "cpp")
     help="Float inputs (.npy / .npz). espdl: the first sample and the simulated outputs become the file's test "
     "values [default: fixed pseudo-random integers]. qdq: the data the agreement with the simulator is measured on.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@force_option
 def export(
     model: Path, table_path: Path, target: str, fmt: str, output: Path | None, test_input: Path | None, force: bool
 ) -> None:
@@ -63,20 +64,29 @@ def export(
       espquant export net.onnx --table t.pickle --format qdq --target esp32p4 --test-input x.npy
       espquant export net.onnx --table t.pickle --format cpp --target esp32s3 -o main/model/
     """
-    from espquant.model_io import check_distinct_paths, load_model
+    from espquant.export.cpp import cpp_file_paths, legacy_target
+    from espquant.files import guard_outputs
+    from espquant.model_io import load_model
+    from espquant.quant import get_target
     from espquant.simulator import Evaluator
     from espquant.table import QuantTable
 
+    inputs = [model, *table_files(table_path), test_input]
+    legacy_target(target) if fmt == "cpp" else get_target(target)  # an unknown chip is the first thing to say
+    if fmt == "cpp":
+        folder = output or model.parent
+        if folder.exists() and not folder.is_dir():
+            raise OptionError(f"{folder}: --format cpp writes three files; give a folder with -o.")
+        guard_outputs(cpp_file_paths(folder, f"{model.stem}_coefficient"), inputs, force)
+    else:
+        default = f"{model.stem}_{target}.espdl" if fmt == "espdl" else f"{model.stem}_qdq.onnx"
+        destination = output or model.with_name(default)
+        guard_outputs([destination], inputs, force)
     proto = load_model(model)
     table = QuantTable.load(table_path)
     if fmt == "cpp":
-        _export_cpp(proto, table, model, target, output)
+        _export_cpp(proto, table, model, target, folder)
         return
-    default = f"{model.stem}_{target}.espdl" if fmt == "espdl" else f"{model.stem}_qdq.onnx"
-    destination = output or model.with_name(default)
-    check_distinct_paths(model, destination)
-    if destination.exists() and not force:
-        raise OptionError(f"{destination} exists; add --force to replace it.")
     samples = load_array_data(test_input) if test_input is not None else None
     if fmt == "qdq":
         _export_qdq(proto, table, destination, target, samples)
@@ -89,15 +99,16 @@ def export(
 
 
 def _export_qdq(proto: Any, table: Any, destination: Path, target: str, samples: Any) -> None:
+    """Measure the agreement first (a bad test input fails before anything is written), then write."""
     from rich.table import Table
 
     from espquant.export.qdq import qdq_agreement, save_qdq
 
+    agreement = qdq_agreement(proto, table, target, samples) if samples is not None else None
     written = save_qdq(proto, table, destination, force=True)
     out.print(f"wrote {written} ({written.stat().st_size:,} bytes, QDQ, int{table.metadata.get('bits', 8)})")
-    if samples is None:
+    if agreement is None:
         return
-    agreement = qdq_agreement(proto, table, target, samples)
     report = Table(title=f"onnxruntime on the QDQ model vs the simulated {target}", title_justify="left")
     for column in ("output", "equal values", "max |difference|", "same top-1"):
         report.add_column(column, justify="left" if column == "output" else "right")
@@ -112,12 +123,9 @@ def _export_qdq(proto: Any, table: Any, destination: Path, target: str, samples:
     out.print(report)
 
 
-def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path | None) -> None:
+def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path) -> None:
     from espquant.export.cpp import export_coefficient_to_cpp
 
-    destination = folder or model.parent
-    if destination.exists() and not destination.is_dir():
-        raise OptionError(f"{destination}: --format cpp writes three files; give a folder with -o.")
-    written = export_coefficient_to_cpp(proto, table, target, destination, f"{model.stem}_coefficient", True)
+    written = export_coefficient_to_cpp(proto, table, target, folder, f"{model.stem}_coefficient", True)
     for path in written:
         out.print(f"wrote {path}")

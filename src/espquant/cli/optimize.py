@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from espquant.cli.app import main, out
+from espquant.cli.app import force_option, main, out
 from espquant.errors import OptionError
 
 
@@ -76,6 +76,7 @@ def print_report(report: Any, output: str | None, console: Console = out, title:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--list-passes", is_flag=True, help="List the passes in pipeline order and exit.")
+@force_option
 def optimize(
     model: Path | None,
     output: Path | None,
@@ -83,6 +84,7 @@ def optimize(
     input_shapes: tuple[str, ...],
     as_json: bool,
     list_passes: bool,
+    force: bool,
 ) -> None:
     """Clean a float ONNX model before quantization.
 
@@ -96,8 +98,11 @@ def optimize(
       espquant optimize mnist.onnx -o clean.onnx --json
       espquant optimize ocr.onnx --input-shape x:1,3,48,192
       espquant optimize mnist.onnx --passes fold_constants,fold_batchnorm
+      espquant optimize mnist.onnx --force      # replace an earlier mnist_optimized.onnx
     """
+    from espquant.files import guard_outputs
     from espquant.optimizer import PASSES, optimize_file
+    from espquant.optimizer.core import default_output_path
     from espquant.optimizer.shapes import parse_input_shape
 
     if list_passes:
@@ -112,7 +117,9 @@ def optimize(
     if model is None:
         raise click.UsageError("missing argument MODEL (the .onnx file to optimize).")
     shapes = dict(parse_input_shape(text) for text in input_shapes)
-    path, report = optimize_file(model, output, _parse_passes(passes_text), shapes or None)
+    target = output or default_output_path(model)
+    guard_outputs([target], [model], force)
+    path, report = optimize_file(model, target, _parse_passes(passes_text), shapes or None)
     if as_json:
         click.echo(json.dumps({"model": str(model), "output": path, **report.to_dict()}, indent=2))
     else:

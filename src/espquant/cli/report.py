@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from espquant.cli.app import data_option, main, out, table_option
+from espquant.cli.app import data_option, force_option, main, out, table_files, table_option
 from espquant.cli.calibrate import load_array_data
+from espquant.errors import OptionError, OutputError
 
 
 @main.command()
@@ -41,6 +42,7 @@ from espquant.cli.calibrate import load_array_data
     help="Calibration inputs for re-calibrating with int16 layers [default: --data].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of a table.")
+@force_option
 def report(
     model: Path,
     table_path: Path,
@@ -53,6 +55,7 @@ def report(
     labels_path: Path | None,
     calib_path: Path | None,
     as_json: bool,
+    force: bool,
 ) -> None:
     """Find the layers that lose accuracy: every tensor of the simulated chip against the float model.
 
@@ -74,10 +77,22 @@ def report(
     """
     from rich.table import Table
 
+    from espquant.files import guard_outputs
     from espquant.model_io import load_model
     from espquant.report import analyze
-    from espquant.report.render import COLUMNS, layer_row, write_report
+    from espquant.report.render import COLUMNS, layer_row, report_paths, write_report
+    from espquant.table import table_paths
 
+    if suggest is not None and budget is not None:
+        raise OptionError("give --suggest-int16 K or --budget POINTS, not both.")
+    outputs: list[Path] = []
+    if report_dir is not None:
+        if report_dir.exists() and not report_dir.is_dir():
+            raise OutputError(f"{report_dir}: is a file; -o names the folder the report is written to.")
+        outputs += report_paths(report_dir).values()
+    if suggest is not None or budget is not None:
+        outputs += table_paths(_mixed_table_path(table_path, report_dir))
+    guard_outputs(outputs, [model, *table_files(table_path), data_path, labels_path, calib_path], force)
     analysis = analyze(load_model(model), table_path, load_array_data(data_path), target)
     if as_json:
         out.print_json(json.dumps(analysis.to_dict()))
@@ -112,12 +127,9 @@ def _mixed(
     import numpy as np
     from rich.table import Table
 
-    from espquant.errors import OptionError
     from espquant.model_io import load_model
     from espquant.report.mixed import suggest_int16
 
-    if count is not None and budget is not None:
-        raise OptionError("give --suggest-int16 K or --budget POINTS, not both.")
     data = load_array_data(data_path)
     if isinstance(data, dict):
         raise OptionError("mixed-precision suggestions support one-input models (--data as one array).")
@@ -146,6 +158,10 @@ def _mixed(
             table.add_row(layers, f"{step.accuracy:.2f}%", f"{drop:+.2f}", f"{step.weight_bytes:,} B")
         out.print(table)
     if result.table is not None:
-        folder = report_dir or table_path.parent
-        saved, _ = result.table.save(folder / f"{table_path.stem}_mixed.pickle")
+        saved, _ = result.table.save(_mixed_table_path(table_path, report_dir))
         out.print(f"mixed table: {saved}")
+
+
+def _mixed_table_path(table_path: Path, report_dir: Path | None) -> Path:
+    """Where the mixed-precision table goes: ``<table>_mixed.pickle`` in the report folder or beside the table."""
+    return (report_dir or table_path.parent) / f"{table_path.stem}_mixed.pickle"

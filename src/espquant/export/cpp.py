@@ -85,9 +85,9 @@ import numpy as np
 import onnx
 
 from espquant._version import __version__
-from espquant.errors import ModelError, OptionError, QuantTableError, TargetError, UnsupportedModelError
+from espquant.errors import ModelError, OptionError, OutputError, QuantTableError, TargetError, UnsupportedModelError
+from espquant.files import write_files
 from espquant.graph import GraphView
-from espquant.model_io import atomic_write_bytes
 from espquant.quant.pot import exponent_for_max_abs
 from espquant.quant.profiles import get_target
 from espquant.quant.rounding import round_float, saturate, shift_round
@@ -984,6 +984,23 @@ def _output_folder(output_path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def legacy_target(target_chip: str) -> str:
+    """The chip's name as the legacy library knows it (``ESP32-S3`` -> ``esp32s3``), or a TargetError."""
+    key = str(target_chip).strip().lower().replace("-", "").replace("_", "")
+    if key not in LEGACY_TARGETS:
+        raise TargetError(
+            f"target chip {target_chip!r} is not served by the legacy ESP-DL library; valid targets: "
+            f"{', '.join(LEGACY_TARGETS)}."
+        )
+    return key
+
+
+def cpp_file_paths(folder: str | os.PathLike[str], file_name: str) -> tuple[Path, Path, Path]:
+    """The three files :func:`export_coefficient_to_cpp` writes: ``.cpp``, ``.hpp`` and ``_model.hpp``."""
+    base = Path(folder)
+    return base / f"{file_name}.cpp", base / f"{file_name}.hpp", base / f"{file_name}_model.hpp"
+
+
 def _probe_writable(folder: Path) -> None:
     """Create the folder if needed and prove a file can be created in it, before the first real write."""
     try:
@@ -992,7 +1009,7 @@ def _probe_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ModelError(f"{folder}: cannot write there ({exc.strerror or exc}); choose a writable folder.") from exc
+        raise OutputError(f"{folder}: cannot write there ({exc.strerror or exc}); choose a writable folder.") from exc
 
 
 def export_coefficient_to_cpp(
@@ -1008,8 +1025,8 @@ def export_coefficient_to_cpp(
     """Write ``<file_name>.cpp``, ``<file_name>.hpp`` and ``<file_name>_model.hpp`` for the legacy ESP-DL library.
 
     The legacy toolkit's ``Calibrator.export_coefficient_to_cpp``, plus a generated model class. Everything is
-    checked and rendered before the first file is written; each file is written atomically, and a failure while
-    writing removes the files this call already wrote.
+    checked and rendered before the first file is written, and the three files are written all or nothing
+    (:func:`espquant.files.write_files`).
 
     Args:
         model_proto: the (optimized) float model the table was calibrated on.
@@ -1028,14 +1045,10 @@ def export_coefficient_to_cpp(
         OptionError: a file name that is empty or contains a path separator.
         QuantTableError: a table of another model or bit width.
         UnsupportedModelError: nodes the legacy library cannot express (all listed, node and op named).
-        ModelError: an output folder that cannot be written to.
+        ModelError: an output path that is a file, not a folder.
+        OutputError: an output folder that cannot be written to.
     """
-    key = str(target_chip).strip().lower().replace("-", "").replace("_", "")
-    if key not in LEGACY_TARGETS:
-        raise TargetError(
-            f"target chip {target_chip!r} is not served by the legacy ESP-DL library; valid targets: "
-            f"{', '.join(LEGACY_TARGETS)}."
-        )
+    key = legacy_target(target_chip)
     if not isinstance(model_proto, onnx.ModelProto):
         raise ModelError(f"expected an onnx.ModelProto, got {type(model_proto).__name__}; load it with onnx.load.")
     name = str(file_name)
@@ -1061,21 +1074,14 @@ def export_coefficient_to_cpp(
         "layer API. Do not edit."
     )
     model_input = next(n for n in q.inputs if n not in q.float_tensors)
-    files = {
-        folder / f"{name}.cpp": _render_cpp(layers, namespace, name, banner),
-        folder / f"{name}.hpp": _render_hpp(layers, namespace, banner),
-        folder / f"{name}_model.hpp": _render_model(layers, q, model_input, namespace, name, banner),
+    cpp, hpp, model_hpp = cpp_file_paths(folder, name)
+    texts = {
+        cpp: _render_cpp(layers, namespace, name, banner),
+        hpp: _render_hpp(layers, namespace, banner),
+        model_hpp: _render_model(layers, q, model_input, namespace, name, banner),
     }
     _probe_writable(folder)
-    written: list[Path] = []
-    try:
-        for path, text in files.items():
-            atomic_write_bytes(path, text.encode())
-            written.append(path)
-    except (OSError, ModelError) as exc:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise ModelError(f"{folder}: writing the C++ files failed ({exc}); nothing was left behind.") from exc
+    written = write_files({path: text.encode() for path, text in texts.items()})
     if print_model_info:
         _print_summary(layers, f"{name}: {len(layers)} legacy layers for {key}, int{width} {granularity}")
     return written

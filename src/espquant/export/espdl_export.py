@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from espquant._version import __version__
-from espquant.errors import ModelError, OptionError, TargetError, UnsupportedOpError
+from espquant.errors import ModelError, OptionError, OutputError, TargetError, UnsupportedOpError
 from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
 from espquant.export.espdl_writer import write_espdl
 from espquant.quant.pot import qmax, qmin
@@ -511,13 +511,8 @@ def export_espdl(
     target = Path(path)
     if target.exists() and not force:
         raise OptionError(f"{target} exists; pass force=True (--force on the command line) to overwrite it.")
-    if not target.parent.is_dir():
-        raise OptionError(f"{target.parent}: no such directory for the output file.")
+    if not target.parent.is_dir():  # refused before the work of building the file
+        raise OutputError(f"{target}: the folder {target.parent} does not exist; create it or choose another path.")
     espdl = build_espdl(model, float_model, test_inputs)
-    try:
-        write_espdl(espdl, target)
-    except OSError as exc:
-        raise OptionError(
-            f"{target}: cannot write the file ({exc.strerror or exc}); choose another output path."
-        ) from exc
+    write_espdl(espdl, target)  # atomic; a read-only folder or a full disk is an OutputError naming the path
     return target

@@ -33,7 +33,7 @@ from espquant.export.espdl_reader import (
     EspdlTensor,
     EspdlValue,
 )
-from espquant.model_io import atomic_write_bytes
+from espquant.files import atomic_write_bytes
 
 __all__ = ["encode_espdl", "write_espdl"]
 

@@ -471,8 +471,10 @@ def _upgrade_opset(model: onnx.ModelProto, required: int, bits: int) -> onnx.Mod
             f"{required}, and onnx could not convert it ({type(exc).__name__}: {exc}). Export the float model at "
             f"opset {required} or newer."
         ) from exc
+    # The converter stamps the installed onnx's newest IR version, which an older onnxruntime refuses: keep the
+    # input's, raised only as far as the new opset needs.
     minimum_ir = helper.find_min_ir_version_for([helper.make_opsetid("", required)])
-    converted.ir_version = max(converted.ir_version, minimum_ir)
+    converted.ir_version = max(model.ir_version, minimum_ir)
     return converted
 
 
@@ -580,8 +582,7 @@ def qdq_agreement(
     equal), ``max_abs_diff``, ``top1_agreement`` (same argmax per row, for 2-D ``(N, classes)`` outputs,
     else None) and ``elements``. The module docstring explains why they are not always equal.
     """
-    import onnxruntime as ort
-
+    from espquant.runtime import create_session
     from espquant.simulator import Evaluator
 
     quant_table, source = _load_table(table)
@@ -596,7 +597,7 @@ def qdq_agreement(
     evaluator = Evaluator(f"int{width}", quant_table.metadata.get("granularity"), target)
     evaluator.generate_quantized_model(model_proto, quant_table)
     simulated, names = evaluator.evaluate_quantized_model(feeds, to_float=True)
-    session = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = create_session(qdq, what="the QDQ model")
     runtime = session.run(names, feeds)
     report: dict[str, dict[str, float | int | None]] = {}
     for name, ours, theirs in zip(names, runtime, simulated):

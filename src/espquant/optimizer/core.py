@@ -15,8 +15,9 @@ from pathlib import Path
 import onnx
 
 from espquant.errors import ModelError
+from espquant.files import check_distinct_paths
 from espquant.graph import GraphView
-from espquant.model_io import check_distinct_paths, load_model, save_model
+from espquant.model_io import load_model, save_model
 from espquant.optimizer.batchnorm import batchnorm_to_mul_add, fold_batchnorm
 from espquant.optimizer.cleanup import (
     eliminate_inference_dropout,

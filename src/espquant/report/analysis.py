@@ -181,8 +181,7 @@ def analyze(
     histogram_layers: int = 6,
 ) -> Analysis:
     """Compare the float model with the simulated chip tensor by tensor on ``data`` (module docstring)."""
-    import onnxruntime as ort
-
+    from espquant.runtime import create_session
     from espquant.simulator import Evaluator
 
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
@@ -197,7 +196,7 @@ def analyze(
     producers = {node.outputs[0]: node for node in quantized.nodes if node.outputs}
     compared = [t for t in producers if t == _source(t) and t not in quantized.float_tensors]
     exposed = _exposing(model_proto, compared)
-    session = ort.InferenceSession(exposed.SerializeToString(), providers=evaluator.providers)
+    session = create_session(exposed, evaluator.providers)
     output_names = [o.name for o in session.get_outputs()]
     accumulated = {t: _Accumulator() for t in compared}
     own = {t: _Accumulator() for t in compared}

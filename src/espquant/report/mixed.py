@@ -94,16 +94,15 @@ def suggest_int16(
         count: make exactly the ``count`` worst layers int16; or
         budget: add layers worst-first until the drop against the float model is at most ``budget`` points.
     """
-    import onnxruntime as ort
-
     from espquant.calibration import Calibrator
+    from espquant.runtime import create_session
 
     if (count is None) == (budget is None):
         raise OptionError("give either count (--suggest-int16 K) or budget (--budget POINTS), not both or neither.")
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
     if table.metadata.get("bits", 8) != 8:
         raise OptionError("mixed precision starts from an int8 table; this one is int16 already.")
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = create_session(model)
     name = session.get_inputs()[0].name
     float_top1 = np.concatenate(
         [

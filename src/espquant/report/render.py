@@ -10,17 +10,19 @@ open, attach or publish.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
 from pathlib import Path
 
-from espquant.model_io import atomic_write_bytes
+from espquant.errors import OutputError
+from espquant.files import write_files
 from espquant.quant.pot import qmax, qmin
 from espquant.report.analysis import Analysis, LayerError
 
-__all__ = ["COLUMNS", "PLOT_HINT", "layer_row", "markdown_table", "write_report"]
+__all__ = ["COLUMNS", "PLOT_HINT", "layer_row", "markdown_table", "report_paths", "write_report"]
 
 PLOT_HINT = "install the plot extra for the HTML page with charts: pip install 'espquant[plot]'"
 COLUMNS = ("tensor", "op", "exp", "added dB", "own dB", "accum. dB", "cosine", "max err", "clipped")
@@ -128,23 +130,30 @@ layer adds on its own.</p>
 """
 
 
+def report_paths(directory: str | Path) -> dict[str, Path]:
+    """The files :func:`write_report` may write into ``directory``, by kind."""
+    folder = Path(directory)
+    return {"markdown": folder / "report.md", "json": folder / "report.json", "html": folder / "index.html"}
+
+
 def write_report(analysis: Analysis, directory: str | Path) -> dict[str, Path | str]:
-    """Write ``report.md``, ``report.json`` and, with matplotlib, ``index.html`` into ``directory``.
+    """Write ``report.md``, ``report.json`` and, with matplotlib, ``index.html`` into ``directory``, all or none.
 
     Returns the written paths by kind; without matplotlib the ``"html"`` entry is the hint to install it.
     """
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path | str] = {}
-    atomic_write_bytes(folder / "report.md", _markdown(analysis).encode())
-    written["markdown"] = folder / "report.md"
-    atomic_write_bytes(folder / "report.json", json.dumps(analysis.to_dict(), indent=1).encode())
-    written["json"] = folder / "report.json"
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file; the report is a folder (report.md, report.json, index.html).")
+    paths = report_paths(folder)
+    contents = {
+        paths["markdown"]: _markdown(analysis).encode(),
+        paths["json"]: json.dumps(analysis.to_dict(), indent=1).encode(),
+    }
+    with contextlib.suppress(ImportError):
+        contents[paths["html"]] = _html(analysis).encode()
     try:
-        page = _html(analysis)
-    except ImportError:
-        written["html"] = PLOT_HINT
-    else:
-        atomic_write_bytes(folder / "index.html", page.encode())
-        written["html"] = folder / "index.html"
-    return written
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the report folder ({exc.strerror or exc}).") from exc
+    write_files(contents)
+    return {kind: path if path in contents else PLOT_HINT for kind, path in paths.items()}

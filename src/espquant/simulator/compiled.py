@@ -558,7 +558,7 @@ def compile_program(
 
 
 def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> _Segment:
-    import onnxruntime as ort
+    from espquant.runtime import create_session
 
     inputs = list(dict.fromkeys(t for t in builder.consumed if t not in builder.produced))
     graph = helper.make_graph(
@@ -570,9 +570,5 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
         builder.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = create_session(proto, threads=threads, what="a compiled simulator segment")
     return _Segment(inputs, outputs, list(builder.guards), list(builder.guard_nodes), session, count)

@@ -16,8 +16,8 @@ import onnx
 from espquant.calibration.calibrator import GRANULARITIES
 from espquant.checker import legacy_check, parse_bits
 from espquant.errors import DatasetError, OptionError, QuantTableError, UnsupportedOpError
-from espquant.providers import validate_providers
 from espquant.quant.profiles import TARGETS, TargetProfile, get_target
+from espquant.runtime import validate_providers
 from espquant.simulator.quantized_model import QuantizedModel, build_quantized_model, missing_kernels
 from espquant.table import QuantTable
 

@@ -457,7 +457,7 @@ def _conv_session(
     node's output tensor name: unique, unlike node names)."""
     session = m._sessions.get(key)
     if session is None:
-        import onnxruntime as ort
+        from espquant.runtime import create_session
 
         conv = helper.make_node("Conv", ["x", "w"], ["y"], strides=strides, pads=pads, dilations=dilations, group=group)
         graph = helper.make_graph(
@@ -467,12 +467,8 @@ def _conv_session(
             [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
             [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
         )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if m.threads:
-            options.intra_op_num_threads = m.threads
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = create_session(proto, threads=m.threads, what="a convolution sum graph")
         m._sessions[key] = session
     return session
 
