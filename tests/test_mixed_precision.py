@@ -12,7 +12,7 @@ from espquant import Calibrator, Evaluator
 from espquant.cli import main
 from espquant.demo import demo_model_path, load_demo_data
 from espquant.errors import OptionError, QuantTableError
-from espquant.export.espdl_reader import read_espdl
+from espquant.espdl.reader import read_espdl
 from espquant.optimizer import optimize_model
 from espquant.report.mixed import suggest_int16, weight_bytes
 from espquant.simulator.espdl_model import load_espdl

@@ -225,6 +225,9 @@ class _Checker:
         if spec.status != "supported":
             self.add(Problem(name, op, "op type", spec.status_reason))
             return
+        if spec.espdl_refusal:
+            self.add(Problem(name, op, "op type", spec.espdl_refusal))
+            return
         if self.opset < spec.min_opset:
             self.add(Problem(name, op, "opset", f"{op} needs opset {spec.min_opset}, the model has {self.opset}"))
         if self.bits not in spec.bits:

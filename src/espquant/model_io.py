@@ -69,9 +69,7 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
     except onnx.checker.ValidationError as exc:
         error = exc
     if "shape" in str(error) and any(not o.type.tensor_type.HasField("shape") for o in model.graph.output):
-        from espquant.optimizer.shapes import infer_shapes
-
-        infer_shapes(model)
+        _infer_output_types(model)
         try:
             onnx.checker.check_model(model)
             return
@@ -82,6 +80,18 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
         f"{path}: the model is not valid ONNX ({first}); the file is truncated or was exported incorrectly. "
         "Export it again."
     ) from error
+
+
+def _infer_output_types(model: onnx.ModelProto) -> None:
+    """Give graph outputs declared without a type the one ONNX shape inference finds (never raises)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # onnx raises InferenceError and plain RuntimeErrors; the checker reports the rest
+        return
+    found = {o.name: o for o in inferred.graph.output}
+    for output in model.graph.output:
+        if not output.type.tensor_type.HasField("shape") and output.name in found:
+            output.type.CopyFrom(found[output.name].type)
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:

@@ -7,6 +7,8 @@ Order of application, node by node in topological order:
 - pass-through ops (MaxPool, Relu, data movement) give their output the input's exponent;
 - Concat's inputs and output share the largest exponent among them;
 - kernels that cannot shift left (Conv, Gemm, MatMul, Mul) get ``e_out >= e_in + e_w``;
+- no layer shifts right by more than ``MAX_RIGHT_SHIFT``: the weights of a channel too small to matter get
+  a coarser exponent;
 - wherever a consumer needs an exponent its producer does not have (Concat, Add/Sub inputs aligned to the
   output, comparisons aligned to the largest input) a RequantizeLinear is recorded.
 """
@@ -22,8 +24,8 @@ from espquant.calibration.observers import CANDIDATES
 from espquant.calibration.plan import CalibrationPlan
 from espquant.calibration.precision import equivalent_exponent
 from espquant.graph import GraphView
-from espquant.ops import ExponentRule, Role
-from espquant.quant.pot import exponent_for_max_abs, qmax, qmin
+from espquant.ops import ExponentRule, OpSpec, Role
+from espquant.quant.pot import MAX_RIGHT_SHIFT, exponent_for_max_abs, qmax, qmin
 
 __all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "weight_exponents"]
 
@@ -73,6 +75,27 @@ def _closest_exponent(row: np.ndarray, bits: int, top: int) -> int:
     return max(e for e, error in zip(candidates, errors) if error <= best)
 
 
+def _bound_weight_shift(
+    node: onnx.NodeProto, spec: OpSpec, exps: dict[str, int | list[int]], weight: str, room: int, input_exp: int
+) -> None:
+    """Keep the layer's shift ``e_out - e_in - e_w`` at most ``MAX_RIGHT_SHIFT`` (``room = e_out - e_in``).
+
+    A channel of near-zero weights gets a very fine exponent (-28 for weights around 1e-8), and its shift
+    would pass what the runtime can apply; raising that channel's exponent to ``room - MAX_RIGHT_SHIFT`` only
+    rounds weights that are negligible at the output's step anyway. The bias follows (``e_in + e_w``)."""
+    floor = room - MAX_RIGHT_SHIFT
+    value = exps[weight]
+    clamped = [max(e, floor) for e in value] if isinstance(value, list) else max(value, floor)
+    if clamped == value:
+        return
+    exps[weight] = clamped
+    for position in spec.bias_inputs:
+        if position < len(node.input) and node.input[position]:
+            exps[node.input[position]] = (
+                [input_exp + e for e in clamped] if isinstance(clamped, list) else input_exp + clamped
+            )
+
+
 def _largest(value: int | list[int]) -> int:
     return max(value) if isinstance(value, list) else value
 
@@ -118,13 +141,14 @@ def assign_exponents(
 
     for node, spec in plan.nodes:
         weight_exp: int | list[int] | None = None
+        weight_tensor = ""
         node_bits = width(plan.fused.get(node.output[0], node.output[0])) if node.output else bits
         for position, tensor in enumerate(node.input):
             use = weights.get((id(node), position))
             if use is not None:
                 axis = use.channel_axis if per_channel else None
                 exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis, weight_method)
-                weight_exp = exps[tensor]
+                weight_exp, weight_tensor = exps[tensor], tensor
         input_exp = exps.get(node.input[0]) if node.input else None
         if isinstance(input_exp, int):  # read at the layer's width (an int8 input of an int16 layer is widened)
             input_exp = equivalent_exponent(input_exp, width(node.input[0]), node_bits)
@@ -164,6 +188,8 @@ def assign_exponents(
             exps[output] = value
             if target != output:
                 exps[target] = value
+            if weight_exp is not None and isinstance(input_exp, int) and isinstance(value, int):
+                _bound_weight_shift(node, spec, exps, weight_tensor, value - input_exp, input_exp)
         if spec.exponent is ExponentRule.ALIGN_TO_OUTPUT and outputs and isinstance(exps.get(outputs[0]), int):
             for position, tensor in enumerate(node.input):
                 if tensor:

@@ -75,6 +75,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
       espquant report model_optimized.onnx --table t.pickle --data test.npy -o report/   # if accuracy drops
       espquant export model_optimized.onnx --table t.pickle --target esp32s3 -o model.espdl
       espquant run model.espdl --self-test           # re-load the file and check its embedded outputs
+      espquant ops                                   # which ONNX ops each part of espquant takes
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug

@@ -26,9 +26,15 @@ from espquant.cli.app import main, out
 @click.option(
     "--bits", default="int8", show_default=True, type=click.Choice(["int8", "int16"]), help="Quantization width."
 )
+@click.option(
+    "--table",
+    "table_path",
+    type=click.Path(path_type=Path),
+    help="Also check a quantization table against the target: every exponent and shift the runtime can apply.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
 @click.pass_context
-def check(ctx: click.Context, model: Path, target: str, bits: str, as_json: bool) -> None:
+def check(ctx: click.Context, model: Path, target: str, bits: str, table_path: Path | None, as_json: bool) -> None:
     """Check that ESP-DL can run a model on a target chip, and list every reason it cannot.
 
     Prints one row per op type (count, supported, reason) and then every problem with the node, the
@@ -40,11 +46,14 @@ def check(ctx: click.Context, model: Path, target: str, bits: str, as_json: bool
       espquant optimize net.onnx && espquant check net_optimized.onnx
       espquant check net_optimized.onnx --target esp32p4 --bits int16 --json
       espquant check net_optimized.onnx --target all
+      espquant check net_optimized.onnx --target esp32p4 --table t.pickle   # and the table's exponents
     """
     from espquant.checker import check_model
     from espquant.model_io import load_model
 
     proto = load_model(model)
+    if table_path is not None:
+        _check_table(proto, table_path, target)
     if target == "all":
         reports = support_matrix(proto)
         if as_json:
@@ -61,6 +70,19 @@ def check(ctx: click.Context, model: Path, target: str, bits: str, as_json: bool
         print_check_report(report, str(model))
     if not report.ok:
         ctx.exit(1)
+
+
+def _check_table(model: Any, table_path: Path, target: str) -> None:
+    """The table's exponents lowered for ``target``: a QuantTableError names what the chip cannot apply."""
+    from espquant.errors import OptionError
+    from espquant.simulator import Evaluator
+    from espquant.table import QuantTable
+
+    if target == "all":
+        raise OptionError("--table checks one target: give --target CHIP.")
+    table = QuantTable.load(table_path)
+    evaluator = Evaluator(f"int{table.metadata.get('bits', 8)}", table.metadata.get("granularity"), target)
+    evaluator.generate_quantized_model(model, table)
 
 
 def support_matrix(model: Any) -> dict[tuple[str, int], Any]:

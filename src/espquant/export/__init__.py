@@ -1,13 +1,14 @@
-"""Model files for the chip and for other tools: reading and writing ESP-DL's ``.espdl`` format, QDQ ONNX.
+"""Model files for the chip and for other tools: ``.espdl`` for ESP-DL v3, QDQ ONNX, legacy C++.
 
-The writers are imported lazily: the simulator imports the reader, and the exporters import the simulator.
+The ``.espdl`` format itself lives in :mod:`espquant.espdl`; the exporters are imported lazily (they import
+the simulator, which a plain ``import espquant.export`` should not load).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, read_espdl
+from espquant.espdl import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, encode_espdl, read_espdl, write_espdl
 
 __all__ = [
     "EspdlFile",
@@ -25,8 +26,6 @@ __all__ = [
 ]
 
 _LAZY = {
-    "encode_espdl": "espquant.export.espdl_writer",
-    "write_espdl": "espquant.export.espdl_writer",
     "build_espdl": "espquant.export.espdl_export",
     "export_espdl": "espquant.export.espdl_export",
     "export_qdq": "espquant.export.qdq",

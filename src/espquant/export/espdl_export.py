@@ -33,10 +33,10 @@ import onnx
 
 from espquant._version import __version__
 from espquant.errors import ModelError, OptionError, OutputError, TargetError, UnsupportedOpError
-from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
-from espquant.export.espdl_writer import write_espdl
+from espquant.espdl.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
+from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
+from espquant.espdl.writer import write_espdl
 from espquant.quant.pot import qmax, qmin
-from espquant.simulator.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
 __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "export_espdl"]
@@ -44,11 +44,16 @@ __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "e
 LAYOUT_KEY = "espquant.layout:"
 
 _CONV_LIKE = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize"}
-_INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Add", "Sub", "Mul"}
-_INHERIT |= {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu"}
+_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+# Activations: an int8 table when the node has one; the runtime's float32 module at int16 for these (8.3).
+_FLOAT_AT_INT16 = {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Swish", "Elu", "Exp", "Log", "Sqrt"}
+_ACTIVATIONS = _FLOAT_AT_INT16 | {"LeakyRelu", "PRelu", "Gelu"}
+_INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Neg"} | _BINARY | _ACTIVATIONS
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
-_ONNX_LAYOUT |= {"Slice", "Pad"}
-EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | {"MatMul"})
+_ONNX_LAYOUT |= {"Slice", "Pad", "Split", "ReduceMean", "ReduceMax", "ReduceMin", "Gather", "LogSoftmax"}
+_ONNX_LAYOUT |= {"ReverseSequence"}
+_CHANNELS_LAST = {"DepthToSpace", "SpaceToDepth"}  # pure data movement the runtime does on NHWC tensors
+EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | _CHANNELS_LAST | {"MatMul"})
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
 _INT_DTYPES = {8: "INT8", 16: "INT16"}
 
@@ -66,12 +71,16 @@ class _Export:
     alias: dict[str, str] = field(default_factory=dict)  # Identity outputs -> their input
     luts: int = 0
     bits: int = 8  # the width of the node being converted (mixed models have int8 and int16 nodes)
+    # Tensors the file has and the integer model has not (ConvTranspose's zero-inserted input): -> the tensor
+    # whose exponent and width they carry.
+    twins: dict[str, str] = field(default_factory=dict)
 
     @property
     def int_dtype(self) -> str:
         return _INT_DTYPES[self.bits]
 
     def quant_type(self, tensor: str) -> str:
+        tensor = self.twins.get(tensor, tensor)
         if tensor in self.model.float_tensors:
             return "F32"
         return "S8" if self.model.width(tensor) == 8 else "S16"
@@ -87,10 +96,11 @@ class _Export:
         name = stored or tensor
         self.layout[name] = perm
         value = self.values[tensor]
-        floating = tensor in self.model.float_tensors
-        exponent = 0 if floating else self.model.exponent(tensor)
+        source = self.twins.get(tensor, tensor)
+        floating = source in self.model.float_tensors
+        exponent = 0 if floating else self.model.exponent(source)
         shape = tuple(int(value.shape[p]) for p in perm)
-        dtype = "FLOAT" if floating else _INT_DTYPES[self.model.width(tensor)]
+        dtype = "FLOAT" if floating else _INT_DTYPES[self.model.width(source)]
         self.declared[name] = EspdlValue(name, dtype, shape, [exponent])
 
     def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
@@ -144,38 +154,100 @@ def _bias(e: _Export, node: QNode, channels: int) -> list[str]:
 
 
 def _conv(e: _Export, node: QNode) -> EspdlNode:
+    """Conv over NHWC (2-D) or NWC (1-D) data."""
     weight = np.asarray(e.model.constants[node.inputs[1]])
-    if weight.ndim != 4:
-        raise UnsupportedOpError(f"node {node.name!r}: only 2-D convolutions can be exported yet")
-    group = int(node.attrs.get("group", 1))
-    n, c, kh, kw = weight.shape
+    geometry = {key: list(node.attrs[key]) for key in ("dilations", "pads", "strides") if key in node.attrs}
+    return _conv_node(e, node, node.inputs[0], weight, int(node.attrs.get("group", 1)), geometry)
+
+
+def _conv_node(
+    e: _Export, node: QNode, source: str, weight: np.ndarray, group: int, geometry: dict[str, list[int]]
+) -> EspdlNode:
+    """An ESP-DL Conv reading ``source`` with ``weight`` (ONNX ``OIHW`` / ``OIW``); a 1-D kernel is stored as a
+    2-D one of height 1, dims without it (``(K, C, N)``, as ESP-PPQ writes the 1-D convolutions of
+    Espressif's speaker-verification model)."""
+    if weight.ndim not in (3, 4):
+        raise UnsupportedOpError(f"node {node.name!r}: only 1-D and 2-D convolutions can be exported")
+    one_d = weight.ndim == 3
+    lifted = weight[:, :, None, :] if one_d else weight
+    n, c, kh, kw = lifted.shape
     blocked = e.model.profile.simd
     if group == 1:
-        flat = encode_conv_weight(weight.transpose(0, 2, 3, 1), e.bits, blocked)
+        flat = encode_conv_weight(lifted.transpose(0, 2, 3, 1), e.bits, blocked)
         dims, kind = (kh, kw, c, n), "conv"
     elif c == 1 and group == n:
-        flat = encode_depthwise_weight(weight[:, 0], e.bits, blocked)
+        flat = encode_depthwise_weight(lifted[:, 0], e.bits, blocked)
         dims, kind = (kh, kw, n, 1), "depthwise"
     else:
         raise UnsupportedOpError(f"node {node.name!r}: grouped convolution (group {group}) has no ESP-DL kernel")
-    x = e.ensure(node.inputs[0], _NHWC[4])
+    rank = 3 if one_d else 4
+    x = e.ensure(source, _NHWC[rank])
     w = e.constant(
         node.inputs[1],
-        flat.reshape(dims),
+        flat.reshape(dims[1:] if one_d else dims),
         e.int_dtype,
         _exponent_list(e.model, node.inputs[1]),
-        _weight_doc(kind, n, e.bits, blocked),
+        _weight_doc(kind, n, e.bits, blocked).replace("HWC", "WC" if one_d else "HWC"),
     )
+    axes = rank - 2
     attrs = {
         "activation": "Relu" if node.relu else "Linear",
-        "dilations": list(node.attrs.get("dilations", [1, 1])),
+        "dilations": geometry.get("dilations", [1] * axes),
         "group": group,
-        "kernel_shape": [kh, kw],
-        "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
-        "strides": list(node.attrs.get("strides", [1, 1])),
+        "kernel_shape": [kw] if one_d else [kh, kw],
+        "pads": geometry.get("pads", [0] * 2 * axes),
+        "strides": geometry.get("strides", [1] * axes),
     }
-    e.declare(node.outputs[0], _NHWC[4])
+    e.declare(node.outputs[0], _NHWC[rank])
     return EspdlNode(node.name, "Conv", [x, w, *_bias(e, node, n)], list(node.outputs), attrs)
+
+
+def _conv_transpose(e: _Export, node: QNode) -> EspdlNode:
+    """ConvTranspose as ESP-DL runs it (and the simulator computes it): InsertZeros puts ``stride - 1`` zeros
+    between the input's pixels, then a stride-1 Conv with the kernel flipped and its channel axes swapped
+    pads ``dilation (k - 1) - pad`` (plus ``output_padding`` at the end)."""
+    weight = np.asarray(e.model.constants[node.inputs[1]])  # (C_in, C_out, K...)
+    if int(node.attrs.get("group", 1)) != 1:
+        raise UnsupportedOpError(f"node {node.name!r}: grouped ConvTranspose has no ESP-DL kernel")
+    axes = weight.ndim - 2
+    kernel = weight.shape[2:]
+    strides = list(node.attrs.get("strides", [1] * axes))
+    dilations = list(node.attrs.get("dilations", [1] * axes))
+    pads = list(node.attrs.get("pads", [0] * 2 * axes))
+    extra = list(node.attrs.get("output_padding", [0] * axes))
+    begin = [dilations[i] * (kernel[i] - 1) - pads[i] for i in range(axes)]
+    end = [dilations[i] * (kernel[i] - 1) - pads[axes + i] + extra[i] for i in range(axes)]
+    if min(begin + end) < 0:
+        raise UnsupportedOpError(
+            f"node {node.name!r}: ConvTranspose pads larger than dilation * (kernel - 1) cannot be exported"
+        )
+    source = node.inputs[0]
+    rank = axes + 2
+    x = e.ensure(source, _NHWC[rank])
+    spread = f"{node.outputs[0]}__inserted"
+    inserted = e.values[source]
+    for axis, stride in enumerate(strides, start=2):
+        size = inserted.shape[axis]
+        grown = np.zeros([*inserted.shape[:axis], (size - 1) * stride + 1, *inserted.shape[axis + 1 :]], np.int64)
+        index = [slice(None)] * inserted.ndim
+        index[axis] = slice(None, None, stride)
+        grown[tuple(index)] = inserted
+        inserted = grown
+    e.values[spread] = inserted
+    e.twins[spread] = source
+    e.declare(spread, _NHWC[rank])
+    e.nodes.append(
+        EspdlNode(
+            f"{node.name or node.outputs[0]}_insert_zeros",
+            "InsertZeros",
+            [x],
+            [spread],
+            {"stride": strides, "output_padding": [0] * axes, "quant_type": e.quant_type(source)},
+        )
+    )
+    flipped = np.ascontiguousarray(np.flip(weight, axis=tuple(range(2, rank))).swapaxes(0, 1))
+    geometry = {"dilations": dilations, "pads": begin + end, "strides": [1] * axes}
+    return _conv_node(e, node, spread, flipped, 1, geometry)
 
 
 def _gemm(e: _Export, node: QNode) -> EspdlNode:
@@ -216,14 +288,29 @@ def _matmul(e: _Export, node: QNode) -> EspdlNode:
 
 
 def _pool(e: _Export, node: QNode) -> EspdlNode:
-    x = e.ensure(node.inputs[0], _NHWC[4])
+    """Pools over NHWC (2-D) or NWC (1-D) data."""
+    rank = e.values[node.inputs[0]].ndim
+    if rank not in _NHWC:
+        raise UnsupportedOpError(f"node {node.name!r}: only 1-D and 2-D pools can be exported")
+    x = e.ensure(node.inputs[0], _NHWC[rank])
     attrs: dict[str, Any] = {}
     if node.op_type != "GlobalAveragePool":
+        axes = rank - 2
         attrs = {
             "kernel_shape": list(node.attrs["kernel_shape"]),
-            "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
-            "strides": list(node.attrs.get("strides", [1, 1])),
+            "pads": list(node.attrs.get("pads", [0] * 2 * axes)),
+            "strides": list(node.attrs.get("strides", [1] * axes)),
         }
+    e.declare(node.outputs[0], _NHWC[rank])
+    return EspdlNode(node.name, node.op_type, [x], [node.outputs[0]], attrs)
+
+
+def _channels_last(e: _Export, node: QNode) -> EspdlNode:
+    """DepthToSpace / SpaceToDepth: the runtime moves NHWC data (``dl_module_depth_to_space.hpp``)."""
+    x = e.ensure(node.inputs[0], _NHWC[4])
+    attrs = {"blocksize": int(node.attrs["blocksize"])}
+    if node.op_type == "DepthToSpace":
+        attrs["mode"] = str(node.attrs.get("mode", "DCR"))
     e.declare(node.outputs[0], _NHWC[4])
     return EspdlNode(node.name, node.op_type, [x], [node.outputs[0]], attrs)
 
@@ -271,7 +358,7 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     inputs = [_operand(e, first, perm, rank)]
     attrs: dict[str, Any] = {}
     op_type = node.op_type
-    if op_type in ("Add", "Sub", "Mul"):
+    if op_type in _BINARY:
         inputs.append(_operand(e, node.inputs[1], perm, rank))
     elif op_type == "Clip":
         for tensor in node.inputs[1:3]:
@@ -280,13 +367,14 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
             inputs.pop()
     elif op_type in ("RequantizeLinear", "QuantizeLinear", "DequantizeLinear"):
         inputs += _scale_and_zero_point(e, node)
-    elif op_type == "PRelu":
-        if node.table is None:
-            raise UnsupportedOpError(f"node {node.name!r}: PRelu with per-channel slopes cannot be exported yet")
+    elif op_type == "PRelu" and node.table is None:
+        return _prelu_per_channel(e, node)
     elif op_type in ("Relu",) and node.table is None:
         if e.model.exponent(first) != e.model.exponent(node.outputs[0]):
             raise UnsupportedOpError(f"node {node.name!r}: a rescaling Relu without a table cannot be exported yet")
-    elif node.table is None:
+    elif op_type in _FLOAT_AT_INT16 and node.table is None and e.bits == 16:
+        pass  # the runtime computes it in float32 at int16, as the simulator does (ARITHMETIC.md 8.3)
+    elif op_type in _ACTIVATIONS and node.table is None:
         raise UnsupportedOpError(
             f"node {node.name!r}: {op_type} at int{e.bits} (no int8 look-up table) cannot be exported yet"
         )
@@ -297,10 +385,25 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
         attrs["lut"] = table
         inputs = inputs[:1]
     for key in ("alpha", "beta"):
-        if key in node.attrs and op_type in ("LeakyRelu", "HardSigmoid"):
+        if key in node.attrs and op_type in ("LeakyRelu", "HardSigmoid", "Elu"):
             attrs[key] = float(node.attrs[key])
     e.declare(node.outputs[0], perm)
     return EspdlNode(node.name, op_type, inputs, [node.outputs[0]], attrs)
+
+
+def _prelu_per_channel(e: _Export, node: QNode) -> EspdlNode:
+    """PRelu with one slope per channel: the runtime applies ``alpha[c]`` along the last axis of an NHWC tensor
+    and reads the slope as ``[C, 1, 1]`` at its own exponent (``dl_module_prelu.hpp``)."""
+    rank = e.values[node.inputs[0]].ndim
+    if rank not in _NHWC:
+        raise UnsupportedOpError(f"node {node.name!r}: per-channel PRelu needs a 3-D or 4-D input to export")
+    x = e.ensure(node.inputs[0], _NHWC[rank])
+    slope = np.asarray(e.model.constants[node.inputs[1]]).reshape(-1)
+    channels = e.values[node.inputs[0]].shape[1]
+    slope = np.broadcast_to(slope, (channels,)).reshape(channels, 1, 1)
+    alpha = e.constant(node.inputs[1], slope.astype(np.int64), e.int_dtype, _exponent_list(e.model, node.inputs[1]))
+    e.declare(node.outputs[0], _NHWC[rank])
+    return EspdlNode(node.name, "PRelu", [x, alpha], [node.outputs[0]], {})
 
 
 def _scale_and_zero_point(e: _Export, node: QNode) -> list[str]:
@@ -354,20 +457,55 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
         if len(node.inputs) > 2 and node.inputs[2]:
             inputs.append(_operand(e, node.inputs[2], (0,), 1))
         attrs["mode"] = node.attrs.get("mode", "constant")
-    elif op_type in ("Flatten", "Softmax"):
+    elif op_type in ("Flatten", "Softmax", "LogSoftmax"):
         attrs["axis"] = int(node.attrs.get("axis", 1 if op_type == "Flatten" else -1))
+    elif op_type == "ReverseSequence":
+        lengths = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64).reshape(-1)
+        inputs.append(e.constant(node.inputs[1], lengths, "INT64", [0]))
+        attrs = {key: int(node.attrs.get(key, default)) for key, default in (("batch_axis", 1), ("time_axis", 0))}
     elif op_type == "Transpose":
         attrs["perm"] = list(node.attrs.get("perm", list(range(rank))[::-1]))
-    e.declare(node.outputs[0], _identity(e.values[node.outputs[0]].ndim))
-    return EspdlNode(node.name, op_type, inputs, [node.outputs[0]], attrs)
+    elif op_type == "Split":
+        sizes = [e.values[o].shape[int(node.attrs.get("axis", 0)) % rank] for o in node.outputs]
+        inputs.append(e.constant(f"{node.outputs[0]}_split", np.asarray(sizes, np.int64), "INT64", [0]))
+        attrs["axis"] = int(node.attrs.get("axis", 0)) % rank
+        attrs["num_outputs"] = len(node.outputs)
+    elif op_type in ("ReduceMean", "ReduceMax", "ReduceMin"):
+        axes = _reduce_axes(e, node, rank)
+        inputs.append(e.constant(f"{node.outputs[0]}_axes", np.asarray(axes, np.int64), "INT64", [0]))
+        attrs["keepdims"] = int(node.attrs.get("keepdims", 1))
+    elif op_type == "Gather":
+        if node.inputs[1] not in e.model.constants:
+            raise UnsupportedOpError(f"node {node.name!r}: Gather with run-time indices cannot be exported")
+        indices = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64)
+        inputs.append(e.constant(node.inputs[1], indices, "INT64", [0]))
+        attrs["axis"] = int(node.attrs.get("axis", 0)) % rank
+    for output in node.outputs:
+        e.declare(output, _identity(e.values[output].ndim))
+    return EspdlNode(node.name, op_type, inputs, list(node.outputs), attrs)
+
+
+def _reduce_axes(e: _Export, node: QNode, rank: int) -> list[int]:
+    """The reduced axes, non-negative; no axes means all of them (``noop_with_empty_axes`` is not written)."""
+    if len(node.inputs) > 1 and node.inputs[1]:
+        axes = np.asarray(e.model.constants[node.inputs[1]]).reshape(-1).tolist()
+    else:
+        axes = list(node.attrs.get("axes", []))
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            raise UnsupportedOpError(f"node {node.name!r}: a Reduce that reduces nothing cannot be exported")
+        axes = list(range(rank))
+    return sorted(int(a) % rank for a in axes)
 
 
 _EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
     **{op: _pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool")},
     "Resize": _resize,
+    **{op: _channels_last for op in _CHANNELS_LAST},
     **{op: _elementwise for op in _INHERIT},
     **{op: _onnx_layout for op in _ONNX_LAYOUT - {"Gemm"}},
 }
@@ -401,7 +539,12 @@ def _sample_inputs(model: QuantizedModel, float_model: onnx.ModelProto, test_inp
         missing = set(model.inputs) - set(feeds)
         if missing:
             raise OptionError(f"test_inputs: no value for model input(s) {sorted(missing)}")
-        first = {name: np.asarray(feeds[name])[:1] for name in model.inputs}
+        # One sample: the first row, or the first rows of a model whose first axis is fixed above 1.
+        count = {name: (shapes.get(name) or [1])[0] for name in model.inputs}
+        first = {
+            name: np.asarray(feeds[name])[: count[name] if isinstance(count[name], int) and count[name] > 1 else 1]
+            for name in model.inputs
+        }
         for name, value in first.items():
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise OptionError(f"test_inputs: the first sample of {name!r} holds NaN or Inf.")
@@ -443,7 +586,7 @@ def build_espdl(
         if converted is None:
             continue
         converted.attributes["quant_type"] = e.quant_type(node.outputs[0])
-        if node.op_type == "DequantizeLinear":
+        if node.op_type in ("DequantizeLinear", "LogSoftmax"):  # float output; the module runs the input's width
             converted.attributes["quant_type"] = e.quant_type(node.inputs[0])
         converted.name = converted.name or f"{node.op_type}_{len(e.nodes)}"
         while converted.name in used:  # e.g. two RequantizeLinear nodes before one Add

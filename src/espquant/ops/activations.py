@@ -25,16 +25,6 @@ def _prelu_slope(ctx: NodeContext) -> str | None:
     return None
 
 
-def _prelu_per_channel_on_p4(ctx: NodeContext) -> str | None:
-    slope = ctx.constants.get(1)
-    if slope is not None and slope.size > 1:
-        return (
-            "per-channel PRelu on ESP32-P4: the rounding of the esp.vprelu instruction is not known "
-            "(ARITHMETIC.md 14.2), so espquant cannot promise what the chip computes"
-        )
-    return None
-
-
 def _softmax(op_type: str) -> OpSpec:
     return OpSpec(
         op_type,
@@ -66,16 +56,12 @@ SPECS: tuple[OpSpec, ...] = (
         int8_lut=True,
         constraints=(
             Constraint("input slope", _prelu_slope, "give the slope shape (C, 1, 1) or a single value"),
-            Constraint(
-                "input slope",
-                _prelu_per_channel_on_p4,
-                "use a single slope, or LeakyRelu, on ESP32-P4",
-                families=frozenset({"p4"}),
-            ),
         ),
         notes=(
             "int8 with one slope: table look-up; per channel: integer kernel with its own slope exponent",
             "plain-C chips copy positive values unchanged: calibrate with e_out = e_in there",
+            "ESP32-P4 int8 per channel: the esp.vprelu rounding is not documented; espquant simulates the C "
+            "reference (prelu_11c, esp-dl/dl/base/dl_base_prelu.cpp) and warns; P4 int16 runs that C code",
         ),
     ),
     OpSpec(
@@ -99,7 +85,11 @@ SPECS: tuple[OpSpec, ...] = (
         "Gelu",
         "8.2 (table-driven at int8 and int16)",
         min_opset=20,
-        notes=("runs only through a table, also at int16 (the exporter must write an int16 LUT)",),
+        bits=frozenset({8}),
+        notes=(
+            "the runtime runs it only through a table, also at int16; espquant writes int8 tables only, so int16 "
+            "Gelu is refused",
+        ),
     ),
     _softmax("Softmax"),
     _softmax("LogSoftmax"),

@@ -20,6 +20,47 @@ from espquant.ops.spec import (
 __all__ = ["SPECS"]
 
 
+_CHANNEL_ORDER_HINT = "use DepthToSpace mode 'CRD', or reorder the channels with a Reshape/Transpose instead"
+
+
+def _depth_to_space_order(ctx: NodeContext) -> str | None:
+    """ESP-DL's DCR loop (``depth_to_space_dcr``, ``esp-dl/dl/module/include/dl_module_depth_to_space.hpp``)
+    takes the output channel as ``c % blocksize``: it is ONNX's DCR only when there are ``blocksize`` output
+    channels. CRD is ONNX's."""
+    if ctx.attrs.get("mode", "DCR") != "DCR":
+        return None
+    channels, size = _channels(ctx), int(ctx.attrs.get("blocksize", 0) or 0)
+    if channels is None or size <= 0:
+        return "DCR mode needs a 4-D input with a known channel count to tell whether ESP-DL computes it like ONNX"
+    if channels // (size * size) != size:
+        return (
+            f"mode DCR with {channels // (size * size)} output channels: ESP-DL's DCR loop is ONNX's only with "
+            f"blocksize ({size}) output channels (dl_module_depth_to_space.hpp)"
+        )
+    return None
+
+
+def _channels(ctx: NodeContext) -> int | None:
+    """The channel count of a 4-D NCHW input, when the model states it."""
+    shape = ctx.input_shapes[0] if ctx.input_shapes else None
+    return shape[1] if shape is not None and len(shape) == 4 and isinstance(shape[1], int) else None
+
+
+def _space_to_depth_order(ctx: NodeContext) -> str | None:
+    """ESP-DL's SpaceToDepth orders the output channels ``c * blocksize^2 + offset``
+    (``esp-dl/dl/module/include/dl_module_space_to_depth.hpp``); ONNX orders them ``offset * C + c``. The two
+    agree only for one input channel."""
+    channels = _channels(ctx)
+    if channels is None:
+        return "SpaceToDepth needs a 4-D input with a known channel count to tell whether ESP-DL computes it like ONNX"
+    if channels != 1:
+        return (
+            f"{channels} input channels: ESP-DL orders SpaceToDepth's output channels channel-major, ONNX "
+            "block-major; they agree only for one channel (dl_module_space_to_depth.hpp)"
+        )
+    return None
+
+
 def _move(op_type: str, *inputs, constraints=(), variadic=False, outputs=1, exponent=ExponentRule.PASSTHROUGH):
     return OpSpec(
         op_type,
@@ -104,8 +145,8 @@ SPECS: tuple[OpSpec, ...] = (
     _move("Split", activation("input"), param("split", optional=True), outputs=-1),
     _move("Gather", activation("data"), index("indices")),
     _move("Concat", activation("inputs"), variadic=True, exponent=ExponentRule.SHARED),
-    _move("DepthToSpace"),
-    _move("SpaceToDepth"),
+    _move("DepthToSpace", constraints=(Constraint("attribute mode", _depth_to_space_order, _CHANNEL_ORDER_HINT),)),
+    _move("SpaceToDepth", constraints=(Constraint("input X", _space_to_depth_order, _CHANNEL_ORDER_HINT),)),
     _move("Identity"),
     _move("ReverseSequence", activation("input"), index("sequence_lens")),
     OpSpec(

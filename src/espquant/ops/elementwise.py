@@ -41,6 +41,7 @@ def _compare(op_type: str) -> OpSpec:
         "5 (comparisons)",
         constraints=(BROADCAST,),
         output_dtype="bool",
+        espdl_refusal="espquant does not write comparisons (boolean outputs) into .espdl files yet",
     )
 
 

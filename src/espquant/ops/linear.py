@@ -56,6 +56,17 @@ def _matmul_batch(ctx: NodeContext) -> str | None:
     return None
 
 
+def _matmul_runtime_b(ctx: NodeContext) -> str | None:
+    """ESP-DL reads a MatMul's B in the weight byte order; for a B computed at run time the file needs the
+    Reshape / Transpose nodes that produce it (as ESP-PPQ writes them), which espquant does not write yet."""
+    constant = ctx.constants.get(1)
+    if constant is not None and constant.ndim >= 2:
+        return None
+    if constant is not None:
+        return "B is a vector; espquant writes MatMul only with a constant matrix B yet"
+    return "B is computed at run time; espquant writes MatMul only with a constant matrix B yet"
+
+
 SPECS: tuple[OpSpec, ...] = (
     OpSpec(
         "Conv",
@@ -86,7 +97,7 @@ SPECS: tuple[OpSpec, ...] = (
         ),
         fuses=RELU,
         nonnegative_shift=True,
-        notes=("the exporter writes it as InsertZeros + Conv",),
+        notes=("written as InsertZeros + Conv, as ESP-DL runs it",),
     ),
     OpSpec(
         "Gemm",
@@ -110,7 +121,14 @@ SPECS: tuple[OpSpec, ...] = (
         (activation("A"), weight("B", channel_axis=None, may_be_runtime=True)),
         ExponentRule.OWN,
         "4.1, 4.6",
-        constraints=(Constraint("input shapes", _matmul_batch, "reshape the operands to at most 4-D"),),
+        constraints=(
+            Constraint("input shapes", _matmul_batch, "reshape the operands to at most 4-D"),
+            Constraint(
+                "input B",
+                _matmul_runtime_b,
+                "make B a constant (a weight), or keep this part of the model off the chip",
+            ),
+        ),
         fuses=RELU,
         nonnegative_shift=True,
         notes=("a constant B is quantized per tensor even on ESP32-P4",),

@@ -7,6 +7,7 @@ this one place.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 from espquant.ops import activations, data_movement, elementwise, linear, misc, pooling
@@ -15,13 +16,20 @@ from espquant.ops.spec import OpSpec
 __all__ = ["REGISTRY", "get_op_spec", "UNREGISTERED_HINTS"]
 
 
+# The layers of the legacy ESP-DL library (v1.1 / v2.0) that ``export --format cpp`` writes (export/cpp.py).
+_LEGACY_LAYERS = frozenset(
+    {"Conv", "Gemm", "MatMul", "Relu", "LeakyRelu", "PRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "Add",
+     "Sub", "Mul", "Concat", "Flatten", "Reshape", "Identity", "RequantizeLinear"}
+)  # fmt: skip
+
+
 def _build(*families: tuple[OpSpec, ...]) -> MappingProxyType[str, OpSpec]:
     registry: dict[str, OpSpec] = {}
     for family in families:
         for spec in family:
             if spec.op_type in registry:
                 raise RuntimeError(f"operator {spec.op_type} is declared twice in the registry")
-            registry[spec.op_type] = spec
+            registry[spec.op_type] = replace(spec, legacy_layer=spec.op_type in _LEGACY_LAYERS)
     return MappingProxyType(registry)
 
 

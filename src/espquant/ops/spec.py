@@ -5,9 +5,12 @@ which inputs are quantized activations, weights (with their per-channel axis), b
 parameters; which tensors share an exponent; what fuses into it; which attribute values and bit widths
 the runtime accepts (per target family where they differ).
 
-The entries are data only: the simulator's integer kernels (``espquant.simulator.quantized_model``) and
-compiled lowerings (``espquant.simulator.compiled``) are tables keyed by the same op types, and a test
-keeps them covering every supported entry (the float reference is onnxruntime itself).
+The entries are data only: the simulator's integer kernels (``espquant.simulator.quantized_model``), the
+compiled lowerings (``espquant.simulator.compiled``), the ``.espdl`` writer and the legacy C++ writer are
+tables keyed by the same op types. Each entry says which backends take it (``espdl_refusal``,
+``legacy_layer``), the checker refuses what the ``.espdl`` writer cannot write, and
+``tests/test_ops_registry.py`` fails when a backend table and the registry disagree. ``espquant ops`` prints
+the resulting support matrix.
 """
 
 from __future__ import annotations
@@ -242,6 +245,9 @@ class OpSpec:
             computes; the checker then rejects it with ``status_reason``.
         onnx_standard: False for ESP-DL's own op types (RequantizeLinear).
         notes: facts later stages must honour (calibration constraints, per-target quirks).
+        espdl_refusal: why espquant cannot write this op into an ``.espdl`` file (empty: it can). The checker
+            refuses such ops, so ``check`` says yes exactly when ``export`` can write the file.
+        legacy_layer: the legacy ESP-DL library (v1.1 / v2.0) has a layer for it (``--format cpp``).
     """
 
     op_type: str
@@ -262,6 +268,8 @@ class OpSpec:
     status_reason: str = ""
     onnx_standard: bool = True
     notes: tuple[str, ...] = ()
+    espdl_refusal: str = ""
+    legacy_layer: bool = False
 
     def input_spec(self, position: int) -> InputSpec | None:
         """The spec of input ``position`` (the last one repeats for variadic ops)."""

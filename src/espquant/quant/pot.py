@@ -10,7 +10,13 @@ import math
 
 import numpy as np
 
-__all__ = ["qmin", "qmax", "exponent_for_max_abs", "DEFAULT_EMPTY_EXPONENT"]
+__all__ = ["qmin", "qmax", "exponent_for_max_abs", "DEFAULT_EMPTY_EXPONENT", "MAX_RIGHT_SHIFT"]
+
+# The largest right shift the runtime's kernels can apply: ESP-DL shifts int32 accumulators and products with C
+# shifts (``tool::shift_and_round``, ``DL_RIGHT_SHIFT``), undefined from 32 on, and the ESP32-P4 SIMD shift's
+# behaviour there is not documented. Every exponent rule keeps ``e_out - e_in - e_w`` (and the other shifts)
+# at or below this.
+MAX_RIGHT_SHIFT = 31
 
 
 def qmax(bits: int) -> int:

@@ -261,6 +261,8 @@ def _int_const(b: _Builder, tensor: str) -> str:
 def _lower_table(b: _Builder, node: QNode) -> None:
     """An int8 activation by its stored table: ``T[q + 128]`` (a Gather on the float32 table)."""
     assert node.table is not None
+    if node.bits != 8:
+        raise _Refused("int16 tables run in the interpreter")
     index = b.op("Cast", [b.op("Add", [b.use(node.inputs[0]), b.const(128.0, node.outputs[0])])], to=TensorProto.INT64)
     b.op("Gather", [b.const(node.table.reshape(-1), node.outputs[0]), index], node.outputs[0], axis=0)
 
@@ -334,9 +336,12 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
     m = b.model
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
-    if node.op_type == "GlobalAveragePool":
-        total = b.op("ReduceSum", [x, b.const([2, 3], hint, np.int64)], keepdims=1)
-        spatial = b.op("Slice", [b.op("Shape", [x]), b.const([2], hint, np.int64), b.const([4], hint, np.int64)])
+    if node.op_type == "GlobalAveragePool":  # every axis after the channels: 1-D and 2-D alike
+        shape = b.op("Shape", [x])
+        rank = b.op("Size", [shape])
+        axes = b.op("Range", [b.const(2, hint, np.int64), rank, b.const(1, hint, np.int64)])
+        total = b.op("ReduceSum", [x, axes], keepdims=1)
+        spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
         area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
         # The plane is only known at run time: the sum is exact while 2^(bits-1) * area stays below 2^24.
         b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_F32 / 2 ** (b.bits - 1), hint)]), node)
@@ -546,20 +551,23 @@ def compile_program(
         except _Refused:
             builder.rollback(mark)
             if builder.nodes:
-                steps.append(_segment(builder, sorted(builder.produced & needed_after[index - 1]), threads, count))
+                steps += _segment(builder, sorted(builder.produced & needed_after[index - 1]), threads, count)
             builder, count = _Builder(model, nonnegative=nonnegative), 0
             steps.append(node)
             continue
         builder.produced.update(t for t in node.outputs if t)
         count += 1
     if builder.nodes:
-        steps.append(_segment(builder, sorted(builder.produced & needed_after[-1]), threads, count))
+        steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
     return CompiledProgram(steps)
 
 
-def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> _Segment:
+def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> list[_Segment]:
+    """The segment's session, or nothing when no later step reads what it computes (dead nodes)."""
     from espquant.runtime import create_session
 
+    if not outputs and not builder.guards:
+        return []
     inputs = list(dict.fromkeys(t for t in builder.consumed if t not in builder.produced))
     graph = helper.make_graph(
         builder.nodes,
@@ -571,4 +579,4 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     session = create_session(proto, threads=threads, what="a compiled simulator segment")
-    return _Segment(inputs, outputs, list(builder.guards), list(builder.guard_nodes), session, count)
+    return [_Segment(inputs, outputs, list(builder.guards), list(builder.guard_nodes), session, count)]

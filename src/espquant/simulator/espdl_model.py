@@ -1,33 +1,52 @@
 """Run ESP-DL ``.espdl`` models with the simulator: what the chip computes, from the file alone.
 
-``load_espdl(path, target=None)`` decodes the file and binds it to a target profile (from the file's
-``target`` metadata, or the ``target`` argument). ``model.run({name: int array})`` executes the nodes in file
-order with the integer kernels and returns every graph output in the file's layout.
+``load_espdl(path, target=None)`` decodes the file, binds it to a target profile (from the file's ``target``
+metadata, or the ``target`` argument) and lowers it to the same integer model the ONNX front end builds
+(:class:`~espquant.simulator.quantized_model.QuantizedModel`), so one set of kernels, and the compiled fast
+path, runs both. The lowering only translates what the file says into ONNX semantics:
+
+- weights in the target's byte order become plain ONNX arrays (``OIHW`` convolutions, ``(K, N)`` matrices);
+- ops that the file runs channels-last (Conv, pools, Resize) get a Transpose to channels-first and back, so
+  the integer model keeps ONNX's layout rules; every other op already works on the file's layout;
+- ``quant_type``, ``activation`` (a fused Relu), ``lut`` (a stored table) become node fields;
+- widths and exponents come from the file's value declarations, never from guesses.
+
+Tables follow the runtime version of the file's container: ``EDL2`` files (ESP-DL 3.1 and later) use a stored
+table at int8, and an int16 table only in ``LUT`` / ``Gelu`` nodes (nearest neighbour, ARITHMETIC.md 8.2); an
+int16 Sigmoid / Sqrt / ... with a ``lut`` attribute computes in float32 (8.3). ``EDL1`` files (3.0.0-rc.2)
+use every named table, int16 ones by linear interpolation (8.6).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from espquant.errors import ModelError, TargetError, UnsupportedOpError
-from espquant.export.espdl_reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, read_espdl
+from espquant.espdl.layouts import decode_conv_weight, decode_depthwise_weight, decode_kn_matrix
+from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, read_espdl
 from espquant.quant.profiles import TargetProfile, get_target
-from espquant.quant.rounding import round_float, saturate
-from espquant.simulator import kernels
-from espquant.simulator.layouts import decode_conv_weight, decode_depthwise_weight, decode_kn_matrix
+from espquant.simulator.quantized_model import UNBLOCK_MATRIX, QNode, QuantizedModel, simulated_ops
 
-__all__ = ["EspdlModel", "load_espdl", "Value", "compare_output", "FLOAT_ULP"]
+__all__ = ["EspdlModel", "load_espdl", "lower_espdl", "Value", "compare_output", "FLOAT_ULP"]
+
+logger = logging.getLogger(__name__)
 
 # Float outputs stored in reference files are host (PyTorch) values: compared within this many float32 ulp.
 FLOAT_ULP = 8
 
-_BITS = {"S8": 8, "S16": 16}
+_WIDTHS = {"INT8": 8, "INT16": 16}
 _INT_DTYPES = {"INT8": np.int8, "INT16": np.int16}
 _PROFILE_ALIASES = {"c": "esp32"}
+# Ops the runtime computes channels-last (NHWC / NWC): lowered between two Transposes.
+_CHANNELS_LAST = frozenset(
+    {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "DepthToSpace", "SpaceToDepth"}
+)
+# Nodes the runtime always runs through a table (ARITHMETIC.md 8.2), int16 included.
+_TABLE_ONLY = frozenset({"LUT", "Gelu"})
 
 
 @dataclass
@@ -46,12 +65,31 @@ class EspdlModel:
         self.profile = profile
 
     @property
+    def profile(self) -> TargetProfile:
+        """The arithmetic the file is simulated with; setting another lowers the file again for it."""
+        return self._profile
+
+    @profile.setter
+    def profile(self, profile: TargetProfile) -> None:
+        self._profile = profile
+        self.quantized = lower_espdl(self.file, profile)
+
+    @property
     def inputs(self) -> list[EspdlValue]:
         return self.file.inputs
 
     @property
     def outputs(self) -> list[EspdlValue]:
         return self.file.outputs
+
+    @property
+    def compiled(self) -> bool:
+        """Whether provably exact node runs execute as onnxruntime graphs (False: the numpy reference)."""
+        return self.quantized.compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        self.quantized.compiled = value
 
     @property
     def test_values(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
@@ -73,369 +111,194 @@ class EspdlModel:
     def run(self, int_inputs: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
         """Run the graph on quantized inputs (the file's layout) and return the graph outputs.
 
-        With ``keep`` every intermediate variable is returned too.
+        With ``keep`` every intermediate variable of the file is returned too.
         """
-        env: dict[str, Value] = {n: Value(t.data, t.exponent) for n, t in self.file.initializers.items()}
+        feeds = {}
         for declared in self.file.inputs:
             if declared.name not in int_inputs:
                 raise ModelError(f"no value for model input {declared.name!r}")
             data = np.asarray(int_inputs[declared.name])
             if declared.shape and int(np.prod(declared.shape)) == data.size:
                 data = data.reshape(declared.shape)
-            env[declared.name] = Value(data, declared.exponent)
-        for node in self.file.nodes:
-            handler = _HANDLERS.get(node.op_type)
-            if handler is None:
-                raise UnsupportedOpError(f"node {node.name!r}: the simulator has no kernel for {node.op_type} yet")
-            results = handler(self, node, env)
-            for name, data in zip(node.outputs, results):
-                env[name] = Value(np.asarray(data), self._exponent(name))
-        names = list(env) if keep else [o.name for o in self.file.outputs]
-        return {name: self._as_declared(name, env[name].data) for name in names if name in env}
+            feeds[declared.name] = data
+        results = self.quantized.run(feeds, keep=keep)
+        names = [n for n in results if n in self._file_tensors] if keep else [o.name for o in self.file.outputs]
+        return {name: self._as_declared(name, results[name]) for name in names}
 
-    # --- helpers --------------------------------------------------------------------------------------------
-    def _exponent(self, name: str) -> int:
-        value = self.file.values.get(name) or next((v for v in self.file.outputs if v.name == name), None)
-        return value.exponent if value is not None else 0
+    @property
+    def _file_tensors(self) -> set[str]:
+        names = set(self.file.values) | {v.name for v in self.file.inputs} | {v.name for v in self.file.outputs}
+        return names | {o for node in self.file.nodes for o in node.outputs}
 
     def _as_declared(self, name: str, data: np.ndarray) -> np.ndarray:
-        value = self.file.values.get(name)
+        value = self.file.values.get(name) or next((v for v in self.file.outputs if v.name == name), None)
         if value is not None and value.dtype in _INT_DTYPES:
             return data.astype(_INT_DTYPES[value.dtype])
         return data
 
-    def _const(self, name: str) -> EspdlTensor:
-        return self.file.initializers[name]
+
+# --- lowering ---------------------------------------------------------------------------------------------------
 
 
-def _bits(node: EspdlNode) -> int | None:
-    return _BITS.get(node.quant_type)
+def _declarations(decoded: EspdlFile) -> dict[str, EspdlValue]:
+    declared = dict(decoded.values)
+    for value in (*decoded.inputs, *decoded.outputs):
+        declared.setdefault(value.name, value)
+    return declared
 
 
-def _weight_exponents(tensor: EspdlTensor) -> np.ndarray:
-    return np.asarray(tensor.exponents, dtype=np.int64)
+def _exponent_of(tensor: EspdlTensor) -> int | list[int]:
+    if len(tensor.exponents) > 1:
+        return [int(e) for e in tensor.exponents]
+    return int(tensor.exponents[0]) if tensor.exponents else 0
 
 
-def _conv(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    weight = model._const(node.inputs[1])
-    bias = model._const(node.inputs[2]).data.reshape(-1) if len(node.inputs) > 2 and node.inputs[2] else None
-    bits = _bits(node)
-    attrs = node.attributes
-    one_d = x.data.ndim == 3
-    data = x.data[:, None] if one_d else x.data  # NWC -> N1WC
-    kernel = list(attrs.get("kernel_shape", weight.dims[:-2]))
-    kh, kw = (1, kernel[0]) if one_d else (kernel[0], kernel[1])
-    pads = list(attrs.get("pads", [0, 0] * (1 if one_d else 2)))
-    pads = [0, pads[0], 0, pads[1]] if one_d else pads
-    strides = list(attrs.get("strides", [1])) if one_d else list(attrs.get("strides", [1, 1]))
-    dilations = list(attrs.get("dilations", [1] * len(strides)))
-    if one_d:
-        strides, dilations = [1, strides[0]], [1, dilations[0]]
-    group = int(attrs.get("group", 1))
-    n = weight.dims[-1] if group == 1 else weight.dims[-2]
-    blocked = model.profile.simd
-    if group == 1:
-        w = decode_conv_weight(weight.data, n, kh, kw, data.shape[-1], bits, blocked)
-    else:
-        w = decode_depthwise_weight(weight.data, n, kh, kw, bits, blocked)
-    shift = model._exponent(node.outputs[0]) - x.exponent - _weight_exponents(weight)
-    out = kernels.conv2d_nhwc(
-        data,
-        w,
-        bias,
-        strides=strides,
-        pads=pads,
-        dilations=dilations,
-        depthwise=group != 1,
-        shift=shift,
-        relu=attrs.get("activation") == "Relu",
-        bits=bits,
-        profile=model.profile,
-    )
-    return [out[:, 0] if one_d else out]
+class _Lowering:
+    """Builds the integer model of one file (see the module docstring)."""
 
+    def __init__(self, decoded: EspdlFile, profile: TargetProfile) -> None:
+        self.file = decoded
+        self.profile = profile
+        self.declared = _declarations(decoded)
+        self.nodes: list[QNode] = []
+        self.constants: dict[str, np.ndarray] = {}
+        self.exponents: dict[str, int | list[int]] = {}
+        self.widths: dict[str, int] = {}
+        self.float_tensors: set[str] = set()
+        self.rc2 = decoded.container == "EDL1"  # ESP-DL 3.0.0-rc.2 semantics for stored tables (8.6)
+        for name, value in self.declared.items():
+            self.exponents[name] = value.exponent
+            if value.dtype in _WIDTHS:
+                self.widths[name] = _WIDTHS[value.dtype]
+            elif value.dtype in ("FLOAT", "DOUBLE", "FLOAT16"):
+                self.float_tensors.add(name)
+        for name, tensor in decoded.initializers.items():
+            self.exponents[name] = _exponent_of(tensor)
+            self.constants[name] = tensor.data.astype(np.float32 if tensor.data.dtype.kind == "f" else np.int64)
+            if tensor.dtype in _WIDTHS:
+                self.widths[name] = _WIDTHS[tensor.dtype]
 
-def _gemm(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    weight = model._const(node.inputs[1])
-    bias = model._const(node.inputs[2]).data.reshape(-1) if len(node.inputs) > 2 and node.inputs[2] else None
-    bits = _bits(node)
-    k, n = weight.dims[-2], weight.dims[-1]
-    w = decode_kn_matrix(weight.data, k, n, bits, model.profile.simd)  # (K, N)
-    rows = x.data.reshape(-1, k).astype(np.int64)
-    shift = model._exponent(node.outputs[0]) - x.exponent - _weight_exponents(weight)
-    acc = kernels._accumulate(rows, w, bias, bits, model.profile)
-    out = kernels._finish(acc, shift, node.attributes.get("activation") == "Relu", bits, model.profile)
-    return [out.reshape(*x.data.shape[:-1], n)]
+    def width(self, name: str) -> int:
+        return self.widths.get(name, 8)
 
+    def alias(self, name: str, like: str) -> str:
+        """A new tensor name with ``like``'s exponent and width (the channels-first twin of a file tensor)."""
+        self.exponents[name] = self.exponents.get(like, 0)
+        if like in self.widths:
+            self.widths[name] = self.widths[like]
+        if like in self.float_tensors:
+            self.float_tensors.add(name)
+        return name
 
-def _matmul(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    a, b = env[node.inputs[0]], env[node.inputs[1]]
-    bits = _bits(node)
-    data = b.data
-    if data.ndim >= 2:  # every K x N slice is stored in the blocked (or plain [N][K]) order
-        k, n = data.shape[-2], data.shape[-1]
-        flat = data.reshape(-1, k * n)
-        data = np.stack([decode_kn_matrix(s, k, n, bits, model.profile.simd) for s in flat]).reshape(data.shape)
-    shift = model._exponent(node.outputs[0]) - a.exponent - b.exponent
-    return [
-        kernels.matmul_slices(
-            a.data,
-            data,
-            shift=shift,
-            relu=node.attributes.get("activation") == "Relu",
-            bits=bits,
-            profile=model.profile,
-        )
-    ]
+    def transpose(self, source: str, target: str, perm: list[int], node: str) -> None:
+        self.nodes.append(QNode("Transpose", f"{node}::{target}", [source], [target], {"perm": perm}))
 
-
-def _elementwise(op: Callable[..., np.ndarray], float_op: Callable[..., np.ndarray]):
-    def run(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-        a, b = env[node.inputs[0]], env[node.inputs[1]]
-        bits = _bits(node)
-        if bits is None:
-            return [float_op(a.data, b.data)]
-        return [op(a.data, b.data, bits)]
-
-    return run
-
-
-def _mul(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    a, b = env[node.inputs[0]], env[node.inputs[1]]
-    return [
-        kernels.mul(
-            a.data,
-            b.data,
-            e_a=a.exponent,
-            e_b=b.exponent,
-            e_out=model._exponent(node.outputs[0]),
-            bits=_bits(node),
-            profile=model.profile,
-        )
-    ]
-
-
-def _average_pool(global_pool: bool):
-    def run(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-        x = env[node.inputs[0]]
-        return [
-            kernels.average_pool_nhwc(
-                x.data,
-                **kernels.pool_arguments(node.attributes, x.data.shape[1:3], global_pool),
-                e_in=x.exponent,
-                e_out=model._exponent(node.outputs[0]),
-                bits=_bits(node),
-                profile=model.profile,
-            )
-        ]
-
-    return run
-
-
-def _max_pool(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    return [kernels.max_pool_nhwc(x.data, **kernels.pool_arguments(node.attributes, x.data.shape[1:3], False))]
-
-
-def _ints(model: EspdlModel, name: str) -> list[int]:
-    return [int(v) for v in model._const(name).data.reshape(-1)]
-
-
-def _reshape(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(_ints(model, node.inputs[1]))]
-    return [x.reshape(shape)]
-
-
-def _transpose(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    perm = node.attributes.get("perm", list(range(x.ndim))[::-1])
-    return [np.transpose(x, [p % x.ndim for p in perm])]
-
-
-def _flatten(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    axis = int(node.attributes.get("axis", 1)) % (x.ndim + 1) if x.ndim else 0
-    return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
-
-
-def _squeeze(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    if len(node.inputs) > 1 and node.inputs[1]:
-        axes = tuple(a % x.ndim for a in _ints(model, node.inputs[1]))
-        return [np.squeeze(x, axis=tuple(a for a in axes if x.shape[a] == 1))]
-    return [np.squeeze(x)]
-
-
-def _unsqueeze(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    axes = _ints(model, node.inputs[1])
-    rank = x.ndim + len(axes)
-    for axis in sorted(a % rank for a in axes):
-        x = np.expand_dims(x, axis)
-    return [x]
-
-
-def _concat(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    parts = [env[name].data for name in node.inputs if name]
-    return [np.concatenate(parts, axis=int(node.attributes.get("axis", 0)))]
-
-
-def _slice(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    starts, ends = _ints(model, node.inputs[1]), _ints(model, node.inputs[2])
-    axes = _ints(model, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else list(range(len(starts)))
-    steps = _ints(model, node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] else [1] * len(starts)
-    index = [slice(None)] * x.ndim
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        index[axis % x.ndim] = slice(*slice(start, end, step).indices(x.shape[axis % x.ndim]))
-    return [x[tuple(index)]]
-
-
-def _pad(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]].data
-    pads = _ints(model, node.inputs[1])
-    rank = x.ndim
-    widths = [(pads[i], pads[i + rank]) for i in range(rank)]
-    mode = node.attributes.get("mode", "constant")
-    if mode == "constant":
-        value = model._const(node.inputs[2]).data.reshape(-1)[0] if len(node.inputs) > 2 and node.inputs[2] else 0
-        return [np.pad(x, widths, mode="constant", constant_values=value)]
-    return [np.pad(x, widths, mode="edge" if mode == "edge" else "reflect")]
-
-
-def _resize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    scales = model._const(node.inputs[2]).data.reshape(-1)
-    if node.attributes.get("mode", "nearest") == "linear":
-        return [
-            kernels.resize_linear_nhwc(
-                x.data,
-                scale_h=float(scales[2]),
-                scale_w=float(scales[3]),
-                align_corners=node.attributes.get("coordinate_transformation_mode") == "align_corners",
-                e_in=x.exponent,
-                e_out=model._exponent(node.outputs[0]),
-                bits=_bits(node),
-                profile=model.profile,
-            )
-        ]
-    return [
-        kernels.resize_nearest_nhwc(
-            x.data,
-            scale_h=float(scales[2]),
-            scale_w=float(scales[3]),
-            e_in=x.exponent,
-            e_out=model._exponent(node.outputs[0]),
-            bits=_bits(node),
-            profile=model.profile,
-        )
-    ]
-
-
-def _activation(float_fn: Callable[[np.ndarray], np.ndarray] | None):
-    """Int8 nodes with a ``lut`` attribute look their table up; F32 nodes compute in float32."""
-
-    def run(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-        x = env[node.inputs[0]]
+    def add(self, node: EspdlNode) -> None:
+        op_type = node.op_type
+        attrs = {k: v for k, v in node.attributes.items() if k not in ("quant_type", "lut", "activation")}
+        outputs = list(node.outputs)
+        bits = self.width(outputs[0]) if outputs else 8
+        qnode = QNode(op_type, node.name, list(node.inputs), outputs, attrs, bits=bits)
+        qnode.relu = node.attributes.get("activation") == "Relu"
         table = node.attributes.get("lut")
-        if table:
-            return [kernels.lut_int8(x.data, model._const(table).data)]
-        if _bits(node) is None and float_fn is not None:
-            return [float_fn(x.data)]
-        if node.op_type == "Relu" and x.exponent == model._exponent(node.outputs[0]):
-            return [np.maximum(x.data, 0)]
-        raise UnsupportedOpError(
-            f"node {node.name!r}: {node.op_type} at {node.quant_type} without a table is not simulated yet"
+        if table and (bits == 8 or self.rc2 or op_type in _TABLE_ONLY):
+            qnode.table = self.constants[table].reshape(-1)
+            if bits == 16:
+                qnode.attrs["int16_lut_interpolate"] = self.rc2
+        elif op_type in _TABLE_ONLY:
+            raise UnsupportedOpError(f"node {node.name!r}: {op_type} runs only through a table, and it has none")
+        if op_type == "Conv":
+            self._conv_weight(qnode)
+        elif op_type == "Gemm" or op_type == "MatMul" and qnode.inputs[1] in self.constants:
+            self._matrix(qnode, qnode.inputs[1])
+        elif op_type == "MatMul":  # B computed at run time: the graph before it wrote the blocked byte order
+            plain = self.alias(f"{qnode.inputs[1]}::plain", qnode.inputs[1])
+            attrs = {"bits": self.width(qnode.inputs[1]), "blocked": int(self.profile.simd)}
+            self.nodes.append(QNode(UNBLOCK_MATRIX, f"{node.name}::unblock", [qnode.inputs[1]], [plain], attrs))
+            qnode.inputs[1] = plain
+        elif op_type == "Transpose" and "perm" in attrs:
+            rank = len(attrs["perm"])
+            qnode.attrs["perm"] = [int(p) % rank for p in attrs["perm"]]
+        elif op_type == "PRelu":
+            slope = qnode.inputs[1]
+            self.constants[slope] = self.constants[slope].reshape(-1)  # one per channel, channels last
+        if op_type in _CHANNELS_LAST:
+            self._channels_first(qnode)
+        else:
+            self.nodes.append(qnode)
+
+    def _channels_first(self, qnode: QNode) -> None:
+        """``x (N, ..., C) -> Transpose -> op (ONNX layout) -> Transpose -> y (N, ..., C)``."""
+        source, target = qnode.inputs[0], qnode.outputs[0]
+        rank = len(self.declared[source].shape or ()) if source in self.declared else 4
+        rank = rank or 4
+        to_first = [0, rank - 1, *range(1, rank - 1)]
+        to_last = [0, *range(2, rank), 1]
+        inner_in = f"{source}::channels_first"
+        if inner_in not in self.exponents:  # one Transpose per tensor, however many convolutions read it
+            self.transpose(source, self.alias(inner_in, source), to_first, qnode.name)
+        inner_out = self.alias(f"{target}::channels_first", target)
+        qnode.inputs[0], qnode.outputs[0] = inner_in, inner_out
+        self.nodes.append(qnode)
+        self.transpose(inner_out, target, to_last, qnode.name)
+
+    def _conv_weight(self, qnode: QNode) -> None:
+        """The file's weight bytes as an ONNX ``OIHW`` (depthwise ``O1HW``) array, 1-D convolutions as ``OIW``."""
+        name = qnode.inputs[1]
+        tensor = self.file.initializers[name]
+        source = qnode.inputs[0]
+        shape = self.declared[source].shape if source in self.declared else None
+        one_d = shape is not None and len(shape) == 3
+        kernel = list(qnode.attrs.get("kernel_shape", tensor.dims[:-2]))
+        kh, kw = (1, kernel[0]) if one_d else (kernel[0], kernel[1])
+        group = int(qnode.attrs.get("group", 1))
+        bits = self.width(name)
+        blocked = self.profile.simd
+        if group == 1:
+            n = tensor.dims[-1]
+            channels = shape[-1] if shape else tensor.data.size // (n * kh * kw)
+            weight = decode_conv_weight(tensor.data, n, kh, kw, channels, bits, blocked).transpose(0, 3, 1, 2)
+        else:
+            n = tensor.dims[-2]
+            weight = decode_depthwise_weight(tensor.data, n, kh, kw, bits, blocked)[:, None]
+        self.constants[name] = np.ascontiguousarray(weight[:, :, 0] if one_d else weight).astype(np.int64)
+
+    def _matrix(self, qnode: QNode, name: str) -> None:
+        """A Gemm / constant-MatMul weight as plain ``(..., K, N)`` (the file stores every slice blocked)."""
+        tensor = self.file.initializers[name]
+        data = tensor.data.reshape(tensor.dims) if tensor.dims else tensor.data
+        k, n = tensor.dims[-2], tensor.dims[-1]
+        slices = data.reshape(-1, k * n)
+        bits = self.width(name)
+        plain = np.stack([decode_kn_matrix(s, k, n, bits, self.profile.simd) for s in slices])
+        dims = (k, n) if qnode.op_type == "Gemm" else (*tensor.dims[:-2], k, n)  # Gemm: leading 1s only label
+        self.constants[name] = plain.reshape(dims).astype(np.int64)
+
+    def model(self) -> QuantizedModel:
+        for node in self.file.nodes:
+            self.add(node)
+        missing = sorted({n.op_type for n in self.nodes} - simulated_ops())
+        if missing:
+            raise UnsupportedOpError(
+                f"{self.file.path}: the simulator has no kernel for {', '.join(missing)} yet "
+                f"(`espquant ops` lists what it runs)"
+            )
+        return QuantizedModel(
+            nodes=self.nodes,
+            constants=self.constants,
+            exponents=self.exponents,
+            inputs=[v.name for v in self.file.inputs],
+            outputs=[v.name for v in self.file.outputs],
+            profile=self.profile,
+            bits=8,
+            float_tensors=self.float_tensors,
+            widths={k: v for k, v in self.widths.items() if v != 8},
         )
 
-    return run
 
-
-def _clip(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    if node.attributes.get("lut"):
-        return [kernels.lut_int8(x.data, model._const(node.attributes["lut"]).data)]
-    low = model._const(node.inputs[1]).data.reshape(-1)[0] if len(node.inputs) > 1 and node.inputs[1] else None
-    high = model._const(node.inputs[2]).data.reshape(-1)[0] if len(node.inputs) > 2 and node.inputs[2] else None
-    clamped = np.clip(x.data, low, high)
-    e_out = model._exponent(node.outputs[0])
-    if _bits(node) is None or x.exponent == e_out:
-        return [clamped]
-    scaled = (clamped.astype(np.float32) * np.float32(2.0 ** (x.exponent - e_out))).astype(np.float32)
-    return [saturate(round_float(scaled, model.profile.rounding), _bits(node))]
-
-
-def _softmax(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    x = env[node.inputs[0]]
-    declared = model.file.values.get(node.inputs[0])
-    integer = declared is not None and declared.dtype in _INT_DTYPES
-    bits = 8 if declared is not None and declared.dtype == "INT8" else (16 if integer else None)
-    return [
-        kernels.softmax_float(
-            x.data, axis=int(node.attributes.get("axis", -1)), e_in=x.exponent if integer else None, bits=bits
-        )
-    ]
-
-
-def _quantize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    """QuantizeLinear / RequantizeLinear (one runtime module): float -> int, or int -> int (6)."""
-    x = env[node.inputs[0]]
-    declared = model.file.values.get(node.outputs[0])
-    bits = 16 if declared is not None and declared.dtype == "INT16" else 8
-    e_out = model._exponent(node.outputs[0])
-    if x.data.dtype.kind == "f":
-        return [kernels.quantize_float(x.data, e_out=e_out, bits=bits, profile=model.profile)]
-    return [kernels.requantize(x.data, e_out - x.exponent, bits, model.profile)]
-
-
-def _dequantize(model: EspdlModel, node: EspdlNode, env: dict[str, Value]) -> list[np.ndarray]:
-    """int -> float32: ``q * 2^e`` (6)."""
-    x = env[node.inputs[0]]
-    return [(x.data.astype(np.float32) * np.float32(2.0**x.exponent)).astype(np.float32)]
-
-
-def _float_unary(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda x: fn(x.astype(np.float32) if x.dtype != np.float64 else x)
-
-
-_HANDLERS: dict[str, Callable[[EspdlModel, EspdlNode, dict[str, Value]], list[np.ndarray]]] = {
-    "Conv": _conv,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
-    "Add": _elementwise(kernels.add, np.add),
-    "Sub": _elementwise(kernels.sub, np.subtract),
-    "Mul": _mul,
-    "AveragePool": _average_pool(False),
-    "GlobalAveragePool": _average_pool(True),
-    "MaxPool": _max_pool,
-    "Reshape": _reshape,
-    "Transpose": _transpose,
-    "Flatten": _flatten,
-    "Squeeze": _squeeze,
-    "Unsqueeze": _unsqueeze,
-    "Concat": _concat,
-    "Slice": _slice,
-    "Pad": _pad,
-    "Resize": _resize,
-    "Relu": _activation(_float_unary(lambda x: np.maximum(x, 0))),
-    "LeakyRelu": _activation(None),
-    "PRelu": _activation(None),
-    "Sigmoid": _activation(None),
-    "Tanh": _activation(None),
-    "HardSigmoid": _activation(None),
-    "HardSwish": _activation(None),
-    "Exp": _activation(_float_unary(np.exp)),
-    "Log": _activation(_float_unary(np.log)),
-    "Sqrt": _activation(_float_unary(np.sqrt)),
-    "Clip": _clip,
-    "Softmax": _softmax,
-    "QuantizeLinear": _quantize,
-    "RequantizeLinear": _quantize,
-    "DequantizeLinear": _dequantize,
-}
+def lower_espdl(decoded: EspdlFile, profile: TargetProfile) -> QuantizedModel:
+    """The integer model of a decoded ``.espdl`` file for ``profile`` (see the module docstring)."""
+    return _Lowering(decoded, profile).model()
 
 
 def compare_output(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:

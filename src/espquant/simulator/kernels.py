@@ -396,18 +396,67 @@ def pow_float(a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, b
 def prelu_per_channel(
     q: np.ndarray, slope: np.ndarray, *, e_in: int, e_out: int, e_slope: int, bits: int, profile: TargetProfile
 ) -> np.ndarray:
-    """PRelu with one slope per channel (8.4): negatives ``SR(q alpha, e_out - e_in - e_alpha)``; positives
-    rescaled to e_out (S3) or copied unchanged (plain C, correct only when e_in = e_out)."""
+    """PRelu with one slope per channel (8.4), ``sh = e_out - e_in - e_alpha``.
+
+    ESP32-S3 (``dl_tie728_s8/s16_prelu``): negatives ``SR(q alpha, sh)``, positives rescaled to e_out. The C
+    reference (``prelu_11c``, ``esp-dl/dl/base/dl_base_prelu.cpp``), which plain-C chips run, ESP32-P4 runs
+    at int16 and espquant also simulates for ESP32-P4 int8 (its ``esp.vprelu`` rounding is not documented):
+    positives copied unchanged (right only when e_in = e_out), negatives ``DL_RIGHT_SHIFT(q alpha, sh)``, a
+    floor shift right or a plain shift left (``dl_define.hpp``).
+    """
     q64 = q.astype(np.int64)
     product = q64 * slope.astype(np.int64)
-    if profile.family == "c":  # prelu_11c: positives copied, negatives floored
-        negative = product >> max(e_out - e_in - e_slope, 0)
-        positive = q64
-    else:
+    if profile.family == "s3":
         negative = shift_round(product, e_out - e_in - e_slope, profile.rounding)
         up, down = max(0, e_in - e_out), max(0, e_out - e_in)
         positive = shift_round(q64 << up, down, profile.rounding) if down else q64 << up
+    else:
+        shift = e_out - e_in - e_slope
+        negative = product >> shift if shift > 0 else product << -shift
+        positive = q64
     return saturate(np.where(q64 > 0, positive, np.where(q64 < 0, negative, 0)), bits)
+
+
+def lut_int16(x: np.ndarray, table: np.ndarray, *, interpolate: bool, half_even: bool) -> np.ndarray:
+    """An int16 activation by its stored table of ``M = 65536 / step + 1`` entries (ARITHMETIC.md 8.2).
+
+    ESP-DL 3.1 and later (``lut_s16_nearest_neighbor``, ``esp-dl/dl/base/dl_base_lut.cpp``): ``v = q + 32768``,
+    ``i = v >> log2(step)``, ``r = v mod step``; the index moves up when ``r >= step / 2`` (ESP32-P4: ``r >
+    step / 2``, or equal and ``i`` odd). 3.0.0-rc.2 (``interpolate``): ``T[i] + trunc((r (T[i+1] - T[i])) /
+    step)`` with ``i = v / step``.
+    """
+    table = table.reshape(-1).astype(np.int64)
+    v = x.astype(np.int64) + 32768
+    step = 65536 // (table.size - 1) if table.size > 1 else 1
+    if step <= 1:
+        return table[v]
+    index, remainder = v // step, v % step
+    if interpolate:
+        following = table[np.minimum(index + 1, table.size - 1)]
+        delta = remainder * (following - table[index])
+        return table[index] + np.where(delta < 0, -((-delta) // step), delta // step)
+    half = step // 2
+    up = (remainder > half) | ((remainder == half) & (index % 2 == 1)) if half_even else remainder >= half
+    return table[index + up.astype(np.int64)]
+
+
+def insert_zeros_channels_last(x: np.ndarray, stride: Sequence[int], output_padding: Sequence[int]) -> np.ndarray:
+    """ESP-DL's InsertZeros (the first half of a ConvTranspose): ``stride - 1`` zeros between the pixels of each
+    spatial axis of ``(N, *spatial, C)``, plus ``output_padding`` zeros at the end (``dl_module_insert_zeros.hpp``)."""
+    spatial = x.ndim - 2
+    strides = list(stride) * spatial if len(stride) == 1 else list(stride)
+    extra = list(output_padding) * spatial if len(output_padding) == 1 else list(output_padding)
+    if not extra:
+        extra = [0] * spatial
+    shape = [x.shape[0]]
+    index: list[slice] = [slice(None)]
+    for axis in range(spatial):
+        size = x.shape[1 + axis]
+        shape.append(size + (strides[axis] - 1) * (size - 1) + extra[axis])
+        index.append(slice(0, (size - 1) * strides[axis] + 1, strides[axis]))
+    out = np.zeros([*shape, x.shape[-1]], dtype=x.dtype)
+    out[(*index, slice(None))] = x
+    return out
 
 
 def _linear_axis(size_in: int, size_out: int, scale: float, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:

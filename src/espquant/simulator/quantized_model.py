@@ -17,8 +17,10 @@ from onnx import helper
 
 from espquant.calibration.plan import plan_calibration
 from espquant.calibration.precision import equivalent_exponent, tensor_widths
+from espquant.errors import QuantTableError
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
+from espquant.quant.pot import MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate
 from espquant.simulator import kernels
@@ -26,10 +28,20 @@ from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, floa
 from espquant.simulator.compiled import QUANTIZE_INPUT, CompiledProgram, GuardTripped, compile_program
 from espquant.table import QuantTable
 
-__all__ = ["QuantizedModel", "QNode", "build_quantized_model", "simulated_ops", "missing_kernels"]
+__all__ = [
+    "QuantizedModel",
+    "QNode",
+    "build_quantized_model",
+    "check_shifts",
+    "simulated_ops",
+    "missing_kernels",
+    "UNBLOCK_MATRIX",
+]
 
 F32 = np.float32
 logger = logging.getLogger(__name__)
+# Pseudo-op of the ``.espdl`` front end: a run-time MatMul operand back from the weight byte order.
+UNBLOCK_MATRIX = "UnblockMatrix"
 
 
 @dataclass
@@ -115,9 +127,20 @@ class QuantizedModel:
             return {name: env[name] for name in self.outputs}
 
     def run_node(self, node: QNode, env: dict[str, np.ndarray]) -> None:
-        """Interpret one node on ``env`` (its outputs are added): the numpy kernels, the reference path."""
+        """Interpret one node on ``env`` (its outputs are added): the numpy kernels, the reference path.
+
+        A node with a stored table is the runtime's LUT module whatever its op type (``deserialize`` of every
+        activation module picks LUT when the file names a table); a node on float tensors (``quant_type`` F32
+        in a file) computes in float32."""
         if node.op_type == QUANTIZE_INPUT:
             env[node.outputs[0]] = self.quantize_input(node.outputs[0], env[node.inputs[0]])
+            return
+        if node.table is not None:
+            env[node.outputs[0]] = _table_lookup(self, node, env[node.inputs[0]])
+            return
+        floats = node.outputs and node.outputs[0] in self.float_tensors and node.op_type in _FLOAT_RUN
+        if floats and all(t in self.float_tensors or t in self.constants for t in node.inputs if t):
+            env[node.outputs[0]] = _FLOAT_RUN[node.op_type](*(env[t] if t else None for t in node.inputs))
             return
         env.update(zip(node.outputs, _RUN[node.op_type](self, node, env)))
 
@@ -285,7 +308,7 @@ def build_quantized_model(
             )  # type: ignore[arg-type]
         nodes.append(qnode)
     graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
-    return QuantizedModel(
+    quantized = QuantizedModel(
         nodes=nodes,
         constants=constants,
         exponents=exps,
@@ -297,6 +320,62 @@ def build_quantized_model(
         widths=widths,
         requantized=requantized,
     )
+    check_shifts(quantized)
+    _warn_unknown_rules(quantized)
+    return quantized
+
+
+def _warn_unknown_rules(m: QuantizedModel) -> None:
+    """Say where the chip's rule is not known and the simulation follows ESP-DL's C reference instead."""
+    if m.profile.family != "p4":
+        return
+    for node in m.nodes:
+        if node.op_type == "PRelu" and node.table is None and node.bits == 8:
+            logger.warning(
+                "PRelu %r with per-channel slopes on ESP32-P4 int8: the chip's esp.vprelu rounding is not "
+                "documented; espquant simulates ESP-DL's C reference (floor), which may differ by 1 LSB on the chip",
+                node.name,
+            )
+
+
+def _shift_operands(m: QuantizedModel, node: QNode) -> tuple[str, list[str]] | None:
+    """The tensor whose exponent sets a node's right shift, and the inputs the shift subtracts."""
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Mul") and len(node.inputs) > 1:
+        return node.inputs[1], node.inputs[:2]
+    if node.op_type == "PRelu" and node.table is None:
+        return node.inputs[1], node.inputs[:2]
+    if node.op_type == "RequantizeLinear":
+        return node.inputs[0], node.inputs[:1]
+    return None
+
+
+def check_shifts(m: QuantizedModel) -> None:
+    """Refuse exponents whose shifts the runtime cannot apply (more than ``MAX_RIGHT_SHIFT`` to the right),
+    naming the tensor: its kernels shift int32 values with C shifts, undefined from 32 on."""
+    problems = []
+    for node in m.nodes:
+        found = _shift_operands(m, node)
+        if found is None or not node.outputs or node.outputs[0] in m.float_tensors:
+            continue
+        tensor, operands = found
+        if any(t in m.float_tensors or t not in m.exponents for t in operands) or node.outputs[0] not in m.exponents:
+            continue
+        e_out = m.exponent(node.outputs[0])
+        fixed = sum(m.exponent(t) for t in operands if t != tensor)
+        own = np.asarray(m.exponents[tensor], dtype=np.int64).reshape(-1)
+        shift = int((e_out - fixed - own).max(initial=0))
+        if shift > MAX_RIGHT_SHIFT:
+            where = f"node {node.name or node.outputs[0]!r} ({node.op_type})"
+            problems.append(
+                f"{where}: exponent {int(own.min())} of {tensor!r} makes a right shift of {shift} "
+                f"(e_out {e_out}); the runtime shifts at most {MAX_RIGHT_SHIFT}"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise QuantTableError(
+            f"the table asks for shifts the chip cannot apply: {shown}. Calibrate again with espquant (it keeps "
+            f"every shift at most {MAX_RIGHT_SHIFT}), or raise the exponent of the tensor named."
+        )
 
 
 # --- running ----------------------------------------------------------------------------------------------------
@@ -474,15 +553,18 @@ def _conv_session(
 
 
 def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``A (..., K) x B (K, N) + bias``: ONNX's 2-D Gemm, and ESP-DL's, which contracts the last axis of any
+    rank (``.espdl`` files)."""
     a = env[node.inputs[0]]
     b = env[node.inputs[1]]
     b = b.T if node.attrs.get("transB", 0) else b
     bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
     if bias is not None:
         bias = np.broadcast_to(bias, (b.shape[1],)) if bias.size in (1, b.shape[1]) else bias.reshape(-1)
-    acc = kernels._accumulate(a.astype(np.int64), b.astype(np.int64), bias, node.bits, m.profile)
+    rows = a.reshape(-1, a.shape[-1]).astype(np.int64)
+    acc = kernels._accumulate(rows, b.astype(np.int64), bias, node.bits, m.profile)
     shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
-    return [kernels._finish(acc, shift, node.relu, node.bits, m.profile)]
+    return [kernels._finish(acc, shift, node.relu, node.bits, m.profile).reshape(*a.shape[:-1], b.shape[1])]
 
 
 def _matmul(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -527,11 +609,22 @@ def _pool(kind: str):
     return run
 
 
+def _table_lookup(m: QuantizedModel, node: QNode, x: np.ndarray) -> np.ndarray:
+    """The runtime's LUT module: ``T[q + 128]`` at int8, the int16 table rule at int16 (ARITHMETIC.md 8.1, 8.2)."""
+    assert node.table is not None
+    if node.bits == 8:
+        return kernels.lut_int8(x, node.table)
+    return kernels.lut_int16(
+        x,
+        node.table,
+        interpolate=bool(node.attrs.get("int16_lut_interpolate")),
+        half_even=m.profile.rounding == "half_even",
+    )
+
+
 def _activation(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
     e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
-    if node.table is not None:
-        return [kernels.lut_int8(x, node.table)]
     if node.op_type == "Relu" and e_in == e_out:
         return [np.maximum(x, 0)]
     fn = float_function(node.op_type, node.attrs)
@@ -571,9 +664,10 @@ def _dequantize_linear(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray
 
 def _softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     x = env[node.inputs[0]]
-    return [
-        kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=m.exponent(node.inputs[0]), bits=node.bits)
-    ]
+    if node.inputs[0] in m.float_tensors:  # a float input (an F32 edge of a file): plain float Softmax
+        return [kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=None, bits=None)]
+    bits = m.width(node.inputs[0])
+    return [kernels.softmax_float(x, axis=int(node.attrs.get("axis", -1)), e_in=m.exponent(node.inputs[0]), bits=bits)]
 
 
 def _reshape(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -604,9 +698,13 @@ def _axes(node: QNode, env: dict[str, np.ndarray]) -> list[int] | None:
 
 
 def _squeeze(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Squeeze the listed axes of size 1 (the runtime keeps a listed axis of another size,
+    ``dl_module_squeeze.hpp``; ONNX would refuse it), or every axis of size 1."""
     x = env[node.inputs[0]]
     axes = _axes(node, env)
-    return [np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(a % x.ndim for a in axes))]
+    if axes is None:
+        return [np.squeeze(x)]
+    return [np.squeeze(x, axis=tuple(a % x.ndim for a in axes if x.shape[a % x.ndim] == 1))]
 
 
 def _unsqueeze(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -778,6 +876,26 @@ def _log_softmax(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> 
         return [np.log(probabilities).astype(F32)]
 
 
+def _unblock_matrix(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A run-time MatMul operand of a ``.espdl`` file: every ``K x N`` slice in the target's weight byte order
+    (the file's own Reshape / Transpose nodes produced it), made plain ``(..., K, N)`` again."""
+    from espquant.espdl.layouts import decode_kn_matrix
+
+    x = env[node.inputs[0]]
+    if x.ndim < 2:  # a vector operand has no byte order of its own
+        return [x]
+    k, n = x.shape[-2], x.shape[-1]
+    bits, blocked = int(node.attrs["bits"]), bool(node.attrs["blocked"])
+    slices = [decode_kn_matrix(s, k, n, bits, blocked) for s in x.reshape(-1, k * n)]
+    return [np.stack(slices).reshape(x.shape)]
+
+
+def _insert_zeros(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ESP-DL's InsertZeros on a channels-last tensor (a ``.espdl`` ConvTranspose's first half)."""
+    x = env[node.inputs[0]]
+    return [kernels.insert_zeros_channels_last(x, node.attrs.get("stride", [1]), node.attrs.get("output_padding", []))]
+
+
 def _reverse_sequence(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Reverse the first ``sequence_lens[b]`` steps along the time axis of every batch entry."""
     x = env[node.inputs[0]].copy()
@@ -789,8 +907,33 @@ def _reverse_sequence(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]
     return [np.moveaxis(moved, (0, 1), (batch_axis, time_axis))]
 
 
+def _float_unary(fn: Any) -> Any:
+    def run(x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            return np.asarray(fn(x.astype(F32)), dtype=F32)
+
+    return run
+
+
+# Nodes whose inputs and output are float32 (``quant_type`` F32 in a file): the runtime's float modules.
+_FLOAT_RUN = {
+    "Add": lambda a, b: (a.astype(F32) + b.astype(F32)).astype(F32),
+    "Sub": lambda a, b: (a.astype(F32) - b.astype(F32)).astype(F32),
+    "Mul": lambda a, b: (a.astype(F32) * b.astype(F32)).astype(F32),
+    "Relu": _float_unary(lambda x: np.maximum(x, F32(0))),
+    "Exp": _float_unary(np.exp),
+    "Log": _float_unary(np.log),
+    "Sqrt": _float_unary(np.sqrt),
+    "Sigmoid": _float_unary(lambda x: 1.0 / (1.0 + np.exp(-x).astype(np.float64))),
+    "Tanh": _float_unary(np.tanh),
+    "Clip": lambda x, low=None, high=None: np.clip(x, low, high).astype(F32),
+}
+
 _RUN = {
     "ConvTranspose": _conv_transpose,
+    "InsertZeros": _insert_zeros,
+    UNBLOCK_MATRIX: _unblock_matrix,
+    "LUT": _activation,
     "ReverseSequence": _reverse_sequence,
     "Div": _arith(kernels.div),
     "Pow": _arith(kernels.pow_float),

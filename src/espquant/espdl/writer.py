@@ -1,4 +1,4 @@
-"""Encode ``.espdl`` model files (ESPDL_FORMAT.md): the inverse of :mod:`espquant.export.espdl_reader`.
+"""Encode ``.espdl`` model files (ESPDL_FORMAT.md): the inverse of :mod:`espquant.espdl.reader`.
 
 The writer takes the same plain objects the reader returns (:class:`EspdlFile` with its nodes, tensors and
 value declarations), so ``read_espdl(write_espdl(f))`` gives ``f`` back and every file the reader understands
@@ -19,7 +19,7 @@ import flatbuffers
 import numpy as np
 
 from espquant.errors import ModelError
-from espquant.export.espdl_reader import (
+from espquant.espdl.reader import (
     _DTYPE_NAMES,
     _DTYPES,
     _FLOAT,

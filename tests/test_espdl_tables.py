@@ -1,0 +1,65 @@
+"""Stored tables and table-less activations of ``.espdl`` files, as ESP-DL v3.3 runs them (ARITHMETIC.md 8).
+
+Hand-worked integers for the int16 table rules (nearest neighbour with the S3 / P4 tie rules, the 3.0.0-rc.2
+linear interpolation), the int16 activations that carry a ``lut`` attribute but compute in float32, and the C
+reference of a per-channel PRelu (floor shift right, plain shift left).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
+from espquant.quant.profiles import get_target
+from espquant.simulator import kernels
+from espquant.simulator.espdl_model import lower_espdl
+
+
+def test_int16_table_nearest_neighbour_and_its_ties():
+    # step 32 (2049 entries): T[i] = i. q = -32768 + 5*32 + 16 is a tie between entries 5 and 6.
+    table = np.arange(2049)
+    tie, below, above = -32768 + 5 * 32 + 16, -32768 + 5 * 32 + 15, -32768 + 5 * 32 + 17
+    q = np.array([tie, below, above, -32768, 32767])
+    assert kernels.lut_int16(q, table, interpolate=False, half_even=False).tolist() == [6, 5, 6, 0, 2048]
+    # P4: a tie goes to the even index (5 is odd: up to 6; at index 6 a tie stays at 6).
+    tie_even = -32768 + 6 * 32 + 16
+    got = kernels.lut_int16(np.array([tie, tie_even]), table, interpolate=False, half_even=True)
+    assert got.tolist() == [6, 6]
+
+
+def test_int16_table_linear_interpolation_of_rc2():
+    table = np.zeros(2049, np.int64)
+    table[5], table[6] = 100, 37  # falling: the fraction truncates toward zero
+    q = np.array([-32768 + 5 * 32 + 10])
+    # 100 + trunc(10 * (37 - 100) / 32) = 100 + trunc(-19.6875) = 81
+    assert kernels.lut_int16(q, table, interpolate=True, half_even=False).tolist() == [81]
+
+
+def _one_node_file(op_type, quant_type, dtype, attrs, initializers, container="EDL2"):
+    x = EspdlValue("x", dtype, (1, 4), [-8])
+    y = EspdlValue("y", dtype, (1, 4), [-8])
+    node = EspdlNode("n", op_type, ["x", *[t.name for t in initializers if t.name != attrs.get("lut")]], ["y"],
+                     {"quant_type": quant_type, **attrs})
+    return EspdlFile("mem", container, 8, {}, "g", [node], {t.name: t for t in initializers}, [x], [y],
+                     {"x": x, "y": y}, {}, {})
+
+
+def test_an_int16_sqrt_with_a_table_computes_in_float():
+    """Speaker verification's ``/xvec/pool/Sqrt``: S16 with a 257-entry table; v3.3 ignores the table."""
+    table = EspdlTensor("lut", "INT16", (257,), np.full(257, 2896, np.int16), [-8])
+    decoded = _one_node_file("Sqrt", "S16", "INT16", {"lut": "lut"}, [table])
+    q = np.array([[256 * 4, 256 * 9, 0, 256]])  # 4.0, 9.0, 0.0, 1.0 at exponent -8
+    got = lower_espdl(decoded, get_target("esp32p4")).run({"x": q})["y"]
+    assert got.tolist() == [[512, 768, 0, 256]]  # sqrt in float32, at exponent -8
+    rc2 = _one_node_file("Sqrt", "S16", "INT16", {"lut": "lut"}, [table], container="EDL1")
+    assert lower_espdl(rc2, get_target("esp32p4")).run({"x": q})["y"].tolist() == [[2896] * 4]  # rc.2: the table
+
+
+def test_per_channel_prelu_c_reference_shifts_both_ways():
+    slope = np.array([5, 5, 5, 5])
+    q = np.array([[-3, -3, 7, 0]])
+    common = {"e_in": -4, "e_out": -4, "bits": 8, "profile": get_target("esp32c3")}
+    # shift = e_out - e_in - e_slope = 7: floor(-15 / 128) = -1; positives copied.
+    assert kernels.prelu_per_channel(q, slope, e_slope=-7, **common).tolist() == [[-1, -1, 7, 0]]
+    # shift -2: a plain left shift, -15 * 4 = -60.
+    assert kernels.prelu_per_channel(q, slope, e_slope=2, **common).tolist() == [[-60, -60, 7, 0]]
