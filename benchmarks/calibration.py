@@ -126,7 +126,7 @@ def child(name: str, samples: int, batch: int, mode: str, repeats: int) -> dict:
     generation of the random samples, which is the same work on both sides."""
     import onnxruntime as ort
 
-    from espquant.calibration import Calibrator
+    from espquant.api import Calibrator
 
     model = _model(name)
     times: list[float] = []

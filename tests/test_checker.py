@@ -296,7 +296,7 @@ def test_calibrator_and_evaluator_configuration():
 
 
 def test_per_channel_on_a_per_tensor_chip_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="espquant.simulator.evaluator"):
+    with caplog.at_level(logging.WARNING, logger="espquant.api.evaluator"):
         Evaluator("int8", "per-channel", "esp32s3")
     assert "per-tensor weights only" in caplog.text
 

@@ -4,7 +4,7 @@ The public API keeps the names of the legacy ESP-DL quantization toolkit, so swi
 """
 
 from espquant._version import __version__  # noqa: E402
-from espquant.calibration import Calibrator
+from espquant.api import Calibrator, Evaluator
 from espquant.checker import CheckReport, check_model
 from espquant.errors import (
     DatasetError,
@@ -23,7 +23,6 @@ from espquant.optimizer import (
     optimize_model,
 )
 from espquant.quant import get_target, target_names
-from espquant.simulator import Evaluator
 from espquant.simulator.espdl_model import load_espdl
 
 __all__ = [

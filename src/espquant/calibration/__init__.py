@@ -1,5 +1,5 @@
-"""The calibrator: exponents for every tensor from a calibration set."""
+"""The calibrator engine: exponents for every tensor from a calibration set."""
 
-from espquant.calibration.calibrator import CALIBRATION_METHODS, Calibrator
+from espquant.calibration.engine import CALIBRATION_METHODS, CalibrationResult, calibrate_model
 
-__all__ = ["CALIBRATION_METHODS", "Calibrator"]
+__all__ = ["CALIBRATION_METHODS", "CalibrationResult", "calibrate_model"]

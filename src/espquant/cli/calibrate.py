@@ -87,7 +87,7 @@ def calibrate(
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
     """
-    from espquant.calibration import Calibrator
+    from espquant.api import Calibrator
     from espquant.files import guard_outputs
     from espquant.model_io import load_model
     from espquant.progress import progress_bar

@@ -74,8 +74,8 @@ def check(ctx: click.Context, model: Path, target: str, bits: str, table_path: P
 
 def _check_table(model: Any, table_path: Path, target: str) -> None:
     """The table's exponents lowered for ``target``: a QuantTableError names what the chip cannot apply."""
+    from espquant.api import Evaluator
     from espquant.errors import OptionError
-    from espquant.simulator import Evaluator
     from espquant.table import QuantTable
 
     if target == "all":

@@ -76,8 +76,7 @@ def demo(workdir: Path, force: bool) -> None:
     reports = support_matrix(onnx.load(path))
     print_support_matrix(reports, f"2. check: can ESP-DL run {Path(path).name}?")
     data = load_demo_data()
-    from espquant.calibration import Calibrator
-    from espquant.simulator import Evaluator
+    from espquant.api import Calibrator, Evaluator
 
     optimized = onnx.load(path)
     calibration = Calibrator("int8", "per-tensor", "minmax").calibrate(optimized, data.calib_inputs)
@@ -116,7 +115,7 @@ def _export_step(optimized: Any, table_path: Path, data: Any, workdir: Path) -> 
     own contents on every test digit: the integers must equal the in-memory model's."""
     import numpy as np
 
-    from espquant.simulator import Evaluator
+    from espquant.api import Evaluator
     from espquant.simulator.espdl_model import load_espdl
 
     table = Table(title="5. export: .espdl files, re-loaded and simulated", title_justify="left")

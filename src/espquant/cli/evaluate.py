@@ -41,10 +41,10 @@ def evaluate(
       espquant evaluate mnist_optimized.onnx --table mnist_calib.pickle --data test.npy --labels labels.npy
       espquant evaluate net.onnx --table t.pickle --data x.npz --target esp32p4 --json
     """
+    from espquant.api import Evaluator
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
     from espquant.runtime import create_session
-    from espquant.simulator import Evaluator
     from espquant.table import QuantTable
 
     proto = load_model(model)

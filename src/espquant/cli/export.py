@@ -64,11 +64,11 @@ def export(
       espquant export net.onnx --table t.pickle --format qdq --target esp32p4 --test-input x.npy
       espquant export net.onnx --table t.pickle --format cpp --target esp32s3 -o main/model/
     """
+    from espquant.api import Evaluator
     from espquant.export.cpp import cpp_file_paths, legacy_target
     from espquant.files import guard_outputs
     from espquant.model_io import load_model
     from espquant.quant import get_target
-    from espquant.simulator import Evaluator
     from espquant.table import QuantTable
 
     inputs = [model, *table_files(table_path), test_input]

@@ -582,8 +582,10 @@ def qdq_agreement(
     equal), ``max_abs_diff``, ``top1_agreement`` (same argmax per row, for 2-D ``(N, classes)`` outputs,
     else None) and ``elements``. The module docstring explains why they are not always equal.
     """
+    from espquant.quant.profiles import get_target
     from espquant.runtime import create_session
-    from espquant.simulator import Evaluator
+    from espquant.simulator.quantized_model import build_quantized_model
+    from espquant.simulator.simulate import simulate
 
     quant_table, source = _load_table(table)
     if quant_table.metadata.get("int16_layers"):
@@ -594,9 +596,8 @@ def qdq_agreement(
     width = _resolve_bits(quant_table, bits, source)
     qdq = export_qdq(model_proto, quant_table, width)
     feeds = _feeds(model_proto, data)
-    evaluator = Evaluator(f"int{width}", quant_table.metadata.get("granularity"), target)
-    evaluator.generate_quantized_model(model_proto, quant_table)
-    simulated, names = evaluator.evaluate_quantized_model(feeds, to_float=True)
+    quantized = build_quantized_model(model_proto, quant_table, get_target(target), width)
+    simulated, names = simulate(quantized, model_proto, feeds, to_float=True)
     session = create_session(qdq, what="the QDQ model")
     runtime = session.run(names, feeds)
     report: dict[str, dict[str, float | int | None]] = {}

@@ -182,12 +182,10 @@ def analyze(
 ) -> Analysis:
     """Compare the float model with the simulated chip tensor by tensor on ``data`` (module docstring)."""
     from espquant.runtime import create_session
-    from espquant.simulator import Evaluator
+    from espquant.simulator.quantized_model import lower_for_target
 
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
-    bits = f"int{table.metadata.get('bits', 8)}"
-    evaluator = Evaluator(bits, table.metadata.get("granularity"), target)
-    quantized = evaluator.generate_quantized_model(model_proto, table)
+    quantized = lower_for_target(model_proto, table, target)
     names = [n.name for n in model_proto.graph.input if n.name in quantized.inputs]
     arrays = data if isinstance(data, dict) else {names[0]: data}
     total = len(next(iter(arrays.values())))
@@ -196,7 +194,7 @@ def analyze(
     producers = {node.outputs[0]: node for node in quantized.nodes if node.outputs}
     compared = [t for t in producers if t == _source(t) and t not in quantized.float_tensors]
     exposed = _exposing(model_proto, compared)
-    session = create_session(exposed, evaluator.providers)
+    session = create_session(exposed)
     output_names = [o.name for o in session.get_outputs()]
     accumulated = {t: _Accumulator() for t in compared}
     own = {t: _Accumulator() for t in compared}
@@ -251,7 +249,7 @@ def analyze(
         )
         for t in compared
     ]
-    analysis = Analysis(evaluator.target.name, quantized.bits, total, layers)
+    analysis = Analysis(quantized.profile.name, quantized.bits, total, layers)
     for layer in analysis.worst(histogram_layers):
         analysis.histograms[layer.tensor] = np.histogram(np.concatenate(kept[layer.tensor]), bins=_HISTOGRAM_BINS)
     return analysis

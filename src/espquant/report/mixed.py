@@ -65,12 +65,12 @@ def weight_bytes(quantized: Any) -> int:
 
 
 def _top1(model: onnx.ModelProto, table: QuantTable, target: str, data: np.ndarray, reference: np.ndarray) -> tuple:
-    from espquant.simulator import Evaluator
+    from espquant.simulator.quantized_model import lower_for_target
+    from espquant.simulator.simulate import simulate
 
-    evaluator = Evaluator("int8", table.metadata.get("granularity"), target)
-    quantized = evaluator.generate_quantized_model(model, table)
+    quantized = lower_for_target(model, table, target)
     predicted = np.concatenate(
-        [evaluator.evaluate_quantized_model(data[i : i + 256])[0][0].argmax(axis=-1) for i in range(0, len(data), 256)]
+        [simulate(quantized, model, data[i : i + 256])[0][0].argmax(axis=-1) for i in range(0, len(data), 256)]
     )
     return 100.0 * float((predicted == reference).mean()), weight_bytes(quantized)
 
@@ -94,7 +94,7 @@ def suggest_int16(
         count: make exactly the ``count`` worst layers int16; or
         budget: add layers worst-first until the drop against the float model is at most ``budget`` points.
     """
-    from espquant.calibration import Calibrator
+    from espquant.calibration import calibrate_model
     from espquant.runtime import create_session
 
     if (count is None) == (budget is None):
@@ -118,12 +118,14 @@ def suggest_int16(
     # a budget can end with everything int16.
     ranking = [layer.tensor for layer in analyze(model, table, data, target).worst()]
     ranking += [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    calibrator = Calibrator(
-        "int8", table.metadata.get("granularity", "per-tensor"), table.metadata.get("method", "minmax")
-    )
+    granularity, method = table.metadata.get("granularity", "per-tensor"), table.metadata.get("method", "minmax")
     calibration = calibration_data if calibration_data is not None else data
+
+    def calibrate(int16_layers: list[str]) -> QuantTable:
+        return calibrate_model(model, calibration, 8, granularity, method, int16_layers=int16_layers).table
+
     # The all-int8 baseline is calibrated on the same data as every mixed step, so the steps compare fairly.
-    accuracy, size = _top1(model, calibrator.calibrate(model, calibration).table, target, data, reference)
+    accuracy, size = _top1(model, calibrate([]), target, data, reference)
     result.steps.append(PrecisionStep([], accuracy, size))
     plan = ranking[:count] if count is not None else ranking
     chosen: list[str] = []
@@ -133,8 +135,7 @@ def suggest_int16(
         chosen.append(layer)
         if count is not None and len(chosen) < len(plan):
             continue  # a fixed count is evaluated once, with all its layers
-        calibrator.set_int16_layers(chosen)
-        result.table = calibrator.calibrate(model, calibration).table
+        result.table = calibrate(chosen)
         accuracy, size = _top1(model, result.table, target, data, reference)
         result.steps.append(PrecisionStep(list(chosen), accuracy, size))
     return result

@@ -1,5 +1,1 @@
-"""The evaluator: a simulator of ESP-DL's integer arithmetic per target chip."""
-
-from espquant.simulator.evaluator import Evaluator
-
-__all__ = ["Evaluator"]
+"""The simulator: ESP-DL's integer arithmetic per target chip, fed from ONNX + table or from a ``.espdl``."""

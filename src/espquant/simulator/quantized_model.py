@@ -32,6 +32,7 @@ __all__ = [
     "QuantizedModel",
     "QNode",
     "build_quantized_model",
+    "lower_for_target",
     "check_shifts",
     "simulated_ops",
     "missing_kernels",
@@ -336,6 +337,15 @@ def _warn_unknown_rules(m: QuantizedModel) -> None:
                 "documented; espquant simulates ESP-DL's C reference (floor), which may differ by 1 LSB on the chip",
                 node.name,
             )
+
+
+def lower_for_target(model: onnx.ModelProto, table: QuantTable, target: str | TargetProfile) -> QuantizedModel:
+    """The integer model of ``model`` under ``table`` for ``target``, at the table's width (8 when it does not
+    say): what the engines (layer report, QDQ comparison) simulate without the legacy ``Evaluator``."""
+    from espquant.quant.profiles import get_target
+
+    profile = target if isinstance(target, TargetProfile) else get_target(target)
+    return build_quantized_model(model, table, profile, int(table.metadata.get("bits", 8)))
 
 
 def _shift_operands(m: QuantizedModel, node: QNode) -> tuple[str, list[str]] | None:

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from espquant.calibration.calibrator import GRANULARITIES
+from espquant.calibration.engine import GRANULARITIES
 from espquant.checker import legacy_check, parse_bits
-from espquant.errors import DatasetError, OptionError, QuantTableError, UnsupportedOpError
+from espquant.errors import OptionError, QuantTableError, UnsupportedOpError
 from espquant.quant.profiles import TARGETS, TargetProfile, get_target
 from espquant.runtime import validate_providers
 from espquant.simulator.quantized_model import QuantizedModel, build_quantized_model, missing_kernels
+from espquant.simulator.simulate import simulate
 from espquant.table import QuantTable
 
 __all__ = ["Evaluator"]
@@ -133,45 +134,4 @@ class Evaluator:
         """
         if self.quantized is None:
             raise OptionError("call generate_quantized_model(model, table) before evaluate_quantized_model.")
-        model = self.quantized
-        feeds = batch_fp_input if isinstance(batch_fp_input, dict) else {model.inputs[0]: batch_fp_input}
-        if set(feeds) != set(model.inputs):
-            raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
-        shapes = _input_shapes(self._float_model)
-        checked = {}
-        for name, value in feeds.items():
-            array = np.asarray(value)
-            expected = shapes.get(name)
-            if array.dtype.kind not in "fiu":
-                raise DatasetError(f"input {name!r}: dtype {array.dtype} is not numeric.")
-            if expected is not None and (
-                array.ndim != len(expected)
-                or any(e is not None and e != g for e, g in zip(expected[1:], array.shape[1:]))
-            ):
-                raise DatasetError(f"input {name!r}: shape {array.shape} does not match the model's {expected}.")
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                bad = ~np.isfinite(array.reshape(len(array), -1))
-                sample = int(np.flatnonzero(bad.any(axis=1))[0])
-                raise DatasetError(f"input {name!r}: sample {sample} holds NaN or Inf; the chip has no such integers.")
-            checked[name] = array
-        results = model.run_float(checked)
-        outputs = []
-        for name in model.outputs:
-            value = results[name]
-            if to_float and name not in model.float_tensors:
-                value = value.astype(np.float64) * 2.0 ** model.exponent(name)
-            outputs.append(value)
-        return outputs, list(model.outputs)
-
-
-def _input_shapes(model: onnx.ModelProto | None) -> dict[str, list[int | None]]:
-    if model is None:
-        return {}
-    from espquant.graph import tensor_shape
-
-    shapes = {}
-    for info in model.graph.input:
-        shape = tensor_shape(info)
-        if shape is not None:
-            shapes[info.name] = [d if isinstance(d, int) else None for d in shape]
-    return shapes
+        return simulate(self.quantized, self._float_model, batch_fp_input, to_float)

@@ -1,0 +1,124 @@
+"""The legacy-compatible ``Calibrator``: the original toolkit's names and arguments on top of the calibration
+engine (:func:`espquant.calibration.engine.calibrate_model`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+
+from espquant.calibration.engine import CalibrationResult, calibrate_model, sample_count, validate_method
+from espquant.checker import legacy_check, parse_bits
+from espquant.errors import OptionError
+from espquant.progress import progress_bar
+from espquant.runtime import validate_providers
+from espquant.table import QuantTable
+
+__all__ = ["Calibrator"]
+
+
+class Calibrator:
+    """Chooses the power-of-two exponent of every tensor (legacy ESP-DL toolkit API).
+
+    Args:
+        quantization_bit: ``"int8"`` or ``"int16"``.
+        granularity: ``"per-tensor"`` or ``"per-channel"`` (int8 only) for weights.
+        calib_method: ``"minmax"``, ``"entropy"``, ``"percentile"`` or ``"mse"``.
+    """
+
+    def __init__(self, quantization_bit: str, granularity: str = "per-tensor", calib_method: str = "minmax") -> None:
+        self.bits = parse_bits(quantization_bit)
+        validate_method(self.bits, granularity, calib_method)
+        self.granularity = granularity
+        self.method = calib_method
+        self.providers = ["CPUExecutionProvider"]
+        self.int16_layers: list[str] = []
+
+    def set_int16_layers(self, layers: Sequence[str]) -> None:
+        """Mixed precision: compute these layers (node names or output tensors) at int16, the rest at int8.
+
+        ESP-DL v3 runs each layer at its own width and converts between widths with RequantizeLinear; an int16
+        layer costs twice the memory and more time but gives 256x finer steps (``calibration/precision.py``).
+        """
+        if self.bits != 8 and layers:
+            raise OptionError("int16 layers only make sense in an int8 model (this calibrator is int16 already).")
+        self.int16_layers = list(layers)
+
+    def set_method(self, granularity: str, calib_method: str) -> None:
+        """Change granularity and method together (validated as a pair)."""
+        validate_method(self.bits, granularity, calib_method)
+        self.granularity, self.method = granularity, calib_method
+
+    def set_providers(self, providers: Sequence[str]) -> None:
+        """onnxruntime execution providers used to run the float model."""
+        self.providers = validate_providers(providers)
+
+    def check_model(self, model_proto: onnx.ModelProto) -> int:
+        """Legacy contract: log every problem and return -1 if ESP-DL cannot run the model, else 0.
+
+        Calibration is target-independent, so only the rules that hold on every target are checked.
+        """
+        return legacy_check(model_proto, target=None, bits=self.bits)
+
+    def calibrate(
+        self,
+        model_proto: onnx.ModelProto,
+        calib_dataset: object,
+        batch_size: int = 32,
+        on_batch: Callable[[int], None] | None = None,
+        threads: int | None = None,
+    ) -> CalibrationResult:
+        """Measure the model on the data and choose every exponent; nothing is written (see
+        :func:`~espquant.calibration.engine.calibrate_model`)."""
+        return calibrate_model(
+            model_proto,
+            calib_dataset,
+            self.bits,
+            self.granularity,
+            self.method,
+            providers=self.providers,
+            int16_layers=self.int16_layers,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            threads=threads,
+        )
+
+    def export_coefficient_to_cpp(
+        self,
+        model_proto: onnx.ModelProto,
+        pickle_file_path: str | os.PathLike[str],
+        target_chip: str,
+        output_path: str | os.PathLike[str],
+        file_name: str,
+        print_model_info: bool = False,
+    ) -> list[Path]:
+        """Legacy API: C++ coefficient files for the legacy ESP-DL library (v1.1 / v2.0 layer classes).
+
+        Writes ``<file_name>.cpp`` / ``.hpp`` (every layer's filter, bias and activation as constant arrays with
+        ``get_<layer>_filter()`` ... getters) and ``<file_name>_model.hpp`` (a model class that builds and calls
+        the layers in order) into ``output_path``, for ``target_chip`` 'esp32', 'esp32s2', 'esp32c3' or
+        'esp32s3'. See :mod:`espquant.export.cpp` for the layouts and what is assumed of the legacy runtime.
+        """
+        from espquant.export.cpp import export_coefficient_to_cpp
+
+        return export_coefficient_to_cpp(
+            model_proto, pickle_file_path, target_chip, output_path, file_name, print_model_info, bits=self.bits
+        )
+
+    def generate_quantization_table(
+        self,
+        model_proto: onnx.ModelProto,
+        calib_dataset: object,
+        pickle_file_path: str | os.PathLike[str],
+        batch_size: int = 32,
+    ) -> QuantTable:
+        """Legacy API: calibrate and write the table to ``pickle_file_path`` (plus its ``.json`` twin).
+
+        A progress bar shows on an interactive terminal (stderr), as the legacy toolkit's users expect.
+        """
+        with progress_bar("calibrating", sample_count(calib_dataset)) as advance:
+            result = self.calibrate(model_proto, calib_dataset, batch_size, on_batch=advance)
+        result.table.save(pickle_file_path)
+        return result.table

@@ -1,0 +1,72 @@
+"""Float inputs in, the chip's outputs out: the one entry the legacy ``Evaluator``, the layer report and the
+QDQ comparison share (inputs checked against the float model: names, dtype, shape, finite values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espquant.errors import DatasetError
+from espquant.graph import tensor_shape
+from espquant.simulator.quantized_model import QuantizedModel
+
+__all__ = ["simulate"]
+
+
+def simulate(
+    model: QuantizedModel,
+    float_model: onnx.ModelProto | None,
+    batch: np.ndarray | dict[str, np.ndarray],
+    to_float: bool = False,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Quantize the float inputs as the chip does, run the integer model, return its outputs.
+
+    Returns:
+        ``(outputs, output_names)`` in the ONNX model's order and layout: the integers the chip produces, or
+        with ``to_float`` those integers times ``2**exponent``.
+
+    Raises:
+        DatasetError: inputs that do not match the model (names, dtype, shape) or hold NaN / Inf.
+    """
+    feeds = batch if isinstance(batch, dict) else {model.inputs[0]: batch}
+    if set(feeds) != set(model.inputs):
+        raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
+    shapes = _input_shapes(float_model)
+    checked = {}
+    for name, value in feeds.items():
+        checked[name] = _checked_input(name, np.asarray(value), shapes.get(name))
+    results = model.run_float(checked)
+    outputs = []
+    for name in model.outputs:
+        value = results[name]
+        if to_float and name not in model.float_tensors:
+            value = value.astype(np.float64) * 2.0 ** model.exponent(name)
+        outputs.append(value)
+    return outputs, list(model.outputs)
+
+
+def _checked_input(name: str, array: np.ndarray, expected: list[int | None] | None) -> np.ndarray:
+    if array.dtype.kind not in "fiu":
+        raise DatasetError(f"input {name!r}: dtype {array.dtype} is not numeric.")
+    if expected is not None and (
+        array.ndim != len(expected) or any(e is not None and e != g for e, g in zip(expected[1:], array.shape[1:]))
+    ):
+        raise DatasetError(f"input {name!r}: shape {array.shape} does not match the model's {expected}.")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = ~np.isfinite(array.reshape(len(array), -1))
+        sample = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise DatasetError(f"input {name!r}: sample {sample} holds NaN or Inf; the chip has no such integers.")
+    return array
+
+
+def _input_shapes(model: onnx.ModelProto | None) -> dict[str, list[Any]]:
+    if model is None:
+        return {}
+    shapes = {}
+    for info in model.graph.input:
+        shape = tensor_shape(info)
+        if shape is not None:
+            shapes[info.name] = [d if isinstance(d, int) else None for d in shape]
+    return shapes
