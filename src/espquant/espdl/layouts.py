@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from espquant.quant.pot import simd_lanes
+
 __all__ = [
     "decode_conv_weight",
     "decode_depthwise_weight",
@@ -19,16 +21,12 @@ __all__ = [
 ]
 
 
-def _lanes(bits: int) -> int:
-    return 16 if bits == 8 else 8
-
-
 def decode_conv_weight(flat: np.ndarray, n: int, kh: int, kw: int, c: int, bits: int, blocked: bool) -> np.ndarray:
     """Conv weights as ``(N, KH, KW, C)``."""
     flat = flat.reshape(-1)
     if not blocked:
         return flat.reshape(n, kh, kw, c)
-    lanes = _lanes(bits)
+    lanes = simd_lanes(bits)
     head_n = (n // lanes) * lanes
     head_size = head_n * kh * kw * c
     head = flat[:head_size].reshape(head_n // lanes, kh, kw, c, lanes).transpose(0, 4, 1, 2, 3)
@@ -41,7 +39,7 @@ def decode_depthwise_weight(flat: np.ndarray, n: int, kh: int, kw: int, bits: in
     flat = flat.reshape(-1)
     if not blocked:
         return flat.reshape(kh, kw, n).transpose(2, 0, 1)
-    lanes = _lanes(bits)
+    lanes = simd_lanes(bits)
     head_n = (n // lanes) * lanes
     head_size = head_n * kh * kw
     head = flat[:head_size].reshape(head_n // lanes, kh, kw, lanes).transpose(0, 3, 1, 2).reshape(head_n, kh, kw)
@@ -60,7 +58,7 @@ def encode_conv_weight(weight: np.ndarray, bits: int, blocked: bool) -> np.ndarr
     n, kh, kw, c = weight.shape
     if not blocked:
         return weight.reshape(-1)
-    lanes = _lanes(bits)
+    lanes = simd_lanes(bits)
     head_n = (n // lanes) * lanes
     head = weight[:head_n].reshape(head_n // lanes, lanes, kh, kw, c).transpose(0, 2, 3, 4, 1)
     return np.concatenate([head.reshape(-1), weight[head_n:].reshape(-1)])
@@ -71,7 +69,7 @@ def encode_depthwise_weight(weight: np.ndarray, bits: int, blocked: bool) -> np.
     n, kh, kw = weight.shape
     if not blocked:
         return weight.transpose(1, 2, 0).reshape(-1)
-    lanes = _lanes(bits)
+    lanes = simd_lanes(bits)
     head_n = (n // lanes) * lanes
     head = weight[:head_n].reshape(head_n // lanes, lanes, kh, kw).transpose(0, 2, 3, 1)
     return np.concatenate([head.reshape(-1), weight[head_n:].transpose(1, 2, 0).reshape(-1)])

@@ -88,7 +88,7 @@ from espquant._version import __version__
 from espquant.errors import ModelError, OptionError, OutputError, QuantTableError, TargetError, UnsupportedModelError
 from espquant.files import write_files
 from espquant.graph import GraphView
-from espquant.quant.pot import exponent_for_max_abs
+from espquant.quant.pot import exponent_for_max_abs, simd_lanes
 from espquant.quant.profiles import get_target
 from espquant.quant.rounding import round_float, saturate, shift_round
 from espquant.simulator.quantized_model import QNode, QuantizedModel, build_quantized_model
@@ -206,7 +206,7 @@ def legacy_filter_elements(filter_hwcn: np.ndarray, target_chip: str, bits: int,
         raise ValueError(f"expected an [H, W, C, N] filter{' with N = 1' if depthwise else ''}, got {hwcn.shape}")
     if target_chip != "esp32s3":
         return hwcn[..., 0].reshape(-1) if depthwise else hwcn.transpose(3, 0, 1, 2).reshape(-1)
-    lanes = 16 if bits == 8 else 8
+    lanes = simd_lanes(bits)
     if depthwise:
         hwc = hwcn[..., 0]
         kh, kw, channels = hwc.shape

@@ -36,7 +36,7 @@ from espquant.errors import ModelError, OptionError, OutputError, TargetError, U
 from espquant.espdl.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
 from espquant.espdl.writer import write_espdl
-from espquant.quant.pot import qmax, qmin
+from espquant.quant.pot import qmax, qmin, simd_lanes
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
 __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "export_espdl"]
@@ -136,7 +136,7 @@ def _identity(rank: int) -> tuple[int, ...]:
 def _weight_doc(kind: str, n: int, bits: int, blocked: bool) -> str:
     if not blocked:
         return f"layout ==> {'HWCN' if kind == 'depthwise' else 'NHWC'}"
-    lanes = 16 if bits == 8 else 8
+    lanes = simd_lanes(bits)
     return f"layout ==> (N/{lanes})HWC{lanes}" + ("_UNALIGNED" if n % lanes else "")
 
 

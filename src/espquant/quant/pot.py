@@ -10,13 +10,32 @@ import math
 
 import numpy as np
 
-__all__ = ["qmin", "qmax", "exponent_for_max_abs", "DEFAULT_EMPTY_EXPONENT", "MAX_RIGHT_SHIFT"]
+__all__ = [
+    "qmin",
+    "qmax",
+    "exponent_for_max_abs",
+    "DEFAULT_EMPTY_EXPONENT",
+    "MAX_RIGHT_SHIFT",
+    "EXACT_FLOAT32",
+    "EXACT_FLOAT64",
+    "simd_lanes",
+]
+
+# Every integer of smaller magnitude is exact in float32 / float64, and so is every sum of such integers that
+# stays below it, in any order: the bound that lets float BLAS and onnxruntime compute integer sums exactly.
+EXACT_FLOAT32 = 2.0**24
+EXACT_FLOAT64 = 2.0**53
 
 # The largest right shift the runtime's kernels can apply: ESP-DL shifts int32 accumulators and products with C
 # shifts (``tool::shift_and_round``, ``DL_RIGHT_SHIFT``), undefined from 32 on, and the ESP32-P4 SIMD shift's
 # behaviour there is not documented. Every exponent rule keeps ``e_out - e_in - e_w`` (and the other shifts)
 # at or below this.
 MAX_RIGHT_SHIFT = 31
+
+
+def simd_lanes(bits: int) -> int:
+    """Elements per 128-bit SIMD register of the ESP32-S3 / -P4 (16 int8, 8 int16): their weight blocks."""
+    return 16 if bits == 8 else 8
 
 
 def qmax(bits: int) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from espquant.quant.pot import qmax, qmin
+from espquant.quant.pot import EXACT_FLOAT32, qmax, qmin
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["CompiledProgram", "GuardTripped", "compile_program", "QUANTIZE_INPUT"]
 
 F32 = np.float32
-EXACT_F32 = 2.0**24
 QUANTIZE_INPUT = "QuantizeInput"  # pseudo-node: float graph input -> integers, as QuantizedModel.quantize_input
 
 
@@ -152,7 +151,7 @@ def _lane_limit(m: QuantizedModel, bits: int) -> float | None:
     if not m.profile.simd:
         return None
     limit = 2.0 ** (min(m.profile.conv_acc_bits[bits], m.profile.tail_acc_bits[bits]) - 1)
-    return limit if limit < EXACT_F32 else None
+    return limit if limit < EXACT_FLOAT32 else None
 
 
 def _accumulating(
@@ -187,7 +186,7 @@ def _accumulating(
         x_max = float(2 ** (b.bits - 1))
         high = x_max * np.abs(flat).sum(axis=1)
         low = -high
-    if float((np.maximum(high, -low) + np.abs(bias64 + half)).max(initial=0)) >= EXACT_F32:
+    if float((np.maximum(high, -low) + np.abs(bias64 + half)).max(initial=0)) >= EXACT_FLOAT32:
         raise _Refused("the accumulator bound is not exact in float32")
     limit = _lane_limit(m, b.bits)
     bias_max = float(np.abs(bias64).max(initial=0))
@@ -253,7 +252,7 @@ def _lower_add_sub(b: _Builder, node: QNode) -> None:
 
 def _int_const(b: _Builder, tensor: str) -> str:
     value = b.constant(tensor)
-    if np.abs(value.astype(np.int64)).max(initial=0) >= EXACT_F32:
+    if np.abs(value.astype(np.int64)).max(initial=0) >= EXACT_FLOAT32:
         raise _Refused("constant too wide for float32")
     return b.const(value, tensor)
 
@@ -344,7 +343,7 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
         spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
         area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
         # The plane is only known at run time: the sum is exact while 2^(bits-1) * area stays below 2^24.
-        b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_F32 / 2 ** (b.bits - 1), hint)]), node)
+        b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_FLOAT32 / 2 ** (b.bits - 1), hint)]), node)
         inverse = b.op("Div", [b.const(1.0, hint), area])
     else:
         attrs = _pool_attrs(node)

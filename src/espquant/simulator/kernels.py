@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from espquant.ops.broadcast import merged_broadcast_shapes
+from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, simd_lanes
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate, shift_round, wrap
 
@@ -32,12 +33,7 @@ __all__ = [
     "quantize_float",
 ]
 
-_EXACT = float(2**53)
 F32 = np.float32
-
-
-def _lanes(bits: int) -> int:
-    return 16 if bits == 8 else 8
 
 
 def _max_abs(values: np.ndarray) -> int:
@@ -47,9 +43,9 @@ def _max_abs(values: np.ndarray) -> int:
 def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: float) -> np.ndarray:
     """``a @ b`` for integers, exactly: float32 BLAS when every partial sum stays below 2**24, float64 below
     2**53 (``bound`` = max |a| * max column sum |b|), int64 otherwise."""
-    if bound < 2.0**24:
+    if bound < EXACT_FLOAT32:
         return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.int64)
-    if bound < _EXACT:
+    if bound < EXACT_FLOAT64:
         return (a.astype(np.float64) @ b.astype(np.float64)).astype(np.int64)
     return a.astype(np.int64) @ b.astype(np.int64)
 
@@ -90,7 +86,7 @@ def _accumulate(
     """Accumulators ``(rows, N)`` for ``cols (rows, taps)`` and ``weight (taps, N)``, starting from the bias,
     with the profile's lane width and saturation (16/8-lane blocks vs the tail channels)."""
     n = weight.shape[1]
-    blocked = (n // _lanes(bits)) * _lanes(bits) if profile.simd else 0
+    blocked = (n // simd_lanes(bits)) * simd_lanes(bits) if profile.simd else 0
     start = _lane_start(bias, n, bits, profile, blocked)
     x_max = float(_max_abs(cols))
     column_sums = np.abs(weight.astype(np.int64)).sum(axis=0)
@@ -130,7 +126,7 @@ def _accumulate_depthwise(
     lane_bits = profile.conv_acc_bits[bits]
     start = _lane_start(bias, n, bits, profile, n if profile.simd else 0)
     products = float(_max_abs(cols)) * float(np.abs(weight.astype(np.int64)).sum(axis=0).max(initial=0))
-    kind = np.float32 if products < 2.0**24 else (np.float64 if products < _EXACT else np.int64)
+    kind = np.float32 if products < EXACT_FLOAT32 else (np.float64 if products < EXACT_FLOAT64 else np.int64)
     limit = 2.0 ** (lane_bits - 1)
     safe = not profile.simd or products + float(_max_abs(start)) < limit
     if not safe:  # the tight, data-dependent bound of every lane's running sum
@@ -237,7 +233,7 @@ def mul(
     """Mul: integer SIMD rule when the merged innermost length fills the lanes on S3/P4, else float32."""
     merged_a, merged_b, merged_out = merged_broadcast_shapes(a.shape, b.shape)
     shape = np.broadcast_shapes(a.shape, b.shape)
-    if profile.simd and merged_out[-1] >= _lanes(bits):
+    if profile.simd and merged_out[-1] >= simd_lanes(bits):
         product = a.astype(np.int64) * b.astype(np.int64)
         return saturate(shift_round(product, e_out - e_a - e_b, profile.rounding), bits).reshape(shape)
     k = F32(F32(F32(2.0**e_a) * F32(2.0**e_b)) * F32(2.0**-e_out))

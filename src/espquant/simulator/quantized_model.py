@@ -20,7 +20,7 @@ from espquant.calibration.precision import equivalent_exponent, tensor_widths
 from espquant.errors import QuantTableError
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, Role
-from espquant.quant.pot import MAX_RIGHT_SHIFT
+from espquant.quant.pot import EXACT_FLOAT32, MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate
 from espquant.simulator import kernels
@@ -165,7 +165,7 @@ def _float_name(name: str) -> str:
 
 def _fits_float32(values: np.ndarray) -> bool:
     """Integers a float32 holds exactly (the compiled segments' representation)."""
-    return values.size == 0 or max(int(values.max()), -int(values.min())) < 2**24
+    return values.size == 0 or max(int(values.max()), -int(values.min())) < EXACT_FLOAT32
 
 
 # --- building ---------------------------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def _float32_conv_sums(
     x_max = max(int(x.max(initial=0)), -int(x.min(initial=0)))
     magnitudes = np.abs(w.astype(np.int64))
     products = float(x_max) * float(magnitudes.reshape(w.shape[0], -1).sum(axis=1).max(initial=0))
-    if products >= 2.0**24:
+    if products >= EXACT_FLOAT32:
         return None
     bias_max = 0 if bias is None else max(int(bias.max(initial=0)), -int(bias.min(initial=0)))
     limit = 2.0 ** (min(m.profile.conv_acc_bits[node.bits], m.profile.tail_acc_bits[node.bits]) - 1)
