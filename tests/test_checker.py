@@ -137,7 +137,8 @@ CASES = {
         ("op type", "no BatchNormalization"),
     ),
     "lrn": (unary("LRN", size=3), ("op type", "no LRN")),
-    "mod-unspecified": (binary("Mod", [2, 3], [2, 3]), ("op type", "has not analysed")),
+    "mod": (binary("Mod", [2, 3], [2, 3]), None),
+    "reduce-l2-unregistered": (unary("ReduceL2", keepdims=1), ("op type", "does not register it")),
     "gelu-old-opset": (unary("Gelu", opset=20), None),
 }
 

@@ -128,7 +128,7 @@ def test_reverse_sequence_and_ops_without_a_kernel(tmp_path, rng):
     step = 2.0 ** evaluator.quantized.exponent("x")
     np.testing.assert_allclose(got, _float_named(model, {"x": data}), atol=step / 2 + 1e-7)
     # An op the checker accepts but the simulator cannot run yet is named, not crashed on.
-    from espquant.simulator.quantized_model import _RUN
+    from espquant.simulator.interpreter import RUN as _RUN
 
     kernel = _RUN.pop("ReverseSequence")
     try:

@@ -132,7 +132,8 @@ def test_mul_paths():
 def test_float32_onnxruntime_sums_equal_the_integer_kernel(seed, stride, pads, dilation, depthwise):
     # The fast path (onnxruntime float32 Conv, used when every partial sum stays below 2**24) must give the
     # very integers of the numpy kernel.
-    from espquant.simulator.quantized_model import QNode, QuantizedModel, _float32_conv_sums
+    from espquant.simulator.interpreter import _float32_conv_sums
+    from espquant.simulator.quantized_model import QNode, QuantizedModel
 
     rng = np.random.default_rng(seed)
     channels = 6
@@ -164,7 +165,8 @@ def test_float32_onnxruntime_sums_equal_the_integer_kernel(seed, stride, pads, d
 def test_fast_path_equals_lane_emulation_on_esp32s3(scale):
     # Weights whose worst case exceeds the S3 20-bit lane: with small inputs this data never reaches the rail
     # (the fast path must be taken and agree); with scale 127 it does (the emulation must be used).
-    from espquant.simulator.quantized_model import QNode, QuantizedModel, _conv
+    from espquant.simulator.interpreter import _conv
+    from espquant.simulator.quantized_model import QNode, QuantizedModel
 
     rng = np.random.default_rng(scale)
     x = rng.integers(-scale, scale + 1, (2, 32, 6, 6))

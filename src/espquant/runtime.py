@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -57,12 +57,12 @@ def _loads(ir_version: int, opset: int) -> bool:
     return True
 
 
-def _newest(candidates: range, accepted: object) -> int:
+def _newest(candidates: range, accepted: Callable[[int], bool]) -> int:
     """The largest value in ``candidates`` for which ``accepted(value)`` holds (they are accepted up to a limit)."""
     low, high = candidates.start, candidates.stop - 1
     while low < high:
         middle = (low + high + 1) // 2
-        if accepted(middle):  # type: ignore[operator]
+        if accepted(middle):
             low = middle
         else:
             high = middle - 1

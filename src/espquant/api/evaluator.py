@@ -18,7 +18,9 @@ from espquant.checker import legacy_check, parse_bits
 from espquant.errors import OptionError, QuantTableError, UnsupportedOpError
 from espquant.quant.profiles import TARGETS, TargetProfile, get_target
 from espquant.runtime import validate_providers
-from espquant.simulator.quantized_model import QuantizedModel, build_quantized_model, missing_kernels
+from espquant.simulator.interpreter import missing_kernels
+from espquant.simulator.lowering import build_quantized_model
+from espquant.simulator.quantized_model import QuantizedModel
 from espquant.simulator.simulate import simulate
 from espquant.table import QuantTable
 

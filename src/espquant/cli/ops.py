@@ -44,7 +44,7 @@ def support_rows(target: str | None = None) -> list[OpSupport]:
     from espquant.ops import REGISTRY
     from espquant.quant import get_target
     from espquant.simulator.compiled import _LOWER
-    from espquant.simulator.quantized_model import simulated_ops
+    from espquant.simulator.interpreter import simulated_ops
 
     family = get_target(target).family if target else None
     simulated = simulated_ops()

@@ -91,7 +91,8 @@ from espquant.graph import GraphView
 from espquant.quant.pot import exponent_for_max_abs, simd_lanes
 from espquant.quant.profiles import get_target
 from espquant.quant.rounding import round_float, saturate, shift_round
-from espquant.simulator.quantized_model import QNode, QuantizedModel, build_quantized_model
+from espquant.simulator.lowering import build_quantized_model
+from espquant.simulator.quantized_model import QNode, QuantizedModel
 from espquant.table import QuantTable
 
 __all__ = [

@@ -44,13 +44,16 @@ __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "e
 LAYOUT_KEY = "espquant.layout:"
 
 _CONV_LIKE = {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Mod"}
+_COMPARE = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"}  # int8 / int16 in, BOOL out
 # Activations: an int8 table when the node has one; the runtime's float32 module at int16 for these (8.3).
 _FLOAT_AT_INT16 = {"Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Swish", "Elu", "Exp", "Log", "Sqrt"}
 _ACTIVATIONS = _FLOAT_AT_INT16 | {"LeakyRelu", "PRelu", "Gelu"}
 _INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Neg"} | _BINARY | _ACTIVATIONS
+_INHERIT |= _COMPARE
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
-_ONNX_LAYOUT |= {"Slice", "Pad", "Split", "ReduceMean", "ReduceMax", "ReduceMin", "Gather", "LogSoftmax"}
+_REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare"}
+_ONNX_LAYOUT |= {"Slice", "Pad", "Split", "Gather", "LogSoftmax"} | _REDUCE
 _ONNX_LAYOUT |= {"ReverseSequence"}
 _CHANNELS_LAST = {"DepthToSpace", "SpaceToDepth"}  # pure data movement the runtime does on NHWC tensors
 EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | _CHANNELS_LAST | {"MatMul"})
@@ -101,6 +104,8 @@ class _Export:
         exponent = 0 if floating else self.model.exponent(source)
         shape = tuple(int(value.shape[p]) for p in perm)
         dtype = "FLOAT" if floating else _INT_DTYPES[self.model.width(source)]
+        if value.dtype == np.bool_:  # a comparison's result
+            dtype = "BOOL"
         self.declared[name] = EspdlValue(name, dtype, shape, [exponent])
 
     def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
@@ -271,20 +276,62 @@ def _gemm(e: _Export, node: QNode) -> EspdlNode:
 
 
 def _matmul(e: _Export, node: QNode) -> EspdlNode:
-    """MatMul by a constant B: every trailing K x N slice in the Gemm byte order (ESPDL_FORMAT.md 5.2), dims
-    kept. A B computed at run time needs layout nodes the exporter does not insert yet."""
-    if node.inputs[1] not in e.model.constants:
-        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a run-time B cannot be exported yet")
-    matrix = np.asarray(e.model.constants[node.inputs[1]])
-    if matrix.ndim < 2:
-        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
-    k, n = matrix.shape[-2:]
-    slices = matrix.reshape(-1, k, n)
-    flat = np.concatenate([encode_kn_matrix(s, e.bits, e.model.profile.simd) for s in slices])
+    """MatMul: every trailing K x N slice of B in the Gemm byte order (ESPDL_FORMAT.md 5.2), dims kept. A constant
+    B is stored that way; a B computed at run time is brought there by layout nodes, as ESP-PPQ writes them."""
     a = e.ensure(node.inputs[0], _identity(e.values[node.inputs[0]].ndim))
-    b = e.constant(node.inputs[1], flat.reshape(matrix.shape), e.int_dtype, _exponent_list(e.model, node.inputs[1]))
+    if node.inputs[1] in e.model.constants:
+        matrix = np.asarray(e.model.constants[node.inputs[1]])
+        if matrix.ndim < 2:
+            raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
+        k, n = matrix.shape[-2:]
+        slices = matrix.reshape(-1, k, n)
+        flat = np.concatenate([encode_kn_matrix(s, e.bits, e.model.profile.simd) for s in slices])
+        exponents = _exponent_list(e.model, node.inputs[1])
+        b = e.constant(node.inputs[1], flat.reshape(matrix.shape), e.int_dtype, exponents)
+    else:
+        b = _blocked_operand(e, node)
     e.declare(node.outputs[0], _identity(e.values[node.outputs[0]].ndim))
     return EspdlNode(node.name, "MatMul", [a, b], [node.outputs[0]], {"activation": "Relu" if node.relu else "Linear"})
+
+
+def _blocked_operand(e: _Export, node: QNode) -> str:
+    """A run-time B in the weight byte order, by Reshape / Transpose / Reshape nodes. SIMD targets read each
+    ``K x N`` slice as blocks of ``lanes`` output columns, ``(N / lanes, K, lanes)``; the plain-C kernels read
+    it as ``[N][K]``. The last Reshape keeps the ``(..., K, N)`` label the runtime takes the sizes from."""
+    source = node.inputs[1]
+    value = e.values[source]
+    if value.ndim < 2:
+        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
+    *batch, k, n = value.shape
+    lanes = simd_lanes(e.bits)
+    if e.model.profile.simd and n % lanes:
+        raise UnsupportedOpError(
+            f"node {node.name!r}: a run-time B with {n} columns, not a multiple of {lanes}, cannot be exported yet"
+        )
+    current = e.ensure(source, _identity(value.ndim))
+    rank = value.ndim
+    if e.model.profile.simd:
+        blocks = [*range(rank - 2), rank - 1, rank - 2, rank]  # (..., K, N/lanes, lanes) -> (..., N/lanes, K, lanes)
+        steps = [("reshape", [*batch, k, n // lanes, lanes]), ("transpose", blocks)]
+    else:
+        steps = [("transpose", [*range(rank - 2), rank - 1, rank - 2])]
+    steps.append(("reshape", [*batch, k, n]))
+    data = value
+    for index, (kind, argument) in enumerate(steps):
+        name = f"{node.outputs[0]}__b{index}"
+        data = data.reshape(argument) if kind == "reshape" else np.transpose(data, argument)
+        e.values[name] = data
+        e.twins[name] = source
+        attrs: dict[str, Any] = {"quant_type": e.quant_type(source)}
+        inputs = [current]
+        if kind == "reshape":
+            inputs.append(e.constant(f"{name}_shape", np.asarray(argument, np.int64), "INT64", [0]))
+        else:
+            attrs["perm"] = list(argument)
+        e.declare(name, _identity(data.ndim))
+        e.nodes.append(EspdlNode(f"{name}_{kind}", kind.capitalize(), inputs, [name], attrs))
+        current = name
+    return current
 
 
 def _pool(e: _Export, node: QNode) -> EspdlNode:
@@ -358,7 +405,7 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     inputs = [_operand(e, first, perm, rank)]
     attrs: dict[str, Any] = {}
     op_type = node.op_type
-    if op_type in _BINARY:
+    if op_type in _BINARY | _COMPARE:
         inputs.append(_operand(e, node.inputs[1], perm, rank))
     elif op_type == "Clip":
         for tensor in node.inputs[1:3]:
@@ -381,9 +428,12 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     if node.table is not None:
         table = f"{op_type}_lut_{e.luts}"
         e.luts += 1
-        e.constant(table, node.table.reshape(-1).astype(np.int64), "INT8", [e.model.exponent(node.outputs[0])])
+        e.constant(table, node.table.reshape(-1).astype(np.int64), e.int_dtype, [e.model.exponent(node.outputs[0])])
         attrs["lut"] = table
         inputs = inputs[:1]
+        if e.bits == 16:  # an int16 table is the runtime's LUT module (ESP-PPQ's form, ARITHMETIC.md 8.2)
+            attrs.update(int16_lut_step=int(node.attrs["int16_lut_step"]), original_op_type=op_type)
+            op_type = "LUT"
     for key in ("alpha", "beta"):
         if key in node.attrs and op_type in ("LeakyRelu", "HardSigmoid", "Elu"):
             attrs[key] = float(node.attrs[key])
@@ -470,7 +520,7 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
         inputs.append(e.constant(f"{node.outputs[0]}_split", np.asarray(sizes, np.int64), "INT64", [0]))
         attrs["axis"] = int(node.attrs.get("axis", 0)) % rank
         attrs["num_outputs"] = len(node.outputs)
-    elif op_type in ("ReduceMean", "ReduceMax", "ReduceMin"):
+    elif op_type in _REDUCE:
         axes = _reduce_axes(e, node, rank)
         inputs.append(e.constant(f"{node.outputs[0]}_axes", np.asarray(axes, np.int64), "INT64", [0]))
         attrs["keepdims"] = int(node.attrs.get("keepdims", 1))
@@ -586,7 +636,7 @@ def build_espdl(
         if converted is None:
             continue
         converted.attributes["quant_type"] = e.quant_type(node.outputs[0])
-        if node.op_type in ("DequantizeLinear", "LogSoftmax"):  # float output; the module runs the input's width
+        if node.op_type in ("DequantizeLinear", "LogSoftmax") or node.op_type in _COMPARE:  # the input's width
             converted.attributes["quant_type"] = e.quant_type(node.inputs[0])
         converted.name = converted.name or f"{node.op_type}_{len(e.nodes)}"
         while converted.name in used:  # e.g. two RequantizeLinear nodes before one Add
@@ -625,8 +675,8 @@ def build_espdl(
 def _test_tensor(e: _Export, name: str, value: np.ndarray, declared: EspdlValue) -> EspdlTensor:
     perm = e.layout[name]
     data = np.transpose(value, perm)
-    dtype = {"INT8": "INT8", "INT16": "INT16"}.get(declared.dtype, "FLOAT")
-    data = data.astype(np.float32) if dtype == "FLOAT" else data.astype(np.int64)
+    dtype = {"INT8": "INT8", "INT16": "INT16", "BOOL": "BOOL"}.get(declared.dtype, "FLOAT")
+    data = data.astype(np.float32) if dtype == "FLOAT" else data.astype(np.bool_ if dtype == "BOOL" else np.int64)
     return EspdlTensor(name, dtype, tuple(int(d) for d in data.shape) or (1,), data, list(declared.exponents))
 
 

@@ -584,7 +584,7 @@ def qdq_agreement(
     """
     from espquant.quant.profiles import get_target
     from espquant.runtime import create_session
-    from espquant.simulator.quantized_model import build_quantized_model
+    from espquant.simulator.lowering import build_quantized_model
     from espquant.simulator.simulate import simulate
 
     quant_table, source = _load_table(table)

@@ -85,11 +85,7 @@ SPECS: tuple[OpSpec, ...] = (
         "Gelu",
         "8.2 (table-driven at int8 and int16)",
         min_opset=20,
-        bits=frozenset({8}),
-        notes=(
-            "the runtime runs it only through a table, also at int16; espquant writes int8 tables only, so int16 "
-            "Gelu is refused",
-        ),
+        notes=("the runtime runs it only through a table, also at int16 (a LUT node with a 2049-entry table)",),
     ),
     _softmax("Softmax"),
     _softmax("LogSoftmax"),

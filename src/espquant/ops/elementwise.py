@@ -41,7 +41,6 @@ def _compare(op_type: str) -> OpSpec:
         "5 (comparisons)",
         constraints=(BROADCAST,),
         output_dtype="bool",
-        espdl_refusal="espquant does not write comparisons (boolean outputs) into .espdl files yet",
     )
 
 
@@ -61,14 +60,11 @@ SPECS: tuple[OpSpec, ...] = (
     _binary("Mul", ExponentRule.OWN, "5 (Mul)", nonnegative_shift=True),
     _binary("Div", ExponentRule.OWN, "5 (Div, float32 emulation)"),
     _binary("Pow", ExponentRule.OWN, "5 (Pow, float32)"),
-    OpSpec(
+    _binary(
         "Mod",
-        "elementwise",
-        BINARY,
         ExponentRule.OWN,
-        "5 (Mod)",
-        status="unspecified",
-        status_reason="the arithmetic spec has not analysed ESP-DL's Mod kernel (ARITHMETIC.md 5, 14.6)",
+        "5 (Mod: fmodf of the dequantized operands, esp-dl/dl/base/dl_base_mod.cpp)",
+        notes=("the runtime always computes C's fmod (the sign of the dividend), ONNX's fmod=1",),
     ),
     OpSpec("Neg", "elementwise", (activation("X"),), ExponentRule.PASSTHROUGH, "5 (Neg: -q, no saturation)"),
     _compare("Greater"),

@@ -53,23 +53,35 @@ SPECS: tuple[OpSpec, ...] = (
     _reduce("ReduceMean", ExponentRule.OWN, "10 (ReduceMean: integer sum, float32 scale)"),
     _reduce("ReduceMax", ExponentRule.PASSTHROUGH, "10 (passive)"),
     _reduce("ReduceMin", ExponentRule.PASSTHROUGH, "10 (passive)"),
+    _reduce(
+        "ReduceSum",
+        ExponentRule.OWN,
+        "10; integer sum (int32 / int64), then shift_and_round by e_out - e_in (dl_module_reduce_sum.hpp)",
+    ),
+    _reduce(
+        "ReduceSumSquare",
+        ExponentRule.OWN,
+        "10; integer sum of squares, then shift_and_round by e_out - 2 e_in (dl_module_reduce_sum_square.hpp)",
+    ),
     *(
         _reduce(
             op_type,
             ExponentRule.OWN,
             "10",
             status="unspecified",
-            status_reason=f"{op_type} is not individually specified in ARITHMETIC.md 10",
+            status_reason=f"ESP-DL v3.3.9 has a {op_type} module but does not register it (dl_module_creator.hpp)",
         )
-        for op_type in (
-            "ReduceSum",
-            "ReduceSumSquare",
-            "ReduceL1",
-            "ReduceL2",
-            "ReduceProd",
-            "ReduceLogSum",
-            "ReduceLogSumExp",
+        for op_type in ("ReduceL1", "ReduceL2")
+    ),
+    *(
+        _reduce(
+            op_type,
+            ExponentRule.OWN,
+            "10",
+            status="unspecified",
+            status_reason=f"{op_type}'s float steps (dl_module_reduce_*.hpp) are not verified yet",
         )
+        for op_type in ("ReduceProd", "ReduceLogSum", "ReduceLogSumExp")
     ),
     OpSpec(
         "QuantizeLinear",

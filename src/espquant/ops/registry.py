@@ -68,8 +68,10 @@ UNREGISTERED_HINTS: MappingProxyType[str, str] = MappingProxyType(
         "Expand": _SHAPE_CHAIN,
         "Cast": "ESP-DL has no Cast; remove dtype changes from the float model (after optimization most disappear)",
         "GlobalMaxPool": "not registered in the ESP-DL runtime; use ReduceMax over the spatial axes (keepdims=1)",
-        "Max": "not registered in the ESP-DL runtime; for a constant bound use Clip",
-        "Min": "not registered in the ESP-DL runtime; for a constant bound use Clip",
+        "Max": "ESP-DL v3.3.9 has a Max module but does not register it (dl_module_creator.hpp: the runtime "
+        "refuses the file); for a constant bound use Clip",
+        "Min": "ESP-DL v3.3.9 has a Min module but does not register it (dl_module_creator.hpp: the runtime "
+        "refuses the file); for a constant bound use Clip",
         "LRN": "ESP-DL has no local response normalisation; remove it (it rarely matters after training)",
         "If": "control flow cannot run on ESP-DL; export the branch you need",
         "Loop": "control flow cannot run on ESP-DL; unroll the loop when exporting",

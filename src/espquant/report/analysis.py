@@ -182,7 +182,7 @@ def analyze(
 ) -> Analysis:
     """Compare the float model with the simulated chip tensor by tensor on ``data`` (module docstring)."""
     from espquant.runtime import create_session
-    from espquant.simulator.quantized_model import lower_for_target
+    from espquant.simulator.lowering import lower_for_target
 
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
     quantized = lower_for_target(model_proto, table, target)

@@ -65,7 +65,7 @@ def weight_bytes(quantized: Any) -> int:
 
 
 def _top1(model: onnx.ModelProto, table: QuantTable, target: str, data: np.ndarray, reference: np.ndarray) -> tuple:
-    from espquant.simulator.quantized_model import lower_for_target
+    from espquant.simulator.lowering import lower_for_target
     from espquant.simulator.simulate import simulate
 
     quantized = lower_for_target(model, table, target)

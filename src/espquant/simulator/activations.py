@@ -14,7 +14,20 @@ import numpy as np
 
 from espquant.quant.rounding import round_float, saturate
 
-__all__ = ["FLOAT_FUNCTIONS", "float_function", "lut_table", "float_path"]
+__all__ = [
+    "FLOAT_FUNCTIONS",
+    "TABLE_ONLY",
+    "INT16_LUT_STEP",
+    "float_function",
+    "lut_table",
+    "lut_table_int16",
+    "float_path",
+]
+
+# Ops ESP-DL runs only through a stored table, at int16 too (``dl_module_creator.hpp`` registers them to LUT).
+TABLE_ONLY = frozenset({"Gelu"})
+# The input step of the int16 tables espquant writes (ESP-PPQ's default): 65536 / 32 + 1 = 2049 entries.
+INT16_LUT_STEP = 32
 
 F32 = np.float32
 
@@ -77,6 +90,15 @@ def lut_table(fn: Callable[[np.ndarray], np.ndarray], e_in: int, e_out: int, rou
     """The int8 table of ``fn`` for exponents ``e_in -> e_out``."""
     x = ((np.arange(256) - 128) * 2.0**e_in).astype(F32)
     return _to_int(fn(x), e_out, 8, rounding).astype(np.int64)
+
+
+def lut_table_int16(
+    fn: Callable[[np.ndarray], np.ndarray], e_in: int, e_out: int, rounding: str, step: int = INT16_LUT_STEP
+) -> np.ndarray:
+    """The int16 table of ``fn``: ``65536 / step + 1`` entries at ``x_i = (-32768 + i step) 2^e_in`` (the last at
+    +32768 when step > 1), ``T[i] = sat16(R(f(x_i) / 2^e_out))`` (ARITHMETIC.md 8.2)."""
+    x = ((np.arange(65536 // step + 1) * step - 32768) * 2.0**e_in).astype(F32)
+    return _to_int(fn(x), e_out, 16, rounding).astype(np.int64)
 
 
 def float_path(

@@ -19,9 +19,7 @@ use every named table, int16 ones by linear interpolation (8.6).
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,11 +27,12 @@ from espquant.errors import ModelError, TargetError, UnsupportedOpError
 from espquant.espdl.layouts import decode_conv_weight, decode_depthwise_weight, decode_kn_matrix
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, read_espdl
 from espquant.quant.profiles import TargetProfile, get_target
-from espquant.simulator.quantized_model import UNBLOCK_MATRIX, QNode, QuantizedModel, simulated_ops
+from espquant.simulator.activations import TABLE_ONLY
+from espquant.simulator.interpreter import UNBLOCK_MATRIX, simulated_ops
+from espquant.simulator.quantized_model import QNode, QuantizedModel
 
-__all__ = ["EspdlModel", "load_espdl", "lower_espdl", "Value", "compare_output", "FLOAT_ULP"]
+__all__ = ["EspdlModel", "load_espdl", "lower_espdl", "compare_output", "FLOAT_ULP"]
 
-logger = logging.getLogger(__name__)
 
 # Float outputs stored in reference files are host (PyTorch) values: compared within this many float32 ulp.
 FLOAT_ULP = 8
@@ -46,15 +45,7 @@ _CHANNELS_LAST = frozenset(
     {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "DepthToSpace", "SpaceToDepth"}
 )
 # Nodes the runtime always runs through a table (ARITHMETIC.md 8.2), int16 included.
-_TABLE_ONLY = frozenset({"LUT", "Gelu"})
-
-
-@dataclass
-class Value:
-    """A runtime tensor: integers (or floats for F32 edges) with their exponent."""
-
-    data: np.ndarray
-    exponent: int
+_TABLE_ONLY = TABLE_ONLY | {"LUT"}
 
 
 class EspdlModel:

@@ -389,6 +389,16 @@ def pow_float(a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, b
     return saturate(round_float(value, profile.rounding), bits)
 
 
+def mod_float(a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, bits: int, profile: TargetProfile):
+    """Mod: ``sat(R(fmodf(a 2^e_a, b 2^e_b) 2^-e_out))``, 0 where the divisor is 0 (``dl_base_mod.cpp``). fmod of
+    two floats is exact, so numpy's and the chip's agree."""
+    dividend = (a.astype(F32) * F32(2.0**e_a)).astype(F32)
+    divisor = (b.astype(F32) * F32(2.0**e_b)).astype(F32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        remainder = np.where(divisor != 0, np.fmod(dividend, divisor), F32(0)).astype(F32)
+    return saturate(round_float((remainder * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)
+
+
 def prelu_per_channel(
     q: np.ndarray, slope: np.ndarray, *, e_in: int, e_out: int, e_slope: int, bits: int, profile: TargetProfile
 ) -> np.ndarray:

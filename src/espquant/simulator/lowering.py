@@ -1,0 +1,259 @@
+"""Lowering an ONNX float model and its quantization table to the integer model for one target: integer weights
+and biases, exponents, fused Relu, int8 / int16 tables, a RequantizeLinear wherever a consumer needs another
+exponent or width; and the checks of what the runtime can apply (shifts at most ``MAX_RIGHT_SHIFT``)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from espquant.calibration.plan import plan_calibration
+from espquant.calibration.precision import equivalent_exponent, tensor_widths
+from espquant.errors import QuantTableError
+from espquant.graph import GraphView
+from espquant.ops import ExponentRule, Role
+from espquant.quant.pot import MAX_RIGHT_SHIFT
+from espquant.quant.profiles import TargetProfile
+from espquant.quant.rounding import round_float, saturate
+from espquant.simulator.activations import (
+    FLOAT_FUNCTIONS,
+    INT16_LUT_STEP,
+    TABLE_ONLY,
+    float_function,
+    lut_table,
+    lut_table_int16,
+)
+from espquant.simulator.quantized_model import QNode, QuantizedModel
+from espquant.table import QuantTable
+
+__all__ = ["build_quantized_model", "lower_for_target", "check_shifts"]
+
+F32 = np.float32
+logger = logging.getLogger(__name__)
+
+
+
+def _quantize_constant(value: np.ndarray, exponent: int | list[int], axis: int | None, bits: int, rounding: str):
+    if isinstance(exponent, list):
+        shape = [1] * value.ndim
+        shape[axis if axis is not None else 0] = len(exponent)
+        scale = (2.0 ** -np.asarray(exponent, dtype=np.float64)).reshape(shape)
+    else:
+        scale = 2.0**-exponent
+    return saturate(round_float(value.astype(np.float64) * scale, rounding), bits)
+
+
+def build_quantized_model(
+    model: onnx.ModelProto, table: QuantTable, profile: TargetProfile, bits: int
+) -> QuantizedModel:
+    """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
+    plan = plan_calibration(model)
+    view = GraphView(model.graph)
+    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    table.check_model(model, sorted(needed))
+    exps = dict(table.exponents)
+    widths = tensor_widths(model, plan, bits, table.metadata.get("int16_layers") or [])
+    constants: dict[str, np.ndarray] = {}
+    nodes: list[QNode] = []
+    # The Relu nodes absorbed by their Conv/Gemm/MatMul, by identity (names may be empty in unoptimized models).
+    fused_relu_nodes = {id(view.single_consumer(out)) for out in plan.fused}
+    requantized = 0
+    rounding = profile.rounding
+
+    def requantize_to(tensor: str, target: int, consumer: str, width: int) -> str:
+        """``tensor`` at exponent ``target`` and ``width`` bits: through one RequantizeLinear when it differs."""
+        nonlocal requantized
+        current = exps.get(tensor)
+        if tensor in constants or view.is_constant(tensor) or not isinstance(current, int):
+            return tensor
+        if current == target and widths.get(tensor, bits) == width:
+            return tensor
+        name = f"{tensor}__requant_{target}" + ("" if width == bits else f"_int{width}")
+        if name not in exps:
+            nodes.append(QNode("RequantizeLinear", f"{consumer}__requant", [tensor], [name], {}, bits=width))
+            exps[name] = target
+            if width != bits:
+                widths[name] = width
+            requantized += 1
+        return name
+
+    def at_width(tensor: str, width: int) -> int | None:
+        """The exponent that keeps ``tensor``'s range at ``width`` bits (int8 e -> int16 e - 8)."""
+        value = exps.get(tensor)
+        return equivalent_exponent(value, widths.get(tensor, bits), width) if isinstance(value, int) else None
+
+    for node, spec in plan.nodes:
+        if id(node) in fused_relu_nodes:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        outputs = list(node.output)
+        relu = False
+        if outputs and outputs[0] in plan.fused:
+            outputs[0] = plan.fused[outputs[0]]
+            relu = True
+        out_exp = exps.get(outputs[0]) if outputs else None
+        node_bits = widths.get(outputs[0], bits) if outputs else bits
+        # Ops that read their activation inputs at the output's exponent (PASSTHROUGH: the first input only).
+        aligns_to_output = isinstance(out_exp, int) and spec.exponent in (
+            ExponentRule.ALIGN_TO_OUTPUT,
+            ExponentRule.SHARED,
+            ExponentRule.PASSTHROUGH,
+        )
+        inputs = list(node.input)
+        for position, tensor in enumerate(inputs):
+            role = spec.input_spec(position)
+            if not tensor or role is None or not view.is_constant(tensor):
+                continue
+            value = view.array(tensor)
+            if role.role is Role.WEIGHT:
+                axis = role.resolve_channel_axis(attrs)
+                constants[tensor] = _quantize_constant(value, exps[tensor], axis, node_bits, rounding)
+            elif role.role is Role.BIAS:
+                bias_bits = profile.bias_bits[node_bits]
+                constants[tensor] = _quantize_constant(value, exps[tensor], 0, bias_bits, rounding)
+            elif role.role in (Role.ACTIVATION, Role.QPARAM):
+                target = exps.get(tensor, out_exp)
+                if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED) and isinstance(out_exp, int):
+                    target = out_exp
+                if role.role is Role.QPARAM:  # compared with the first input's integers as the node reads them
+                    read_at = out_exp if aligns_to_output else at_width(inputs[0], node_bits)
+                    target = read_at if read_at is not None else target
+                name = tensor
+                if tensor in constants and (exps.get(tensor) != target or widths.get(tensor, bits) != node_bits):
+                    # One initializer read at several exponents (torch shares one Clip bound between every
+                    # ReLU6): each exponent gets its own integer copy.
+                    name = f"{tensor}__e{target}" + ("" if node_bits == bits else f"_int{node_bits}")
+                exps[name] = target
+                if node_bits != bits:
+                    widths[name] = node_bits
+                constants[name] = _quantize_constant(value, target, None, node_bits, rounding)
+                inputs[position] = name
+            else:  # integer parameters, indices, ignored inputs: as they are
+                constants[tensor] = value
+        # Every activation input at the exponent the rule asks for and at the node's width, in one step.
+        activations = [
+            i for i, t in enumerate(inputs) if t and spec.input_spec(i) and spec.input_spec(i).role is Role.ACTIVATION
+        ]
+        targets: dict[int, int | None] = {i: at_width(inputs[i], node_bits) for i in activations}
+        if aligns_to_output:
+            aligned = activations[:1] if spec.exponent is ExponentRule.PASSTHROUGH else activations
+            targets.update(dict.fromkeys(aligned, out_exp))
+        elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
+            present = [e for e in targets.values() if e is not None]
+            if present:
+                targets = dict.fromkeys(activations, max(present))
+        for position, target in targets.items():
+            if target is not None and inputs[position] not in constants:
+                inputs[position] = requantize_to(inputs[position], target, node.name, node_bits)
+        softmax_exponent = exps.get(inputs[0]) if node.op_type in ("Softmax", "LogSoftmax") and node_bits == 8 else None
+        if isinstance(softmax_exponent, int) and 127 * 2.0**softmax_exponent > 88.0:  # expf overflows above ~88.7
+            logger.warning(
+                "int8 %s %r: input exponent %d lets the runtime's exp table overflow (inf / NaN on the chip, "
+                "ARITHMETIC.md 10); quantize this layer's input with int16 or keep its range below 88",
+                node.op_type,
+                node.name,
+                softmax_exponent,
+            )
+        qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu, bits=node_bits)
+        if node_bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
+            in_exp = exps[inputs[0]]
+            qnode.table = lut_table(float_function(node.op_type, attrs), in_exp, out_exp, rounding)  # type: ignore[arg-type]
+        elif node_bits == 16 and node.op_type in TABLE_ONLY and isinstance(out_exp, int):
+            fn = float_function(node.op_type, attrs)
+            qnode.table = lut_table_int16(fn, exps[inputs[0]], out_exp, rounding)  # type: ignore[arg-type]
+            qnode.attrs["int16_lut_step"] = INT16_LUT_STEP
+        elif (
+            node_bits == 8
+            and node.op_type == "PRelu"
+            and view.is_constant(inputs[1])
+            and view.array(inputs[1]).size == 1
+        ):
+            slope = F32(view.array(inputs[1]).reshape(-1)[0])  # one slope: the int8 table (8.1)
+            qnode.table = lut_table(
+                lambda x, s=slope: np.where(x >= 0, x, x * s).astype(F32), exps[inputs[0]], out_exp, rounding
+            )  # type: ignore[arg-type]
+        nodes.append(qnode)
+    graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
+    quantized = QuantizedModel(
+        nodes=nodes,
+        constants=constants,
+        exponents=exps,
+        inputs=graph_inputs,
+        outputs=[o.name for o in model.graph.output],
+        profile=profile,
+        bits=bits,
+        float_tensors=set(plan.float_tensors),
+        widths=widths,
+        requantized=requantized,
+    )
+    check_shifts(quantized)
+    _warn_unknown_rules(quantized)
+    return quantized
+
+
+def _warn_unknown_rules(m: QuantizedModel) -> None:
+    """Say where the chip's rule is not known and the simulation follows ESP-DL's C reference instead."""
+    if m.profile.family != "p4":
+        return
+    for node in m.nodes:
+        if node.op_type == "PRelu" and node.table is None and node.bits == 8:
+            logger.warning(
+                "PRelu %r with per-channel slopes on ESP32-P4 int8: the chip's esp.vprelu rounding is not "
+                "documented; espquant simulates ESP-DL's C reference (floor), which may differ by 1 LSB on the chip",
+                node.name,
+            )
+
+
+def lower_for_target(model: onnx.ModelProto, table: QuantTable, target: str | TargetProfile) -> QuantizedModel:
+    """The integer model of ``model`` under ``table`` for ``target``, at the table's width (8 when it does not
+    say): what the engines (layer report, QDQ comparison) simulate without the legacy ``Evaluator``."""
+    from espquant.quant.profiles import get_target
+
+    profile = target if isinstance(target, TargetProfile) else get_target(target)
+    return build_quantized_model(model, table, profile, int(table.metadata.get("bits", 8)))
+
+
+def _shift_operands(m: QuantizedModel, node: QNode) -> tuple[str, list[str]] | None:
+    """The tensor whose exponent sets a node's right shift, and the inputs the shift subtracts."""
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Mul") and len(node.inputs) > 1:
+        return node.inputs[1], node.inputs[:2]
+    if node.op_type == "PRelu" and node.table is None:
+        return node.inputs[1], node.inputs[:2]
+    if node.op_type == "RequantizeLinear":
+        return node.inputs[0], node.inputs[:1]
+    return None
+
+
+def check_shifts(m: QuantizedModel) -> None:
+    """Refuse exponents whose shifts the runtime cannot apply (more than ``MAX_RIGHT_SHIFT`` to the right),
+    naming the tensor: its kernels shift int32 values with C shifts, undefined from 32 on."""
+    problems = []
+    for node in m.nodes:
+        found = _shift_operands(m, node)
+        if found is None or not node.outputs or node.outputs[0] in m.float_tensors:
+            continue
+        tensor, operands = found
+        if any(t in m.float_tensors or t not in m.exponents for t in operands) or node.outputs[0] not in m.exponents:
+            continue
+        e_out = m.exponent(node.outputs[0])
+        fixed = sum(m.exponent(t) for t in operands if t != tensor)
+        own = np.asarray(m.exponents[tensor], dtype=np.int64).reshape(-1)
+        shift = int((e_out - fixed - own).max(initial=0))
+        if shift > MAX_RIGHT_SHIFT:
+            where = f"node {node.name or node.outputs[0]!r} ({node.op_type})"
+            problems.append(
+                f"{where}: exponent {int(own.min())} of {tensor!r} makes a right shift of {shift} "
+                f"(e_out {e_out}); the runtime shifts at most {MAX_RIGHT_SHIFT}"
+            )
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise QuantTableError(
+            f"the table asks for shifts the chip cannot apply: {shown}. Calibrate again with espquant (it keeps "
+            f"every shift at most {MAX_RIGHT_SHIFT}), or raise the exponent of the tensor named."
+        )
+
+
