@@ -510,3 +510,15 @@ def test_a_clip_bound_shared_by_layers_of_different_exponents(rng):
     values = quantized.run({"x": quantized.quantize_input("x", data)}, keep=True)
     # One copy at the last reader's exponent would saturate 6.0 there and let the first ReLU6 pass 7.9.
     assert values["b"].max() * 2.0 ** quantized.exponent("b") == 6.0
+
+
+def test_the_legacy_misspelling_runs_the_same_simulation(rng):
+    """Espressif's legacy example calls ``eva.evalute_quantized_model(...)`` (sic)."""
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="relu")]
+    model = make_model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 8])])
+    data = rng.normal(0, 1, (4, 8)).astype(np.float32)
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data).table)
+    spelled, names = evaluator.evalute_quantized_model(data, False)
+    expected, _ = evaluator.evaluate_quantized_model(data)
+    assert names == ["y"] and np.array_equal(spelled[0], expected[0])

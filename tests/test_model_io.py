@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from espquant import optimize_fp_model
 from espquant.errors import EspquantError, ModelError, OptionError, OutputError
@@ -220,3 +221,31 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_minus_one_dimension_is_dynamic_and_can_be_pinned_or_kept_as_n(tmp_path):
+    """paddle2onnx writes a dynamic dimension as -1 (``[-1, 3, ?, ?]``): pinning it works, and 'N' keeps the
+    batch dynamic while the plane becomes static."""
+    from espquant.cli import main
+    from espquant.graph import tensor_shape
+    from espquant.optimizer.shapes import parse_input_shape
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert tensor_shape(model.graph.input[0]) == [None, 3, "h", "w"]
+    pinned = fix_input_shapes(model, dict([parse_input_shape("x:1,3,48,192")]))
+    assert tensor_shape(pinned.graph.input[0]) == [1, 3, 48, 192]
+    batch = fix_input_shapes(model, dict([parse_input_shape("x:N,3,48,192")]))
+    assert tensor_shape(batch.graph.input[0]) == ["N", 3, 48, 192]
+    onnx.save(model, tmp_path / "ocr.onnx")
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "ocr.onnx"), "--input-shape", "x:N,3,48,192"])
+    assert result.exit_code == 0, result.output
+    assert tensor_shape(onnx.load(tmp_path / "ocr_optimized.onnx").graph.input[0]) == ["N", 3, 48, 192]
+    with pytest.raises(OptionError, match="input:N,3,48,192"):
+        parse_input_shape("x:1,3,4.5,2")

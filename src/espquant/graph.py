@@ -87,14 +87,17 @@ class GraphView:
 
 
 def tensor_shape(info: onnx.ValueInfoProto) -> list[int | str | None] | None:
-    """The shape recorded in a ValueInfoProto, or None when it records no rank."""
+    """The shape recorded in a ValueInfoProto, or None when it records no rank.
+
+    A negative size is how paddle2onnx and other exporters write a dynamic dimension (``[-1, 3, ?, ?]``): it is
+    read as unknown (None), like an unnamed dimension."""
     tensor_type = info.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
     dims: list[int | str | None] = []
     for dim in tensor_type.shape.dim:
         if dim.HasField("dim_value"):
-            dims.append(dim.dim_value)
+            dims.append(dim.dim_value if dim.dim_value >= 0 else None)
         elif dim.HasField("dim_param"):
             dims.append(dim.dim_param)
         else:

@@ -137,3 +137,7 @@ class Evaluator:
         if self.quantized is None:
             raise OptionError("call generate_quantized_model(model, table) before evaluate_quantized_model.")
         return simulate(self.quantized, self._float_model, batch_fp_input, to_float)
+
+    # The legacy toolkit spelled it so, and Espressif's own example (tools/quantization_tool/examples/example.py)
+    # calls it by that name: kept so the example runs with only its imports changed.
+    evalute_quantized_model = evaluate_quantized_model

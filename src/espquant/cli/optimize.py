@@ -72,7 +72,8 @@ def print_report(report: Any, output: str | None, console: Console = out, title:
     "input_shapes",
     multiple=True,
     metavar="NAME:D0,D1,...",
-    help="Pin a dynamic input's shape, e.g. input:1,3,48,192. Repeat for several inputs.",
+    help="Pin a dynamic input's shape, e.g. input:1,3,48,192 (N for a batch that stays dynamic: input:N,3,48,192). "
+    "Repeat for several inputs.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--list-passes", is_flag=True, help="List the passes in pipeline order and exit.")
@@ -97,6 +98,7 @@ def optimize(
       espquant optimize mnist.onnx
       espquant optimize mnist.onnx -o clean.onnx --json
       espquant optimize ocr.onnx --input-shape x:1,3,48,192
+      espquant optimize ocr.onnx --input-shape x:N,3,48,192     # paddle2onnx's [-1, 3, ?, ?], batch kept dynamic
       espquant optimize mnist.onnx --passes fold_constants,fold_batchnorm
       espquant optimize mnist.onnx --force      # replace an earlier mnist_optimized.onnx
     """

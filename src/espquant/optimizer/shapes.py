@@ -129,11 +129,12 @@ def batch_pinning_reshapes(model: onnx.ModelProto) -> list[str]:
     return messages
 
 
-def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int | str]]) -> onnx.ModelProto:
     """Return a copy of the model with the named inputs' dimensions pinned to ``shapes``.
 
     Many exporters declare height and width dynamic; the chip needs them static. Each given shape must have
-    the input's rank and agree with its already-static dimensions. Shapes are inferred again afterwards.
+    the input's rank and agree with its already-static dimensions. A name instead of a size (``"N"``) keeps that
+    dimension dynamic under that name (the batch). Shapes are inferred again afterwards.
 
     Raises:
         OptionError: an unknown input name, a wrong rank, a non-positive size, or a conflict with a static dim.
@@ -146,7 +147,7 @@ def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence
             raise OptionError(
                 f"input shape for {name!r}: the model has no such input; its inputs are {', '.join(inputs)}."
             )
-        if any(int(d) <= 0 for d in shape):
+        if any(not isinstance(d, str) and int(d) <= 0 for d in shape):
             raise OptionError(f"input shape for {name!r}: {list(shape)} has a non-positive dimension.")
         info = inputs[name]
         current = tensor_shape(info)
@@ -157,7 +158,7 @@ def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence
             )
         if current is not None:
             for axis, (old, new) in enumerate(zip(current, shape)):
-                if isinstance(old, int) and old != int(new):
+                if isinstance(old, int) and (isinstance(new, str) or old != int(new)):
                     raise OptionError(
                         f"input shape for {name!r}: dimension {axis} is fixed to {old} in the model, not {new} "
                         f"(model shape {_show(current)})."
@@ -165,7 +166,11 @@ def fix_input_shapes(model_proto: onnx.ModelProto, shapes: Mapping[str, Sequence
         tensor_type = info.type.tensor_type
         tensor_type.ClearField("shape")
         for size in shape:
-            tensor_type.shape.dim.add().dim_value = int(size)
+            dim = tensor_type.shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = int(size)
     del model.graph.value_info[:]
     infer_shapes(model)
     return model
@@ -175,13 +180,21 @@ def _show(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def parse_input_shape(text: str) -> tuple[str, list[int]]:
-    """Parse ``NAME:1,3,48,192`` (the CLI's ``--input-shape``) into ``(name, [1, 3, 48, 192])``."""
+def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
+    """Parse ``NAME:1,3,48,192`` (the CLI's ``--input-shape``) into ``(name, [1, 3, 48, 192])``; ``N`` as a size
+    (``x:N,3,48,192``) keeps the batch dynamic."""
     name, sep, dims = text.rpartition(":")
-    try:
-        shape = [int(d) for d in dims.split(",") if d.strip()]
-    except ValueError:
-        shape = []
+    shape: list[int | str] = []
+    for part in (d.strip() for d in dims.split(",") if d.strip()):
+        if part.lstrip("-").isdigit():
+            shape.append(int(part))
+        elif part.isidentifier():
+            shape.append(part)
+        else:
+            shape = []
+            break
     if not sep or not name or not shape:
-        raise OptionError(f"--input-shape {text!r}: expected NAME:D0,D1,... for example 'input:1,3,48,192'.")
+        raise OptionError(
+            f"--input-shape {text!r}: expected NAME:D0,D1,... for example 'input:1,3,48,192' or 'input:N,3,48,192'."
+        )
     return name, shape
