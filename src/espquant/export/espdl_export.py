@@ -37,6 +37,7 @@ from espquant.espdl.layouts import encode_conv_weight, encode_depthwise_weight, 
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
 from espquant.espdl.writer import write_espdl
 from espquant.quant.pot import qmax, qmin, simd_lanes
+from espquant.simulator import kernels
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
 __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "export_espdl"]
@@ -230,15 +231,8 @@ def _conv_transpose(e: _Export, node: QNode) -> EspdlNode:
     rank = axes + 2
     x = e.ensure(source, _NHWC[rank])
     spread = f"{node.outputs[0]}__inserted"
-    inserted = e.values[source]
-    for axis, stride in enumerate(strides, start=2):
-        size = inserted.shape[axis]
-        grown = np.zeros([*inserted.shape[:axis], (size - 1) * stride + 1, *inserted.shape[axis + 1 :]], np.int64)
-        index = [slice(None)] * inserted.ndim
-        index[axis] = slice(None, None, stride)
-        grown[tuple(index)] = inserted
-        inserted = grown
-    e.values[spread] = inserted
+    channels_last = kernels.insert_zeros_channels_last(np.moveaxis(e.values[source], 1, -1), strides, [0] * axes)
+    e.values[spread] = np.moveaxis(channels_last, -1, 1)
     e.twins[spread] = source
     e.declare(spread, _NHWC[rank])
     e.nodes.append(
@@ -278,11 +272,11 @@ def _gemm(e: _Export, node: QNode) -> EspdlNode:
 def _matmul(e: _Export, node: QNode) -> EspdlNode:
     """MatMul: every trailing K x N slice of B in the Gemm byte order (ESPDL_FORMAT.md 5.2), dims kept. A constant
     B is stored that way; a B computed at run time is brought there by layout nodes, as ESP-PPQ writes them."""
+    if e.values[node.inputs[1]].ndim < 2:
+        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
     a = e.ensure(node.inputs[0], _identity(e.values[node.inputs[0]].ndim))
     if node.inputs[1] in e.model.constants:
         matrix = np.asarray(e.model.constants[node.inputs[1]])
-        if matrix.ndim < 2:
-            raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
         k, n = matrix.shape[-2:]
         slices = matrix.reshape(-1, k, n)
         flat = np.concatenate([encode_kn_matrix(s, e.bits, e.model.profile.simd) for s in slices])
@@ -300,8 +294,6 @@ def _blocked_operand(e: _Export, node: QNode) -> str:
     it as ``[N][K]``. The last Reshape keeps the ``(..., K, N)`` label the runtime takes the sizes from."""
     source = node.inputs[1]
     value = e.values[source]
-    if value.ndim < 2:
-        raise UnsupportedOpError(f"node {node.name!r}: MatMul with a 1-D B cannot be exported yet")
     *batch, k, n = value.shape
     lanes = simd_lanes(e.bits)
     if e.model.profile.simd and n % lanes:

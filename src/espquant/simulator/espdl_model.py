@@ -221,8 +221,8 @@ class _Lowering:
     def _channels_first(self, qnode: QNode) -> None:
         """``x (N, ..., C) -> Transpose -> op (ONNX layout) -> Transpose -> y (N, ..., C)``."""
         source, target = qnode.inputs[0], qnode.outputs[0]
-        rank = len(self.declared[source].shape or ()) if source in self.declared else 4
-        rank = rank or 4
+        declared = self.declared.get(source)
+        rank = len(declared.shape) if declared is not None and declared.shape else 4  # undeclared: an image
         to_first = [0, rank - 1, *range(1, rank - 1)]
         to_last = [0, *range(2, rank), 1]
         inner_in = f"{source}::channels_first"
