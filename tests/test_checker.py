@@ -138,7 +138,15 @@ CASES = {
     ),
     "lrn": (unary("LRN", size=3), ("op type", "no LRN")),
     "mod": (binary("Mod", [2, 3], [2, 3]), None),
-    "reduce-l2-unregistered": (unary("ReduceL2", keepdims=1), ("op type", "does not register it")),
+    "reduce-l2": (unary("ReduceL2", keepdims=1), None),
+    "reduce-five-alternating-runs": (
+        unary("ReduceMean", x_shape=(1, 2, 3, 4, 5), inputs=["a"], inits={"a": np.array([0, 2, 4], I64)}, opset=18),
+        ("input axes", "at most 4 alternating runs"),
+    ),
+    "reduce-nothing": (
+        unary("ReduceSum", inputs=["a"], inits={"a": np.array([], I64)}, noop_with_empty_axes=1),
+        ("input axes", "reduces no axis"),
+    ),
     "gelu-old-opset": (unary("Gelu", opset=20), None),
 }
 

@@ -44,6 +44,14 @@ def _binary(op, constant=None):
     return make_model([helper.make_node(op, ["x", "b"], ["y"], name="n")], inputs, [tensor("y", SHAPE)], inits)
 
 
+def _reduce(op, axes, keepdims=1):
+    shape = [d for k, d in enumerate(SHAPE) if k not in axes] if not keepdims else [
+        1 if k in axes else d for k, d in enumerate(SHAPE)
+    ]
+    node = helper.make_node(op, ["x", "axes"], ["y"], name="n", keepdims=keepdims)
+    return make_model([node], [tensor("x", SHAPE)], [tensor("y", shape)], {"axes": np.array(axes)}, opset=18)
+
+
 def _models():
     rng = np.random.default_rng(3)
     return {
@@ -96,6 +104,20 @@ def _models():
             [helper.make_node("ReduceMax", ["x"], ["y"], name="n", keepdims=0, axes=[1])],
             [tensor("x", SHAPE)],
             [tensor("y", ["N", 6, 6])],
+        ),
+        "ReduceL1": _reduce("ReduceL1", [2, 3], keepdims=0),
+        "ReduceL2": _reduce("ReduceL2", [1]),
+        "ReduceProd": _reduce("ReduceProd", [1]),
+        "ReduceLogSumExp": _reduce("ReduceLogSumExp", [1, 3]),
+        "ReduceLogSum of a Relu": make_model(  # a positive sum: the log of a negative one is NaN (see below)
+            [
+                helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                helper.make_node("ReduceLogSum", ["r", "axes"], ["y"], name="n", keepdims=1),
+            ],
+            [tensor("x", SHAPE)],
+            [tensor("y", ["N", 4, 1, 1])],
+            {"axes": np.array([2, 3])},
+            opset=18,
         ),
         "Split": make_model(
             [helper.make_node("Split", ["x", "sizes"], ["y", "z"], name="n", axis=1)],

@@ -39,6 +39,7 @@ from espquant.espdl.writer import write_espdl
 from espquant.quant.pot import qmax, qmin, simd_lanes
 from espquant.simulator import kernels
 from espquant.simulator.quantized_model import QNode, QuantizedModel
+from espquant.simulator.reductions import REDUCE_KINDS
 
 __all__ = ["EXPORTABLE_OPS", "LAYOUT_KEY", "build_espdl", "check_exportable", "export_espdl"]
 
@@ -53,7 +54,7 @@ _ACTIVATIONS = _FLOAT_AT_INT16 | {"LeakyRelu", "PRelu", "Gelu"}
 _INHERIT = {"Relu", "Clip", "RequantizeLinear", "QuantizeLinear", "DequantizeLinear", "Neg"} | _BINARY | _ACTIVATIONS
 _INHERIT |= _COMPARE
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
-_REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceSumSquare"}
+_REDUCE = set(REDUCE_KINDS)
 _ONNX_LAYOUT |= {"Slice", "Pad", "Split", "Gather", "LogSoftmax"} | _REDUCE
 _ONNX_LAYOUT |= {"ReverseSequence"}
 _CHANNELS_LAST = {"DepthToSpace", "SpaceToDepth"}  # pure data movement the runtime does on NHWC tensors

@@ -32,8 +32,56 @@ _QDQ_SCALE = Constraint(
 )
 
 
+def _reduced_axes(ctx: NodeContext) -> list[bool] | None:
+    """Which input axes the node reduces (ONNX rules: axes input or attribute, empty means all unless
+    ``noop_with_empty_axes``), or None when the rank or the axes are unknown."""
+    rank = ctx.rank(0)
+    if rank is None:
+        return None
+    if ctx.has_input(1):
+        if 1 not in ctx.constants:
+            return None
+        axes = [int(a) for a in np.asarray(ctx.constants[1]).reshape(-1)]
+    else:
+        axes = [int(a) for a in ctx.attrs.get("axes", [])]
+    if not axes:
+        return [not ctx.attrs.get("noop_with_empty_axes", 0)] * rank
+    return [axis in {a % rank for a in axes} for axis in range(rank)]
+
+
+def _reduce_pattern(ctx: NodeContext) -> str | None:
+    """ReduceBase::forward_template (dl_module_reduce_base.hpp) merges neighbouring axes that are both reduced
+    or both kept, and has a loop only for up to 4 merged axes that alternate; any other pattern leaves the
+    output unwritten. Reducing nothing is refused too (the runtime would reduce everything)."""
+    flags = _reduced_axes(ctx)
+    if flags is None:
+        return None
+    if not any(flags):
+        return "the node reduces no axis (noop_with_empty_axes); ESP-DL would reduce every axis"
+    merged = [flag for k, flag in enumerate(flags) if k == 0 or flag != flags[k - 1]]
+    if len(merged) > 4:
+        return (
+            f"reduced axes {[k for k, f in enumerate(flags) if f]} of a rank-{len(flags)} input alternate "
+            f"{len(merged)} times; ESP-DL's Reduce handles at most 4 alternating runs"
+        )
+    return None
+
+
+_REDUCE_PATTERN = Constraint(
+    "input axes", _reduce_pattern, "reshape the input so that the reduced axes form at most two runs"
+)
+
+
 def _reduce(op_type: str, exponent: ExponentRule, ref: str, **extra) -> OpSpec:
-    return OpSpec(op_type, "reduction", (activation("data"), param("axes", optional=True)), exponent, ref, **extra)
+    return OpSpec(
+        op_type,
+        "reduction",
+        (activation("data"), param("axes", optional=True)),
+        exponent,
+        ref,
+        constraints=(_REDUCE_PATTERN,),
+        **extra,
+    )
 
 
 def _unspecified(op_type: str, category, inputs, what: str, min_opset: int = 13) -> OpSpec:
@@ -63,25 +111,32 @@ SPECS: tuple[OpSpec, ...] = (
         ExponentRule.OWN,
         "10; integer sum of squares, then shift_and_round by e_out - 2 e_in (dl_module_reduce_sum_square.hpp)",
     ),
-    *(
-        _reduce(
-            op_type,
-            ExponentRule.OWN,
-            "10",
-            status="unspecified",
-            status_reason=f"ESP-DL v3.3.9 has a {op_type} module but does not register it (dl_module_creator.hpp)",
-        )
-        for op_type in ("ReduceL1", "ReduceL2")
+    _reduce(
+        "ReduceL1",
+        ExponentRule.OWN,
+        "10; integer sum of |x| (int32 / int64), then shift_and_round by e_out - e_in (dl_module_reduce_l1.hpp)",
     ),
-    *(
-        _reduce(
-            op_type,
-            ExponentRule.OWN,
-            "10",
-            status="unspecified",
-            status_reason=f"{op_type}'s float steps (dl_module_reduce_*.hpp) are not verified yet",
-        )
-        for op_type in ("ReduceProd", "ReduceLogSum", "ReduceLogSumExp")
+    _reduce(
+        "ReduceL2",
+        ExponentRule.OWN,
+        "10; integer sum of squares, then float32 sqrt_newton(sum 2^(2 e_in)) 2^-e_out (dl_module_reduce_l2.hpp)",
+    ),
+    _reduce(
+        "ReduceProd",
+        ExponentRule.OWN,
+        "10; a sequential product of x 2^e_in, float32 at int8 and double at int16 (dl_module_reduce_prod.hpp)",
+    ),
+    _reduce(
+        "ReduceLogSum",
+        ExponentRule.OWN,
+        "10; integer sum, then float32 log(sum 2^e_in) 2^-e_out (dl_module_reduce_log_sum.hpp)",
+        notes=("a negative sum gives NaN, which the chip converts to the largest integer",),
+    ),
+    _reduce(
+        "ReduceLogSumExp",
+        ExponentRule.OWN,
+        "10; a float32 sum of exp(x 2^e_in) (at int8 through a 256-entry table of expf), then log "
+        "(dl_module_reduce_log_sum_exp.hpp)",
     ),
     OpSpec(
         "QuantizeLinear",

@@ -13,9 +13,10 @@ import onnx
 from onnx import helper
 
 from espquant.quant.pot import EXACT_FLOAT32
-from espquant.quant.rounding import round_float, saturate, shift_round, wrap
+from espquant.quant.rounding import round_float, saturate, wrap
 from espquant.simulator import kernels
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path
+from espquant.simulator.reductions import REDUCE_KINDS, reduce_integer
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -370,23 +371,11 @@ def _reduce(kind: str):
     def run(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
         x = env[node.inputs[0]]
         axes = _axes(node, env)
-        axis = tuple(range(x.ndim)) if not axes else tuple(a % x.ndim for a in axes)
-        keep = bool(node.attrs.get("keepdims", 1))
-        if kind == "max":
-            return [x.max(axis=axis, keepdims=keep)]
-        if kind == "min":
-            return [x.min(axis=axis, keepdims=keep)]
-        x64 = x.astype(np.int64)
-        total = (x64 * x64 if kind == "sum_square" else x64).sum(axis=axis, keepdims=keep)
-        if node.bits == 8:  # the runtime accumulates int8 in int32 (int16 in int64): wrap as C does
-            total = wrap(total, 32)
+        axis = tuple(range(x.ndim)) if not axes else tuple(sorted(a % x.ndim for a in axes))
         e_in, e_out = m.exponent(node.inputs[0]), m.exponent(node.outputs[0])
-        if kind in ("sum", "sum_square"):  # tool::shift_and_round, then saturate (dl_module_reduce_sum*.hpp)
-            shift = e_out - (2 * e_in if kind == "sum_square" else e_in)
-            return [saturate(shift_round(total, shift, m.profile.rounding), node.bits)]
-        count = int(np.prod([x.shape[a] for a in axis]))
-        value = ((total.astype(F32) * F32(2.0**e_in)).astype(F32) / F32(count)).astype(F32)
-        return [saturate(round_float((value * F32(2.0**-e_out)).astype(F32), m.profile.rounding), node.bits)]
+        keepdims = bool(node.attrs.get("keepdims", 1))
+        common = dict(keepdims=keepdims, e_in=e_in, e_out=e_out, bits=node.bits, rounding=m.profile.rounding)
+        return [reduce_integer(kind, x, axis, **common)]
 
     return run
 
@@ -626,11 +615,7 @@ RUN = {
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
     "Identity": _identity,
-    "ReduceMean": _reduce("mean"),
-    "ReduceSum": _reduce("sum"),
-    "ReduceSumSquare": _reduce("sum_square"),
-    "ReduceMax": _reduce("max"),
-    "ReduceMin": _reduce("min"),
+    **{op_type: _reduce(kind) for op_type, kind in REDUCE_KINDS.items()},
 }
 
 
