@@ -139,6 +139,15 @@ CASES = {
     "lrn": (unary("LRN", size=3), ("op type", "no LRN")),
     "mod": (binary("Mod", [2, 3], [2, 3]), None),
     "reduce-l2": (unary("ReduceL2", keepdims=1), None),
+    "layernorm-mean-output": (
+        unary("LayerNormalization", inputs=["g"], inits={"g": np.ones(6, F)}, outputs=("y", "mean")),
+        ("outputs", "first output only"),
+    ),
+    "layernorm-scale-shape": (
+        unary("LayerNormalization", inputs=["g"], inits={"g": np.ones((4, 6, 1), F)}),
+        ("input scale", "does not broadcast"),
+    ),
+    "lpnorm-p3": (unary("LpNormalization", p=3), ("attribute p", "3")),
     "reduce-five-alternating-runs": (
         unary("ReduceMean", x_shape=(1, 2, 3, 4, 5), inputs=["a"], inits={"a": np.array([0, 2, 4], I64)}, opset=18),
         ("input axes", "at most 4 alternating runs"),
@@ -163,10 +172,20 @@ def test_checker_cases(name):
     assert any(p.field == field and fragment in p.reason for p in report.problems), [str(p) for p in report.problems]
 
 
-def test_resize_is_int8_only():
+def test_resize_is_int8_only_and_falls_back_to_int8_in_an_int16_model():
+    # The runtime's int16 Resize is an empty function: in an int16 model the node runs at int8 (a warning),
+    # unless fallback is off (--strict), which refuses it as before.
     model = CASES["resize-nearest"][0]
     report = check_model(model, bits="int16", strict=False)
-    assert [p.field for p in report.problems] == ["bits"]
+    assert report.ok and [(f.op_type, f.field) for f in report.fallbacks] == [("Resize", "bits")]
+    assert "runs at int8" in report.fallbacks[0].reason
+    assert report.to_dict()["int8_fallback"][0]["op_type"] == "Resize" and report.to_dict()["compatible"]
+    strict = check_model(model, bits="int16", strict=False, fallback=False)
+    assert [p.field for p in strict.problems] == ["bits"] and not strict.fallbacks
+    assert "without --strict" in strict.problems[0].hint
+    with pytest.raises(UnsupportedModelError, match="for int8 only, not int16"):
+        check_model(model, bits="int16", fallback=False)
+    assert not check_model(model, bits="int8", strict=False).fallbacks
 
 
 def test_per_channel_prelu_runs_on_every_target():
@@ -280,7 +299,9 @@ def test_calibrator_and_evaluator_check_model_return_legacy_codes(caplog):
     assert "no LRN operator" in caplog.text
     resize = CASES["resize-nearest"][0]
     assert Evaluator("int8", "esp32p4").check_model(resize) == 0
-    assert Evaluator("int16", "esp32p4").check_model(resize) == -1  # the runtime's int16 Resize is empty
+    assert Evaluator("int16", "esp32p4").check_model(resize) == 0  # the runtime's int16 Resize is empty: int8
+    assert Calibrator("int16").check_model(resize) == 0
+    assert Calibrator("int16", strict=True).check_model(resize) == -1
 
 
 def test_calibrator_and_evaluator_configuration():
@@ -378,10 +399,34 @@ def test_cli_check_table_json_and_exit_codes(tmp_path):
 def test_cli_check_all_targets_prints_a_support_matrix(tmp_path):
     path = tmp_path / "resize.onnx"
     onnx.save(CASES["resize-nearest"][0], path)
+    # Resize has no int16 kernel on any chip: it runs at int8 in an int16 model, or --strict refuses it.
     result = CliRunner().invoke(main, ["check", str(path), "--target", "all"])
-    assert result.exit_code == 1  # Resize has no int16 kernel on any chip
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ esp32")}
+    for target in ("esp32s3", "esp32c6", "esp32p4", "esp32s31"):
+        int8, int16 = lines[target].split("│")[2:4]
+        assert "yes" in int8 and "at int8" not in int8 and "yes (1 node(s) at int8)" in int16, lines[target]
+    assert "runs at int8" in result.output and "esp32p4/int16" in result.output
+    result = CliRunner().invoke(main, ["check", str(path), "--target", "all", "--strict"])
+    assert result.exit_code == 1
     lines = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ esp32")}
     for target in ("esp32s3", "esp32c6", "esp32p4", "esp32s31"):
         int8, int16 = lines[target].split("│")[2:4]
         assert "yes" in int8 and "no" in int16, lines[target]
     assert "(every target" not in result.output and "esp32p4/int16" in result.output
+
+
+def test_cli_check_int16_reports_the_int8_fallback_as_a_warning(tmp_path):
+    path = tmp_path / "resize.onnx"
+    onnx.save(CASES["resize-nearest"][0], path)
+    args = ["check", str(path), "--target", "esp32p4", "--bits", "int16"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "int8 fallback" in result.output and "node(s) at int8" in result.output and "compatible" in result.output
+    report = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert report["compatible"] and report["problems"] == [] and len(report["int8_fallback"]) == 1
+    assert report["ops"][0]["supported"] and "runs at int8" in report["ops"][0]["reasons"][0]
+    result = CliRunner().invoke(main, [*args, "--strict", "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert not report["compatible"] and report["int8_fallback"] == [] and report["problems"][0]["field"] == "bits"

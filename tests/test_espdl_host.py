@@ -119,6 +119,27 @@ def _models():
             {"axes": np.array([2, 3])},
             opset=18,
         ),
+        "LayerNormalization": make_model(
+            [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], name="n", axis=-1, epsilon=1e-5)],
+            [tensor("x", SHAPE)],
+            [tensor("y", SHAPE)],
+            {"g": rng.uniform(0.5, 1.5, (6,)).astype(np.float32), "b": rng.normal(0, 0.3, (6,)).astype(np.float32)},
+        ),
+        "LayerNormalization over CHW": make_model(
+            [helper.make_node("LayerNormalization", ["x", "g"], ["y"], name="n", axis=1)],
+            [tensor("x", SHAPE)],
+            [tensor("y", SHAPE)],
+            {"g": rng.uniform(0.5, 1.5, (4, 6, 6)).astype(np.float32)},
+        ),
+        "RMSNormalization": make_model(
+            [helper.make_node("RMSNormalization", ["x", "g"], ["y"], name="n", axis=2)],
+            [tensor("x", SHAPE)],
+            [tensor("y", SHAPE)],
+            {"g": rng.uniform(0.5, 1.5, (1, 6)).astype(np.float32)},
+            opset=23,
+        ),
+        "LpNormalization p2": _unary("LpNormalization", axis=1, p=2),
+        "LpNormalization p1 last axis": _unary("LpNormalization", axis=-1, p=1),
         "Split": make_model(
             [helper.make_node("Split", ["x", "sizes"], ["y", "z"], name="n", axis=1)],
             [tensor("x", SHAPE)],

@@ -58,7 +58,6 @@ _REDUCE = set(REDUCE_KINDS)
 _ONNX_LAYOUT |= {"Slice", "Pad", "Split", "Gather", "LogSoftmax"} | _REDUCE
 _ONNX_LAYOUT |= {"ReverseSequence"}
 _CHANNELS_LAST = {"DepthToSpace", "SpaceToDepth"}  # pure data movement the runtime does on NHWC tensors
-EXPORTABLE_OPS = frozenset(_CONV_LIKE | _INHERIT | _ONNX_LAYOUT | _CHANNELS_LAST | {"MatMul"})
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
 _INT_DTYPES = {8: "INT8", 16: "INT16"}
 
@@ -528,6 +527,35 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
     return EspdlNode(node.name, op_type, inputs, list(node.outputs), attrs)
 
 
+def _normalization(e: _Export, node: QNode) -> EspdlNode:
+    """Layer / RMS / Lp normalisation in ONNX layout. The runtime reads Scale and B element by element over the
+    normalised axes, so constants are written at that full shape: integers at their own exponents, RMS's
+    scale as float32 (dl_module_*_normalization.hpp)."""
+    x = node.inputs[0]
+    rank = e.values[x].ndim
+    axis = int(node.attrs.get("axis", -1)) % rank
+    inputs = [e.ensure(x, _identity(rank))]
+    normalized = e.values[x].shape[axis:]
+    for tensor in node.inputs[1:]:
+        if not tensor:
+            break
+        if tensor not in e.model.constants:
+            inputs.append(e.ensure(tensor, _identity(e.values[tensor].ndim)))
+            continue
+        value = np.broadcast_to(np.asarray(e.model.constants[tensor]), normalized)
+        if node.op_type == "RMSNormalization":
+            inputs.append(e.constant(tensor, value.astype(np.float32), "FLOAT", [0]))
+        else:
+            inputs.append(e.constant(tensor, value.astype(np.int64), e.int_dtype, _exponent_list(e.model, tensor)))
+    attrs: dict[str, Any] = {"axis": axis}
+    if node.op_type == "LpNormalization":
+        attrs["p"] = int(node.attrs.get("p", 2))
+    else:
+        attrs["epsilon"] = float(node.attrs.get("epsilon", 1e-5))
+    e.declare(node.outputs[0], _identity(rank))
+    return EspdlNode(node.name, node.op_type, inputs, [node.outputs[0]], attrs)
+
+
 def _reduce_axes(e: _Export, node: QNode, rank: int) -> list[int]:
     """The reduced axes, non-negative; no axes means all of them (``noop_with_empty_axes`` is not written)."""
     if len(node.inputs) > 1 and node.inputs[1]:
@@ -551,7 +579,9 @@ _EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
     **{op: _channels_last for op in _CHANNELS_LAST},
     **{op: _elementwise for op in _INHERIT},
     **{op: _onnx_layout for op in _ONNX_LAYOUT - {"Gemm"}},
+    **{op: _normalization for op in ("LayerNormalization", "RMSNormalization", "LpNormalization")},
 }
+EXPORTABLE_OPS = frozenset(_EXPORT)
 
 
 def check_exportable(model: QuantizedModel) -> None:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from espquant.ops.spec import Constraint, ExponentRule, NodeContext, OpSpec, activation, ignored, param
+from espquant.ops.spec import (
+    Constraint,
+    ExponentRule,
+    NodeContext,
+    OpSpec,
+    activation,
+    attr_in,
+    float_param,
+    ignored,
+    param,
+)
 
 __all__ = ["SPECS"]
 
@@ -82,6 +92,41 @@ def _reduce(op_type: str, exponent: ExponentRule, ref: str, **extra) -> OpSpec:
         constraints=(_REDUCE_PATTERN,),
         **extra,
     )
+
+
+def _only_y(ctx: NodeContext) -> str | None:
+    """ESP-DL computes Mean / InvStdDev only for LayerNormalization, and quantizes them with the input's
+    scale folded in twice (dl_module_layer_normalization.hpp); espquant supports Y alone."""
+    extra = [o for o in ctx.node.output[1:] if o]
+    return f"outputs {extra} are used; ESP-DL's normalisation is supported for its first output only" if extra else None
+
+
+_ONLY_Y = Constraint("outputs", _only_y, "use only the normalised output Y")
+
+
+def _normalized_operands(ctx: NodeContext) -> str | None:
+    """Scale and B are read element by element over ``x.shape[axis:]``: they must broadcast to that shape."""
+    shape = ctx.static_shape(0)
+    if shape is None:
+        return None
+    axis = int(ctx.attrs.get("axis", -1)) % len(shape)
+    normalized = shape[axis:]
+    for position in (1, 2):
+        if ctx.has_input(position) and position in ctx.constants:
+            operand = tuple(np.shape(ctx.constants[position]))
+            try:
+                fits = np.broadcast_shapes(operand, tuple(normalized)) == tuple(normalized)
+            except ValueError:
+                fits = False
+            if not fits:
+                shown = list(operand)
+                return f"input {position} of shape {shown} does not broadcast to the normalised shape {normalized}"
+    return None
+
+
+_NORMALIZED_OPERANDS = Constraint(
+    "input scale", _normalized_operands, "give Scale and B the shape of the normalised axes"
+)
 
 
 def _unspecified(op_type: str, category, inputs, what: str, min_opset: int = 13) -> OpSpec:
@@ -171,20 +216,38 @@ SPECS: tuple[OpSpec, ...] = (
             "ESP32-S3 int8 -> int8 with e_out - e_in <= -7 computes wrong results: avoid such left shifts",
         ),
     ),
-    _unspecified(
+    OpSpec(
         "LayerNormalization",
         "normalization",
         (activation("X"), activation("Scale"), activation("B", True)),
-        "LayerNormalization integer details",
+        ExponentRule.OWN,
+        "10; float32 steps of dl_module_layer_normalization.hpp (int32 sum, float variance, 1/sqrt_newton)",
+        min_opset=17,
+        constraints=(_ONLY_Y, _NORMALIZED_OPERANDS),
+        notes=(
+            "Scale and B are int8 / int16 at their own exponents, written for every normalised element",
+            "the chip's compiler may fuse normalized * scale + bias into one multiply-add: 1 LSB at ties",
+        ),
     ),
-    _unspecified(
+    OpSpec(
         "RMSNormalization",
         "normalization",
-        (activation("X"), activation("scale")),
-        "RMSNormalization integer details",
+        (activation("X"), float_param("scale")),
+        ExponentRule.OWN,
+        "10; exact integer sum of squares, 1/sqrtf, float32 scale (dl_module_rms_normalization.hpp)",
         min_opset=23,
+        constraints=(_ONLY_Y, _NORMALIZED_OPERANDS),
+        notes=("the scale stays float32 in the file, written for every normalised element",),
     ),
-    _unspecified("LpNormalization", "normalization", (activation("input"),), "LpNormalization integer details"),
+    OpSpec(
+        "LpNormalization",
+        "normalization",
+        (activation("input"),),
+        ExponentRule.OWN,
+        "10; 1/sum|x| or 1/sqrtf(sum x^2) of the integers (dl_module_lp_normalization.hpp)",
+        min_opset=1,
+        constraints=(attr_in("p", {1, 2}),),
+    ),
     _unspecified(
         "GRU",
         "recurrent",

@@ -43,6 +43,7 @@ __all__ = [
     "param",
     "qparam",
     "index",
+    "float_param",
     "ignored",
 ]
 
@@ -57,6 +58,7 @@ class Role(Enum):
     QPARAM = "qparam"  # constant scalar quantized with the input's exponent (Pad value, Clip min/max)
     INDEX = "index"  # integer tensor, not quantized, may be computed at run time (Gather indices)
     IGNORED = "ignored"  # read by ONNX but not by the runtime (Resize roi, Quantize scale/zero point)
+    FLOAT_PARAM = "float_param"  # constant the runtime reads as float32 (RMSNormalization's scale)
 
 
 class ExponentRule(Enum):
@@ -83,7 +85,8 @@ class InputSpec:
 
     @property
     def must_be_constant(self) -> bool:
-        return self.role in (Role.WEIGHT, Role.BIAS, Role.PARAM, Role.QPARAM) and not self.may_be_runtime
+        constant_roles = (Role.WEIGHT, Role.BIAS, Role.PARAM, Role.QPARAM, Role.FLOAT_PARAM)
+        return self.role in constant_roles and not self.may_be_runtime
 
     def resolve_channel_axis(self, attrs: dict[str, Any]) -> int | None:
         """The output-channel axis of this weight for a node with ``attrs``."""
@@ -114,6 +117,10 @@ def qparam(name: str, optional: bool = True) -> InputSpec:
 
 def index(name: str) -> InputSpec:
     return InputSpec(name, Role.INDEX)
+
+
+def float_param(name: str) -> InputSpec:
+    return InputSpec(name, Role.FLOAT_PARAM)
 
 
 def ignored(name: str, optional: bool = True) -> InputSpec:

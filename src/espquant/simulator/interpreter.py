@@ -14,7 +14,7 @@ from onnx import helper
 
 from espquant.quant.pot import EXACT_FLOAT32
 from espquant.quant.rounding import round_float, saturate, wrap
-from espquant.simulator import kernels
+from espquant.simulator import kernels, normalization
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path
 from espquant.simulator.reductions import REDUCE_KINDS, reduce_integer
 
@@ -546,6 +546,57 @@ def _reverse_sequence(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]
     return [np.moveaxis(moved, (0, 1), (batch_axis, time_axis))]
 
 
+def _optional(node: QNode, env: dict[str, np.ndarray], position: int) -> np.ndarray | None:
+    return env[node.inputs[position]] if len(node.inputs) > position and node.inputs[position] else None
+
+
+def _layer_normalization(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    scale, bias = _optional(node, env, 1), _optional(node, env, 2)
+    return [
+        normalization.layer_normalization(
+            env[node.inputs[0]],
+            scale,
+            bias,
+            axis=int(node.attrs.get("axis", -1)),
+            epsilon=float(node.attrs.get("epsilon", 1e-5)),
+            e_in=m.exponent(node.inputs[0]),
+            e_scale=m.exponent(node.inputs[1]) if scale is not None else 0,
+            e_bias=m.exponent(node.inputs[2]) if bias is not None else 0,
+            e_out=m.exponent(node.outputs[0]),
+            bits=node.bits,
+            rounding=m.profile.rounding,
+        )
+    ]
+
+
+def _rms_normalization(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [
+        normalization.rms_normalization(
+            env[node.inputs[0]],
+            env[node.inputs[1]],
+            axis=int(node.attrs.get("axis", -1)),
+            epsilon=float(node.attrs.get("epsilon", 1e-5)),
+            e_in=m.exponent(node.inputs[0]),
+            e_out=m.exponent(node.outputs[0]),
+            bits=node.bits,
+            rounding=m.profile.rounding,
+        )
+    ]
+
+
+def _lp_normalization(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [
+        normalization.lp_normalization(
+            env[node.inputs[0]],
+            axis=int(node.attrs.get("axis", -1)),
+            p=int(node.attrs.get("p", 2)),
+            e_out=m.exponent(node.outputs[0]),
+            bits=node.bits,
+            rounding=m.profile.rounding,
+        )
+    ]
+
+
 def _float_unary(fn: Any) -> Any:
     def run(x: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -574,6 +625,9 @@ RUN = {
     UNBLOCK_MATRIX: _unblock_matrix,
     "LUT": _activation,
     "ReverseSequence": _reverse_sequence,
+    "LayerNormalization": _layer_normalization,
+    "RMSNormalization": _rms_normalization,
+    "LpNormalization": _lp_normalization,
     "Div": _arith(kernels.div),
     "Pow": _arith(kernels.pow_float),
     "Mod": _arith(kernels.mod_float),
