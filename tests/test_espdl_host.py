@@ -119,6 +119,19 @@ def _models():
             {"axes": np.array([2, 3])},
             opset=18,
         ),
+        "ScatterND": make_model(
+            [helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="n")],
+            [tensor("x", [1, 4, 6, 6]), tensor("u", [1, 2, 6])],
+            [tensor("y", [1, 4, 6, 6])],
+            {"i": np.array([[[0, 1, 2], [0, -1, 0]]])},  # indices that name the batch entry: batch 1
+        ),
+        "ScatterND add of a constant": make_model(
+            [helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="n", reduction="add")],
+            [tensor("x", SHAPE)],
+            [tensor("y", SHAPE)],
+            {"i": np.array([[0, 3], [0, 1]]), "u": rng.normal(0, 1, (2, 6, 6)).astype(np.float32)},
+            opset=18,
+        ),
         "LayerNormalization": make_model(
             [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], name="n", axis=-1, epsilon=1e-5)],
             [tensor("x", SHAPE)],

@@ -56,7 +56,7 @@ _INHERIT |= _COMPARE
 _ONNX_LAYOUT = {"Gemm", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Softmax", "Concat", "Identity"}
 _REDUCE = set(REDUCE_KINDS)
 _ONNX_LAYOUT |= {"Slice", "Pad", "Split", "Gather", "LogSoftmax"} | _REDUCE
-_ONNX_LAYOUT |= {"ReverseSequence"}
+_ONNX_LAYOUT |= {"ReverseSequence", "ScatterND"}
 _CHANNELS_LAST = {"DepthToSpace", "SpaceToDepth"}  # pure data movement the runtime does on NHWC tensors
 _NHWC = {4: (0, 2, 3, 1), 3: (0, 2, 1)}
 _INT_DTYPES = {8: "INT8", 16: "INT16"}
@@ -516,6 +516,13 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
         axes = _reduce_axes(e, node, rank)
         inputs.append(e.constant(f"{node.outputs[0]}_axes", np.asarray(axes, np.int64), "INT64", [0]))
         attrs["keepdims"] = int(node.attrs.get("keepdims", 1))
+    elif op_type == "ScatterND":
+        indices = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64)
+        dims = np.asarray(e.values[node.inputs[0]].shape[: indices.shape[-1]], dtype=np.int64)
+        inputs.append(e.constant(node.inputs[1], indices % dims, "INT64", [0]))  # the runtime has no negative index
+        updates = node.inputs[2]
+        inputs.append(_operand(e, updates, _identity(e.values[updates].ndim), e.values[updates].ndim))
+        attrs["reduction"] = str(node.attrs.get("reduction", "none"))
     elif op_type == "Gather":
         if node.inputs[1] not in e.model.constants:
             raise UnsupportedOpError(f"node {node.name!r}: Gather with run-time indices cannot be exported")

@@ -183,10 +183,19 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec(
         "ScatterND",
         "data_movement",
-        (activation("data"), index("indices"), activation("updates")),
+        (activation("data"), param("indices"), activation("updates")),
         ExponentRule.SHARED,
-        "2 (alignment only)",
-        status="unspecified",
-        status_reason="the arithmetic spec does not describe ESP-DL's ScatterND kernel",
+        "2 (alignment only); slices copied, or combined with saturation (dl_module_scatter_nd.hpp)",
+        constraints=(
+            attr_in(
+                "reduction",
+                {"none", "add", "max", "min"},
+                "ESP-DL multiplies the raw integers without rescaling: use reduction none, add, max or min",
+            ),
+        ),
+        notes=(
+            "data, updates and output share one exponent; the indices must be constant (written as INT64)",
+            "repeated indices apply in order, the last slice wins (ONNX leaves that undefined)",
+        ),
     ),
 )

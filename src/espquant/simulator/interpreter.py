@@ -546,6 +546,27 @@ def _reverse_sequence(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]
     return [np.moveaxis(moved, (0, 1), (batch_axis, time_axis))]
 
 
+def _scatter_nd(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Slices of ``updates`` written into a copy of ``data`` one by one, in order (dl_module_scatter_nd.hpp):
+    ``add`` saturates the integer sum, ``max`` / ``min`` compare integers (the exponents are shared)."""
+    data = env[node.inputs[0]].copy()
+    indices = env[node.inputs[1]].astype(np.int64)
+    depth = indices.shape[-1]
+    positions = indices.reshape(-1, depth) % np.asarray(data.shape[:depth], dtype=np.int64)
+    updates = env[node.inputs[2]].reshape(len(positions), *data.shape[depth:])
+    reduction = node.attrs.get("reduction", "none")
+    for where, update in zip(map(tuple, positions.tolist()), updates):
+        if reduction == "add":
+            data[where] = saturate(data[where].astype(np.int64) + update, node.bits)
+        elif reduction == "max":
+            data[where] = np.maximum(data[where], update)
+        elif reduction == "min":
+            data[where] = np.minimum(data[where], update)
+        else:
+            data[where] = update
+    return [data]
+
+
 def _optional(node: QNode, env: dict[str, np.ndarray], position: int) -> np.ndarray | None:
     return env[node.inputs[position]] if len(node.inputs) > position and node.inputs[position] else None
 
@@ -626,6 +647,7 @@ RUN = {
     "LUT": _activation,
     "ReverseSequence": _reverse_sequence,
     "LayerNormalization": _layer_normalization,
+    "ScatterND": _scatter_nd,
     "RMSNormalization": _rms_normalization,
     "LpNormalization": _lp_normalization,
     "Div": _arith(kernels.div),
