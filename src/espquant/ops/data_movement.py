@@ -198,4 +198,17 @@ SPECS: tuple[OpSpec, ...] = (
             "repeated indices apply in order, the last slice wins (ONNX leaves that undefined)",
         ),
     ),
+    OpSpec(
+        "StreamingCache",
+        "data_movement",
+        (activation("x"),),
+        ExponentRule.PASSTHROUGH,
+        "9 (a copy); the last window_size - 1 frames kept between calls (dl_module_streaming_cache.hpp)",
+        onnx_standard=False,
+        espdl_refusal=(
+            "StreamingCache is ESP-DL's own stateful node that Espressif's streaming export inserts; a float "
+            "ONNX model cannot contain it (espquant runs it in .espdl files)"
+        ),
+        notes=("each run continues the stream; reset() starts a new one",),
+    ),
 )

@@ -92,6 +92,10 @@ class EspdlModel:
             {name: t.data for name, t in self.file.test_outputs.items()},
         )
 
+    def reset(self) -> None:
+        """Start a new stream: StreamingCache nodes forget the frames of earlier runs."""
+        self.quantized.reset()
+
     def onnx_layout(self, name: str) -> tuple[int, ...] | None:
         """For a graph input or output of a file espquant exported: the permutation that takes the ONNX
         model's tensor to the file's layout (``np.transpose(onnx_array, perm)``), e.g. ``(0, 2, 3, 1)`` for

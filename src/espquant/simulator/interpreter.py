@@ -567,6 +567,27 @@ def _scatter_nd(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> l
     return [data]
 
 
+def _streaming_cache(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """ESP-DL's StreamingCache (dl_module_streaming_cache.hpp): the bytes of the last ``window_size - 1``
+    frames, then the input, as one tensor with ``window_size - 1`` more frames; the cache (zeros at first)
+    becomes the tail of that tensor. Each batch entry is one call on the chip, in order, and the cache lives
+    on in the model until ``reset()``."""
+    x = env[node.inputs[0]]
+    window = int(node.attrs.get("window_size", 1))
+    axis = int(node.attrs.get("frame_axis", 1))
+    outputs = []
+    for sample in np.split(x, x.shape[0], axis=0) if x.ndim and x.shape[0] > 1 else [x]:
+        shape = list(sample.shape)
+        shape[axis % sample.ndim] += window - 1
+        cached = m.state.get(node.name)
+        if cached is None:
+            cached = np.zeros(int(np.prod(shape)) - sample.size, dtype=np.int64)
+        joined = np.concatenate([cached, sample.reshape(-1).astype(np.int64)])
+        m.state[node.name] = joined[sample.size :]
+        outputs.append(joined.reshape(shape))
+    return [np.concatenate(outputs, axis=0)]
+
+
 def _optional(node: QNode, env: dict[str, np.ndarray], position: int) -> np.ndarray | None:
     return env[node.inputs[position]] if len(node.inputs) > position and node.inputs[position] else None
 
@@ -648,6 +669,7 @@ RUN = {
     "ReverseSequence": _reverse_sequence,
     "LayerNormalization": _layer_normalization,
     "ScatterND": _scatter_nd,
+    "StreamingCache": _streaming_cache,
     "RMSNormalization": _rms_normalization,
     "LpNormalization": _lp_normalization,
     "Div": _arith(kernels.div),

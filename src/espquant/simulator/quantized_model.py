@@ -55,9 +55,15 @@ class QuantizedModel:
     requantized: int = 0
     threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
     compiled: bool = True  # run provably exact node runs as onnxruntime graphs (simulator/compiled.py)
+    # What stateful nodes (StreamingCache) carry from one run to the next, as the chip's module does.
+    state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
     _programs: dict[tuple[bool, int | None], CompiledProgram] = field(default_factory=dict, repr=False)
     _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
+
+    def reset(self) -> None:
+        """Forget what stateful nodes carry between runs (ESP-DL's ``Model::reset``: a new stream)."""
+        self.state.clear()
 
     def width(self, name: str) -> int:
         """The integer width of tensor ``name`` (``bits`` except in the int16 layers of a mixed model)."""
