@@ -148,6 +148,7 @@ CASES = {
         ("input scale", "does not broadcast"),
     ),
     "lpnorm-p3": (unary("LpNormalization", p=3), ("attribute p", "3")),
+    "xor-unregistered": (binary("Xor", [2, 3], [2, 3]), ("op type", "no Xor operator")),
     "reduce-five-alternating-runs": (
         unary("ReduceMean", x_shape=(1, 2, 3, 4, 5), inputs=["a"], inits={"a": np.array([0, 2, 4], I64)}, opset=18),
         ("input axes", "at most 4 alternating runs"),

@@ -72,6 +72,11 @@ UNREGISTERED_HINTS: MappingProxyType[str, str] = MappingProxyType(
         "refuses the file); for a constant bound use Clip",
         "Min": "ESP-DL v3.3.9 has a Min module but does not register it (dl_module_creator.hpp: the runtime "
         "refuses the file); for a constant bound use Clip",
+        **{
+            op: f"ESP-DL v3.3.9 has a {op} module but does not register it (dl_module_creator.hpp: the runtime "
+            "refuses the file); compute the mask with a comparison instead"
+            for op in ("And", "Or", "Xor", "Not")
+        },
         "LRN": "ESP-DL has no local response normalisation; remove it (it rarely matters after training)",
         "If": "control flow cannot run on ESP-DL; export the branch you need",
         "Loop": "control flow cannot run on ESP-DL; unroll the loop when exporting",

@@ -214,6 +214,10 @@ class _Lowering:
         elif op_type == "Transpose" and "perm" in attrs:
             rank = len(attrs["perm"])
             qnode.attrs["perm"] = [int(p) % rank for p in attrs["perm"]]
+        elif op_type == "SpaceToDepth":
+            qnode.attrs["channel_major"] = 1  # ESP-DL's output channel order (interpreter._space_to_depth)
+        elif op_type == "DepthToSpace":
+            self._check_dcr(node)
         elif op_type == "PRelu":
             slope = qnode.inputs[1]
             self.constants[slope] = self.constants[slope].reshape(-1)  # one per channel, channels last
@@ -221,6 +225,22 @@ class _Lowering:
             self._channels_first(qnode)
         else:
             self.nodes.append(qnode)
+
+    def _check_dcr(self, node: EspdlNode) -> None:
+        """ESP-DL's DCR loop writes output channel ``c % blocksize`` (dl_module_depth_to_space.hpp): with other
+        than ``blocksize`` output channels it overwrites some outputs and leaves others unwritten."""
+        if node.attributes.get("mode", "DCR") != "DCR":
+            return
+        declared = self.declared.get(node.inputs[0])
+        size = int(node.attributes.get("blocksize", 1))
+        if declared is not None and declared.shape and size > 1:
+            channels = declared.shape[-1] // (size * size)
+            if channels != size:
+                raise UnsupportedOpError(
+                    f"node {node.name!r}: DepthToSpace DCR with {channels} output channels and blocksize {size}: "
+                    "ESP-DL's loop leaves part of the output unwritten (dl_module_depth_to_space.hpp), so what the "
+                    "chip computes is not defined"
+                )
 
     def _channels_first(self, qnode: QNode) -> None:
         """``x (N, ..., C) -> Transpose -> op (ONNX layout) -> Transpose -> y (N, ..., C)``."""

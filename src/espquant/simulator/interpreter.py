@@ -505,7 +505,11 @@ def _space_to_depth(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) 
     x = env[node.inputs[0]]
     b, c, h, w = x.shape
     size = int(node.attrs["blocksize"])
-    y = x.reshape(b, c, h // size, size, w // size, size).transpose(0, 3, 5, 1, 2, 4)
+    # ONNX orders the output channels block-major; ESP-DL's kernel channel-major, out_c = c * size^2 + offset
+    # (dl_module_space_to_depth.hpp): the .espdl front end asks for that order, the checker keeps ONNX models
+    # where both agree (one channel).
+    order = (0, 1, 3, 5, 2, 4) if node.attrs.get("channel_major") else (0, 3, 5, 1, 2, 4)
+    y = x.reshape(b, c, h // size, size, w // size, size).transpose(order)
     return [y.reshape(b, c * size**2, h // size, w // size)]
 
 
