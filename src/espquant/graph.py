@@ -10,15 +10,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 __all__ = [
     "GraphView",
     "opset_version",
     "tensor_shape",
+    "node_attributes",
     "set_initializer",
     "remove_nodes",
     "replace_nodes",
@@ -111,6 +113,25 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
         if entry.domain in ({"", "ai.onnx"} if domain in ("", "ai.onnx") else {domain}):
             return entry.version
     return 0
+
+
+def node_attributes(node: onnx.NodeProto, opset: int) -> dict[str, Any]:
+    """The node's attributes with the ONNX schema's defaults filled in for the absent ones (strings decoded).
+
+    The one place ONNX defaults are read: the checker's constraints, the calibration plan and the integer
+    model all see the same values, so no kernel guesses a default of its own."""
+    values: dict[str, Any] = {}
+    if onnx.defs.has(node.op_type, node.domain):
+        schema = onnx.defs.get_schema(node.op_type, max(opset, 1), node.domain)
+        for name, attribute in schema.attributes.items():
+            if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
+                values[name] = helper.get_attribute_value(attribute.default_value)
+    for attribute in node.attribute:
+        values[attribute.name] = helper.get_attribute_value(attribute)
+    for name, value in list(values.items()):
+        if isinstance(value, bytes):
+            values[name] = value.decode("utf-8", errors="replace")
+    return values
 
 
 def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from espquant.errors import UnsupportedModelError
-from espquant.graph import GraphView
+from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, Role, get_op_spec
 from espquant.ops.spec import OpSpec
 
@@ -62,6 +62,7 @@ class CalibrationPlan:
 def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
     """Build the plan; every op must be in the registry (run the checker first for the reasons)."""
     view = GraphView(model.graph)
+    opset = opset_version(model)
     nodes: list[tuple[onnx.NodeProto, OpSpec]] = []
     observed: list[str] = [i.name for i in model.graph.input if i.name in view.graph_inputs]
     fused: dict[str, str] = {}
@@ -86,7 +87,7 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
             continue
         if node.op_type == "DequantizeLinear":
             _check_dequantized_readers(view, node, spec)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node, opset)
         for position, tensor in enumerate(node.input):
             role = spec.input_spec(position)
             if not tensor or role is None or not view.is_constant(tensor):

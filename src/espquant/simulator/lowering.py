@@ -8,13 +8,13 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from espquant.calibration.plan import plan_calibration
 from espquant.calibration.precision import equivalent_exponent, tensor_widths
 from espquant.errors import QuantTableError
-from espquant.graph import GraphView
+from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, Role
+from espquant.ops.recurrent import RECURRENT_OPS
 from espquant.quant.pot import MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate
@@ -27,6 +27,7 @@ from espquant.simulator.activations import (
     lut_table_int16,
 )
 from espquant.simulator.quantized_model import QNode, QuantizedModel
+from espquant.simulator.recurrent import lower_recurrent
 from espquant.table import QuantTable
 
 __all__ = ["build_quantized_model", "lower_for_target", "check_shifts"]
@@ -52,6 +53,7 @@ def build_quantized_model(
     """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
     plan = plan_calibration(model)
     view = GraphView(model.graph)
+    opset = opset_version(model)
     needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     table.check_model(model, sorted(needed))
     exps = dict(table.exponents)
@@ -88,8 +90,7 @@ def build_quantized_model(
     for node, spec in plan.nodes:
         if id(node) in fused_relu_nodes:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        attrs = node_attributes(node, opset)
         outputs = list(node.output)
         relu = False
         if outputs and outputs[0] in plan.fused:
@@ -176,6 +177,8 @@ def build_quantized_model(
             qnode.table = lut_table(
                 lambda x, s=slope: np.where(x >= 0, x, x * s).astype(F32), exps[inputs[0]], out_exp, rounding
             )  # type: ignore[arg-type]
+        if node.op_type in RECURRENT_OPS:  # gate exponent, int16 bias and states (simulator/recurrent.py)
+            lower_recurrent(qnode, node, view, exps, widths, constants, bits, rounding, requantize_to)
         nodes.append(qnode)
     graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
     quantized = QuantizedModel(
