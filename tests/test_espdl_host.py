@@ -225,6 +225,16 @@ def _models():
             [tensor("x", ["N", 4, 6]), tensor("w", ["N", 6, 16])],
             [tensor("y", ["N", 4, 16])],
         ),
+        "MatMul by a run-time B with tail columns": make_model(  # 21 = 16 + 5 (int8), 2 * 8 + 5 (int16)
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="n")],
+            [tensor("x", ["N", 4, 6]), tensor("w", ["N", 6, 21])],
+            [tensor("y", ["N", 4, 21])],
+        ),
+        "MatMul by a narrow run-time B": make_model(  # 5 columns: only a tail
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="n")],
+            [tensor("x", ["N", 3, 4, 6]), tensor("w", ["N", 3, 6, 5])],
+            [tensor("y", ["N", 3, 4, 5])],
+        ),
         "Greater": make_model(
             [helper.make_node("Greater", ["x", "b"], ["y"], name="n")],
             [tensor("x", SHAPE), tensor("b", SHAPE)],

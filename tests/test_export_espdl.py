@@ -389,7 +389,8 @@ def test_a_nan_test_input_is_refused(tmp_path, demo):
 @pytest.mark.parametrize("target", TARGETS)
 def test_matmul_by_a_constant_round_trips(tmp_path, rng, target):
     """Each trailing K x N slice of a constant B is stored in the Gemm byte order (blocked on S3 / P4); N = 20
-    leaves a 4-channel tail after one 16-lane block. A run-time B that is not whole SIMD blocks is refused at check."""
+    leaves a 4-channel tail after one 16-lane block. A run-time B of any width is accepted (its byte order is
+    built by data-movement nodes; tests/test_espdl_host.py runs such files)."""
     nodes = [
         helper.make_node("MatMul", ["x", "b"], ["m"], name="matmul"),
         helper.make_node("Relu", ["m"], ["y"], name="relu"),
@@ -410,11 +411,4 @@ def test_matmul_by_a_constant_round_trips(tmp_path, rng, target):
         [tensor("x", ["N", 4, 6]), tensor("w", ["N", 6, 3])],
         [tensor("y", ["N", 4, 3])],
     )
-    report = check_model(runtime, target=target, strict=False)  # refused where export would be: at check
-    if target == "esp32c3":  # the plain-C kernels read B as [N][K]: one Transpose, any width
-        assert report.ok
-    else:
-        assert [p.reason for p in report.problems] == [
-            f"B is computed at run time with 3 columns; on {target} espquant writes it only with a multiple of 16 "
-            "(whole SIMD blocks)"
-        ]
+    assert check_model(runtime, target=target, strict=False).ok

@@ -36,6 +36,7 @@ from espquant.errors import ModelError, OptionError, OutputError, TargetError, U
 from espquant.espdl.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
 from espquant.espdl.writer import write_espdl
+from espquant.export.espdl_recurrent import export_recurrent
 from espquant.quant.pot import qmax, qmin, simd_lanes
 from espquant.simulator import kernels
 from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -289,41 +290,71 @@ def _matmul(e: _Export, node: QNode) -> EspdlNode:
 
 
 def _blocked_operand(e: _Export, node: QNode) -> str:
-    """A run-time B in the weight byte order, by Reshape / Transpose / Reshape nodes. SIMD targets read each
-    ``K x N`` slice as blocks of ``lanes`` output columns, ``(N / lanes, K, lanes)``; the plain-C kernels read
-    it as ``[N][K]``. The last Reshape keeps the ``(..., K, N)`` label the runtime takes the sizes from."""
+    """A run-time B in the weight byte order (``encode_kn_matrix``), by data-movement nodes the runtime runs.
+
+    SIMD targets read each ``K x N`` slice as blocks of ``lanes`` output columns, ``(N / lanes, K, lanes)``,
+    then the tail columns as ``[N_tail][K]``; the plain-C kernels read it as ``[N][K]``. With a tail the two
+    parts are sliced, ordered and flattened apart, then concatenated. The last Reshape keeps the ``(..., K, N)``
+    label the runtime takes the sizes from."""
     source = node.inputs[1]
     value = e.values[source]
     *batch, k, n = value.shape
-    lanes = simd_lanes(e.bits)
-    if e.model.profile.simd and n % lanes:
-        raise UnsupportedOpError(
-            f"node {node.name!r}: a run-time B with {n} columns, not a multiple of {lanes}, cannot be exported yet"
-        )
-    current = e.ensure(source, _identity(value.ndim))
     rank = value.ndim
-    if e.model.profile.simd:
-        blocks = [*range(rank - 2), rank - 1, rank - 2, rank]  # (..., K, N/lanes, lanes) -> (..., N/lanes, K, lanes)
-        steps = [("reshape", [*batch, k, n // lanes, lanes]), ("transpose", blocks)]
-    else:
-        steps = [("transpose", [*range(rank - 2), rank - 1, rank - 2])]
-    steps.append(("reshape", [*batch, k, n]))
-    data = value
-    for index, (kind, argument) in enumerate(steps):
-        name = f"{node.outputs[0]}__b{index}"
-        data = data.reshape(argument) if kind == "reshape" else np.transpose(data, argument)
-        e.values[name] = data
-        e.twins[name] = source
-        attrs: dict[str, Any] = {"quant_type": e.quant_type(source)}
-        inputs = [current]
-        if kind == "reshape":
-            inputs.append(e.constant(f"{name}_shape", np.asarray(argument, np.int64), "INT64", [0]))
-        else:
+    swap = [*range(rank - 2), rank - 1, rank - 2]
+    current = e.ensure(source, _identity(rank))
+    steps = _LayoutSteps(e, node.outputs[0], source)
+    if not e.model.profile.simd:
+        plain = steps.add("Transpose", [current], swap)
+        return steps.add("Reshape", [plain], [*batch, k, n])
+    lanes = simd_lanes(e.bits)
+    head_n = n - n % lanes
+    parts = []
+    if head_n:
+        head = steps.add("Slice", [current], (0, head_n)) if head_n < n else current
+        blocks = steps.add("Reshape", [head], [*batch, k, head_n // lanes, lanes])
+        ordered = steps.add("Transpose", [blocks], [*range(rank - 2), rank - 1, rank - 2, rank])
+        parts.append(steps.add("Reshape", [ordered], [*batch, head_n * k]))
+    if head_n < n:
+        tail = steps.add("Slice", [current], (head_n, n)) if head_n else current
+        plain = steps.add("Transpose", [tail], swap)
+        parts.append(steps.add("Reshape", [plain], [*batch, (n - head_n) * k]))
+    joined = steps.add("Concat", parts, len(batch)) if len(parts) > 1 else parts[0]
+    return steps.add("Reshape", [joined], [*batch, k, n])
+
+
+class _LayoutSteps:
+    """Data-movement nodes that reorder one tensor's bytes; each result has the source's exponent and width."""
+
+    def __init__(self, e: _Export, prefix: str, source: str) -> None:
+        self.e, self.prefix, self.source = e, prefix, source
+        self.count = 0
+
+    def add(self, op_type: str, inputs: list[str], argument: Any) -> str:
+        e = self.e
+        name = f"{self.prefix}__b{self.count}"
+        self.count += 1
+        data = [e.values[t] for t in inputs]
+        attrs: dict[str, Any] = {"quant_type": e.quant_type(self.source)}
+        node_inputs = list(inputs)
+        if op_type == "Reshape":
+            result = data[0].reshape(argument)
+            node_inputs.append(e.constant(f"{name}_shape", np.asarray(argument, np.int64), "INT64", [0]))
+        elif op_type == "Transpose":
+            result = np.transpose(data[0], argument)
             attrs["perm"] = list(argument)
-        e.declare(name, _identity(data.ndim))
-        e.nodes.append(EspdlNode(f"{name}_{kind}", kind.capitalize(), inputs, [name], attrs))
-        current = name
-    return current
+        elif op_type == "Slice":  # columns [start, end) of the last axis
+            start, end = argument
+            result = data[0][..., start:end]
+            for suffix, values in (("starts", [start]), ("ends", [end]), ("axes", [data[0].ndim - 1])):
+                node_inputs.append(e.constant(f"{name}_{suffix}", np.asarray(values, np.int64), "INT64", [0]))
+        else:  # Concat along ``argument``
+            result = np.concatenate(data, axis=argument)
+            attrs["axis"] = int(argument)
+        e.values[name] = result
+        e.twins[name] = self.source
+        e.declare(name, _identity(result.ndim))
+        e.nodes.append(EspdlNode(f"{name}_{op_type.lower()}", op_type, node_inputs, [name], attrs))
+        return name
 
 
 def _pool(e: _Export, node: QNode) -> EspdlNode:
@@ -583,6 +614,8 @@ _EXPORT: dict[str, Callable[[_Export, QNode], EspdlNode | None]] = {
     "MatMul": _matmul,
     **{op: _pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool")},
     "Resize": _resize,
+    "GRU": export_recurrent,  # export/espdl_recurrent.py
+    "LSTM": export_recurrent,
     **{op: _channels_last for op in _CHANNELS_LAST},
     **{op: _elementwise for op in _INHERIT},
     **{op: _onnx_layout for op in _ONNX_LAYOUT - {"Gemm"}},

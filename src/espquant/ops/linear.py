@@ -15,7 +15,6 @@ from espquant.ops.spec import (
     input_rank_in,
     weight,
 )
-from espquant.quant.pot import simd_lanes
 
 __all__ = ["SPECS"]
 
@@ -59,22 +58,13 @@ def _matmul_batch(ctx: NodeContext) -> str | None:
 
 def _matmul_b(ctx: NodeContext) -> str | None:
     """ESP-DL reads a MatMul's B in the weight byte order. A constant B is stored that way; a B computed at run
-    time gets Reshape / Transpose nodes (as ESP-PPQ writes them), which on the SIMD chips need whole blocks of
-    16 (int8) / 8 (int16) columns. A vector B is not written yet."""
+    time gets Slice / Reshape / Transpose / Concat nodes that put it in that order. A vector B is not written
+    yet."""
     constant = ctx.constants.get(1)
     shape = ctx.input_shapes[1] if len(ctx.input_shapes) > 1 else None
     rank = constant.ndim if constant is not None else (len(shape) if shape is not None else None)
     if rank is not None and rank < 2:
         return "B is a vector; espquant writes MatMul only with a matrix B yet"
-    if constant is not None or ctx.target is None or not ctx.target.simd:
-        return None
-    columns = shape[-1] if shape else None
-    lanes = simd_lanes(ctx.bits)
-    if not isinstance(columns, int) or columns % lanes:
-        return (
-            f"B is computed at run time with {columns if isinstance(columns, int) else 'unknown'} columns; on "
-            f"{ctx.target.name} espquant writes it only with a multiple of {lanes} (whole SIMD blocks)"
-        )
     return None
 
 
@@ -134,7 +124,7 @@ SPECS: tuple[OpSpec, ...] = (
         "4.1, 4.6",
         constraints=(
             Constraint("input shapes", _matmul_batch, "reshape the operands to at most 4-D"),
-            Constraint("input B", _matmul_b, "make B a constant matrix, or pad its columns to whole blocks"),
+            Constraint("input B", _matmul_b, "make B a matrix (unsqueeze a vector B to one column)"),
         ),
         fuses=RELU,
         nonnegative_shift=True,
