@@ -42,7 +42,7 @@ def test_entry_is_complete(spec: OpSpec):
     if spec.status != "supported":
         assert spec.status_reason, "an unspecified op must say why"
     for position in spec.weight_inputs:
-        assert spec.category in ("linear", "activation"), spec.op_type
+        assert spec.category in ("linear", "activation", "recurrent"), spec.op_type
         assert spec.inputs[position].must_be_constant or spec.inputs[position].may_be_runtime
     if spec.bias_inputs:
         assert spec.weight_inputs, "a bias exponent is e_in + e_w: there must be a weight"
@@ -148,7 +148,7 @@ def test_imports_flow_one_way():
     import espquant
 
     layers = {
-        "errors": 0, "files": 0, "_version": 0, "progress": 0,
+        "errors": 0, "files": 0, "_version": 0, "progress": 0, "arrays": 1,
         "quant": 1, "graph": 1, "model_io": 1, "table": 1, "runtime": 1,
         "espdl": 2, "ops": 2,
         "optimizer": 3, "checker": 3,
@@ -194,4 +194,8 @@ def test_espquant_ops_prints_one_json_document():
     assert result.exit_code == 0
     rows = {row["op_type"]: row for row in json.loads(result.output)}
     assert rows["Conv"]["espdl"] and rows["Conv"]["cpp"] and rows["Gelu"]["int16"] and rows["Equal"]["espdl"]
-    assert rows["ConvTranspose"]["espdl"] and not rows["GRU"]["int8"] and "GRU" in rows["GRU"]["notes"]
+    assert rows["ConvTranspose"]["espdl"]
+    for recurrent in ("GRU", "LSTM"):  # simulated bit for bit and written to .espdl (simulator/recurrent.py)
+        row = rows[recurrent]
+        assert row["int8"] and row["int16"] and row["simulate"] and row["espdl"] and row["qdq"], row
+        assert "gate exponent" in row["notes"]

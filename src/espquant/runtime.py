@@ -23,7 +23,26 @@ from onnx import TensorProto, helper
 
 from espquant.errors import ModelError, OptionError
 
-__all__ = ["RuntimeLimits", "runtime_limits", "for_runtime", "create_session", "validate_providers"]
+__all__ = [
+    "RuntimeLimits",
+    "ONNXRUNTIME_ERRORS",
+    "runtime_limits",
+    "for_runtime",
+    "create_session",
+    "validate_providers",
+]
+
+
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's own exception classes (they derive from Exception directly, not from RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    found = [getattr(state, name, None) for name in dir(state)]
+    return tuple(c for c in found if isinstance(c, type) and issubclass(c, Exception))
+
+
+# What a session may raise on a graph it cannot build or run: callers translate it into their own errors.
+ONNXRUNTIME_ERRORS: tuple[type[Exception], ...] = _onnxruntime_errors()
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +161,7 @@ def create_session(
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     proto = for_runtime(proto, what)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures reach the user as espquant errors, not as red log lines
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:

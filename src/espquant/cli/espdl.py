@@ -11,7 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from espquant.cli.app import force_option, main, out
-from espquant.errors import OptionError
+from espquant.errors import ModelError, OptionError
 
 
 @main.command()
@@ -26,8 +26,12 @@ from espquant.errors import OptionError
     help="Quantized input(s): NAME=file.npy, or file.npy for a single-input model.",
 )
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Save the simulated outputs to this .npz file."
+    "--float-input",
+    is_flag=True,
+    help="The --input files hold float values: quantize them with each input's exponent as the chip's caller "
+    "would (without it, inputs must already be int8 / int16 integers).",
 )
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Save the simulated outputs to this .npz file.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 @force_option
 @click.pass_context
@@ -37,6 +41,7 @@ def run(
     target: str | None,
     self_test: bool,
     input_paths: tuple[Path, ...],
+    float_input: bool,
     output: Path | None,
     as_json: bool,
     force: bool,
@@ -63,6 +68,7 @@ def run(
         if values is None:
             raise OptionError(f"{model}: the file embeds no test values; give --input instead.")
         inputs, expected = values
+        _check_digest(loaded.file)
         got = loaded.run(inputs, keep=True)
         if output is not None:
             _save_outputs(output, {name: got[name] for name in expected})
@@ -94,7 +100,9 @@ def run(
             if len(names) != 1:
                 raise OptionError(f"the model has inputs {names}: use --input NAME=file.npy.")
             name = names[0]
-        feeds[name] = np.load(file, allow_pickle=False)
+        if name not in names:
+            raise OptionError(f"--input {text}: the model has no input {name!r} (its inputs: {names}).")
+        feeds[name] = _input_array(loaded, name, Path(file), float_input)
     results = loaded.run(feeds)
     if output is not None:
         import io
@@ -111,6 +119,49 @@ def run(
             declared = next(v for v in loaded.outputs if v.name == name)
             out.print(f"{name}: {value.dtype} {list(value.shape)}, exponent {declared.exponent}")
             out.print(np.array2string(value, threshold=64))
+
+
+def _input_array(loaded: Any, name: str, path: Path, float_input: bool) -> np.ndarray:
+    """One ``--input`` file as the integers the model's input takes: its declared width, range and size."""
+    from espquant.arrays import load_arrays
+
+    data = load_arrays(path, "--input")
+    if isinstance(data, dict):
+        raise OptionError(f"--input {path}: an archive of {len(data)} arrays; give one .npy per input.")
+    data = np.asarray(data)
+    declared = next(v for v in loaded.inputs if v.name == name)
+    if declared.shape and -1 not in declared.shape and data.size != int(np.prod(declared.shape)):
+        raise OptionError(
+            f"--input {path}: shape {list(data.shape)} does not fit input {name!r} of shape {list(declared.shape)}"
+        )
+    if float_input:
+        if data.dtype.kind not in "fiu":
+            raise OptionError(f"--input {path}: {data.dtype} values are not numbers.")
+        return loaded.quantized.quantize_input(name, data.astype(np.float32))
+    bits = {"INT8": 8, "INT16": 16}.get(declared.dtype)
+    if data.dtype.kind not in "iu":
+        raise OptionError(
+            f"--input {path}: {data.dtype} values for {declared.dtype} input {name!r}; give integers, or pass "
+            "--float-input to quantize float values with the input's exponent."
+        )
+    if bits is not None and data.size and (int(data.min()) < -(2 ** (bits - 1)) or int(data.max()) >= 2 ** (bits - 1)):
+        raise OptionError(
+            f"--input {path}: values {int(data.min())}..{int(data.max())} do not fit input {name!r} "
+            f"({declared.dtype}); quantize them first, or pass --float-input."
+        )
+    return data
+
+
+def _check_digest(decoded: Any) -> None:
+    """A file whose content digest (written by espquant's exporter) no longer matches is damaged: the embedded
+    test values cover one input and may still agree, so refuse before comparing them."""
+    from espquant.espdl import verify_digest
+
+    if verify_digest(decoded) is False:
+        raise ModelError(
+            f"{decoded.path}: the contents no longer match the digest stored at export (espquant.digest): the "
+            "file is damaged or was edited; export it again."
+        )
 
 
 def _save_outputs(path: Path, outputs: dict[str, np.ndarray]) -> None:
@@ -137,15 +188,19 @@ def inspect(model: Path, as_json: bool) -> None:
       espquant inspect model.espdl
       espquant inspect model.espdl --json
     """
+    from espquant.espdl import verify_digest
     from espquant.export import read_espdl
 
     decoded = read_espdl(model)
+    verified = verify_digest(decoded)
+    digest = {True: "verified", False: "MISMATCH (the file is damaged or was edited)", None: "none stored"}[verified]
     if as_json:
-        click.echo(json.dumps(_espdl_summary(decoded), indent=2))
+        click.echo(json.dumps({**_espdl_summary(decoded), "digest": digest}, indent=2))
+        _check_digest(decoded)
         return
     out.print(
         f"[bold]{model}[/]: {decoded.container}, target {decoded.target or 'not recorded'}, "
-        f"ir_version {decoded.ir_version}, graph {decoded.graph_name!r}"
+        f"ir_version {decoded.ir_version}, graph {decoded.graph_name!r}, content digest {digest}"
     )
     nodes = Table(title=f"{len(decoded.nodes)} node(s)", title_justify="left")
     for column in ("node", "op", "quant", "inputs -> outputs", "attributes"):
@@ -172,6 +227,7 @@ def inspect(model: Path, as_json: bool) -> None:
                 f"values {np.array2string(tensor.data.reshape(-1)[:8], separator=' ')}"
                 f"{' ...' if tensor.data.size > 8 else ''}"
             )
+    _check_digest(decoded)
 
 
 def _espdl_summary(decoded: Any) -> dict[str, Any]:

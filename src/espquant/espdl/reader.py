@@ -20,7 +20,10 @@ from flatbuffers.table import Table
 
 from espquant.errors import ModelError
 
-__all__ = ["EspdlTensor", "EspdlValue", "EspdlNode", "EspdlFile", "read_espdl"]
+__all__ = ["EspdlTensor", "EspdlValue", "EspdlNode", "EspdlFile", "MAX_TENSOR_ELEMENTS", "decode_espdl", "read_espdl"]
+
+# The largest tensor any ESP32 can hold: 32 MB of PSRAM (ESP32-P4) as int8 elements.
+MAX_TENSOR_ELEMENTS = 32 * 1024 * 1024
 
 # TensorDataType (same numbers as ONNX) -> numpy dtype.
 _DTYPES: dict[int, np.dtype] = {
@@ -172,6 +175,22 @@ class EspdlFile:
         return self.metadata.get("target")
 
 
+def _element_count(dims: tuple[int, ...], what: str) -> int:
+    """The element count of ``dims``, refused when a dimension is negative or the tensor is larger than any
+    ESP32 can hold (a damaged size must not make the reader or the simulator allocate gigabytes)."""
+    count = 1
+    for dim in dims:
+        if dim < 0:
+            raise ModelError(f"{what} has a negative dimension in {list(dims)}; the file is damaged")
+        count *= dim
+    if count > MAX_TENSOR_ELEMENTS:
+        raise ModelError(
+            f"{what} has {count} elements (dims {list(dims)[:8]}); no ESP32 holds more than {MAX_TENSOR_ELEMENTS}: "
+            "the file is damaged"
+        )
+    return count
+
+
 def _tensor(reader: _Reader, container: str) -> EspdlTensor:
     name = reader.string(6)
     data_type = reader.scalar(1, N.Int32Flags)
@@ -179,7 +198,7 @@ def _tensor(reader: _Reader, container: str) -> EspdlTensor:
     dtype = _DTYPES.get(data_type)
     if dtype is None:
         raise ModelError(f"tensor {name!r}: unsupported data type {data_type}")
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = _element_count(dims, f"tensor {name!r}")
     if reader.length(8):
         raw = reader.array(8, np.dtype("u1"), element_size=16 if container == "EDL2" else 1)
         data = np.frombuffer(raw.tobytes()[: count * dtype.itemsize], dtype=dtype)
@@ -217,6 +236,7 @@ def _value(reader: _Reader) -> EspdlValue:
                     value = dimension.table_at(0)
                     dims.append(int(value.scalar(1, N.Int64Flags)) if value is not None else -1)
                 shape = tuple(dims)
+                _element_count(tuple(d for d in shape if d != -1), f"value {name!r}")
     return EspdlValue(name, dtype, shape, exponents)
 
 
@@ -252,7 +272,14 @@ def read_espdl(path: str | os.PathLike[str]) -> EspdlFile:
     source = Path(path)
     if not source.is_file():
         raise ModelError(f"{source}: no such file. Give the path of an .espdl model.")
-    data = source.read_bytes()
+    return decode_espdl(source.read_bytes(), str(source))
+
+
+def decode_espdl(data: bytes, source: str = "<bytes>") -> EspdlFile:
+    """Decode the bytes of an ``.espdl`` file; ``source`` names it in errors.
+
+    Every size read from the file is checked against the file itself before anything is allocated, and every
+    decoding failure is a :class:`ModelError` naming the file: a damaged file never raises anything else."""
     magic = data[:4]
     if magic not in (b"EDL1", b"EDL2"):
         raise ModelError(
@@ -270,31 +297,36 @@ def read_espdl(path: str | os.PathLike[str]) -> EspdlFile:
     if len(payload) < size or size < 8:
         raise ModelError(f"{source}: the file is truncated ({len(payload)} of {size} payload bytes).")
     try:
-        root = _Reader(payload, struct.unpack_from("<I", payload, 0)[0])
-        graph = root.table_at(7)
-        if graph is None:
-            raise ModelError(f"{source}: the model has no graph.")
-        metadata = {entry.string(0): entry.string(1) for entry in root.tables(8)}
-        nodes = []
-        for node in graph.tables(0):
-            attributes = dict(_attribute(a, container) for a in node.tables(5))
-            nodes.append(EspdlNode(node.string(2), node.string(3), node.strings(0), node.strings(1), attributes))
-        initializers = {t.name: t for t in (_tensor(r, container) for r in graph.tables(2))}
-        values = {v.name: v for v in (_value(r) for r in graph.tables(6))}
-        result = EspdlFile(
-            path=str(source),
-            container=container,
-            ir_version=int(root.scalar(0, N.Int32Flags)),
-            metadata=metadata,
-            graph_name=graph.string(1),
-            nodes=nodes,
-            initializers=initializers,
-            inputs=[_value(r) for r in graph.tables(4)],
-            outputs=[_value(r) for r in graph.tables(5)],
-            values=values,
-            test_inputs={t.name: t for t in (_tensor(r, container) for r in graph.tables(8))},
-            test_outputs={t.name: t for t in (_tensor(r, container) for r in graph.tables(9))},
-        )
-    except (struct.error, IndexError, ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{source}: the FlatBuffers payload is damaged ({exc}).") from exc
-    return result
+        return _decode_payload(payload, container, source)
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from exc
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError, TypeError, KeyError, OverflowError) as exc:
+        raise ModelError(f"{source}: the FlatBuffers payload is damaged ({type(exc).__name__}: {exc}).") from exc
+    except RecursionError as exc:
+        raise ModelError(f"{source}: the FlatBuffers payload is damaged (nested too deeply).") from exc
+
+
+def _decode_payload(payload: bytes, container: str, source: str) -> EspdlFile:
+    root = _Reader(payload, struct.unpack_from("<I", payload, 0)[0])
+    graph = root.table_at(7)
+    if graph is None:
+        raise ModelError("the model has no graph.")
+    metadata = {entry.string(0): entry.string(1) for entry in root.tables(8)}
+    nodes = []
+    for node in graph.tables(0):
+        attributes = dict(_attribute(a, container) for a in node.tables(5))
+        nodes.append(EspdlNode(node.string(2), node.string(3), node.strings(0), node.strings(1), attributes))
+    return EspdlFile(
+        path=source,
+        container=container,
+        ir_version=int(root.scalar(0, N.Int32Flags)),
+        metadata=metadata,
+        graph_name=graph.string(1),
+        nodes=nodes,
+        initializers={t.name: t for t in (_tensor(r, container) for r in graph.tables(2))},
+        inputs=[_value(r) for r in graph.tables(4)],
+        outputs=[_value(r) for r in graph.tables(5)],
+        values={v.name: v for v in (_value(r) for r in graph.tables(6))},
+        test_inputs={t.name: t for t in (_tensor(r, container) for r in graph.tables(8))},
+        test_outputs={t.name: t for t in (_tensor(r, container) for r in graph.tables(9))},
+    )

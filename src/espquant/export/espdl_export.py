@@ -33,9 +33,10 @@ import onnx
 
 from espquant._version import __version__
 from espquant.errors import ModelError, OptionError, OutputError, TargetError, UnsupportedOpError
+from espquant.espdl.digest import DIGEST_KEY, content_digest
 from espquant.espdl.layouts import encode_conv_weight, encode_depthwise_weight, encode_kn_matrix
-from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
-from espquant.espdl.writer import write_espdl
+from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, decode_espdl
+from espquant.espdl.writer import encode_espdl, write_espdl
 from espquant.export.espdl_recurrent import export_recurrent
 from espquant.quant.pot import qmax, qmin, simd_lanes
 from espquant.simulator import kernels
@@ -730,8 +731,10 @@ def build_espdl(
         test_inputs=test_in,
         test_outputs=test_out,
     )
+    decoded = decode_espdl(encode_espdl(espdl), "the exported file")  # the bytes as the chip will read them
     if check:
-        _self_check(espdl, model)
+        _self_check(decoded, model)
+    espdl.metadata[DIGEST_KEY] = content_digest(decoded)
     return espdl
 
 

@@ -27,7 +27,9 @@ from espquant.errors import ModelError, TargetError, UnsupportedOpError
 from espquant.espdl.layouts import decode_conv_weight, decode_depthwise_weight, decode_kn_matrix
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue, read_espdl
 from espquant.quant.profiles import TargetProfile, get_target
+from espquant.runtime import ONNXRUNTIME_ERRORS
 from espquant.simulator.activations import TABLE_ONLY
+from espquant.simulator.espdl_bounds import check_node_bounds
 from espquant.simulator.interpreter import UNBLOCK_MATRIX, simulated_ops
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
@@ -44,6 +46,10 @@ _PROFILE_ALIASES = {"c": "esp32"}
 _CHANNELS_LAST = frozenset(
     {"Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "DepthToSpace", "SpaceToDepth"}
 )
+# What numpy and the kernels raise on a graph whose shapes, indices or attributes disagree: from a decoded file
+# that is damage, reported as a ModelError naming the file (onnxruntime raises its own classes for the compiled
+# parts).
+_DAMAGE = (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError, *ONNXRUNTIME_ERRORS)
 # Nodes the runtime always runs through a table (ARITHMETIC.md 8.2), int16 included.
 _TABLE_ONLY = TABLE_ONLY | {"LUT"}
 
@@ -116,7 +122,13 @@ class EspdlModel:
             if declared.shape and int(np.prod(declared.shape)) == data.size:
                 data = data.reshape(declared.shape)
             feeds[declared.name] = data
-        results = self.quantized.run(feeds, keep=keep)
+        try:
+            results = self.quantized.run(feeds, keep=keep)
+        except _DAMAGE as exc:  # a file whose shapes and attributes disagree with each other
+            raise ModelError(
+                f"{self.file.path}: the graph cannot run ({type(exc).__name__}: {str(exc)[:200]}); its shapes or "
+                "attributes are inconsistent: the file is damaged"
+            ) from exc
         names = [n for n in results if n in self._file_tensors] if keep else [o.name for o in self.file.outputs]
         return {name: self._as_declared(name, results[name]) for name in names}
 
@@ -189,6 +201,7 @@ class _Lowering:
         self.nodes.append(QNode("Transpose", f"{node}::{target}", [source], [target], {"perm": perm}))
 
     def add(self, node: EspdlNode) -> None:
+        check_node_bounds(node, self.declared, self.file.initializers)
         op_type = node.op_type
         attrs = {k: v for k, v in node.attributes.items() if k not in ("quant_type", "lut", "activation")}
         outputs = list(node.outputs)
@@ -313,7 +326,12 @@ class _Lowering:
 
 def lower_espdl(decoded: EspdlFile, profile: TargetProfile) -> QuantizedModel:
     """The integer model of a decoded ``.espdl`` file for ``profile`` (see the module docstring)."""
-    return _Lowering(decoded, profile).model()
+    try:
+        return _Lowering(decoded, profile).model()
+    except _DAMAGE as exc:
+        raise ModelError(
+            f"{decoded.path}: the graph cannot be built ({type(exc).__name__}: {str(exc)[:200]}); the file is damaged"
+        ) from exc
 
 
 def compare_output(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:

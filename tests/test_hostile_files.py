@@ -1,0 +1,180 @@
+"""Damaged files never cause anything but a clear espquant error (issue 16): bytes of small ``.espdl`` and
+``.npy`` files flipped and truncated by hypothesis in a subprocess under a memory limit, plus the reproductions
+of the probes that found the problems."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from espquant import Calibrator, Evaluator, load_espdl
+from espquant.cli import main
+from espquant.espdl import DIGEST_KEY, decode_espdl, encode_espdl, read_espdl, write_espdl
+from espquant.errors import DatasetError, ModelError
+from helpers import make_model, tensor
+
+FUZZER = Path(__file__).parent / "fuzz" / "fuzz_files.py"
+MEMORY_LIMIT = 4 << 30  # address space: onnxruntime maps more than it touches
+RESIDENT_LIMIT_KIB = 1 << 20  # what the run may actually use: 1 GiB
+
+
+def _small_model():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "g"], ["y"], name="gemm"),
+    ]
+    inits = {
+        "w": rng.normal(0, 0.5, (4, 2, 3, 3)).astype(np.float32),
+        "g": rng.normal(0, 0.3, (36, 3)).astype(np.float32),
+    }
+    return make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor("y", ["N", 3])], inits)
+
+
+@pytest.fixture(scope="module")
+def espdl_file(tmp_path_factory):
+    model = _small_model()
+    data = np.random.default_rng(1).normal(0, 1, (8, 2, 6, 6)).astype(np.float32)
+    evaluator = Evaluator("int8", "per-tensor", "esp32c3")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data).table)
+    return evaluator.export_espdl(tmp_path_factory.mktemp("fuzz") / "small.espdl", data[:1])
+
+
+def _fuzz(kind: str, path: Path, examples: int) -> dict:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    result = subprocess.run(
+        [sys.executable, str(FUZZER), kind, str(path), str(examples)],
+        capture_output=True, text=True, timeout=600, preexec_fn=limit, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["unexpected"], "\n---\n".join(report["unexpected"])
+    assert report["peak_kib"] < RESIDENT_LIMIT_KIB, report
+    return report["outcomes"]
+
+
+def test_damaged_espdl_with_digest_is_an_error_or_unchanged(espdl_file):
+    outcomes = _fuzz("espdl", espdl_file, 150)
+    assert set(outcomes) <= {"espquant error", "unchanged result"}, outcomes
+
+
+def test_damaged_espdl_without_digest_never_crashes(espdl_file, tmp_path):
+    decoded = read_espdl(espdl_file)
+    del decoded.metadata[DIGEST_KEY]
+    bare = tmp_path / "bare.espdl"
+    write_espdl(decoded, bare)
+    outcomes = _fuzz("espdl", bare, 150)
+    assert set(outcomes) <= {"espquant error", "unchanged result", "changed result"}, outcomes
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_damaged_numpy_files_are_an_error_or_unchanged(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    values = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    np.save(path, values) if suffix == ".npy" else np.savez(path, x=values, y=np.arange(6))
+    outcomes = _fuzz("npy", path, 150)
+    assert set(outcomes) <= {"espquant error", "unchanged result", "changed result"}, outcomes
+
+
+# --- the probes, one by one ------------------------------------------------------------------------------------
+
+
+def test_the_digest_catches_a_changed_weight_the_test_input_misses(espdl_file, tmp_path):
+    decoded = read_espdl(espdl_file)
+    weight = decoded.initializers["g"]
+    weight.data = weight.data.copy()
+    weight.data.reshape(-1)[0] ^= 1  # a change the single embedded test output may not show
+    damaged = tmp_path / "damaged.espdl"
+    write_espdl(decoded, damaged)
+    result = CliRunner().invoke(main, ["run", str(damaged), "--self-test"])
+    assert result.exit_code == 1 and "digest" in result.output, result.output
+    result = CliRunner().invoke(main, ["inspect", str(damaged)])
+    assert result.exit_code == 1 and "MISMATCH" in result.output
+    assert CliRunner().invoke(main, ["inspect", str(espdl_file)]).output.count("verified") == 1
+
+
+def test_a_huge_window_or_pad_is_refused_before_allocating(espdl_file):
+    decoded = read_espdl(espdl_file)
+    (pool,) = [n for n in decoded.nodes if n.op_type == "MaxPool"]
+    pool.attributes["kernel_shape"] = [73_014_444_034, 2]
+    with pytest.raises(ModelError, match="kernel_shape"):
+        load_espdl_bytes(encode_espdl(decoded))
+    pool.attributes["kernel_shape"] = [2, 2]
+    (conv,) = [n for n in decoded.nodes if n.op_type == "Conv"]
+    conv.attributes["pads"] = [9_240_577, 1, 1, 1]
+    with pytest.raises(ModelError, match="pads"):
+        load_espdl_bytes(encode_espdl(decoded))
+
+
+def load_espdl_bytes(data: bytes):
+    from espquant.quant import get_target
+    from espquant.simulator.espdl_model import EspdlModel
+
+    return EspdlModel(decode_espdl(data, "probe.espdl"), get_target("esp32c3"))
+
+
+def test_a_huge_tensor_size_is_refused_by_the_reader(espdl_file):
+    decoded = read_espdl(espdl_file)
+    value = next(iter(decoded.values.values()))
+    value.shape = (1, 1 << 20, 1 << 20)
+    with pytest.raises(ModelError, match="no ESP32 holds"):
+        decode_espdl(encode_espdl(decoded), "probe.espdl")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "cannot read"),
+        (b"\x93NUMPY\x01\x00", "cannot read"),
+        ("0-d", "0-d"),
+        ("object", "Python objects"),
+    ],
+)
+def test_bad_run_inputs_are_clear_errors(espdl_file, tmp_path, content, fragment):
+    path = tmp_path / "in.npy"
+    if content == "0-d":
+        np.save(path, np.int8(3))
+    elif content == "object":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.write_bytes(content)
+    result = CliRunner().invoke(main, ["run", str(espdl_file), "--input", str(path)])
+    assert result.exit_code != 0 and fragment in result.output and "internal error" not in result.output, result.output
+
+
+def test_run_inputs_must_be_the_files_integers_unless_float_input(espdl_file, tmp_path):
+    decoded = read_espdl(espdl_file)
+    (name,) = decoded.test_inputs
+    integers = decoded.test_inputs[name].data
+    floats, wide, missing = tmp_path / "f.npy", tmp_path / "w.npy", tmp_path / "missing.npy"
+    np.save(floats, integers.astype(np.float32) * 0.01)
+    np.save(wide, integers.astype(np.int32) * 1000)
+    for path, fragment in ((floats, "--float-input"), (wide, "do not fit"), (missing, "no such file")):
+        result = CliRunner().invoke(main, ["run", str(espdl_file), "--input", str(path)])
+        assert result.exit_code != 0 and fragment in result.output, result.output
+    result = CliRunner().invoke(main, ["run", str(espdl_file), "--input", str(floats), "--float-input", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)
+
+
+def test_arrays_loader_names_the_file(tmp_path):
+    truncated = tmp_path / "t.npz"
+    np.savez(truncated, x=np.zeros((4, 3)))
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(DatasetError, match="t.npz"):
+        from espquant.arrays import load_arrays
+
+        load_arrays(truncated)
