@@ -14,16 +14,15 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from espquant.errors import OptionError, UnsupportedModelError
-from espquant.graph import GraphView, opset_version, tensor_shape
+from espquant.graph import GraphView, node_attributes, opset_version, tensor_shape
 from espquant.ops import UNREGISTERED_HINTS, NodeContext, OpSpec, Role, get_op_spec
 from espquant.optimizer.cleanup import MIN_OPSET
 from espquant.optimizer.shapes import infer_shapes
 from espquant.quant.profiles import TargetProfile, get_target
 
-__all__ = ["Problem", "OpSummary", "CheckReport", "check_model", "parse_bits"]
+__all__ = ["Problem", "OpSummary", "CheckReport", "check_model", "parse_bits", "runs_at", "FALLBACK_BITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,26 @@ _CONSTANT_HINTS = {
     Role.QPARAM: "make it a constant (an initializer); `espquant optimize` folds constant subgraphs",
     Role.WEIGHT: "weights must be initializers; `espquant optimize` folds constant subgraphs into them",
     Role.BIAS: "biases must be initializers; `espquant optimize` folds constant subgraphs into them",
+    Role.FLOAT_PARAM: "make it a constant (an initializer); `espquant optimize` folds constant subgraphs",
 }
+
+
+FALLBACK_BITS = 8  # the width an op without an int16 kernel runs at in an int16 model
+
+
+def runs_at(spec: OpSpec, bits: int, fallback: bool = True) -> int | None:
+    """The width a node of this op computes at in a model quantized at ``bits``, or None when it cannot run.
+
+    ``bits`` when the runtime implements the op at that width. Otherwise, in an int16 model, int8 when the op
+    has an int8 kernel (ESP-DL's int16 Resize is an empty function): ESP-DL v3 runs each node at its own
+    width, so the node computes at int8 between RequantizeLinear conversions, as a mixed-precision layer
+    would, instead of the whole model being refused. ``fallback`` False (``--strict``) refuses instead.
+    """
+    if bits in spec.bits:
+        return bits
+    if fallback and bits > FALLBACK_BITS and FALLBACK_BITS in spec.bits:
+        return FALLBACK_BITS
+    return None
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class CheckReport:
     bits: int
     problems: list[Problem]
     ops: list[OpSummary]
+    fallbacks: list[Problem] = field(default_factory=list)  # nodes of an int16 model that run at int8 (warnings)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +113,7 @@ class CheckReport:
             "compatible": self.ok,
             "ops": [vars(summary) for summary in self.ops],
             "problems": [vars(problem) for problem in self.problems],
+            "int8_fallback": [vars(fallback) for fallback in self.fallbacks],
         }
 
 
@@ -107,36 +127,23 @@ def parse_bits(bits: str | int) -> int:
     raise OptionError(f"quantization bits {bits!r}: use 'int8' or 'int16'.")
 
 
-def _attributes(node: onnx.NodeProto, opset: int) -> dict[str, Any]:
-    """The node's attributes with the ONNX schema's defaults filled in for the absent ones."""
-    values: dict[str, Any] = {}
-    if onnx.defs.has(node.op_type, node.domain):
-        schema = onnx.defs.get_schema(node.op_type, max(opset, 1), node.domain)
-        for name, attribute in schema.attributes.items():
-            if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
-                values[name] = helper.get_attribute_value(attribute.default_value)
-    for attribute in node.attribute:
-        values[attribute.name] = helper.get_attribute_value(attribute)
-    for name, value in list(values.items()):
-        if isinstance(value, bytes):
-            values[name] = value.decode("utf-8", errors="replace")
-    return values
-
-
 def _is_dynamic(shape: list[int | str | None] | None) -> bool:
     """True when a shape is unknown or has an unknown dimension beyond the batch axis."""
     return shape is None or any(not isinstance(d, int) for d in shape[1:])
 
 
 class _Checker:
-    def __init__(self, model: onnx.ModelProto, target: TargetProfile | None, bits: int) -> None:
+    def __init__(self, model: onnx.ModelProto, target: TargetProfile | None, bits: int, fallback: bool) -> None:
         self.model = model
         self.target = target
         self.bits = bits
+        self.fallback = fallback
         self.view = GraphView(model.graph)
         self.opset = opset_version(model)
         self.problems: list[Problem] = []
+        self.fallbacks: list[Problem] = []
         self.node_problems: dict[str, list[Problem]] = {}
+        self.node_fallbacks: dict[str, list[Problem]] = {}
 
     def add(self, problem: Problem) -> None:
         self.problems.append(problem)
@@ -230,25 +237,15 @@ class _Checker:
             return
         if self.opset < spec.min_opset:
             self.add(Problem(name, op, "opset", f"{op} needs opset {spec.min_opset}, the model has {self.opset}"))
-        if self.bits not in spec.bits:
-            widths = " and ".join(f"int{b}" for b in sorted(spec.bits))
-            self.add(
-                Problem(
-                    name,
-                    op,
-                    "bits",
-                    f"ESP-DL implements {op} for {widths} only, not int{self.bits}",
-                    "quantize this layer with another width (mixed precision) or replace the op",
-                )
-            )
+        node_bits = self.check_bits(name, op, spec)
         constants = self.check_inputs(name, node, spec)
         context = NodeContext(
             node=node,
-            attrs=_attributes(node, self.opset),
+            attrs=node_attributes(node, self.opset),
             input_shapes=[self.view.shape(i) if i else None for i in node.input],
             output_shapes=[self.view.shape(o) if o else None for o in node.output],
             constants=constants,
-            bits=self.bits,
+            bits=node_bits,
             target=self.target,
         )
         for constraint in spec.constraints:
@@ -256,12 +253,38 @@ class _Checker:
                 self.target is None or self.target.family not in constraint.families
             ):
                 continue
-            if constraint.bits is not None and self.bits not in constraint.bits:
+            if constraint.bits is not None and node_bits not in constraint.bits:
                 continue
             reason = constraint.test(context)
             if reason:
                 self.add(Problem(name, op, constraint.field, reason, constraint.hint))
         self.check_output_shapes(name, node)
+
+    def check_bits(self, name: str, op: str, spec: OpSpec) -> int:
+        """The width the node runs at (``runs_at``): a fallback to int8 is recorded as a warning, an op with
+        no kernel at any usable width as a problem (then the node's rules are checked at the model's width)."""
+        width = runs_at(spec, self.bits, self.fallback)
+        if width == self.bits:
+            return width
+        if width is not None:
+            fallback = Problem(
+                name,
+                op,
+                "bits",
+                f"ESP-DL has no int{self.bits} {op} kernel: this node runs at int{width}, with a RequantizeLinear "
+                f"where its neighbours are int{self.bits}",
+                "check the accuracy with `espquant evaluate`, or replace the op to stay "
+                f"int{self.bits} throughout (`--strict` refuses the model instead)",
+            )
+            self.fallbacks.append(fallback)
+            self.node_fallbacks.setdefault(op, []).append(fallback)
+            return width
+        widths = " and ".join(f"int{b}" for b in sorted(spec.bits))
+        hint = "quantize this layer with another width (mixed precision) or replace the op"
+        if runs_at(spec, self.bits) is not None:  # refused only because fallback is off
+            hint = f"without --strict (strict=False) espquant runs it at int{FALLBACK_BITS}, or replace the op"
+        self.add(Problem(name, op, "bits", f"ESP-DL implements {op} for {widths} only, not int{self.bits}", hint))
+        return self.bits
 
     def check_inputs(self, name: str, node: onnx.NodeProto, spec: OpSpec) -> dict[int, np.ndarray]:
         constants: dict[int, np.ndarray] = {}
@@ -308,7 +331,8 @@ class _Checker:
         rows = []
         for op, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
             problems = self.node_problems.get(op, [])
-            reasons = list(dict.fromkeys(f"{p.field}: {p.reason}" for p in problems))
+            notes = problems + self.node_fallbacks.get(op, [])
+            reasons = list(dict.fromkeys(f"{p.field}: {p.reason}" for p in notes))
             rows.append(OpSummary(op, count, not problems, reasons))
         return rows
 
@@ -318,6 +342,7 @@ def check_model(
     target: str | TargetProfile | None = "esp32s3",
     bits: str | int = "int8",
     strict: bool = True,
+    fallback: bool = True,
 ) -> CheckReport:
     """Check that ESP-DL can run ``model_proto`` on ``target`` at ``bits``.
 
@@ -328,28 +353,36 @@ def check_model(
         bits: ``"int8"`` or ``"int16"``.
         strict: raise :class:`UnsupportedModelError` listing every problem when the model is incompatible;
             with False the report is returned either way.
+        fallback: in an int16 model, ops with an int8 kernel only run at int8 (``report.fallbacks``, not
+            problems; see :func:`runs_at`); False refuses them (the CLI's ``--strict``).
 
     Returns:
-        The report: every problem, and a per-op-type summary.
+        The report: every problem, the int8 fallbacks, and a per-op-type summary.
     """
     profile = get_target(target) if target is not None else None
     width = parse_bits(bits)
     model = onnx.ModelProto()
     model.CopyFrom(model_proto)
     infer_shapes(model)
-    checker = _Checker(model, profile, width)
+    checker = _Checker(model, profile, width, fallback)
     checker.check_model_level()
     for node in model.graph.node:
         checker.check_node(node)
-    report = CheckReport(profile.name if profile else None, width, checker.problems, checker.summaries())
+    summaries = checker.summaries()
+    report = CheckReport(profile.name if profile else None, width, checker.problems, summaries, checker.fallbacks)
     if strict and not report.ok:
         raise UnsupportedModelError(report.message())
     return report
 
 
-def legacy_check(model_proto: onnx.ModelProto, target: str | TargetProfile | None, bits: str | int) -> int:
-    """The legacy toolkit's contract: log every problem and return -1 when incompatible, else 0."""
-    report = check_model(model_proto, target=target, bits=bits, strict=False)
+def legacy_check(
+    model_proto: onnx.ModelProto, target: str | TargetProfile | None, bits: str | int, fallback: bool = True
+) -> int:
+    """The legacy toolkit's contract: log every problem and return -1 when incompatible, else 0 (int8 fallbacks
+    of an int16 model are logged as warnings: the model runs)."""
+    report = check_model(model_proto, target=target, bits=bits, strict=False, fallback=fallback)
     for problem in report.problems:
         logger.error("%s", problem)
+    for note in report.fallbacks:
+        logger.warning("%s", note)
     return 0 if report.ok else -1

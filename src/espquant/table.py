@@ -1,9 +1,18 @@
 """The quantization table: tensor name -> exponent, written by the calibrator and read by everything after.
 
-On disk it is what the legacy ESP-DL toolkit wrote, a pickled plain dict (``name -> int``, or a list of
-ints for per-channel weights), plus one reserved metadata entry, and a JSON twin for humans and other
-tools. Pickles are read only through a restricted unpickler that admits plain containers, numbers,
-strings and numpy arrays, so a tampered file cannot run code.
+On disk it is a pickled plain dict in one of two formats, and a JSON twin for humans and other tools:
+
+- ``exponents`` (espquant's): ``name -> int``, or a list of ints for per-channel weights, plus one reserved
+  metadata entry;
+- ``legacy`` (the original ESP-DL toolkit's): ``name -> scale`` as float64 ``2 ** exponent`` (numpy arrays of
+  scales per channel), nothing else, so the original ``Evaluator`` and ``export_coefficient_to_cpp`` read it;
+  the metadata then lives in the JSON twin only.
+
+Both load. Pickles are read only through a restricted unpickler that admits plain containers, numbers,
+strings and size-bounded numpy arrays, so a tampered file can neither run code nor allocate gigabytes. Every
+value is checked when the table is read: exponents are small integers (or powers of two as scales), one
+per channel at most ``MAX_CHANNELS``, and the metadata follows its schema; a checksum tells a table edited
+after calibration apart.
 """
 
 from __future__ import annotations
@@ -24,10 +33,25 @@ import onnx
 from espquant.errors import OptionError, QuantTableError
 from espquant.files import write_files
 
-__all__ = ["QuantTable", "graph_hash", "table_paths", "FORMAT_VERSION", "METADATA_KEY", "restricted_loads"]
+__all__ = [
+    "QuantTable",
+    "graph_hash",
+    "table_paths",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "TABLE_FORMATS",
+    "MAX_CHANNELS",
+    "restricted_loads",
+]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "__espquant_metadata__"
+TABLE_FORMATS = ("exponents", "legacy")
+# ESP-DL scales by DL_SCALE(e) = 1 << e (dl_define.hpp): a C int shift, defined for |e| <= 30.
+EXPONENT_LIMIT = 30
+MAX_CHANNELS = 1 << 16  # per-channel exponents: more than any layer an ESP32 runs has channels
+_MAX_ARRAY_ELEMENTS = 1 << 20  # what a table's pickle may make numpy allocate, per array
+_SHOWN = 4  # values quoted in a message
 
 # Globals a pickled table may reference: numpy's array and scalar reconstruction, nothing else.
 _ALLOWED_GLOBALS = {
@@ -48,13 +72,44 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     """The pickle asked for a global outside the allowed list."""
 
 
+def _check_size(shape: Any) -> None:
+    """Refuse a shape larger than ``_MAX_ARRAY_ELEMENTS``: a few pickle bytes can ask for any shape, and numpy
+    would allocate it before anything reads the values."""
+    dims = [shape] if isinstance(shape, int) else list(shape) if isinstance(shape, (tuple, list)) else []
+    count = 1
+    for dim in dims:
+        count *= int(dim)
+    if count > _MAX_ARRAY_ELEMENTS:
+        raise _ForbiddenGlobal(f"an array of {count} elements (a table holds at most {_MAX_ARRAY_ELEMENTS})")
+
+
+class _BoundedArray(np.ndarray):
+    """``numpy.ndarray`` as a pickle may call it, with the size checked first (it stays a type, as numpy's
+    ``_reconstruct`` needs)."""
+
+    def __new__(cls, shape: Any, *args: Any, **kwargs: Any) -> np.ndarray:  # type: ignore[misc]
+        _check_size(shape)
+        return np.ndarray.__new__(np.ndarray, shape, *args, **kwargs)
+
+
+def _bounded_reconstruct(reconstruct: Any) -> Any:
+    def build(subtype: Any, shape: Any, *args: Any) -> Any:
+        _check_size(shape)
+        return reconstruct(subtype, shape, *args)
+
+    return build
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Refuses every global outside the short list above, so loading never executes foreign code."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise _ForbiddenGlobal(f"forbidden object {module}.{name}")
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise _ForbiddenGlobal(f"forbidden object {module}.{name}")
+        if name == "ndarray":
+            return _BoundedArray
+        found = super().find_class(module, name)
+        return _bounded_reconstruct(found) if name == "_reconstruct" else found
 
 
 def restricted_loads(data: bytes, source: str = "<bytes>") -> Any:
@@ -98,19 +153,116 @@ def graph_hash(model: onnx.ModelProto) -> str:
     return digest.hexdigest()
 
 
+def _short(value: Any) -> str:
+    """At most a few values of ``value`` for a message (a table may hold millions)."""
+    if isinstance(value, np.ndarray):
+        flat = value.reshape(-1)
+        return f"array{list(value.shape)} {flat[:_SHOWN].tolist()}{' ...' if flat.size > _SHOWN else ''}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_short(v) for v in value[:_SHOWN])
+        return f"[{inner}{', ...' if len(value) > _SHOWN else ''}] ({len(value)} values)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _exponent_of(value: Any, name: str, source: str) -> int:
+    """One exponent from an int (espquant) or a power-of-two float scale (the legacy toolkit)."""
+    if isinstance(value, bool):
+        raise QuantTableError(f"{source}: the exponent of {name!r} is a bool ({value!r}).")
+    if isinstance(value, (int, np.integer)):
+        exponent = int(value)
+    elif isinstance(value, (float, np.floating)):
+        scale = float(value)
+        if not (np.isfinite(scale) and scale > 0):
+            raise QuantTableError(f"{source}: the scale of {name!r} is {scale!r}, not a positive number.")
+        mantissa, power = np.frexp(scale)
+        if mantissa != 0.5:
+            raise QuantTableError(
+                f"{source}: the scale of {name!r} is {scale!r}, not a power of two; ESP-DL numbers are "
+                "int * 2^exponent. Calibrate with espquant, or round the scale to a power of two."
+            )
+        exponent = int(power) - 1
+    else:
+        raise QuantTableError(
+            f"{source}: the exponent of {name!r} must be an int (or a power-of-two scale), not {_short(value)}."
+        )
+    if abs(exponent) > EXPONENT_LIMIT:
+        raise QuantTableError(
+            f"{source}: the exponent of {name!r} is {exponent}; ESP-DL uses exponents from -{EXPONENT_LIMIT} to "
+            f"{EXPONENT_LIMIT} (its scales are C int shifts). Calibrate again."
+        )
+    return exponent
+
+
 def _plain(value: Any, name: str, source: str) -> int | list[int]:
     """An exponent as a Python int, or a list of ints for per-channel tensors."""
     if isinstance(value, np.ndarray):
+        if value.ndim > 1 or value.size > MAX_CHANNELS:
+            raise QuantTableError(f"{source}: the exponents of {name!r} are {_short(value)}; expected one per channel.")
         value = value.tolist()
     if isinstance(value, (list, tuple)):
-        if not value or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-            raise QuantTableError(
-                f"{source}: the exponent of {name!r} must be an int or a list of ints, not {value!r}."
-            )
-        return [int(v) for v in value]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    raise QuantTableError(f"{source}: the exponent of {name!r} must be an int or a list of ints, not {value!r}.")
+        if not value or len(value) > MAX_CHANNELS:
+            raise QuantTableError(f"{source}: the exponents of {name!r} are {_short(value)}; expected one per channel.")
+        return [_exponent_of(v, name, source) for v in value]
+    return _exponent_of(value, name, source)
+
+
+def _list_of(kind: type) -> Any:
+    return lambda v: isinstance(v, list) and all(isinstance(x, kind) for x in v)
+
+
+_REQUANTIZE_FIELDS = {"node": str, "position": int, "tensor": str, "from_exponent": int, "to_exponent": int}
+# The metadata espquant writes, key -> a test of its value. Unknown keys are kept (newer versions may add some).
+_METADATA_SCHEMA: dict[str, Any] = {
+    "format_version": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= FORMAT_VERSION,
+    "bits": lambda v: v in (8, 16) and not isinstance(v, bool),
+    "granularity": lambda v: v in ("per-tensor", "per-channel"),
+    "method": lambda v: isinstance(v, str),
+    "target_independent": lambda v: isinstance(v, bool),
+    "graph_hash": lambda v: isinstance(v, str) and len(v) == 64,
+    "samples": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "espquant_version": lambda v: isinstance(v, str),
+    "float_tensors": _list_of(str),
+    "int16_layers": _list_of(str),
+    "int8_fallback": _list_of(str),
+    "requantize": lambda v: isinstance(v, list)
+    and all(
+        isinstance(r, dict)
+        and set(r) == set(_REQUANTIZE_FIELDS)
+        and all(isinstance(r[k], t) and not isinstance(r[k], bool) for k, t in _REQUANTIZE_FIELDS.items())
+        for r in v
+    ),
+    "checksum": lambda v: isinstance(v, str),
+}
+
+
+def _check_metadata(metadata: dict[str, Any], source: str) -> None:
+    for key, valid in _METADATA_SCHEMA.items():
+        if key in metadata and not valid(metadata[key]):
+            hint = " (this espquant reads format 1: upgrade espquant)" if key == "format_version" else ""
+            raise QuantTableError(f"{source}: metadata {key!r} = {_short(metadata[key])} is not valid{hint}.")
+
+
+def _checksum(exponents: dict[str, int | list[int]], metadata: dict[str, Any]) -> str:
+    """A digest of exponents and metadata: a table edited after calibration is told apart."""
+    content = {"exponents": exponents, "metadata": {k: v for k, v in metadata.items() if k != "checksum"}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _twin_metadata(source: Path, exponents: dict[str, int | list[int]]) -> dict[str, Any]:
+    """The metadata of a legacy-format pickle from its JSON twin, when the twin describes these exponents
+    (empty for the original toolkit's tables)."""
+    twin = source.with_suffix(".json")
+    if not twin.is_file() or twin == source:
+        return {}
+    try:
+        document = json.loads(twin.read_text())
+    except (ValueError, OSError):
+        return {}
+    if not isinstance(document, dict) or document.get("exponents") != exponents:
+        return {}
+    metadata = document.get("metadata")
+    return dict(metadata) if isinstance(metadata, dict) else {}
 
 
 @dataclass
@@ -130,13 +282,25 @@ class QuantTable:
     def __contains__(self, name: object) -> bool:
         return name in self.exponents
 
-    def save(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
-        """Write the pickle and its ``.json`` twin, both or neither (atomically); returns both paths."""
+    def save(self, path: str | os.PathLike[str], table_format: str = "exponents") -> tuple[Path, Path]:
+        """Write the pickle and its ``.json`` twin, both or neither (atomically); returns both paths.
+
+        ``table_format``: ``exponents`` (espquant's) or ``legacy`` (scales the original toolkit reads)."""
+        if table_format not in TABLE_FORMATS:
+            raise OptionError(f"table format {table_format!r}: use one of {', '.join(TABLE_FORMATS)}.")
         target, twin = table_paths(path)
-        legacy = {name: exponent for name, exponent in self.exponents.items()}
-        legacy[METADATA_KEY] = dict(self.metadata)
-        text = json.dumps({"metadata": self.metadata, "exponents": self.exponents}, indent=1, sort_keys=True)
-        write_files({target: pickle.dumps(legacy, protocol=4), twin: text.encode()})
+        metadata = {**self.metadata, "checksum": _checksum(self.exponents, self.metadata)}
+        stored: dict[str, Any]
+        if table_format == "legacy":  # what the original Calibrator pickled: float64 2**e, arrays per channel
+            stored = {
+                name: np.power(2.0, np.asarray(e, dtype=np.float64)) if isinstance(e, list) else float(2.0**e)
+                for name, e in self.exponents.items()
+            }
+        else:
+            stored = {**self.exponents, METADATA_KEY: metadata}
+        document = {"metadata": metadata, "exponents": self.exponents, "table_format": table_format}
+        text = json.dumps(document, indent=1, sort_keys=True)
+        write_files({target: pickle.dumps(stored, protocol=4), twin: text.encode()})
         return target, twin
 
     @classmethod
@@ -158,11 +322,28 @@ class QuantTable:
                     f"{source}: a quantization table is a dict, this pickle holds a {type(raw).__name__}."
                 )
             raw = dict(raw)
-            metadata = raw.pop(METADATA_KEY, {})
-            if not isinstance(metadata, dict):
+            metadata = raw.pop(METADATA_KEY, None)
+            if metadata is not None and not isinstance(metadata, dict):
                 raise QuantTableError(f"{source}: the metadata entry is not a dict.")
         exponents = {str(name): _plain(value, str(name), str(source)) for name, value in raw.items()}
+        if metadata is None:  # a legacy-format table: its metadata, if espquant wrote it, is in the twin
+            metadata = _twin_metadata(source, exponents)
+        _check_metadata(metadata, str(source))
+        stored = metadata.get("checksum")
+        if stored is not None and stored != _checksum(exponents, metadata):
+            raise QuantTableError(
+                f"{source}: the table was changed after calibration (its checksum no longer matches). If you "
+                "edited it on purpose, delete the metadata entry 'checksum'; otherwise calibrate again."
+            )
         return cls(exponents, metadata)
+
+    def check_channels(self, name: str, channels: int, source: str = "the table") -> None:
+        """Per-channel exponents of ``name`` must number its ``channels``."""
+        value = self.exponents.get(name)
+        if isinstance(value, list) and len(value) not in (1, channels):
+            raise QuantTableError(
+                f"{source} has {len(value)} exponents for {name!r}, which has {channels} channels. Calibrate again."
+            )
 
     def check_model(self, model: onnx.ModelProto, needed: Iterable[str], source: str = "the table") -> None:
         """Refuse a table made for another model, or one that misses tensors the model needs."""

@@ -26,13 +26,23 @@ class Calibrator:
         quantization_bit: ``"int8"`` or ``"int16"``.
         granularity: ``"per-tensor"`` or ``"per-channel"`` (int8 only) for weights.
         calib_method: ``"minmax"``, ``"entropy"``, ``"percentile"`` or ``"mse"``.
+        strict: at int16, refuse a model with ops the chip has no int16 kernel for (Resize) instead of running
+            those nodes at int8 with a warning each (the default; see ``checker.runs_at``).
     """
 
-    def __init__(self, quantization_bit: str, granularity: str = "per-tensor", calib_method: str = "minmax") -> None:
+    def __init__(
+        self,
+        quantization_bit: str,
+        granularity: str = "per-tensor",
+        calib_method: str = "minmax",
+        *,
+        strict: bool = False,
+    ) -> None:
         self.bits = parse_bits(quantization_bit)
         validate_method(self.bits, granularity, calib_method)
         self.granularity = granularity
         self.method = calib_method
+        self.strict = strict
         self.providers = ["CPUExecutionProvider"]
         self.int16_layers: list[str] = []
 
@@ -60,7 +70,7 @@ class Calibrator:
 
         Calibration is target-independent, so only the rules that hold on every target are checked.
         """
-        return legacy_check(model_proto, target=None, bits=self.bits)
+        return legacy_check(model_proto, target=None, bits=self.bits, fallback=not self.strict)
 
     def calibrate(
         self,
@@ -83,6 +93,7 @@ class Calibrator:
             batch_size=batch_size,
             on_batch=on_batch,
             threads=threads,
+            strict=self.strict,
         )
 
     def export_coefficient_to_cpp(

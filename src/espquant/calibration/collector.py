@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from espquant.calibration.dataset import Batch
+from espquant.calibration.dataset import DYNAMIC_BATCH, Batch, Chunking
 from espquant.calibration.observers import MinMaxObserver, Observer
 from espquant.graph import GraphView
 from espquant.optimizer.shapes import infer_shapes
@@ -114,6 +114,11 @@ class _Runner:
             return [np.asarray(v) for v in self.session.run(self.fetched, batch)]
         return outputs
 
+    def run_kept(self, batch: Batch) -> list[np.ndarray]:
+        """``run`` with outputs the next run does not overwrite (bound buffers are reused): what a model with a
+        fixed batch needs, whose runs are joined into one batch before the observers see it."""
+        return [np.array(v) for v in self.run(batch)]
+
 
 def _clamp_derivations(model: onnx.ModelProto, observers: dict[str, Observer]) -> dict[str, tuple[str, float, float]]:
     """Observed outputs of Relu / constant-bound Clip nodes whose input is observed: output -> (input, lo, hi)."""
@@ -163,8 +168,12 @@ def collect(
     providers: Sequence[str],
     on_batch: Callable[[int], None] | None = None,
     threads: int | None = None,
+    chunking: Chunking = DYNAMIC_BATCH,
 ) -> int:
-    """Feed every batch through the model and the observers; returns the number of samples seen."""
+    """Feed every batch through the model and the observers; returns the number of samples seen.
+
+    A model that fixes its batch to B (``chunking``) runs each batch B samples at a time and the observers see
+    the joined batch, so statistics (the histograms' per-batch subsample) match a dynamic-batch twin's."""
     inputs = {i.name for i in model.graph.input}
     ranges_only = all(isinstance(o, MinMaxObserver) for o in observers.values())  # no histogram to fill
     derived = _clamp_derivations(model, observers) if ranges_only else {}
@@ -175,7 +184,12 @@ def collect(
     runner = _Runner(model, fetched, providers, threads, {pool_outputs[n]: n for n in pooled})
     samples = 0
     for batch in batches:
-        values = runner.run(batch) if fetched else []
+        if not fetched:
+            values = []
+        elif chunking.fixed is None:
+            values = runner.run(batch)
+        else:
+            values = chunking.run(runner.run_kept, batch, "the calibration batch")
         ranges: dict[str, tuple[float, float, int]] = {}
         for name, value in [*zip(measured, values), *((n, v) for n, v in batch.items() if n in observers)]:
             if name in pooled:  # (N, C) maxima of a tensor that cannot be negative

@@ -1,20 +1,30 @@
-"""Calibration data: arrays, dicts of arrays, or an iterable of batches, validated batch by batch.
+"""Data for a model: arrays, dicts of arrays, or an iterable of batches, validated batch by batch, and fed to
+the model in runs of the size it accepts.
 
 A large set streams from disk as an iterable (a generator over ``np.load(..., mmap_mode="r")`` slices, for
 example); nothing here keeps more than one batch. Every problem names the input, the expected shape and
 the first offending sample's index in the whole set.
+
+Fixed batch: every TFLite-converted model, and many PyTorch exports, declare their input ``[1, ...]``, and
+onnxruntime refuses any other batch ("index: 0 Got: 8 Expected: 1"); the integer simulator would fail too,
+since such models usually reshape to ``[1, K]``. :class:`Chunking` is the one place that decides how data
+reaches a model: a model whose inputs declare a fixed first dimension B is run B samples at a time and the
+outputs are concatenated; a model with a dynamic batch gets each batch in one run, as before. Calibration,
+evaluation, the layer report and the QDQ comparison all go through it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
-from espquant.errors import DatasetError
+from espquant.errors import DatasetError, ModelError
+from espquant.graph import tensor_shape
 
-__all__ = ["InputSpec", "iterate_batches"]
+__all__ = ["InputSpec", "Chunking", "DYNAMIC_BATCH", "iterate_batches"]
 
 Batch = dict[str, np.ndarray]
 
@@ -25,6 +35,101 @@ class InputSpec:
 
     name: str
     shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many samples one run of a model takes: any number (``fixed`` None, a dynamic batch), or exactly
+    the B its inputs declare (``fixed`` B).
+
+    A data set whose size is not a multiple of B is refused with a :class:`DatasetError` rather than padded:
+    padded samples would enter calibration statistics and accuracy counts, and a model with a fixed batch may
+    mix samples in ways padding cannot undo. For B = 1, the usual case, every size is a multiple.
+    """
+
+    fixed: int | None = None
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto | None) -> Chunking:
+        """The chunking the model's declared inputs ask for (a dynamic batch when there is no model).
+
+        Raises:
+            ModelError: inputs that fix different batch sizes (espquant feeds every input batch first).
+        """
+        if model is None:
+            return cls()
+        initializers = {t.name for t in model.graph.initializer}
+        fixed: dict[str, int] = {}
+        for info in model.graph.input:
+            shape = tensor_shape(info)
+            if info.name not in initializers and shape and isinstance(shape[0], int) and shape[0] > 0:
+                fixed[info.name] = shape[0]
+        if len(set(fixed.values())) > 1:
+            raise ModelError(
+                f"the model's inputs fix different batch sizes ({fixed}); espquant feeds every input batch first: "
+                "export the model with one batch dimension shared by all inputs."
+            )
+        return cls(next(iter(fixed.values()), None))
+
+    def step(self, batch_size: int) -> int:
+        """Samples per slice for a caller that slices its data in batches of about ``batch_size``: a multiple
+        of B (at least B) for a fixed batch, so that every slice splits into whole runs."""
+        if self.fixed is None:
+            return batch_size
+        return max(self.fixed, batch_size - batch_size % self.fixed)
+
+    def check_total(self, total: int, what: str = "the data") -> None:
+        """Refuse a number of samples that does not split into runs of B (class docstring)."""
+        if self.fixed is not None and total % self.fixed:
+            raise DatasetError(
+                f"{what} holds {total} samples, but the model fixes its batch to {self.fixed} (its input's first "
+                f"dimension): give a multiple of {self.fixed} samples, or export the model with a dynamic batch."
+            )
+
+    def split(self, feeds: Batch, what: str = "the data") -> Iterator[Batch]:
+        """``feeds`` in the runs the model takes: itself for a dynamic batch, else slices of B samples."""
+        if self.fixed is None:
+            yield feeds
+            return
+        total = _batch_length(feeds)
+        self.check_total(total, what)
+        if total == self.fixed:
+            yield feeds
+            return
+        for start in range(0, total, self.fixed):
+            yield {name: value[start : start + self.fixed] for name, value in feeds.items()}
+
+    def run(
+        self, run_once: Callable[[Batch], Sequence[np.ndarray]], feeds: Batch, what: str = "the data"
+    ) -> list[np.ndarray]:
+        """``run_once`` over ``feeds`` in runs the model takes, its outputs joined along the batch.
+
+        One call for a dynamic batch (the outputs are returned as they are). For a fixed batch B each run's
+        outputs are concatenated along their first axis; an output whose first dimension is not B has no
+        batch axis (a squeezed ``[1000]`` logits vector of a batch-1 model) and is stacked along a new one,
+        so every output has one entry per sample (per run of B samples, for such outputs of B > 1).
+        """
+        parts = [list(run_once(chunk)) for chunk in self.split(feeds, what)]
+        if len(parts) == 1:
+            return parts[0]
+        return [self._join([np.asarray(p[i]) for p in parts]) for i in range(len(parts[0]))]
+
+    def _join(self, values: list[np.ndarray]) -> np.ndarray:
+        """The runs' values of one output along the batch (see :meth:`run`)."""
+        if all(v.ndim and v.shape[0] == self.fixed for v in values):
+            return np.concatenate(values, axis=0)
+        return np.stack(values, axis=0)
+
+
+DYNAMIC_BATCH = Chunking()  # every batch in one run
+
+
+def _batch_length(feeds: Batch) -> int:
+    """The number of samples in a batch whose inputs agree on it."""
+    sizes = {len(value) for value in feeds.values()}
+    if len(sizes) != 1:
+        raise DatasetError(f"the inputs hold different numbers of samples: {sorted(sizes)}.")
+    return sizes.pop()
 
 
 def _as_dict(batch: object, inputs: list[InputSpec], where: str) -> dict[str, object]:
@@ -69,15 +174,20 @@ def _validate(name: str, value: object, spec: InputSpec, start: int) -> np.ndarr
     return array
 
 
-def iterate_batches(data: object, inputs: list[InputSpec], batch_size: int = 32) -> Iterator[Batch]:
-    """Validated float32 batches ``{input name: array}`` from any accepted form of calibration data.
+def iterate_batches(
+    data: object, inputs: list[InputSpec], batch_size: int = 32, chunking: Chunking = DYNAMIC_BATCH
+) -> Iterator[Batch]:
+    """Validated float32 batches ``{input name: array}`` from any accepted form of calibration data:
+    ``batch_size`` samples from an array (rounded down to a multiple of the model's fixed batch B, if any);
+    iterables keep their batches, which must then hold a multiple of B samples (``chunking``).
 
     Raises:
-        DatasetError: an empty set, a wrong shape or dtype, NaN/Inf (naming the first bad sample), or
-            inputs that do not match the model's.
+        DatasetError: an empty set, a wrong shape or dtype, NaN/Inf (naming the first bad sample), inputs
+            that do not match the model's, or a number of samples the model's fixed batch does not divide.
     """
     if batch_size < 1:
         raise DatasetError(f"batch size {batch_size}: must be at least 1.")
+    batch_size = chunking.step(batch_size)
     if isinstance(data, (np.ndarray, Mapping)):
         whole = _as_dict(data, inputs, "calibration data")
         arrays = {name: np.asarray(value) for name, value in whole.items()}
@@ -87,6 +197,7 @@ def iterate_batches(data: object, inputs: list[InputSpec], batch_size: int = 32)
         total = next(iter(sizes.values()))
         if total == 0:
             raise DatasetError("calibration data is empty: give at least one sample.")
+        chunking.check_total(total, "the calibration data")  # before the first run, not after most of them
         source: Iterable[object] = (
             {name: a[start : start + batch_size] for name, a in arrays.items()} for start in range(0, total, batch_size)
         )
@@ -108,6 +219,7 @@ def iterate_batches(data: object, inputs: list[InputSpec], batch_size: int = 32)
         size = counts.pop()
         if size == 0:
             continue
+        chunking.check_total(size, f"the calibration batch starting at sample {seen}")
         yield validated
         seen += size
     if seen == 0:

@@ -12,15 +12,14 @@ import onnx
 
 from espquant._version import __version__
 from espquant.calibration.collector import collect
-from espquant.calibration.dataset import InputSpec, iterate_batches
+from espquant.calibration.dataset import Chunking, InputSpec, iterate_batches
 from espquant.calibration.exponents import Requantize, assign_exponents
 from espquant.calibration.observers import Observer, make_observer
 from espquant.calibration.plan import plan_calibration
-from espquant.calibration.precision import resolve_int16_layers, tensor_widths
+from espquant.calibration.precision import Fallback, int8_fallbacks, resolve_int16_layers, tensor_widths
 from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
-from espquant.optimizer.shapes import batch_pinning_reshapes, convert_model_batch_to_dynamic
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
 __all__ = [
@@ -62,26 +61,6 @@ def sample_count(data: object) -> int | None:
     return int(shape[0]) if shape else None
 
 
-def _batchable(model: onnx.ModelProto, batch_size: int) -> tuple[onnx.ModelProto, int]:
-    """A model that accepts batches: a static batch dimension is made dynamic, unless a constant Reshape
-    pins it, in which case the data is fed in batches of that static size."""
-    initializers = {t.name for t in model.graph.initializer}
-    static = {
-        shape[0]
-        for info in model.graph.input
-        if info.name not in initializers and (shape := tensor_shape(info)) and isinstance(shape[0], int)
-    }
-    if not static:
-        return model, batch_size
-    if not batch_pinning_reshapes(model):
-        return convert_model_batch_to_dynamic(model), batch_size
-    if len(static) > 1:
-        raise OptionError(f"the model's inputs have different static batch sizes {sorted(static)}.")
-    fixed = static.pop()
-    logger.info("a Reshape pins the batch to %d: calibrating in batches of %d", fixed, fixed)
-    return model, fixed
-
-
 @dataclass
 class CalibrationResult:
     """The table plus what the terminal report shows: ranges, observers and needed requantizations."""
@@ -91,6 +70,8 @@ class CalibrationResult:
     samples: int
     requantize: list[Requantize]
     range_from: dict[str, str] = field(default_factory=dict)  # Conv output -> the reader output it takes its range of
+    fallbacks: list[Fallback] = field(default_factory=list)  # int16 model: nodes without an int16 kernel, at int8
+    widths: dict[str, int] = field(default_factory=dict)  # tensors whose width is not the table's (mixed precision)
 
 
 def calibrate_model(
@@ -105,6 +86,7 @@ def calibrate_model(
     batch_size: int = 32,
     on_batch: Callable[[int], None] | None = None,
     threads: int | None = None,
+    strict: bool = False,
 ) -> CalibrationResult:
     """Measure the model on the data and choose every exponent; nothing is written.
 
@@ -112,27 +94,34 @@ def calibrate_model(
         bits, granularity, method: as the Calibrator's (validated by :func:`validate_method`).
         providers: onnxruntime execution providers for the float model.
         int16_layers: mixed precision: layers computed at int16 in an int8 model.
-        batch_size: samples per onnxruntime run when the data is an array (iterables keep their batches).
+        batch_size: samples per onnxruntime run when the data is an array (iterables keep their batches); a
+            model whose input fixes its batch to B is run B samples at a time (``dataset.Chunking``).
         on_batch: called with the number of samples after each batch (progress bars).
         threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        strict: refuse an int16 model with ops the chip has no int16 kernel for, instead of running those
+            nodes at int8 (``precision.int8_fallbacks``; each is logged as a warning and listed in the result
+            and the table's ``int8_fallback`` metadata).
 
     Raises:
         UnsupportedModelError: the model uses something ESP-DL cannot run (every problem listed).
         DatasetError: empty data, wrong shape or dtype, NaN/Inf (naming the first bad sample).
     """
     validate_method(bits, granularity, method)
-    check_model(model_proto, target=None, bits=bits, strict=True)
+    check_model(model_proto, target=None, bits=bits, strict=True, fallback=not strict)
     plan = plan_calibration(model_proto)
-    runnable, batch_size = _batchable(model_proto, batch_size)
-    initializers = {t.name for t in runnable.graph.initializer}
+    fallbacks = int8_fallbacks(plan, bits)
+    for fallback in fallbacks:
+        logger.warning("%s", fallback)
+    initializers = {t.name for t in model_proto.graph.initializer}
     inputs = [
         InputSpec(i.name, tuple(d if isinstance(d, int) else None for d in (tensor_shape(i) or [])))
-        for i in runnable.graph.input
+        for i in model_proto.graph.input
         if i.name not in initializers
     ]
     observers = {name: make_observer(method) for name in dict.fromkeys(plan.observed)}
-    batches = iterate_batches(calib_dataset, inputs, batch_size)
-    samples = collect(runnable, observers, batches, list(providers), on_batch, threads)
+    chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
+    batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
+    samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
     int16 = resolve_int16_layers(plan, list(int16_layers))
     widths = tensor_widths(model_proto, plan, bits, int16)
     observed = {name: o.exponent(widths.get(name, bits)) for name, o in observers.items()} | plan.fixed
@@ -153,6 +142,9 @@ def calibrate_model(
         "float_tensors": plan.float_tensors,
         "requantize": [vars(r) for r in assignment.requantize],
         "int16_layers": int16,
+        "int8_fallback": [f.tensor for f in fallbacks],
     }
     table = QuantTable(assignment.exponents, metadata)
-    return CalibrationResult(table, observers, samples, assignment.requantize, dict(plan.range_from))
+    return CalibrationResult(
+        table, observers, samples, assignment.requantize, dict(plan.range_from), fallbacks, dict(widths)
+    )

@@ -14,19 +14,27 @@ the widths of everything else follow from the graph:
 
 A layer reads its activation inputs at its own width: where a producer has the other width the quantized
 model converts it with a RequantizeLinear (int8 -> int16 widens losslessly, ``e16 = e8 - 8``).
+
+An int16 model is mixed the other way round when an op has no int16 kernel on the chip (ESP-DL's int16
+Resize is an empty function; ``checker.runs_at``): that node computes at int8 (its output exponent is
+calibrated at int8), pass-through ops after it stay int8, a Concat is int8 only when all its inputs are, and
+everything else is int16. The rule reads only the graph and the registry, so calibration, the simulator and
+the exporters derive the same widths from the same table; the table also lists them (``int8_fallback``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import onnx
 
 from espquant.calibration.plan import CalibrationPlan
+from espquant.checker import FALLBACK_BITS, runs_at
 from espquant.errors import QuantTableError
 from espquant.ops import ExponentRule
 
-__all__ = ["WIDEN", "resolve_int16_layers", "tensor_widths", "equivalent_exponent"]
+__all__ = ["WIDEN", "Fallback", "int8_fallbacks", "resolve_int16_layers", "tensor_widths", "equivalent_exponent"]
 
 WIDEN = 8  # int8 -> int16 keeps the range when the exponent drops by 8 bits
 
@@ -53,11 +61,54 @@ def resolve_int16_layers(plan: CalibrationPlan, names: Iterable[str]) -> list[st
     return sorted(set(resolved))
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """A node of an int16 model that runs at int8 because the chip has no int16 kernel for its op."""
+
+    node: str
+    op_type: str
+    tensor: str  # its output, whose exponent is an int8 one
+
+    def __str__(self) -> str:
+        return (
+            f"node {self.node!r} ({self.op_type}) runs at int{FALLBACK_BITS}: ESP-DL has no int16 {self.op_type} "
+            "kernel (RequantizeLinear converts where its neighbours are int16)"
+        )
+
+
+def int8_fallbacks(plan: CalibrationPlan, base: int) -> list[Fallback]:
+    """The nodes of a ``base``-bit model that compute at int8 for want of a kernel at ``base`` (module docstring)."""
+    return [
+        Fallback(node.name or node.output[0], node.op_type, plan.fused.get(node.output[0], node.output[0]))
+        for node, spec in plan.nodes
+        if node.output and runs_at(spec, base) not in (base, None)
+    ]
+
+
+def _int8_widths(plan: CalibrationPlan) -> dict[str, int]:
+    """An int16 model's int8 tensors: the fallback nodes' outputs and what only moves them (module docstring)."""
+    narrow = {f.tensor for f in int8_fallbacks(plan, 16)}
+    if not narrow:
+        return {}
+    constants = set(plan.constants)
+    for node, spec in plan.nodes:
+        outputs = [plan.fused.get(o, o) for o in node.output if o]
+        inputs = [t for t in node.input if t]
+        members = [t for t in inputs if t not in constants]
+        passes_through = spec.exponent is ExponentRule.PASSTHROUGH and bool(inputs) and inputs[0] in narrow
+        shares = spec.exponent is ExponentRule.SHARED and bool(members) and all(t in narrow for t in members)
+        if passes_through or shares:
+            narrow.update(outputs)
+    return dict.fromkeys(sorted(narrow - set(plan.float_tensors)), FALLBACK_BITS)
+
+
 def tensor_widths(model: onnx.ModelProto, plan: CalibrationPlan, base: int, int16: Iterable[str]) -> dict[str, int]:
     """The width of every activation tensor that differs from ``base`` (module docstring)."""
     del model  # the plan holds the graph in topological order
+    if base == 16:
+        return _int8_widths(plan)
     wide = set(int16)
-    if base == 16 or not wide:
+    if not wide:
         return {}
     # A Conv / Gemm that absorbs its Relu writes the Relu output: its own output tensor has that width too.
     wide.update(raw for raw, fused in plan.fused.items() if fused in wide)

@@ -59,7 +59,18 @@ def load_array_data(path: Path) -> Any:
     type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
     help="How activation ranges are chosen.",
 )
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples per onnxruntime run (a model whose input fixes its batch to B runs B at a time).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="int16: refuse ops the chip has no int16 kernel for (Resize) instead of running them at int8.",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Table path (default: <model>_calib.pickle).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of a terminal table.")
 @force_option
@@ -70,6 +81,7 @@ def calibrate(
     granularity: str,
     method: str,
     batch_size: int,
+    strict: bool,
     output: Path | None,
     as_json: bool,
     force: bool,
@@ -81,11 +93,16 @@ def calibrate(
     ops, Concat sharing, no left shifts), and writes TABLE.pickle (legacy format) and TABLE.json, both or
     neither; existing ones are replaced only with --force.
 
+    At int16, an op the chip has no int16 kernel for (Resize) runs at int8 in the int16 model, with a
+    RequantizeLinear where its neighbours are int16; one line per such node says so. --strict refuses the
+    model instead.
+
     \b
     Examples:
       espquant calibrate mnist_optimized.onnx --data calib.npy
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
+      espquant calibrate unet.onnx --data calib.npy --bits int16 --strict  # no int8 fallback
     """
     from espquant.api import Calibrator
     from espquant.files import guard_outputs
@@ -97,10 +114,12 @@ def calibrate(
     data = load_array_data(data_path)
     target = output or model.with_name(f"{model.stem}_calib.pickle")
     guard_outputs(table_paths(target), [model, data_path], force)  # before the work, not after it
-    calibrator = Calibrator(bits, granularity, method)
+    calibrator = Calibrator(bits, granularity, method, strict=strict)
     total = len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else None
     with progress_bar("calibrating", total, enabled=not as_json and err.is_terminal) as advance:
         result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
+    for fallback in result.fallbacks:  # stderr: the --json document on stdout stays one document
+        err.print(f"[yellow]espquant: int8 fallback:[/] {fallback}", soft_wrap=True)
     table_path, json_path = result.table.save(target)
     if as_json:
         click.echo(json.dumps({"table": str(table_path), **json.loads(json_path.read_text())}, indent=2))
@@ -121,16 +140,19 @@ def print_calibration(result: Any, console: Console = out) -> None:
     table.add_column("exponent", justify="right")
     table.add_column("range", justify="right")
     table.add_column("clipped", justify="right")
-    limit = (1 << (bits - 1)) - 1
+
+    def limit(name: str) -> int:
+        """The largest integer of the tensor's own width (an int16 layer, or an int8 fallback, in a mixed table)."""
+        return (1 << (result.widths.get(name, bits) - 1)) - 1
+
     for name, observer in result.observers.items():
         exponent = result.table.exponents[name]
-        clipped = observer.clipped_fraction(exponent, bits)
-        table.add_row(
-            name, f"{observer.max_abs:.4g}", str(exponent), f"±{limit * 2.0**exponent:.4g}", f"{100 * clipped:.3f}%"
-        )
+        clipped = observer.clipped_fraction(exponent, result.widths.get(name, bits))
+        kept = f"±{limit(name) * 2.0**exponent:.4g}"
+        table.add_row(name, f"{observer.max_abs:.4g}", str(exponent), kept, f"{100 * clipped:.3f}%")
     for name, reader in result.range_from.items():  # not measured: the range its reader keeps (plan.py)
         exponent = result.table.exponents[name]
-        table.add_row(name, f"as {reader}", str(exponent), f"±{limit * 2.0**exponent:.4g}", "-")
+        table.add_row(name, f"as {reader}", str(exponent), f"±{limit(name) * 2.0**exponent:.4g}", "-")
     console.print(table)
     others = [n for n in result.table.exponents if n not in result.observers and n not in result.range_from]
     per_channel = sum(isinstance(result.table.exponents[n], list) for n in others)

@@ -20,7 +20,13 @@ from espquant.cli.calibrate import load_array_data
 @data_option("Normalised float inputs: .npy (N, ...) or .npz with one array per input.")
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), help="Integer class labels (.npy, N).")
 @click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="Target chip to simulate.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Samples per step (a model whose input fixes its batch to B runs B at a time).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def evaluate(
     model: Path,
@@ -42,6 +48,8 @@ def evaluate(
       espquant evaluate net.onnx --table t.pickle --data x.npz --target esp32p4 --json
     """
     from espquant.api import Evaluator
+    from espquant.calibration.dataset import Chunking
+    from espquant.errors import DatasetError
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
     from espquant.runtime import create_session
@@ -58,15 +66,20 @@ def evaluate(
     input_names = [i.name for i in session.get_inputs()]
     arrays = data if isinstance(data, dict) else {input_names[0]: data}
     total = len(next(iter(arrays.values())))
+    chunking = Chunking.of(proto)  # a model with a fixed batch B runs B samples at a time
+    chunking.check_total(total, str(data_path))
+    step = chunking.step(batch_size)
     signal = {n: 0.0 for n in names}
     noise = {n: 0.0 for n in names}
     worst = {n: 0.0 for n in names}
     agree = correct_float = correct_quant = 0
     labels = np.load(labels_path, allow_pickle=False) if labels_path else None
+    if labels is not None and len(labels) != total:
+        raise DatasetError(f"{labels_path} holds {len(labels)} labels for {total} samples in {data_path}.")
     with progress_bar("evaluating", total, enabled=not as_json and err.is_terminal) as advance:
-        for start in range(0, total, batch_size):
-            feeds = {k: np.asarray(v[start : start + batch_size], dtype=np.float32) for k, v in arrays.items()}
-            reference = session.run(None, feeds)
+        for start in range(0, total, step):
+            feeds = {k: np.asarray(v[start : start + step], dtype=np.float32) for k, v in arrays.items()}
+            reference = chunking.run(lambda f: session.run(None, f), feeds)
             simulated, _ = evaluator.evaluate_quantized_model(feeds, to_float=True)
             for name, ref, sim in zip(names, reference, simulated):
                 diff = sim.astype(np.float64) - ref
@@ -76,7 +89,7 @@ def evaluate(
             ref_top, sim_top = reference[0].argmax(axis=-1), simulated[0].argmax(axis=-1)
             agree += int((ref_top == sim_top).sum())
             if labels is not None:
-                truth = labels[start : start + batch_size]
+                truth = labels[start : start + step]
                 correct_float += int((ref_top == truth).sum())
                 correct_quant += int((sim_top == truth).sum())
             advance(len(ref_top))

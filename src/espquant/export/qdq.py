@@ -50,7 +50,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from espquant.calibration.dataset import Chunking
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
+from espquant.calibration.precision import int8_fallbacks
 from espquant.checker import parse_bits
 from espquant.errors import DatasetError, ModelError, OptionError, QuantTableError
 from espquant.graph import GraphView, opset_version, unique_name
@@ -508,6 +510,12 @@ def export_qdq(
     plan = plan_calibration(model_proto)
     needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     needed |= _bias_tensors(model_proto, plan)
+    narrow = int8_fallbacks(plan, width)
+    if narrow:  # the pairs below carry one width
+        raise OptionError(
+            f"{source}: {', '.join(f'{f.node!r} ({f.op_type})' for f in narrow)} run(s) at int8 in this int16 model "
+            "(no int16 kernel on the chip); a QDQ model holds one width: use --format espdl, which runs them."
+        )
     quant_table.check_model(model_proto, sorted(needed), source)
     qdq_plan = _plan_qdq(model_proto, quant_table, plan)
     copy = onnx.ModelProto()
@@ -599,7 +607,8 @@ def qdq_agreement(
     quantized = build_quantized_model(model_proto, quant_table, get_target(target), width)
     simulated, names = simulate(quantized, model_proto, feeds, to_float=True)
     session = create_session(qdq, what="the QDQ model")
-    runtime = session.run(names, feeds)
+    # The QDQ model keeps the float model's inputs: a fixed batch B runs B samples at a time, as simulate does.
+    runtime = Chunking.of(model_proto).run(lambda f: session.run(names, f), feeds)
     report: dict[str, dict[str, float | int | None]] = {}
     for name, ours, theirs in zip(names, runtime, simulated):
         a, b = np.asarray(ours, dtype=np.float64), np.asarray(theirs, dtype=np.float64)

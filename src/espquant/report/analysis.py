@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from espquant.calibration.collector import _exposing
+from espquant.calibration.dataset import Chunking
 from espquant.errors import DatasetError
 from espquant.quant.pot import qmax, qmin
 from espquant.simulator import kernels
@@ -152,7 +153,8 @@ def _own_output(
             env[tensor] = value.astype(np.float32)
         else:
             exponent = model.exponent(tensor)
-            env[tensor] = kernels.quantize_float(value, e_out=exponent, bits=model.bits, profile=model.profile)
+            bits = model.width(tensor)  # the width the chip holds it at (mixed precision)
+            env[tensor] = kernels.quantize_float(value, e_out=exponent, bits=bits, profile=model.profile)
             inputs.add(value, env[tensor] * 2.0**exponent)
     model.run_node(node, env)
     return env[node.outputs[0]]
@@ -209,26 +211,37 @@ def analyze(
         """``value`` as the rest of the model sees it (within the Clip's bounds for a clamped Conv)."""
         return np.clip(value, *kept_ranges[tensor]) if tensor in kept_ranges else value
 
-    for start in range(0, total, batch_size):
-        feeds = {k: np.asarray(v[start : start + batch_size], dtype=np.float32) for k, v in arrays.items()}
-        floats = dict(zip(output_names, session.run(output_names, feeds)))
-        floats.update(feeds)
-        ints = {name: quantized.quantize_input(name, value) for name, value in feeds.items()}
-        simulated = quantized.run(ints, keep=True)
-        for tensor in compared:
-            reference, exponent = seen(tensor, floats[tensor]), quantized.exponent(tensor)
-            accumulated[tensor].add(reference, seen(tensor, simulated[tensor] * 2.0**exponent))
-            alone = _own_output(quantized, producers[tensor], floats, quantized_inputs[tensor])
-            if alone is not None:
-                own[tensor].add(reference, seen(tensor, alone * 2.0**exponent))
-            low, high = qmin(quantized.bits) * 2.0**exponent, qmax(quantized.bits) * 2.0**exponent
-            clipped[tensor] += int(((reference < low) | (reference > high)).sum())
-            counts[tensor] += reference.size
-            ranges[tensor] = [
-                min(ranges[tensor][0], float(reference.min())),
-                max(ranges[tensor][1], float(reference.max())),
-            ]
-            flat = reference.reshape(-1)
+    # A model that fixes its batch to B runs B samples at a time, float and integer alike (dataset.Chunking);
+    # the histogram samples are still drawn per slice of ``step`` samples, so their number does not grow with
+    # the number of runs.
+    chunking = Chunking.of(model_proto)
+    chunking.check_total(total)
+    step = chunking.step(batch_size)
+    for start in range(0, total, step):
+        batch = {k: np.asarray(v[start : start + step], dtype=np.float32) for k, v in arrays.items()}
+        references: dict[str, list[np.ndarray]] = {t: [] for t in compared}
+        for feeds in chunking.split(batch):
+            floats = dict(zip(output_names, session.run(output_names, feeds)))
+            floats.update(feeds)
+            ints = {name: quantized.quantize_input(name, value) for name, value in feeds.items()}
+            simulated = quantized.run(ints, keep=True)
+            for tensor in compared:
+                reference, exponent = seen(tensor, floats[tensor]), quantized.exponent(tensor)
+                accumulated[tensor].add(reference, seen(tensor, simulated[tensor] * 2.0**exponent))
+                alone = _own_output(quantized, producers[tensor], floats, quantized_inputs[tensor])
+                if alone is not None:
+                    own[tensor].add(reference, seen(tensor, alone * 2.0**exponent))
+                width = quantized.width(tensor)  # an int16 layer of an int8 model, or an int8 fallback
+                low, high = qmin(width) * 2.0**exponent, qmax(width) * 2.0**exponent
+                clipped[tensor] += int(((reference < low) | (reference > high)).sum())
+                counts[tensor] += reference.size
+                ranges[tensor] = [
+                    min(ranges[tensor][0], float(reference.min(initial=math.inf))),
+                    max(ranges[tensor][1], float(reference.max(initial=-math.inf))),
+                ]
+                references[tensor].append(reference.reshape(-1))
+        for tensor, parts in references.items():
+            flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
             kept[tensor].append(flat[:: max(1, flat.size // _SAMPLES_PER_BATCH)].copy())
     layers = [
         LayerError(

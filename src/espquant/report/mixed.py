@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from espquant.calibration.dataset import Chunking
 from espquant.errors import OptionError
 from espquant.ops import get_op_spec
 from espquant.report.analysis import analyze
 from espquant.table import QuantTable
 
 __all__ = ["PrecisionStep", "MixedPrecision", "suggest_int16", "weight_bytes"]
+
+_STEP = 256  # samples per simulated slice (a multiple of a fixed batch)
 
 
 @dataclass
@@ -69,8 +72,9 @@ def _top1(model: onnx.ModelProto, table: QuantTable, target: str, data: np.ndarr
     from espquant.simulator.simulate import simulate
 
     quantized = lower_for_target(model, table, target)
+    step = Chunking.of(model).step(_STEP)
     predicted = np.concatenate(
-        [simulate(quantized, model, data[i : i + 256])[0][0].argmax(axis=-1) for i in range(0, len(data), 256)]
+        [simulate(quantized, model, data[i : i + step])[0][0].argmax(axis=-1) for i in range(0, len(data), step)]
     )
     return 100.0 * float((predicted == reference).mean()), weight_bytes(quantized)
 
@@ -104,10 +108,13 @@ def suggest_int16(
         raise OptionError("mixed precision starts from an int8 table; this one is int16 already.")
     session = create_session(model)
     name = session.get_inputs()[0].name
+    chunking = Chunking.of(model)  # a fixed batch B: B samples per run (dataset.Chunking)
+    chunking.check_total(len(data))
+    step = chunking.step(_STEP)
     float_top1 = np.concatenate(
         [
-            session.run(None, {name: data[i : i + 256].astype(np.float32)})[0].argmax(axis=-1)
-            for i in range(0, len(data), 256)
+            chunking.run(lambda f: session.run(None, f), {name: data[i : i + step].astype(np.float32)})[0].argmax(-1)
+            for i in range(0, len(data), step)
         ]
     )
     reference = labels if labels is not None else float_top1

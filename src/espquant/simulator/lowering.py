@@ -56,6 +56,10 @@ def build_quantized_model(
     opset = opset_version(model)
     needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
     table.check_model(model, sorted(needed))
+    for use in plan.weights:
+        shape = view.array(use.tensor).shape
+        channels = shape[use.channel_axis] if use.channel_axis is not None and shape else 1
+        table.check_channels(use.tensor, int(channels))
     exps = dict(table.exponents)
     widths = tensor_widths(model, plan, bits, table.metadata.get("int16_layers") or [])
     constants: dict[str, np.ndarray] = {}

@@ -1,5 +1,10 @@
-"""Float inputs in, the chip's outputs out: the one entry the legacy ``Evaluator``, the layer report and the
-QDQ comparison share (inputs checked against the float model: names, dtype, shape, finite values)."""
+"""Float inputs in, the chip's outputs out: the one entry the legacy ``Evaluator``, the mixed-precision search and
+the QDQ comparison share (inputs checked against the float model: names, dtype, shape, finite values).
+
+The integer model cares about the batch as much as the float one: a model that declares a fixed batch B keeps
+the Reshape targets it was exported with (``[1, K]``), and both the compiled segments (onnxruntime graphs) and
+the interpreter apply them as they are. So such a model is simulated B samples at a time
+(:class:`~espquant.calibration.dataset.Chunking`), as onnxruntime runs its float twin."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from espquant.calibration.dataset import Chunking
 from espquant.errors import DatasetError
 from espquant.graph import tensor_shape
 from espquant.simulator.quantized_model import QuantizedModel
@@ -27,8 +33,11 @@ def simulate(
         ``(outputs, output_names)`` in the ONNX model's order and layout: the integers the chip produces, or
         with ``to_float`` those integers times ``2**exponent``.
 
+    A ``float_model`` that fixes its batch to B is simulated B samples at a time (module docstring).
+
     Raises:
-        DatasetError: inputs that do not match the model (names, dtype, shape) or hold NaN / Inf.
+        DatasetError: inputs that do not match the model (names, dtype, shape) or hold NaN / Inf, or a
+            number of samples the fixed batch B does not divide.
     """
     feeds = batch if isinstance(batch, dict) else {model.inputs[0]: batch}
     if set(feeds) != set(model.inputs):
@@ -37,14 +46,20 @@ def simulate(
     checked = {}
     for name, value in feeds.items():
         checked[name] = _checked_input(name, np.asarray(value), shapes.get(name))
-    results = model.run_float(checked)
+    outputs = Chunking.of(float_model).run(lambda feeds: _run_once(model, feeds, to_float), checked)
+    return outputs, list(model.outputs)
+
+
+def _run_once(model: QuantizedModel, feeds: dict[str, np.ndarray], to_float: bool) -> list[np.ndarray]:
+    """One run of the integer model on checked float inputs: its outputs in the model's order."""
+    results = model.run_float(feeds)
     outputs = []
     for name in model.outputs:
         value = results[name]
         if to_float and name not in model.float_tensors:
             value = value.astype(np.float64) * 2.0 ** model.exponent(name)
         outputs.append(value)
-    return outputs, list(model.outputs)
+    return outputs
 
 
 def _checked_input(name: str, array: np.ndarray, expected: list[int | None] | None) -> np.ndarray:
