@@ -15,10 +15,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper
 
-from espquant import Calibrator, Evaluator, load_espdl
+from espquant import Calibrator, Evaluator
 from espquant.cli import main
-from espquant.espdl import DIGEST_KEY, decode_espdl, encode_espdl, read_espdl, write_espdl
 from espquant.errors import DatasetError, ModelError
+from espquant.espdl import DIGEST_KEY, decode_espdl, encode_espdl, read_espdl, write_espdl
 from helpers import make_model, tensor
 
 FUZZER = Path(__file__).parent / "fuzz" / "fuzz_files.py"
@@ -162,7 +162,7 @@ def test_run_inputs_must_be_the_files_integers_unless_float_input(espdl_file, tm
     floats, wide, missing = tmp_path / "f.npy", tmp_path / "w.npy", tmp_path / "missing.npy"
     np.save(floats, integers.astype(np.float32) * 0.01)
     np.save(wide, integers.astype(np.int32) * 1000)
-    for path, fragment in ((floats, "--float-input"), (wide, "do not fit"), (missing, "no such file")):
+    for path, fragment in ((floats, "--float-input"), (wide, "do not fit"), (missing, "no such data file")):
         result = CliRunner().invoke(main, ["run", str(espdl_file), "--input", str(path)])
         assert result.exit_code != 0 and fragment in result.output, result.output
     result = CliRunner().invoke(main, ["run", str(espdl_file), "--input", str(floats), "--float-input", "--json"])
@@ -178,3 +178,111 @@ def test_arrays_loader_names_the_file(tmp_path):
         from espquant.arrays import load_arrays
 
         load_arrays(truncated)
+
+
+# --- evaluate / report / calibrate inputs ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """The small classifier (first output (N, 3)), a Conv-only model, their data and tables."""
+    folder = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(3)
+    classifier = _small_model()
+    conv = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        [tensor("x", ["N", 2, 6, 6])],
+        [tensor("y", ["N", 4, 4, 4])],
+        {"w": rng.normal(0, 0.5, (4, 2, 3, 3)).astype(np.float32)},
+    )
+    data = rng.normal(0, 1, (8, 2, 6, 6)).astype(np.float32)
+    np.save(folder / "x.npy", data)
+    paths = {}
+    for name, model in (("classifier", classifier), ("conv", conv)):
+        onnx_path = folder / f"{name}.onnx"
+        import onnx
+
+        onnx.save(model, onnx_path)
+        table = Calibrator("int8").calibrate(model, data).table
+        table.save(folder / f"{name}.pickle")
+        paths[name] = (onnx_path, folder / f"{name}.pickle")
+    return folder, paths
+
+
+def _evaluate(paths, name, data, *extra):
+    model, table = paths[name]
+    return CliRunner().invoke(main, ["evaluate", str(model), "--table", str(table), "--data", str(data), *extra])
+
+
+def test_top1_only_for_class_scores(calibrated):
+    folder, paths = calibrated
+    result = _evaluate(paths, "conv", folder / "x.npy", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["top1_agreement"] is None
+    labels = folder / "labels.npy"
+    np.save(labels, np.zeros(8, np.int64))
+    result = _evaluate(paths, "conv", folder / "x.npy", "--labels", str(labels))
+    assert result.exit_code == 1 and "(N, classes)" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "labels, fragment",
+    [
+        (np.zeros(5, np.int64), "5 labels for 8 samples"),
+        (np.full(8, 7), "labels 7..7 for 3 classes"),
+        (np.full(8, 0.5), "integer class indices"),
+        (np.zeros((8, 3)), "one class index per sample"),
+    ],
+)
+def test_labels_are_validated(calibrated, labels, fragment):
+    folder, paths = calibrated
+    path = folder / "bad_labels.npy"
+    np.save(path, labels)
+    result = _evaluate(paths, "classifier", folder / "x.npy", "--labels", str(path))
+    assert result.exit_code == 1 and fragment in result.output, result.output
+
+
+@pytest.mark.parametrize("kind", ["empty", "nan", "zero-byte"])
+def test_bad_evaluation_data_is_a_clear_error(calibrated, kind):
+    folder, paths = calibrated
+    path = folder / f"{kind}.npy"
+    if kind == "empty":
+        np.save(path, np.zeros((0, 2, 6, 6), np.float32))
+    elif kind == "nan":
+        np.save(path, np.full((8, 2, 6, 6), np.nan, np.float32))
+    else:
+        path.write_bytes(b"")
+    result = _evaluate(paths, "classifier", path)
+    assert result.exit_code == 1 and "internal error" not in result.output, result.output
+
+
+def test_report_json_is_one_document(calibrated, tmp_path):
+    folder, paths = calibrated
+    model, table = paths["classifier"]
+    args = ["report", str(model), "--table", str(table), "--data", str(folder / "x.npy"), "--json"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out"), "--suggest-int16", "1"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)  # nothing before or after it
+    assert "written" in document and "mixed_precision" in document
+
+
+def test_legacy_table_format_from_cli_and_api(calibrated, tmp_path):
+    import pickle
+
+    folder, paths = calibrated
+    model, _ = paths["classifier"]
+    target = tmp_path / "t.pickle"
+    args = ["calibrate", str(model), "--data", str(folder / "x.npy"), "-o", str(target), "--table-format", "legacy"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    raw = pickle.loads(target.read_bytes())
+    assert all(isinstance(v, float) or v.dtype == np.float64 for v in raw.values())
+    import onnx
+
+    table = Calibrator("int8").generate_quantization_table(
+        onnx.load(model), np.load(folder / "x.npy"), tmp_path / "a.pickle"
+    )
+    raw = pickle.loads((tmp_path / "a.pickle").read_bytes())
+    assert {k: int(np.log2(v)) for k, v in raw.items()} == table.exponents  # the legacy API writes scales
+    result = _evaluate({"c": (model, target)}, "c", folder / "x.npy")
+    assert result.exit_code == 0, result.output

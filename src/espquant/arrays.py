@@ -15,7 +15,7 @@ import numpy as np
 
 from espquant.errors import DatasetError
 
-__all__ = ["load_arrays"]
+__all__ = ["load_arrays", "load_labels", "check_labels", "check_finite", "classes_of"]
 
 # Deflate cannot expand more than about 1032:1; an archive member claiming more is damaged.
 _MAX_EXPANSION = 1100
@@ -28,7 +28,7 @@ def load_arrays(path: str | Path, what: str = "data", mmap: bool = False) -> np.
     memory-mapped, so large sets stream from disk. Pickled object arrays are refused (``allow_pickle=False``)."""
     source = Path(path)
     if not source.is_file():
-        raise DatasetError(f"{what} {source}: no such file.")
+        raise DatasetError(f"{what} {source}: no such data file.")
     if source.suffix not in (".npy", ".npz"):
         raise DatasetError(f"{what} {source}: give a .npy array or an .npz archive of arrays.")
     try:
@@ -79,3 +79,44 @@ def _checked(array: np.ndarray, where: str) -> np.ndarray:
     if array.dtype.kind not in "biuf":
         raise DatasetError(f"{where}: {array.dtype} values are not numbers.")
     return array
+
+
+def load_labels(path: str | Path, samples: int) -> np.ndarray:
+    """Class indices for ``samples`` samples: a 1-D integer array (or ``(N, 1)``) of that length
+    (:func:`check_labels` holds them against the model's classes)."""
+    labels = load_arrays(path, "--labels")
+    where = f"--labels {path}"
+    if isinstance(labels, dict):
+        raise DatasetError(f"{where}: an archive of {len(labels)} arrays; give one array of class indices.")
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DatasetError(f"{where}: shape {list(labels.shape)}; give one class index per sample (N,).")
+    if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(np.mod(labels, 1) == 0)):
+        raise DatasetError(f"{where}: {labels.dtype} values; give integer class indices.")
+    if len(labels) != samples:
+        raise DatasetError(f"{where}: {len(labels)} labels for {samples} samples.")
+    return labels.astype(np.int64)
+
+
+def check_labels(labels: np.ndarray, classes: int | None, path: str | Path) -> None:
+    """Labels must index the classes of a first output of shape ``(N, classes)``."""
+    where = f"--labels {path}"
+    if classes is None:
+        raise DatasetError(f"{where}: accuracy needs a first output of shape (N, classes); this model has none.")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise DatasetError(
+            f"{where}: labels {int(labels.min())}..{int(labels.max())} for {classes} classes (0..{classes - 1})."
+        )
+
+
+def check_finite(values: np.ndarray, where: str) -> None:
+    """NaN or infinite inputs make every measure meaningless: refuse them naming the file."""
+    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        raise DatasetError(f"{where}: holds NaN or infinite values; clean the data first.")
+
+
+def classes_of(scores: np.ndarray) -> int | None:
+    """The class count of a first output of shape ``(N, classes)``; None for anything else (no top-1 there)."""
+    return int(scores.shape[1]) if scores.ndim == 2 and scores.shape[1] > 1 else None

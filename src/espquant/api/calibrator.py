@@ -124,12 +124,16 @@ class Calibrator:
         calib_dataset: object,
         pickle_file_path: str | os.PathLike[str],
         batch_size: int = 32,
+        table_format: str = "legacy",
     ) -> QuantTable:
         """Legacy API: calibrate and write the table to ``pickle_file_path`` (plus its ``.json`` twin).
 
-        A progress bar shows on an interactive terminal (stderr), as the legacy toolkit's users expect.
+        The pickle holds what the original toolkit wrote, each tensor's scale ``2 ** exponent`` (float64, arrays
+        per channel), so its ``Evaluator`` and ``export_coefficient_to_cpp`` read espquant's tables too; the
+        metadata is in the twin. ``table_format="exponents"`` writes espquant's integer form. A progress bar
+        shows on an interactive terminal (stderr), as the legacy toolkit's users expect.
         """
         with progress_bar("calibrating", sample_count(calib_dataset)) as advance:
             result = self.calibrate(model_proto, calib_dataset, batch_size, on_batch=advance)
-        result.table.save(pickle_file_path)
+        result.table.save(pickle_file_path, table_format)
         return result.table

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -16,23 +15,9 @@ from espquant.cli.app import err, force_option, main, out
 
 def load_array_data(path: Path) -> Any:
     """Arrays from ``.npy`` (memory-mapped, so large sets stream from disk) or ``.npz`` (one array per input)."""
+    from espquant.arrays import load_arrays
 
-    from espquant.errors import DatasetError
-
-    if not path.is_file():
-        raise DatasetError(
-            f"{path}: no such data file. Give a .npy array (N, ...) or an .npz with one array per input."
-        )
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-            return next(iter(arrays.values())) if len(arrays) == 1 else arrays
-    except (ValueError, OSError) as exc:
-        raise DatasetError(f"{path}: cannot read it as numpy data ({exc}).") from exc
-    raise DatasetError(f"{path}: calibration data must be a .npy or .npz file.")
+    return load_arrays(path, "--data", mmap=True)
 
 
 @main.command()
@@ -71,6 +56,14 @@ def load_array_data(path: Path) -> Any:
     is_flag=True,
     help="int16: refuse ops the chip has no int16 kernel for (Resize) instead of running them at int8.",
 )
+@click.option(
+    "--table-format",
+    default="exponents",
+    show_default=True,
+    type=click.Choice(["exponents", "legacy"]),
+    help="The pickle: integer exponents (espquant), or float scales 2^e that the original ESP-DL toolkit's "
+    "Evaluator and export_coefficient_to_cpp read (the metadata then lives in the .json twin). espquant reads both.",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Table path (default: <model>_calib.pickle).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of a terminal table.")
 @force_option
@@ -82,6 +75,7 @@ def calibrate(
     method: str,
     batch_size: int,
     strict: bool,
+    table_format: str,
     output: Path | None,
     as_json: bool,
     force: bool,
@@ -90,8 +84,9 @@ def calibrate(
 
     Runs the float model once per batch under onnxruntime (memory does not grow with the data set),
     chooses a power-of-two exponent for every tensor, applies ESP-DL's rules (fused Relu, pass-through
-    ops, Concat sharing, no left shifts), and writes TABLE.pickle (legacy format) and TABLE.json, both or
-    neither; existing ones are replaced only with --force.
+    ops, Concat sharing, no left shifts), and writes TABLE.pickle and TABLE.json, both or neither; existing
+    ones are replaced only with --force. --table-format legacy writes the scales the original ESP-DL
+    toolkit reads.
 
     At int16, an op the chip has no int16 kernel for (Resize) runs at int8 in the int16 model, with a
     RequantizeLinear where its neighbours are int16; one line per such node says so. --strict refuses the
@@ -103,6 +98,7 @@ def calibrate(
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
       espquant calibrate unet.onnx --data calib.npy --bits int16 --strict  # no int8 fallback
+      espquant calibrate net.onnx --data calib.npy --table-format legacy  # for the original toolkit
     """
     from espquant.api import Calibrator
     from espquant.files import guard_outputs
@@ -120,7 +116,7 @@ def calibrate(
         result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
     for fallback in result.fallbacks:  # stderr: the --json document on stdout stays one document
         err.print(f"[yellow]espquant: int8 fallback:[/] {fallback}", soft_wrap=True)
-    table_path, json_path = result.table.save(target)
+    table_path, json_path = result.table.save(target, table_format)
     if as_json:
         click.echo(json.dumps({"table": str(table_path), **json.loads(json_path.read_text())}, indent=2))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -94,9 +95,8 @@ def report(
         outputs += table_paths(_mixed_table_path(table_path, report_dir))
     guard_outputs(outputs, [model, *table_files(table_path), data_path, labels_path, calib_path], force)
     analysis = analyze(load_model(model), table_path, load_array_data(data_path), target)
-    if as_json:
-        out.print_json(json.dumps(analysis.to_dict()))
-    else:
+    document: dict[str, Any] = analysis.to_dict()  # --json: everything in one document on stdout
+    if not as_json:
         title = f"worst layers first ({analysis.target}, int{analysis.bits}, {analysis.samples} samples)"
         table = Table(title=title, title_justify="left")
         for column in COLUMNS:
@@ -106,10 +106,16 @@ def report(
         out.print(table)
     if report_dir is not None:
         written = write_report(analysis, report_dir)
-        for kind, path in written.items():
-            out.print(f"{kind}: {path}")
+        document["written"] = {kind: str(path) for kind, path in written.items()}
+        if not as_json:
+            for kind, path in written.items():
+                out.print(f"{kind}: {path}")
     if suggest is not None or budget is not None:
-        _mixed(model, table_path, data_path, target, suggest, budget, labels_path, calib_path, report_dir, as_json)
+        document["mixed_precision"] = _mixed(
+            model, table_path, data_path, target, suggest, budget, labels_path, calib_path, report_dir, as_json
+        )
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
 
 
 def _mixed(
@@ -123,17 +129,18 @@ def _mixed(
     calib_path: Path | None,
     report_dir: Path | None,
     as_json: bool,
-) -> None:
-    import numpy as np
+) -> dict[str, Any]:
+    """The mixed-precision search: printed as a table, and returned for the --json document."""
     from rich.table import Table
 
+    from espquant.arrays import load_labels
     from espquant.model_io import load_model
     from espquant.report.mixed import suggest_int16
 
     data = load_array_data(data_path)
     if isinstance(data, dict):
         raise OptionError("mixed-precision suggestions support one-input models (--data as one array).")
-    labels = np.load(labels_path, allow_pickle=False) if labels_path is not None else None
+    labels = load_labels(labels_path, len(data)) if labels_path is not None else None
     calibration = load_array_data(calib_path) if calib_path is not None else None
     result = suggest_int16(
         load_model(model),
@@ -145,9 +152,8 @@ def _mixed(
         labels=labels,
         calibration_data=calibration,
     )
-    if as_json:
-        out.print_json(json.dumps(result.to_dict()))
-    else:
+    document = result.to_dict()
+    if not as_json:
         title = f"mixed precision on {target}: {result.metric} (float {result.float_accuracy:.2f}%)"
         table = Table(title=title, title_justify="left")
         for column in ("int16 layers", result.metric, "vs float", "weights + biases"):
@@ -159,7 +165,10 @@ def _mixed(
         out.print(table)
     if result.table is not None:
         saved, _ = result.table.save(_mixed_table_path(table_path, report_dir))
-        out.print(f"mixed table: {saved}")
+        document["table"] = str(saved)
+        if not as_json:
+            out.print(f"mixed table: {saved}")
+    return document
 
 
 def _mixed_table_path(table_path: Path, report_dir: Path | None) -> Path:
