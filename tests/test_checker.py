@@ -149,6 +149,12 @@ CASES = {
     ),
     "lpnorm-p3": (unary("LpNormalization", p=3), ("attribute p", "3")),
     "xor-unregistered": (binary("Xor", [2, 3], [2, 3]), ("op type", "no Xor operator")),
+    "nan-weights": (
+        unary("Mul", inputs=["m"], inits={"m": np.array([1.0, np.nan, np.inf, 2.0], F).reshape(1, 4, 1, 1)}),
+        ("values", "2 of its 4 values are NaN or infinite"),
+    ),
+    "zero-dimension": (unary("Relu", x_shape=(1, 0, 6, 6)), ("shape", "dimension of 0")),
+    "opset-99": (unary("Relu", opset=99), ("opset", "newer than this onnxruntime knows")),
     "reduce-five-alternating-runs": (
         unary("ReduceMean", x_shape=(1, 2, 3, 4, 5), inputs=["a"], inits={"a": np.array([0, 2, 4], I64)}, opset=18),
         ("input axes", "at most 4 alternating runs"),
@@ -171,6 +177,21 @@ def test_checker_cases(name):
     field, fragment = expected
     assert not report.ok
     assert any(p.field == field and fragment in p.reason for p in report.problems), [str(p) for p in report.problems]
+
+
+def test_repeated_names_and_cycles_are_refused():
+    relu = helper.make_node("Relu", ["x"], ["a"], name="same")
+    neg = helper.make_node("Neg", ["a"], ["y"], name="same")
+    report = check_model(make_model([relu, neg], [tensor("x", [1, 4])], [tensor("y", [1, 4])]), strict=False)
+    assert [p.field for p in report.problems] == ["node names"]
+    first = helper.make_node("Add", ["x", "b"], ["a"], name="first")
+    second = helper.make_node("Relu", ["a"], ["b"], name="second")
+    graph = helper.make_graph([first, second], "g", [tensor("x", [1, 4])], [tensor("b", [1, 4])])
+    cyclic = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # onnx's checker refuses it
+    report = check_model(cyclic, strict=False)
+    assert "graph" in [p.field for p in report.problems]
+    with pytest.raises(UnsupportedModelError, match="cycle"):
+        check_model(cyclic)
 
 
 def test_resize_is_int8_only_and_falls_back_to_int8_in_an_int16_model():

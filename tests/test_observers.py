@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from espquant.calibration.observers import BINS, HistogramObserver, MinMaxObserver, make_observer
-from espquant.quant.pot import exponent_for_max_abs, qmax
+from espquant.quant.pot import EXPONENT_LIMIT, exponent_for_max_abs, qmax
 
 
 @pytest.mark.parametrize(
@@ -33,9 +33,13 @@ def test_exponent_rule_examples(max_abs, bits, expected):
 @settings(max_examples=400, deadline=None)
 @given(st.floats(min_value=1e-30, max_value=1e30, allow_nan=False), st.sampled_from([8, 16]))
 def test_exponent_rule_is_the_smallest_that_fits(max_abs, bits):
+    """Within ESP-DL's range of exponents (±30): beyond it the exponent is clamped (clipping above, zeros below)."""
     e = exponent_for_max_abs(max_abs, bits)
-    assert max_abs <= qmax(bits) * 2.0**e
-    assert max_abs > qmax(bits) * 2.0 ** (e - 1)
+    assert -EXPONENT_LIMIT <= e <= EXPONENT_LIMIT
+    if e < EXPONENT_LIMIT:
+        assert max_abs <= qmax(bits) * 2.0**e
+    if e > -EXPONENT_LIMIT:
+        assert max_abs > qmax(bits) * 2.0 ** (e - 1)
 
 
 def test_exponent_rule_rejects_non_finite():

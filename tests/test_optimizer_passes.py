@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import GraphView
 from espquant.optimizer import optimize_model, optimize_model_with_report
+from espquant.optimizer.activations import fuse_hard_sigmoid
 from espquant.optimizer.batchnorm import batchnorm_to_mul_add, fold_batchnorm
 from espquant.optimizer.cleanup import (
     eliminate_inference_dropout,
@@ -19,6 +23,7 @@ from espquant.optimizer.cleanup import (
     upgrade_opset,
 )
 from espquant.optimizer.constants import constants_to_initializers, fold_constants, remove_initializer_inputs
+from espquant.optimizer.pooling import rewrite_ceil_mode_pools
 from espquant.optimizer.shapes import infer_shapes
 from helpers import (
     assert_same_outputs,
@@ -341,10 +346,18 @@ def test_pad_bias_matmul_and_transpose_fusions(rng):
         "fuse_add_bias_into_conv",
         "fuse_matmul_add_bias_into_gemm",
         "fuse_transpose_into_gemm",
-        "eliminate_deadend",
     ):
         assert report.changes_of(name) > 0, name
     assert_same_outputs(model, optimized, {"x": _x(rng, 1, 3, 4, 4), "x2": _x(rng, 3, 2)})
+
+
+def test_dead_nodes_are_removed(rng):
+    #   x -> Relu -> y ;  x -> Sigmoid -> (read by nothing)
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["unused"])]
+    model = make_model(nodes, [tensor("x", [2, 3])], [tensor("y", [2, 3])])
+    optimized, report = optimize_model_with_report(model)
+    assert op_types(optimized) == ["Relu"]
+    assert report.changes_of("eliminate_deadend") == 1
 
 
 def test_duplicate_large_initializers_are_merged_with_their_real_values(rng):
@@ -469,3 +482,378 @@ def test_reshape_target_from_another_axis_is_left_alone(rng):
     optimized, report = optimize_model_with_report(model)
     assert report.changes_of("reshape_copy_dims") == 0
     assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 4)})
+
+
+# --- MatMul + Add -> Gemm, with a symbolic batch ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bias_shape, bias_first",
+    [((8,), False), ((8,), True), ((1, 8), False), ((), False)],
+    ids=["bias-right", "bias-left", "bias-1xM", "bias-scalar"],
+)
+def test_matmul_add_with_symbolic_batch_becomes_gemm(rng, bias_shape, bias_first):
+    #   x(unk__9, 16) -> MatMul(W 16x8) -> Add(b) -> y(unk__9, 8), as tf2onnx writes a Dense layer
+    add_inputs = ["b", "m"] if bias_first else ["m", "b"]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", add_inputs, ["y"])]
+    inits = {"W": _x(rng, 16, 8), "b": rng.standard_normal(bias_shape).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", ["unk__9", 16])], [tensor("y", ["unk__9", 8])], inits)
+    optimized, report = optimize_model_with_report(model)
+    assert op_types(optimized) == ["Gemm"]
+    assert report.changes_of("fuse_matmul_add_bias_into_gemm") == 1
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 16)})
+
+
+def test_matmul_add_with_a_full_static_bias_becomes_gemm(rng):
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    model = make_model(nodes, [tensor("x", [3, 5])], [tensor("y", [3, 4])], {"W": _x(rng, 5, 4), "b": _x(rng, 3, 4)})
+    optimized = optimize_model(model)
+    assert op_types(optimized) == ["Gemm"]
+    assert_same_outputs(model, optimized, {"x": _x(rng, 3, 5)})
+
+
+@pytest.mark.parametrize(
+    "case", ["rank-3-input", "product-is-an-output", "bias-grows-the-rank", "per-row-bias", "runtime-b"]
+)
+def test_matmul_add_left_alone_when_gemm_would_differ(rng, case):
+    # (a runtime B would fuse exactly, but ESP-DL's Gemm takes constant weights only, its MatMul both)
+    x_shape, bias, outputs = ["N", 16], _x(rng, 8), [tensor("y", None)]
+    if case == "rank-3-input":
+        x_shape = ["N", 4, 16]
+    elif case == "product-is-an-output":
+        outputs.append(tensor("m", None))
+    elif case == "bias-grows-the-rank":
+        bias = _x(rng, 1, 1, 8)
+    elif case == "per-row-bias":  # one bias row per batch row: the model runs at batch 3 only, N stays symbolic
+        bias = _x(rng, 3, 8)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])]
+    inputs, inits = [tensor("x", x_shape)], {"W": _x(rng, 16, 8), "b": bias}
+    if case == "runtime-b":
+        inputs.append(tensor("W", [16, 8]))
+        del inits["W"]
+    model = make_model(nodes, inputs, outputs, inits)
+    optimized, report = optimize_model_with_report(model)
+    assert "MatMul" in op_types(optimized) and "Gemm" not in op_types(optimized)
+    assert report.changes_of("fuse_matmul_add_bias_into_gemm") == 0
+    batch = 3 if case == "per-row-bias" else 2
+    feeds = {"x": _x(rng, batch, *x_shape[1:])}
+    if case == "runtime-b":
+        feeds["W"] = _x(rng, 16, 8)
+    assert_same_outputs(model, optimized, feeds)
+
+
+# --- ceil_mode pools -----------------------------------------------------------------------------------------
+
+
+def _pool_model(op_type: str, spatial, attrs: dict, indices: bool = False, batch="N") -> onnx.ModelProto:
+    outputs = [tensor("y", None)] + ([tensor("i", None, TensorProto.INT64)] if indices else [])
+    node = helper.make_node(op_type, ["x"], [o.name for o in outputs], name="pool", **attrs)
+    return make_model([node], [tensor("x", [batch, 3, *spatial])], outputs, opset=19)
+
+
+def _ceil_kept(model: onnx.ModelProto) -> bool:
+    return any(a.name == "ceil_mode" and a.i for n in model.graph.node for a in n.attribute)
+
+
+@st.composite
+def _ceil_pools(draw) -> tuple[str, list[tuple[int, int, int, int, int, int]], int | None, bool]:
+    """A ceil-mode pool ONNX allows: per spatial axis (size, kernel, stride, pad begin, pad end, dilation)."""
+    axes = []
+    for _ in range(draw(st.integers(1, 2))):
+        # strides above 1 and kernels above 1 are where ceil and floor mode differ: drawn more often
+        kernel, dilation = draw(st.sampled_from([1, 2, 2, 3, 3, 4])), draw(st.integers(1, 2))
+        stride = draw(st.sampled_from([1, 2, 2, 3, 3, 4]))
+        begin, end = draw(st.integers(0, kernel - 1)), draw(st.integers(0, kernel - 1))
+        size = draw(st.integers(max(1, dilation * (kernel - 1) + 1 - begin - end), 11))
+        axes.append((size, kernel, stride, begin, end, dilation))
+    op_type = draw(st.sampled_from(["MaxPool", "AveragePool"]))
+    count_include_pad = draw(st.sampled_from([0, 1])) if op_type == "AveragePool" else None
+    indices = op_type == "MaxPool" and draw(st.booleans())
+    return op_type, axes, count_include_pad, indices
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=_ceil_pools(), seed=st.integers(0, 2**16))
+def test_ceil_mode_rewrite_matches_onnxruntime(case, seed):
+    op_type, axes, count_include_pad, indices = case
+    rank = len(axes)
+    attrs = {
+        "kernel_shape": [a[1] for a in axes],
+        "strides": [a[2] for a in axes],
+        "pads": [a[3] for a in axes] + [a[4] for a in axes],
+        "dilations": [a[5] for a in axes],
+        "ceil_mode": 1,
+    }
+    if count_include_pad is not None:
+        attrs["count_include_pad"] = count_include_pad
+    spatial = [a[0] for a in axes]
+    model = _pool_model(op_type, spatial, attrs, indices, batch=2)
+    feeds = {"x": np.random.default_rng(seed).standard_normal((2, 3, *spatial)).astype(np.float32)}
+    expected = run(model, feeds)
+    # What an exact rewrite needs, from onnxruntime's own output size: floor mode with `extra` more end padding
+    # has the same windows; onnxruntime refuses pads >= kernel; count_include_pad=1 divides an overhanging last
+    # window by fewer cells than a padded one.
+    extra = [
+        max(0, (expected[0].shape[2 + i] - 1) * s + d * (k - 1) + 1 - (n + b + e))
+        for i, (n, k, s, b, e, d) in enumerate(axes)
+    ]
+    fits = all(axes[i][4] + extra[i] < axes[i][1] for i in range(rank))
+    exact = fits and not (count_include_pad and any(extra))
+
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    infer_shapes(rewritten)
+    result = rewrite_ceil_mode_pools(rewritten)
+    assert result.changes == int(exact)
+    event(f"{op_type} cip={count_include_pad} rewritten={exact} extra={any(extra)}")
+    assert _ceil_kept(rewritten) != exact
+    if not exact:
+        assert result.warnings and "ceil_mode=1 kept" in result.warnings[0]
+        if count_include_pad and fits and all(a[5] == 1 for a in axes):
+            # the refusal is needed: with the pads enlarged, onnxruntime divides the last window by more cells
+            # (its dilated AveragePool counts differently; refusing those too is merely cautious)
+            naive = _pool_model(
+                op_type,
+                spatial,
+                {
+                    **attrs,
+                    "ceil_mode": 0,
+                    "pads": attrs["pads"][:rank] + [e + x for e, x in zip(attrs["pads"][rank:], extra)],
+                },
+                batch=2,
+            )
+            assert not np.allclose(run(naive, feeds)[0], expected[0], rtol=1e-6, atol=1e-6)
+        return
+    written = {a.name: helper.get_attribute_value(a) for a in rewritten.graph.node[0].attribute}
+    assert list(written.get("pads", [0] * (2 * rank))) == attrs["pads"][:rank] + [
+        e + x for e, x in zip(attrs["pads"][rank:], extra)
+    ]
+    for want, got in zip(expected, run(rewritten, feeds)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_mtcnn_rnet_ceil_mode_pools_are_rewritten_and_accepted_by_the_checker(rng):
+    #   MTCNN's RNet (PyTorch, ceil_mode=True pools): 24x24 -> Conv3 -> PRelu -> MaxPool(3, 2, ceil) -> Conv3 ->
+    #   PRelu -> MaxPool(3, 2, ceil) -> Conv2 -> PRelu -> y(1, 64, 3, 3)
+    nodes, inits, previous, channels = [], {}, "x", 3
+    for index, (out, kernel, pool) in enumerate([(28, 3, True), (48, 3, True), (64, 2, False)]):
+        inits[f"w{index}"] = (_x(rng, out, channels, kernel, kernel) * 0.2).astype(np.float32)
+        inits[f"b{index}"] = _x(rng, out)
+        inits[f"a{index}"] = np.full((out, 1, 1), 0.25, np.float32)
+        nodes += [
+            helper.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"], name=f"conv{index}"),
+            helper.make_node("PRelu", [f"c{index}", f"a{index}"], [f"p{index}"], name=f"prelu{index}"),
+        ]
+        previous, channels = f"p{index}", out
+        if pool:
+            nodes.append(
+                helper.make_node("MaxPool", [previous], [f"m{index}"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+            )
+            previous = f"m{index}"
+    nodes[-1].output[0] = "y"
+    model = make_model(nodes, [tensor("x", [1, 3, 24, 24])], [tensor("y", [1, 64, 3, 3])], inits)
+    before = check_model(model, target="esp32s3", bits="int8", strict=False)
+    ceil_problems = [p for p in before.problems if p.field == "attribute ceil_mode"]
+    assert len(ceil_problems) == 2 and all("rewrites this node exactly" in str(p) for p in ceil_problems)
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("rewrite_ceil_mode_pools") == 2 and not _ceil_kept(optimized)
+    check_model(optimized, target="esp32s3", bits="int8")  # strict: raises on any problem
+    assert_same_outputs(model, optimized, {"x": _x(rng, 1, 3, 24, 24)}, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "attrs, spatial, reason",
+    [
+        ({"count_include_pad": 1, "pads": [1, 1, 1, 1]}, [10, 10], "count_include_pad=1"),
+        ({"count_include_pad": 0}, ["H", "W"], "not static"),
+    ],
+    ids=["include-pad-overhang", "dynamic-size"],
+)
+def test_ceil_mode_average_pool_that_cannot_be_rewritten_is_kept_and_refused(rng, attrs, spatial, reason):
+    # 10 + 2 pads, kernel 3, stride 2: the ceil-mode last window overhangs the end pad by one cell.
+    model = _pool_model("AveragePool", spatial, {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1, **attrs})
+    optimized, report = optimize_model_with_report(model)
+    assert _ceil_kept(optimized) and report.changes_of("rewrite_ceil_mode_pools") == 0
+    assert any("ceil_mode=1 kept" in w and reason in w for w in report.warnings)
+    problems = [p for p in check_model(optimized, strict=False).problems if p.field == "attribute ceil_mode"]
+    assert len(problems) == 1 and "cannot be rewritten exactly" in problems[0].reason and reason in problems[0].reason
+    if spatial == [10, 10]:
+        assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 10, 10)})
+
+
+# --- written-out hard-sigmoid / hard-swish -------------------------------------------------------------------
+
+_C = {"three": 3.0, "zero": 0.0, "six": 6.0, "one": 1.0, "half": 0.5, "sixth": 1 / 6, "approx_sixth": 0.1666}
+
+
+def _hard_nodes(spelling: str) -> tuple[list[onnx.NodeProto], str]:
+    """The nodes of one exporter spelling (reading x, writing y) and the single op it must become."""
+    n = helper.make_node
+    clip6 = [n("Add", ["x", "three"], ["a"]), n("Clip", ["a", "zero", "six"], ["c"])]
+    spellings = {
+        # PyTorch x * F.relu6(x + 3) / 6, paddle2onnx hard_swish below opset 14
+        "x*relu6(x+3)/6": (clip6 + [n("Mul", ["x", "c"], ["m"]), n("Div", ["m", "six"], ["y"])], "HardSwish"),
+        # Keras: x * relu6(3 + x) * (1/6), constants on the left
+        "(3+x)relu6*x*(1/6)": (
+            [n("Add", ["three", "x"], ["a"]), n("Clip", ["a", "zero", "six"], ["c"])]
+            + [n("Mul", ["c", "x"], ["m"]), n("Mul", ["sixth", "m"], ["y"])],
+            "HardSwish",
+        ),
+        "x*(relu6(x+3)/6)": (clip6 + [n("Div", ["c", "six"], ["h"]), n("Mul", ["x", "h"], ["y"])], "HardSwish"),
+        "x*(relu6(x+3)*(1/6))": (clip6 + [n("Mul", ["c", "sixth"], ["h"]), n("Mul", ["h", "x"], ["y"])], "HardSwish"),
+        "x*HardSigmoid(x)": (
+            [n("HardSigmoid", ["x"], ["h"], alpha=1 / 6, beta=0.5), n("Mul", ["x", "h"], ["y"])],
+            "HardSwish",
+        ),
+        "x*clip(x/6+0.5,0,1)": (
+            [n("Div", ["x", "six"], ["d"]), n("Add", ["d", "half"], ["a"]), n("Clip", ["a", "zero", "one"], ["h"])]
+            + [n("Mul", ["h", "x"], ["y"])],
+            "HardSwish",
+        ),
+        "clip(x/6+0.5,0,1)": (
+            [n("Div", ["x", "six"], ["d"]), n("Add", ["half", "d"], ["a"]), n("Clip", ["a", "zero", "one"], ["y"])],
+            "HardSigmoid",
+        ),
+        "clip(x*0.1666+0.5,0,1)": (
+            [n("Mul", ["approx_sixth", "x"], ["d"]), n("Add", ["d", "half"], ["a"])]
+            + [n("Clip", ["a", "zero", "one"], ["y"])],
+            "HardSigmoid",
+        ),
+        "clip((x+3)/6,0,1)": (
+            [n("Add", ["x", "three"], ["a"]), n("Div", ["a", "six"], ["d"]), n("Clip", ["d", "zero", "one"], ["y"])],
+            "HardSigmoid",
+        ),
+        "relu6(x+3)/6": (clip6 + [n("Div", ["c", "six"], ["y"])], "HardSigmoid"),
+        "relu6(x+3)*(1/6)": (clip6 + [n("Mul", ["sixth", "c"], ["y"])], "HardSigmoid"),
+    }
+    return spellings[spelling]
+
+
+def _hard_model(nodes: list[onnx.NodeProto], opset: int, shape=(2, 4, 5, 5), **constants: np.ndarray):
+    used = {name for node in nodes for name in node.input}
+    inits = {k: np.array(v, np.float32) for k, v in _C.items() if k in used}
+    inits.update(constants)
+    return make_model(nodes, [tensor("x", list(shape))], [tensor("y", list(shape))], inits, opset=opset)
+
+
+def _hard_feeds(rng, shape=(2, 4, 5, 5)) -> dict[str, np.ndarray]:
+    return {"x": (rng.standard_normal(shape) * 4).astype(np.float32)}  # both sides of both clamps
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "x*relu6(x+3)/6",
+        "(3+x)relu6*x*(1/6)",
+        "x*(relu6(x+3)/6)",
+        "x*(relu6(x+3)*(1/6))",
+        "x*HardSigmoid(x)",
+        "x*clip(x/6+0.5,0,1)",
+        "clip(x/6+0.5,0,1)",
+        "clip(x*0.1666+0.5,0,1)",
+        "clip((x+3)/6,0,1)",
+        "relu6(x+3)/6",
+        "relu6(x+3)*(1/6)",
+    ],
+)
+def test_written_out_hard_activations_are_fused(rng, spelling, opset):
+    nodes, fused = _hard_nodes(spelling)
+    model = _hard_model(nodes, opset)
+    optimized, report = optimize_model_with_report(model)
+    assert op_types(optimized) == [fused]
+    assert report.changes_of("fuse_hard_swish" if fused == "HardSwish" else "fuse_hard_sigmoid") == 1
+    node = optimized.graph.node[0]
+    attrs = {a.name: a.f for a in node.attribute}
+    if fused == "HardSigmoid":
+        alpha = 0.1666 if "0.1666" in spelling else 1 / 6
+        assert attrs["alpha"] == pytest.approx(alpha, rel=1e-6) and attrs["beta"] == pytest.approx(0.5, rel=1e-6)
+    # HardSwish needs opset 14: an opset-13 model is raised to it, a newer one keeps its opset.
+    want_opset = max(opset, 14) if fused == "HardSwish" else opset
+    assert [o.version for o in optimized.opset_import if o.domain in ("", "ai.onnx")] == [want_opset]
+    assert_same_outputs(model, optimized, _hard_feeds(rng), rtol=1e-5)
+    again, second = optimize_model_with_report(optimized)
+    assert second.total_changes == 0 and again.SerializeToString() == optimized.SerializeToString()
+
+
+def test_hard_sigmoid_with_opset_6_clip_attributes(rng):
+    # Clip(min, max) as attributes, before opset 11; the pass reads them without the opset upgrade.
+    nodes = [
+        helper.make_node("Add", ["x", "three"], ["a"]),
+        helper.make_node("Clip", ["a"], ["c"], min=0.0, max=6.0),
+        helper.make_node("Div", ["c", "six"], ["y"]),
+    ]
+    model = _hard_model(nodes, opset=10)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    infer_shapes(fused)
+    assert fuse_hard_sigmoid(fused).changes == 1
+    assert op_types(fused) == ["HardSigmoid"]
+    assert_same_outputs(model, fused, _hard_feeds(rng), rtol=1e-5)
+    assert op_types(optimize_model(model)) == ["HardSigmoid"]
+
+
+def test_hard_swish_in_a_network_keeps_shared_inputs(rng):
+    #   x -> Conv -> h ; h -> hard-swish -> Conv -> y1 ; h -> Relu -> y2   (h read by three nodes)
+    nodes, _ = _hard_nodes("x*relu6(x+3)/6")
+    for node in nodes:
+        node.input[:] = ["h" if name == "x" else name for name in node.input]
+        node.output[:] = ["s" if name == "y" else name for name in node.output]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["h"], pads=[1, 1, 1, 1]),
+        *nodes,
+        helper.make_node("Conv", ["s", "w1"], ["y1"]),
+        helper.make_node("Relu", ["h"], ["y2"]),
+    ]
+    inits = {k: np.array(_C[k], np.float32) for k in ("three", "zero", "six")}
+    inits |= {"w0": _x(rng, 4, 3, 3, 3), "w1": _x(rng, 2, 4, 1, 1)}
+    model = make_model(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y1", None), tensor("y2", None)], inits)
+    optimized = optimize_model(model)
+    assert op_types(optimized) == ["Conv", "HardSwish", "Conv", "Relu"]
+    assert_same_outputs(model, optimized, {"x": _x(rng, 1, 3, 6, 6) * 3}, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["clip-is-an-output", "offset-3.1", "low-bound-0.5", "per-channel-offset", "offset-grows-rank", "default-alpha"],
+)
+def test_hard_activations_not_fused_when_not_exact(rng, case):
+    nodes, _ = _hard_nodes("x*HardSigmoid(x)" if case == "default-alpha" else "x*relu6(x+3)/6")
+    constants: dict[str, np.ndarray] = {}
+    outputs = [tensor("y", None)]
+    if case == "clip-is-an-output":
+        outputs.append(tensor("c", None))
+    elif case == "offset-3.1":
+        constants["three"] = np.array(3.1, np.float32)
+    elif case == "low-bound-0.5":
+        constants["zero"] = np.array(0.5, np.float32)
+    elif case == "per-channel-offset":
+        constants["three"] = np.array([3.0, 2.0, 3.0, 3.0], np.float32).reshape(1, 4, 1, 1)
+    elif case == "offset-grows-rank":
+        constants["three"] = np.full((1, 1, 1, 1, 1), 3.0, np.float32)
+    else:
+        del nodes[0].attribute[:]  # HardSigmoid's defaults, alpha 0.2: not x * hard_sigmoid(x)
+    model = _hard_model(nodes, 17, **constants)
+    model.graph.output.pop()
+    model.graph.output.extend(outputs)
+    optimized, report = optimize_model_with_report(model)
+    assert "HardSwish" not in op_types(optimized)
+    assert report.changes_of("fuse_hard_swish") == 0 and report.changes_of("fuse_hard_sigmoid") == 0
+    assert_same_outputs(model, optimized, _hard_feeds(rng))
+
+
+def test_hard_swish_kept_with_a_warning_when_the_opset_cannot_be_raised(rng, monkeypatch):
+    from espquant.optimizer import activations
+
+    def refuse(model, version):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(activations.version_converter, "convert_version", refuse)
+    nodes, _ = _hard_nodes("x*relu6(x+3)/6")
+    model = _hard_model(nodes, 13)
+    optimized, report = optimize_model_with_report(model)
+    assert "HardSwish" not in op_types(optimized) and optimized.opset_import[0].version == 13
+    assert any("hard-swish(es) kept: HardSwish needs opset 14" in w and "no adapter" in w for w in report.warnings)
+    assert_same_outputs(model, optimized, _hard_feeds(rng))

@@ -38,7 +38,7 @@ def test_a_negligible_channel_gets_the_coarsest_exponent_the_shift_allows(rng):
     e_in, e_out, e_w = table["x"], table["y"], table["W"]
     assert max(e_out - e_in - e for e in e_w) == MAX_RIGHT_SHIFT  # channel 3 sits exactly at the bound
     weight = numpy_helper.to_array(model.graph.initializer[0])
-    assert e_w[3] == e_out - e_in - MAX_RIGHT_SHIFT > weight_exponents(weight, 8, 1)[3]
+    assert e_w[3] == e_out - e_in - MAX_RIGHT_SHIFT >= weight_exponents(weight, 8, 1)[3]
     assert e_w[:3] == weight_exponents(weight, 8, 1)[:3]  # the other channels keep their own range
     assert table["B"] == [e_in + e for e in e_w]  # the bias follows the clamped weights
     evaluator = Evaluator("int8", "per-channel", "esp32p4")
@@ -63,3 +63,17 @@ def test_a_table_that_breaks_the_bound_is_refused_naming_the_tensor(rng, tmp_pat
     args = ["check", str(tmp_path / "m.onnx"), "--target", "esp32p4", "--table", str(tmp_path / "t.pickle")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "right shift of 36" in result.output and "'W'" in result.output
+
+
+def test_exponents_stay_in_the_runtimes_scaling_range(tmp_path):
+    """Data of 1e-45 asked for exponent -155 (ESP-DL's 1 << 155 is undefined C); the calibrator keeps -30,
+    and a table that asks for more is refused naming the tensor."""
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [tensor("x", ["N", 4])],
+                       [tensor("y", ["N", 4])])  # fmt: skip
+    tiny = np.full((4, 4), 1e-45, np.float32)
+    table = Calibrator("int8").calibrate(model, tiny).table
+    assert table["x"] == -30 and table["y"] == -30
+    evaluator = Evaluator("int8", "per-tensor", "esp32c3")
+    evaluator.generate_quantized_model(model, table)
+    with pytest.raises(QuantTableError, match="exponent of 'x' is -40"):
+        evaluator.generate_quantized_model(model, QuantTable({"x": -40, "y": -40}))

@@ -120,7 +120,7 @@ class _HugeArray:
         ({"x": _HugeArray()}, "refused to load the pickle.*10000000 elements"),
         ({"x": 10**30}, "exponent of 'x' is 1000000000000000000000000000000;"),
         ({"x": 1e20}, "not a power of two"),
-        ({"x": 127}, "from -30 to 30"),
+        ({"x": 127}, "at most 64 either way"),
         ({"x": [[[[-7]]]]}, "must be an int"),
         ({"x": -7, METADATA_KEY: {"format_version": 999}}, "'format_version' = 999 is not valid.*upgrade"),
         ({"x": -7, METADATA_KEY: {"bits": 7}}, "'bits' = 7"),

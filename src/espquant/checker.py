@@ -21,6 +21,7 @@ from espquant.ops import UNREGISTERED_HINTS, NodeContext, OpSpec, Role, get_op_s
 from espquant.optimizer.cleanup import MIN_OPSET
 from espquant.optimizer.shapes import infer_shapes
 from espquant.quant.profiles import TargetProfile, get_target
+from espquant.runtime import runtime_limits
 
 __all__ = ["Problem", "OpSummary", "CheckReport", "check_model", "parse_bits", "runs_at", "FALLBACK_BITS"]
 
@@ -39,6 +40,31 @@ _CONSTANT_HINTS = {
     Role.BIAS: "biases must be initializers; `espquant optimize` folds constant subgraphs into them",
     Role.FLOAT_PARAM: "make it a constant (an initializer); `espquant optimize` folds constant subgraphs",
 }
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+
+
+def _cycle_node(graph: onnx.GraphProto) -> str | None:
+    """A node on a cycle of the graph, or None (Kahn's algorithm over tensor producers)."""
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    pending = [sum(1 for t in node.input if t in producers) for node in graph.node]
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for tensor in node.input:
+            if tensor in producers:
+                readers.setdefault(producers[tensor], []).append(i)
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    while ready:
+        for reader in readers.get(ready.pop(), []):
+            pending[reader] -= 1
+            if pending[reader] == 0:
+                ready.append(reader)
+    stuck = [i for i, count in enumerate(pending) if count > 0]
+    if not stuck:
+        return None
+    node = graph.node[stuck[0]]
+    return node.name or (node.output[0] if node.output else "?")
 
 
 FALLBACK_BITS = 8  # the width an op without an int16 kernel runs at in an int16 model
@@ -188,6 +214,16 @@ class _Checker:
                     )
                 )
             shape = tensor_shape(info)
+            if shape and any(d == 0 for d in shape):
+                self.add(
+                    Problem(
+                        f"graph input {info.name!r}",
+                        "",
+                        "shape",
+                        f"shape {shape} has a dimension of 0: the input holds no values",
+                        "export the model with the input's real size",
+                    )
+                )
             if _is_dynamic(shape):
                 shown = "unknown" if shape is None else str(["?" if not isinstance(d, int) else d for d in shape])
                 self.add(
@@ -199,6 +235,54 @@ class _Checker:
                         _DYNAMIC_HINT,
                     )
                 )
+
+        self.check_graph_integrity()
+
+    def check_graph_integrity(self) -> None:
+        """What makes a model unrunnable whatever its ops: a newer opset than onnxruntime knows, weights that
+        are not finite numbers, repeated node names, a cycle."""
+        limit = runtime_limits().opset
+        if self.opset > limit:
+            self.add(
+                Problem(
+                    MODEL,
+                    "",
+                    "opset",
+                    f"default-domain opset {self.opset} is newer than this onnxruntime knows ({limit})",
+                    "export the model with an older opset, or upgrade onnxruntime",
+                )
+            )
+        for name, tensor in self.view.initializers.items():
+            if tensor.data_type in _FLOAT_TYPES:
+                values = onnx.numpy_helper.to_array(tensor)
+                if not np.all(np.isfinite(values)):
+                    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+                    self.add(
+                        Problem(
+                            f"initializer {name!r}",
+                            "",
+                            "values",
+                            f"{bad} of its {values.size} values are NaN or infinite",
+                            "fix the training or the export; a quantized weight must be a finite number",
+                        )
+                    )
+        names = [n.name for n in self.model.graph.node if n.name]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            self.add(
+                Problem(
+                    MODEL,
+                    "",
+                    "node names",
+                    f"node names {repeated[:5]} are used more than once; ESP-DL addresses nodes by name",
+                    f"{_RUN_OPTIMIZER}: it makes node names unique",
+                )
+            )
+        cycle = _cycle_node(self.model.graph)
+        if cycle is not None:
+            self.add(
+                Problem(cycle, "", "graph", "the graph has a cycle through this node", "export an acyclic graph")
+            )
 
     def check_node(self, node: onnx.NodeProto) -> None:
         name = node.name or (node.output[0] if node.output else "?")

@@ -47,8 +47,9 @@ __all__ = [
 FORMAT_VERSION = 1
 METADATA_KEY = "__espquant_metadata__"
 TABLE_FORMATS = ("exponents", "legacy")
-# ESP-DL scales by DL_SCALE(e) = 1 << e (dl_define.hpp): a C int shift, defined for |e| <= 30.
-EXPONENT_LIMIT = 30
+# Any exponent beyond this is damage, not a choice (biases reach e_in + e_w, about -60 at the extreme); the
+# stricter range ESP-DL uses for activations is checked where the model is lowered (pot.EXPONENT_LIMIT).
+_PLAUSIBLE_EXPONENT = 64
 MAX_CHANNELS = 1 << 16  # per-channel exponents: more than any layer an ESP32 runs has channels
 _MAX_ARRAY_ELEMENTS = 1 << 20  # what a table's pickle may make numpy allocate, per array
 _SHOWN = 4  # values quoted in a message
@@ -186,10 +187,10 @@ def _exponent_of(value: Any, name: str, source: str) -> int:
         raise QuantTableError(
             f"{source}: the exponent of {name!r} must be an int (or a power-of-two scale), not {_short(value)}."
         )
-    if abs(exponent) > EXPONENT_LIMIT:
+    if abs(exponent) > _PLAUSIBLE_EXPONENT:
         raise QuantTableError(
-            f"{source}: the exponent of {name!r} is {exponent}; ESP-DL uses exponents from -{EXPONENT_LIMIT} to "
-            f"{EXPONENT_LIMIT} (its scales are C int shifts). Calibrate again."
+            f"{source}: the exponent of {name!r} is {exponent}; an ESP-DL exponent is a small integer (at most "
+            f"{_PLAUSIBLE_EXPONENT} either way). Calibrate again."
         )
     return exponent
 

@@ -1,6 +1,7 @@
 """The graph optimizer: clean a float ONNX model before quantization.
 
-Batch-norm, bias and pad fusion, MatMul+Add to Gemm, no-op elimination, constant folding, opset upgrade,
+Batch-norm, bias and pad fusion, MatMul+Add to Gemm (any batch size), ceil-mode pools to explicit end pads,
+written-out hard-sigmoid / hard-swish to one node, no-op elimination, constant folding, opset upgrade,
 naming and shape inference, built on onnxoptimizer plus espquant's own passes.
 """
 

@@ -18,6 +18,7 @@ from espquant.errors import ModelError
 from espquant.files import check_distinct_paths
 from espquant.graph import GraphView
 from espquant.model_io import load_model, save_model
+from espquant.optimizer.activations import fuse_hard_sigmoid, fuse_hard_swish
 from espquant.optimizer.batchnorm import batchnorm_to_mul_add, fold_batchnorm
 from espquant.optimizer.cleanup import (
     eliminate_inference_dropout,
@@ -33,6 +34,7 @@ from espquant.optimizer.constants import (
     reshape_copy_dims,
 )
 from espquant.optimizer.external import ONNXOPTIMIZER_PASSES as OX
+from espquant.optimizer.gemm import fuse_matmul_add_into_gemm
 from espquant.optimizer.pipeline import (
     OptimizationReport,
     OptimizerPass,
@@ -40,6 +42,7 @@ from espquant.optimizer.pipeline import (
     run_pipeline,
     select_passes,
 )
+from espquant.optimizer.pooling import rewrite_ceil_mode_pools
 from espquant.optimizer.shapes import fix_input_shapes, infer_shapes_pass
 
 __all__ = [
@@ -86,6 +89,11 @@ PASSES: list[OptimizerPass] = [
     OptimizerPass(
         "reshape_copy_dims", reshape_copy_dims, "Reshape targets built from the input's dynamic batch -> constant"
     ),
+    OptimizerPass(
+        "rewrite_ceil_mode_pools",
+        rewrite_ceil_mode_pools,
+        "MaxPool / AveragePool ceil_mode=1 -> ceil_mode=0 with explicit end pads, where exact",
+    ),
     OX["eliminate_identity"],
     OptimizerPass("eliminate_inference_dropout", eliminate_inference_dropout, "remove Dropout (identity at inference)"),
     OX["eliminate_nop_dropout"],
@@ -97,8 +105,22 @@ PASSES: list[OptimizerPass] = [
     OptimizerPass("fold_batchnorm", fold_batchnorm, "fold BatchNormalization into Conv/ConvTranspose/Gemm"),
     OptimizerPass("batchnorm_to_mul_add", batchnorm_to_mul_add, "lone BatchNormalization -> Mul + Add"),
     OX["fuse_add_bias_into_conv"],
-    OX["fuse_matmul_add_bias_into_gemm"],
+    OptimizerPass(
+        "fuse_matmul_add_bias_into_gemm",
+        fuse_matmul_add_into_gemm,
+        "turn MatMul (2-D input, any batch size) + Add(constant) into Gemm",
+    ),
     OX["fuse_transpose_into_gemm"],
+    OptimizerPass(
+        "fuse_hard_sigmoid",
+        fuse_hard_sigmoid,
+        "Clip(x/6 + 0.5, 0, 1), Clip(x + 3, 0, 6) / 6 and other written-out hard-sigmoids -> HardSigmoid",
+    ),
+    OptimizerPass(
+        "fuse_hard_swish",
+        fuse_hard_swish,
+        "x * Clip(x + 3, 0, 6) / 6, x * HardSigmoid(x) -> HardSwish (raises the opset to 14 when needed)",
+    ),
     OptimizerPass("sum_to_add", sum_to_add, "two-input Sum -> Add"),
     OptimizerPass("reshape_prelu_slopes", reshape_prelu_slopes, "PRelu slopes -> (C, 1, 1)"),
     OX["eliminate_deadend"],

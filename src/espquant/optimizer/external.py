@@ -217,11 +217,6 @@ ONNXOPTIMIZER_PASSES: dict[str, OptimizerPass] = {
             "turn Conv + Add(constant) into Conv's bias",
         ),
         _wrap(
-            "fuse_matmul_add_bias_into_gemm",
-            _feeds({"MatMul"}, "Add", constant_operand=True),
-            "turn 2-D MatMul + Add(constant) into Gemm",
-        ),
-        _wrap(
             "fuse_transpose_into_gemm",
             _feeds({"Transpose"}, "Gemm"),
             "fold Transpose into Gemm's transA/transB",

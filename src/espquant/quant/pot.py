@@ -14,6 +14,7 @@ __all__ = [
     "qmin",
     "qmax",
     "exponent_for_max_abs",
+    "EXPONENT_LIMIT",
     "DEFAULT_EMPTY_EXPONENT",
     "MAX_RIGHT_SHIFT",
     "EXACT_FLOAT32",
@@ -48,13 +49,18 @@ def qmin(bits: int) -> int:
     return -(1 << (bits - 1))
 
 
+# ESP-DL scales activations by DL_SCALE(e) / DL_RESCALE(e) = 1 << |e| (dl_define.hpp): a C int shift, defined
+# for |e| <= 30. Activation and weight exponents stay in that range (a tensor below 2^-30 is zero at int8).
+EXPONENT_LIMIT = 30
+
+
 def DEFAULT_EMPTY_EXPONENT(bits: int) -> int:  # noqa: N802 - reads as the constant it is
     """Exponent for an all-zero tensor: any exponent is exact; this one represents [-1, 1) as a neutral choice."""
     return -(bits - 1)
 
 
 def exponent_for_max_abs(max_abs: float | np.ndarray, bits: int) -> int:
-    """The smallest exponent ``e`` with ``max_abs <= qmax(bits) * 2**e``.
+    """The smallest exponent ``e`` with ``max_abs <= qmax(bits) * 2**e``, kept within ``±EXPONENT_LIMIT``.
 
     A value exactly on the boundary (``max_abs == qmax * 2**e``) takes that ``e``: it is representable
     without clipping. ``max_abs == 0`` gives :func:`DEFAULT_EMPTY_EXPONENT`.
@@ -71,4 +77,4 @@ def exponent_for_max_abs(max_abs: float | np.ndarray, bits: int) -> int:
         exponent += 1
     while exponent > -1074 and value <= limit * 2.0 ** (exponent - 1):
         exponent -= 1
-    return exponent
+    return min(max(exponent, -EXPONENT_LIMIT), EXPONENT_LIMIT)

@@ -15,7 +15,7 @@ from espquant.errors import QuantTableError
 from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, Role
 from espquant.ops.recurrent import RECURRENT_OPS
-from espquant.quant.pot import MAX_RIGHT_SHIFT
+from espquant.quant.pot import EXPONENT_LIMIT, MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate
 from espquant.simulator.activations import (
@@ -30,7 +30,7 @@ from espquant.simulator.quantized_model import QNode, QuantizedModel
 from espquant.simulator.recurrent import lower_recurrent
 from espquant.table import QuantTable
 
-__all__ = ["build_quantized_model", "lower_for_target", "check_shifts"]
+__all__ = ["build_quantized_model", "lower_for_target", "check_shifts", "check_activation_exponents"]
 
 F32 = np.float32
 logger = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def build_quantized_model(
         requantized=requantized,
     )
     check_shifts(quantized)
+    check_activation_exponents(quantized)
     _warn_unknown_rules(quantized)
     return quantized
 
@@ -233,6 +234,21 @@ def _shift_operands(m: QuantizedModel, node: QNode) -> tuple[str, list[str]] | N
     if node.op_type == "RequantizeLinear":
         return node.inputs[0], node.inputs[:1]
     return None
+
+
+def check_activation_exponents(m: QuantizedModel) -> None:
+    """Activations must use exponents ESP-DL can scale by (``±EXPONENT_LIMIT``), naming the first that does not:
+    beyond it the runtime's ``1 << e`` is undefined C and the simulated numbers mean nothing."""
+    for node in m.nodes:
+        for tensor in (*node.inputs, *node.outputs):
+            if not tensor or tensor in m.constants or tensor in m.float_tensors or tensor not in m.exponents:
+                continue
+            exponent = m.exponents[tensor]
+            if isinstance(exponent, int) and abs(exponent) > EXPONENT_LIMIT:
+                raise QuantTableError(
+                    f"the exponent of {tensor!r} is {exponent}; ESP-DL scales activations by 1 << |e|, defined for "
+                    f"|e| <= {EXPONENT_LIMIT}. Calibrate again (espquant keeps exponents in that range)."
+                )
 
 
 def check_shifts(m: QuantizedModel) -> None:
