@@ -52,6 +52,28 @@ def _reduce(op, axes, keepdims=1):
     return make_model([node], [tensor("x", SHAPE)], [tensor("y", shape)], {"axes": np.array(axes)}, opset=18)
 
 
+def _recurrent(op):
+    """x [1, 5, 6] -> Transpose -> GRU / LSTM (12 hidden, bias, batch 1: ESP-DL runs one sequence) -> Y, Y_h (, Y_c).
+    6 and 12 columns keep the S3 / P4 dot products on the C kernel the host runs. The host's x86 -ffast-math build
+    also computes the module's sigmoid / tanh tables a little differently from the chips (last bits, the tanh
+    table's end: tests/test_recurrent.py compares with those exactly); these weights and this test sample do not
+    reach an entry where that shows."""
+    rng = np.random.default_rng(12)
+    gates, outputs = (3, ["Y", "Y_h"]) if op == "GRU" else (4, ["Y", "Y_h", "Y_c"])
+    weights = {
+        "W": rng.normal(0, 0.4, (1, gates * 12, 6)).astype(np.float32),
+        "R": rng.normal(0, 0.3, (1, gates * 12, 12)).astype(np.float32),
+        "B": rng.normal(0, 0.3, (1, 2 * gates * 12)).astype(np.float32),
+    }
+    attrs = {"hidden_size": 12, **({"linear_before_reset": 1} if op == "GRU" else {})}
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["X"], name="t", perm=[1, 0, 2]),
+        helper.make_node(op, ["X", "W", "R", "B"], outputs, name="n", **attrs),
+    ]
+    shapes = {"Y": [5, 1, 1, 12], "Y_h": [1, 1, 12], "Y_c": [1, 1, 12]}
+    return make_model(nodes, [tensor("x", [1, 5, 6])], [tensor(o, shapes[o]) for o in outputs], weights, opset=14)
+
+
 def _models():
     rng = np.random.default_rng(3)
     return {
@@ -252,6 +274,8 @@ def _models():
             [tensor("y", ["N", 2, 6, 6])],
             {"i": np.array([3, 0])},
         ),
+        "GRU": _recurrent("GRU"),
+        "LSTM": _recurrent("LSTM"),
     }
 
 

@@ -27,11 +27,22 @@ RUNTIME_OPS = {
 }  # fmt: skip
 
 
+def _exists_at(op_type: str, opset: int) -> bool:
+    """Whether ``op_type`` is defined at ``opset`` (HardSwish appears at 14: an entry may not claim 13)."""
+    try:
+        onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("spec", REGISTRY.values(), ids=list(REGISTRY))
 def test_entry_is_complete(spec: OpSpec):
     if spec.onnx_standard:
         assert onnx.defs.has(spec.op_type), f"{spec.op_type} is not an ONNX op"
         assert spec.min_opset <= onnx.defs.onnx_opset_version()
+        first = onnx.defs.get_schema(spec.op_type, spec.min_opset).since_version if spec.min_opset else 0
+        assert first <= spec.min_opset and _exists_at(spec.op_type, spec.min_opset), spec.op_type
         schema = onnx.defs.get_schema(spec.op_type)
         assert len(spec.inputs) <= max(schema.max_input, 1) or spec.variadic
     assert spec.inputs and spec.inputs[0].role is Role.ACTIVATION

@@ -23,8 +23,10 @@ import onnx
 from espquant.calibration.observers import CANDIDATES
 from espquant.calibration.plan import CalibrationPlan
 from espquant.calibration.precision import equivalent_exponent
+from espquant.calibration.recurrent import assign_recurrent_exponents
 from espquant.graph import GraphView
 from espquant.ops import ExponentRule, OpSpec, Role
+from espquant.ops.recurrent import RECURRENT_OPS
 from espquant.quant.pot import MAX_RIGHT_SHIFT, exponent_for_max_abs, qmax, qmin
 
 __all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "weight_exponents"]
@@ -200,4 +202,6 @@ def assign_exponents(
                 for position, tensor in enumerate(node.input):
                     if tensor:
                         need(node, position, tensor, max(present))  # type: ignore[type-var]
+        if node.op_type in RECURRENT_OPS and isinstance(input_exp, int):  # gate exponent, int16 states
+            assign_recurrent_exponents(model, node, view, exps, node_bits, input_exp, need, width)
     return result

@@ -58,6 +58,7 @@ from espquant.errors import DatasetError, ModelError, OptionError, QuantTableErr
 from espquant.graph import GraphView, opset_version, unique_name
 from espquant.model_io import save_model
 from espquant.ops import ExponentRule, Role
+from espquant.ops.recurrent import int16_cell_state
 from espquant.ops.spec import OpSpec
 from espquant.quant.rounding import round_float, saturate
 from espquant.table import QuantTable
@@ -146,6 +147,7 @@ def _plan_qdq(model: onnx.ModelProto, table: QuantTable, plan: CalibrationPlan) 
     exps: dict[str, int | list[int]] = dict(table.exponents)
     float_tensors = set(plan.float_tensors) | set(table.metadata.get("float_tensors") or [])
     fused_relus = {id(view.single_consumer(out)) for out in plan.fused}
+    cell_states = {t for node, _ in plan.nodes for t in int16_cell_state(node)}  # LSTM: int16 at any width
     result = _QdqPlan({}, {}, {})
 
     def scalar(name: str) -> int | None:
@@ -156,7 +158,7 @@ def _plan_qdq(model: onnx.ModelProto, table: QuantTable, plan: CalibrationPlan) 
 
     def pair(name: str) -> None:
         exponent = scalar(name)
-        if exponent is None or name in float_tensors or name in plan.fused:
+        if exponent is None or name in float_tensors or name in plan.fused or name in cell_states:
             return
         if types.get(name, TensorProto.FLOAT) not in (TensorProto.FLOAT, TensorProto.UNDEFINED):
             return  # an integer tensor (a QuantizeLinear already in the model, and what moves it)
@@ -508,14 +510,14 @@ def export_qdq(
     width = _resolve_bits(quant_table, bits, source)
     quant_table.check_model(model_proto, (), source)  # another model's table first: the clearest message
     plan = plan_calibration(model_proto)
-    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
-    needed |= _bias_tensors(model_proto, plan)
     narrow = int8_fallbacks(plan, width)
     if narrow:  # the pairs below carry one width
         raise OptionError(
             f"{source}: {', '.join(f'{f.node!r} ({f.op_type})' for f in narrow)} run(s) at int8 in this int16 model "
             "(no int16 kernel on the chip); a QDQ model holds one width: use --format espdl, which runs them."
         )
+    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    needed |= _bias_tensors(model_proto, plan)
     quant_table.check_model(model_proto, sorted(needed), source)
     qdq_plan = _plan_qdq(model_proto, quant_table, plan)
     copy = onnx.ModelProto()

@@ -75,7 +75,7 @@ SPECS: tuple[OpSpec, ...] = (
     _unary("Sigmoid", "8.1, 8.3"),
     _unary("Tanh", "8.1, 8.3"),
     _unary("HardSigmoid", "8.1, 8.3"),
-    _unary("HardSwish", "8.1, 8.3"),
+    _unary("HardSwish", "8.1, 8.3", min_opset=14),
     _unary("Swish", "8.1, 8.3", min_opset=24),
     _unary("Elu", "8.1, 8.3"),
     _unary("Exp", "8.1, 8.3"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from espquant.ops import recurrent
 from espquant.ops.spec import (
     Constraint,
     ExponentRule,
@@ -129,19 +130,6 @@ _NORMALIZED_OPERANDS = Constraint(
 )
 
 
-def _unspecified(op_type: str, category, inputs, what: str, min_opset: int = 13) -> OpSpec:
-    return OpSpec(
-        op_type,
-        category,
-        inputs,
-        ExponentRule.OWN,
-        "10, 14.6",
-        min_opset=min_opset,
-        status="unspecified",
-        status_reason=f"the arithmetic spec does not specify ESP-DL's {what} (ARITHMETIC.md 10, 14.6)",
-    )
-
-
 SPECS: tuple[OpSpec, ...] = (
     _reduce("ReduceMean", ExponentRule.OWN, "10 (ReduceMean: integer sum, float32 scale)"),
     _reduce("ReduceMax", ExponentRule.PASSTHROUGH, "10 (passive)"),
@@ -248,16 +236,5 @@ SPECS: tuple[OpSpec, ...] = (
         min_opset=1,
         constraints=(attr_in("p", {1, 2}),),
     ),
-    _unspecified(
-        "GRU",
-        "recurrent",
-        (activation("X"), activation("W"), activation("R"), activation("B", True)),
-        "GRU integer details",
-    ),
-    _unspecified(
-        "LSTM",
-        "recurrent",
-        (activation("X"), activation("W"), activation("R"), activation("B", True)),
-        "LSTM integer details",
-    ),
+    *recurrent.SPECS,  # GRU, LSTM (ops/recurrent.py)
 )

@@ -45,6 +45,7 @@ __all__ = [
     "index",
     "float_param",
     "ignored",
+    "state",
 ]
 
 
@@ -59,6 +60,10 @@ class Role(Enum):
     INDEX = "index"  # integer tensor, not quantized, may be computed at run time (Gather indices)
     IGNORED = "ignored"  # read by ONNX but not by the runtime (Resize roi, Quantize scale/zero point)
     FLOAT_PARAM = "float_param"  # constant the runtime reads as float32 (RMSNormalization's scale)
+    # A recurrent op's initial state (GRU / LSTM initial_h, initial_c): the op fixes its exponent and width
+    # (Y's for initial_h, int16 at the gate exponent for initial_c), so the generic rules leave it to the
+    # recurrent ones (calibration/recurrent.py, simulator/recurrent.py).
+    STATE = "state"
 
 
 class ExponentRule(Enum):
@@ -125,6 +130,10 @@ def float_param(name: str) -> InputSpec:
 
 def ignored(name: str, optional: bool = True) -> InputSpec:
     return InputSpec(name, Role.IGNORED, optional)
+
+
+def state(name: str) -> InputSpec:
+    return InputSpec(name, Role.STATE, optional=True)
 
 
 @dataclass(frozen=True)

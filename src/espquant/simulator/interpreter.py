@@ -16,6 +16,7 @@ from espquant.quant.pot import EXACT_FLOAT32
 from espquant.quant.rounding import round_float, saturate, wrap
 from espquant.simulator import kernels, normalization
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path
+from espquant.simulator.recurrent import run_gru, run_lstm
 from espquant.simulator.reductions import REDUCE_KINDS, reduce_integer
 
 if TYPE_CHECKING:
@@ -671,6 +672,8 @@ RUN = {
     UNBLOCK_MATRIX: _unblock_matrix,
     "LUT": _activation,
     "ReverseSequence": _reverse_sequence,
+    "GRU": run_gru,  # simulator/recurrent.py
+    "LSTM": run_lstm,
     "LayerNormalization": _layer_normalization,
     "ScatterND": _scatter_nd,
     "StreamingCache": _streaming_cache,
