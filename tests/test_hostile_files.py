@@ -286,3 +286,31 @@ def test_legacy_table_format_from_cli_and_api(calibrated, tmp_path):
     assert {k: int(np.log2(v)) for k, v in raw.items()} == table.exponents  # the legacy API writes scales
     result = _evaluate({"c": (model, target)}, "c", folder / "x.npy")
     assert result.exit_code == 0, result.output
+
+
+def test_folding_does_not_materialise_a_huge_constant(tmp_path):
+    """194 bytes of ONNX: ConstantOfShape([30000, 30000]) -> ReduceMax took 3.6 GB before; the node stays."""
+    import onnx
+    from onnx import TensorProto
+
+    shape = onnx.numpy_helper.from_array(np.array([30000, 30000], np.int64), "s")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["s"], ["big"], name="big"),
+        helper.make_node("ReduceMax", ["big"], ["m"], name="max", keepdims=0),
+        helper.make_node("Add", ["x", "m"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [shape],
+    )  # fmt: skip
+    path = tmp_path / "bomb.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "espquant", "optimize", str(path), "-o", str(tmp_path / "out.onnx")],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit,
+    )  # fmt: skip
+    assert result.returncode == 0 and "not folding ConstantOfShape" in result.stdout, result.stderr[-2000:]

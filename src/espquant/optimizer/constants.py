@@ -118,6 +118,46 @@ def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], model: onnx
     return [np.asarray(r) for r in results]
 
 
+# Folding may materialise at most this many values per node: a 194-byte ConstantOfShape([30000, 30000]) must not
+# take gigabytes (the node stays, and the checker says what to do about it).
+MAX_FOLDED_ELEMENTS = 1 << 24
+
+
+def _folded_size(node: onnx.NodeProto, inputs: list[np.ndarray | None], model: onnx.ModelProto) -> int | None:
+    """How many values folding ``node`` would make, from ONNX shape inference (None when it cannot tell).
+
+    Small integer inputs (shapes, repeats, ranges) are given as values; the others only as declared shapes, so
+    a large weight is not copied for this."""
+    names = [name if name else "" for name in node.input]
+    declared, constants = [], []
+    for name, value in zip(names, inputs):
+        if not name or value is None:
+            continue
+        if value.size <= 64 and value.dtype.kind in "iuf":
+            constants.append(numpy_helper.from_array(np.asarray(value), name))
+        else:
+            declared.append(
+                helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+            )
+    outputs = [helper.make_empty_tensor_value_info(name) for name in node.output if name]
+    graph = helper.make_graph([node], "size", declared, outputs, constants)
+    tiny = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(tiny, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is advisory here
+        return None
+    total = 0
+    for info in inferred.graph.output:
+        dims = info.type.tensor_type.shape.dim
+        if not info.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
+            return None
+        count = 1
+        for dim in dims:
+            count *= max(int(dim.dim_value), 0)
+        total += count
+    return total
+
+
 def fold_constants(model: onnx.ModelProto) -> PassResult:
     """Evaluate every node whose inputs are all constants (and ``Shape`` of static shapes) into initializers.
 
@@ -139,6 +179,7 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
 
     doomed: list[onnx.NodeProto] = []
     folded_types: dict[str, int] = {}
+    warnings: list[str] = []
     for node in graph.node:
         if (
             node.domain not in ("", "ai.onnx")
@@ -156,6 +197,13 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
             inputs = [constant(name) if name else None for name in node.input]
             if any(name and value is None for name, value in zip(node.input, inputs)):
                 continue
+            size = _folded_size(node, inputs, model)
+            if size is not None and size > MAX_FOLDED_ELEMENTS:
+                warnings.append(
+                    f"not folding {node.op_type} {node.name!r}: it would make {size} values (more than "
+                    f"{MAX_FOLDED_ELEMENTS}); the node stays in the graph"
+                )
+                continue
             try:
                 values = _evaluate(node, inputs, model)
             except Exception as exc:  # the reference evaluator raises many kinds; folding is best-effort
@@ -169,7 +217,7 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
         doomed.append(node)
         folded_types[node.op_type] = folded_types.get(node.op_type, 0) + 1
     if not doomed:
-        return PassResult()
+        return PassResult(warnings=tuple(warnings))
     remove_nodes(graph, doomed)
     # Folded outputs may have had value_info entries; initializers now describe them.
     folded = {name for node in doomed for name in node.output}
@@ -181,7 +229,7 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
         del graph.value_info[:]
         graph.value_info.extend(copies)
     details = tuple(f"folded {count} {op}" for op, count in sorted(folded_types.items()))
-    return PassResult(len(doomed), details)
+    return PassResult(len(doomed), details, tuple(warnings))
 
 
 def _scalar_index(view: GraphView, name: str) -> int | None:
