@@ -21,7 +21,7 @@ from espquant import Calibrator, Evaluator
 from espquant.checker import check_model
 from espquant.cli import main
 from espquant.demo import demo_model_path, load_demo_data
-from espquant.errors import OptionError, OutputError, TargetError
+from espquant.errors import OptionError, OutputError, QuantTableError
 from espquant.espdl.layouts import (
     decode_conv_weight,
     decode_depthwise_weight,
@@ -243,9 +243,8 @@ def test_refusals_happen_before_anything_is_written(tmp_path, demo, rng):
     model, data = demo
     per_channel = Calibrator("int8", "per-channel").calibrate(model, data.calib_inputs[:64]).table
     evaluator = Evaluator("int8", "per-channel", "esp32s3")
-    evaluator.generate_quantized_model(model, per_channel)
-    with pytest.raises(TargetError, match="per-tensor weights only.*esp32p4"):
-        evaluator.export_espdl(tmp_path / "s3.espdl")
+    with pytest.raises(QuantTableError, match="esp32s3 cannot run.*esp32p4"):  # refused before any simulation
+        evaluator.generate_quantized_model(model, per_channel)
     assert not (tmp_path / "s3.espdl").exists()
     evaluator = Evaluator("int8", "per-tensor", "esp32p4")
     evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table)
