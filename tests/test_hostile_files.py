@@ -314,3 +314,15 @@ def test_folding_does_not_materialise_a_huge_constant(tmp_path):
         capture_output=True, text=True, timeout=300, preexec_fn=limit,
     )  # fmt: skip
     assert result.returncode == 0 and "not folding ConstantOfShape" in result.stdout, result.stderr[-2000:]
+
+
+def test_raw_pixels_get_a_hint(caplog):
+    model = _small_model()
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 2, 6, 6)).astype(np.uint8)
+    with caplog.at_level("WARNING", logger="espquant.data"):
+        Calibrator("int8").calibrate(model, pixels)
+    assert "looks like raw pixels" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="espquant.data"):
+        Calibrator("int8").calibrate(model, pixels.astype(np.float32) / 255)
+    assert "raw pixels" not in caplog.text

@@ -15,6 +15,7 @@ evaluation, the layer report and the QDQ comparison all go through it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ import onnx
 
 from espquant.errors import DatasetError, ModelError
 from espquant.graph import tensor_shape
+
+# Hints about the user's data, shown on the command line (cli/app.py lets this logger through).
+data_logger = logging.getLogger("espquant.data")
 
 __all__ = ["InputSpec", "Chunking", "DYNAMIC_BATCH", "iterate_batches"]
 
@@ -150,8 +154,24 @@ def _as_dict(batch: object, inputs: list[InputSpec], where: str) -> dict[str, ob
     return {inputs[0].name: batch}
 
 
+def _warn_raw_pixels(name: str, array: np.ndarray) -> None:
+    """Integer data from 0 to 255 is almost always raw image pixels; ESP-DL models expect the normalised inputs
+    the float model was trained on (the calibrated exponents would describe the wrong range)."""
+    if array.dtype.kind in "iu" and array.size and int(array.min()) >= 0 and int(array.max()) > 1:
+        data_logger.warning(
+            "input %r: the data is %s from %d to %d, which looks like raw pixels; the float model usually "
+            "expects normalised values (e.g. pixels / 255): normalise the data as in training",
+            name,
+            array.dtype,
+            int(array.min()),
+            int(array.max()),
+        )
+
+
 def _validate(name: str, value: object, spec: InputSpec, start: int) -> np.ndarray:
     array = np.asarray(value)
+    if start == 0:
+        _warn_raw_pixels(name, array)
     expected = "(N, " + ", ".join("?" if d is None else str(d) for d in spec.shape[1:]) + ")"
     if array.dtype.kind not in "fiu":
         raise DatasetError(f"input {name!r}: data of dtype {array.dtype} is not numeric; expected float32 {expected}.")

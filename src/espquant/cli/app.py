@@ -68,6 +68,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     \b
     Typical flow:
       espquant demo                                  # everything on a bundled MNIST model
+      espquant quantize model.onnx --data calib/ --target esp32s3   # all the steps below in one
       espquant optimize model.onnx                   # -> model_optimized.onnx
       espquant check model_optimized.onnx --target all
       espquant calibrate model_optimized.onnx --data calib.npy -o t.pickle
@@ -82,6 +83,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     level = logging.ERROR if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(level)
+    logging.getLogger("espquant.data").setLevel(min(level, logging.WARNING))  # hints about the user's data
 
 
 def table_option(command: Any) -> Any:
