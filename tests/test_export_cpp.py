@@ -24,6 +24,8 @@ from espquant.errors import ModelError, OptionError, OutputError, QuantTableErro
 from espquant.export import cpp
 from espquant.export.cpp import export_coefficient_to_cpp, legacy_filter_elements
 from espquant.optimizer import optimize_model
+from espquant.simulator.legacy import legacy_profile
+from espquant.simulator.lowering import build_quantized_model
 from espquant.table import QuantTable
 from helpers import make_model, tensor
 
@@ -208,12 +210,6 @@ def expected_hwcn(q, node, model: onnx.ModelProto) -> tuple[np.ndarray, bool]:
     return matrix[None, None], False
 
 
-def rounded_shift(value: int, shift: int, bits: int) -> int:
-    """floor((value + 2^(shift-1)) / 2^shift) saturated, in Python integers."""
-    result = (value + (1 << (shift - 1))) >> shift if shift > 0 else value << -shift
-    return max(-(1 << (bits - 1)), min((1 << (bits - 1)) - 1, result))
-
-
 def compile_files(folder: Path, tmp_path: Path, file_name: str, ctype: str) -> None:
     """g++ -fsyntax-only on the .cpp and on a driver that builds, calls and forwards the generated model."""
     stubs = tmp_path / "legacy_include"
@@ -300,7 +296,9 @@ def test_demo_export_holds_the_simulators_integers(demo, tmp_path, target, bits,
     table = tables[(bits, granularity)]
     paths = export_coefficient_to_cpp(model, table, target, tmp_path, "demo_coefficient")
     assert [p.name for p in paths] == ["demo_coefficient.cpp", "demo_coefficient.hpp", "demo_coefficient_model.hpp"]
-    q = Evaluator(f"int{bits}", granularity, target).generate_quantized_model(model, table)
+    q = build_quantized_model(model, table, legacy_profile(target), bits)  # the layers, as the exporter sees them
+    # The constants are the legacy profile's (simulator/legacy.py): what the legacy Evaluator simulates.
+    legacy = Evaluator(f"int{bits}", granularity, target, library="legacy").generate_quantized_model(model, table)
     nodes = {n.name: n for n in q.nodes}
     layers = parse_cpp(paths[0].read_text())
     ctype = "int8_t" if bits == 8 else "int16_t"
@@ -308,23 +306,23 @@ def test_demo_export_holds_the_simulators_integers(demo, tmp_path, target, bits,
     assert sorted(layer["node"] for layer in layers.values()) == sorted(n.name for n in weighted)
     for name, layer in layers.items():
         node = nodes[layer["node"]]
-        hwcn, depthwise = expected_hwcn(q, node, model)
+        hwcn, depthwise = expected_hwcn(legacy, node, model)
         assert layer["filter_shape"] == hwcn.shape
         decoded = decode_filter(layer["elements"]["filter"], hwcn.shape, target, bits, depthwise)
         np.testing.assert_array_equal(decoded, hwcn, err_msg=f"filter of {name}")
         assert layer["filter_exponent"] == table.exponents[node.inputs[1]]
         assert layer["ctype"] == ctype
-        # The bias: the simulator's, shifted to the legacy exponent with half-up rounding, then saturated.
-        bias = [int(v) for v in np.asarray(q.constants[node.inputs[2]]).reshape(-1)]
-        bias_exp = table.exponents[node.inputs[2]]
+        # The bias: the float one rounded half to even at the legacy exponent, saturated (LEGACY_ARITHMETIC.md).
+        bias = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.inputs[2]))
         e_out = table.exponents[node.outputs[0]]
         if granularity == "per-channel":
             assert (layer["bias_type"], layer["bias_exponent"]) == ("int16_t", -128)
-            expected = [rounded_shift(b, 4, 16) for b in bias]
+            e_bias = table.exponents[node.inputs[0]] + np.asarray(table.exponents[node.inputs[1]]) + 4
+            expected = np.clip(np.rint(bias.astype(np.float64) * 2.0**-e_bias), -32768, 32767)
         else:
             assert (layer["bias_type"], layer["bias_exponent"]) == (ctype, e_out)
-            expected = [rounded_shift(b, e_out - bias_exp, bits) for b in bias]
-        assert layer["elements"]["bias"] == expected
+            expected = np.clip(np.rint(bias.astype(np.float64) * 2.0**-e_out), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        assert layer["elements"]["bias"] == [int(v) for v in expected]
         assert layer.get("activation") == ("ReLU" if node.relu else None)
     # The model class: one layer per node, in order, with the table's output exponents.
     model_layers = parse_model(paths[2].read_text())
@@ -433,14 +431,14 @@ def test_every_exportable_op(tmp_path, rng, target, bits):
     assert members["pool1"]["args"].startswith("{2, 2}, dl::PADDING_VALID, {}, 2, 2")
     assert members["avg"]["args"].startswith(f"{table.exponents['ap']}, {{3, 3}}, dl::PADDING_NOT_SET, {{1, 1, 1, 1}}")
     assert members["concat"]["args"].startswith("2,")  # ONNX channel axis 1 -> legacy [H, W, C] axis 2
-    # LeakyRelu: alpha 0.1 as an integer and its exponent; PRelu: one slope per channel.
-    e_alpha = -10 if bits == 8 else -18  # 0.1 <= 127 * 2^-10 (int8), <= 32767 * 2^-18 (int16)
-    assert members["leaky"]["args"].startswith(f"{round(0.1 * 2**-e_alpha)}, {e_alpha},")
+    # LeakyRelu: alpha 0.1 truncated to bits - 1 fraction bits; PRelu: one slope per channel, the same way.
+    e_alpha = 1 - bits
+    assert members["leaky"]["args"].startswith(f"{int(np.float32(0.1) * 2.0**-e_alpha)}, {e_alpha},")
     check_call_frees(text, ["matmul"])
     layers = parse_cpp((tmp_path / "ops.cpp").read_text())
     slope = layers["prelu"]
     assert slope["activation"] == "PReLU"
-    assert slope["elements"]["activation"] == [int(0.25 * 2.0 ** -table.exponents["slope"])] * 4
+    assert slope["elements"]["activation"] == [int(0.25 * 2.0**-e_alpha)] * 4
     assert layers["leaky"]["activation"] == "LeakyReLU"
     assert layers["matmul"]["filter_shape"] == (1, 1, 6, 3) and layers["matmul"]["elements"]["bias"] is None
     assert layers["fc"]["activation"] == "ReLU"  # the Relu after the Gemm is fused into it

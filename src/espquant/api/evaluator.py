@@ -16,9 +16,10 @@ import onnx
 from espquant.calibration.engine import GRANULARITIES
 from espquant.checker import legacy_check, parse_bits
 from espquant.errors import OptionError, QuantTableError, UnsupportedOpError
-from espquant.quant.profiles import TARGETS, TargetProfile, get_target
+from espquant.quant.profiles import LIBRARIES, TARGETS, TargetProfile, get_target
 from espquant.runtime import validate_providers
 from espquant.simulator.interpreter import missing_kernels
+from espquant.simulator.legacy import build_legacy_model, legacy_profile
 from espquant.simulator.lowering import build_quantized_model
 from espquant.simulator.quantized_model import QuantizedModel
 from espquant.simulator.simulate import simulate
@@ -34,9 +35,22 @@ class Evaluator:
 
     Both legacy forms are accepted: ``Evaluator("int8", "per-channel", "esp32s3")`` and
     ``Evaluator("int16", "esp32s3")`` (granularity then comes from the quantization table).
+
+    ``library`` picks the runtime simulated: ``"v3"`` (ESP-DL v3, the default) or ``"legacy"``, the C++ library
+    ``export_coefficient_to_cpp`` writes for (ESP-DL v1.1 / v2.0 on esp32, esp32s2, esp32c3, esp32s3), whose
+    integer rules differ (docs/LEGACY_ARITHMETIC.md, :mod:`espquant.simulator.legacy`).
     """
 
-    def __init__(self, quantization_bit: str, granularity: str | None = None, target_chip: str = "esp32s3") -> None:
+    def __init__(
+        self,
+        quantization_bit: str,
+        granularity: str | None = None,
+        target_chip: str = "esp32s3",
+        library: str = "v3",
+    ) -> None:
+        if library not in LIBRARIES:
+            raise OptionError(f"library {library!r}: use one of {', '.join(LIBRARIES)}.")
+        self.library = library
         self.bits = parse_bits(quantization_bit)
         if granularity is not None and granularity not in GRANULARITIES:
             if granularity.lower().replace("-", "") in TARGETS:
@@ -49,7 +63,7 @@ class Evaluator:
         if self.bits == 16 and granularity == "per-channel":
             raise OptionError("int16 quantization is per-tensor only (ESP-DL has no per-channel int16 weights).")
         self.granularity = granularity
-        self.target: TargetProfile = get_target(target_chip)
+        self.target: TargetProfile = self._profile(target_chip)
         self.providers = ["CPUExecutionProvider"]
         self.quantized: QuantizedModel | None = None
         self._float_model: onnx.ModelProto | None = None
@@ -64,16 +78,25 @@ class Evaluator:
                 self.target.name,
             )
 
+    def _profile(self, target_chip: str) -> TargetProfile:
+        """The chip's profile; for the legacy library only the chips it served."""
+        return legacy_profile(target_chip) if self.library == "legacy" else get_target(target_chip)
+
+    def _build(self, model: onnx.ModelProto, table: QuantTable) -> QuantizedModel:
+        if self.library == "legacy":
+            return build_legacy_model(model, table, self.target, self.bits)
+        return build_quantized_model(model, table, self.target, self.bits)
+
     @property
     def target_chip(self) -> str:
         return self.target.name
 
     def set_target_chip(self, target_chip: str) -> None:
         """Switch the target chip (an unknown name lists the valid ones); a built model is rebuilt for it."""
-        self.target = get_target(target_chip)
+        self.target = self._profile(target_chip)
         self._warn_per_channel()
         if self._float_model is not None and self._table is not None:
-            self.quantized = build_quantized_model(self._float_model, self._table, self.target, self.bits)
+            self.quantized = self._build(self._float_model, self._table)
 
     def set_providers(self, providers: Sequence[str]) -> None:
         """onnxruntime execution providers used for the float reference."""
@@ -103,7 +126,7 @@ class Evaluator:
         if missing:
             raise UnsupportedOpError(f"the simulator has no kernel yet for: {', '.join(missing)}.")
         self._float_model, self._table = model_proto, table
-        self.quantized = build_quantized_model(model_proto, table, self.target, self.bits)
+        self.quantized = self._build(model_proto, table)
         return self.quantized
 
     def export_espdl(self, path: str | os.PathLike[str], test_inputs: Any = None, force: bool = False) -> Path:
@@ -121,6 +144,8 @@ class Evaluator:
         """
         from espquant.export.espdl_export import export_espdl
 
+        if self.library != "v3":
+            raise OptionError("export_espdl writes ESP-DL v3 files: use an Evaluator with library='v3'.")
         if self.quantized is None or self._float_model is None:
             raise OptionError("call generate_quantized_model(model, table) before export_espdl.")
         return export_espdl(self.quantized, self._float_model, path, test_inputs=test_inputs, force=force)

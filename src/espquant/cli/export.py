@@ -40,7 +40,8 @@ FORMATS = ("espdl", "qdq", "cpp")
     "test_input",
     type=click.Path(path_type=Path),
     help="Float inputs (.npy / .npz). espdl: the first sample and the simulated outputs become the file's test "
-    "values [default: fixed pseudo-random integers]. qdq: the data the agreement with the simulator is measured on.",
+    "values [default: fixed pseudo-random integers]. qdq: the data the agreement with the simulator is measured on. "
+    "cpp: the data the legacy library's simulated outputs are compared with the float model on (next to v3's).",
 )
 @force_option
 def export(
@@ -84,10 +85,12 @@ def export(
         guard_outputs([destination], inputs, force)
     proto = load_model(model)
     table = QuantTable.load(table_path)
+    samples = load_array_data(test_input) if test_input is not None else None
     if fmt == "cpp":
         _export_cpp(proto, table, model, target, folder)
+        if samples is not None:
+            _print_legacy_accuracy(proto, table, target, samples)
         return
-    samples = load_array_data(test_input) if test_input is not None else None
     if fmt == "qdq":
         _export_qdq(proto, table, destination, target, samples)
         return
@@ -129,3 +132,40 @@ def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path) 
     written = export_coefficient_to_cpp(proto, table, target, folder, f"{model.stem}_coefficient", True)
     for path in written:
         out.print(f"wrote {path}")
+
+
+def _print_legacy_accuracy(proto: Any, table: Any, target: str, samples: Any) -> None:
+    """With --test-input: the first output's top-1 agreement with the float model and SQNR, simulated on ESP-DL
+    v3 and on the legacy library the C++ files are for (docs/LEGACY_ARITHMETIC.md), side by side."""
+    import numpy as np
+    from rich.table import Table
+
+    from espquant.api import Evaluator
+    from espquant.calibration.dataset import Chunking
+    from espquant.errors import UnsupportedModelError
+    from espquant.runtime import create_session
+
+    session = create_session(proto)
+    feeds = samples if isinstance(samples, dict) else {session.get_inputs()[0].name: samples}
+    feeds = {k: np.asarray(v, dtype=np.float32) for k, v in feeds.items()}
+    reference = np.asarray(Chunking.of(proto).run(lambda f: session.run(None, f), feeds)[0], dtype=np.float64)
+    bits = f"int{table.metadata.get('bits', 8)}"
+    report = Table(title=f"first output vs the float model ({len(reference)} samples)", title_justify="left")
+    for column in ("runtime simulated", "same top-1", "SQNR"):
+        report.add_column(column, justify="left" if column == "runtime simulated" else "right")
+    for library, label in (("v3", f"ESP-DL v3 on {target}"), ("legacy", f"legacy ESP-DL (C++ files) on {target}")):
+        evaluator = Evaluator(bits, table.metadata.get("granularity"), target, library=library)
+        try:
+            evaluator.generate_quantized_model(proto, table)
+        except UnsupportedModelError as exc:
+            report.add_row(label, "-", "-")
+            out.print(f"[yellow]no legacy simulation:[/yellow] {exc}")
+            continue
+        simulated = np.asarray(evaluator.evaluate_quantized_model(feeds, to_float=True)[0][0], dtype=np.float64)
+        noise = float(np.sum((simulated - reference) ** 2))
+        sqnr = 10 * np.log10(float(np.sum(reference**2)) / noise) if noise else float("inf")
+        top1 = "-"
+        if reference.ndim == 2 and reference.shape[1] > 1:
+            top1 = f"{100 * float(np.mean(reference.argmax(axis=1) == simulated.argmax(axis=1))):.2f}%"
+        report.add_row(label, top1, f"{sqnr:.1f} dB")
+    out.print(report)

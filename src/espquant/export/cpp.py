@@ -56,19 +56,20 @@ FullyConnected, Relu, LeakyRelu, PRelu, MaxPool -> MaxPool2D, AveragePool -> Avg
 GlobalAveragePool2D, Add / Sub / Mul -> Add2D / Sub2D / Mul2D, Concat, Flatten and Reshape-to-2-D -> Flatten;
 Identity and a RequantizeLinear before Add / Sub / Mul need no layer. Anything else is reported, node by node.
 
-What espquant assumes where the legacy runtime's arithmetic is not public (its kernels ship as ``.a`` files):
+The constants are the legacy toolkit's, as the legacy runtime profile simulates them (simulator/legacy.py,
+docs/LEGACY_ARITHMETIC.md; read off the original toolkit's Evaluator and checked against it bit for bit):
 
-- weights and per-channel filter exponents are the simulator's integers as they are (``QuantizedModel``);
-- biases: the simulator holds them at ``e_in + e_w`` (ESP-DL v3). They are re-expressed at the legacy exponent
-  by the target's rounded right shift (half-up; by ``e_out - e_in - e_w`` per tensor, by 4 per channel) and
-  saturated to the legacy bias type. An int8 per-tensor bias can saturate: a warning names the layer, and
-  that layer's results on the chip then differ from the simulator's;
+- filters: the float weights at the table's exponent(s), rounded half to even and saturated;
+- biases: from the float bias, rounded half to even: at the output exponent in the feature type (int8 / int16)
+  per tensor, int16 at ``e_in + e_w[n] + 4`` per channel, saturated. An int8 per-tensor bias can saturate: a
+  warning names the layer (the legacy profile simulates the clipped value);
+- LeakyReLU's alpha and PReLU's slopes: truncated toward zero to ``bits - 1`` fraction bits (exponent ``-7`` /
+  ``-15``), not saturated;
 - a RequantizeLinear the simulator inserts before Add / Sub / Mul is dropped: the legacy layers rescale each
   input from its own exponent to the output exponent. Anywhere else a RequantizeLinear cannot be expressed;
 - Flatten / Reshape-to-2-D of a ``(1, C, H, W)`` tensor runs on ESP-DL's ``[H][W][C]`` data, so the rows of a
   following FullyConnected are permuted from ONNX's ``C, H, W`` order to ``H, W, C``;
-- LeakyRelu's alpha is quantized to the feature type with the smallest exponent that holds it; LeakyRelu,
-  PRelu, Relu keep their input exponent (else: not expressible). The batch dimension is dropped.
+- LeakyRelu, PRelu, Relu keep their input exponent (else: not expressible). The batch dimension is dropped.
 """
 
 from __future__ import annotations
@@ -88,9 +89,15 @@ from espquant._version import __version__
 from espquant.errors import ModelError, OptionError, OutputError, QuantTableError, TargetError, UnsupportedModelError
 from espquant.files import write_files
 from espquant.graph import GraphView
-from espquant.quant.pot import exponent_for_max_abs, simd_lanes
-from espquant.quant.profiles import get_target
-from espquant.quant.rounding import round_float, saturate, shift_round
+from espquant.quant.pot import simd_lanes
+from espquant.quant.profiles import LEGACY_TARGETS
+from espquant.simulator.legacy import (
+    PER_CHANNEL_BIAS_SHIFT,
+    legacy_bias,
+    legacy_profile,
+    legacy_slope,
+    quantize_half_even,
+)
 from espquant.simulator.lowering import build_quantized_model
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 from espquant.table import QuantTable
@@ -108,8 +115,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LEGACY_TARGETS = ("esp32", "esp32s2", "esp32c3", "esp32s3")
-PER_CHANNEL_BIAS_SHIFT = 4  # int8 per-channel biases: int16 at e_in + e_w + 4 (quantization spec, converter)
 _PER_CHANNEL_BIAS_EXPONENT = -128  # what the converter writes in the unused per-channel Bias exponent field
 
 # The legacy header declaring each layer class (ESP-DL v2.0 include/layer/).
@@ -290,6 +295,13 @@ class _Planner:
             return None
         return tuple(int(d) for d in shape[1:])  # type: ignore[arg-type]
 
+    def shown_shape(self, tensor: str) -> str:
+        """The full ONNX shape of ``tensor`` for messages, batch dimension included (``[unk__9, 128]``)."""
+        shape = self.view.shape(self.requant.get(tensor, tensor))
+        if shape is None:
+            return "[unknown]"
+        return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
     @staticmethod
     def legacy_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
         """ESP-DL keeps one sample as ``[H, W, C]`` (or a flat ``[K]``)."""
@@ -367,23 +379,20 @@ class _Planner:
     def bias(
         self, node: QNode, layer_name: str, tensor: str, outputs: int, e_out: int, per_channel: bool
     ) -> tuple[LegacyConstant, int]:
-        """The legacy bias from the simulator's (module docstring): rounded shift, saturation, legacy type."""
-        values = np.asarray(self.q.constants[tensor], dtype=np.int64).reshape(-1)
+        """The legacy bias from the float one (simulator/legacy.py ``legacy_bias``, what the legacy profile
+        simulates): at the output exponent in the feature type, or int16 at ``e_in + e_w[n] + 4`` per channel."""
+        values = np.asarray(self.view.array(tensor), dtype=np.float64).reshape(-1)
         values = np.broadcast_to(values, (outputs,)) if values.size == 1 else values
-        e_bias = self.q.exponents[tensor]
-        if per_channel:  # int16 at e_in + e_w[n] + 4: the simulator's e_in + e_w[n] shifted right by 4
-            shift: int | np.ndarray = np.full(outputs, PER_CHANNEL_BIAS_SHIFT, dtype=np.int64)
-            width, ctype, exponent = 16, "int16_t", _PER_CHANNEL_BIAS_EXPONENT
-        else:
-            shift = e_out - int(e_bias)  # type: ignore[arg-type]
-            width, ctype, exponent = self.bits, self.ctype, e_out
-        rounded = shift_round(values, shift, self.q.profile.rounding)
-        clipped = saturate(rounded, width)
+        e_in, e_w = self.q.exponent(node.inputs[0]), self.q.exponents[node.inputs[1]]
+        clipped, e_bias = legacy_bias(values, e_in, e_w, e_out, self.bits)
+        width, ctype = (16, "int16_t") if per_channel else (self.bits, self.ctype)
+        exponent = _PER_CHANNEL_BIAS_EXPONENT if per_channel else e_out
+        rounded = quantize_half_even(values, e_bias, 64)
         saturated = int(np.count_nonzero(clipped != rounded))
         if saturated:
             logger.warning(
-                "layer %s (node %r): %d of %d bias value(s) saturate to %s at the legacy bias exponent; the chip "
-                "will compute differently from the simulator there",
+                "layer %s (node %r): %d of %d bias value(s) saturate to %s at the legacy bias exponent; the "
+                "layer's results there differ from the float model's (the legacy profile simulates the clipped bias)",
                 layer_name,
                 node.name,
                 saturated,
@@ -391,6 +400,10 @@ class _Planner:
                 ctype,
             )
         return LegacyConstant("bias", ctype, clipped.astype(np.int64), exponent, [outputs]), saturated
+
+    def legacy_weight(self, tensor: str, channel_axis: int) -> np.ndarray:
+        """The filter as the legacy toolkit quantizes it (half to even, simulator/legacy.py), ONNX layout."""
+        return quantize_half_even(self.view.array(tensor), self.q.exponents[tensor], self.bits, channel_axis)
 
     @staticmethod
     def relu(node: QNode, ctype: str) -> LegacyConstant | None:
@@ -411,7 +424,7 @@ class _Planner:
         if shape is None or len(shape) != 3:
             self.problem(node, "only 2-D convolutions on (N, C, H, W) inputs with static shapes are expressible")
             return
-        weight = np.asarray(self.q.constants[node.inputs[1]], dtype=np.int64)
+        weight = self.legacy_weight(node.inputs[1], 0)
         group = int(node.attrs.get("group", 1))
         depthwise = group > 1
         if depthwise and not (weight.shape[1] == 1 and weight.shape[0] == group == shape[0]):
@@ -472,7 +485,8 @@ class _Planner:
         if node.inputs[1] not in self.q.constants:
             self.problem(node, "the second operand is not a constant; FullyConnected needs a constant filter")
             return
-        matrix = np.asarray(self.q.constants[node.inputs[1]], dtype=np.int64)
+        channel_axis = 0 if node.op_type == "Gemm" and node.attrs.get("transB", 0) else 1
+        matrix = self.legacy_weight(node.inputs[1], channel_axis)
         if shape is None or len(shape) != 1 or matrix.ndim != 2:
             self.problem(node, "only a 2-D (N, K) input times a constant 2-D matrix is expressible")
             return
@@ -549,9 +563,8 @@ class _Planner:
         self.pointwise(node, "Relu", lambda name, x: [])
 
     def leaky_relu(self, node: QNode) -> None:
-        alpha = float(node.attrs.get("alpha", 0.01))
-        exponent = exponent_for_max_abs(abs(alpha), self.bits)
-        value = int(saturate(round_float(np.array([alpha * 2.0**-exponent]), self.q.profile.rounding), self.bits)[0])
+        values, exponent = legacy_slope(float(node.attrs.get("alpha", 0.01)), self.bits)
+        value = int(values.reshape(-1)[0])
 
         def constant(name: str, shape: tuple[int, ...], x: str) -> LegacyConstant:
             return LegacyConstant("activation", self.ctype, np.array([value]), exponent, [1], None, "LeakyReLU")
@@ -561,14 +574,10 @@ class _Planner:
 
     def prelu(self, node: QNode) -> None:
         slope_name = node.inputs[1]
-        if slope_name not in self.q.constants:
+        if not self.view.is_constant(slope_name):
             self.problem(node, "the slope is not a constant")
             return
-        slope = np.asarray(self.q.constants[slope_name], dtype=np.int64).reshape(-1)
-        exponent = self.q.exponents[slope_name]
-        if isinstance(exponent, list):
-            self.problem(node, "per-channel slope exponents; the legacy PRelu takes one exponent")
-            return
+        slope, exponent = legacy_slope(self.view.array(slope_name).reshape(-1), self.bits)
 
         def constant(name: str, shape: tuple[int, ...], x: str) -> LegacyConstant | None:
             channels = shape[0] if len(shape) == 3 else int(np.prod(shape))
@@ -622,7 +631,8 @@ class _Planner:
         a, b = (self.activation_input(node, i, allow_requant=True) for i in (0, 1))
         shapes = [self.onnx_shape(t) for t in node.inputs[:2]]
         if shapes[0] is None or shapes[0] != shapes[1]:
-            self.problem(node, f"input shapes {shapes}: the legacy {cls} needs two tensors of one static shape")
+            shown = " and ".join(self.shown_shape(t) for t in node.inputs[:2])
+            self.problem(node, f"input shapes {shown}: the legacy {cls} needs two tensors of one static shape")
             return
         if a is None or b is None:
             return
@@ -665,9 +675,13 @@ class _Planner:
         """Flatten (axis 1) and a Reshape to (N, K): the legacy Flatten, which flattens ``[H][W][C]`` data."""
         x = self.activation_input(node, 0)
         shape, out_shape = self.onnx_shape(node.inputs[0]), self.onnx_shape(node.outputs[0])
+        if shape is not None and len(shape) == 2:  # (N, H, W), e.g. tf2onnx's MNIST: ESP-DL's [H][W][1], same order
+            shape = (1, *shape)
         axis = int(node.attrs.get("axis", 1)) if node.op_type == "Flatten" else 1
         if shape is None or out_shape is None or len(out_shape) != 1 or axis != 1 or len(shape) not in (1, 3):
-            self.problem(node, "only flattening one sample to (N, K) from (N, K) or (N, C, H, W) is expressible")
+            self.problem(
+                node, "only flattening one sample to (N, K) from (N, K), (N, H, W) or (N, C, H, W) is expressible"
+            )
             return
         if x is None or not self.same_exponent(node, x):
             return
@@ -1060,7 +1074,9 @@ def export_coefficient_to_cpp(
     if quant_table.metadata.get("int16_layers"):
         raise OptionError("the legacy ESP-DL library runs one width per model: export an int8 or an int16 table.")
     width = _table_bits(quant_table, bits)
-    q = build_quantized_model(model_proto, quant_table, get_target(key), width)
+    # The layers and exponents come from the integer model; the legacy profile lets its int8 per-channel weights
+    # through (the legacy library runs them on every chip it served); the constants are the legacy ones.
+    q = build_quantized_model(model_proto, quant_table, legacy_profile(key), width)
     layers = plan_legacy_layers(q, model_proto, key)
     if not layers:
         raise UnsupportedModelError("the model has no layer to export.")

@@ -13,7 +13,7 @@ from typing import Literal
 
 from espquant.errors import TargetError
 
-__all__ = ["TargetProfile", "TARGETS", "get_target", "target_names"]
+__all__ = ["TargetProfile", "TARGETS", "LEGACY_TARGETS", "LIBRARIES", "get_target", "target_names"]
 
 Family = Literal["s3", "p4", "c"]
 Rounding = Literal["half_up", "half_even"]
@@ -108,6 +108,12 @@ TARGETS: dict[str, TargetProfile] = {
         ]
     },
 }
+
+
+# The runtimes espquant simulates: ESP-DL v3 (every target above), and the legacy C++ library (v1.1 / v2.0, the
+# layers ``export_coefficient_to_cpp`` writes) on the chips it served (simulator/legacy.py).
+LIBRARIES = ("v3", "legacy")
+LEGACY_TARGETS = ("esp32", "esp32s2", "esp32c3", "esp32s3")
 
 
 def target_names() -> list[str]:
