@@ -22,7 +22,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,8 @@ def _plain(value: Any, name: str, source: str) -> int | list[int]:
     if isinstance(value, (list, tuple)):
         if not value or len(value) > MAX_CHANNELS:
             raise QuantTableError(f"{source}: the exponents of {name!r} are {_short(value)}; expected one per channel.")
-        return [_exponent_of(v, name, source) for v in value]
+        exponents = [_exponent_of(v, name, source) for v in value]
+        return exponents[0] if len(exponents) == 1 else exponents  # the original stores one weight scale as [s]
     return _exponent_of(value, name, source)
 
 
@@ -226,12 +227,14 @@ _METADATA_SCHEMA: dict[str, Any] = {
     "float_tensors": _list_of(str),
     "int16_layers": _list_of(str),
     "int8_fallback": _list_of(str),
-    "requantize": lambda v: isinstance(v, list)
-    and all(
-        isinstance(r, dict)
-        and set(r) == set(_REQUANTIZE_FIELDS)
-        and all(isinstance(r[k], t) and not isinstance(r[k], bool) for k, t in _REQUANTIZE_FIELDS.items())
-        for r in v
+    "requantize": lambda v: (
+        isinstance(v, list)
+        and all(
+            isinstance(r, dict)
+            and set(r) == set(_REQUANTIZE_FIELDS)
+            and all(isinstance(r[k], t) and not isinstance(r[k], bool) for k, t in _REQUANTIZE_FIELDS.items())
+            for r in v
+        )
     ),
     "checksum": lambda v: isinstance(v, str),
 }
@@ -283,23 +286,39 @@ class QuantTable:
     def __contains__(self, name: object) -> bool:
         return name in self.exponents
 
-    def save(self, path: str | os.PathLike[str], table_format: str = "exponents") -> tuple[Path, Path]:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        table_format: str = "exponents",
+        legacy_scales: Mapping[str, Any] | None = None,
+    ) -> tuple[Path, Path]:
         """Write the pickle and its ``.json`` twin, both or neither (atomically); returns both paths.
 
-        ``table_format``: ``exponents`` (espquant's) or ``legacy`` (scales the original toolkit reads)."""
+        ``table_format``: ``exponents`` (espquant's) or ``legacy`` (scales the original toolkit reads).
+        ``legacy_scales``: the legacy pickle's contents when the caller knows the model (weights as arrays,
+        biases at the legacy library's exponent: ``simulator.legacy.original_table_scales``); without it every
+        exponent becomes its scale as it is."""
         if table_format not in TABLE_FORMATS:
             raise OptionError(f"table format {table_format!r}: use one of {', '.join(TABLE_FORMATS)}.")
         target, twin = table_paths(path)
-        metadata = {**self.metadata, "checksum": _checksum(self.exponents, self.metadata)}
         stored: dict[str, Any]
+        exponents = self.exponents
         if table_format == "legacy":  # what the original Calibrator pickled: float64 2**e, arrays per channel
-            stored = {
-                name: np.power(2.0, np.asarray(e, dtype=np.float64)) if isinstance(e, list) else float(2.0**e)
-                for name, e in self.exponents.items()
-            }
-        else:
+            stored = (
+                dict(legacy_scales)
+                if legacy_scales is not None
+                else {
+                    name: np.power(2.0, np.asarray(e, dtype=np.float64)) if isinstance(e, list) else float(2.0**e)
+                    for name, e in self.exponents.items()
+                }
+            )
+            # What reading the pickle back gives (legacy bias exponents included): the twin and the checksum
+            # describe that, so the metadata is found again and the check holds.
+            exponents = {name: _plain(value, name, str(target)) for name, value in stored.items()}
+        metadata = {**self.metadata, "checksum": _checksum(exponents, self.metadata)}
+        if table_format != "legacy":
             stored = {**self.exponents, METADATA_KEY: metadata}
-        document = {"metadata": metadata, "exponents": self.exponents, "table_format": table_format}
+        document = {"metadata": metadata, "exponents": exponents, "table_format": table_format}
         text = json.dumps(document, indent=1, sort_keys=True)
         write_files({target: pickle.dumps(stored, protocol=4), twin: text.encode()})
         return target, twin
@@ -350,9 +369,14 @@ class QuantTable:
         """Refuse a table made for another model, or one that misses tensors the model needs."""
         expected = self.metadata.get("graph_hash")
         if expected is not None and expected != graph_hash(model):
-            raise QuantTableError(
-                f"{source} was calibrated for another model (graph hash differs). Calibrate this model again."
+            calibrated = self.metadata.get("calibrated_model")
+            hint = (
+                f" Calibration changed the float weights ({', '.join(self.metadata.get('model_transforms') or [])})"
+                f" and wrote the model this table is for as {calibrated!r}, next to the table: use that model."
+                if isinstance(calibrated, str)
+                else " Calibrate this model again."
             )
+            raise QuantTableError(f"{source} was calibrated for another model (graph hash differs).{hint}")
         missing = [name for name in needed if name not in self.exponents]
         if missing:
             shown = ", ".join(repr(n) for n in missing[:10]) + (" ..." if len(missing) > 10 else "")

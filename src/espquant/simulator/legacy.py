@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from espquant.errors import QuantTableError, TargetError, UnsupportedModelError, UnsupportedOpError
+from espquant.errors import EspquantError, QuantTableError, TargetError, UnsupportedModelError, UnsupportedOpError
 from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.quant.pot import EXACT_FLOAT64
 from espquant.quant.profiles import LEGACY_TARGETS, TargetProfile, get_target
@@ -521,3 +521,30 @@ def build_legacy_model(
         profile=target,
         bits=bits,
     )
+
+
+def original_table_scales(model: onnx.ModelProto, table: QuantTable, bits: int) -> dict[str, float | np.ndarray]:
+    """``table`` as the original toolkit's calibrator pickles it, so its ``Evaluator`` and
+    ``export_coefficient_to_cpp`` read espquant's tables: scales ``2 ** e`` (float64), weights as arrays (one
+    value per tensor, or per channel), biases at the legacy library's exponent (the output's per tensor,
+    ``e_in + e_w[n] + 4`` per channel: :func:`legacy_bias`). A model the legacy library cannot run keeps the
+    table's exponents, weights still as arrays."""
+    try:
+        legacy = build_legacy_model(model, table, "esp32s3", bits)
+        weights = {n.inputs[1] for n in legacy.nodes if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.inputs) > 1}
+        exponents: dict[str, int | list[int]] = dict(table.exponents)
+        for name, value in legacy.exponents.items():
+            if name.endswith("__legacy"):  # a bias at the legacy exponent
+                exponents[name.removesuffix("__legacy")] = value
+    except EspquantError:
+        view = GraphView(model.graph)
+        weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+        weights &= set(view.initializers)
+        exponents = dict(table.exponents)
+    scales: dict[str, float | np.ndarray] = {}
+    for name, e in exponents.items():
+        if isinstance(e, list) or name in weights:
+            scales[name] = np.power(2.0, np.asarray(e if isinstance(e, list) else [e], dtype=np.float64))
+        else:
+            scales[name] = float(2.0**e)
+    return scales

@@ -13,7 +13,7 @@ from espquant.calibration.plan import plan_calibration
 from espquant.calibration.precision import equivalent_exponent, tensor_widths
 from espquant.errors import QuantTableError
 from espquant.graph import GraphView, node_attributes, opset_version
-from espquant.ops import ExponentRule, Role
+from espquant.ops import ExponentRule, OpSpec, Role
 from espquant.ops.recurrent import RECURRENT_OPS
 from espquant.quant.pot import EXPONENT_LIMIT, MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
@@ -125,6 +125,7 @@ def build_quantized_model(
                 constants[tensor] = _quantize_constant(value, exps[tensor], axis, node_bits, rounding)
             elif role.role is Role.BIAS:
                 bias_bits = profile.bias_bits[node_bits]
+                exps[tensor] = _bias_exponent(exps, tensor, at_width(inputs[0], node_bits), inputs, spec)
                 constants[tensor] = _quantize_constant(value, exps[tensor], 0, bias_bits, rounding)
             elif role.role in (Role.ACTIVATION, Role.QPARAM):
                 target = exps.get(tensor, out_exp)
@@ -207,6 +208,18 @@ def build_quantized_model(
     check_activation_exponents(quantized)
     _warn_unknown_rules(quantized)
     return quantized
+
+
+def _bias_exponent(
+    exps: dict[str, int | list[int]], bias: str, e_in: int | None, inputs: list[str], spec: OpSpec
+) -> int | list[int]:
+    """ESP-DL adds the bias to the accumulator, so its exponent is ``e_in + e_w`` (per channel with the weight),
+    whatever the table says: the original toolkit's tables hold the legacy library's bias exponent there."""
+    weights = [inputs[p] for p in spec.weight_inputs if p < len(inputs) and inputs[p] in exps]
+    if e_in is None or not weights:
+        return exps[bias]
+    e_w = exps[weights[0]]
+    return [e_in + e for e in e_w] if isinstance(e_w, list) else e_in + e_w
 
 
 def _warn_unknown_rules(m: QuantizedModel) -> None:
