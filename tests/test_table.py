@@ -156,7 +156,7 @@ def test_per_channel_exponents_must_number_the_channels():
         table.check_channels("w", 4)
 
 
-def test_a_legacy_bias_exponent_does_not_mislead_the_v3_simulation():
+def test_a_legacy_bias_exponent_does_not_mislead_the_v3_simulation(tmp_path):
     """The original toolkit's tables hold the legacy library's bias exponent (the output's); ESP-DL v3 adds the
     bias to the accumulator at e_in + e_w, which the lowering derives whatever the table says."""
     from onnx import helper as h
@@ -168,7 +168,10 @@ def test_a_legacy_bias_exponent_does_not_mislead_the_v3_simulation():
     inits = {"w": np.full((4, 2), 0.25, np.float32), "b": np.array([0.5, -0.5], np.float32)}
     model = make_model([node], [tensor("x", ["N", 4])], [tensor("y", ["N", 2])], inits)
     v3 = QuantTable({"x": -7, "w": -8, "b": -15, "y": -5})
-    legacy = QuantTable({"x": -7, "w": [-8], "b": -5, "y": -5})  # as the original pickles them
+    path = tmp_path / "original.pickle"  # as the original calibrator pickles them: scales, weights as arrays
+    path.write_bytes(pickle.dumps({"x": 2.0**-7, "w": np.array([2.0**-8]), "b": 2.0**-5, "y": 2.0**-5}))
+    legacy = QuantTable.load(path)
+    assert legacy["w"] == -8
     for table in (v3, legacy):
         quantized = build_quantized_model(model, table, get_target("esp32s3"), 8)
         assert quantized.exponents["b"] == -15 and quantized.constants["b"].tolist() == [16384, -16384]
