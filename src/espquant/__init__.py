@@ -5,6 +5,8 @@ The public API keeps the names of the legacy ESP-DL quantization toolkit, so swi
 
 from espquant._version import __version__  # noqa: E402
 from espquant.api import Calibrator, Evaluator
+from espquant.api.quantize import QuantizeResult, quantize
+from espquant.api.torch_export import quantize_torch
 from espquant.checker import CheckReport, check_model
 from espquant.errors import (
     DatasetError,
@@ -29,6 +31,9 @@ __all__ = [
     "Calibrator",
     "CheckReport",
     "Evaluator",
+    "QuantizeResult",
+    "quantize",
+    "quantize_torch",
     "check_model",
     "load_espdl",
     "get_target",

@@ -5,7 +5,18 @@ cannot handle) print as one line on stderr with exit code 1; bad usage exits wit
 traceback unless ``--debug`` is given.
 """
 
-from espquant.cli import calibrate, check, demo, espdl, evaluate, export, ops, optimize, report  # noqa: F401 - registers the subcommands
+from espquant.cli import (  # noqa: F401 - registers the subcommands
+    calibrate,
+    check,
+    demo,
+    espdl,
+    evaluate,
+    export,
+    ops,
+    optimize,
+    quantize,
+    report,
+)
 from espquant.cli.app import main
 
 __all__ = ["main"]

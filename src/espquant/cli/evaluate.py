@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 from rich.table import Table
 
 from espquant.cli.app import data_option, err, main, out, table_option
-from espquant.cli.calibrate import load_array_data
+from espquant.cli.data import DATA_HELP, open_source, preprocess_option
+from espquant.errors import DatasetError
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @table_option
-@data_option("Normalised float inputs: .npy (N, ...) or .npz with one array per input.")
+@data_option(DATA_HELP)
+@preprocess_option
 @click.option("--labels", "labels_path", type=click.Path(path_type=Path), help="Integer class labels (.npy, N).")
 @click.option("--target", default="esp32s3", show_default=True, metavar="CHIP", help="Target chip to simulate.")
 @click.option(
@@ -39,6 +40,7 @@ def evaluate(
     model: Path,
     table_path: Path,
     data_path: Path,
+    preprocess: str | None,
     labels_path: Path | None,
     target: str,
     library: str,
@@ -56,96 +58,57 @@ def evaluate(
       espquant evaluate mnist_optimized.onnx --table mnist_calib.pickle --data test.npy --labels labels.npy
       espquant evaluate net.onnx --table t.pickle --data x.npz --target esp32p4 --json
       espquant evaluate net.onnx --table t.pickle --data x.npy --target esp32 --library legacy
+      espquant evaluate net.onnx --table t.pickle --data images/ --preprocess resize=96x96,scale=1/255
     """
-    from espquant.api import Evaluator
-    from espquant.arrays import check_finite, check_labels, classes_of, load_labels
+    from espquant.api.measure import measure
+    from espquant.arrays import load_labels
     from espquant.calibration.dataset import Chunking
-    from espquant.errors import DatasetError
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
-    from espquant.runtime import create_session
     from espquant.table import QuantTable
 
     proto = load_model(model)
     table = QuantTable.load(table_path)
-    data = load_array_data(data_path)
-    bits = f"int{table.metadata.get('bits', 8)}"
-    evaluator = Evaluator(bits, table.metadata.get("granularity"), target, library=library)
-    evaluator.generate_quantized_model(proto, table)
-    session = create_session(proto, evaluator.providers)
-    names = [o.name for o in session.get_outputs()]
-    input_names = [i.name for i in session.get_inputs()]
-    arrays = data if isinstance(data, dict) else {input_names[0]: data}
-    total = len(next(iter(arrays.values())))
+    source = open_source(data_path, proto, preprocess, batch_size)
+    total = source.samples
     if total == 0:
         raise DatasetError(f"{data_path}: no samples (an empty first dimension).")
-    chunking = Chunking.of(proto)  # a model with a fixed batch B runs B samples at a time
-    chunking.check_total(total, str(data_path))
-    step = chunking.step(batch_size)
-    signal = {n: 0.0 for n in names}
-    noise = {n: 0.0 for n in names}
-    worst = {n: 0.0 for n in names}
-    agree = correct_float = correct_quant = 0
-    classes: int | None = None
-    labels = load_labels(labels_path, total) if labels_path else None
+    if total is not None:
+        Chunking.of(proto).check_total(total, str(data_path))  # a model with a fixed batch B runs B at a time
+    if labels_path is not None:
+        if total is None:
+            raise DatasetError(f"--data {data_path}: its sample count is unknown, so --labels cannot be matched.")
+        source = source.with_labels(load_labels(labels_path, total))
     with progress_bar("evaluating", total, enabled=not as_json and err.is_terminal) as advance:
-        for start in range(0, total, step):
-            feeds = {k: np.asarray(v[start : start + step], dtype=np.float32) for k, v in arrays.items()}
-            for values in feeds.values():
-                check_finite(values, f"--data {data_path}")
-            reference = chunking.run(lambda f: session.run(None, f), feeds)
-            simulated, _ = evaluator.evaluate_quantized_model(feeds, to_float=True)
-            for name, ref, sim in zip(names, reference, simulated):
-                diff = sim.astype(np.float64) - ref
-                signal[name] += float(np.sum(ref.astype(np.float64) ** 2))
-                noise[name] += float(np.sum(diff**2))
-                worst[name] = max(worst[name], float(np.abs(diff).max(initial=0)))
-            if start == 0:
-                classes = classes_of(reference[0])
-                if labels is not None:
-                    check_labels(labels, classes, labels_path)
-            if classes is not None:  # top-1 means something only for (N, classes) scores
-                ref_top, sim_top = reference[0].argmax(axis=-1), simulated[0].argmax(axis=-1)
-                agree += int((ref_top == sim_top).sum())
-                if labels is not None:
-                    truth = labels[start : start + step]
-                    correct_float += int((ref_top == truth).sum())
-                    correct_quant += int((sim_top == truth).sum())
-            advance(len(reference[0]))
-    result: dict[str, Any] = {
-        "model": str(model),
-        "target": evaluator.target.name,
-        "library": library,
-        "bits": evaluator.bits,
-        "samples": total,
-        "top1_agreement": agree / total if classes is not None else None,
-        "outputs": [
-            {
-                "name": n,
-                "sqnr_db": 10 * np.log10(signal[n] / noise[n]) if noise[n] else float("inf"),
-                "max_abs_error": worst[n],
-            }
-            for n in names
-        ],
-    }
-    if labels is not None:
-        result["float_accuracy"] = correct_float / total
-        result["quantized_accuracy"] = correct_quant / total
+        measured = measure(
+            proto,
+            table,
+            source.batches(),
+            target,
+            library=library,
+            batch_size=batch_size,
+            labels_given=labels_path is not None,
+            labels_source=str(labels_path),
+            what=f"--data {data_path}",
+            on_batch=advance,
+        )
+    total = measured.samples
+    result: dict[str, Any] = {"model": str(model), **measured.to_dict()}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     summary = Table(
-        title=f"{model}: float vs int{evaluator.bits} on {evaluator.target.name}"
+        title=f"{model}: float vs int{measured.bits} on {measured.target}"
         + (" (legacy ESP-DL library)" if library == "legacy" else "")
         + f" ({total} samples)",
         title_justify="left",
     )
     summary.add_column("measure")
     summary.add_column("value", justify="right")
-    if labels is not None:
+    if measured.float_accuracy is not None:
         summary.add_row("float accuracy (onnxruntime)", f"{100 * result['float_accuracy']:.2f}%")
-        summary.add_row(f"int{evaluator.bits} accuracy (simulated)", f"{100 * result['quantized_accuracy']:.2f}%")
-    if classes is not None:
+        summary.add_row(f"int{measured.bits} accuracy (simulated)", f"{100 * result['quantized_accuracy']:.2f}%")
+    if measured.top1_agreement is not None:
         summary.add_row("top-1 agreement", f"{100 * result['top1_agreement']:.2f}%")
     for row in result["outputs"]:
         summary.add_row(f"{row['name']}: SQNR", f"{row['sqnr_db']:.1f} dB")
