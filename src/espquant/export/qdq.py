@@ -18,9 +18,11 @@ so its values are exactly the chip's grid ``q * 2^e``. What is exported:
   brought to the shared one) the edge gets its own Q/DQ pair at the new exponent, so ORT rounds there too;
 - tensors the table keeps float (Softmax outputs and what only moves them) get no pair.
 
-Constants are rounded half-to-even (``round_float(v, "half_even")``), as the ESP32-P4 rounds; the ESP32-S3
-and plain-C chips round half-up, so on an exact tie (``w * 2^-e`` ending in .5) their integer weight may be
-one larger than the exported one. An int16 bias whose integer does not fit in int32 (ESP-DL keeps 40/64-bit
+Every exponent, integer constant and requantized edge is read off the integer model the simulator runs
+(``build_quantized_model`` for the ESP32-P4, which rounds half-to-even like onnxruntime and takes per-channel
+weights): one lowering for the simulator, the ``.espdl`` writer and this exporter. The ESP32-S3 and plain-C
+chips round constants half-up, so on an exact tie (``w * 2^-e`` ending in .5) their integer weight may be one
+larger than the exported one. An int16 bias whose integer does not fit in int32 (ESP-DL keeps 40/64-bit
 biases) stays a float initializer holding the float32 nearest to ``q * 2^e``: exactly what a
 DequantizeLinear would output for it, since DequantizeLinear computes in float32 anyway.
 
@@ -42,8 +44,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +57,12 @@ from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.precision import int8_fallbacks
 from espquant.checker import parse_bits
 from espquant.errors import DatasetError, ModelError, OptionError, QuantTableError
-from espquant.graph import GraphView, opset_version, unique_name
+from espquant.graph import GraphView, node_attributes, opset_version, unique_name
 from espquant.model_io import save_model
-from espquant.ops import ExponentRule, Role
-from espquant.ops.recurrent import int16_cell_state
-from espquant.ops.spec import OpSpec
-from espquant.quant.rounding import round_float, saturate
+from espquant.ops import Role, get_op_spec
+from espquant.quant.profiles import get_target
+from espquant.quant.rounding import saturate
+from espquant.simulator.lowering import build_quantized_model
 from espquant.table import QuantTable
 
 __all__ = ["export_qdq", "save_qdq", "qdq_agreement", "QDQ_OPSET"]
@@ -81,12 +83,20 @@ NodeKey = tuple[str, ...]
 
 @dataclass(frozen=True)
 class _ConstantQuant:
-    """How one constant input of one node is quantized: tensor, exponent(s), per-axis axis, integer kind."""
+    """How one constant input of one node is quantized: tensor, exponent(s), per-axis axis, integer kind, and
+    the integers the chip holds for it (from the integer model)."""
 
     tensor: str
     exponent: int | tuple[int, ...]
     axis: int | None
     kind: str  # "weight" (activation width), "bias" (int32), "activation" (a constant operand, activation width)
+    ints: np.ndarray = field(compare=False, hash=False, repr=False)
+
+
+_QUANTIZED_ROLES = {Role.WEIGHT: "weight", Role.BIAS: "bias", Role.ACTIVATION: "activation", Role.QPARAM: "activation"}
+# QDQ carries the integers of ESP32-P4's lowering: it rounds half to even like onnxruntime's QuantizeLinear and
+# takes per-channel weights, so every table has its integers there.
+QDQ_PROFILE = "esp32p4"
 
 
 @dataclass
@@ -140,115 +150,56 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _plan_qdq(model: onnx.ModelProto, table: QuantTable, plan: CalibrationPlan) -> _QdqPlan:
-    """Decide every pair, constant and requantized edge, mirroring ``build_quantized_model``'s choices."""
+def _plan_qdq(model: onnx.ModelProto, table: QuantTable, plan: CalibrationPlan, bits: int) -> _QdqPlan:
+    """Every pair, constant and requantized edge, read off the integer model (``build_quantized_model``), so the
+    QDQ model shows exactly the chip's exponents and integers: one lowering for the simulator, the ``.espdl``
+    writer and this exporter."""
+    quantized = build_quantized_model(model, table, get_target(QDQ_PROFILE), bits)
     view = GraphView(model.graph)
     types = _tensor_types(model)
-    exps: dict[str, int | list[int]] = dict(table.exponents)
-    float_tensors = set(plan.float_tensors) | set(table.metadata.get("float_tensors") or [])
-    fused_relus = {id(view.single_consumer(out)) for out in plan.fused}
-    cell_states = {t for node, _ in plan.nodes for t in int16_cell_state(node)}  # LSTM: int16 at any width
     result = _QdqPlan({}, {}, {})
 
-    def scalar(name: str) -> int | None:
-        value = exps.get(name)
-        if value is None:
-            return None
-        return value if isinstance(value, int) else max(value)
-
     def pair(name: str) -> None:
-        exponent = scalar(name)
-        if exponent is None or name in float_tensors or name in plan.fused or name in cell_states:
-            return
+        exponent = quantized.exponents.get(name)
+        if not isinstance(exponent, int) or name in quantized.float_tensors or quantized.width(name) != bits:
+            return  # float tensors, and an LSTM's int16 cell state in an int8 model (one width per QDQ model)
         if types.get(name, TensorProto.FLOAT) not in (TensorProto.FLOAT, TensorProto.UNDEFINED):
             return  # an integer tensor (a QuantizeLinear already in the model, and what moves it)
         result.activations[name] = exponent
 
-    for name in [i.name for i in model.graph.input if i.name in view.graph_inputs]:
+    for name in quantized.inputs:
         pair(name)
-    weights = {(id(w.node), w.position): w for w in plan.weights}
-    for node, spec in plan.nodes:
-        for output in node.output:
-            if output:
+    onnx_nodes = {node.output[0]: node for node in model.graph.node if node.output}
+    fused_from = {relu_out: conv_out for conv_out, relu_out in plan.fused.items()}
+    inserted = [q for q in quantized.nodes if q.op_type == "RequantizeLinear" and q.outputs[0] not in view.producer]
+    requantized = {q.outputs[0] for q in inserted}
+    for qnode in quantized.nodes:
+        for output in qnode.outputs:
+            if output in view.producer or output in quantized.inputs:
                 pair(output)
-        if id(node) in fused_relus:
-            continue  # on the chip this Relu is part of its Conv/Gemm/MatMul
+        node = onnx_nodes.get(fused_from.get(qnode.outputs[0], qnode.outputs[0])) if qnode.outputs else None
+        if node is None or qnode.outputs[0] in requantized:
+            continue  # a RequantizeLinear the lowering inserted: its consumer's edge below
+        spec = get_op_spec(node.op_type)
+        attrs = node_attributes(node, opset_version(model))
         key = _node_key(node)
-        out = plan.fused.get(node.output[0], node.output[0]) if node.output else ""
-        out_exp = scalar(out) if out else None
-        inputs = list(node.input)
-        for position, tensor in enumerate(inputs):
-            role = spec.input_spec(position)
-            if not tensor or role is None or not view.is_constant(tensor):
+        for position, tensor in enumerate(qnode.inputs):
+            original = node.input[position] if position < len(node.input) else ""
+            role = spec.input_spec(position) if spec is not None else None
+            if not tensor or not original or role is None:
                 continue
-            if role.role is Role.WEIGHT:
-                use = weights[(id(node), position)]
+            if tensor in requantized:
+                result.requantize[(key, position)] = quantized.exponent(tensor)
+            elif view.is_constant(original) and tensor in quantized.constants and role.role in _QUANTIZED_ROLES:
+                axis = role.resolve_channel_axis(attrs) if role.role is Role.WEIGHT else 0
                 result.constants[(key, position)] = _ConstantQuant(
-                    tensor, _exponent_tuple(exps[tensor]), use.channel_axis, "weight"
+                    original,
+                    _exponent_tuple(quantized.exponents[tensor]),
+                    axis,
+                    _QUANTIZED_ROLES[role.role],
+                    np.asarray(quantized.constants[tensor], dtype=np.int64),
                 )
-            elif role.role is Role.BIAS:
-                result.constants[(key, position)] = _ConstantQuant(tensor, _exponent_tuple(exps[tensor]), 0, "bias")
-            elif role.role in (Role.ACTIVATION, Role.QPARAM):
-                target = exps.get(tensor, out_exp)
-                if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED) and out_exp is not None:
-                    target = out_exp
-                if role.role is Role.QPARAM:
-                    target = exps.get(inputs[0], target)
-                if target is None:
-                    continue  # the operand of a float tensor stays float
-                exps[tensor] = target
-                result.constants[(key, position)] = _ConstantQuant(tensor, _exponent_tuple(target), 0, "activation")
-        _plan_requantize(result, view, spec, node, key, scalar, out_exp)
     return result
-
-
-def _bias_tensors(model: onnx.ModelProto, plan: CalibrationPlan) -> set[str]:
-    """Constant biases: the table must give them an exponent too (the chip stores them as integers)."""
-    view = GraphView(model.graph)
-    found = set()
-    for node, spec in plan.nodes:
-        for position, tensor in enumerate(node.input):
-            role = spec.input_spec(position)
-            if tensor and role is not None and role.role is Role.BIAS and view.is_constant(tensor):
-                found.add(tensor)
-    return found
-
-
-def _plan_requantize(
-    result: _QdqPlan,
-    view: GraphView,
-    spec: OpSpec,
-    node: onnx.NodeProto,
-    key: NodeKey,
-    scalar: Callable[[str], int | None],
-    out_exp: int | None,
-) -> None:
-    """The chip's RequantizeLinear before ``node``'s inputs (as the simulator inserts them)."""
-
-    def need(position: int, target: int) -> None:
-        tensor = node.input[position]
-        current = scalar(tensor)
-        if tensor and not view.is_constant(tensor) and current is not None and current != target:
-            result.requantize[(key, position)] = target
-
-    if spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED, ExponentRule.PASSTHROUGH) and (
-        out_exp is not None
-    ):
-        positions = []
-        for position, tensor in enumerate(node.input):
-            input_spec = spec.input_spec(position)
-            if tensor and input_spec is not None and input_spec.role is Role.ACTIVATION:
-                positions.append(position)
-        if spec.exponent is ExponentRule.PASSTHROUGH:
-            positions = positions[:1]
-        for position in positions:
-            need(position, out_exp)
-    elif spec.exponent is ExponentRule.ALIGN_TO_LARGEST:
-        present = [e for t in node.input if t and (e := scalar(t)) is not None]
-        if present:
-            for position, tensor in enumerate(node.input):
-                if tensor:
-                    need(position, max(present))
 
 
 def _check_exponents(name: str, exponent: int | Iterable[int], source: str) -> None:
@@ -264,16 +215,6 @@ def _check_exponents(name: str, exponent: int | Iterable[int], source: str) -> N
 def _scale_array(exponent: int | tuple[int, ...]) -> np.ndarray:
     values = np.asarray(exponent, dtype=np.float64)
     return np.power(2.0, values).astype(np.float32)
-
-
-def _quantize(values: np.ndarray, exponent: int | tuple[int, ...], axis: int | None, bits: int) -> np.ndarray:
-    """``sat(R(v * 2^-e))``, half-to-even, broadcasting per-channel exponents along ``axis``."""
-    scale = 2.0 ** -np.asarray(exponent, dtype=np.float64)
-    if isinstance(exponent, tuple):
-        shape = [1] * values.ndim
-        shape[axis if axis is not None else 0] = len(exponent)
-        scale = scale.reshape(shape)
-    return saturate(round_float(values.astype(np.float64) * scale, "half_even"), bits)
 
 
 def _per_axis(use: _ConstantQuant, value: np.ndarray, source: str) -> int | None:
@@ -356,7 +297,7 @@ class _Builder:
         value = numpy_helper.to_array(tensor)
         _check_exponents(use.tensor, use.exponent, self.source)
         axis = _per_axis(use, value, self.source)
-        ints = _quantize(value, use.exponent, axis, 64 if use.kind == "bias" else self.bits)
+        ints = use.ints.reshape(value.shape)
         self.replaced.add(use.tensor)
         if use.kind == "bias" and not np.array_equal(ints, saturate(ints, _BIAS_BITS)):
             if self.bits == 8:
@@ -516,10 +457,7 @@ def export_qdq(
             f"{source}: {', '.join(f'{f.node!r} ({f.op_type})' for f in narrow)} run(s) at int8 in this int16 model "
             "(no int16 kernel on the chip); a QDQ model holds one width: use --format espdl, which runs them."
         )
-    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
-    needed |= _bias_tensors(model_proto, plan)
-    quant_table.check_model(model_proto, sorted(needed), source)
-    qdq_plan = _plan_qdq(model_proto, quant_table, plan)
+    qdq_plan = _plan_qdq(model_proto, quant_table, plan, width)
     copy = onnx.ModelProto()
     copy.CopyFrom(model_proto)
     model = _upgrade_opset(copy, QDQ_OPSET[width], width)
