@@ -118,9 +118,10 @@ def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray | None], model: onnx
     return [np.asarray(r) for r in results]
 
 
-# Folding may materialise at most this many values per node: a 194-byte ConstantOfShape([30000, 30000]) must not
+# Folding may materialise at most this many values per node (256 MiB of float32, twice what any ESP32 holds):
+# a 194-byte ConstantOfShape([30000, 30000]) must not
 # take gigabytes (the node stays, and the checker says what to do about it).
-MAX_FOLDED_ELEMENTS = 1 << 24
+MAX_FOLDED_ELEMENTS = 1 << 26
 
 
 def _folded_size(node: onnx.NodeProto, inputs: list[np.ndarray | None], model: onnx.ModelProto) -> int | None:
@@ -232,69 +233,189 @@ def fold_constants(model: onnx.ModelProto) -> PassResult:
     return PassResult(len(doomed), details, tuple(warnings))
 
 
-def _scalar_index(view: GraphView, name: str) -> int | None:
-    """The single integer held by constant ``name`` (scalar or one-element 1-D), else None."""
-    if not view.is_constant(name):
-        return None
-    value = view.array(name)
-    return int(value.reshape(-1)[0]) if value.size == 1 and value.dtype.kind in "iu" else None
+# Ops that only move the entries of a shape tensor, with the inputs whose entries they move (None: all); their
+# other inputs (starts, indices, axes ...) must be constants.
+_ENTRY_MOVERS: dict[str, tuple[int, ...] | None] = {
+    "Identity": (0,),
+    "Cast": (0,),
+    "Slice": (0,),
+    "Gather": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+    "Reshape": (0,),
+    "Flatten": (0,),
+    "Concat": None,
+}
+_INTEGER_TENSOR_TYPES = frozenset(
+    {
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.UINT64,
+    }
+)
+_MAX_SHAPE_ENTRIES = 64
+_MAX_CHAIN_DEPTH = 64
 
 
-def _input_dim_reference(view: GraphView, name: str, data: str) -> int | None:
-    """Which axis of ``data`` the 1-element tensor ``name`` holds, when it is ``Shape(data)[i]``.
+def _unknown_dim(tensor: str, axis: int) -> str:
+    """The stand-in for an unnamed dynamic dimension: the same (tensor, axis) is the same value."""
+    return f"?{tensor}#{axis}"
 
-    Recognises ``Gather(Shape(data), [i])`` and ``Unsqueeze(Gather(Shape(data), i), [0])``, the forms
-    PyTorch writes for ``x.size(i)`` inside ``x.view(...)``.
-    """
-    node = view.producer.get(name)
-    if node is not None and node.op_type == "Unsqueeze":
-        axes = node.input[1] if len(node.input) > 1 else ""
-        attr_axes = [list(a.ints) for a in node.attribute if a.name == "axes"]
-        if (axes and _scalar_index(view, axes) != 0) or (attr_axes and attr_axes[0] != [0]):
-            return None
-        node = view.producer.get(node.input[0])
-    if node is None or node.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+
+def _shape_entries(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
+    """``Shape(x)`` as entries: ints for static dims, the dim's symbol (or an unknown-dim stand-in) otherwise."""
+    shape = view.shape(node.input[0])
+    if shape is None:
         return None
-    shape = view.producer.get(node.input[0])
-    if shape is None or shape.op_type != "Shape" or shape.input[0] != data or shape.attribute:
+    entries = [_unknown_dim(node.input[0], axis) if dim is None else dim for axis, dim in enumerate(shape)]
+    attrs = {a.name: a.i for a in node.attribute}
+    rank = len(entries)
+    start, end = attrs.get("start", 0), attrs.get("end", rank)
+    start = min(max(start + rank if start < 0 else start, 0), rank)
+    end = min(max(end + rank if end < 0 else end, 0), rank)
+    return np.array(entries[start:end] or [], dtype=object)
+
+
+def _moved_entries(node: onnx.NodeProto, values: list[np.ndarray | None], model: onnx.ModelProto) -> np.ndarray | None:
+    """Run an entry-moving node on index stand-ins and map its output back to the entries.
+
+    Every moved input is replaced by the positions of its entries in one table, so ONNX's own reference
+    evaluator decides which entry lands where (Slice's clamping, negative indices, Concat's order) and no
+    symbolic rule is written twice."""
+    moved = _ENTRY_MOVERS[node.op_type]
+    table: list[int | str] = []
+    inputs: list[np.ndarray | None] = []
+    for position, value in enumerate(values):
+        if value is None or (moved is not None and position not in moved):
+            if value is not None and any(isinstance(e, str) for e in value.reshape(-1).tolist()):
+                return None  # a symbolic index, start or axis: where entries land is not known
+            inputs.append(None if value is None else np.array(value.tolist(), dtype=np.int64))
+            continue
+        positions = np.arange(len(table), len(table) + value.size, dtype=np.int64).reshape(value.shape)
+        table.extend(value.reshape(-1).tolist())
+        inputs.append(positions)
+    try:
+        result = _evaluate(node, inputs, model)[0]
+    except Exception as exc:  # noqa: BLE001 - the reference evaluator raises many kinds; folding is best-effort
+        logger.debug("cannot follow %s (%s) symbolically: %s", node.name, node.op_type, exc)
         return None
-    index = _scalar_index(view, node.input[1])
-    rank = view.shape(data)
-    if index is not None and index < 0 and rank is not None:
-        index += len(rank)
-    return index
+    if result.dtype.kind not in "iu":
+        return None
+    return np.array([table[int(i)] for i in result.reshape(-1)], dtype=object).reshape(result.shape)
+
+
+def _symbolic_value(
+    view: GraphView, name: str, model: onnx.ModelProto, memo: dict[str, np.ndarray | None], depth: int = 0
+) -> np.ndarray | None:
+    """The value of a small integer tensor as entries that are ints or dimension symbols, or None.
+
+    Follows what exporters build shape parameters from: ``Shape`` of tensors with a symbolic batch, then Cast,
+    Slice, Gather, (Un)Squeeze, Concat; nodes whose inputs all turn out to be ints are evaluated. A symbol
+    stands for one dimension's run-time value, so equal symbols are equal values."""
+    if name in memo:
+        return memo[name]
+    memo[name] = None  # a cycle (which the checker refuses anyway) ends here
+    result: np.ndarray | None = None
+    if view.is_constant(name):
+        value = view.array(name)
+        if value.dtype.kind in "iu" and value.size <= _MAX_SHAPE_ENTRIES:
+            result = np.array(value.tolist(), dtype=object).reshape(value.shape)
+    elif depth < _MAX_CHAIN_DEPTH and (node := view.producer.get(name)) is not None and node.domain in ("", "ai.onnx"):
+        if node.op_type == "Shape":
+            result = _shape_entries(node, view)
+        elif node.op_type == "Cast" and next((a.i for a in node.attribute if a.name == "to"), 0) not in (
+            _INTEGER_TENSOR_TYPES
+        ):
+            result = None
+        elif len([o for o in node.output if o]) == 1:
+            values = [_symbolic_value(view, i, model, memo, depth + 1) if i else None for i in node.input]
+            if not any(i and v is None for i, v in zip(node.input, values)):
+                symbolic = any(isinstance(e, str) for v in values if v is not None for e in v.reshape(-1).tolist())
+                if not symbolic:
+                    concrete = [None if v is None else np.array(v.tolist(), dtype=np.int64) for v in values]
+                    result = _concrete_entries(node, concrete, model)
+                elif node.op_type in _ENTRY_MOVERS:
+                    result = _moved_entries(node, values, model)
+    if result is not None and result.size > _MAX_SHAPE_ENTRIES:
+        result = None
+    memo[name] = result
+    return result
+
+
+def _concrete_entries(
+    node: onnx.NodeProto, values: list[np.ndarray | None], model: onnx.ModelProto
+) -> np.ndarray | None:
+    """A node of a shape chain whose inputs are all known integers, evaluated (arithmetic on shapes included)."""
+    try:
+        result = _evaluate(node, values, model)[0]
+    except Exception as exc:  # noqa: BLE001 - best-effort, as in fold_constants
+        logger.debug("cannot evaluate %s (%s): %s", node.name, node.op_type, exc)
+        return None
+    if result.dtype.kind not in "iu" or result.size > _MAX_SHAPE_ENTRIES:
+        return None
+    return np.array(result.tolist(), dtype=object).reshape(result.shape)
+
+
+def _constant_target(target: np.ndarray, data_shape: list[int | str | None] | None, data: str) -> list[int] | None:
+    """A constant Reshape target equal to ``target`` (ints and symbols) for this data, or None.
+
+    A symbol at position i that is the data's own dimension i becomes 0 (with ``allowzero`` unset, 0 copies
+    that dimension). One remaining symbol becomes -1, provided the target has no -1 yet: the element count
+    then fixes it to the value it had."""
+    shape = data_shape or []
+    resolved: list[int | None] = []
+    for axis, entry in enumerate(target.reshape(-1).tolist()):
+        if isinstance(entry, int):
+            resolved.append(entry)
+        elif axis < len(shape) and (entry == shape[axis] or entry == _unknown_dim(data, axis)):
+            resolved.append(0)
+        else:
+            resolved.append(None)
+    unknown = [axis for axis, entry in enumerate(resolved) if entry is None]
+    if len(unknown) > 1 or (unknown and -1 in resolved):
+        return None
+    return [-1 if entry is None else entry for entry in resolved]
 
 
 def reshape_copy_dims(model: onnx.ModelProto) -> PassResult:
-    """Turn ``Reshape(x, Concat(x.shape[i] at position i, constants...))`` into a constant target with 0 there.
+    """Give every Reshape whose target is computed at run time a constant target that equals it.
 
-    With ``allowzero`` unset, a 0 in a Reshape target copies that axis from the input, so a target built at
-    run time from the input's own (dynamic) batch dimension becomes a constant and the shape chain dies.
-    This is how ``x.view(x.size(0), -1)`` from PyTorch folds while the batch stays dynamic.
+    Exporters build targets from the input's shape: PyTorch's ``x.view(x.size(0), -1)`` as
+    ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])``, paddle2onnx as ``Concat(Cast(Slice(Cast(Shape(x)))), [-1])``
+    or ``Reshape(softmax_2d, Shape(logits))``. With a dynamic batch these chains cannot be folded into numbers,
+    but the target is still known up to the batch: the symbol sits where the data has it (a 0 copies it, with
+    ``allowzero`` unset) or is the one unknown entry (-1 gives it back). The shape chain then dies and the
+    following shapes become static, which ESP-DL needs.
     """
     graph = model.graph
     view = GraphView(graph)
     taken = set(view.initializers) | set(view.producer)
+    memo: dict[str, np.ndarray | None] = {}
     changed = 0
     for node in graph.node:
-        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+        if (
+            node.op_type != "Reshape"
+            or node.domain not in ("", "ai.onnx")
+            or len(node.input) < 2
+            or view.is_constant(node.input[1])
+            or any(a.name == "allowzero" and a.i for a in node.attribute)
+        ):
             continue
-        concat = view.producer.get(node.input[1])
-        if concat is None or concat.op_type != "Concat" or view.is_constant(node.input[1]):
+        target = _symbolic_value(view, node.input[1], model, memo)
+        if target is None or target.ndim != 1:
             continue
-        target: list[int] = []
-        for part in concat.input:
-            if view.is_constant(part):
-                target.extend(int(v) for v in view.array(part).reshape(-1))
-                continue
-            if _input_dim_reference(view, part, node.input[0]) != len(target):
-                break
-            target.append(0)
-        else:
-            name = unique_name(f"{node.name or 'Reshape'}_shape", taken)
-            set_initializer(graph, name, np.array(target, dtype=np.int64))
-            node.input[1] = name
-            changed += 1
+        constant = _constant_target(target, view.shape(node.input[0]), node.input[0])
+        if constant is None:
+            continue
+        name = unique_name(f"{node.name or 'Reshape'}_shape", taken)
+        set_initializer(graph, name, np.array(constant, dtype=np.int64))
+        node.input[1] = name
+        changed += 1
     return PassResult(
-        changed, (f"{changed} Reshape target(s) from the input's own shape -> constant",) if changed else ()
+        changed, (f"{changed} Reshape target(s) computed from shapes at run time -> constant",) if changed else ()
     )
