@@ -173,8 +173,14 @@ def parse_model(text: str) -> list[dict]:
 
 
 def check_call_frees(text: str, outputs: list[str]) -> None:
-    """In call(): nothing is read after it was freed, and every tensor but the outputs is freed exactly once."""
+    """In call(): nothing is read after it was freed, and every tensor but the outputs is freed exactly once.
+
+    An in-place member (constructed with a trailing ``true``, ESP-DL v1.1's ReLU / Flatten) writes into its
+    input's tensor: its output is that tensor, freed once after the last read of either.
+    """
     body = re.search(r"void call\(dl::Tensor<\w+> &input\)\n    \{\n(.*?)\n    \}", text, re.S).group(1)
+    in_place = {m["name"] for m in parse_model(text) if m["args"].endswith(", true")}
+    alias: dict[str, str] = {}
     freed: list[str] = []
     for line in body.splitlines():
         line = line.strip()
@@ -183,9 +189,16 @@ def check_call_frees(text: str, outputs: list[str]) -> None:
         elif line:
             reads = ["input"] if re.search(r"\(input\)|\binput,", line) else []
             reads += re.findall(r"this->\w+\.get_output\(\)", line)
+            reads = [alias.get(r, r) for r in reads]
             assert not set(reads) & set(freed), f"{line} reads a freed tensor"
+            called = re.match(r"this->(\w+)\.call\(", line)
+            if called and called.group(1) in in_place:
+                alias[f"this->{called.group(1)}.get_output()"] = reads[0]
     members = re.findall(r"^    dl::layer::\w+<[\w, ]+> (\w+);", text, re.M)
-    expected = ["input"] + [f"this->{m}.get_output()" for m in members if m not in outputs]
+    kept = {alias.get(f"this->{o}.get_output()", f"this->{o}.get_output()") for o in outputs}
+    expected = [
+        t for t in ["input"] + [f"this->{m}.get_output()" for m in members if m not in in_place] if t not in kept
+    ]
     assert sorted(freed) == sorted(expected)
 
 
@@ -328,8 +341,10 @@ def test_demo_export_holds_the_simulators_integers(demo, tmp_path, target, bits,
     model_layers = parse_model(paths[2].read_text())
     assert [m["node"] for m in model_layers] == [n.name for n in q.nodes]
     classes = [m["cls"] for m in model_layers]
-    assert classes == ["Conv2D", "MaxPool2D", "Conv2D", "MaxPool2D", "DepthwiseConv2D", "Conv2D", "Add2D", "Relu",
+    # ESP-DL v1.1 (the default) spells it ReLU and builds ReLU / Flatten in place (export/cpp/versions.py).
+    assert classes == ["Conv2D", "MaxPool2D", "Conv2D", "MaxPool2D", "DepthwiseConv2D", "Conv2D", "Add2D", "ReLU",
                        "Flatten", "FullyConnected"]  # fmt: skip
+    assert [m["args"].endswith(", true") for m in model_layers] == [c in ("ReLU", "Flatten") for c in classes]
     for member in model_layers:
         node = nodes[member["node"]]
         if member["cls"] in ("Conv2D", "DepthwiseConv2D", "FullyConnected", "Add2D"):
@@ -347,7 +362,10 @@ def test_demo_export_holds_the_simulators_integers(demo, tmp_path, target, bits,
 def test_demo_export_compiles_against_the_legacy_api(demo, tmp_path, target, bits, granularity):
     model, tables = demo
     out = tmp_path / "out"
-    export_coefficient_to_cpp(model, tables[(bits, granularity)], target, out, "demo_coefficient")
+    # legacy_dl_layers.hpp declares the v2.0 API; tests/test_cpp_compile.py compiles against the real headers.
+    export_coefficient_to_cpp(
+        model, tables[(bits, granularity)], target, out, "demo_coefficient", library_version="2.0"
+    )
     compile_files(out, tmp_path, "demo_coefficient", "int8_t" if bits == 8 else "int16_t")
 
 
@@ -419,7 +437,7 @@ def test_every_exportable_op(tmp_path, rng, target, bits):
     model = _all_ops_model(rng)
     # Non-negative data: LeakyRelu and PRelu then keep their input exponent, as the legacy layers require.
     table = _calibrated(model, bits, rng.uniform(0, 1, (32, 2, 16, 16)).astype(np.float32))
-    export_coefficient_to_cpp(model, table, target, tmp_path, "ops")
+    export_coefficient_to_cpp(model, table, target, tmp_path, "ops", library_version="2.0")
     text = (tmp_path / "ops_model.hpp").read_text()
     members = {m["node"]: m for m in parse_model(text)}
     assert [m["cls"] for m in members.values()] == [
@@ -444,6 +462,68 @@ def test_every_exportable_op(tmp_path, rng, target, bits):
     assert layers["fc"]["activation"] == "ReLU"  # the Relu after the Gemm is fused into it
     if GXX is not None:
         compile_files(tmp_path, tmp_path, "ops", "int8_t" if bits == 8 else "int16_t")
+
+
+def test_v11_refuses_what_its_headers_cannot_build(tmp_path, rng):
+    # ESP-DL v1.1's Sub2D, Mul2D, LeakyReLU and PReLU headers do not compile (export/cpp/versions.py): every such
+    # node is named with the header, nothing is written; v2.0 builds the same model.
+    model = _all_ops_model(rng)
+    table = _calibrated(model, 8, rng.uniform(0, 1, (32, 2, 16, 16)).astype(np.float32))
+    with pytest.raises(UnsupportedModelError) as info:
+        export_coefficient_to_cpp(model, table, "esp32s3", tmp_path, "ops", library_version="1.1")
+    message = str(info.value)
+    assert "v1.1 cannot run this model on esp32s3 (4 problem(s))" in message
+    for node, header in [("leaky", "leakyrelu"), ("prelu", "prelu"), ("sub", "sub2d"), ("mul", "mul2d")]:
+        assert re.search(
+            rf"node '{node}' \(\w+\): ESP-DL v1\.1's \w+ does not compile \(dl_layer_{header}\.hpp:", message
+        )
+    assert "library_version='2.0'" in message
+    assert list(tmp_path.iterdir()) == []
+    assert len(export_coefficient_to_cpp(model, table, "esp32s3", tmp_path, "ops", library_version="2.0")) == 3
+
+
+def test_v11_in_place_layers_need_a_private_input(tmp_path, rng):
+    # v1.1 builds ReLU in place: it may not overwrite a tensor a later layer (here the Add) still reads.
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Add", ["r", "c"], ["y"], name="add"),
+    ]
+    inits = {"W": rng.normal(0, 0.3, (2, 2, 1, 1)).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 2, 4, 4])], [tensor("y", ["N", 2, 4, 4])], inits)
+    table = _calibrated(model, 8, rng.uniform(0, 1, (8, 2, 4, 4)).astype(np.float32))
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"node 'relu' \(Relu\): ESP-DL v1\.1's ReLU works only in place "
+        r"\(dl_layer_relu\.hpp.*layer\(s\) add read it later",
+    ):
+        export_coefficient_to_cpp(model, table, "esp32", tmp_path, "x")
+    text = export_coefficient_to_cpp(model, table, "esp32", tmp_path, "x", library_version="2.0")[2].read_text()
+    assert "dl::layer::Relu<int8_t> relu;" in text
+    with pytest.raises(OptionError, match="library_version '3.0': use one of 1.1, 2.0"):
+        export_coefficient_to_cpp(model, table, "esp32", tmp_path / "o", "x", library_version="3.0")
+
+
+def test_cli_library_version(demo, tmp_path):
+    from click.testing import CliRunner
+
+    from espquant.cli import main
+
+    model, tables = demo
+    option = next(p for p in main.commands["export"].params if p.name == "library_version")
+    assert tuple(option.type.choices) == tuple(cpp.LIBRARY_VERSIONS) and option.default == cpp.DEFAULT_LIBRARY_VERSION
+    onnx.save(model, tmp_path / "m.onnx")
+    tables[(8, "per-tensor")].save(tmp_path / "t.pickle")
+    args = ["export", str(tmp_path / "m.onnx"), "--table", str(tmp_path / "t.pickle"), "--format", "cpp"]
+    for version, relu in [(None, "ReLU"), ("1.1", "ReLU"), ("2.0", "Relu")]:
+        out = tmp_path / f"cpp-{version}"
+        extra = ["--library-version", version] if version else []
+        result = CliRunner().invoke(main, [*args, *extra, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        text = (out / "m_coefficient_model.hpp").read_text()
+        assert f"dl::layer::{relu}<int8_t>" in text and f"legacy ESP-DL v{version or '1.1'} " in text
+    result = CliRunner().invoke(main, [*args, "--library-version", "3.0", "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "1.1" in result.output and "2.0" in result.output
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------

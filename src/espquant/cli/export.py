@@ -43,9 +43,26 @@ FORMATS = ("espdl", "qdq", "cpp")
     "values [default: fixed pseudo-random integers]. qdq: the data the agreement with the simulator is measured on. "
     "cpp: the data the legacy library's simulated outputs are compared with the float model on (next to v3's).",
 )
+@click.option(
+    "--library-version",
+    "library_version",
+    type=click.Choice(("1.1", "2.0")),  # export/cpp/versions.py's table, literal: the exporter is imported lazily
+    default="1.1",
+    show_default=True,
+    help="cpp only: the legacy ESP-DL release the C++ must compile against (1.1: esp-dl v1.1.0 / a95b00ea, the "
+    "legacy toolkit's own; 2.0: the class names Relu / LeakyRelu / PRelu). v1.1 cannot build Sub, Mul, LeakyRelu "
+    "and PRelu.",
+)
 @force_option
 def export(
-    model: Path, table_path: Path, target: str, fmt: str, output: Path | None, test_input: Path | None, force: bool
+    model: Path,
+    table_path: Path,
+    target: str,
+    fmt: str,
+    output: Path | None,
+    test_input: Path | None,
+    library_version: str,
+    force: bool,
 ) -> None:
     """Write the quantized model: an .espdl file ESP-DL v3 loads directly, or a QDQ ONNX model.
 
@@ -64,6 +81,7 @@ def export(
       espquant run mnist_s3.espdl --self-test      # re-load it and check the embedded outputs
       espquant export net.onnx --table t.pickle --format qdq --target esp32p4 --test-input x.npy
       espquant export net.onnx --table t.pickle --format cpp --target esp32s3 -o main/model/
+      espquant export net.onnx --table t.pickle --format cpp --library-version 2.0 -o main/model/
     """
     from espquant.api import Evaluator
     from espquant.export.cpp import cpp_file_paths, legacy_target
@@ -87,7 +105,7 @@ def export(
     table = QuantTable.load(table_path)
     samples = load_array_data(test_input) if test_input is not None else None
     if fmt == "cpp":
-        _export_cpp(proto, table, model, target, folder)
+        _export_cpp(proto, table, model, target, folder, library_version)
         if samples is not None:
             _print_legacy_accuracy(proto, table, target, samples)
         return
@@ -126,10 +144,12 @@ def _export_qdq(proto: Any, table: Any, destination: Path, target: str, samples:
     out.print(report)
 
 
-def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path) -> None:
+def _export_cpp(proto: Any, table: Any, model: Path, target: str, folder: Path, library_version: str = "1.1") -> None:
     from espquant.export.cpp import export_coefficient_to_cpp
 
-    written = export_coefficient_to_cpp(proto, table, target, folder, f"{model.stem}_coefficient", True)
+    written = export_coefficient_to_cpp(
+        proto, table, target, folder, f"{model.stem}_coefficient", True, library_version=library_version
+    )
     for path in written:
         out.print(f"wrote {path}")
 

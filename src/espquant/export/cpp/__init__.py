@@ -8,8 +8,10 @@ the form the C++ layer classes of ESP-DL v1.x / v2.0 take (``dl::Filter<T>``, ``
 ``dl::layer::Model<T>`` subclass that declares, builds and calls the layers in graph order.
 
 Legacy facts relied on (ESP-DL git history, tag ``v2.0`` unless stated; v1.1.0 has the same signatures except
-that ``Relu`` / ``LeakyRelu`` / ``PRelu`` were spelled ``ReLU`` / ``LeakyReLU`` / ``PReLU``; v1.0.0 lacks the
-explicit ``padding`` argument, ``FullyConnected``, ``Flatten`` and ``Concat`` and is not a target):
+that ``Relu`` / ``LeakyRelu`` / ``PRelu`` were spelled ``ReLU`` / ``LeakyReLU`` / ``PReLU`` and that some of its
+layer headers are broken: ``versions.py`` holds the per-version table and the evidence, ``library_version=``
+picks one, default ``"1.1"``; v1.0.0 lacks the explicit ``padding`` argument, ``FullyConnected``, ``Flatten``
+and ``Concat`` and is not a target):
 
 - ``include/typedef/dl_constant.hpp``: ``Filter<T>(element, exponent, shape, dilation = {1, 1})`` with shape
   ``[filter_height, filter_width, input_channel, output_channel]`` (depthwise: ``[.., .., channels, 1]``) and the
@@ -50,11 +52,12 @@ explicit ``padding`` argument, ``FullyConnected``, ``Flatten`` and ``Concat`` an
     ``e_in + e_w[n] + 4`` and ``-128`` in the (unused) exponent field; same layout as per-tensor.
   * LeakyReLU: one alpha element, shape ``{1,}``; PReLU: one alpha per channel, shape ``{C,}``.
 
-Every target exports the same ops (``EXPORTABLE_OPS``): Conv (group 1 -> Conv2D, depthwise ->
-DepthwiseConv2D, with a fused Relu as ``Activation(ReLU)``), Gemm and MatMul by a constant matrix ->
-FullyConnected, Relu, LeakyRelu, PRelu, MaxPool -> MaxPool2D, AveragePool -> AvgPool2D, GlobalAveragePool ->
-GlobalAveragePool2D, Add / Sub / Mul -> Add2D / Sub2D / Mul2D, Concat, Flatten and Reshape-to-2-D -> Flatten;
-Identity and a RequantizeLinear before Add / Sub / Mul need no layer. Anything else is reported, node by node.
+Every target exports the same ops (``EXPORTABLE_OPS``; library v1.1 refuses Sub / Mul / LeakyRelu / PRelu):
+Conv (group 1 -> Conv2D, depthwise -> DepthwiseConv2D, with a fused Relu as ``Activation(ReLU)``), Gemm and
+MatMul by a constant matrix -> FullyConnected, Relu, LeakyRelu, PRelu, MaxPool -> MaxPool2D, AveragePool ->
+AvgPool2D, GlobalAveragePool -> GlobalAveragePool2D, Add / Sub / Mul -> Add2D / Sub2D / Mul2D, Concat, Flatten
+and Reshape-to-2-D -> Flatten; Identity and a RequantizeLinear before Add / Sub / Mul need no layer. Anything
+else is reported, node by node.
 
 The constants are the legacy toolkit's, as the legacy runtime profile simulates them (simulator/legacy.py,
 docs/LEGACY_ARITHMETIC.md; read off the original toolkit's Evaluator and checked against it bit for bit):
@@ -74,11 +77,16 @@ docs/LEGACY_ARITHMETIC.md; read off the original toolkit's Evaluator and checked
 
 from espquant.export.cpp.layers import LegacyConstant, LegacyLayer, legacy_filter_elements
 from espquant.export.cpp.planner import _HANDLERS, EXPORTABLE_OPS, plan_legacy_layers
+from espquant.export.cpp.versions import DEFAULT_LIBRARY_VERSION, LIBRARY_VERSIONS, LibraryVersion, library_version
 from espquant.export.cpp.writer import cpp_file_paths, export_coefficient_to_cpp, legacy_target
 from espquant.quant.profiles import LEGACY_TARGETS
 from espquant.simulator.legacy import PER_CHANNEL_BIAS_SHIFT
 
 __all__ = [
+    "DEFAULT_LIBRARY_VERSION",
+    "LIBRARY_VERSIONS",
+    "LibraryVersion",
+    "library_version",
     "LEGACY_TARGETS",
     "EXPORTABLE_OPS",
     "PER_CHANNEL_BIAS_SHIFT",

@@ -15,24 +15,6 @@ logger = logging.getLogger("espquant.export.cpp")
 
 _PER_CHANNEL_BIAS_EXPONENT = -128  # what the converter writes in the unused per-channel Bias exponent field
 
-# The legacy header declaring each layer class (ESP-DL v2.0 include/layer/).
-_HEADERS = {
-    "Conv2D": "dl_layer_conv2d.hpp",
-    "DepthwiseConv2D": "dl_layer_depthwise_conv2d.hpp",
-    "FullyConnected": "dl_layer_fullyconnected.hpp",
-    "MaxPool2D": "dl_layer_max_pool2d.hpp",
-    "AvgPool2D": "dl_layer_avg_pool2d.hpp",
-    "GlobalAveragePool2D": "dl_layer_global_avg_pool2d.hpp",
-    "Add2D": "dl_layer_add2d.hpp",
-    "Sub2D": "dl_layer_sub2d.hpp",
-    "Mul2D": "dl_layer_mul2d.hpp",
-    "Relu": "dl_layer_relu.hpp",
-    "LeakyRelu": "dl_layer_leakyrelu.hpp",
-    "PRelu": "dl_layer_prelu.hpp",
-    "Flatten": "dl_layer_flatten.hpp",
-    "Concat": "dl_layer_concat.hpp",
-}
-
 # Ops ESP-DL v2.0 has a layer for but whose integer form espquant cannot vouch for.
 _NOT_EXPRESSIBLE = {
     "Sigmoid": "the legacy Sigmoid layer computes in float (QIFO by default); its integer form is not specified",
@@ -81,7 +63,7 @@ class LegacyLayer:
     name: str  # C++ identifier, also the layer's name string
     node: str  # the ONNX node it comes from
     op_type: str
-    cls: str  # legacy class, e.g. "Conv2D"
+    cls: str  # the library version's class, e.g. "Conv2D", "ReLU" (v1.1) / "Relu" (v2.0)
     template: str  # template arguments, e.g. "int8_t" or "int8_t, int16_t"
     inputs: list[str]  # tensors read, in argument order
     output: str
@@ -91,6 +73,8 @@ class LegacyLayer:
     output_exponent: int
     constants: dict[str, LegacyConstant] = field(default_factory=dict)
     saturated_bias: int = 0  # bias values the legacy bias type clips
+    header: str = ""  # the include/layer/ header declaring ``cls``
+    in_place: bool = False  # constructed with ``inplace = true``: its output is its input tensor
 
     @property
     def activation(self) -> str:

@@ -20,6 +20,7 @@ from espquant.export.cpp.layers import (
     _identifier,
     legacy_filter_elements,
 )
+from espquant.export.cpp.versions import LibraryVersion, library_version
 from espquant.graph import GraphView
 from espquant.simulator.legacy import (
     legacy_bias,
@@ -34,9 +35,10 @@ logger = logging.getLogger("espquant.export.cpp")
 class _Planner:
     """Walks the quantized nodes, mapping each onto a legacy layer or recording why it cannot be."""
 
-    def __init__(self, q: QuantizedModel, model: onnx.ModelProto, target: str) -> None:
+    def __init__(self, q: QuantizedModel, model: onnx.ModelProto, target: str, version: LibraryVersion) -> None:
         self.q = q
         self.target = target
+        self.version = version
         self.bits = q.bits
         self.ctype = _ctype(q.bits)
         try:
@@ -139,12 +141,18 @@ class _Planner:
         out_shape: tuple[int, ...],
         **extra: object,
     ) -> None:
-        """Append a layer; ``shapes`` / ``out_shape`` are ONNX shapes without the batch dimension."""
+        """Append a layer of kind ``cls``, spelled and built as the library version does, or report why that
+        version cannot build it; ``shapes`` / ``out_shape`` are ONNX shapes without the batch dimension."""
+        api = self.version.api(cls)
+        if api.refused:  # reported; the layer is still planned so that every later refusal is named too
+            self.problem(node, api.refused)
         layer = LegacyLayer(
             name=name,
             node=node.name,
             op_type=node.op_type,
-            cls=cls,
+            cls=api.cls,
+            header=api.header,
+            in_place=api.in_place,
             template=str(extra.pop("template", self.ctype)),
             inputs=inputs,
             output=node.outputs[0],
@@ -510,13 +518,35 @@ _HANDLERS: dict[str, Callable[[_Planner, QNode], None]] = {
 EXPORTABLE_OPS = frozenset(_HANDLERS)
 
 
-def plan_legacy_layers(q: QuantizedModel, model: onnx.ModelProto, target_chip: str) -> list[LegacyLayer]:
-    """The legacy layers of ``q`` (built from ``model``) for ``target_chip``, in graph order.
+def _check_in_place(planner: _Planner) -> None:
+    """An in-place layer overwrites its input tensor: no later layer may read that tensor and it may not be a
+    graph output (v1.1 builds ReLU / Flatten in place only, see versions.py)."""
+    outputs = {planner.resolve(o) for o in planner.q.outputs}
+    for index, layer in enumerate(planner.layers):
+        if not layer.in_place:
+            continue
+        tensor = layer.inputs[0]
+        later = [other.name for other in planner.layers[index + 1 :] if tensor in other.inputs]
+        if later or tensor in outputs:
+            readers = f"layer(s) {', '.join(later)} read it later" if later else "it is a graph output"
+            planner.problems.append(
+                f"node {layer.node!r} ({layer.op_type}): ESP-DL v{planner.version.name}'s {layer.cls} works only in "
+                f"place ({layer.header}: build() allocates no output otherwise), which overwrites its input "
+                f"{tensor!r}, but {readers}; export with library_version='2.0' (--library-version 2.0)"
+            )
+
+
+def plan_legacy_layers(
+    q: QuantizedModel, model: onnx.ModelProto, target_chip: str, version: LibraryVersion | str | None = None
+) -> list[LegacyLayer]:
+    """The legacy layers of ``q`` (built from ``model``) for ``target_chip`` and the library ``version``
+    (versions.py; default ``DEFAULT_LIBRARY_VERSION``), in graph order.
 
     Raises:
         UnsupportedModelError: listing every node the legacy library cannot express, with the reason.
     """
-    planner = _Planner(q, model, target_chip)
+    version = version if isinstance(version, LibraryVersion) else library_version(version)
+    planner = _Planner(q, model, target_chip, version)
     for node in q.nodes:
         handler = _HANDLERS.get(node.op_type)
         if handler is not None:
@@ -525,6 +555,7 @@ def plan_legacy_layers(q: QuantizedModel, model: onnx.ModelProto, target_chip: s
             planner.problem(node, _NOT_EXPRESSIBLE[node.op_type])
         else:
             planner.problem(node, "the legacy ESP-DL library (v1.1 / v2.0) has no layer for this op")
+    _check_in_place(planner)
     for output in q.outputs:  # e.g. a graph output that is a requantized tensor: no layer writes it
         tensor = planner.resolve(output)
         if tensor not in planner.producer and not planner.problems:
@@ -532,8 +563,8 @@ def plan_legacy_layers(q: QuantizedModel, model: onnx.ModelProto, target_chip: s
     if planner.problems:
         listed = "\n  ".join(planner.problems)
         raise UnsupportedModelError(
-            f"the legacy ESP-DL library cannot run this model on {target_chip} ({len(planner.problems)} "
-            f"problem(s)); nothing was written:\n  {listed}"
+            f"the legacy ESP-DL library v{version.name} cannot run this model on {target_chip} "
+            f"({len(planner.problems)} problem(s)); nothing was written:\n  {listed}"
         )
     return planner.layers
 

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 
-from espquant.export.cpp.layers import _HEADERS, LegacyLayer, _ctype
+from espquant.export.cpp.layers import LegacyLayer, _ctype
 from espquant.simulator.legacy import (
     PER_CHANNEL_BIAS_SHIFT,
 )
@@ -46,6 +46,7 @@ def _render_hpp(layers: list[LegacyLayer], namespace: str, banner: str) -> str:
         banner,
         "#pragma once",
         "",
+        "#include <stddef.h>",  # NULL: dl_constant.hpp uses it without including a header that defines it
         "#include <stdint.h>",
         '#include "dl_constant.hpp"',
         "",
@@ -104,17 +105,28 @@ def _class_name(namespace: str) -> str:
     return camel if camel.endswith("Model") else camel + "Model"
 
 
+def _storage(layers: list[LegacyLayer]) -> dict[str, str]:
+    """Tensor -> the tensor whose memory it is: an in-place layer's output is its input's tensor, so the input is
+    freed only after the last read of either."""
+    storage: dict[str, str] = {}
+    for layer in layers:
+        if layer.in_place:
+            storage[layer.output] = storage.get(layer.inputs[0], layer.inputs[0])
+    return storage
+
+
 def _render_model(
     layers: list[LegacyLayer], q: QuantizedModel, model_input: str, namespace: str, file_name: str, banner: str
 ) -> str:
     ctype = _ctype(q.bits)
     cls = _class_name(namespace)
     producer = {layer.output: layer for layer in layers}
-    outputs = set(q.outputs)
+    storage = _storage(layers)
+    outputs = {storage.get(o, o) for o in q.outputs}
     last_use: dict[str, int] = {}
     for index, layer in enumerate(layers):
         for tensor in layer.inputs:
-            last_use[tensor] = index
+            last_use[storage.get(tensor, tensor)] = index
 
     def ref(tensor: str) -> str:
         return "input" if tensor == model_input else f"this->{producer[tensor].name}.get_output()"
@@ -125,8 +137,8 @@ def _render_model(
             input_shape = layer.input_shapes[layer.inputs.index(model_input)]
             break
     out_layers = [producer[o] for o in q.outputs if o in producer]
-    headers = ["dl_layer_model.hpp", *dict.fromkeys(_HEADERS[layer.cls] for layer in layers)]
-    out = [banner, "#pragma once", "", "#include <stdint.h>"]
+    headers = ["dl_layer_model.hpp", *dict.fromkeys(layer.header for layer in layers)]
+    out = [banner, "#pragma once", "", "#include <stddef.h>", "#include <stdint.h>"]
     out += [f'#include "{h}"' for h in headers]
     out += [f'#include "{file_name}.hpp"', ""]
     out += [
@@ -141,6 +153,9 @@ def _render_model(
             f" * Output: this->{layer.name}.get_output(), shape {_shape(list(layer.output_shape))}, exponent "
             f"{layer.output_exponent} (ESP-DL [H][W][C] element order)."
         )
+    in_place = [layer.name for layer in layers if layer.in_place]
+    if in_place:
+        out.append(f" * In place (their input tensor is their output): {', '.join(in_place)}.")
     out += [
         " * Construct the model after static initialisation (e.g. inside app_main), as the legacy examples do:",
         " * the layers keep pointers to the coefficients of the generated .cpp.",
@@ -157,6 +172,7 @@ def _render_model(
     inits = []
     for layer in layers:
         args = [a.replace("{ns}", namespace) for a in layer.args] + [f'"{layer.name}"']
+        args += ["true"] if layer.in_place else []  # the constructor's ``bool inplace`` after the name
         inits.append(f"{layer.name}({', '.join(args)})")
     out.append(f"    {cls}()")
     out.append("        : " + ",\n          ".join(inits))
@@ -175,7 +191,7 @@ def _render_model(
             out.append(f"        this->{layer.name}.call({{{refs}}});")
         else:
             out.append(f"        this->{layer.name}.call({', '.join(ref(t) for t in layer.inputs)});")
-        for tensor in dict.fromkeys(layer.inputs):
+        for tensor in dict.fromkeys(storage.get(t, t) for t in layer.inputs):
             if last_use[tensor] == index and tensor not in outputs:
                 out.append(f"        {ref(tensor)}.free_element();")
         out.append("")
