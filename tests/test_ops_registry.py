@@ -165,21 +165,25 @@ def test_imports_flow_one_way():
         "optimizer": 3, "checker": 3,
         "calibration": 4,
         "simulator": 5,
+        # The calibration engine measures candidate tables on the simulated chip (the ``auto`` method): it sits
+        # above the simulator, which reads the calibration plan below it.
+        "calibration.engine": 5.5, "calibration.auto": 5.5,
         "export": 6, "report": 6,
         "api": 7, "demo": 7, "cli": 8, "__init__": 9, "__main__": 9,
     }  # fmt: skip
     root = Path(espquant.__file__).parent
     wrong = []
     for path in root.rglob("*.py"):
-        part = path.relative_to(root).parts[0].removesuffix(".py")
-        level = layers[part]
+        parts = [p.removesuffix(".py") for p in path.relative_to(root).parts]
+        level = layers.get(".".join(parts[:2]), layers[parts[0]])
         for node in ast.walk(ast.parse(path.read_text())):
             names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
             for name in names:
                 if name.startswith("espquant."):
-                    target = name.split(".")[1]
-                    if layers.get(target, -1) > level:
+                    pieces = name.split(".")[1:]
+                    target = layers.get(".".join(pieces[:2]), layers.get(pieces[0], -1))
+                    if target > level:
                         wrong.append(f"{path.relative_to(root)} imports {name}")
     assert not wrong, "\n".join(wrong)
 

@@ -3,6 +3,7 @@ engine (:func:`espquant.calibration.engine.calibrate_model`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,11 +13,14 @@ import onnx
 from espquant.calibration.engine import CalibrationResult, calibrate_model, sample_count, validate_method
 from espquant.checker import legacy_check, parse_bits
 from espquant.errors import OptionError
+from espquant.model_io import save_model
 from espquant.progress import progress_bar
 from espquant.runtime import validate_providers
 from espquant.table import QuantTable
 
-__all__ = ["Calibrator"]
+__all__ = ["Calibrator", "save_calibration", "calibrated_model_path"]
+
+logger = logging.getLogger(__name__)
 
 
 class Calibrator:
@@ -25,9 +29,16 @@ class Calibrator:
     Args:
         quantization_bit: ``"int8"`` or ``"int16"``.
         granularity: ``"per-tensor"`` or ``"per-channel"`` (int8 only) for weights.
-        calib_method: ``"minmax"``, ``"entropy"``, ``"percentile"`` or ``"mse"``.
+        calib_method: ``"minmax"``, ``"entropy"``, ``"percentile"``, ``"mse"`` or ``"auto"`` (per tensor, the
+            exponent of those four that the simulated chip measures best; ``calibration/auto.py``).
         strict: at int16, refuse a model with ops the chip has no int16 kernel for (Resize) instead of running
             those nodes at int8 with a warning each (the default; see ``checker.runs_at``).
+        cle: cross-layer equalization before calibration; None: on for ``auto`` with per-tensor weights only,
+            so the named methods keep their legacy meaning.
+        bias_correction: compensate weight rounding in the float biases; None: on for ``auto`` only.
+
+    With CLE or bias correction the table belongs to a changed float model (``result.model``);
+    ``generate_quantization_table`` writes it next to the table as ``<table>_model.onnx``.
     """
 
     def __init__(
@@ -37,12 +48,16 @@ class Calibrator:
         calib_method: str = "minmax",
         *,
         strict: bool = False,
+        cle: bool | None = None,
+        bias_correction: bool | None = None,
     ) -> None:
         self.bits = parse_bits(quantization_bit)
         validate_method(self.bits, granularity, calib_method)
         self.granularity = granularity
         self.method = calib_method
         self.strict = strict
+        self.cle = cle
+        self.bias_correction = bias_correction
         self.providers = ["CPUExecutionProvider"]
         self.int16_layers: list[str] = []
 
@@ -94,6 +109,8 @@ class Calibrator:
             on_batch=on_batch,
             threads=threads,
             strict=self.strict,
+            cle=self.cle,
+            bias_correction=self.bias_correction,
         )
 
     def export_coefficient_to_cpp(
@@ -135,5 +152,32 @@ class Calibrator:
         """
         with progress_bar("calibrating", sample_count(calib_dataset)) as advance:
             result = self.calibrate(model_proto, calib_dataset, batch_size, on_batch=advance)
-        result.table.save(pickle_file_path, table_format)
+        save_calibration(result, pickle_file_path, table_format)
         return result.table
+
+
+def calibrated_model_path(table_path: str | os.PathLike[str]) -> Path:
+    """Where the float model a table belongs to is written when calibration changed it: ``t.pickle`` ->
+    ``t_model.onnx``, beside the table."""
+    path = Path(table_path)
+    return path.with_name(f"{path.stem}_model.onnx")
+
+
+def save_calibration(
+    result: CalibrationResult, table_path: str | os.PathLike[str], table_format: str = "exponents"
+) -> tuple[Path, Path, Path | None]:
+    """Write the table (pickle + JSON twin) and, when CLE or bias correction changed the float model, that
+    model beside it (``calibrated_model_path``), named in the table's metadata so a mismatch says which
+    model to use. Returns the pickle, the twin and the model path (None when the model is unchanged)."""
+    model_path = None
+    if result.transforms and result.model is not None:
+        model_path = calibrated_model_path(table_path)
+        result.table.metadata["calibrated_model"] = model_path.name
+        logger.warning(
+            "calibration changed the float weights (%s): the table is for %s; evaluate and export that model",
+            ", ".join(result.transforms),
+            model_path,
+        )
+        save_model(result.model, model_path)
+    table_file, twin = result.table.save(table_path, table_format)
+    return table_file, twin, model_path

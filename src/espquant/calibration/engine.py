@@ -5,21 +5,32 @@ batch), observe every activation, and turn the ranges into the table's exponents
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from espquant._version import __version__
+from espquant.calibration.auto import (
+    SEARCH_SAMPLES,
+    channel_means,
+    float_reference,
+    search_exponents,
+    simulation_budget,
+)
+from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
 from espquant.calibration.collector import collect
-from espquant.calibration.dataset import Chunking, InputSpec, iterate_batches
+from espquant.calibration.dataset import Batch, Chunking, InputSpec, iterate_batches
 from espquant.calibration.exponents import Requantize, assign_exponents
 from espquant.calibration.observers import Observer, make_observer
-from espquant.calibration.plan import plan_calibration
+from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.precision import Fallback, int8_fallbacks, resolve_int16_layers, tensor_widths
 from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
+from espquant.optimizer.equalize import equalized_copy
+from espquant.quant.profiles import get_target
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
 __all__ = [
@@ -34,10 +45,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GRANULARITIES = ("per-tensor", "per-channel")
-# Methods per bit width: the legacy set (int8 minmax/entropy, int16 minmax) plus percentile and mse.
+# Methods per bit width: the legacy set (int8 minmax/entropy, int16 minmax) plus percentile, mse and auto
+# (the exponent of those four that the simulated model measures best, calibration/auto.py).
 CALIBRATION_METHODS: dict[int, tuple[str, ...]] = {
-    8: ("minmax", "entropy", "percentile", "mse"),
-    16: ("minmax", "entropy", "percentile", "mse"),
+    8: ("minmax", "entropy", "percentile", "mse", "auto"),
+    16: ("minmax", "entropy", "percentile", "mse", "auto"),
 }
 
 
@@ -72,6 +84,10 @@ class CalibrationResult:
     range_from: dict[str, str] = field(default_factory=dict)  # Conv output -> the reader output it takes its range of
     fallbacks: list[Fallback] = field(default_factory=list)  # int16 model: nodes without an int16 kernel, at int8
     widths: dict[str, int] = field(default_factory=dict)  # tensors whose width is not the table's (mixed precision)
+    # The float model the table is for: the input model, or its equalized / bias-corrected twin (``transforms``
+    # names what changed; the table's graph hash is this model's, so evaluate and export must be given it).
+    model: onnx.ModelProto | None = None
+    transforms: list[str] = field(default_factory=list)
 
 
 def calibrate_model(
@@ -79,7 +95,7 @@ def calibrate_model(
     calib_dataset: object,
     bits: int,
     granularity: str = "per-tensor",
-    method: str = "minmax",
+    method: str = "auto",
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     int16_layers: Sequence[str] = (),
@@ -87,11 +103,16 @@ def calibrate_model(
     on_batch: Callable[[int], None] | None = None,
     threads: int | None = None,
     strict: bool = False,
+    cle: bool | None = None,
+    bias_correction: bool | None = None,
+    search_samples: int | None = None,
 ) -> CalibrationResult:
     """Measure the model on the data and choose every exponent; nothing is written.
 
     Args:
-        bits, granularity, method: as the Calibrator's (validated by :func:`validate_method`).
+        bits, granularity, method: as the Calibrator's (validated by :func:`validate_method`); the default
+            ``auto`` is what ``espquant calibrate`` and ``espquant quantize`` use (the legacy ``Calibrator``
+            keeps its own default, ``minmax``).
         providers: onnxruntime execution providers for the float model.
         int16_layers: mixed precision: layers computed at int16 in an int8 model.
         batch_size: samples per onnxruntime run when the data is an array (iterables keep their batches); a
@@ -101,6 +122,17 @@ def calibrate_model(
         strict: refuse an int16 model with ops the chip has no int16 kernel for, instead of running those
             nodes at int8 (``precision.int8_fallbacks``; each is logged as a warning and listed in the result
             and the table's ``int8_fallback`` metadata).
+        cle: cross-layer equalization of the float model first (``optimizer/equalize.py``). Off unless True:
+            it changes the float weights, so the table is then for the equalized model (``result.model``,
+            written beside the table by the CLI), not for the model the user passed to evaluate and export.
+        bias_correction: compensate the mean shift of rounded weights in the float biases
+            (``bias_correction.py``; with ``auto`` kept only when it measures better). Off unless True, for
+            the same reason.
+        search_samples: calibration samples the ``auto`` search (and bias correction) simulates, the first
+            ones (default ``auto.SEARCH_SAMPLES``).
+
+    When CLE or bias correction changes the model, ``result.model`` is the changed model: the table's graph
+    hash is its, and evaluation and export must use it (the CLI writes it next to the table).
 
     Raises:
         UnsupportedModelError: the model uses something ESP-DL cannot run (every problem listed).
@@ -118,18 +150,60 @@ def calibrate_model(
         for i in model_proto.graph.input
         if i.name not in initializers
     ]
-    observers = {name: make_observer(method) for name in dict.fromkeys(plan.observed)}
+    transforms: list[str] = []
+    extra: dict[str, object] = {}
+    if cle:  # off unless asked: it changes the float weights, so the table then belongs to another model
+        model_proto, pairs = equalized_copy(model_proto)
+        extra["cle_pairs"] = pairs
+        if pairs:
+            transforms.append("cle")
+            plan = plan_calibration(model_proto)
+    observers = {name: make_observer("mse" if method == "auto" else method) for name in dict.fromkeys(plan.observed)}
     chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
     batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
+    correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
+    kept: list[Batch] = []
+    limit = search_samples or SEARCH_SAMPLES
+    if method == "auto" or correct:
+        batches = _capturing(batches, limit, kept)
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
     int16 = resolve_int16_layers(plan, list(int16_layers))
     widths = tensor_widths(model_proto, plan, bits, int16)
-    observed = {name: o.exponent(widths.get(name, bits)) for name, o in observers.items()} | plan.fixed
-    for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
-        observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
     per_channel = granularity == "per-channel"
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
+    if method == "auto":
+        search = search_exponents(
+            model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
+            _joined(kept, chunking), get_target("esp32p4" if per_channel else "esp32s3"),
+            bias_correction=correct, providers=providers, threads=threads,
+            max_simulations=simulation_budget(samples, int(len(next(iter(_joined(kept, chunking).values()))))),
+        )
+        observed = search.observed | plan.fixed
+        weight_method = search.weight_method
+        if search.corrected_biases:
+            model_proto = search.model
+            plan = plan_calibration(model_proto)
+            transforms.append("bias_correction")
+        extra["auto"] = {
+            "weight_method": search.weight_method,
+            "output_error": search.error,
+            "minmax_output_error": search.minmax_error,
+            "simulations": search.evaluations,
+            "search_samples": int(len(next(iter(_joined(kept, chunking).values())))),
+            "choices": search.choices,
+        }
+    else:
+        observed = {name: o.exponent(widths.get(name, bits)) for name, o in observers.items()} | plan.fixed
+        for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
+            observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
+    if correct and method != "auto":
+        model_proto, count = _bias_corrected(model_proto, plan, assignment.exponents, _joined(kept, chunking),
+                                             bits, widths, providers, threads)
+        if count:
+            transforms.append("bias_correction")
+            plan = plan_calibration(model_proto)
+    extra["bias_correction"] = "bias_correction" in transforms
     metadata = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -143,8 +217,51 @@ def calibrate_model(
         "requantize": [vars(r) for r in assignment.requantize],
         "int16_layers": int16,
         "int8_fallback": [f.tensor for f in fallbacks],
+        "model_transforms": transforms,
+        **extra,
     }
     table = QuantTable(assignment.exponents, metadata)
     return CalibrationResult(
-        table, observers, samples, assignment.requantize, dict(plan.range_from), fallbacks, dict(widths)
+        table, observers, samples, assignment.requantize, dict(plan.range_from), fallbacks, dict(widths),
+        model_proto, transforms,
     )
+
+
+def _capturing(batches: Iterable[Batch], limit: int, kept: list[Batch]) -> Iterator[Batch]:
+    """Pass the batches on, keeping copies of the first ``limit`` samples (the search subset): the data is
+    streamed once, whatever its size."""
+    taken = 0
+    for batch in batches:
+        if taken < limit:
+            part = {name: np.array(value[: limit - taken]) for name, value in batch.items()}
+            kept.append(part)
+            taken += len(next(iter(part.values())))
+        yield batch
+
+
+def _joined(kept: list[Batch], chunking: Chunking) -> Batch:
+    """The kept samples as one batch, cut to a multiple of a fixed batch B (the runs the model takes)."""
+    joined = {name: np.concatenate([b[name] for b in kept]) for name in kept[0]}
+    size = len(next(iter(joined.values())))
+    if chunking.fixed is not None and size >= chunking.fixed:
+        size -= size % chunking.fixed
+    return {name: value[:size] for name, value in joined.items()}
+
+
+def _bias_corrected(
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    exponents: dict[str, int | list[int]],
+    samples: Batch,
+    bits: int,
+    widths: dict[str, int],
+    providers: Sequence[str],
+    threads: int | None,
+) -> tuple[onnx.ModelProto, int]:
+    """Bias correction for a fixed method (opt-in): the input means measured on the kept samples."""
+    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)]
+    if not layer_inputs:
+        return model, 0
+    reference = float_reference(model, layer_inputs, samples, providers, threads)
+    bits_of = {use.tensor: widths.get(use.node.output[0], bits) for use in plan.weights}
+    return correct_biases(model, plan, exponents, channel_means(reference, layer_inputs), bits_of)

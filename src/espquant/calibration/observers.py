@@ -20,7 +20,14 @@ import numpy as np
 
 from espquant.quant.pot import exponent_for_max_abs, qmax
 
-__all__ = ["Observer", "MinMaxObserver", "HistogramObserver", "make_observer", "OBSERVER_METHODS"]
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "HistogramObserver",
+    "make_observer",
+    "candidate_exponents",
+    "OBSERVER_METHODS",
+]
 
 OBSERVER_METHODS = ("minmax", "entropy", "percentile", "mse")
 BINS = 8192  # power of two: bin edges align with every power-of-two quantization step down to R / 8192
@@ -176,6 +183,23 @@ class HistogramObserver(Observer):
         mask = p > 0
         q_masked = np.maximum(q[mask], 1e-12)
         return float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
+
+
+def candidate_exponents(observer: Observer, bits: int) -> dict[str, int]:
+    """The exponent every method would choose from the same statistics (``auto`` calibration searches
+    among them): min-max from the exact maximum, entropy / percentile / mse from the histogram when the
+    observer keeps one. One calibration pass thus serves all four methods."""
+    top = exponent_for_max_abs(observer.max_abs, bits)
+    result = {"minmax": top}
+    if isinstance(observer, HistogramObserver) and observer.range_log2 is not None:
+        own = observer.method
+        try:
+            for method in ("entropy", "percentile", "mse"):
+                observer.method = method
+                result[method] = observer.exponent(bits)
+        finally:
+            observer.method = own
+    return result
 
 
 def make_observer(method: str) -> Observer:

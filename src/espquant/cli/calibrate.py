@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from espquant.cli.app import err, force_option, main, out
+from espquant.cli.data import DATA_HELP, open_source, preprocess_option
 
 
 def load_array_data(path: Path) -> Any:
@@ -22,13 +23,8 @@ def load_array_data(path: Path) -> Any:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option(
-    "--data",
-    "data_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Calibration inputs, already normalised: .npy (N, ...) or .npz with one array per input name.",
-)
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path), help=DATA_HELP)
+@preprocess_option
 @click.option("--bits", default="int8", show_default=True, type=click.Choice(["int8", "int16"]))
 @click.option(
     "--granularity",
@@ -39,10 +35,23 @@ def load_array_data(path: Path) -> Any:
 )
 @click.option(
     "--method",
-    default="minmax",
+    default="auto",
     show_default=True,
-    type=click.Choice(["minmax", "entropy", "percentile", "mse"]),
-    help="How activation ranges are chosen.",
+    type=click.Choice(["auto", "minmax", "entropy", "percentile", "mse"]),
+    help="How activation ranges are chosen. auto: per tensor, the exponent of the other four that the "
+    "simulated chip measures best on the first calibration samples.",
+)
+@click.option(
+    "--cle/--no-cle",
+    default=None,
+    help="Cross-layer equalization of Conv -> [Relu] -> Conv pairs first (off by default; helps per-tensor "
+    "weights). The changed model is written next to the table (<table>_model.onnx): evaluate and export that one.",
+)
+@click.option(
+    "--bias-correction/--no-bias-correction",
+    default=None,
+    help="Compensate weight rounding in the float biases (off by default; with auto kept only when it measures "
+    "better). Like --cle, the changed model is written next to the table.",
 )
 @click.option(
     "--batch-size",
@@ -70,9 +79,12 @@ def load_array_data(path: Path) -> Any:
 def calibrate(
     model: Path,
     data_path: Path,
+    preprocess: str | None,
     bits: str,
     granularity: str,
     method: str,
+    cle: bool | None,
+    bias_correction: bool | None,
     batch_size: int,
     strict: bool,
     table_format: str,
@@ -94,34 +106,46 @@ def calibrate(
 
     \b
     Examples:
-      espquant calibrate mnist_optimized.onnx --data calib.npy
+      espquant calibrate mnist_optimized.onnx --data calib.npy   # auto: the best exponents the chip measures
+      espquant calibrate net.onnx --data calib.npy --cle --bias-correction   # also writes <table>_model.onnx
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
       espquant calibrate unet.onnx --data calib.npy --bits int16 --strict  # no int8 fallback
       espquant calibrate net.onnx --data calib.npy --table-format legacy  # for the original toolkit
+      espquant calibrate net.onnx --data images/ --preprocess resize=96x96,mean=0.5,std=0.5
     """
     from espquant.api import Calibrator
+    from espquant.api.calibrator import calibrated_model_path, save_calibration
     from espquant.files import guard_outputs
     from espquant.model_io import load_model
     from espquant.progress import progress_bar
     from espquant.table import table_paths
 
     proto = load_model(model)
-    data = load_array_data(data_path)
+    source = open_source(data_path, proto, preprocess, batch_size)
     target = output or model.with_name(f"{model.stem}_calib.pickle")
-    guard_outputs(table_paths(target), [model, data_path], force)  # before the work, not after it
-    calibrator = Calibrator(bits, granularity, method, strict=strict)
-    total = len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else None
-    with progress_bar("calibrating", total, enabled=not as_json and err.is_terminal) as advance:
-        result = calibrator.calibrate(proto, data, batch_size, on_batch=advance)
+    model_out = calibrated_model_path(target)  # written only when CLE / bias correction change the weights
+    may_change = bool(cle) or bool(bias_correction)
+    outputs = [*table_paths(target), *([model_out] if may_change else [])]
+    guard_outputs(outputs, [model, data_path], force)  # before the work, not after it
+    calibrator = Calibrator(bits, granularity, method, strict=strict, cle=cle, bias_correction=bias_correction)
+    with progress_bar("calibrating", source.samples, enabled=not as_json and err.is_terminal) as advance:
+        result = calibrator.calibrate(proto, source.calibration_data(), batch_size, on_batch=advance)
     for fallback in result.fallbacks:  # stderr: the --json document on stdout stays one document
         err.print(f"[yellow]espquant: int8 fallback:[/] {fallback}", soft_wrap=True)
-    table_path, json_path = result.table.save(target, table_format)
+    table_path, json_path, model_path = save_calibration(result, target, table_format)
     if as_json:
-        click.echo(json.dumps({"table": str(table_path), **json.loads(json_path.read_text())}, indent=2))
+        written = {"table": str(table_path), "model": str(model_path or model)}
+        click.echo(json.dumps({**written, **json.loads(json_path.read_text())}, indent=2))
         return
     print_calibration(result)
     out.print(f"wrote [bold]{table_path}[/] and [bold]{json_path}[/]")
+    if model_path is not None:
+        out.print(
+            f"wrote [bold]{model_path}[/]: {' and '.join(result.transforms)} changed the float weights; the table is "
+            "for this model, give it to evaluate / export / report",
+            soft_wrap=True,
+        )
 
 
 def print_calibration(result: Any, console: Console = out) -> None:

@@ -98,7 +98,7 @@ def suggest_int16(
         count: make exactly the ``count`` worst layers int16; or
         budget: add layers worst-first until the drop against the float model is at most ``budget`` points.
     """
-    from espquant.calibration import calibrate_model
+    from espquant.calibration.engine import calibrate_model
     from espquant.runtime import create_session
 
     if (count is None) == (budget is None):

