@@ -18,6 +18,7 @@ from onnx import helper
 from espquant import Calibrator, Evaluator
 from espquant.cli import main
 from espquant.errors import DatasetError, ModelError
+from espquant.table import QuantTable
 from espquant.espdl import DIGEST_KEY, decode_espdl, encode_espdl, read_espdl, write_espdl
 from helpers import make_model, tensor
 
@@ -282,8 +283,9 @@ def test_legacy_table_format_from_cli_and_api(calibrated, tmp_path):
     table = Calibrator("int8").generate_quantization_table(
         onnx.load(model), np.load(folder / "x.npy"), tmp_path / "a.pickle"
     )
-    raw = pickle.loads((tmp_path / "a.pickle").read_bytes())
-    assert {k: int(np.log2(v)) for k, v in raw.items()} == table.exponents  # the legacy API writes scales
+    raw = pickle.loads((tmp_path / "a.pickle").read_bytes())  # the legacy API writes scales, weights as arrays
+    assert isinstance(raw["w"], np.ndarray) and raw["x"] == 2.0 ** table.exponents["x"]
+    assert QuantTable.load(tmp_path / "a.pickle").exponents == table.exponents
     result = _evaluate({"c": (model, target)}, "c", folder / "x.npy")
     assert result.exit_code == 0, result.output
 

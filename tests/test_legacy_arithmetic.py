@@ -470,3 +470,46 @@ def test_cli_cpp_export_prints_the_legacy_simulation_next_to_v3(demo_files, tmp_
     assert result.exit_code == 0, result.output
     assert "ESP-DL v3 on esp32s3" in result.output and "legacy ESP-DL (C++ files) on esp32s3" in result.output
     assert (tmp_path / "cpp" / "m_coefficient.cpp").is_file()
+
+
+_READ_TABLE = r"""
+import sys, numpy as np, onnx
+toolkit, model_path, table_path, x_path, bits = sys.argv[1:6]
+sys.path[:0] = [toolkit + '/linux', toolkit]
+from evaluator import Evaluator
+evaluator = Evaluator(bits, 'per-tensor', 'esp32s3')
+evaluator.generate_quantized_model(onnx.load(model_path), table_path)
+outputs, names = evaluator.evalute_quantized_model(np.load(x_path), False)
+np.save(x_path + '.out.npy', np.asarray(outputs[0]))
+"""
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+def test_the_original_evaluator_reads_tables_espquant_writes(original, tmp_path, bits):
+    """generate_quantization_table writes what the original calibrator pickled (scales, weights as arrays,
+    biases at the legacy exponent, numpy-1 readable); the original Evaluator runs it and computes what the
+    legacy profile simulates."""
+    import subprocess
+
+    from legacy_reference import toolkit_dir
+
+    model = _ds_cnn()
+    x = np.random.default_rng(5).normal(0, 1, (16, *_input_shape(model))).astype(np.float32)
+    model.ir_version = min(model.ir_version, 7)  # what the original's onnxruntime 1.7 loads (README_FIRST.md)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", x)
+    table = Calibrator(bits, "per-tensor", "minmax").generate_quantization_table(model, x, tmp_path / "t.pickle")
+    args = [str(toolkit_dir()), str(tmp_path / "m.onnx"), str(tmp_path / "t.pickle"), str(tmp_path / "x.npy"), bits]
+    result = subprocess.run([str(original), "-c", _READ_TABLE, *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs = np.load(tmp_path / "x.npy.out.npy")
+    lm = build_legacy_model(model, table, "esp32s3", int(bits[3:]))
+    ours = lm.run({lm.inputs[0]: lm.quantize_input(lm.inputs[0], x)})[lm.outputs[0]]
+    if bits == "int8":
+        np.testing.assert_array_equal(ours.reshape(theirs.shape), theirs)
+    else:  # the original sums int16 products in float32 (docs/LEGACY_ARITHMETIC.md)
+        assert np.abs(ours.reshape(theirs.shape).astype(np.int64) - theirs.astype(np.int64)).max() <= 1
+
+
+def _input_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])

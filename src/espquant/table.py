@@ -66,6 +66,7 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
+    ("numpy", "array"),  # the legacy format's arrays (_PortablePickler); its data is in the pickle itself
 }
 
 
@@ -253,6 +254,22 @@ def _checksum(exponents: dict[str, int | list[int]], metadata: dict[str, Any]) -
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class _PortablePickler(pickle.Pickler):
+    """Pickles numpy arrays as ``numpy.array(list, dtype)``: numpy 2 writes ``numpy._core`` paths that the
+    original toolkit's numpy 1.21 cannot import, ``numpy.array`` every numpy has."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return np.array, (obj.tolist(), str(obj.dtype))
+        return NotImplemented
+
+
+def _legacy_pickle(stored: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    _PortablePickler(buffer, protocol=2).dump(stored)  # protocol 2: what CPython 3.7 and every numpy read
+    return buffer.getvalue()
+
+
 def _twin_metadata(source: Path, exponents: dict[str, int | list[int]]) -> dict[str, Any]:
     """The metadata of a legacy-format pickle from its JSON twin, when the twin describes these exponents
     (empty for the original toolkit's tables)."""
@@ -320,7 +337,8 @@ class QuantTable:
             stored = {**self.exponents, METADATA_KEY: metadata}
         document = {"metadata": metadata, "exponents": exponents, "table_format": table_format}
         text = json.dumps(document, indent=1, sort_keys=True)
-        write_files({target: pickle.dumps(stored, protocol=4), twin: text.encode()})
+        payload = _legacy_pickle(stored) if table_format == "legacy" else pickle.dumps(stored, protocol=4)
+        write_files({target: payload, twin: text.encode()})
         return target, twin
 
     @classmethod

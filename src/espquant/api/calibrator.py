@@ -16,6 +16,7 @@ from espquant.errors import OptionError
 from espquant.model_io import save_model
 from espquant.progress import progress_bar
 from espquant.runtime import validate_providers
+from espquant.simulator.legacy import original_table_scales
 from espquant.table import QuantTable
 
 __all__ = ["Calibrator", "save_calibration", "calibrated_model_path"]
@@ -179,5 +180,8 @@ def save_calibration(
             model_path,
         )
         save_model(result.model, model_path)
-    table_file, twin = result.table.save(table_path, table_format)
+    scales = None
+    if table_format == "legacy" and result.model is not None:  # what the original toolkit's Evaluator reads
+        scales = original_table_scales(result.model, result.table, int(result.table.metadata.get("bits", 8)))
+    table_file, twin = result.table.save(table_path, table_format, legacy_scales=scales)
     return table_file, twin, model_path
