@@ -6,7 +6,7 @@ there); these tests check, without building it, that nothing public is left out:
 * every click command (walked from ``espquant.cli.main``) is in the generated CLI reference;
 * every name in ``espquant.__all__`` has a mkdocstrings entry (``::: espquant.NAME``) in docs/;
 * the generated operator page is ``espquant ops --markdown``;
-* every page in the nav exists, and the README the docs propose (docs/README_next.md) links only to files
+* every page in the nav exists, and the README links only to files
   that exist.
 """
 
@@ -37,7 +37,7 @@ def _hooks():
 
 
 def _sources() -> str:
-    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.rglob("*.md")) if p.name != "README_next.md")
+    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(DOCS.rglob("*.md")) )
 
 
 def _all_commands(group: click.Group, prefix: str = "espquant") -> list[str]:
@@ -113,8 +113,8 @@ def test_the_nav_pages_exist_and_none_is_a_placeholder():
         assert (ROOT / hook_or_config).is_file()
 
 
-def test_the_proposed_readme_links_only_to_files_that_exist():
-    text = (DOCS / "README_next.md").read_text(encoding="utf-8")
+def test_the_readme_links_only_to_files_that_exist():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     local = [t for t in targets if "://" not in t]
     assert any(t.startswith("docs/") for t in local)

@@ -188,16 +188,6 @@ def test_imports_flow_one_way():
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_readme_matrix_is_the_generated_one():
-    from pathlib import Path
-
-    from espquant.cli.ops import markdown_matrix, support_rows
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("<!-- ops-matrix:start -->\n")[1].split("<!-- ops-matrix:end -->")[0]
-    assert section == markdown_matrix(support_rows()), "README's operator table is stale: espquant ops --markdown"
-
-
 def test_espquant_ops_prints_one_json_document():
     import json
 
