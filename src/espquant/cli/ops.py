@@ -75,7 +75,7 @@ def support_rows(target: str | None = None) -> list[OpSupport]:
 
 
 def markdown_matrix(rows: list[OpSupport]) -> str:
-    """The matrix as a Markdown table (the documentation's operator page, docs/reference/operators.md, is this output)."""
+    """The matrix as a Markdown table: the documentation's operator page (docs/reference/operators.md)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row.cells()) + " |" for row in rows]
     return "\n".join(lines) + "\n"
