@@ -21,7 +21,7 @@ from espquant import Calibrator, Evaluator
 from espquant.checker import check_model
 from espquant.cli import main
 from espquant.demo import demo_model_path, load_demo_data
-from espquant.errors import OptionError, OutputError, QuantTableError
+from espquant.errors import DatasetError, OptionError, OutputError, QuantTableError
 from espquant.espdl.layouts import (
     decode_conv_weight,
     decode_depthwise_weight,
@@ -216,6 +216,48 @@ def test_every_exportable_operator_round_trips(tmp_path, rng, target):
     assert decoded.initializers[mul.inputs[1]].dims == (1, 1, 1, 16)  # the (1, C, 1, 1) constant, NHWC
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_gemm_with_a_row_bias_exports(tmp_path, rng, target):
+    """skl2onnx writes an MLP's intercepts as (1, N) Gemm biases: the export's simulation stopped with numpy's
+    'input operand has more dimensions than allowed by the axis remapping'."""
+    model = make_model(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="fc"),
+            helper.make_node("Relu", ["h"], ["y"], name="relu"),
+        ],
+        [tensor("x", [None, 8])],
+        [tensor("y", [None, 4])],
+        {"w": rng.normal(0, 0.5, (8, 4)).astype(np.float32), "b": rng.normal(0, 0.5, (1, 4)).astype(np.float32)},
+    )
+    samples = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, samples).table)
+    path = evaluator.export_espdl(tmp_path / "mlp.espdl", test_inputs=samples)
+    _round_trip(quantized, path, samples)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_reshape_copy_target_is_written_with_allowzero(tmp_path, rng, target):
+    """The optimizer writes ``x.view(x.size(0), -1)`` under a dynamic batch as Reshape(x, [0, -1]). ESP-DL's
+    Reshape reads ``allowzero`` from an attribute into an uninitialised int and asserts on a 0 unless it reads 0
+    (PP-OCR's classifier aborted in Espressif's runtime), so the file writes the attribute."""
+    model = make_model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"], name="flatten")],
+        [tensor("x", ["N", 4, 3, 3])],
+        [tensor("y", ["N", 36])],
+        {"shape": np.array([0, -1], np.int64)},
+    )
+    samples = rng.normal(0, 1, (8, 4, 3, 3)).astype(np.float32)
+    evaluator = Evaluator("int8", "per-tensor", target)
+    quantized = evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, samples).table)
+    path = evaluator.export_espdl(tmp_path / "flatten.espdl")
+    decoded = read_espdl(path)
+    reshape = next(n for n in decoded.nodes if n.op_type == "Reshape")
+    assert decoded.initializers[reshape.inputs[1]].data.tolist() == [0, -1]
+    assert reshape.attributes["allowzero"] == 0
+    _round_trip(quantized, path, samples)
+
+
 def test_quantize_dequantize_and_int16_round_trip(tmp_path, rng):
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant"),
@@ -380,7 +422,7 @@ def test_a_nan_test_input_is_refused(tmp_path, demo):
     evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data.calib_inputs[:64]).table)
     sample = np.array(data.test_inputs[:1])
     sample[0, 0, 3, 3] = np.inf
-    with pytest.raises(OptionError, match="NaN or Inf"):
+    with pytest.raises(DatasetError, match="NaN or Inf"):
         evaluator.export_espdl(tmp_path / "m.espdl", sample)
     assert not (tmp_path / "m.espdl").exists()
 

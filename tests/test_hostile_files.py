@@ -328,3 +328,51 @@ def test_raw_pixels_get_a_hint(caplog):
     with caplog.at_level("WARNING", logger="espquant.data"):
         Calibrator("int8").calibrate(model, pixels.astype(np.float32) / 255)
     assert "raw pixels" not in caplog.text
+
+
+def test_wrong_shapes_and_overflowing_data_are_clear_errors(calibrated, tmp_path):
+    folder, paths = calibrated
+    model, table = paths["classifier"]
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 3, 6, 6), np.float32))
+    for args in (
+        ["evaluate", str(model), "--table", str(table), "--data", str(wrong)],
+        ["report", str(model), "--table", str(table), "--data", str(wrong)],
+        ["export", str(model), "--table", str(table), "--target", "esp32s3", "-o", str(tmp_path / "x.espdl"),
+         "--test-input", str(wrong)],
+    ):  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "does not match the model's" in result.output, result.output
+    import onnx
+
+    scaled = make_model(
+        [helper.make_node("Mul", ["x", "k"], ["y"], name="scale")], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])],
+        {"k": np.full((1, 4), 10.0, np.float32)},
+    )  # fmt: skip
+    onnx.save(scaled, tmp_path / "scaled.onnx")
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.full((4, 4), 3e38, np.float32))  # finite, but ten times it is not
+    for method in ("minmax", "auto"):
+        args = [
+            "calibrate",
+            str(tmp_path / "scaled.onnx"),
+            "--data",
+            str(huge),
+            "-o",
+            str(tmp_path / f"{method}.pickle"),
+        ]
+        result = CliRunner().invoke(main, [*args, "--method", method])
+        assert result.exit_code == 1 and "reaches inf" in result.output and "internal" not in result.output
+
+
+def test_a_one_array_archive_says_which_array_feeds_the_input(calibrated, tmp_path, caplog):
+    folder, paths = calibrated
+    model, _ = paths["classifier"]
+    archive = tmp_path / "other.npz"
+    np.savez(archive, y=np.load(folder / "x.npy"))
+    with caplog.at_level("WARNING", logger="espquant.data"):
+        result = CliRunner().invoke(
+            main, ["calibrate", str(model), "--data", str(archive), "-o", str(tmp_path / "t.pickle")]
+        )
+    assert result.exit_code == 0, result.output
+    assert "its one array 'y' feeds the model's input 'x'" in caplog.text

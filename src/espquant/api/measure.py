@@ -16,7 +16,7 @@ import onnx
 
 from espquant.api.evaluator import Evaluator
 from espquant.arrays import check_finite, check_labels, classes_of
-from espquant.calibration.dataset import Chunking
+from espquant.calibration.dataset import Chunking, validated_feeds
 from espquant.calibration.sources import Labelled, as_feeds
 from espquant.errors import DatasetError
 from espquant.runtime import create_session
@@ -96,7 +96,7 @@ def measure(
     kept: list[dict[str, np.ndarray]] = []
     kept_count = 0
     for inputs, labels in batches:
-        arrays = as_feeds(inputs, input_names)
+        arrays = validated_feeds(model, as_feeds(inputs, input_names), what)
         size = len(next(iter(arrays.values())))
         if labels_given and labels is None:
             raise DatasetError(f"--labels {labels_source}: no labels for the samples from {total} on.")

@@ -39,7 +39,7 @@ from espquant.calibration.bias_correction import bias_corrected_inputs, correct_
 from espquant.calibration.collector import _exposing
 from espquant.calibration.dataset import Batch, Chunking
 from espquant.calibration.exponents import assign_exponents
-from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate_exponents
+from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate_exponents, finite_range
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.errors import EspquantError
 from espquant.quant.profiles import TargetProfile
@@ -212,7 +212,7 @@ def _candidates(
 ) -> dict[str, dict[str, int]]:
     """Tensor -> {method: exponent}; a tensor whose range comes from its reader (``range_from``) takes the
     reader's candidates at its own width."""
-    return {name: candidate_exponents(observers[src], width(name)) for name, src in source.items()}
+    return {name: candidate_exponents(finite_range(src, observers[src]), width(name)) for name, src in source.items()}
 
 
 def _layerwise(

@@ -27,6 +27,7 @@ from onnx import helper
 
 from espquant.calibration.dataset import DYNAMIC_BATCH, Batch, Chunking
 from espquant.calibration.observers import MinMaxObserver, Observer
+from espquant.errors import DatasetError
 from espquant.graph import GraphView
 from espquant.optimizer.shapes import infer_shapes
 from espquant.runtime import create_session
@@ -201,7 +202,15 @@ def collect(
                     ranges[name] = (float(value.min()), float(value.max()), value.size)
                     observers[name].update_range(*ranges[name])
             else:
-                observers[name].update(value)
+                try:
+                    observers[name].update(value)
+                except ValueError as exc:  # a histogram of inf / NaN: say which tensor and why
+                    if np.all(np.isfinite(value)):
+                        raise
+                    raise DatasetError(
+                        f"tensor {name!r} reaches inf or NaN in the float model on this calibration data, which no "
+                        "exponent represents: check the data's range (normalised as in training?) and the weights."
+                    ) from exc
         for name, (source, low, high) in derived.items():
             if source in ranges:
                 lo, hi, count = ranges[source]

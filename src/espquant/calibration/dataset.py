@@ -28,7 +28,7 @@ from espquant.graph import tensor_shape
 # Hints about the user's data, shown on the command line (cli/app.py lets this logger through).
 data_logger = logging.getLogger("espquant.data")
 
-__all__ = ["InputSpec", "Chunking", "DYNAMIC_BATCH", "iterate_batches"]
+__all__ = ["InputSpec", "Chunking", "DYNAMIC_BATCH", "iterate_batches", "model_inputs", "validated_feeds"]
 
 Batch = dict[str, np.ndarray]
 
@@ -192,6 +192,28 @@ def _validate(name: str, value: object, spec: InputSpec, start: int) -> np.ndarr
         first = start + int(np.argmin(finite))
         raise DatasetError(f"input {name!r}: sample {first} contains NaN or Inf; clean or drop it.")
     return array
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers excluded) as the shapes data must match."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [
+        InputSpec(i.name, tuple(d if isinstance(d, int) else None for d in (tensor_shape(i) or [])))
+        for i in model.graph.input
+        if i.name not in initializers
+    ]
+
+
+def validated_feeds(model: onnx.ModelProto, data: object, what: str = "the data") -> dict[str, np.ndarray]:
+    """``data`` (an array for a one-input model, or a dict by input name) checked against the model's inputs
+    before onnxruntime or the simulator sees it: names, rank, static dimensions, a numeric dtype, finite values,
+    at least one sample. The one check every command that feeds a model uses (evaluate, report, export)."""
+    inputs = model_inputs(model)
+    specs = {i.name: i for i in inputs}
+    feeds = {name: _validate(name, value, specs[name], 0) for name, value in _as_dict(data, inputs, what).items()}
+    if any(len(value) == 0 for value in feeds.values()):
+        raise DatasetError(f"{what} is empty: give at least one sample.")
+    return feeds
 
 
 def iterate_batches(

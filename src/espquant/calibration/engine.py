@@ -23,7 +23,7 @@ from espquant.calibration.bias_correction import bias_corrected_inputs, correct_
 from espquant.calibration.collector import collect
 from espquant.calibration.dataset import Batch, Chunking, InputSpec, iterate_batches
 from espquant.calibration.exponents import Requantize, assign_exponents
-from espquant.calibration.observers import Observer, make_observer
+from espquant.calibration.observers import Observer, finite_range, make_observer
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.precision import Fallback, int8_fallbacks, resolve_int16_layers, tensor_widths
 from espquant.checker import check_model
@@ -193,7 +193,8 @@ def calibrate_model(
             "choices": search.choices,
         }
     else:
-        observed = {name: o.exponent(widths.get(name, bits)) for name, o in observers.items()} | plan.fixed
+        observed = {name: finite_range(name, o).exponent(widths.get(name, bits)) for name, o in observers.items()}
+        observed |= plan.fixed
         for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
             observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)

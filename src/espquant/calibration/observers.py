@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from espquant.errors import DatasetError
 from espquant.quant.pot import exponent_for_max_abs, qmax
 
 __all__ = [
@@ -183,6 +184,17 @@ class HistogramObserver(Observer):
         mask = p > 0
         q_masked = np.maximum(q[mask], 1e-12)
         return float(np.sum(p[mask] * np.log(p[mask] / q_masked)))
+
+
+def finite_range(name: str, observer: Observer) -> Observer:
+    """``observer`` when the tensor ``name`` stayed finite on the calibration data; else a DatasetError naming
+    it: an infinite or NaN activation (data near float32's limit, an overflowing layer) has no exponent."""
+    if not math.isfinite(float(observer.max_abs)):
+        raise DatasetError(
+            f"tensor {name!r} reaches {observer.max_abs} in the float model on this calibration data, which no "
+            "exponent represents: check the data's range (normalised as in training?) and the model's weights."
+        )
+    return observer
 
 
 def candidate_exponents(observer: Observer, bits: int) -> dict[str, int]:

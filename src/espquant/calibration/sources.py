@@ -19,6 +19,7 @@ once, and the batches at its end are held back as it goes, since its length is u
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections import deque
@@ -430,6 +431,23 @@ def _folder_source(folder: Path, inputs: list[InputSpec], preprocess: Preprocess
     return FileSource(arrays, read, str(folder), batch_size, counts=count)
 
 
+def _say_archive_key(path: Path, inputs: list[Any]) -> None:
+    """An ``.npz`` with one array feeds a one-input model whatever its key: when the key is not the input's
+    name, say which array is used (a file saved for another model would otherwise pass silently)."""
+    if path.suffix != ".npz" or len(inputs) != 1:
+        return
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.files)
+    except Exception:  # noqa: BLE001 - load_arrays reports a damaged file properly
+        return
+    name = getattr(inputs[0], "name", str(inputs[0]))
+    if len(keys) == 1 and keys[0] != name:
+        logging.getLogger("espquant.data").warning(
+            "%s: its one array %r feeds the model's input %r", path, keys[0], name
+        )
+
+
 def open_data(
     data: object,
     inputs: list[InputSpec],
@@ -453,6 +471,7 @@ def open_data(
             return _folder_source(path, inputs, spec, batch_size)
         from espquant.arrays import load_arrays
 
+        _say_archive_key(path, inputs)
         return ArraySource(load_arrays(path, what, mmap=True), f"{what} {path}", batch_size)
     if isinstance(data, (np.ndarray, Mapping)):
         return ArraySource(to_numpy(data), "the data", batch_size)

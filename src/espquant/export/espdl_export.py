@@ -514,6 +514,9 @@ def _onnx_layout(e: _Export, node: QNode) -> EspdlNode | None:
     if op_type == "Reshape":
         shape = np.asarray(e.model.constants[node.inputs[1]]).astype(np.int64).reshape(-1)
         inputs.append(e.constant(node.inputs[1], shape, "INT64", [0]))
+        # ESP-DL's Reshape reads allowzero into an uninitialised int when the attribute is absent and asserts on
+        # a 0 target entry unless it reads 0 (dl_module_reshape.hpp); written as ESP-PPQ does, the 0 copies.
+        attrs["allowzero"] = 0
     elif op_type in ("Squeeze", "Unsqueeze"):
         axes = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1] else None
         values = np.asarray(e.model.constants[axes] if axes else node.attrs.get("axes", []), np.int64).reshape(-1)
@@ -649,10 +652,9 @@ def _sample_inputs(model: QuantizedModel, float_model: onnx.ModelProto, test_inp
 
     shapes = {i.name: tensor_shape(i) for i in float_model.graph.input}
     if test_inputs is not None:
-        feeds = test_inputs if isinstance(test_inputs, dict) else {model.inputs[0]: test_inputs}
-        missing = set(model.inputs) - set(feeds)
-        if missing:
-            raise OptionError(f"test_inputs: no value for model input(s) {sorted(missing)}")
+        from espquant.calibration.dataset import validated_feeds
+
+        feeds = validated_feeds(float_model, test_inputs, "the test input")
         # One sample: the first row, or the first rows of a model whose first axis is fixed above 1.
         count = {name: (shapes.get(name) or [1])[0] for name in model.inputs}
         first = {
@@ -700,7 +702,9 @@ def build_espdl(
         if converted is None:
             continue
         converted.attributes["quant_type"] = e.quant_type(node.outputs[0])
-        if node.op_type in ("DequantizeLinear", "LogSoftmax") or node.op_type in _COMPARE:  # the input's width
+        # Float output, but the module picks its kernel from quant_type: it must name the input's width (ESP-DL's
+        # Softmax reads an int8 input as float32 under F32, dl_module_softmax.hpp).
+        if node.op_type in ("DequantizeLinear", "Softmax", "LogSoftmax") or node.op_type in _COMPARE:
             converted.attributes["quant_type"] = e.quant_type(node.inputs[0])
         converted.name = converted.name or f"{node.op_type}_{len(e.nodes)}"
         while converted.name in used:  # e.g. two RequantizeLinear nodes before one Add

@@ -32,7 +32,6 @@ import onnx
 
 from espquant.calibration.collector import _exposing
 from espquant.calibration.dataset import Chunking
-from espquant.errors import DatasetError
 from espquant.quant.pot import qmax, qmin
 from espquant.simulator import kernels
 from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -183,16 +182,14 @@ def analyze(
     histogram_layers: int = 6,
 ) -> Analysis:
     """Compare the float model with the simulated chip tensor by tensor on ``data`` (module docstring)."""
+    from espquant.calibration.dataset import validated_feeds
     from espquant.runtime import create_session
     from espquant.simulator.lowering import lower_for_target
 
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
     quantized = lower_for_target(model_proto, table, target)
-    names = [n.name for n in model_proto.graph.input if n.name in quantized.inputs]
-    arrays = data if isinstance(data, dict) else {names[0]: data}
+    arrays = validated_feeds(model_proto, data, "the data")  # shapes, dtype, NaN: before onnxruntime sees it
     total = len(next(iter(arrays.values())))
-    if total == 0:
-        raise DatasetError("the data is empty: give at least one sample.")
     producers = {node.outputs[0]: node for node in quantized.nodes if node.outputs}
     compared = [t for t in producers if t == _source(t) and t not in quantized.float_tensors]
     exposed = _exposing(model_proto, compared)
