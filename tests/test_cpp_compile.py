@@ -34,14 +34,12 @@ from espquant.export.cpp import LIBRARY_VERSIONS, export_coefficient_to_cpp
 from espquant.export.cpp.planner import _HANDLERS
 from helpers import make_model, tensor
 
-# Minutes of g++ on two cores: with the heavy checks (`pytest -m heavy`, run by .ci/run).
-pytestmark = pytest.mark.heavy
-
 ESPDL_GIT = Path(os.environ.get("ESPDL_GIT", "/work/.mirror/espressif+esp-dl/repo"))
 GXX = shutil.which("g++")
 GIT = shutil.which("git")
 
 pytestmark = [
+    pytest.mark.heavy,  # minutes of g++ on two cores: with the heavy checks (`pytest -m heavy`, run by .ci/run)
     pytest.mark.skipif(GXX is None, reason="g++ is not installed: the generated C++ cannot be compiled here"),
     pytest.mark.skipif(GIT is None, reason="git is not installed: the legacy headers cannot be extracted"),
     pytest.mark.skipif(
