@@ -1,11 +1,26 @@
 """Simulated integer inference against onnxruntime float inference, measured in the same run.
 
-Models: the bundled MNIST demo CNN and the MobileNetV2-style network of benchmarks/calibration.py (width
-0.35, 96x96x3). One thread everywhere (onnxruntime intra-op threads and the BLAS numpy uses), batch 64:
-time per image of ``Evaluator.evaluate_quantized_model`` at int8 and int16 on ESP32-S3 and ESP32-P4, as
-a ratio to onnxruntime's float32 time per image. Target from the issue: int8 <= 3x.
+Cases (all built here with onnx.helper, random weights, dynamic batch):
 
-Run by hand: ``python benchmarks/simulator.py [--images 512]``.
+* ``mlp``: a tiny MLP (64 -> 128 -> 128 -> 10, Gemm + Relu): per-call overhead dominates.
+* ``mobilenet_v2``: the MobileNetV2-style network of benchmarks/calibration.py (width 0.35, 96x96x3).
+* ``blazeface``: a BlazeFace-like detector (128x128x3, 5x5 depthwise blocks with residual adds, two anchor
+  heads reshaped and concatenated): the batch-1 latency case.
+* ``rail``: random-weight 3x3 convolutions with 1152 taps on signed activations (no ReLU): on ESP32-S3 the
+  static bound and this data's magnitude bound reach the 20-bit accumulator rail, so every layer needs a data
+  check.
+* ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
+  way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
+
+Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
+ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
+thread everywhere (onnxruntime intra-op threads and the BLAS numpy uses). Times are per image, best of
+``--repeats`` rounds in which onnxruntime and the simulators alternate (the machine is shared, so both sides
+see the same load); the ratio is the simulator's time over onnxruntime's float32 time on the same images,
+through ``Evaluator.evaluate_quantized_model``. Targets (issue 15): int8 <= 2x, int16 <= 4x.
+
+Run by hand: ``python benchmarks/simulator.py [--images 256] [--calls 64] [--cases mlp blazeface]``; the last
+line printed is one JSON object with every row.
 """
 
 from __future__ import annotations
@@ -19,76 +34,246 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from calibration import mobilenet_v2  # noqa: E402
 
 from espquant import Calibrator, Evaluator  # noqa: E402
-from espquant.demo import demo_model_path, load_demo_data  # noqa: E402
-from espquant.optimizer import optimize_model  # noqa: E402
+
+CASES = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
+TARGETS = ("esp32s3", "esp32p4")
+TARGET_RATIO = {"int8": 2.0, "int16": 4.0}
 
 
-def _data(name: str, images: int) -> tuple[onnx.ModelProto, np.ndarray]:
-    if name == "demo":
-        data = load_demo_data()
-        return optimize_model(onnx.load(demo_model_path())), data.test_inputs[:images]
-    model = mobilenet_v2()
-    return model, np.random.default_rng(0).random((images, 3, 96, 96), dtype=np.float32)
+class _Graph:
+    """A small helper to write random-weight test networks node by node."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}{self.count}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1, weights=None) -> str:
+        shape = (cout, cin // group, k, k)
+        w = weights if weights is not None else self.rng.normal(0, np.sqrt(2.0 / (cin // group * k * k)), shape)
+        b = self.rng.normal(0, 0.05, cout)
+        return self.node(
+            "Conv",
+            [x, self.const(w.astype(np.float32), "w"), self.const(b.astype(np.float32), "b")],
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=group,
+        )
+
+    def model(self, name: str, x_shape: list, outputs: list[tuple[str, list]]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def mlp() -> onnx.ModelProto:
+    g = _Graph(1)
+    x = "input"
+    for k, n, relu in ((64, 128, True), (128, 128, True), (128, 10, False)):
+        w = g.const(g.rng.normal(0, np.sqrt(2.0 / k), (n, k)).astype(np.float32), "w")
+        x = g.node("Gemm", [x, w, g.const(g.rng.normal(0, 0.05, n).astype(np.float32), "b")], transB=1)
+        x = g.node("Relu", [x]) if relu else x
+    g.nodes[-1].output[0] = "logits"
+    return g.model("mlp", ["N", 64], [("logits", ["N", 10])])
+
+
+def blazeface() -> onnx.ModelProto:
+    """BlazeFace-like: 5x5 stem, single and double blaze blocks (5x5 depthwise + 1x1), 2 heads, 2 scales."""
+    g = _Graph(2)
+    x = g.node("Relu", [g.conv("input", 3, 24, 5, 2)])  # 64x64
+    channels = 24
+
+    def block(x: str, cin: int, cout: int, stride: int) -> str:
+        y = g.conv(x, cin, cin, 5, stride, group=cin)
+        y = g.conv(y, cin, cout, 1)
+        skip = x
+        if stride == 2:
+            skip = g.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        if cin != cout:
+            skip = g.conv(skip, cin, cout, 1)
+        return g.node("Relu", [g.node("Add", [y, skip])])
+
+    stages = ((24, 1), (28, 1), (32, 2), (36, 1), (42, 1), (48, 2), (56, 1), (64, 1), (72, 1), (80, 1), (88, 1))
+    for cout, stride in stages:
+        x = block(x, channels, cout, stride)
+        channels = cout
+    scale16 = x  # 16x16
+    for cout, stride in ((96, 2), (96, 1), (96, 1), (96, 1), (96, 1)):
+        x = block(x, channels, cout, stride)
+        channels = cout
+    scale8 = x  # 8x8
+    heads: dict[str, list[str]] = {"scores": [], "boxes": []}
+    for feature, cin, anchors in ((scale16, 88, 2), (scale8, 96, 6)):
+        for head, width in (("scores", 1), ("boxes", 16)):
+            y = g.conv(feature, cin, anchors * width, 1)
+            y = g.node("Transpose", [y], perm=[0, 2, 3, 1])
+            shape = g.const(np.array([0, -1, width], np.int64), "shape")
+            heads[head].append(g.node("Reshape", [y, shape]))
+    g.nodes.append(helper.make_node("Concat", heads["scores"], ["scores"], axis=1, name="scores"))
+    g.nodes.append(helper.make_node("Concat", heads["boxes"], ["boxes"], axis=1, name="boxes"))
+    return g.model("blazeface", ["N", 3, 128, 128], [("scores", ["N", 896, 1]), ("boxes", ["N", 896, 16])])
+
+
+def rail(saturating: bool) -> onnx.ModelProto:
+    """3x3 convolutions with uniform random weights (576 / 864 taps). ``rail``: signed activations, no ReLU: on
+    ESP32-S3 the static bound and this data's magnitude bound reach the 20-bit accumulator rail although the
+    running sums stay far from it. ``rail_sat``: ReLU activations and 32 of 96 channels whose weights are all
+    positive (or three quarters positive), so their lanes really saturate and must be emulated."""
+    g = _Graph(3 if saturating else 4)
+    channels = 96 if saturating else 64
+    x = g.conv("input", 8, channels, 3)
+    for _ in range(2 if saturating else 3):
+        x = g.node("Relu", [x]) if saturating else x
+        w = g.rng.uniform(-1, 1, (channels, channels, 3, 3)) / np.sqrt(channels * 9)
+        if saturating:  # 16 channels of positive weights, 16 of three quarters positive
+            w[:16] = np.abs(w[:16])
+            w[16:32] = np.abs(w[16:32]) * g.rng.choice([1.0, 1.0, 1.0, -1.0], size=w[16:32].shape)
+        x = g.conv(x, channels, channels, 3, weights=w)
+    g.nodes[-1].output[0] = "features"
+    name = "rail_sat" if saturating else "rail"
+    return g.model(name, ["N", 8, 24, 24], [("features", ["N", channels, 24, 24])])
+
+
+def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    """The model of case ``name`` and ``images`` inputs drawn for it."""
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        return mlp(), rng.normal(0, 1, (images, 64)).astype(np.float32)
+    if name == "mobilenet_v2":
+        return mobilenet_v2(), rng.random((images, 3, 96, 96), dtype=np.float32)
+    if name == "blazeface":
+        return blazeface(), rng.random((images, 3, 128, 128), dtype=np.float32) * 2 - 1
+    data = rng.normal(0, 1, (images, 8, 24, 24)).astype(np.float32)
+    if name == "rail_sat":
+        data += rng.uniform(-2, 2, (images, 1, 1, 1)).astype(np.float32)
+    return rail(name == "rail_sat"), data
+
+
+def _interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The best time of each run over ``repeats`` rounds, the runs alternating within a round so that the float
+    baseline and the simulator see the same machine load (this machine is shared)."""
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _batches(inputs: np.ndarray, batch: int, calls: int) -> list[np.ndarray]:
+    if batch == 1:
+        return [inputs[i : i + 1] for i in range(min(calls, len(inputs)))]
+    return [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+
+
+def measure(name: str, bits_list: list[str], args: argparse.Namespace) -> list[dict]:
+    """Rows of one case: onnxruntime float and the simulator, per width, target and batch size."""
+    model, inputs = case(name, max(args.images, args.calls))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    rows = []
+    for bits in bits_list:
+        table = Calibrator(bits).calibrate(model, inputs[:128]).table
+        evaluators = {}
+        for target in args.targets:
+            evaluator = Evaluator(bits, "per-tensor", target)
+            evaluator.generate_quantized_model(model, table).threads = 1
+            evaluators[target] = evaluator
+        for batch in args.batches:
+            batches = _batches(inputs[: args.images], batch, args.calls)
+            count = sum(len(b) for b in batches)
+            runs: dict[str, Callable[[], object]] = {
+                "float": lambda bs=batches: [session.run(None, {input_name: b}) for b in bs]
+            }
+            for target, evaluator in evaluators.items():
+                evaluator.evaluate_quantized_model(batches[0])  # compile (and settle guards) outside the timing
+                runs[target] = lambda ev=evaluator, bs=batches: [ev.evaluate_quantized_model(b) for b in bs]
+            best = _interleaved(runs, args.repeats)
+            for target in args.targets:
+                rows.append(
+                    {
+                        "case": name,
+                        "bits": bits,
+                        "target": target,
+                        "batch": batch,
+                        "onnxruntime_ms": round(1000 * best["float"] / count, 3),
+                        "simulator_ms": round(1000 * best[target] / count, 3),
+                        "ratio": round(best[target] / best["float"], 2),
+                        "target_ratio": TARGET_RATIO[bits],
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=256, help="images per pass at batch 64")
+    parser.add_argument("--calls", type=int, default=64, help="single-image calls per pass at batch 1")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--bits", nargs="+", default=["int8", "int16"], choices=["int8", "int16"])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     args = parser.parse_args()
     rows = []
-    for name in ("demo", "mobilenet_v2_035_96"):
-        model, inputs = _data(name, args.images)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
-        batches = [inputs[i : i + args.batch] for i in range(0, len(inputs), args.batch)]
-        float_s = _best(lambda s=session, n=input_name, bs=batches: [s.run(None, {n: b}) for b in bs], args.repeats)
-        row = {"model": name, "images": len(inputs), "onnxruntime_ms_per_image": round(1000 * float_s / len(inputs), 3)}
-        for bits in ("int8", "int16"):
-            table = Calibrator(bits).calibrate(model, inputs[:256]).table
-            for target in ("esp32s3", "esp32p4"):
-                evaluator = Evaluator(bits, "per-tensor", target)
-                evaluator.generate_quantized_model(model, table).threads = 1
-                seconds = _best(
-                    lambda ev=evaluator, bs=batches: [ev.evaluate_quantized_model(b) for b in bs], args.repeats
-                )
-                row[f"{bits}_{target}_ms"] = round(1000 * seconds / len(inputs), 3)
-                row[f"{bits}_{target}_ratio"] = round(seconds / float_s, 2)
-        rows.append(row)
+    for name in args.cases:
+        bits = [b for b in args.bits if not (name.startswith("rail") and b == "int16")]
+        rows += measure(name, bits, args)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    load = os.getloadavg()[0]
     table = Table(
-        title=f"simulator vs onnxruntime float (1 thread, batch {args.batch}, best of {args.repeats})",
+        title=f"simulator vs onnxruntime float (1 thread, best of {args.repeats} interleaved rounds, load {load:.2f})",
         title_justify="left",
     )
     for column in rows[0]:
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column in ("case", "bits", "target") else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    Console(width=240).print(table)
-    print(json.dumps({"benchmark": "simulator", "rows": rows}))
+    Console(width=200).print(table)
+    print(json.dumps({"benchmark": "simulator", "load": round(load, 2), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,8 @@ def test_a_lane_that_saturates_on_the_s3_trips_the_guard_and_matches_the_interpr
     np.testing.assert_array_equal(fast["y"], slow["y"])
     assert quantized._guarded == {"y"}
     program = quantized._programs[(True, None)]
-    assert [n.op_type for n in program.interpreted_nodes] == ["Gemm"]
+    assert program.interpreted_nodes == []  # the Gemm stays compiled: a rail step emulates its saturating lanes
+    assert [n.op_type for n in program.rail_nodes] == ["Gemm"]
     # The same data on the P4 (32-bit lanes) needs no guard at all.
     p4 = Evaluator("int8", "per-tensor", "esp32p4").generate_quantized_model(model, table)
     fast, slow = _both(p4, hot)
@@ -255,3 +256,248 @@ def test_one_step_past_the_non_negative_bound_saturates_and_is_guarded(rng):
     fast, slow = _both(quantized, extreme)
     np.testing.assert_array_equal(fast["y"], slow["y"])
     assert quantized._guarded == {"y"}
+
+
+# --- int16 on float32 kernels, S3 rail steps, digit splits ------------------------------------------------------
+
+
+def _accumulating_model(
+    target: str, bits: int, op: str, weight: np.ndarray, bias: np.ndarray | None, shifts: tuple[int, int, int], **attrs
+) -> QuantizedModel:
+    """One hand-made Conv / Gemm / MatMul node (integers given, no calibration): ``shifts = (e_in, e_w, e_out)``.
+
+    x --[op(w, b)]--> y
+    """
+    e_in, e_w, e_out = shifts
+    inputs = ["x", "w"] + (["b"] if bias is not None else [])
+    constants = {"w": weight} | ({"b": bias} if bias is not None else {})
+    exponents = {"x": e_in, "w": e_w, "y": e_out} | ({"b": e_in + e_w} if bias is not None else {})
+    relu = bool(attrs.pop("relu", False))
+    node = QNode(op, op.lower(), inputs, ["y"], attrs, relu=relu, bits=bits)
+    return QuantizedModel([node], constants, exponents, ["x"], ["y"], get_target(target), bits)
+
+
+def _compiled_and_interpreted(model: QuantizedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    model.compiled = True
+    fast = model.run({"x": x})["y"]
+    model.compiled = False
+    slow = model.run({"x": x})["y"]
+    model.compiled = True
+    return fast, slow
+
+
+def _int(rng, bits: int, shape, scale: float = 1.0) -> np.ndarray:
+    high = 2 ** (bits - 1)
+    return np.clip(np.round(rng.normal(0, scale * high / 3, shape)), -high, high - 1).astype(np.int64)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    ("kind", "attrs"),
+    [
+        ("conv", {"pads": [1, 1, 1, 1], "strides": [1, 1]}),
+        ("conv", {"pads": [0, 2, 1, 0], "strides": [2, 1], "dilations": [1, 2]}),
+        ("depthwise", {"pads": [2, 2, 2, 2], "strides": [2, 2]}),
+        ("pointwise", {}),
+        ("gemm", {"transB": 1}),
+        ("matmul", {}),
+    ],
+)
+def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
+    """int16 sums reach 2^30 * taps: the compiled graph splits activations (and weights) into balanced digits
+    whose float32 contractions are exact (Conv) or contracts in double (Gemm, MatMul, 1x1 Conv), adds in double
+    and shifts there; every integer equals the interpreter's, with ReLU, ties (small shifts) and saturation."""
+    channels = 12
+    if kind == "pointwise":
+        weight, x = _int(rng, 16, (channels, 30, 1, 1)), _int(rng, 16, (3, 30, 5, 7), 2.0)
+    elif kind == "conv":
+        weight, x = _int(rng, 16, (channels, 6, 3, 3)), _int(rng, 16, (3, 6, 9, 8), 2.0)
+    elif kind == "depthwise":
+        weight, x = _int(rng, 16, (channels, 1, 5, 5)), _int(rng, 16, (3, channels, 9, 9), 2.0)
+        attrs = {**attrs, "group": channels}
+    else:
+        weight, x = _int(rng, 16, (40, channels)), _int(rng, 16, (2, 3, 40) if kind == "matmul" else (5, 40), 2.0)
+        weight = weight.T.copy() if kind == "gemm" else weight
+    bias = None if kind == "matmul" else rng.integers(-(2**36), 2**36, channels)
+    op = {"conv": "Conv", "pointwise": "Conv", "depthwise": "Conv", "gemm": "Gemm", "matmul": "MatMul"}[kind]
+    for shifts, relu in (((-12, -14, -11), False), ((-12, -14, -25), True), ((-12, -14, -30), False)):
+        model = _accumulating_model(target, 16, op, weight, bias, shifts, relu=relu, **attrs)
+        fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2**15), 2**15 - 1))
+        np.testing.assert_array_equal(fast, slow)
+        assert fast.dtype == slow.dtype == np.int64
+        program = model._programs[(False, None)]
+        assert program.interpreted_nodes == [] and program.compiled_nodes == 1
+
+
+def test_int16_models_compile_their_convolutions_and_gemm(rng):
+    """The whole-model int16 path: every Conv and the Gemm run in onnxruntime (only the Mul, the Softmax and the
+    table-less int16 Sigmoid stay in the interpreter), on every target, equal to the interpreter."""
+    model = _cnn(rng)
+    calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, calibration).table
+    data = 3 * rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32)
+    for target in TARGETS:
+        quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
+        fast, slow = _both(quantized, data)
+        for name in quantized.outputs:
+            np.testing.assert_array_equal(fast[name], slow[name], err_msg=name)
+        program = quantized._programs[(True, None)]
+        assert {n.op_type for n in program.interpreted_nodes} <= {"Mul", "Softmax", "Sigmoid"}
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
+def test_wide_int16_layers_take_four_contractions(rng, target):
+    """1152 taps of full-range int16 weights: no split of the activation alone keeps 2^24, so both operands are
+    split (2 x 2 digits); the sums and their double recombination stay exact. At 2304 taps no split of cost 4
+    is exact: the node runs in the interpreter (float64 BLAS), still exact."""
+    from espquant.simulator.compiled import _split_plan
+
+    for channels, compiled in ((128, True), (256, False)):
+        weight = rng.integers(-(2**15), 2**15, (8, channels, 3, 3))
+        plan = _split_plan(weight.reshape(8, -1), 16)
+        assert (plan is not None and plan[:2] == (2, 2)) == compiled
+        x = rng.integers(-(2**15), 2**15, (2, channels, 5, 5))
+        bias = rng.integers(-(2**30), 2**30, 8)
+        model = _accumulating_model(target, 16, "Conv", weight, bias, (-10, -15, -8), pads=[1, 1, 1, 1])
+        fast, slow = _compiled_and_interpreted(model, x)
+        np.testing.assert_array_equal(fast, slow)
+        assert model._programs[(False, None)].compiled_nodes == int(compiled)
+
+
+def _rail_conv(rng, depthwise: bool, channels: int = 20) -> tuple[np.ndarray, dict]:
+    """Random int8 weights whose static bound (128 * sum |w|) is far beyond ESP32-S3's 20-bit lanes: 64 input
+    channels of 3x3, or a 9x9 depthwise (81 taps; a 3x3 depthwise cannot reach 2^19 at all). Channels 0-2 lean
+    positive and 3-4 negative, so that one-signed patches drive them into the rail."""
+    shape = (channels, 1, 9, 9) if depthwise else (channels, 64, 3, 3)
+    weight = rng.integers(-128, 128, shape)
+    weight[:3], weight[3:5] = np.abs(weight[:3]), -np.abs(weight[3:5])
+    attrs = {"pads": [4, 4, 4, 4], "group": channels} if depthwise else {"pads": [1, 1, 1, 1]}
+    return weight, attrs
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_s3_rail_steps_emulate_only_the_outputs_that_can_saturate(rng, depthwise):
+    """Mild inputs with a few one-signed patches: the guard trips, the node becomes a rail step (not an
+    interpreter node), and its outputs (16 lane channels and, for the normal conv, a 4-channel 40-bit tail)
+    equal the interpreter's tap-by-tap emulation, on this batch and on the next ones."""
+    weight, attrs = _rail_conv(rng, depthwise)
+    channels = weight.shape[0]
+    bias = rng.integers(-(2**17), 2**17, channels)
+    model = _accumulating_model("esp32s3", 8, "Conv", weight, bias, (-4, -7, 0), **attrs)
+    c_in = channels if depthwise else weight.shape[1]
+    mild = rng.integers(-20, 21, (2, c_in, 12, 12))
+    fast, slow = _compiled_and_interpreted(model, mild)
+    np.testing.assert_array_equal(fast, slow)
+    hot = mild.copy()
+    hot[0, :, 2:8, 2:8] = 127
+    hot[1, :, :5, :] = -128
+    hot[1, :, 6:, 6:] = rng.integers(-128, 128, (c_in, 6, 6))
+    for batch in (hot, np.concatenate([hot, mild]), mild):
+        fast, slow = _compiled_and_interpreted(model, batch)
+        np.testing.assert_array_equal(fast, slow)
+    program = model._programs[(False, None)]
+    assert model._guarded == {"y"} and program.interpreted_nodes == []
+    assert [n.name for n in program.rail_nodes] == ["conv"]
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_s3_rail_steps_for_gemm_and_matmul(rng, op):
+    """Rows of one sign against leaning weights saturate some lanes and not others: a rail step, exact."""
+    weight = rng.integers(-128, 128, (300, 24))
+    weight[:, :8] = np.abs(weight[:, :8])
+    weight[:, 8:12] = -np.abs(weight[:, 8:12])
+    x = rng.integers(-128, 128, (6, 300))
+    x[:2] = np.abs(x[:2])
+    x[2] = 127
+    bias = rng.integers(-(2**18), 2**18, 24) if op == "Gemm" else None
+    node_weight = weight.T.copy() if op == "Gemm" else weight
+    attrs = {"transB": 1} if op == "Gemm" else {}
+    model = _accumulating_model("esp32s3", 8, op, node_weight, bias, (-3, -7, -2), relu=op == "Gemm", **attrs)
+    for batch in (x, x[3:], x[:3]):
+        fast, slow = _compiled_and_interpreted(model, batch)
+        np.testing.assert_array_equal(fast, slow)
+    assert [n.op_type for n in model._programs[(False, None)].rail_nodes] == [op]
+
+
+def test_relu6_after_a_convolution_is_fused_into_its_saturation(rng):
+    """Conv -> Clip(0, 6) (same exponent): the Clip's range joins the Conv's saturation, one node less in the
+    graph, the same integers (and a Clip whose input other nodes read stays separate)."""
+    model = _cnn(rng)
+    calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    for bits in ("int8", "int16"):
+        table = Calibrator(bits).calibrate(model, calibration).table
+        quantized = Evaluator(bits, "per-tensor", "esp32s3").generate_quantized_model(model, table)
+        from espquant.simulator.compiled import _clamp_fusions
+
+        fused = _clamp_fusions(quantized, quantized.nodes)
+        assert [f.name for f in fused.values()] == ["relu6"]  # relu1's input feeds only it, but "r1" feeds the Add
+        fast, slow = _both(quantized, 3 * rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32))
+        for name in quantized.outputs:
+            np.testing.assert_array_equal(fast[name], slow[name])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**15), 2**15 - 1), min_size=1, max_size=64),
+    count=st.integers(1, 4),
+)
+def test_split_digits_add_up_and_stay_within_their_bounds(values, count):
+    from espquant.simulator.compiled import _digit_bounds, _digit_shifts, split_digits
+
+    array = np.array(values)
+    digits = split_digits(array, 16, count)
+    np.testing.assert_array_equal(sum(digits), array)
+    for digit, shift, bound in zip(digits, _digit_shifts(16, count), _digit_bounds(16, count)):
+        assert np.all(digit % (1 << shift) == 0)
+        assert np.abs(digit >> shift).max() <= bound
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**15), 2**15 - 1), min_size=1, max_size=64),
+    count=st.integers(2, 4),
+)
+def test_the_graph_digits_of_an_activation_add_up_within_their_bounds(values, count):
+    """The float32 Mul / Round / Sub steps of ``_activation_digits``, run by onnxruntime, on any int16 values."""
+    from espquant.runtime import create_session
+    from espquant.simulator.compiled import _activation_digits, _Builder, _digit_bounds
+
+    model = _requantize_model("esp32s3", 0, 0, bits=16)
+    builder = _Builder(model)
+    builder.bits = 16
+    digits = _activation_digits(builder, "x", count, "d")
+    graph = helper.make_graph(
+        builder.nodes,
+        "digits",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for _, name in digits],
+        builder.initializers,
+    )
+    session = create_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    array = np.array(values, np.float32)
+    outputs = session.run([name for _, name in digits], {"x": array})
+    total = sum(out.astype(np.int64) << place for (place, _), out in zip(digits, outputs))
+    np.testing.assert_array_equal(total, array.astype(np.int64))
+    bounds = dict(zip(sorted(place for place, _ in digits), _digit_bounds(16, count)))
+    for (place, _), out in zip(digits, outputs):
+        assert np.all(out == np.round(out)) and np.abs(out).max() <= bounds[place]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    taps=st.integers(1, 300),
+    target=st.sampled_from(TARGETS),
+    shift=st.integers(-3, 31),
+    scale=st.sampled_from([0.05, 1.0, 3.0]),
+)
+def test_int16_gemm_split_and_recombine_matches_the_interpreter(seed, taps, target, shift, scale):
+    """Any int16 weights and inputs, any shift: the digit-split float32 sums recombined in double give the
+    interpreter's integers (float64 BLAS there)."""
+    rng = np.random.default_rng(seed)
+    weight = _int(rng, 16, (5, taps), scale)
+    x = _int(rng, 16, (3, taps), scale)
+    bias = rng.integers(-(2**39), 2**39, 5)
+    model = _accumulating_model(target, 16, "Gemm", weight, bias, (-10, -14, -24 + shift), transB=1)
+    fast, slow = _compiled_and_interpreted(model, x)
+    np.testing.assert_array_equal(fast, slow)

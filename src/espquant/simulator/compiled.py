@@ -9,23 +9,34 @@ Why float32 is exact here: every tensor holds integers below 2**24 in magnitude 
 accumulators whose bound ``2**(bits-1) * max_n sum|w_n| + |bias| + half`` is checked below 2**24 when the
 graph is built), so every product, partial sum (in whatever order the kernel adds), multiplication by a
 power of two and Floor / Round is exact. Rounding follows the profile: half-up adds ``2**(s-1)`` to the
-accumulator (folded into the bias) and floors after the ``2**-s`` scaling; half-even uses Round (ties to
-even). Float32 steps of the chip (average pools, input quantization) are the same float32 operations in the
-same order as the numpy kernels, with ``floor(v + 0.5)`` taken in double as ``round_float`` does.
+accumulator (folded into the bias) and floors after the ``2**-s`` scaling (folded into the weights: a power
+of two keeps every partial sum exact); half-even uses Round (ties to even). Float32 steps of the chip
+(average pools, input quantization) are the same float32 operations in the same order as the numpy kernels,
+with ``floor(v + 0.5)`` taken in double as ``round_float`` does.
+
+Sums beyond 2**24 (int16 layers, int8 layers of huge fan-in): Gemm / MatMul run onnxruntime's double MatMul
+(exact below 2**53); a Conv (float32 only in onnxruntime) splits the activation and / or the weights into
+balanced digits (``x = hi * 2**8 + lo`` with ``|hi|, |lo| <= 128`` for int16) so that every digit-pair
+contraction stays below 2**24 (checked per layer from the weights and the digit bounds, at most 4
+contractions), and the pairs are added in double, where shift, ReLU and saturation follow.
 
 What cannot be proven statically becomes a guard, computed in the graph: on ESP32-S3 an int8 accumulator
 lane saturates at 20 bits, so where the static bound reaches the rail the graph also computes this data's
-own bound ``max (|x| * |w|) + |bias|`` and reports whether it reaches the rail. If any guard trips the batch
-is re-run by the interpreter, which emulates the saturation tap by tap. Guards are valid by induction: a
-guard only reads tensors whose own guards held.
+bound (every running sum lies in ``start + [-(M - S) / 2, (M + S) / 2]`` with ``M = sum |x w|``, ``S`` the exact
+sum) and reports whether it reaches the rail. If a guard trips the batch is re-run with that node as a rail
+step: its exact sums leave the segment, ``lanes.emulate`` replaces only the outputs that may saturate by their
+saturating sums, and the next segment shifts them (other tripped nodes run in the interpreter). Guards are
+valid by induction: a guard only reads tensors whose own guards held.
 
-Nodes that cannot be lowered (float outputs, MatMul slices, LUT-free float activations, ...) run in the
-interpreter between compiled segments.
+Nodes that cannot be lowered (float outputs, run-time MatMul operands, LUT-free float activations, ...) run
+in the interpreter between compiled segments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import itertools
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from espquant.quant.pot import EXACT_FLOAT32, qmax, qmin
+from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin
+from espquant.simulator import lanes
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -42,6 +54,9 @@ __all__ = ["CompiledProgram", "GuardTripped", "compile_program", "QUANTIZE_INPUT
 
 F32 = np.float32
 QUANTIZE_INPUT = "QuantizeInput"  # pseudo-node: float graph input -> integers, as QuantizedModel.quantize_input
+
+
+_NAMES = itertools.count(1)
 
 
 class _Refused(Exception):
@@ -61,11 +76,15 @@ class _Builder:
     nonnegative: set[str] = field(default_factory=set)  # integer tensors that can never be negative
     bits: int = 8  # the width of the node being lowered
     consumed: list[str] = field(default_factory=list)
-    _count: int = 0
+    rail_nodes: frozenset[str] = frozenset()  # accumulating nodes lowered as rail steps (their guard tripped)
+    exports: list[str] = field(default_factory=list)  # internal tensors a later step reads (rail steps)
+    types: dict[str, int] = field(default_factory=dict)  # TensorProto type of non-float32 inputs / outputs
+    pending: tuple[Any, Callable[[_Builder], None]] | None = None  # a rail step and the node's finishing part
+    clamps: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # see _clamp_fusions
 
     def fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}::{self._count}"
+        """A new tensor name, unique across segments too (a rail step hands one segment's sums to the next)."""
+        return f"{hint}::{next(_NAMES)}"
 
     def const(self, value: Any, hint: str, dtype: Any = F32) -> str:
         name = self.fresh(hint + "::const")
@@ -77,8 +96,11 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
-    def use(self, tensor: str) -> str:
-        """An integer activation this segment reads (from a previous step unless produced here)."""
+    def use(self, tensor: str, dtype: int = TensorProto.FLOAT) -> str:
+        """An integer activation this segment reads (from a previous step unless produced here); ``dtype``: how a
+        segment input is fed (float32, or double for the exact sums a rail step hands on)."""
+        if dtype != TensorProto.FLOAT:
+            self.types[tensor] = dtype
         if tensor in self.model.float_tensors:
             raise _Refused(f"{tensor!r} holds floats")
         if tensor in self.model.constants:
@@ -98,32 +120,41 @@ class _Builder:
         self.guards.append(tripped)
         self.guard_nodes.append(node.outputs[0])
 
-    def mark(self) -> tuple[int, int, int, int]:
-        return len(self.nodes), len(self.initializers), len(self.guards), len(self.consumed)
+    def mark(self) -> tuple[int, int, int, int, int]:
+        return len(self.nodes), len(self.initializers), len(self.guards), len(self.consumed), len(self.exports)
 
-    def rollback(self, mark: tuple[int, int, int, int]) -> None:
+    def rollback(self, mark: tuple[int, int, int, int, int]) -> None:
         del self.nodes[mark[0] :], self.initializers[mark[1] :], self.consumed[mark[3] :]
-        del self.guards[mark[2] :], self.guard_nodes[mark[2] :]
+        del self.guards[mark[2] :], self.guard_nodes[mark[2] :], self.exports[mark[4] :]
+        self.pending = None
 
     # --- shared integer steps -----------------------------------------------------------------------------------
 
-    def saturate(self, x: str, output: str, low_zero: bool = False) -> str:
+    def saturate(
+        self, x: str, output: str, low_zero: bool = False, dtype: Any = F32, bounds: tuple[int, int] | None = None
+    ) -> str:
+        """Clip to the node's width (or to ``bounds``); a double accumulator is clipped in double, then made
+        float32."""
         bits = self.bits
-        low = self.const(0.0 if low_zero else qmin(bits), output)
-        return self.op("Clip", [x, low, self.const(qmax(bits), output)], output)
+        low_value, high_value = bounds if bounds is not None else (0 if low_zero else qmin(bits), qmax(bits))
+        low = self.const(low_value, output, dtype)
+        high = self.const(high_value, output, dtype)
+        if dtype == F32:
+            return self.op("Clip", [x, low, high], output)
+        return self.op("Cast", [self.op("Clip", [x, low, high])], output, to=TensorProto.FLOAT)
 
-    def shift_round(self, acc: str, shift: np.ndarray, hint: str, half_added: bool) -> str:
-        """``SR(acc, shift)`` for float32 integers: scale by ``2**-shift`` then round per the profile. With
-        half-up the caller has already added ``2**(shift-1)`` where ``shift > 0`` (``half_added``)."""
+    def shift_round(self, acc: str, shift: np.ndarray, hint: str, half_added: bool, dtype: Any = F32) -> str:
+        """``SR(acc, shift)`` for integers held in float32 or double: scale by ``2**-shift`` then round per the
+        profile. With half-up the caller has already added ``2**(shift-1)`` where ``shift > 0`` (``half_added``)."""
         if np.all(shift == 0):
             return acc
-        scaled = self.op("Mul", [acc, self.const(2.0 ** -shift.astype(np.float64), hint)])
+        scaled = self.op("Mul", [acc, self.const(2.0 ** -shift.astype(np.float64), hint, dtype)])
         if np.all(shift <= 0):
             return scaled  # a left shift: exact, integer already
         if self.model.profile.rounding == "half_even":
             return self.op("Round", [scaled])
         if not half_added:
-            scaled = self.op("Add", [scaled, self.const(0.5, hint)])  # exact: the caller checked the bound
+            scaled = self.op("Add", [scaled, self.const(0.5, hint, dtype)])  # exact: the caller checked the bound
         return self.op("Floor", [scaled])
 
     def round_float32(self, values: str, hint: str) -> str:
@@ -146,64 +177,288 @@ def _half(shift: np.ndarray, rounding: str) -> np.ndarray:
     return np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), 0)
 
 
-def _lane_limit(m: QuantizedModel, bits: int) -> float | None:
-    """The narrowest accumulator rail a SIMD profile can reach, or None when no rail is reachable in float32."""
-    if not m.profile.simd:
-        return None
-    limit = 2.0 ** (min(m.profile.conv_acc_bits[bits], m.profile.tail_acc_bits[bits]) - 1)
-    return limit if limit < EXACT_FLOAT32 else None
+# Digit splits tried when a sum is not exact in float32, cheapest first: (digits of x, digits of w). Each pair
+# of digits is one float32 contraction, so the cost is their product (at most 4, as the issue asks); among
+# equal products, fewer activation digits cost fewer elementwise passes in the graph.
+_SPLITS = ((2, 1), (1, 2), (3, 1), (2, 2), (4, 1))
 
 
-def _accumulating(
-    b: _Builder,
-    node: QNode,
-    weight: np.ndarray,
-    bias: np.ndarray | None,
-    contract: Callable[[str, str, str | None], str],
-    embed: Callable[[np.ndarray], np.ndarray] = lambda w: w,
-) -> str:
-    """Conv / Gemm: exact sums from ``contract(x, w, bias)``, shift, fused ReLU, saturate.
+def _digit_shifts(bits: int, count: int) -> list[int]:
+    """Where the balanced digits of a ``bits``-bit integer start: ``ceil(i * bits / count)``, lowest first."""
+    return [-(-i * bits // count) for i in range(count)]
+
+
+def _digit_bounds(bits: int, count: int) -> list[int]:
+    """The largest magnitude of each (unscaled) balanced digit of a signed ``bits``-bit value, lowest first: a
+    digit between shifts s and t lies in ``[-2**(t-s-1), 2**(t-s-1)]`` (rounding up can reach the top), the
+    top digit within ``2**(bits-1-s)``."""
+    shifts = _digit_shifts(bits, count)
+    ends = shifts[1:] + [bits]
+    return [1 << (end - start - 1) for start, end in zip(shifts, ends)]
+
+
+def split_digits(values: np.ndarray, bits: int, count: int) -> list[np.ndarray]:
+    """``values`` as ``count`` balanced digits scaled by their place value (lowest first), which add up to it.
+
+    From the top: ``d = 2**s * floor(r / 2**s + 1/2)``, ``r -= d``; the compiled graph makes the same digits of an
+    activation with float32 Mul / Add / Floor, exactly (every value is an integer below 2**bits)."""
+    rest = values.astype(np.int64)
+    digits = []
+    for shift in reversed(_digit_shifts(bits, count)[1:]):
+        digit = ((rest + (1 << (shift - 1))) >> shift) << shift
+        digits.append(digit)
+        rest = rest - digit
+    digits.append(rest)
+    return digits[::-1]
+
+
+def _split_plan(flat: np.ndarray, bits: int) -> tuple[int, int, list[np.ndarray]] | None:
+    """The cheapest split ``(x digits, w digits, scaled weight digits)`` whose every digit-pair contraction is
+    exact in float32: ``max |x digit| * sum_k |w digit[n, k]| < 2**24`` for every output channel ``n`` (place
+    values are powers of two, which keep float32 sums exact). None when no split of cost <= 4 is exact."""
+    for x_count, w_count in _SPLITS:
+        weights = split_digits(flat, bits, w_count)
+        shifts = _digit_shifts(bits, w_count)
+        column = max(float((np.abs(d) >> s).sum(axis=1).max(initial=0)) for d, s in zip(weights, shifts))
+        if max(_digit_bounds(bits, x_count)) * column < EXACT_FLOAT32:
+            return x_count, w_count, weights
+    return None
+
+
+def _activation_digits(b: _Builder, x: str, count: int, hint: str) -> list[tuple[int, str]]:
+    """``(place, digit)`` pairs of an integer activation, ``x = sum digit * 2**place``, highest first, made in the
+    graph: ``digit = Round(r * 2**-place)``, ``r -= digit * 2**place`` (every step exact in float32). Round's ties
+    go to even instead of up as in ``split_digits``, which keeps each digit within ``_digit_bounds``."""
+    rest, digits = x, []
+    for place in reversed(_digit_shifts(b.bits, count)[1:]):
+        digit = b.op("Round", [b.op("Mul", [rest, b.const(2.0**-place, hint)])])
+        digits.append((place, digit))
+        rest = b.op("Sub", [rest, b.op("Mul", [digit, b.const(2.0**place, hint)])])
+    digits.append((0, rest))
+    return digits
+
+
+@dataclass(frozen=True)
+class _Accumulating:
+    """What a Conv / Gemm / MatMul lowering hands to :func:`_accumulating`.
 
     ``weight`` has output channels first (for the bounds); ``embed`` gives the layout the contraction takes;
-    ``contract`` builds the float32 operation on ``(x, w_const, bias_const)`` names."""
+    ``contract`` builds the float32 operation on ``(x, w_const, bias_const)`` names; ``products`` makes the
+    tap products of a rail step from the input (``lanes.conv_products`` / ``rows_products``)."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    contract: Callable[[str, str, str | None], str]
+    products: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+    embed: Callable[[np.ndarray], np.ndarray] = lambda w: w
+    depthwise: bool = False
+    channel_axis: int = 1
+    # The contraction in double (onnxruntime's MatMul; it has no double Conv): ``(x_double, scaled weights with
+    # output channels first, start or None) -> sums``. Gemm, MatMul and 1x1 convolutions have one.
+    contract_double: Callable[[str, np.ndarray, np.ndarray | None], str] | None = None
+    shift_exponent: int | list[int] | None = None  # the weight exponent (MatMul: the interpreter's scalar)
+
+
+def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
+    """Conv / Gemm / MatMul: exact sums, lane rails, shift, fused ReLU, saturate.
+
+    The sums are one float32 contraction when every partial sum stays below 2**24; otherwise a MatMul (Gemm,
+    MatMul) runs in double, exact below 2**53 (onnxruntime has a double MatMul, no double Conv), and a Conv
+    splits the activation and / or the weights into balanced digits (int16: ``x = hi * 256 + lo``) so that each
+    digit-pair contraction is exact in float32, the pairs added in double; shift, ReLU and saturation follow
+    in double. Where a lane may saturate (ESP32-S3 int8: 20 bits) the graph checks this data's bound
+    ``start + (M +- S) / 2`` (``M = sum |x w|``); a node whose check tripped once is built as a rail step: its
+    sums go to :func:`lanes.emulate`, which replaces only the outputs that may saturate."""
     m = b.model
-    shift = np.asarray(
-        m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]) - np.asarray(m.exponents[node.inputs[1]]),
-        dtype=np.int64,
-    ).reshape(-1)
-    channels = weight.shape[0]
-    shift = np.broadcast_to(shift, (channels,)).copy()
-    bias64 = np.zeros(channels, np.int64) if bias is None else np.broadcast_to(bias.astype(np.int64), (channels,))
+    weight, channels = spec.weight, spec.weight.shape[0]
+    e_w = m.exponents[node.inputs[1]] if spec.shift_exponent is None else spec.shift_exponent
+    shift = np.asarray(m.exponent(node.outputs[0]) - m.exponent(node.inputs[0]) - np.asarray(e_w), dtype=np.int64)
+    shift = np.broadcast_to(shift.reshape(-1), (channels,)).copy()
+    rails = lanes.lane_rails(spec.bias, channels, b.bits, m.profile, spec.depthwise)
+    start = rails.start
     half = _half(shift, m.profile.rounding)
-    # Every partial sum is the bias plus a subset of the products. With signed inputs a subset is bounded by
+    # Every partial sum is the start plus a subset of the products. With signed inputs a subset is bounded by
     # 2^(bits-1) sum|w|; with inputs that cannot be negative (after a ReLU / ReLU6) by qmax times the sum
     # of the positive (or of the negative) weights, about half as much.
-    flat = weight.astype(np.int64).reshape(channels, -1).astype(np.float64)
+    flat = weight.astype(np.int64).reshape(channels, -1)
+    magnitude = float(2 ** (b.bits - 1)) * np.abs(flat).sum(axis=1).astype(np.float64)
     if node.inputs[0] in b.nonnegative:
         x_max = float(qmax(b.bits))
         high, low = x_max * np.clip(flat, 0, None).sum(axis=1), x_max * np.clip(flat, None, 0).sum(axis=1)
     else:
-        x_max = float(2 ** (b.bits - 1))
-        high = x_max * np.abs(flat).sum(axis=1)
+        high = magnitude
         low = -high
-    if float((np.maximum(high, -low) + np.abs(bias64 + half)).max(initial=0)) >= EXACT_FLOAT32:
-        raise _Refused("the accumulator bound is not exact in float32")
-    limit = _lane_limit(m, b.bits)
-    bias_max = float(np.abs(bias64).max(initial=0))
+    direct = float((np.maximum(high, -low) + np.abs(start + half)).max(initial=0)) < EXACT_FLOAT32
+    double = spec.contract_double is not None
+    plan = None if direct or double else _split_plan(flat, b.bits)
+    if not direct and not double and plan is None:
+        raise _Refused("no digit split of the sums is exact in float32")
+    if float((magnitude + np.abs(start + half)).max(initial=0)) >= EXACT_FLOAT64:
+        raise _Refused("the accumulator bound is not exact in double")
+    reach = np.maximum(np.abs(start + high), np.abs(start + low))  # the chip's running sums stay inside
+    checked = rails.reachable and bool((reach >= 2.0 ** (rails.width - 1)).any())
+    rail_step = checked and node.outputs[0] in b.rail_nodes
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
-    reach = np.maximum(np.abs(bias64 + high), np.abs(bias64 + low))  # the chip's running sums stay inside
-    if limit is not None and float(reach.max(initial=0)) >= limit:
-        if bias_max >= limit:
-            raise _Refused("the bias alone fills the accumulator lane")
-        bound = contract(b.op("Abs", [x]), b.const(embed(np.abs(weight)), hint + "::abs"), None)
-        top = b.op("ReduceMax", [bound], keepdims=0)
-        b.guard(b.op("GreaterOrEqual", [top, b.const(limit - bias_max, hint)]), node)
-    start = bias64 + half
-    acc = contract(x, b.const(embed(weight), hint), b.const(start, hint) if np.any(start) else None)
-    shape = [1, channels] + [1] * (weight.ndim - 2) if weight.ndim > 2 else [channels]
-    y = b.shift_round(acc, shift.reshape(shape), hint, half_added=True)
-    return b.saturate(y, node.outputs[0], low_zero=node.relu)
+    folded = np.zeros_like(half) if rail_step else half  # the rounding half, added to the sums
+    # Unless a check needs the sums as integers, the 2**-shift scaling rides in the weights and the start: a
+    # power of two keeps every float32 partial sum exact, and the contraction delivers the value to round.
+    scale = np.ones(channels) if checked else 2.0 ** -shift.astype(np.float64)
+    dtype = F32 if direct else np.float64
+    shape = [1, channels, 1, 1] if spec.channel_axis == 1 else [channels]
+
+    def scaled(w: np.ndarray, place: int = 0) -> np.ndarray:
+        return w.reshape(weight.shape) * (scale * 2.0**place).reshape(-1, *[1] * (weight.ndim - 1))
+
+    begin = (start + folded) * scale
+    if direct:
+        acc = spec.contract(
+            x, b.const(spec.embed(scaled(weight)), hint), b.const(begin, hint) if np.any(begin) else None
+        )
+    elif spec.contract_double is not None:  # one exact contraction in double instead of digit pairs
+        wide = b.op("Cast", [x], to=TensorProto.DOUBLE)
+        acc = spec.contract_double(wide, scaled(weight), begin if np.any(begin) else None)
+    else:
+        x_count, w_count, weights = plan
+        parts = [
+            b.op(
+                "Cast",
+                [spec.contract(digit, b.const(spec.embed(scaled(wd, place)), hint), None)],
+                to=TensorProto.DOUBLE,
+            )
+            for place, digit in _activation_digits(b, x, x_count, hint)
+            for wd in weights
+        ]
+        if np.any(begin):
+            parts.append(b.const(begin.reshape(shape), hint, np.float64))
+        acc = b.op("Sum", parts)  # integers below 2**53 (checked): exact in double, in any order
+    if not checked:
+        _round_saturate_scaled(b, acc, shift, node, dtype)
+        return
+    exact = float(magnitude.max(initial=0)) < EXACT_FLOAT32  # sum |x w| itself is exact in float32
+    flag, bound = _rail_check(b, node, spec, x, acc, dtype, rails, folded, shape, exact)
+    if rail_step:
+        _rail_step(b, node, spec, x, acc, bound, flag, rails, shift, dtype, shape, exact)
+        return
+    b.guard(flag, node)
+    y = b.shift_round(acc, shift.reshape(shape), hint, half_added=True, dtype=dtype)
+    low, high, output = _clamp(b, node)
+    b.saturate(y, output, dtype=dtype, bounds=(low, high))
+
+
+def _clamp(b: _Builder, node: QNode) -> tuple[int, int, str]:
+    """``(low, high, output)``: the saturation bounds of an accumulating node (fused ReLU included) and the tensor
+    it writes; when a Relu / Clip that only this node feeds was fused into it (``_clamp_fusions``), the
+    intersection of both ranges and that node's output."""
+    low, high = (0 if node.relu else qmin(b.bits)), qmax(b.bits)
+    fused = b.clamps.get(node.outputs[0])
+    if fused is None:
+        return low, high, node.outputs[0]
+    return max(low, fused[0]), min(high, fused[1]), fused[2]
+
+
+def _round_saturate_scaled(b: _Builder, value: str, shift: np.ndarray, node: QNode, dtype: Any) -> None:
+    """``sat(R(v))`` of the scaled sums ``v = (S + start + half) 2**-shift`` (half only for half-up). Saturating
+    first is the same (the bounds are integers) and lets onnxruntime fuse the Clip into the Conv / Gemm; a
+    double value is rounded in double, then saturated in float32 (large values stay beyond the bounds)."""
+    low, high, output = _clamp(b, node)
+    rounding = "Round" if b.model.profile.rounding == "half_even" else "Floor"
+    exact = not np.any(shift > 0)  # left shifts only: already integers
+    if dtype == F32:
+        clipped = b.op("Clip", [value, b.const(low, output), b.const(high, output)], None if not exact else output)
+        if not exact:
+            b.op(rounding, [clipped], output)
+        return
+    rounded = value if exact else b.op(rounding, [value])
+    narrow = b.op("Cast", [rounded], to=TensorProto.FLOAT)
+    b.op("Clip", [narrow, b.const(low, output), b.const(high, output)], output)
+
+
+def _rail_check(
+    b: _Builder,
+    node: QNode,
+    spec: _Accumulating,
+    x: str,
+    acc: str,
+    dtype: Any,
+    rails: lanes.LaneRails,
+    folded: np.ndarray,
+    shape: list[int],
+    exact: bool,
+) -> tuple[str, str]:
+    """``(flag, magnitude)``: the graph's scalar "some output may saturate" (``lanes.risky`` on the whole
+    tensor) and the magnitude ``M >= sum |x w|`` it used (exact when the sums are; else enlarged by a relative
+    margin that covers float32's rounding in any summation order)."""
+    hint = node.outputs[0]
+    magnitude = spec.contract(b.op("Abs", [x]), b.const(spec.embed(np.abs(spec.weight)), hint + "::abs"), None)
+    if not exact:
+        taps = spec.weight[0].size
+        margin = 1.0 + (taps + 4) * 2.0**-22
+        magnitude = b.op("Add", [b.op("Mul", [magnitude, b.const(margin, hint)]), b.const(1.0, hint)])
+    if dtype != F32:
+        magnitude = b.op("Cast", [magnitude], to=TensorProto.DOUBLE)
+    # With u = S + 2 start (an integer) and rails [-2^(w-1), 2^(w-1) - 1], "u + M > 2 high or u - M < 2 low"
+    # is "|u + 1| + M >= 2^w" (M may only be larger than the true integer magnitude): one pass fewer per side.
+    shifted = b.op("Add", [acc, b.const((rails.start - folded + 1).reshape(shape), hint, dtype)])
+    reach = b.op("Add", [b.op("Abs", [shifted]), magnitude])
+    span = 2.0**rails.width
+    if np.all(span == span[0]):
+        return b.op(
+            "GreaterOrEqual", [b.op("ReduceMax", [reach], keepdims=0), b.const(span[0], hint, dtype)]
+        ), magnitude
+    worst = b.op("ReduceMax", [b.op("Sub", [reach, b.const(span.reshape(shape), hint, dtype)])], keepdims=0)
+    return b.op("GreaterOrEqual", [worst, b.const(0.0, hint, dtype)]), magnitude
+
+
+def _rail_step(
+    b: _Builder,
+    node: QNode,
+    spec: _Accumulating,
+    x: str,
+    acc: str,
+    magnitude: str,
+    flag: str,
+    rails: lanes.LaneRails,
+    shift: np.ndarray,
+    dtype: Any,
+    shape: list[int],
+    exact: bool,
+) -> None:
+    """End the segment after the sums: a rail step fixes the outputs that may saturate, a new segment shifts."""
+    double = dtype != F32
+    b.exports += [acc, magnitude, flag] + ([x] if x in b.produced else [])
+    if double:
+        b.types[acc] = b.types[magnitude] = TensorProto.DOUBLE
+    b.types[flag] = TensorProto.BOOL
+    step = _RailStep(
+        node=node,
+        x=x,
+        acc=acc,
+        magnitude=magnitude,
+        flag=flag,
+        rails=rails,
+        channel_axis=spec.channel_axis,
+        products=spec.products,
+        taps=int(spec.weight[0].size),
+        max_product=int(2 ** (b.bits - 1)) * int(np.abs(spec.weight.astype(np.int64)).max(initial=0)),
+        magnitude_exact=exact,
+    )
+
+    def finish(nb: _Builder) -> None:
+        source = nb.use(acc, TensorProto.DOUBLE if double else TensorProto.FLOAT)
+        y = nb.shift_round(source, shift.reshape(shape), node.outputs[0], half_added=False, dtype=dtype)
+        low, high, output = _clamp(nb, node)
+        nb.saturate(y, output, dtype=dtype, bounds=(low, high))
+
+    b.pending = (step, finish)
+
+
+def _conv_geometry(node: QNode) -> dict[str, Any]:
+    return {
+        "strides": list(node.attrs.get("strides", [1, 1])),
+        "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+        "dilations": list(node.attrs.get("dilations", [1, 1])),
+    }
 
 
 def _lower_conv(b: _Builder, node: QNode) -> None:
@@ -211,22 +466,67 @@ def _lower_conv(b: _Builder, node: QNode) -> None:
     if w.ndim != 4:
         raise _Refused("only 2-D convolutions are compiled")
     group = int(node.attrs.get("group", 1))
-    if group != 1 and not (w.shape[1] == 1 and group == w.shape[0]):
+    depthwise = group != 1
+    if depthwise and not (w.shape[1] == 1 and group == w.shape[0]):
         raise _Refused("grouped (non-depthwise) convolution")
     if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         raise _Refused("auto_pad")
     bias = b.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-    attrs = {
-        "strides": list(node.attrs.get("strides", [1, 1])),
-        "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
-        "dilations": list(node.attrs.get("dilations", [1, 1])),
-        "group": group,
-    }
+    geometry = _conv_geometry(node)
+    attrs = {**geometry, "group": group}
 
     def contract(x: str, weight: str, start: str | None) -> str:
         return b.op("Conv", [x, weight] + ([start] if start else []), **attrs)
 
-    _accumulating(b, node, w, bias, contract)
+    def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lanes.conv_products(x, w, depthwise=depthwise, **geometry)
+
+    plain = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1]}
+    pointwise = w.shape[2:] == (1, 1) and not depthwise and geometry == plain
+    double = _pointwise_double(b, node.outputs[0]) if pointwise else None
+    _accumulating(b, node, _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double))
+
+
+def _pointwise_double(b: _Builder, hint: str) -> Callable[[str, np.ndarray, np.ndarray | None], str]:
+    """A 1x1 convolution (stride 1, no padding) in double: ``W (N, C) @ x (B, C, H*W)``, shaped back."""
+
+    def contract(x: str, weight: np.ndarray, start: np.ndarray | None) -> str:
+        channels = weight.shape[0]
+        rows = b.op("Reshape", [x, b.const([0, 0, -1], hint, np.int64)])
+        sums = b.op("MatMul", [b.const(weight.reshape(channels, -1), hint, np.float64), rows])
+        if start is not None:
+            sums = b.op("Add", [sums, b.const(start.reshape(channels, 1), hint, np.float64)])
+        shape = b.op("Shape", [x])
+        target = b.op(
+            "Concat",
+            [
+                b.op("Slice", [shape, b.const([0], hint, np.int64), b.const([1], hint, np.int64)]),
+                b.const([channels], hint, np.int64),
+                b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)]),
+            ],
+            axis=0,
+        )
+        return b.op("Reshape", [sums, target])
+
+    return contract
+
+
+def _contract_rows(b: _Builder) -> Callable[[str, str, str | None], str]:
+    def contract(x: str, weight: str, start: str | None) -> str:
+        product = b.op("MatMul", [x, weight])
+        return b.op("Add", [product, start]) if start else product
+
+    return contract
+
+
+def _contract_rows_double(b: _Builder, hint: str) -> Callable[[str, np.ndarray, np.ndarray | None], str]:
+    """``x (..., K) @ W (K, N) + start`` in double (``weight`` has output channels first)."""
+
+    def contract(x: str, weight: np.ndarray, start: np.ndarray | None) -> str:
+        product = b.op("MatMul", [x, b.const(np.ascontiguousarray(weight.T), hint, np.float64)])
+        return b.op("Add", [product, b.const(start, hint, np.float64)]) if start is not None else product
+
+    return contract
 
 
 def _lower_gemm(b: _Builder, node: QNode) -> None:
@@ -238,11 +538,41 @@ def _lower_gemm(b: _Builder, node: QNode) -> None:
     if bias is not None and bias.size not in (1, w.shape[1]):
         raise _Refused("bias shape")
 
-    def contract(x: str, weight: str, start: str | None) -> str:
-        product = b.op("MatMul", [x, weight])
-        return b.op("Add", [product, start]) if start else product
+    def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lanes.rows_products(x, w)
 
-    _accumulating(b, node, w.T, bias, contract, embed=lambda oc_first: np.ascontiguousarray(oc_first.T))
+    def embed(oc_first: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(oc_first.T)
+
+    double = _contract_rows_double(b, node.outputs[0])
+    spec = _Accumulating(w.T, bias, _contract_rows(b), products, embed, channel_axis=-1, contract_double=double)
+    _accumulating(b, node, spec)
+
+
+def _lower_matmul(b: _Builder, node: QNode) -> None:
+    """MatMul by a constant 2-D B: per batch slice a 1x1 convolution without bias (``kernels.matmul_slices``),
+    which ONNX's MatMul broadcasting computes for any rank of A (1-D A included). A run-time B stays in the
+    interpreter (a 1-D x 1-D product has shape ``[1]`` there, a scalar in ONNX)."""
+    if node.inputs[1] not in b.model.constants or isinstance(b.model.exponents.get(node.inputs[1]), list):
+        raise _Refused("MatMul by a run-time or per-channel B")
+    w = b.constant(node.inputs[1])
+    if w.ndim != 2:
+        raise _Refused("MatMul by a B of rank other than 2")
+
+    def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lanes.rows_products(x, w)
+
+    spec = _Accumulating(
+        w.T,
+        None,
+        _contract_rows(b),
+        products,
+        lambda oc_first: np.ascontiguousarray(oc_first.T),
+        channel_axis=-1,
+        contract_double=_contract_rows_double(b, node.outputs[0]),
+        shift_exponent=b.model.exponent(node.inputs[1]),
+    )
+    _accumulating(b, node, spec)
 
 
 def _lower_add_sub(b: _Builder, node: QNode) -> None:
@@ -404,6 +734,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     QUANTIZE_INPUT: _lower_quantize_input,
     "Conv": _lower_conv,
     "Gemm": _lower_gemm,
+    "MatMul": _lower_matmul,
     "Add": _lower_add_sub,
     "Sub": _lower_add_sub,
     "Relu": _lower_relu,
@@ -433,6 +764,44 @@ class _Segment:
     guard_nodes: list[str]
     session: Any
     nodes: int
+    doubles: frozenset[str] = frozenset()  # inputs fed as double (exact int16 sums handed on by a rail step)
+    internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
+
+    @functools.cached_property
+    def fetches(self) -> list[str]:
+        return self.outputs + self.guards
+
+
+@dataclass
+class _RailStep:
+    """Between two segments: the exact sums ``acc`` of an accumulating node whose lanes may saturate, with the
+    outputs that may reach a rail replaced by their saturating sums (``lanes.emulate``) when ``flag`` is set."""
+
+    node: QNode
+    x: str
+    acc: str
+    magnitude: str
+    flag: str
+    rails: lanes.LaneRails
+    channel_axis: int
+    products: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+    taps: int
+    max_product: int
+    magnitude_exact: bool
+
+    def run(self, env: dict[str, np.ndarray]) -> None:
+        if not bool(env[self.flag]):
+            return
+        env[self.acc] = lanes.emulate(
+            env[self.acc],
+            env[self.magnitude],
+            self.rails,
+            self.channel_axis,
+            self.products(np.asarray(env[self.x])),
+            taps=self.taps,
+            max_product=self.max_product,
+            magnitude_exact=self.magnitude_exact,
+        )
 
 
 class GuardTripped(Exception):
@@ -448,7 +817,7 @@ class GuardTripped(Exception):
 class CompiledProgram:
     """Segments and interpreter nodes in execution order (see the module docstring)."""
 
-    steps: list[_Segment | QNode]
+    steps: list[_Segment | _RailStep | QNode]
 
     @property
     def compiled_nodes(self) -> int:
@@ -456,28 +825,42 @@ class CompiledProgram:
 
     @property
     def interpreted_nodes(self) -> list[QNode]:
-        return [s for s in self.steps if not isinstance(s, _Segment)]
+        return [s for s in self.steps if not isinstance(s, (_Segment, _RailStep))]
 
-    def run(self, env: dict[str, np.ndarray], interpret: Callable[[QNode, dict[str, np.ndarray]], None]) -> None:
+    @property
+    def rail_nodes(self) -> list[QNode]:
+        """Accumulating nodes whose possibly saturating outputs are emulated between segments."""
+        return [s.node for s in self.steps if isinstance(s, _RailStep)]
+
+    def run(
+        self,
+        env: dict[str, np.ndarray],
+        interpret: Callable[[QNode, dict[str, np.ndarray]], None],
+        wanted: Collection[str] | None = None,
+    ) -> None:
         """Execute every step on ``env`` (updated in place; segment outputs become int64 before an interpreter
-        step reads them and at the end); raises GuardTripped when a guard trips."""
+        step reads them, and at the end those in ``wanted``, default all); raises GuardTripped when a guard
+        trips."""
         from_segments: set[str] = set()
         for step in self.steps:
+            if isinstance(step, _RailStep):
+                step.run(env)
+                continue
             if isinstance(step, _Segment):
-                feeds = {name: _as_f32(env[name]) for name in step.inputs}
-                results = step.session.run(step.outputs + step.guards, feeds)
+                feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
+                results = step.session.run(step.fetches, feeds)
                 tripped = [n for n, g in zip(step.guard_nodes, results[len(step.outputs) :]) if bool(g)]
                 if tripped:
                     raise GuardTripped(tripped)
                 env.update(zip(step.outputs, results[: len(step.outputs)]))
-                from_segments.update(step.outputs)
+                from_segments.update(name for name in step.outputs if name not in step.internal)
                 continue
             for name in step.inputs:
                 if name in from_segments:
                     env[name] = env[name].astype(np.int64)
                     from_segments.discard(name)
             interpret(step, env)
-        for name in from_segments:
+        for name in from_segments if wanted is None else from_segments.intersection(wanted):
             env[name] = env[name].astype(np.int64)
 
 
@@ -524,38 +907,114 @@ def _nonnegative_tensors(model: QuantizedModel, nodes: list[QNode]) -> set[str]:
     return found
 
 
+# Accumulating nodes that become rail steps once their guard trips (every other tripped node is interpreted).
+_RAIL_STEPS = frozenset({"Conv", "Gemm", "MatMul"})
+
+
+def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
+    """The integer range a Relu or an integer Clip (no rescale) keeps."""
+    if node.op_type == "Relu":
+        return 0, qmax(node.bits)
+    ends = []
+    for position, default in ((1, qmin(node.bits)), (2, qmax(node.bits))):
+        tensor = node.inputs[position] if len(node.inputs) > position else ""
+        ends.append(int(np.asarray(model.constants[tensor]).reshape(-1)[0]) if tensor else default)
+    return ends[0], ends[1]
+
+
+def _clamp_fusions(model: QuantizedModel, nodes: list[QNode]) -> dict[str, QNode]:
+    """Relu / Clip nodes (same exponent and width, constant integer bounds) that are the only reader of a Conv /
+    Gemm / MatMul output which is no model output: ``clip(sat(R(acc)), lo, hi)`` is ``R(acc)`` clipped to the
+    intersection of both ranges, so the accumulating node writes the follower's output directly (one pass less
+    per layer: MobileNet's ReLU6). Keyed by the accumulating node's output."""
+    readers: dict[str, list[QNode]] = {}
+    for node in nodes:
+        for tensor in {t for t in node.inputs if t}:
+            readers.setdefault(tensor, []).append(node)
+    fusions = {}
+    for node in nodes:
+        if node.op_type not in _RAIL_STEPS or node.table is not None or not node.outputs:
+            continue
+        output = node.outputs[0]
+        follower = readers.get(output, [None])[0]
+        if output in model.outputs or len(readers.get(output, [])) != 1 or follower is None:
+            continue
+        if follower.op_type not in ("Relu", "Clip") or follower.table is not None or follower.bits != node.bits:
+            continue
+        if follower.inputs[0] != output or len(follower.outputs) != 1 or follower.outputs[0] in model.float_tensors:
+            continue
+        if output not in model.exponents or model.exponent(output) != model.exponent(follower.outputs[0]):
+            continue
+        bounds = [t for t in follower.inputs[1:] if t]
+        if not all(t in model.constants and np.asarray(model.constants[t]).size == 1 for t in bounds):
+            continue
+        if not all(float(np.asarray(model.constants[t]).reshape(-1)[0]).is_integer() for t in bounds):
+            continue
+        low, high = _clamp_bounds(model, follower)
+        if max(low, 0 if node.relu else qmin(node.bits)) <= min(high, qmax(node.bits)):
+            fusions[output] = follower
+    return fusions
+
+
 def compile_program(
-    model: QuantizedModel, nodes: list[QNode], threads: int | None, interpret: frozenset[str] = frozenset()
+    model: QuantizedModel, nodes: list[QNode], threads: int | None, guarded: frozenset[str] = frozenset()
 ) -> CompiledProgram:
-    """Partition ``nodes`` into compiled segments and interpreter steps; build one session per segment.
-    Nodes whose first output is in ``interpret`` (their guards tripped before) stay in the interpreter."""
+    """Partition ``nodes`` into compiled segments, rail steps and interpreter steps; build one session per
+    segment. Nodes whose first output is in ``guarded`` (their guards tripped before) become rail steps when
+    they accumulate (exact on any data), else they stay in the interpreter."""
     needed_after: list[set[str]] = []
     live = set(model.outputs)
     for node in reversed(nodes):
         needed_after.append(set(live))
         live |= {t for t in node.inputs if t}
     needed_after.reverse()
-    steps: list[_Segment | QNode] = []
+    steps: list[_Segment | _RailStep | QNode] = []
     nonnegative = _nonnegative_tensors(model, nodes)
-    builder = _Builder(model, nonnegative=nonnegative)
+
+    fusions = _clamp_fusions(model, nodes)
+    clamps = {name: (*_clamp_bounds(model, follower), follower.outputs[0]) for name, follower in fusions.items()}
+
+    def fresh() -> _Builder:
+        return _Builder(model, nonnegative=nonnegative, rail_nodes=guarded, clamps=clamps)
+
+    builder = fresh()
     count = 0
+    absorbed: set[int] = set()  # Relu / Clip nodes computed by the accumulating node before them
     for index, node in enumerate(nodes):
+        if id(node) in absorbed:
+            count += 1
+            continue
         lower = _lower_table if node.table is not None else _LOWER.get(node.op_type)
+        needed = needed_after[index - 1] if index else live
         mark = builder.mark()
         builder.bits = node.bits
         try:
-            if lower is None or (node.outputs and node.outputs[0] in interpret):
+            tripped = bool(node.outputs) and node.outputs[0] in guarded
+            if lower is None or (tripped and (node.op_type not in _RAIL_STEPS or node.table is not None)):
                 raise _Refused("no lowering")
             lower(builder, node)
         except _Refused:
             builder.rollback(mark)
             if builder.nodes:
-                steps += _segment(builder, sorted(builder.produced & needed_after[index - 1]), threads, count)
-            builder, count = _Builder(model, nonnegative=nonnegative), 0
+                steps += _segment(builder, sorted(builder.produced & needed), threads, count)
+            builder, count = fresh(), 0
             steps.append(node)
             continue
-        builder.produced.update(t for t in node.outputs if t)
         count += 1
+        if builder.pending is not None:  # a rail step: the sums leave this segment, the shift starts the next
+            step, finish = builder.pending
+            builder.pending = None
+            steps += _segment(builder, sorted(builder.produced & needed), threads, count)
+            steps.append(step)
+            builder, count = fresh(), 0
+            builder.bits = node.bits
+            finish(builder)
+        follower = fusions.get(node.outputs[0]) if node.outputs else None
+        if follower is not None and node.op_type in _RAIL_STEPS:
+            absorbed.add(id(follower))
+            builder.produced.update(follower.outputs)
+            continue
+        builder.produced.update(t for t in node.outputs if t)
     if builder.nodes:
         steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
     return CompiledProgram(steps)
@@ -565,17 +1024,26 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
     """The segment's session, or nothing when no later step reads what it computes (dead nodes)."""
     from espquant.runtime import create_session
 
+    outputs = list(dict.fromkeys(outputs + builder.exports))
     if not outputs and not builder.guards:
         return []
     inputs = list(dict.fromkeys(t for t in builder.consumed if t not in builder.produced))
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, builder.types.get(name, TensorProto.FLOAT), None)
+
     graph = helper.make_graph(
         builder.nodes,
         "espquant_compiled_segment",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in inputs],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]
+        [info(name) for name in inputs],
+        [info(name) for name in outputs]
         + [helper.make_tensor_value_info(name, TensorProto.BOOL, None) for name in builder.guards],
         builder.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     session = create_session(proto, threads=threads, what="a compiled simulator segment")
-    return [_Segment(inputs, outputs, list(builder.guards), list(builder.guard_nodes), session, count)]
+    doubles = frozenset(name for name in inputs if builder.types.get(name) == TensorProto.DOUBLE)
+    internal = frozenset(builder.exports) - builder.produced
+    guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
+    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal)
+    return [segment]

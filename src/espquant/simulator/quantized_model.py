@@ -100,14 +100,17 @@ class QuantizedModel:
         return self.run({name: self.quantize_input(name, value) for name, value in float_inputs.items()})
 
     def _run_compiled(self, feeds: dict[str, np.ndarray], quantize_inputs: bool) -> dict[str, np.ndarray]:
-        """Run the compiled program; a node whose guard trips moves to the interpreter for good (the program
-        is rebuilt without it) and the batch runs again, so the loop ends after at most one trip per node."""
+        """Run the compiled program; a node whose guard trips becomes a rail step (an accumulating node) or moves
+        to the interpreter for good (the program is rebuilt) and the batch runs again, so the loop ends after at
+        most one trip per node. Only interpreter steps read the constants from the environment."""
         while True:
-            env = {**self.constants, **feeds}
+            program = self._program(quantize_inputs)
+            constants = program.interpreted_nodes or any(name in self.constants for name in self.outputs)
+            env = {**self.constants, **feeds} if constants else dict(feeds)
             try:
-                self._program(quantize_inputs).run(env, self.run_node)
+                program.run(env, self.run_node, self.outputs)
             except GuardTripped as trip:
-                logger.debug("compiled guard tripped for %s: interpreting them", trip.nodes)
+                logger.debug("compiled guard tripped for %s: rail steps or interpreter from now on", trip.nodes)
                 self._guarded.update(trip.nodes)
                 self._programs.clear()
                 continue
