@@ -454,3 +454,32 @@ def test_cli_check_int16_reports_the_int8_fallback_as_a_warning(tmp_path):
     assert result.exit_code == 1
     report = json.loads(result.output)
     assert not report["compatible"] and report["int8_fallback"] == [] and report["problems"][0]["field"] == "bits"
+
+
+@pytest.mark.parametrize("reader", ["MatMul", "Reshape -> MatMul"])
+def test_a_float_softmax_output_read_by_an_integer_op_is_refused(reader):
+    """PP-OCRv4's recognizer (paddle2onnx): attention scores -> Softmax -> Reshape -> MatMul(., V). The Softmax
+    output is float32 on the chip; calibrate wrote a table and evaluate / export stopped with KeyError."""
+    n = helper.make_node
+    nodes = [n("Softmax", ["scores"], ["p"], axis=-1, name="softmax")]
+    if reader == "MatMul":
+        nodes.append(n("MatMul", ["p", "v"], ["y"], name="attend"))
+    else:
+        nodes += [n("Reshape", ["p", "shape"], ["p2"], name="restore"), n("MatMul", ["p2", "v"], ["y"], name="attend")]
+    inits = {"v": np.ones((6, 4), np.float32), "shape": np.array([1, 2, 6], np.int64)}
+    model = make_model(nodes, [tensor("scores", [1, 2, 6])], [tensor("y", [1, 2, 4])], inits, opset=13)
+    report = check_model(model, strict=False)
+    problems = [p for p in report.problems if p.node == "attend"]
+    assert len(problems) == 1 and "float32 output of Softmax 'softmax'" in problems[0].reason
+    assert "QuantizeLinear" in problems[0].reason and "end the model at the Softmax" in problems[0].hint
+
+
+def test_a_float_softmax_output_through_reshape_to_the_output_is_fine():
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["p"], axis=-1, name="softmax"),
+        helper.make_node("Reshape", ["p", "shape"], ["y"], name="restore"),
+    ]
+    model = make_model(
+        nodes, [tensor("x", [1, 6])], [tensor("y", [1, 2, 3])], {"shape": np.array([1, 2, 3], np.int64)}, opset=13
+    )
+    assert check_model(model, strict=False).ok

@@ -102,6 +102,16 @@ def _models():
             [tensor("y", SHAPE)],
             {"s": rng.uniform(0.05, 0.5, (4, 1, 1)).astype(np.float32)},
         ),
+        # MTCNN's RNet / ONet: Gemm -> PRelu over (N, C) rows; written as (N, 1, 1, C) between two Reshapes
+        "PRelu per channel over rows": make_model(
+            [
+                helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"),
+                helper.make_node("PRelu", ["h", "s"], ["y"], name="n"),
+            ],
+            [tensor("x", ["N", 6])],
+            [tensor("y", ["N", 10])],
+            {"w": rng.normal(0, 0.5, (6, 10)).astype(np.float32), "s": rng.uniform(0.05, 0.5, 10).astype(np.float32)},
+        ),
         "ReduceMean": make_model(
             [helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="n", keepdims=1)],
             [tensor("x", SHAPE)],
@@ -195,6 +205,16 @@ def _models():
         "LogSoftmax": make_model(
             [helper.make_node("LogSoftmax", ["x"], ["y"], name="n", axis=1)], [tensor("x", SHAPE)], [tensor("y", SHAPE)]
         ),
+        # The float output of PP-OCR's classifier and MTCNN's face scores: the module reads the input's width.
+        "Softmax": _unary("Softmax", axis=-1),
+        "Softmax over channels": _unary("Softmax", axis=1),
+        # x.view(x.size(0), -1) with a dynamic batch, as the optimizer writes it: a 0 copies the batch
+        "Reshape copying the batch": make_model(
+            [helper.make_node("Reshape", ["x", "shape"], ["y"], name="n")],
+            [tensor("x", SHAPE)],
+            [tensor("y", ["N", 144])],
+            {"shape": np.array([0, -1])},
+        ),
         "ReverseSequence": make_model(
             [helper.make_node("ReverseSequence", ["x", "lengths"], ["y"], name="n", batch_axis=0, time_axis=1)],
             [tensor("x", [4, 6, 5])],
@@ -281,7 +301,7 @@ def _models():
 
 MODELS = _models()
 # The host runs the C reference where the S3 assembly rounds otherwise (module docstring).
-C_ONLY = {"PRelu per channel": {"esp32s3"}}
+C_ONLY = {"PRelu per channel": {"esp32s3"}, "PRelu per channel over rows": {"esp32s3"}}
 
 
 @needs_host

@@ -216,6 +216,26 @@ def test_every_exportable_operator_round_trips(tmp_path, rng, target):
     assert decoded.initializers[mul.inputs[1]].dims == (1, 1, 1, 16)  # the (1, C, 1, 1) constant, NHWC
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("target", TARGETS)
+def test_per_channel_prelu_over_rows_exports(tmp_path, rng, target, bits):
+    """MTCNN's RNet / ONet run PRelu on a Gemm's (N, C) output: export refused it ('needs a 3-D or 4-D input')
+    although check accepted it. It is written as (N, 1, 1, C) between two Reshapes and re-simulated per batch."""
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"), helper.make_node("PRelu", ["h", "s"], ["y"])],
+        [tensor("x", ["N", 6])],
+        [tensor("y", ["N", 10])],
+        {"w": rng.normal(0, 0.5, (6, 10)).astype(np.float32), "s": rng.uniform(0.05, 0.5, 10).astype(np.float32)},
+    )
+    samples = rng.normal(0, 1, (16, 6)).astype(np.float32)
+    evaluator = Evaluator(f"int{bits}", "per-tensor", target)
+    table = Calibrator(f"int{bits}").calibrate(model, samples).table
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "rows.espdl", test_inputs=samples)
+    assert [n.op_type for n in read_espdl(path).nodes][-3:] == ["Reshape", "PRelu", "Reshape"]
+    _round_trip(quantized, path, samples)
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_gemm_with_a_row_bias_exports(tmp_path, rng, target):
     """skl2onnx writes an MLP's intercepts as (1, N) Gemm biases: the export's simulation stopped with numpy's

@@ -79,6 +79,31 @@ def test_corrupt_file(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize(
+    "op_type, opset, expected",
+    [
+        # tf2onnx --tflite on MediaPipe's selfie segmentation: its TFLite custom op, written in the ONNX domain
+        ("TFL_Convolution2DTransposeBias", 14, r"TFL_Convolution2DTransposeBias is not an ONNX operator.*cannot run"),
+        # tf2onnx --opset 13 writes HardSwish, which ONNX has only from opset 14
+        ("HardSwish", 13, r"HardSwish is an ONNX operator only from opset 14.*opset 14 or later"),
+    ],
+)
+def test_an_operator_onnx_does_not_know_is_named(tmp_path, op_type, opset, expected):
+    graph = helper.make_graph(
+        [helper.make_node(op_type, ["x"], ["y"], name="n")],
+        "g",
+        [tensor("x", [1, 3, 4, 4])],
+        [tensor("y", [1, 3, 4, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    path = tmp_path / "converted.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelError, match=expected) as raised:
+        load_model(path)
+    assert "truncated" not in str(raised.value)
+
+
 def test_truncated_file(tmp_path, rng):
     data = _conv_bn_model(rng).SerializeToString()
     for cut in (len(data) // 3, len(data) // 2, len(data) - 7):

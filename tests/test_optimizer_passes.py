@@ -239,6 +239,24 @@ def test_training_dropout_is_kept():
     assert eliminate_inference_dropout(model).changes == 0
 
 
+def test_skl2onnx_cast_of_a_float_input_to_float_is_removed(rng):
+    # skl2onnx: X(?, 64) -> Cast(to=FLOAT) -> MatMul -> Add -> Softmax; a Cast to INT64 would change values: kept.
+    nodes = [
+        helper.make_node("Cast", ["X"], ["cast_input"], to=TensorProto.FLOAT, name="Cast"),
+        helper.make_node("MatMul", ["cast_input", "coefficient"], ["mul_result"], name="MatMul"),
+        helper.make_node("Add", ["mul_result", "intercepts"], ["add_result"], name="Add"),
+        helper.make_node("Softmax", ["add_result"], ["probabilities"], name="Softmax"),
+        helper.make_node("Cast", ["probabilities"], ["rounded"], to=TensorProto.INT64, name="ToInt"),
+    ]
+    inits = {"coefficient": _x(rng, 64, 10), "intercepts": _x(rng, 10)}
+    outputs = [tensor("probabilities", [None, 10]), tensor("rounded", [None, 10], TensorProto.INT64)]
+    model = make_model(nodes, [tensor("X", [None, 64])], outputs, inits)
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("nop_cast_to_identity") == 1
+    assert op_types(optimized) == ["Gemm", "Softmax", "Cast"]
+    assert_same_outputs(model, optimized, {"X": _x(rng, 3, 64)})
+
+
 def test_sum_of_two_becomes_add(rng):
     nodes = [helper.make_node("Sum", ["x", "x2"], ["y"]), helper.make_node("Sum", ["x", "x2", "x"], ["z"])]
     model = make_model(nodes, [tensor("x", [3]), tensor("x2", [3])], [tensor("y", [3]), tensor("z", [3])])
@@ -476,12 +494,121 @@ def test_dynamic_batch_view_chain_folds_to_a_copy_target(rng):
         assert_same_outputs(model, optimized, {"x": _x(rng, batch, 3, 4)})
 
 
-def test_reshape_target_from_another_axis_is_left_alone(rng):
-    # Position 0 of the target takes x.shape[1]: a 0 there would copy axis 0 instead, so no rewrite.
+def test_pytorch_view_with_constant_nodes_keeps_its_scalar_index(rng):
+    # torch.onnx's x.view(x.shape[0], -1) after a permute (MTCNN's RNet / ONet): the Gather index is a scalar
+    # Constant node and the Unsqueeze axes a [0] one. Turned into initializers, the scalar must stay a scalar
+    # (it became shape (1,), then the Concat of ranks 2 and 1 made the optimized model invalid).
+    n = helper.make_node
+    nodes = [
+        n("Transpose", ["x"], ["t"], perm=[0, 3, 2, 1], name="permute"),
+        n("Shape", ["t"], ["shape"], name="shape"),
+        n("Constant", [], ["index"], value=numpy_helper.from_array(np.array(0, np.int64)), name="c0"),
+        n("Gather", ["shape", "index"], ["batch"], axis=0, name="gather"),
+        n("Constant", [], ["axes"], value=numpy_helper.from_array(np.array([0], np.int64)), name="c1"),
+        n("Unsqueeze", ["batch", "axes"], ["batch1"], name="unsqueeze"),
+        n("Constant", [], ["minus_one"], value=numpy_helper.from_array(np.array([-1], np.int64)), name="c2"),
+        n("Concat", ["batch1", "minus_one"], ["target"], axis=0, name="concat"),
+        n("Reshape", ["t", "target"], ["y"], name="view"),
+    ]
+    model = make_model(nodes, [tensor("x", ["batch", 4, 3, 3])], [tensor("y", ["batch", 36])])
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("reshape_copy_dims") == 1
+    assert op_types(optimized) == ["Transpose", "Reshape"]
+    assert check_model(optimized, target="esp32s3", bits="int8", strict=False).ok
+    for batch in (1, 3):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 4, 3, 3)})
+
+
+def test_constants_to_initializers_keeps_scalars_scalar():
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(7.0, np.float32))),
+        helper.make_node("Add", ["x", "c"], ["y"]),
+    ]
+    model = make_model(nodes, [tensor("x", [2])], [tensor("y", [2])])
+    constants_to_initializers(model)
+    assert [list(t.dims) for t in model.graph.initializer] == [[]]
+
+
+def test_reshape_target_from_another_axis_gets_its_value_not_a_copy(rng):
+    # Position 0 of the target takes x.shape[1] (3, static): a 0 there would copy axis 0 instead.
     model = _view_chain_model(1, ["N", 3, 4], [3, "M"])
     optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("reshape_copy_dims") == 1
+    np.testing.assert_array_equal(GraphView(optimized.graph).array(optimized.graph.node[0].input[1]), [3, -1])
+    for batch in (1, 2):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 3, 4)})
+
+
+def test_reshape_target_from_a_symbolic_axis_elsewhere_is_left_alone(rng):
+    # Target [x.shape[2], -1] with a dynamic axis 2: neither a copy (axis 0 differs) nor the one unknown (-1 taken).
+    model = _view_chain_model(2, [2, 3, "W"], ["W", "M"])
+    optimized, report = optimize_model_with_report(model)
     assert report.changes_of("reshape_copy_dims") == 0
-    assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 4)})
+    assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 5)})
+
+
+def _paddle_flatten_model() -> onnx.ModelProto:
+    """paddle2onnx's ``reshape(x, [x.shape[0], -1])`` and its opset-11 Softmax (``Reshape(s, Shape(logits))``):
+
+    x(N, 4, 1, 1) -> Shape -> Cast(int32) -> Slice[0:1] -> Cast(int64) -> Concat(., [-1]) -> Reshape(x, .) -> f
+    f -> Gemm -> logits(N, 2) -> Softmax -> s ; Reshape(s, Shape(logits)) -> y"""
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["x"], ["shape"], name="shape"),
+        n("Cast", ["shape"], ["shape32"], to=TensorProto.INT32, name="cast32"),
+        n("Slice", ["shape32", "zero", "one", "zero", "one"], ["batch32"], name="slice"),
+        n("Cast", ["batch32"], ["batch"], to=TensorProto.INT64, name="cast64"),
+        n("Concat", ["batch", "minus_one"], ["target"], axis=0, name="concat"),
+        n("Reshape", ["x", "target"], ["f"], name="flatten"),
+        n("Gemm", ["f", "W", "B"], ["logits"], transB=1, name="fc"),
+        n("Softmax", ["logits"], ["s"], axis=1, name="softmax"),
+        n("Shape", ["logits"], ["logits_shape"], name="logits_shape"),
+        n("Reshape", ["s", "logits_shape"], ["y"], name="restore"),
+    ]
+    rng = np.random.default_rng(5)
+    inits = {
+        "zero": np.array([0], np.int64),
+        "one": np.array([1], np.int64),
+        "minus_one": np.array([-1], np.int64),
+        "W": rng.standard_normal((2, 4)).astype(np.float32),
+        "B": rng.standard_normal(2).astype(np.float32),
+    }
+    return make_model(nodes, [tensor("x", ["N", 4, 1, 1])], [tensor("y", ["N", 2])], inits)
+
+
+def test_paddle2onnx_shape_chains_under_a_dynamic_batch_become_constant_targets(rng):
+    model = _paddle_flatten_model()
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("reshape_copy_dims") == 2
+    assert sorted(op_types(optimized)) == ["Gemm", "Reshape", "Reshape", "Softmax"]
+    view = GraphView(optimized.graph)
+    targets = {n.name: view.array(n.input[1]).tolist() for n in optimized.graph.node if n.op_type == "Reshape"}
+    assert targets == {"flatten": [0, -1], "restore": [0, 2]}
+    assert check_model(optimized, target="esp32s3", bits="int8", strict=False).ok
+    for batch in (1, 3):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 4, 1, 1)})
+
+
+def test_reshape_back_from_a_flattened_softmax_gets_minus_one_for_the_batch(rng):
+    # paddle2onnx's attention: scores (N, 2, 3) -> Reshape(., [-1, 3]) -> Softmax -> Reshape(., Shape(scores)):
+    # the batch is no axis of the 2-D data, so it becomes the one unknown, -1; the 2 and 3 are read off Shape.
+    n = helper.make_node
+    nodes = [
+        n("Reshape", ["x", "flat"], ["x2"], name="flatten"),
+        n("Softmax", ["x2"], ["s"], axis=1, name="softmax"),
+        n("Shape", ["x"], ["shape"], name="shape"),
+        n("Reshape", ["s", "shape"], ["y"], name="restore"),
+    ]
+    model = make_model(
+        nodes, [tensor("x", ["N", 2, 3])], [tensor("y", ["N", 2, 3])], {"flat": np.array([-1, 3], np.int64)}
+    )
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("reshape_copy_dims") == 1
+    restore = next(node for node in optimized.graph.node if node.name == "restore")
+    np.testing.assert_array_equal(GraphView(optimized.graph).array(restore.input[1]), [-1, 2, 3])
+    assert "Shape" not in op_types(optimized)
+    for batch in (1, 4):
+        assert_same_outputs(model, optimized, {"x": _x(rng, batch, 2, 3)})
 
 
 # --- MatMul + Add -> Gemm, with a symbolic batch ------------------------------------------------------------
@@ -681,6 +808,49 @@ def test_ceil_mode_average_pool_that_cannot_be_rewritten_is_kept_and_refused(rng
     assert len(problems) == 1 and "cannot be rewritten exactly" in problems[0].reason and reason in problems[0].reason
     if spatial == [10, 10]:
         assert_same_outputs(model, optimized, {"x": _x(rng, 2, 3, 10, 10)})
+
+
+# --- auto_pad SAME (tflite2onnx, TensorFlow's 'same' padding) -----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize(
+    "op_type, attrs",
+    [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),  # BlazeFace's pools (odd and even sizes below)
+        ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
+        ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2]}),
+        ("AveragePool", {"kernel_shape": [3, 2], "strides": [1, 2], "count_include_pad": 1}),
+        ("Conv", {"strides": [2, 2]}),
+        ("Conv", {"kernel_shape": [3, 3]}),
+    ],
+    ids=["maxpool-2s2", "maxpool-3s2-ceil", "avgpool-3s2", "avgpool-include-pad", "conv-s2", "conv-s1"],
+)
+@pytest.mark.parametrize("spatial", [[8, 8], [7, 9]])
+def test_same_auto_pad_becomes_explicit_pads(rng, mode, op_type, attrs, spatial):
+    if op_type == "Conv":
+        node = helper.make_node("Conv", ["x", "w"], ["y"], name="pool", auto_pad=mode, **attrs)
+        model = make_model([node], [tensor("x", ["N", 3, *spatial])], [tensor("y", None)], {"w": _x(rng, 4, 3, 3, 3)})
+    else:
+        model = _pool_model(op_type, spatial, {"auto_pad": mode, **attrs})
+    assert any(p.field == "attribute auto_pad" for p in check_model(model, strict=False).problems)
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("resolve_same_auto_pad") == 1
+    written = {a.name for a in optimized.graph.node[0].attribute}
+    assert "auto_pad" not in written and "ceil_mode" not in written
+    # (an AveragePool that pads with count_include_pad=0 stays refused for what it is: the chip divides by k*k)
+    assert not any(p.field == "attribute auto_pad" for p in check_model(optimized, strict=False).problems)
+    feeds = {"x": _x(rng, 2, 3, *spatial)}
+    for want, got in zip(run(model, feeds), run(optimized, feeds)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_same_auto_pad_with_dynamic_sizes_is_left_to_the_checker():
+    model = _pool_model("MaxPool", ["H", "W"], {"auto_pad": "SAME_UPPER", "kernel_shape": [2, 2], "strides": [2, 2]})
+    optimized, report = optimize_model_with_report(model)
+    assert report.changes_of("resolve_same_auto_pad") == 0
+    assert any(p.field == "attribute auto_pad" for p in check_model(optimized, strict=False).problems)
 
 
 # --- written-out hard-sigmoid / hard-swish -------------------------------------------------------------------

@@ -135,8 +135,12 @@ def node_attributes(node: onnx.NodeProto, opset: int) -> dict[str, Any]:
 
 
 def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> None:
-    """Add the initializer ``name`` or replace its value in place (keeps the graph's order stable)."""
-    tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+    """Add the initializer ``name`` or replace its value in place (keeps the graph's order stable).
+
+    A scalar stays a scalar: ``np.ascontiguousarray`` would make it shape (1,), and a scalar Gather index
+    (PyTorch's ``x.size(0)``) would then give a 1-D result and break the shape chain after it."""
+    array = np.asarray(value)
+    tensor = numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(order="C"), name)
     for index, existing in enumerate(graph.initializer):
         if existing.name == name:
             graph.initializer[index].CopyFrom(tensor)

@@ -9,6 +9,7 @@ path and says what to do.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import onnx
@@ -76,10 +77,39 @@ def _check_valid(model: onnx.ModelProto, path: Path) -> None:
         except onnx.checker.ValidationError as exc:
             error = exc
     first = str(error).strip().splitlines()[0]
+    unknown = re.search(r"No Op registered for (\S+) with domain_version of (\d+)", first)
+    if unknown:
+        raise ModelError(_unknown_op_message(path, unknown.group(1), int(unknown.group(2)))) from error
     raise ModelError(
         f"{path}: the model is not valid ONNX ({first}); the file is truncated or was exported incorrectly. "
         "Export it again."
     ) from error
+
+
+def _unknown_op_message(path: Path, op_type: str, opset: int) -> str:
+    """Why a node whose op ONNX does not know at the model's opset stops everything, and what to do.
+
+    Converters write a source framework's custom op as such a node (tf2onnx's ``TFL_Convolution2DTransposeBias``
+    for MediaPipe's TFLite custom op), or an op that needs a newer opset (tf2onnx's HardSwish at opset 13)."""
+    known = [v for v in range(opset + 1, onnx.defs.onnx_opset_version() + 1) if _has_schema(op_type, v)]
+    if known:
+        return (
+            f"{path}: {op_type} is an ONNX operator only from opset {known[0]}, and this model imports opset "
+            f"{opset}; export it again with opset {known[0]} or later."
+        )
+    return (
+        f"{path}: {op_type} is not an ONNX operator (the converter kept a custom operator of the source "
+        "framework); neither onnxruntime nor ESP-DL can run it, so this model cannot run on the chip as exported. "
+        "Replace that layer with standard operators in the source model, or export without it."
+    )
+
+
+def _has_schema(op_type: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return False
+    return True
 
 
 def _infer_output_types(model: onnx.ModelProto) -> None:

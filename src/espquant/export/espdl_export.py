@@ -469,8 +469,10 @@ def _prelu_per_channel(e: _Export, node: QNode) -> EspdlNode:
     """PRelu with one slope per channel: the runtime applies ``alpha[c]`` along the last axis of an NHWC tensor
     and reads the slope as ``[C, 1, 1]`` at its own exponent (``dl_module_prelu.hpp``)."""
     rank = e.values[node.inputs[0]].ndim
+    if rank == 2:
+        return _prelu_rows(e, node)
     if rank not in _NHWC:
-        raise UnsupportedOpError(f"node {node.name!r}: per-channel PRelu needs a 3-D or 4-D input to export")
+        raise UnsupportedOpError(f"node {node.name!r}: per-channel PRelu needs a 2-D, 3-D or 4-D input to export")
     x = e.ensure(node.inputs[0], _NHWC[rank])
     slope = np.asarray(e.model.constants[node.inputs[1]]).reshape(-1)
     channels = e.values[node.inputs[0]].shape[1]
@@ -478,6 +480,31 @@ def _prelu_per_channel(e: _Export, node: QNode) -> EspdlNode:
     alpha = e.constant(node.inputs[1], slope.astype(np.int64), e.int_dtype, _exponent_list(e.model, node.inputs[1]))
     e.declare(node.outputs[0], _NHWC[rank])
     return EspdlNode(node.name, "PRelu", [x, alpha], [node.outputs[0]], {})
+
+
+def _prelu_rows(e: _Export, node: QNode) -> EspdlNode:
+    """PRelu over ``(N, C)`` rows (after a Gemm: MTCNN's RNet / ONet). ESP-DL's module takes the channel count
+    from axis 3 (``dl_module_prelu.hpp``), so the rows pass through it as ``(N, 1, 1, C)`` between two Reshapes;
+    with H = W = 1 the NHWC bytes are the rows' bytes."""
+    source, target = node.inputs[0], node.outputs[0]
+    channels = e.values[source].shape[1]
+    rows = _LayoutSteps(e, target, source).add("Reshape", [e.ensure(source, (0, 1))], [-1, 1, 1, channels])
+    slope = np.broadcast_to(np.asarray(e.model.constants[node.inputs[1]]).reshape(-1), (channels,))
+    alpha = e.constant(
+        node.inputs[1],
+        slope.reshape(channels, 1, 1).astype(np.int64),
+        e.int_dtype,
+        _exponent_list(e.model, node.inputs[1]),
+    )
+    activated = f"{target}__nhwc"
+    e.values[activated] = e.values[target].reshape(-1, 1, 1, channels)
+    e.twins[activated] = target
+    e.declare(activated, _identity(4))
+    attrs = {"quant_type": e.quant_type(target)}
+    e.nodes.append(EspdlNode(f"{node.name}__nhwc", "PRelu", [rows, alpha], [activated], attrs))
+    shape = e.constant(f"{target}__rows", np.array([-1, channels], np.int64), "INT64", [0])
+    e.declare(target, _identity(2))
+    return EspdlNode(node.name, "Reshape", [activated, shape], [target], {"allowzero": 0})
 
 
 def _scale_and_zero_point(e: _Export, node: QNode) -> list[str]:

@@ -51,7 +51,9 @@ SPECS: tuple[OpSpec, ...] = (
         "PRelu",
         "activation",
         (activation("X"), weight("slope", channel_axis=None)),
-        ExponentRule.OWN,
+        # The C kernel (plain-C chips, ESP32-P4 int16) copies positive values without rescaling, so the output
+        # must keep the input's exponent there; with |slope| <= 1 the input's range holds the output anyway.
+        ExponentRule.PASSTHROUGH,
         "8.1 (one slope: table), 8.4 (per channel)",
         int8_lut=True,
         constraints=(
@@ -59,7 +61,7 @@ SPECS: tuple[OpSpec, ...] = (
         ),
         notes=(
             "int8 with one slope: table look-up; per channel: integer kernel with its own slope exponent",
-            "plain-C chips copy positive values unchanged: calibrate with e_out = e_in there",
+            "the output keeps the input's exponent: the C kernel copies positive values unchanged",
             "ESP32-P4 int8 per channel: the esp.vprelu rounding is not documented; espquant simulates the C "
             "reference (prelu_11c, esp-dl/dl/base/dl_base_prelu.cpp) and warns; P4 int16 runs that C code",
         ),

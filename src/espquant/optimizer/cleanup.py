@@ -19,6 +19,7 @@ __all__ = [
     "MIN_OPSET",
     "upgrade_opset",
     "eliminate_inference_dropout",
+    "nop_cast_to_identity",
     "sum_to_add",
     "reshape_prelu_slopes",
     "name_nodes",
@@ -94,6 +95,32 @@ def eliminate_inference_dropout(model: onnx.ModelProto) -> PassResult:
         return PassResult()
     remove_nodes(graph, doomed)
     return PassResult(len(doomed), (f"removed {len(doomed)} inference Dropout",))
+
+
+def _elem_type(view: GraphView, name: str) -> int:
+    """The declared element type of ``name`` (0 when nothing says)."""
+    if name in view.initializers:
+        return int(view.initializers[name].data_type)
+    info = view.value_info.get(name)
+    return int(info.type.tensor_type.elem_type) if info is not None else 0
+
+
+def nop_cast_to_identity(model: onnx.ModelProto) -> PassResult:
+    """Turn a Cast to the type its input already has into an Identity (which ``eliminate_identity`` removes).
+
+    skl2onnx begins every model with ``Cast(X, to=FLOAT)`` on its float input; ESP-DL has no Cast, and this one
+    changes nothing."""
+    view = GraphView(model.graph)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        to = next((a.i for a in node.attribute if a.name == "to"), 0)
+        if to and _elem_type(view, node.input[0]) == to:
+            node.op_type = "Identity"
+            del node.attribute[:]
+            changed += 1
+    return PassResult(changed, (f"{changed} Cast to the same type -> Identity",) if changed else ())
 
 
 def sum_to_add(model: onnx.ModelProto) -> PassResult:

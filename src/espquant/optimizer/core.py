@@ -23,6 +23,7 @@ from espquant.optimizer.batchnorm import batchnorm_to_mul_add, fold_batchnorm
 from espquant.optimizer.cleanup import (
     eliminate_inference_dropout,
     name_nodes,
+    nop_cast_to_identity,
     reshape_prelu_slopes,
     sum_to_add,
     upgrade_opset,
@@ -42,7 +43,7 @@ from espquant.optimizer.pipeline import (
     run_pipeline,
     select_passes,
 )
-from espquant.optimizer.pooling import rewrite_ceil_mode_pools
+from espquant.optimizer.pooling import resolve_same_auto_pad, rewrite_ceil_mode_pools
 from espquant.optimizer.shapes import fix_input_shapes, infer_shapes_pass
 
 __all__ = [
@@ -87,13 +88,19 @@ PASSES: list[OptimizerPass] = [
     ),
     OptimizerPass("fold_constants", fold_constants, "evaluate constant subgraphs and static Shape chains"),
     OptimizerPass(
-        "reshape_copy_dims", reshape_copy_dims, "Reshape targets built from the input's dynamic batch -> constant"
+        "reshape_copy_dims", reshape_copy_dims, "Reshape targets computed from shapes (dynamic batch) -> constant"
+    ),
+    OptimizerPass(
+        "resolve_same_auto_pad",
+        resolve_same_auto_pad,
+        "Conv / MaxPool / AveragePool auto_pad=SAME_UPPER / SAME_LOWER -> explicit pads (static sizes)",
     ),
     OptimizerPass(
         "rewrite_ceil_mode_pools",
         rewrite_ceil_mode_pools,
         "MaxPool / AveragePool ceil_mode=1 -> ceil_mode=0 with explicit end pads, where exact",
     ),
+    OptimizerPass("nop_cast_to_identity", nop_cast_to_identity, "Cast to the type its input has -> Identity"),
     OX["eliminate_identity"],
     OptimizerPass("eliminate_inference_dropout", eliminate_inference_dropout, "remove Dropout (identity at inference)"),
     OX["eliminate_nop_dropout"],

@@ -29,7 +29,7 @@ from espquant.graph import GraphView
 from espquant.ops.pooling import ceil_mode_pads
 from espquant.optimizer.pipeline import PassResult
 
-__all__ = ["rewrite_ceil_mode_pools"]
+__all__ = ["rewrite_ceil_mode_pools", "resolve_same_auto_pad"]
 
 _POOLS = ("MaxPool", "AveragePool")
 
@@ -71,3 +71,68 @@ def rewrite_ceil_mode_pools(model: onnx.ModelProto) -> PassResult:
         rewritten[node.op_type] = rewritten.get(node.op_type, 0) + 1
     details = tuple(f"{n} {op} ceil_mode=1 -> explicit end pads" for op, n in sorted(rewritten.items()))
     return PassResult(sum(rewritten.values()), details, tuple(warnings))
+
+
+# Ops whose ``auto_pad`` SAME_UPPER / SAME_LOWER means "pad so that the output is ceil(L / stride)" (ConvTranspose's
+# SAME is about its output size and is left alone).
+_SAME_PADDED = ("Conv", "MaxPool", "AveragePool")
+
+
+def same_pads(mode: str, sizes: list[int], attrs: dict[str, Any]) -> list[int]:
+    """The explicit ``pads`` (begins, then ends) that ``auto_pad=mode`` stands for on these spatial sizes.
+
+    ONNX (and onnxruntime): the output has ``ceil(L / s)`` cells; the total padding is what that needs,
+    ``max((out - 1) * s + d * (k - 1) + 1 - L, 0)``, split in two with the odd cell at the end (SAME_UPPER) or
+    at the beginning (SAME_LOWER). With these pads floor mode gives exactly ``out`` cells, so ``ceil_mode``
+    does not matter either."""
+    rank = len(sizes)
+    kernel = [int(k) for k in attrs["kernel_shape"]]
+    strides = [int(v) for v in attrs.get("strides") or [1] * rank]
+    dilations = [int(v) for v in attrs.get("dilations") or [1] * rank]
+    begins, ends = [], []
+    for size, k, s, d in zip(sizes, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else large)
+        ends.append(large if mode == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def resolve_same_auto_pad(model: onnx.ModelProto) -> PassResult:
+    """Write ``auto_pad=SAME_UPPER / SAME_LOWER`` Conv / MaxPool / AveragePool nodes with explicit pads.
+
+    tflite2onnx (and TensorFlow's 'same' padding in general) leaves the padding to the runtime; ESP-DL only
+    takes explicit pads. Needs static spatial sizes (shape inference runs at the start of every round) and,
+    for Conv, a known kernel: the weight's spatial dims when ``kernel_shape`` is not written.
+    """
+    view = GraphView(model.graph)
+    resolved: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in _SAME_PADDED or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = _attributes(node)
+        mode = attrs.get("auto_pad", "NOTSET")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        shape = view.shape(node.input[0])
+        if node.op_type == "Conv" and "kernel_shape" not in attrs:
+            weight = view.shape(node.input[1]) if len(node.input) > 1 else None
+            if weight is None or not all(isinstance(d, int) for d in weight[2:]):
+                continue
+            attrs["kernel_shape"] = weight[2:]
+        sizes = None if shape is None else shape[2:]
+        if not sizes or not all(isinstance(d, int) for d in sizes) or len(attrs.get("kernel_shape", [])) != len(sizes):
+            continue  # the checker still names auto_pad as the problem, with its hint
+        pads = same_pads(mode, sizes, attrs)  # type: ignore[arg-type]
+        if node.op_type != "Conv" and any(p >= k for p, k in zip(pads, list(attrs["kernel_shape"]) * 2)):
+            continue  # onnxruntime refuses explicit pool pads that reach the kernel (dilated pools)
+        kept = [a for a in node.attribute if a.name not in ("auto_pad", "pads", "ceil_mode")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        if any(pads):
+            node.attribute.append(helper.make_attribute("pads", pads))
+        resolved[node.op_type] = resolved.get(node.op_type, 0) + 1
+    details = tuple(f"{n} {op} auto_pad=SAME -> explicit pads" for op, n in sorted(resolved.items()))
+    return PassResult(sum(resolved.values()), details)

@@ -207,8 +207,9 @@ def _gemm(m: QuantizedModel, node: QNode, env: dict[str, np.ndarray]) -> list[np
     b = env[node.inputs[1]]
     b = b.T if node.attrs.get("transB", 0) else b
     bias = env[node.inputs[2]] if len(node.inputs) > 2 and node.inputs[2] else None
-    if bias is not None:
-        bias = np.broadcast_to(bias, (b.shape[1],)) if bias.size in (1, b.shape[1]) else bias.reshape(-1)
+    if bias is not None:  # C may be (N,), (1, N) (skl2onnx's intercepts) or a scalar
+        flat = bias.reshape(-1)
+        bias = np.broadcast_to(flat, (b.shape[1],)) if flat.size in (1, b.shape[1]) else flat
     rows = a.reshape(-1, a.shape[-1]).astype(np.int64)
     acc = kernels._accumulate(rows, b.astype(np.int64), bias, node.bits, m.profile)
     shift = _shift(m, node.outputs[0], m.exponent(node.inputs[0]), node.inputs[1])
