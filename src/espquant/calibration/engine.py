@@ -90,6 +90,11 @@ class CalibrationResult:
     transforms: list[str] = field(default_factory=list)
 
 
+# The auto search on a model with a fixed batch runs the simulator once per B samples (no batching): it simulates
+# fewer samples there, so calibrating a batch-1 TFLite / torch export stays within minutes.
+FIXED_BATCH_SEARCH_SAMPLES = 8
+
+
 def calibrate_model(
     model_proto: onnx.ModelProto,
     calib_dataset: object,
@@ -164,6 +169,8 @@ def calibrate_model(
     correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
     kept: list[Batch] = []
     limit = search_samples or SEARCH_SAMPLES
+    if search_samples is None and chunking.fixed is not None:  # one simulated run per B samples: keep it short
+        limit = min(limit, max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed))
     if method == "auto" or correct:
         batches = _capturing(batches, limit, kept)
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
