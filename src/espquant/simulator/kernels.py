@@ -152,6 +152,21 @@ def _finish(acc: np.ndarray, shift: np.ndarray | int, relu: bool, bits: int, pro
     return saturate(y, bits)
 
 
+def conv_taps(
+    padded: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[np.ndarray]:
+    """The ``KH * KW`` strided views of a padded NHWC tensor, one per kernel tap, in row-major tap order: the
+    inputs every output position multiplies by that tap's weight (the order the runtimes accumulate in)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    out_h = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    return [
+        padded[:, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
 def conv2d_nhwc(
     x: np.ndarray,
     weight: np.ndarray,
@@ -178,13 +193,8 @@ def conv2d_nhwc(
     compact = np.int16 if bits <= 16 and _max_abs(x) < 2**15 else np.int64
     padded = np.zeros((batch, height + top + bottom, width + left + right, channels), compact)
     padded[:, top : top + height, left : left + width, :] = x
-    out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    taps = [
-        padded[:, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps = conv_taps(padded, (kh, kw), (sh, sw), (dh, dw))
+    out_h, out_w = taps[0].shape[1:3]
     if depthwise:
         n = weight.shape[0]
         cols = np.stack(taps, axis=-2).reshape(-1, kh * kw, channels)  # (rows, taps, C)

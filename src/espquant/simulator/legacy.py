@@ -131,13 +131,8 @@ def _conv_sums(x: np.ndarray, w: np.ndarray, attrs: dict, depthwise: bool) -> np
     sh, sw = (int(s) for s in attrs.get("strides", [1, 1]))
     dh, dw = (int(d) for d in attrs.get("dilations", [1, 1]))
     padded = np.pad(np.moveaxis(x, 1, -1).astype(np.int64), [(0, 0), (top, bottom), (left, right), (0, 0)])
-    out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
-    taps = [
-        padded[:, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps = kernels.conv_taps(padded, (kh, kw), (sh, sw), (dh, dw))
+    out_h, out_w = taps[0].shape[1:3]
     if depthwise:
         cols = np.stack(taps, axis=-2).reshape(-1, kh * kw, channels)  # (rows, taps, C)
         weight = w[:, 0].reshape(n, kh * kw).T.astype(np.int64)  # (taps, C)
