@@ -15,7 +15,7 @@ import numpy as np
 
 from espquant.errors import DatasetError
 
-__all__ = ["load_arrays", "load_labels", "check_labels", "check_finite", "classes_of"]
+__all__ = ["load_arrays", "load_labels", "check_labels", "classes_of"]
 
 # Deflate cannot expand more than about 1032:1; an archive member claiming more is damaged.
 _MAX_EXPANSION = 1100
@@ -109,12 +109,6 @@ def check_labels(labels: np.ndarray, classes: int | None, path: str | Path) -> N
         raise DatasetError(
             f"{where}: labels {int(labels.min())}..{int(labels.max())} for {classes} classes (0..{classes - 1})."
         )
-
-
-def check_finite(values: np.ndarray, where: str) -> None:
-    """NaN or infinite inputs make every measure meaningless: refuse them naming the file."""
-    if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
-        raise DatasetError(f"{where}: holds NaN or infinite values; clean the data first.")
 
 
 def classes_of(scores: np.ndarray) -> int | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from espquant.api.evaluator import Evaluator
-from espquant.arrays import check_finite, check_labels, classes_of
+from espquant.arrays import check_labels, classes_of
 from espquant.calibration.dataset import Chunking, validated_feeds
 from espquant.calibration.sources import Labelled, as_feeds
 from espquant.errors import DatasetError
@@ -102,8 +102,6 @@ def measure(
             raise DatasetError(f"--labels {labels_source}: no labels for the samples from {total} on.")
         for start in range(0, size, step):
             feeds = {k: np.asarray(v[start : start + step], dtype=np.float32) for k, v in arrays.items()}
-            for values in feeds.values():
-                check_finite(values, what)
             reference = chunking.run(lambda f: session.run(None, f), feeds, what)
             simulated, _ = evaluator.evaluate_quantized_model(feeds, to_float=True)
             for name, ref, sim in zip(names, reference, simulated):
