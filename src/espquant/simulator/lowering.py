@@ -61,7 +61,7 @@ def build_quantized_model(
         channels = shape[use.channel_axis] if use.channel_axis is not None and shape else 1
         table.check_channels(use.tensor, int(channels))
         exponent = table.exponents.get(use.tensor)
-        if isinstance(exponent, list) and len(set(exponent)) > 1 and not profile.per_channel_weights:
+        if isinstance(exponent, list) and len(exponent) > 1 and not profile.per_channel_weights:
             raise QuantTableError(
                 f"{use.tensor!r} has one exponent per channel, which {profile.name} cannot run (its kernels take one "
                 "weight exponent per layer); calibrate with granularity per-tensor, or target esp32p4."
