@@ -15,7 +15,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import helper
-from tests.helpers import make_model, run, tensor
+from helpers import make_model, run, tensor
 
 from espquant import Calibrator
 from espquant.calibration.engine import calibrate_model
