@@ -277,6 +277,18 @@ def _models():
             [tensor("x", ["N", 3, 4, 6]), tensor("w", ["N", 3, 6, 5])],
             [tensor("y", ["N", 3, 4, 5])],
         ),
+        # PP-OCR's recognizer: attention scores through Softmax (float32 on the chip), moved by a Reshape, then
+        # read by a MatMul: espquant inserts the QuantizeLinear ESP-PPQ writes there; the scores stay an output.
+        "Softmax read by a MatMul": make_model(
+            [
+                helper.make_node("Softmax", ["x"], ["p"], name="softmax", axis=-1),
+                helper.make_node("Reshape", ["p", "shape"], ["r"], name="reshape"),
+                helper.make_node("MatMul", ["r", "v"], ["y"], name="n"),
+            ],
+            [tensor("x", [1, 2, 4, 6]), tensor("v", [1, 2, 6, 16])],
+            [tensor("y", [1, 2, 4, 16]), tensor("p", [1, 2, 4, 6])],
+            {"shape": np.array([1, 2, 4, 6])},
+        ),
         "Greater": make_model(
             [helper.make_node("Greater", ["x", "b"], ["y"], name="n")],
             [tensor("x", SHAPE), tensor("b", SHAPE)],

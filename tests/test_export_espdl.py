@@ -401,6 +401,35 @@ def test_constant_first_operands_and_unique_node_names(tmp_path, rng):
     assert decoded.initializers[sub.inputs[0]].dims == (1, 1, 1, 4)
 
 
+def test_one_constant_read_at_two_ranks_gets_a_copy_per_form(tmp_path, rng):
+    """paddle2onnx shares one scalar constant between Muls of different ranks (PP-OCRv4's recognizer: a 4-D
+    conv stage and the 3-D attention blocks). Each use is padded to its output's rank; writing one copy for both
+    made the runtime broadcast the 3-D Mul to 4-D, and the self-check refused the export."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "one"], ["m4"], name="mul4"),
+        helper.make_node("Reshape", ["m4", "shape"], ["r"], name="reshape"),
+        helper.make_node("Mul", ["r", "one"], ["m3"], name="mul3"),
+        helper.make_node("ReduceMean", ["m3", "axes"], ["y"], name="mean", keepdims=1),
+    ]
+    inits = {
+        "w": rng.normal(0, 0.3, (4, 3, 1, 1)).astype(np.float32),
+        "one": np.array([1.5], np.float32),
+        "shape": np.array([1, 4, 25]),
+        "axes": np.array([-1]),
+    }
+    model = make_model(nodes, [tensor("x", [1, 3, 5, 5])], [tensor("y", [1, 4, 1])], inits, opset=18)
+    data = rng.normal(0, 1, (1, 3, 5, 5)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    quantized = evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data)
+    _round_trip(quantized, path, data)
+    decoded = read_espdl(path)
+    operands = {n.name: decoded.initializers[n.inputs[1]].dims for n in decoded.nodes if n.op_type == "Mul"}
+    assert operands == {"mul4": (1, 1, 1, 1), "mul3": (1, 1, 1)}
+
+
 def test_a_real_architecture_exports_and_round_trips(tmp_path):
     """SqueezeNet from the onnx package (Conv, Relu, MaxPool, Concat of fire modules, Dropout removed,
     GlobalAveragePool, Softmax): exported for the S3 and simulated from the file bit for bit. Its shipped

@@ -23,6 +23,7 @@ from espquant.graph import opset_version
 from espquant.optimizer import optimize_model
 from espquant.runtime import create_session
 from espquant.table import QuantTable
+from espquant.simulator.lowering import lower_for_target
 from helpers import make_model, run, tensor
 
 CONFIGS = [("int8", "per-tensor"), ("int8", "per-channel"), ("int16", "per-tensor")]
@@ -409,3 +410,37 @@ def test_cli_export_qdq_reports_the_agreement(tmp_path):
     assert result.exit_code == 0, result.output
     assert "100.00%" in result.output and (tmp_path / "m_qdq.onnx").is_file()
     assert CliRunner().invoke(main, args).exit_code == 2  # exists: --force needed
+
+
+def test_a_softmax_read_by_a_matmul_is_quantized_once_for_it_and_stays_float_as_an_output(rng):
+    # PP-OCR's recognizer: Softmax (float32 on the chip) -> Reshape -> MatMul. The lowering inserts the
+    # QuantizeLinear ESP-PPQ writes; QDQ shows it as one pair on the Reshape's input; the output stays float.
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Reshape", ["p", "shape"], ["r"], name="reshape"),
+        helper.make_node("MatMul", ["r", "v"], ["y"], name="matmul"),
+    ]
+    model = make_model(
+        nodes,
+        [tensor("x", ["N", 4, 6]), tensor("v", ["N", 6, 8])],
+        [tensor("y", ["N", 4, 8]), tensor("p", ["N", 4, 6])],
+        {"shape": np.array([0, 4, 6])},
+    )
+    data = {"x": rng.normal(0, 2, (64, 4, 6)).astype(np.float32), "v": rng.normal(0, 1, (64, 6, 8)).astype(np.float32)}
+    table = Calibrator("int8", "per-tensor", "minmax").calibrate(model, data).table
+    assert table.exponents["p"] == table.exponents["r"] == -6  # scores up to 1.0 at int8, kept as one copy
+    quantized = lower_for_target(model, table, "esp32p4")
+    copy = next(n for n in quantized.nodes if n.op_type == "QuantizeLinear")
+    assert copy.inputs == ["p"] and quantized.exponents[copy.outputs[0]] == -6 and "p" in quantized.float_tensors
+    qdq = export_qdq(model, table)
+    producers = _producers(qdq)
+    assert producers["p"].op_type == "Softmax"  # the float output keeps no pair
+    reshape = next(n for n in qdq.graph.node if n.op_type == "Reshape")
+    assert producers[reshape.input[0]].op_type == "DequantizeLinear"
+    report = qdq_agreement(model, table, "esp32p4", data)
+    assert report["y"]["equal_fraction"] >= 0.99 and report["p"]["max_abs_diff"] < 1e-6
+    expected = run(model, data)[0]
+    simulated = Evaluator("int8", "per-tensor", "esp32s3")
+    simulated.generate_quantized_model(model, table)
+    outputs, _ = simulated.evaluate_quantized_model(data, to_float=True)
+    assert np.abs(outputs[0] - expected).max() <= 0.1 * np.abs(expected).max()

@@ -17,7 +17,7 @@ import onnx
 
 from espquant.errors import OptionError, UnsupportedModelError
 from espquant.graph import GraphView, node_attributes, opset_version, tensor_shape
-from espquant.ops import UNREGISTERED_HINTS, ExponentRule, NodeContext, OpSpec, Role, get_op_spec
+from espquant.ops import UNREGISTERED_HINTS, NodeContext, OpSpec, Role, get_op_spec
 from espquant.optimizer.cleanup import MIN_OPSET
 from espquant.optimizer.shapes import infer_shapes
 from espquant.quant.profiles import TargetProfile, get_target
@@ -175,39 +175,6 @@ class _Checker:
         self.problems.append(problem)
         if problem.op_type:
             self.node_problems.setdefault(problem.op_type, []).append(problem)
-
-    def check_float_readers(self) -> None:
-        """A float32 output (Softmax, LogSoftmax) may reach graph outputs through data movement, or a
-        QuantizeLinear; an integer op reading it needs a QuantizeLinear that espquant does not insert (ESP-PPQ
-        does). Without this, calibrate wrote a table and evaluate / export stopped on a missing exponent
-        (PP-OCRv4's recognizer: attention scores Softmax -> Reshape -> MatMul)."""
-        for node in self.model.graph.node:
-            spec = get_op_spec(node.op_type)
-            if spec is None or spec.output_dtype != "float32" or node.op_type == "DequantizeLinear":
-                continue
-            pending = [o for o in node.output if o]
-            while pending:
-                tensor = pending.pop()
-                for reader in self.view.consumers.get(tensor, []):
-                    reader_spec = get_op_spec(reader.op_type)
-                    if reader.op_type == "QuantizeLinear":
-                        continue
-                    passes = reader_spec is not None and reader_spec.exponent is ExponentRule.PASSTHROUGH
-                    if passes and reader.input and reader.input[0] == tensor:
-                        pending.extend(o for o in reader.output if o)
-                        continue
-                    self.add(
-                        Problem(
-                            reader.name or reader.output[0],
-                            reader.op_type,
-                            f"input {tensor}",
-                            f"reads the float32 output of {node.op_type} {node.name or node.output[0]!r}; the "
-                            "chip needs it quantized first (ESP-PPQ writes a QuantizeLinear there), which espquant "
-                            "cannot calibrate, simulate or write yet",
-                            f"end the model at the {node.op_type} (or data movement after it) and compute the "
-                            "rest on the host, or quantize this model with ESP-PPQ",
-                        )
-                    )
 
     def check_model_level(self) -> None:
         graph = self.model.graph
@@ -485,7 +452,6 @@ def check_model(
     checker.check_model_level()
     for node in model.graph.node:
         checker.check_node(node)
-    checker.check_float_readers()
     summaries = checker.summaries()
     report = CheckReport(profile.name if profile else None, width, checker.problems, summaries, checker.fallbacks)
     if strict and not report.ok:

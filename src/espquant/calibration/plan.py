@@ -52,6 +52,11 @@ class CalibrationPlan:
     constants: list[str] = field(default_factory=list)  # constant operands quantized like activations
     float_tensors: list[str] = field(default_factory=list)  # float32 / bool outputs (Softmax, comparisons)
     fixed: dict[str, int] = field(default_factory=dict)  # exponents the model states (QuantizeLinear scales)
+    # A float32 output (Softmax) that an integer op reads: the chip quantizes it once, by a QuantizeLinear the
+    # lowering inserts (float tensor -> its integer copy, at the float tensor's observed exponent) ...
+    quantized_copies: dict[str, str] = field(default_factory=dict)
+    # ... and the nodes that read the copy instead of the float tensor (by identity, as in the model).
+    copy_readers: set[int] = field(default_factory=set)
 
     @property
     def activations(self) -> list[str]:
@@ -96,15 +101,21 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
                 plan.weights.append(WeightUse(node, position, tensor, role.resolve_channel_axis(attrs)))
             elif role.role is Role.ACTIVATION and tensor not in plan.constants:
                 plan.constants.append(tensor)
-        # Float edges (Softmax outputs) stay float through pass-through ops (a Reshape after a Softmax).
+        # Float edges (Softmax outputs) stay float through pass-through ops (a Reshape after a Softmax) unless
+        # an integer op reads them further on (then the pass-through op moves the quantized copy).
         float_input = (
-            spec.exponent is ExponentRule.PASSTHROUGH and bool(node.input) and node.input[0] in plan.float_tensors
+            spec.exponent is ExponentRule.PASSTHROUGH
+            and bool(node.input)
+            and node.input[0] in plan.float_tensors
+            and id(node) not in plan.copy_readers
         )
         for output in node.output:
             if not output:
                 continue
             if spec.output_dtype != "quantized" or float_input:
                 plan.float_tensors.append(output)
+                if spec.output_dtype == "float32" and node.op_type != "DequantizeLinear":
+                    _quantize_for_integer_readers(plan, view, output)
                 continue
             consumer = view.single_consumer(output)
             if spec.fuses and consumer is not None and consumer.op_type in spec.fuses:
@@ -117,6 +128,30 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
     # Only a reader whose own output is measured can lend its range (not a float or fixed-exponent output).
     plan.range_from = {p: r for p, r in plan.range_from.items() if r in observed}
     return plan
+
+
+def _quantize_for_integer_readers(plan: CalibrationPlan, view: GraphView, tensor: str) -> None:
+    """Give the float32 ``tensor`` an integer copy when an integer op reads it, directly or through data
+    movement (PP-OCR's recognizer: attention scores Softmax -> Reshape -> MatMul), as ESP-PPQ's files do with a
+    QuantizeLinear after the Softmax. The copy's exponent is the float tensor's own (observed on the data);
+    readers whose data movement only reaches graph outputs or QuantizeLinear nodes keep reading floats."""
+    readers = [r for r in view.consumers.get(tensor, []) if _needs_integers(view, r, tensor)]
+    if not readers:
+        return
+    plan.quantized_copies[tensor] = f"{tensor}__quantized"
+    plan.copy_readers.update(id(r) for r in readers)
+    plan.observed.append(tensor)
+
+
+def _needs_integers(view: GraphView, reader: onnx.NodeProto, tensor: str) -> bool:
+    """Whether ``reader`` of a float tensor needs it as integers: any op but QuantizeLinear and data movement
+    (its first input) whose outputs no integer op reads further on."""
+    if reader.op_type == "QuantizeLinear":
+        return False
+    spec = get_op_spec(reader.op_type)
+    if spec is None or spec.exponent is not ExponentRule.PASSTHROUGH or not reader.input or reader.input[0] != tensor:
+        return True
+    return any(_needs_integers(view, r, out) for out in reader.output if out for r in view.consumers.get(out, []))
 
 
 def _reads_in_range(view: GraphView, node: onnx.NodeProto, tensor: str) -> bool:

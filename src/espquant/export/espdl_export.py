@@ -112,9 +112,17 @@ class _Export:
         self.declared[name] = EspdlValue(name, dtype, shape, [exponent])
 
     def constant(self, name: str, data: np.ndarray, dtype: str, exponents: list[int], doc: str = "") -> str:
+        """Store a constant and return its name in the file. One ONNX initializer read by several nodes in
+        different forms (paddle2onnx shares a scalar ``1.0`` between a 3-D and a 4-D Mul: padded to each
+        output's rank) gets one stored copy per form: overwriting would change the other readers' broadcast."""
         dims = tuple(int(d) for d in np.shape(data)) or (1,)
-        self.initializers[name] = EspdlTensor(name, dtype, dims, np.asarray(data).reshape(dims), exponents, doc)
-        return name
+        values = np.asarray(data).reshape(dims)
+        stored, copy = name, 1
+        while stored in self.initializers and not _same_constant(self.initializers[stored], dtype, values, exponents):
+            copy += 1
+            stored = f"{name}__{copy}"
+        self.initializers[stored] = EspdlTensor(stored, dtype, dims, values, exponents, doc)
+        return stored
 
     def ensure(self, tensor: str, perm: tuple[int, ...]) -> str:
         """``tensor`` in layout ``perm``: the stored name, behind a Transpose node when it is elsewhere."""
@@ -419,6 +427,15 @@ def _operand(e: _Export, tensor: str, perm: tuple[int, ...], rank: int) -> str:
     return e.ensure(tensor, perm)
 
 
+def _same_constant(stored: EspdlTensor, dtype: str, values: np.ndarray, exponents: list[int]) -> bool:
+    return (
+        stored.dtype == dtype
+        and stored.data.shape == values.shape
+        and list(stored.exponents) == list(exponents)
+        and np.array_equal(stored.data, values)
+    )
+
+
 def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     """Activations, Add / Sub / Mul, Clip and (re)quantization: computed in the first input's layout."""
     first = node.inputs[0]
@@ -452,8 +469,9 @@ def _elementwise(e: _Export, node: QNode) -> EspdlNode:
     if node.table is not None:
         table = f"{op_type}_lut_{e.luts}"
         e.luts += 1
-        e.constant(table, node.table.reshape(-1).astype(np.int64), e.int_dtype, [e.model.exponent(node.outputs[0])])
-        attrs["lut"] = table
+        attrs["lut"] = e.constant(
+            table, node.table.reshape(-1).astype(np.int64), e.int_dtype, [e.model.exponent(node.outputs[0])]
+        )
         inputs = inputs[:1]
         if e.bits == 16:  # an int16 table is the runtime's LUT module (ESP-PPQ's form, ARITHMETIC.md 8.2)
             attrs.update(int16_lut_step=int(node.attrs["int16_lut_step"]), original_op_type=op_type)

@@ -171,7 +171,13 @@ def _plan_qdq(model: onnx.ModelProto, table: QuantTable, plan: CalibrationPlan, 
         pair(name)
     onnx_nodes = {node.output[0]: node for node in model.graph.node if node.output}
     fused_from = {relu_out: conv_out for conv_out, relu_out in plan.fused.items()}
-    inserted = [q for q in quantized.nodes if q.op_type == "RequantizeLinear" and q.outputs[0] not in view.producer]
+    # What the lowering inserted: RequantizeLinear nodes, and the QuantizeLinear giving a Softmax output its
+    # integer copy; each is a pair on its reader's edge.
+    inserted = [
+        q
+        for q in quantized.nodes
+        if q.op_type in ("RequantizeLinear", "QuantizeLinear") and q.outputs[0] not in view.producer
+    ]
     requantized = {q.outputs[0] for q in inserted}
     for qnode in quantized.nodes:
         for output in qnode.outputs:

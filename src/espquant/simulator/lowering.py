@@ -115,6 +115,8 @@ def build_quantized_model(
             ExponentRule.PASSTHROUGH,
         )
         inputs = list(node.input)
+        if id(node) in plan.copy_readers:  # reads the integer copy of a float32 tensor (a Softmax output)
+            inputs = [plan.quantized_copies.get(t, t) for t in inputs]
         for position, tensor in enumerate(inputs):
             role = spec.input_spec(position)
             if not tensor or role is None or not view.is_constant(tensor):
@@ -191,6 +193,9 @@ def build_quantized_model(
         if node.op_type in RECURRENT_OPS:  # gate exponent, int16 bias and states (simulator/recurrent.py)
             lower_recurrent(qnode, node, view, exps, widths, constants, bits, rounding, requantize_to)
         nodes.append(qnode)
+        for output in outputs:
+            if output in plan.quantized_copies:
+                nodes.append(_quantize_copy(output, plan.quantized_copies[output], qnode, exps, widths, bits))
     graph_inputs = [i.name for i in model.graph.input if i.name in view.graph_inputs]
     quantized = QuantizedModel(
         nodes=nodes,
@@ -208,6 +213,23 @@ def build_quantized_model(
     check_activation_exponents(quantized)
     _warn_unknown_rules(quantized)
     return quantized
+
+
+def _quantize_copy(
+    tensor: str, copy: str, producer: QNode, exps: dict[str, int | list[int]], widths: dict[str, int], bits: int
+) -> QNode:
+    """The QuantizeLinear that gives a float32 output its integer copy at the tensor's table exponent, at the
+    producer's width: ESP-DL's QuantizeLinear module (``RequantizeLinear``, dl_module_requantize_linear.hpp)
+    rounds ``x * 2^-e`` and saturates (``TensorBase::assign``, dl_tensor_base.cpp)."""
+    exponent = exps.get(tensor)
+    if not isinstance(exponent, int):
+        raise QuantTableError(
+            f"{tensor!r} is read as integers by the next layer, so the table needs its exponent; calibrate again."
+        )
+    exps[copy] = exponent
+    if producer.bits != bits:
+        widths[copy] = producer.bits
+    return QNode("QuantizeLinear", f"{producer.name or tensor}__quantize", [tensor], [copy], {}, bits=producer.bits)
 
 
 def _bias_exponent(
