@@ -15,7 +15,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import helper
-from helpers import make_model, run, tensor
 
 from espquant import Calibrator
 from espquant.calibration.engine import calibrate_model
@@ -26,6 +25,7 @@ from espquant.quant.profiles import get_target
 from espquant.simulator.lowering import build_quantized_model
 from espquant.simulator.simulate import simulate
 from espquant.table import QuantTable, graph_hash
+from helpers import make_model, run, tensor
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,8 @@ def test_cli_cle_and_bias_correction_write_the_model_the_table_is_for(cli_files)
     assert table.metadata["graph_hash"] == graph_hash(onnx.load(written))
     evaluated = _cli("evaluate", written, "--table", folder / "eq.pickle", "--data", folder / "t.npy")
     assert evaluated.exit_code == 0, evaluated.output
-    exported = _cli("export", written, "--table", folder / "eq.pickle", "--target", "esp32s3", "-o", folder / "eq.espdl")
+    table = folder / "eq.pickle"
+    exported = _cli("export", written, "--table", table, "--target", "esp32s3", "-o", folder / "eq.espdl")
     assert exported.exit_code == 0, exported.output
     wrong = _cli("evaluate", folder / "m.onnx", "--table", folder / "eq.pickle", "--data", folder / "t.npy")
     assert wrong.exit_code != 0 and "_model.onnx" in wrong.output

@@ -22,8 +22,8 @@ from espquant.export.qdq import QDQ_OPSET, export_qdq, qdq_agreement, save_qdq
 from espquant.graph import opset_version
 from espquant.optimizer import optimize_model
 from espquant.runtime import create_session
-from espquant.table import QuantTable
 from espquant.simulator.lowering import lower_for_target
+from espquant.table import QuantTable
 from helpers import make_model, run, tensor
 
 CONFIGS = [("int8", "per-tensor"), ("int8", "per-channel"), ("int16", "per-tensor")]

@@ -18,8 +18,8 @@ from onnx import helper
 from espquant import Calibrator, Evaluator
 from espquant.cli import main
 from espquant.errors import DatasetError, ModelError
-from espquant.table import QuantTable
 from espquant.espdl import DIGEST_KEY, decode_espdl, encode_espdl, read_espdl, write_espdl
+from espquant.table import QuantTable
 from helpers import make_model, tensor
 
 FUZZER = Path(__file__).parent / "fuzz" / "fuzz_files.py"
