@@ -114,9 +114,12 @@ ZOO: tuple[ZooModel, ...] = (
         "data_ppocr_rec",
         "x:1,3,48,320",
         "batch 1 pinned: with x:N the attention's Transpose moves the batch off axis 0 (check says to pin it); "
-        "shape chains as in ppocr-cls. OPEN: the attention's float Softmax output feeds a MatMul; ESP-PPQ puts a "
-        "QuantizeLinear there, espquant cannot yet: calibrate passed and evaluate / export stopped with KeyError, "
-        "now check refuses it and says why",
+        "shape chains as in ppocr-cls. The attention's float Softmax output feeds a MatMul: calibrate passed and "
+        "evaluate / export stopped with KeyError, then check refused it; now the lowering inserts the QuantizeLinear "
+        "ESP-PPQ writes there. A scalar shared by 3-D and 4-D Muls was written once in the .espdl (export refused "
+        "its own file). The final int8 Softmax over logits beyond +-88 overflowed the chip's exp table (NaN): it "
+        "runs at int16 now. int16 on the host's plain-C build: float Softmax / Gelu through its -ffast-math libm "
+        "flip a few roundings (README of espdl-host)",
         "recognizer (CTC over 6625 characters)",
     ),
     ZooModel(

@@ -218,3 +218,40 @@ def test_an_int16_graph_input_round_trips(tmp_path, demo):
     ints = quantized.quantize_input("input", data.test_inputs[:64])
     got = loaded.run({"input": np.transpose(ints, loaded.onnx_layout("input"))})["logits"]
     np.testing.assert_array_equal(got, quantized.run({"input": ints})["logits"])
+
+
+@pytest.mark.parametrize("method", ["minmax", "auto"])
+def test_a_softmax_whose_int8_exp_table_would_overflow_runs_at_int16(tmp_path, rng, caplog, method):
+    """Logits beyond +-88 (127 * 2^e with e >= 0): ESP-DL's int8 Softmax looks exp(q 2^e) up without subtracting
+    the maximum, so the chip gets inf / NaN. Calibration runs that Softmax at int16 (the input widened by a
+    RequantizeLinear, exactly), says so, and the simulator and the exported file agree."""
+    from onnx import helper
+
+    from helpers import make_model, run, tensor
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["l"], name="fc"),
+        helper.make_node("Softmax", ["l"], ["y"], name="sm"),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 40])],
+                       {"w": rng.normal(0, 10, (16, 40)).astype(np.float32)})
+    data = rng.normal(0, 1, (64, 16)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="espquant.calibration.engine"):
+        table = Calibrator("int8", "per-tensor", method).calibrate(model, data).table
+    assert table.metadata["int16_layers"] == ["y"] and table.exponents["l"] >= 0
+    assert "'sm' runs at int16" in caplog.text
+    evaluator = Evaluator("int8", "per-tensor", "esp32s3")
+    quantized = evaluator.generate_quantized_model(model, table)
+    softmax = next(n for n in quantized.nodes if n.op_type == "Softmax")
+    assert softmax.bits == 16 and quantized.width(softmax.inputs[0]) == 16
+    outputs, _ = evaluator.evaluate_quantized_model(data, to_float=True)
+    expected = run(model, {"x": data})[0]
+    assert np.isfinite(outputs[0]).all() and (outputs[0].argmax(1) == expected.argmax(1)).mean() >= 0.9
+    path = evaluator.export_espdl(tmp_path / "m.espdl", data[:1])
+    node = next(n for n in read_espdl(path).nodes if n.op_type == "Softmax")
+    assert node.attributes["quant_type"] == "S16"
+    # Without the widening, the same exponents give NaN on the chip (what the table above avoids).
+    plain = QuantTable(dict(table.exponents), {**table.metadata, "int16_layers": []})
+    int8 = Evaluator("int8", "per-tensor", "esp32s3")
+    int8.generate_quantized_model(model, plain)
+    assert np.isnan(int8.evaluate_quantized_model(data, to_float=True)[0][0]).any()

@@ -25,11 +25,19 @@ from espquant.calibration.dataset import Batch, Chunking, InputSpec, iterate_bat
 from espquant.calibration.exponents import Requantize, assign_exponents
 from espquant.calibration.observers import Observer, finite_range, make_observer
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
-from espquant.calibration.precision import Fallback, int8_fallbacks, resolve_int16_layers, tensor_widths
+from espquant.calibration.precision import (
+    Fallback,
+    int8_fallbacks,
+    overflowing_softmax,
+    resolve_int16_layers,
+    tensor_widths,
+)
 from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
+from espquant.ops.activations import SOFTMAX_FAMILY
 from espquant.optimizer.equalize import equalized_copy
+from espquant.quant.pot import exponent_for_max_abs
 from espquant.quant.profiles import get_target
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
@@ -176,6 +184,10 @@ def calibrate_model(
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
     int16 = resolve_int16_layers(plan, list(int16_layers))
     widths = tensor_widths(model_proto, plan, bits, int16)
+    widened = _softmax_needing_int16(model_proto, plan, observers, bits, widths, granularity == "per-channel")
+    if widened:
+        int16 = sorted({*int16, *widened})
+        widths = tensor_widths(model_proto, plan, bits, int16)
     per_channel = granularity == "per-channel"
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
     if method == "auto":
@@ -245,6 +257,37 @@ def _capturing(batches: Iterable[Batch], limit: int, kept: list[Batch]) -> Itera
             kept.append(part)
             taken += len(next(iter(part.values())))
         yield batch
+
+
+def _softmax_needing_int16(
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    observers: dict[str, Observer],
+    bits: int,
+    widths: dict[str, int],
+    per_channel: bool,
+) -> list[str]:
+    """The Softmax layers that run at int16 because the chip's int8 exp table cannot hold their input's range
+    (``precision.overflowing_softmax``; a classifier's logits beyond +-88), judged at the widest exponents the
+    data allows (min-max), before any method narrows them: each is said in one line."""
+    if bits != 8 or not any(node.op_type in SOFTMAX_FAMILY for node, _ in plan.nodes):
+        return []
+    widest = {name: exponent_for_max_abs(o.max_abs, widths.get(name, bits)) for name, o in observers.items()}
+    for conv_output, reader_output in plan.range_from.items():
+        widest[conv_output] = exponent_for_max_abs(observers[reader_output].max_abs, widths.get(conv_output, bits))
+    exponents = assign_exponents(model, plan, widest | plan.fixed, bits, per_channel, widths, "minmax").exponents
+    found = overflowing_softmax(plan, exponents, widths, bits)
+    producers = {out: node for node, _ in plan.nodes for out in node.output}
+    for tensor in found:
+        node = producers[tensor]
+        logger.warning(
+            "%s %r runs at int16: its input reaches %.3g, beyond the +-88 the chip's int8 exp table holds (inf / "
+            "NaN there); a RequantizeLinear widens the input",
+            node.op_type,
+            node.name or tensor,
+            127 * 2.0 ** exponents[node.input[0]],  # type: ignore[operator]
+        )
+    return found
 
 
 def _joined(kept: list[Batch], chunking: Chunking) -> Batch:

@@ -33,8 +33,17 @@ from espquant.calibration.plan import CalibrationPlan
 from espquant.checker import FALLBACK_BITS, runs_at
 from espquant.errors import QuantTableError
 from espquant.ops import ExponentRule
+from espquant.ops.activations import SOFTMAX_FAMILY, int8_softmax_overflows
 
-__all__ = ["WIDEN", "Fallback", "int8_fallbacks", "resolve_int16_layers", "tensor_widths", "equivalent_exponent"]
+__all__ = [
+    "WIDEN",
+    "Fallback",
+    "int8_fallbacks",
+    "overflowing_softmax",
+    "resolve_int16_layers",
+    "tensor_widths",
+    "equivalent_exponent",
+]
 
 WIDEN = 8  # int8 -> int16 keeps the range when the exponent drops by 8 bits
 
@@ -120,4 +129,23 @@ def tensor_widths(model: onnx.ModelProto, plan: CalibrationPlan, base: int, int1
         relu6_of_wide = node.op_type == "Clip" and bool(inputs) and inputs[0] in wide and inputs[0] in plan.range_from
         if passes_through or shares or relu6_of_wide:
             wide.update(outputs)
-    return dict.fromkeys(sorted(wide - set(plan.float_tensors)), 16)
+    # A float output keeps the width of the layer named for it (a Softmax at int16 reads its input at int16).
+    return dict.fromkeys(sorted(wide - (set(plan.float_tensors) - set(int16))), 16)
+
+
+def overflowing_softmax(
+    plan: CalibrationPlan, exponents: dict[str, int | list[int]], widths: dict[str, int], bits: int
+) -> list[str]:
+    """The Softmax / LogSoftmax layers that would compute at int8 with an input range the chip's int8 exp table
+    cannot hold (inf / NaN on the chip: ``int8_softmax_overflows``), by output tensor. Calibration runs them at
+    int16 instead, where the runtime subtracts the maximum in float (a RequantizeLinear widens the input)."""
+    found = []
+    for node, _ in plan.nodes:
+        if node.op_type not in SOFTMAX_FAMILY or not node.output or widths.get(node.output[0], bits) != 8:
+            continue
+        exponent = exponents.get(node.input[0])
+        if isinstance(exponent, int):
+            at_int8 = equivalent_exponent(exponent, widths.get(node.input[0], bits), 8)
+            if int8_softmax_overflows(at_int8):
+                found.append(node.output[0])
+    return found

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from espquant.ops.spec import Constraint, ExponentRule, NodeContext, OpSpec, activation, qparam, weight
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "SOFTMAX_FAMILY", "int8_softmax_overflows"]
+
+SOFTMAX_FAMILY = ("Softmax", "LogSoftmax")
+# ESP-DL's int8 Softmax / LogSoftmax look up exp(q * 2^e) in a 256-entry float32 table without subtracting the
+# maximum first (dl_module_softmax.hpp, ARITHMETIC.md 10): expf is inf above ~88.7.
+_EXPF_LIMIT = 88.0
+
+
+def int8_softmax_overflows(input_exponent: int) -> bool:
+    """Whether an int8 Softmax whose input has ``input_exponent`` gets inf (then NaN) from the chip's exp table:
+    its largest input, 127 * 2^e, beyond what expf holds. At int16 the runtime subtracts the maximum in float."""
+    return 127 * 2.0**input_exponent > _EXPF_LIMIT
 
 
 def _unary(op_type: str, ref: str, min_opset: int = 13, **extra) -> OpSpec:
@@ -89,6 +100,5 @@ SPECS: tuple[OpSpec, ...] = (
         min_opset=20,
         notes=("the runtime runs it only through a table, also at int16 (a LUT node with a 2049-entry table)",),
     ),
-    _softmax("Softmax"),
-    _softmax("LogSoftmax"),
+    *(_softmax(op_type) for op_type in SOFTMAX_FAMILY),
 )

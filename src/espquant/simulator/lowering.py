@@ -14,6 +14,7 @@ from espquant.calibration.precision import equivalent_exponent, tensor_widths
 from espquant.errors import QuantTableError
 from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, OpSpec, Role
+from espquant.ops.activations import SOFTMAX_FAMILY, int8_softmax_overflows
 from espquant.ops.recurrent import RECURRENT_OPS
 from espquant.quant.pot import EXPONENT_LIMIT, MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
@@ -163,11 +164,12 @@ def build_quantized_model(
         for position, target in targets.items():
             if target is not None and inputs[position] not in constants:
                 inputs[position] = requantize_to(inputs[position], target, node.name, node_bits)
-        softmax_exponent = exps.get(inputs[0]) if node.op_type in ("Softmax", "LogSoftmax") and node_bits == 8 else None
-        if isinstance(softmax_exponent, int) and 127 * 2.0**softmax_exponent > 88.0:  # expf overflows above ~88.7
+        softmax_exponent = exps.get(inputs[0]) if node.op_type in SOFTMAX_FAMILY and node_bits == 8 else None
+        if isinstance(softmax_exponent, int) and int8_softmax_overflows(softmax_exponent):  # tables not espquant's
             logger.warning(
                 "int8 %s %r: input exponent %d lets the runtime's exp table overflow (inf / NaN on the chip, "
-                "ARITHMETIC.md 10); quantize this layer's input with int16 or keep its range below 88",
+                "ARITHMETIC.md 10); calibrate again with espquant (it runs such a layer at int16) or list it in "
+                "the int16 layers",
                 node.op_type,
                 node.name,
                 softmax_exponent,
