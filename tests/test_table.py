@@ -30,6 +30,16 @@ def test_round_trip_pickle_and_json(tmp_path):
     assert raw["x"] == -7 and raw["w"] == [-8, -9] and METADATA_KEY in raw
 
 
+def test_a_one_channel_per_channel_weight_keeps_its_checksum(tmp_path):
+    """A per-channel table of a model whose last Conv has one output channel (a text detector's probability
+    map): the weight's ``[e]`` reads back as ``e``, and the checksum must still match (it did not)."""
+    table = QuantTable({"x": -7, "w": [-8, -9], "head": [-6]}, {"bits": 8, "granularity": "per-channel"})
+    for name in ("t.pickle", "legacy.pickle"):
+        path, twin = table.save(tmp_path / name, table_format="legacy" if name.startswith("legacy") else "exponents")
+        for source in (path, twin):
+            assert QuantTable.load(source).exponents["head"] == -6
+
+
 def test_legacy_table_with_numpy_values(tmp_path):
     path = tmp_path / "legacy.pickle"
     path.write_bytes(pickle.dumps({"x": np.int64(-7), "w": np.array([-8, -9])}))

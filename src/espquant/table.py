@@ -249,8 +249,11 @@ def _check_metadata(metadata: dict[str, Any], source: str) -> None:
 
 
 def _checksum(exponents: dict[str, int | list[int]], metadata: dict[str, Any]) -> str:
-    """A digest of exponents and metadata: a table edited after calibration is told apart."""
-    content = {"exponents": exponents, "metadata": {k: v for k, v in metadata.items() if k != "checksum"}}
+    """A digest of exponents and metadata: a table edited after calibration is told apart. Exponents are taken
+    as reading gives them back (``_plain``: one channel's ``[e]`` is ``e``), so a per-channel table with a
+    one-channel weight (a detector's last Conv) still matches its checksum when loaded."""
+    plain = {name: e[0] if isinstance(e, list) and len(e) == 1 else e for name, e in exponents.items()}
+    content = {"exponents": plain, "metadata": {k: v for k, v in metadata.items() if k != "checksum"}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
