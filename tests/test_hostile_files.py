@@ -107,6 +107,22 @@ def test_the_digest_catches_a_changed_weight_the_test_input_misses(espdl_file, t
     assert CliRunner().invoke(main, ["inspect", str(espdl_file)]).output.count("verified") == 1
 
 
+@pytest.mark.parametrize("damage", ["key", "key and value"])
+def test_a_damaged_digest_entry_does_not_make_a_changed_file_look_unsigned(espdl_file, tmp_path, damage):
+    """Found by the fuzzer: bytes flipped in the digest's key (and value) and in a weight; the file then read as
+    one without a digest, and the changed weight ran silently."""
+    decoded = read_espdl(espdl_file)
+    weight = decoded.initializers["g"]
+    weight.data = weight.data.copy()
+    weight.data.reshape(-1)[0] ^= 1
+    value = decoded.metadata.pop(DIGEST_KEY)
+    decoded.metadata[DIGEST_KEY.replace(".", "Q")] = value if damage == "key" else value.replace("256", "2\x1d6")
+    damaged = tmp_path / "damaged.espdl"
+    write_espdl(decoded, damaged)
+    result = CliRunner().invoke(main, ["run", str(damaged), "--self-test"])
+    assert result.exit_code == 1 and "digest" in result.output, result.output
+
+
 def test_a_huge_window_or_pad_is_refused_before_allocating(espdl_file):
     decoded = read_espdl(espdl_file)
     (pool,) = [n for n in decoded.nodes if n.op_type == "MaxPool"]

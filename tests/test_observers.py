@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -206,3 +207,20 @@ def test_round_float_and_wrap():
     assert round_float(values, "half_up").tolist() == [3, -2, -7, 0]
     assert round_float(values, "half_even").tolist() == [2, -2, -7, 0]
     assert wrap(np.array([2**19, 2**19 - 1, -(2**19) - 1]), 20).tolist() == [-(2**19), 2**19 - 1, 2**19 - 1]
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse", "percentile", "entropy"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinite_activation_is_named_not_binned(method, bad):
+    """An activation that overflows in the float model (inf - inf gives NaN): Python's ``max`` dropped a NaN
+    that was not its first argument, and the histogram cast inf to an integer (numpy warned)."""
+    from espquant.calibration.observers import finite_range
+    from espquant.errors import DatasetError
+
+    observer = make_observer(method)
+    observer.update(np.array([1.0, 2.0], np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        observer.update(np.array([3.0, bad], np.float32))
+    with pytest.raises(DatasetError, match="'t' reaches"):
+        finite_range("t", observer)

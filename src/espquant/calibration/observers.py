@@ -37,6 +37,11 @@ DEFAULT_PERCENTILE = 99.99
 SAMPLES_PER_BATCH = 1 << 14
 
 
+def _largest(*values: float) -> float:
+    """``max`` that keeps a NaN (Python's ``max`` drops it when it is not first): ``finite_range`` must see it."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 class Observer:
     """Statistics of one tensor; subclasses choose the exponent."""
 
@@ -52,7 +57,7 @@ class Observer:
 
     def update_range(self, low: float, high: float, count: int) -> None:
         """Fold in a batch known by its extremes only (enough for min-max, not for histograms)."""
-        self.max_abs = max(self.max_abs, high, -low)
+        self.max_abs = _largest(self.max_abs, high, -low)
         self.count += count
 
     def exponent(self, bits: int) -> int:
@@ -84,9 +89,11 @@ class HistogramObserver(Observer):
         if not values.size:
             return
         flat = values.reshape(-1)
-        batch_max = max(float(flat.max()), -float(flat.min()))
-        self.max_abs = max(self.max_abs, batch_max)
+        batch_max = _largest(float(flat.max()), -float(flat.min()))
+        self.max_abs = _largest(self.max_abs, batch_max)
         self.count += flat.size
+        if not math.isfinite(batch_max):  # inf / NaN: finite_range names the tensor; nothing to bin
+            return
         if flat.size > SAMPLES_PER_BATCH:
             stride = -(-flat.size // SAMPLES_PER_BATCH) | 1
             flat = flat[self.batches % stride :: stride]

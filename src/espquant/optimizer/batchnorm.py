@@ -13,11 +13,12 @@ import onnx
 from onnx import helper
 
 from espquant.graph import GraphView, remove_nodes, replace_nodes, set_initializer, unique_name
+from espquant.optimizer.affine import LINEAR, fold_output_affine
 from espquant.optimizer.pipeline import PassResult
 
 __all__ = ["fold_batchnorm", "batchnorm_to_mul_add"]
 
-_FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
+_FOLD_TARGETS = LINEAR
 
 
 def _bn_affine(view: GraphView, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | None:
@@ -35,96 +36,6 @@ def _bn_affine(view: GraphView, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndar
     return scale, beta - mean * scale
 
 
-def _attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _attr_float(node: onnx.NodeProto, name: str, default: float) -> float:
-    return next((a.f for a in node.attribute if a.name == name), default)
-
-
-def _write_param(
-    model: onnx.ModelProto,
-    view: GraphView,
-    node: onnx.NodeProto,
-    index: int,
-    value: np.ndarray,
-    taken: set[str],
-    suffix: str,
-) -> None:
-    """Store ``value`` as input ``index`` of ``node``: in place if only this node reads the old tensor,
-    else under a fresh name, so a weight shared with another node is never changed behind its back."""
-    old = node.input[index] if index < len(node.input) else ""
-    if old and len(view.consumers.get(old, [])) == 1 and old not in view.graph_outputs:
-        set_initializer(model.graph, old, value)
-        return
-    name = unique_name(f"{node.name or node.op_type}_{suffix}", taken)
-    set_initializer(model.graph, name, value)
-    while len(node.input) <= index:
-        node.input.append("")
-    node.input[index] = name
-
-
-def _fold_into(
-    model: onnx.ModelProto,
-    view: GraphView,
-    layer: onnx.NodeProto,
-    scale: np.ndarray,
-    shift: np.ndarray,
-    taken: set[str],
-) -> bool:
-    """Fold ``y = scale * layer(x) + shift`` into ``layer``'s parameters; False when it cannot."""
-    if len(layer.input) < 2 or not view.is_constant(layer.input[1]):
-        return False
-    has_bias = len(layer.input) > 2 and bool(layer.input[2])
-    if has_bias and not view.is_constant(layer.input[2]):
-        return False
-    weight = view.array(layer.input[1])
-    if weight.dtype.kind != "f":
-        return False
-    channels = scale.shape[0]
-    w = weight.astype(np.float64)
-    if layer.op_type == "Conv":
-        if w.shape[0] != channels:
-            return False
-        w = w * scale.reshape((channels,) + (1,) * (w.ndim - 1))
-        bias_len = channels
-    elif layer.op_type == "ConvTranspose":
-        group = _attr_int(layer, "group", 1)
-        if w.shape[1] * group != channels:
-            return False
-        per_group = w.shape[1]
-        grouped = w.reshape((group, w.shape[0] // group, per_group) + w.shape[2:])
-        grouped = grouped * scale.reshape((group, 1, per_group) + (1,) * (w.ndim - 2))
-        w = grouped.reshape(w.shape)
-        bias_len = channels
-    else:  # Gemm: Y = alpha * A' B' + beta * C, BatchNormalization over its second axis
-        if w.ndim != 2:
-            return False
-        trans_b = _attr_int(layer, "transB", 0)
-        outputs = w.shape[0] if trans_b else w.shape[1]
-        if outputs != channels:
-            return False
-        w = w * (scale[:, None] if trans_b else scale[None, :])
-        bias_len = channels
-    if has_bias:
-        bias = view.array(layer.input[2]).astype(np.float64)
-        if layer.op_type == "Gemm":
-            bias = bias * _attr_float(layer, "beta", 1.0)
-            new_bias = np.broadcast_to(bias, np.broadcast_shapes(bias.shape, (bias_len,))) * scale + shift
-        else:
-            new_bias = bias * scale + shift
-    else:
-        new_bias = shift
-    if layer.op_type == "Gemm":
-        for attr in layer.attribute:
-            if attr.name == "beta":
-                attr.f = 1.0
-    _write_param(model, view, layer, 1, w.astype(weight.dtype), taken, "weight_bnfold")
-    _write_param(model, view, layer, 2, np.asarray(new_bias, dtype=weight.dtype), taken, "bias_bnfold")
-    return True
-
-
 def fold_batchnorm(model: onnx.ModelProto) -> PassResult:
     """Fold BatchNormalization into the preceding Conv, ConvTranspose or Gemm when that layer feeds only it."""
     graph = model.graph
@@ -139,7 +50,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> PassResult:
         if layer is None or layer.op_type not in _FOLD_TARGETS or view.single_consumer(bn.input[0]) is not bn:
             continue
         affine = _bn_affine(view, bn)
-        if affine is None or not _fold_into(model, view, layer, *affine, taken):
+        if affine is None or not fold_output_affine(model, view, layer, *affine, taken, "bnfold"):
             continue
         layer.output[0] = bn.output[0]
         doomed.append(bn)

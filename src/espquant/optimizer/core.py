@@ -19,6 +19,7 @@ from espquant.files import check_distinct_paths
 from espquant.graph import GraphView
 from espquant.model_io import load_model, save_model
 from espquant.optimizer.activations import fuse_hard_sigmoid, fuse_hard_swish
+from espquant.optimizer.affine import fold_affine
 from espquant.optimizer.batchnorm import batchnorm_to_mul_add, fold_batchnorm
 from espquant.optimizer.cleanup import (
     eliminate_inference_dropout,
@@ -127,6 +128,12 @@ PASSES: list[OptimizerPass] = [
         "fuse_hard_swish",
         fuse_hard_swish,
         "x * Clip(x + 3, 0, 6) / 6, x * HardSigmoid(x) -> HardSwish (raises the opset to 14 when needed)",
+    ),
+    OptimizerPass(
+        "fold_affine",
+        fold_affine,
+        "constant per-channel Mul / Div / Add / Sub next to a Conv / Gemm -> its weights and bias (after the "
+        "activation fusions: their written-out patterns hold such nodes)",
     ),
     OptimizerPass("sum_to_add", sum_to_add, "two-input Sum -> Add"),
     OptimizerPass("reshape_prelu_slopes", reshape_prelu_slopes, "PRelu slopes -> (C, 1, 1)"),
