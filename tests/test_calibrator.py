@@ -365,7 +365,7 @@ def test_a_conv_read_only_by_a_clip_or_an_add_takes_its_readers_range(rng):
     data = rng.normal(0, 2, (32, 3, 4, 4)).astype(np.float32)
     result = Calibrator("int8").calibrate(model, data)
     e = result.table.exponents
-    assert set(result.observers) == {"x", "k", "s", "y"}
+    assert set(result.observers) == {"x", "k", "s", "y", "p"}  # p: measured so the Add's exponent holds it
     assert e["c"] == e["k"] == exponent_for_max_abs(6.0, 8) == -4
     assert e["p"] == e["s"]
     assert [(r.node, r.tensor) for r in result.requantize] == [
@@ -402,3 +402,69 @@ def test_mse_calibration_chooses_weight_exponents_by_squared_error_too(rng):
     mse = Calibrator("int8", "per-tensor", "mse").calibrate(model, data).table
     assert mse["W"] == -7 and mse["y"] >= mse["x"] + mse["W"]
     assert Calibrator("int8", "per-channel", "mse").calibrate(model, data).table["W"] == [-7, -13, -13, -13]
+
+
+@pytest.mark.parametrize("order", ["x, sigmoid", "sigmoid, x"])
+def test_a_written_out_silu_is_one_swish_module(rng, order):
+    """x * Sigmoid(x) (YOLO's SiLU): one Swish node in the integer model (an int8 table from x's exponent to
+    the product's), as ESP-PPQ writes it, instead of a rounded gate and a Mul; a gate read elsewhere stays."""
+    from espquant.calibration.plan import plan_calibration
+    from espquant.simulator.lowering import lower_for_target
+
+    n = helper.make_node
+    operands = ["c", "s"] if order == "x, sigmoid" else ["s", "c"]
+    nodes = [
+        n("Conv", ["x", "w"], ["c"], name="conv"),
+        n("Sigmoid", ["c"], ["s"], name="gate"),
+        n("Mul", operands, ["y"], name="silu"),
+        n("Sigmoid", ["y"], ["g2"], name="gate2"),
+        n("Mul", ["y", "g2"], ["z"], name="kept"),  # its gate is an output too: two nodes
+    ]
+    inits = {"w": rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 3, 5, 5])], [tensor("z", None), tensor("g2", None)], inits)
+    plan = plan_calibration(model)
+    assert [node.op_type for node, _ in plan.nodes] == ["Conv", "Swish", "Sigmoid", "Mul"]
+    data = rng.normal(0, 1, (32, 3, 5, 5)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    assert "s" not in table.exponents and "g2" in table.exponents
+    quantized = lower_for_target(model, table, "esp32s3")
+    swish = next(q for q in quantized.nodes if q.op_type == "Swish")
+    assert swish.inputs == ["c"] and swish.outputs == ["y"] and swish.table is not None
+    x_exp, y_exp = table.exponents["c"], table.exponents["y"]
+    codes = np.arange(-128, 128)
+    expected = np.clip(np.rint(codes * 2.0**x_exp / (1 + np.exp(-codes * 2.0**x_exp)) * 2.0**-y_exp), -128, 127)
+    assert np.abs(swish.table.reshape(-1) - expected).max() <= 1  # the table is the function, rounded once
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+def test_a_difference_of_large_values_keeps_its_inputs_unsaturated(rng, bits):
+    """YOLO's box decoding, x2 - x1 with both near 300 and the difference near 15: ESP-DL subtracts the integers
+    at the output's exponent (dl_base_sub.cpp), so that exponent must hold the inputs, not only the difference;
+    at the difference's own exponent both inputs saturated and the result was wrong by ~half its range."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["a"], name="left"),
+        helper.make_node("Conv", ["x", "W2", "B2"], ["b"], name="right"),
+        helper.make_node("Sub", ["b", "a"], ["d"], name="width"),
+        helper.make_node("Add", ["d", "offset"], ["y"], name="shift"),
+    ]
+    inits = {
+        "W1": rng.normal(0, 0.5, (2, 3, 1, 1)).astype(np.float32),
+        "B1": np.array([300.0, 280.0], np.float32),
+        "B2": np.array([315.0, 290.0], np.float32),
+        "offset": np.array([200.0], np.float32),  # a constant beyond the sum's own range
+    }
+    inits["W2"] = inits["W1"] + rng.normal(0, 0.05, (2, 3, 1, 1)).astype(np.float32)
+    model = make_model(nodes, [tensor("x", ["N", 3, 4, 4])], [tensor("y", ["N", 2, 4, 4])], inits)
+    data = rng.normal(0, 1, (32, 3, 4, 4)).astype(np.float32)
+    table = Calibrator(bits).calibrate(model, data).table
+    width = 8 if bits == "int8" else 16
+    assert table.exponents["d"] >= exponent_for_max_abs(330.0, width) - 1  # holds the inputs near 315
+    assert table.exponents["y"] >= exponent_for_max_abs(200.0, width)  # and the constant
+    from espquant import Evaluator
+
+    evaluator = Evaluator(bits, "per-tensor", "esp32s3")
+    evaluator.generate_quantized_model(model, table)
+    simulated = evaluator.evaluate_quantized_model(data, to_float=True)[0][0]
+    expected = create_session(model).run(None, {"x": data})[0]
+    step = 2.0 ** table.exponents["y"]
+    assert np.abs(simulated - expected).max() <= 3 * step

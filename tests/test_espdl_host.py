@@ -277,6 +277,17 @@ def _models():
             [tensor("x", ["N", 3, 4, 6]), tensor("w", ["N", 3, 6, 5])],
             [tensor("y", ["N", 3, 4, 5])],
         ),
+        # YOLO's SiLU, x * Sigmoid(x): the chip's one Swish module (int8 table / int16 float), as ESP-PPQ writes it
+        "SiLU written out": make_model(
+            [
+                helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                helper.make_node("Sigmoid", ["c"], ["s"], name="gate"),
+                helper.make_node("Mul", ["s", "c"], ["y"], name="n"),
+            ],
+            [tensor("x", SHAPE)],
+            [tensor("y", SHAPE)],
+            {"w": rng.normal(0, 0.4, (4, 4, 3, 3)).astype(np.float32)},
+        ),
         # PP-OCR's recognizer: attention scores through Softmax (float32 on the chip), moved by a Reshape, then
         # read by a MatMul: espquant inserts the QuantizeLinear ESP-PPQ writes there; the scores stay an output.
         "Softmax read by a MatMul": make_model(

@@ -122,7 +122,10 @@ def node_attributes(node: onnx.NodeProto, opset: int) -> dict[str, Any]:
     model all see the same values, so no kernel guesses a default of its own."""
     values: dict[str, Any] = {}
     if onnx.defs.has(node.op_type, node.domain):
-        schema = onnx.defs.get_schema(node.op_type, max(opset, 1), node.domain)
+        try:
+            schema = onnx.defs.get_schema(node.op_type, max(opset, 1), node.domain)
+        except onnx.defs.SchemaError:  # newer than the model's opset (the plan's Swish for x * Sigmoid(x))
+            schema = onnx.defs.get_schema(node.op_type, node.domain)
         for name, attribute in schema.attributes.items():
             if attribute.default_value.type != onnx.AttributeProto.UNDEFINED:
                 values[name] = helper.get_attribute_value(attribute.default_value)

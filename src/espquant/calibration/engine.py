@@ -22,7 +22,7 @@ from espquant.calibration.auto import (
 from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
 from espquant.calibration.collector import collect
 from espquant.calibration.dataset import Batch, Chunking, InputSpec, iterate_batches
-from espquant.calibration.exponents import Requantize, assign_exponents
+from espquant.calibration.exponents import Requantize, assign_exponents, cover_aligned_inputs
 from espquant.calibration.observers import Observer, finite_range, make_observer
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.precision import (
@@ -171,7 +171,8 @@ def calibrate_model(
         if pairs:
             transforms.append("cle")
             plan = plan_calibration(model_proto)
-    observers = {name: make_observer("mse" if method == "auto" else method) for name in dict.fromkeys(plan.observed)}
+    measured = dict.fromkeys([*plan.observed, *plan.range_observed])
+    observers = {name: make_observer("mse" if method == "auto" else method) for name in measured}
     chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
     batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
     correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
@@ -216,6 +217,8 @@ def calibrate_model(
         observed |= plan.fixed
         for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
             observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
+    own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
+    cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
     if correct and method != "auto":
         model_proto, count = _bias_corrected(model_proto, plan, assignment.exponents, _joined(kept, chunking),

@@ -29,7 +29,7 @@ from espquant.ops import ExponentRule, OpSpec, Role
 from espquant.ops.recurrent import RECURRENT_OPS
 from espquant.quant.pot import MAX_RIGHT_SHIFT, exponent_for_max_abs, qmax, qmin
 
-__all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "weight_exponents"]
+__all__ = ["Requantize", "ExponentAssignment", "assign_exponents", "cover_aligned_inputs", "weight_exponents"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,58 @@ def _bound_weight_shift(
 
 def _largest(value: int | list[int]) -> int:
     return max(value) if isinstance(value, list) else value
+
+
+def cover_aligned_inputs(
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    observed: dict[str, int],
+    own: dict[str, int],
+    bits: int,
+    widths: dict[str, int] | None = None,
+) -> list[str]:
+    """Raise the output exponent of every op that reads its inputs at its output's exponent (Add, Sub: ESP-DL
+    subtracts the integers as they are, ``dl_base_sub.cpp``) until it holds each input's own range, and give
+    the Conv outputs written at that exponent (``plan.range_from``) the raised one. Returns the raised outputs.
+
+    A difference of two large values (a detector's box decoding ``x2 - x1``, a residual block whose branch
+    cancels its input) has a smaller range than its inputs: at the output's own exponent the inputs saturate
+    before the subtraction and the result is wrong, not just coarse. ``observed`` holds the exponents chosen
+    so far (updated in place), ``own`` each input's exponent from its own range where ``observed`` has another
+    (the range_from Conv outputs)."""
+    widths = widths or {}
+    view = GraphView(model.graph)
+    width = lambda tensor: widths.get(tensor, bits)  # noqa: E731
+    ranges = dict(observed) | own  # a tensor's own exponent, data movement inheriting its input's
+    raised = []
+    for node, spec in plan.nodes:
+        inputs = [t for t in node.input if t]
+        outputs = [plan.fused.get(o, o) for o in node.output if o]
+        if spec.exponent is ExponentRule.PASSTHROUGH and inputs and inputs[0] in ranges:
+            for output in outputs:
+                ranges.setdefault(output, equivalent_exponent(ranges[inputs[0]], width(inputs[0]), width(output)))
+        if spec.exponent is not ExponentRule.ALIGN_TO_OUTPUT or not outputs or outputs[0] not in observed:
+            continue
+        output = outputs[0]
+        needed = [observed[output]]
+        for position, tensor in enumerate(node.input):
+            role = spec.input_spec(position)
+            if not tensor or role is None or role.role is not Role.ACTIVATION:
+                continue
+            if view.is_constant(tensor):
+                values = np.abs(view.array(tensor).astype(np.float64))
+                if values.size and np.isfinite(values).all():
+                    needed.append(exponent_for_max_abs(float(values.max()), width(output)))
+            elif tensor in ranges:
+                needed.append(equivalent_exponent(ranges[tensor], width(tensor), width(output)))
+        if max(needed) > observed[output]:
+            observed[output] = ranges[output] = max(needed)
+            raised.append(output)
+    for conv_output, reader_output in plan.range_from.items():
+        if reader_output in raised:
+            raised_exponent = observed[reader_output]
+            observed[conv_output] = equivalent_exponent(raised_exponent, width(reader_output), width(conv_output))
+    return raised
 
 
 def assign_exponents(

@@ -11,9 +11,12 @@ its only reader is
 - an Add or Sub, which reads its inputs at its output's exponent: a Conv at its own exponent would be
   requantized to that one by a RequantizeLinear (two roundings, the same saturation, one more node on the
   chip). Writing at the output's exponent directly is one rounding and no extra node.
-In both cases the Conv output takes the exponent of its reader's output range (``range_from``) and is not
-observed, which also spares calibration the cost of measuring it. Ops that align their inputs before
-summing (an Add reading an Add) keep their own range: their inputs would saturate before the sum."""
+In both cases the Conv output takes the exponent of its reader's output range (``range_from``). Behind a
+Clip it is not observed, which spares calibration the cost of measuring it; behind an Add it is
+(``range_observed``): the Add's exponent must hold each input's own range, or the inputs saturate before the
+sum (a branch that cancels its input, a difference of two large values:
+``exponents.cover_aligned_inputs``). Ops that align their inputs before summing (an Add reading an Add) keep
+their own range."""
 
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from espquant.errors import UnsupportedModelError
 from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, Role, get_op_spec
 from espquant.ops.spec import OpSpec
 
-__all__ = ["CalibrationPlan", "WeightUse", "plan_calibration"]
+__all__ = ["CalibrationPlan", "WeightUse", "plan_calibration", "QUANTIZED_COPY"]
+
+QUANTIZED_COPY = "__quantized"  # the integer copy of a float32 tensor an integer op reads: ``<tensor>__quantized``
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class CalibrationPlan:
     observed: list[str]  # activations whose range is measured on the data
     fused: dict[str, str]  # producer output -> the Relu output whose exponent it takes
     range_from: dict[str, str] = field(default_factory=dict)  # conv-like output -> its reader's output (see above)
+    # range_from outputs read by an Add / Sub: measured too, so the Add's exponent can hold them (exponents.py)
+    range_observed: list[str] = field(default_factory=list)
     weights: list[WeightUse] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant operands quantized like activations
     float_tensors: list[str] = field(default_factory=list)  # float32 / bool outputs (Softmax, comparisons)
@@ -83,7 +91,11 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
         if readers and all(r.op_type == "QuantizeLinear" and r.input[0] == name for r in readers):
             observed.remove(name)
             plan.float_tensors.append(name)
+    swish, gates = _swish_units(view)
     for node in model.graph.node:
+        if id(node) in gates:  # the Sigmoid of an x * Sigmoid(x): part of the Swish below
+            continue
+        node = swish.get(id(node), node)
         spec = get_op_spec(node.op_type)
         assert spec is not None
         nodes.append((node, spec))
@@ -123,11 +135,40 @@ def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
                 observed.append(consumer.output[0])
             elif spec.fuses and consumer is not None and _reads_in_range(view, consumer, output):
                 plan.range_from[output] = consumer.output[0]
+                if consumer.op_type != "Clip":  # an Add / Sub: its inputs must fit its exponent
+                    plan.range_observed.append(output)
             elif spec.exponent is not ExponentRule.PASSTHROUGH:
                 observed.append(output)
     # Only a reader whose own output is measured can lend its range (not a float or fixed-exponent output).
     plan.range_from = {p: r for p, r in plan.range_from.items() if r in observed}
+    plan.range_observed = [t for t in plan.range_observed if t in plan.range_from]
     return plan
+
+
+def _swish_units(view: GraphView) -> tuple[dict[int, onnx.NodeProto], set[int]]:
+    """``x * Sigmoid(x)`` (SiLU: YOLO, EfficientNet; ONNX has Swish only from opset 24) computed as the chip's
+    one Swish module: an int8 table from ``x``'s exponent to the product's, or the module's float32 at int16,
+    as ESP-PPQ's files do. Two nodes would round the gate to int8 and the product again. The float model keeps
+    its two nodes; the plan lists one Swish node (the Mul's name and output) in the Mul's place, and skips the
+    Sigmoid, whose output must be read by that Mul alone. Returns ``{id(Mul): Swish}`` and the Sigmoids' ids."""
+    swish: dict[int, onnx.NodeProto] = {}
+    gates: set[int] = set()
+    for node in view.graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2 or node.input[0] == node.input[1]:
+            continue
+        for x, gate_output in (tuple(node.input), tuple(reversed(node.input))):
+            gate = view.producer.get(gate_output)
+            if (
+                gate is not None
+                and gate.op_type == "Sigmoid"
+                and gate.input[0] == x
+                and view.single_consumer(gate_output) is node
+                and gate_output not in view.graph_outputs
+            ):
+                swish[id(node)] = helper.make_node("Swish", [x], list(node.output), name=node.name)
+                gates.add(id(gate))
+                break
+    return swish, gates
 
 
 def _quantize_for_integer_readers(plan: CalibrationPlan, view: GraphView, tensor: str) -> None:
@@ -138,7 +179,7 @@ def _quantize_for_integer_readers(plan: CalibrationPlan, view: GraphView, tensor
     readers = [r for r in view.consumers.get(tensor, []) if _needs_integers(view, r, tensor)]
     if not readers:
         return
-    plan.quantized_copies[tensor] = f"{tensor}__quantized"
+    plan.quantized_copies[tensor] = tensor + QUANTIZED_COPY
     plan.copy_readers.update(id(r) for r in readers)
     plan.observed.append(tensor)
 

@@ -32,6 +32,7 @@ import onnx
 
 from espquant.calibration.collector import _exposing
 from espquant.calibration.dataset import Chunking
+from espquant.calibration.plan import QUANTIZED_COPY
 from espquant.quant.pot import qmax, qmin
 from espquant.simulator import kernels
 from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -127,8 +128,9 @@ class Analysis:
 
 
 def _source(name: str) -> str:
-    """The float-model tensor behind a simulator tensor (RequantizeLinear outputs carry a suffix)."""
-    return name.split("__requant_")[0]
+    """The float-model tensor behind a simulator tensor (RequantizeLinear outputs and the integer copy of a
+    Softmax output carry a suffix)."""
+    return name.split("__requant_")[0].removesuffix(QUANTIZED_COPY)
 
 
 def _added_sqnr(own: _Accumulator, inputs: _Accumulator) -> float:
@@ -261,5 +263,7 @@ def analyze(
     ]
     analysis = Analysis(quantized.profile.name, quantized.bits, total, layers)
     for layer in analysis.worst(histogram_layers):
-        analysis.histograms[layer.tensor] = np.histogram(np.concatenate(kept[layer.tensor]), bins=_HISTOGRAM_BINS)
+        # float64: a nearly constant float32 tensor (a stride map) has too narrow a range for 128 float32 bins
+        values = np.concatenate(kept[layer.tensor]).astype(np.float64)
+        analysis.histograms[layer.tensor] = np.histogram(values, bins=_HISTOGRAM_BINS)
     return analysis

@@ -33,7 +33,8 @@ F32 = np.float32
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(F32)).astype(np.float64))).astype(F32)
+    with np.errstate(over="ignore"):  # expf(-x) is inf below about -88: 1 / (1 + inf) = 0, as in C
+        return (1.0 / (1.0 + np.exp(-x.astype(F32)).astype(np.float64))).astype(F32)
 
 
 def _hard_sigmoid(alpha: float, beta: float) -> Callable[[np.ndarray], np.ndarray]:
