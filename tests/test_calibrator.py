@@ -468,3 +468,28 @@ def test_a_difference_of_large_values_keeps_its_inputs_unsaturated(rng, bits):
     expected = create_session(model).run(None, {"x": data})[0]
     step = 2.0 ** table.exponents["y"]
     assert np.abs(simulated - expected).max() <= 3 * step
+
+
+def test_a_concat_of_very_different_ranges_is_pointed_out(rng, caplog):
+    """YOLO exports concatenate box coordinates (hundreds) with class scores (0..1): one exponent on the chip,
+    so at int8 every score rounds to 0. Calibration says so, naming the node and the input."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["boxes"], name="box_head"),
+        helper.make_node("Conv", ["x", "W2"], ["logits"], name="class_head"),
+        helper.make_node("Sigmoid", ["logits"], ["scores"], name="gate"),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1, name="head"),
+    ]
+    inits = {
+        "W": rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32),
+        "B": np.full(4, 400.0, np.float32),
+        "W2": rng.normal(0, 1, (2, 3, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 4, 4])], [tensor("y", ["N", 6, 4, 4])], inits)
+    data = rng.normal(0, 1, (16, 3, 4, 4)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="espquant.advice"):
+        Calibrator("int8").calibrate(model, data)
+    assert "Concat 'head': input 'scores'" in caplog.text and "'boxes'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="espquant.advice"):
+        Calibrator("int16").calibrate(model, data)  # 15 bits leave the scores 2^-6 steps: no warning
+    assert "Concat" not in caplog.text

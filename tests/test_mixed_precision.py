@@ -236,7 +236,7 @@ def test_a_softmax_whose_int8_exp_table_would_overflow_runs_at_int16(tmp_path, r
     model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 40])],
                        {"w": rng.normal(0, 10, (16, 40)).astype(np.float32)})
     data = rng.normal(0, 1, (64, 16)).astype(np.float32)
-    with caplog.at_level("WARNING", logger="espquant.calibration.engine"):
+    with caplog.at_level("WARNING", logger="espquant.advice"):
         table = Calibrator("int8", "per-tensor", method).calibrate(model, data).table
     assert table.metadata["int16_layers"] == ["y"] and table.exponents["l"] >= 0
     assert "'sm' runs at int16" in caplog.text

@@ -27,6 +27,7 @@ from espquant.calibration.observers import Observer, finite_range, make_observer
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.precision import (
     Fallback,
+    equivalent_exponent,
     int8_fallbacks,
     overflowing_softmax,
     resolve_int16_layers,
@@ -35,9 +36,10 @@ from espquant.calibration.precision import (
 from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
+from espquant.ops import ExponentRule
 from espquant.ops.activations import SOFTMAX_FAMILY
 from espquant.optimizer.equalize import equalized_copy
-from espquant.quant.pot import exponent_for_max_abs
+from espquant.quant.pot import exponent_for_max_abs, qmax
 from espquant.quant.profiles import get_target
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
@@ -51,6 +53,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+# What the user should know about the table calibration chose (shown by the CLI by default, as data hints are).
+advice = logging.getLogger("espquant.advice")
 
 GRANULARITIES = ("per-tensor", "per-channel")
 # Methods per bit width: the legacy set (int8 minmax/entropy, int16 minmax) plus percentile, mse and auto
@@ -220,6 +224,7 @@ def calibrate_model(
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
+    _warn_drowned_members(plan, observed, assignment.exponents, widths, bits)
     if correct and method != "auto":
         model_proto, count = _bias_corrected(model_proto, plan, assignment.exponents, _joined(kept, chunking),
                                              bits, widths, providers, threads)
@@ -262,6 +267,44 @@ def _capturing(batches: Iterable[Batch], limit: int, kept: list[Batch]) -> Itera
         yield batch
 
 
+# A Concat member whose own range sits this many bits below the shared exponent keeps at most two levels.
+DROWNED_BITS = {8: 6, 16: 13}
+
+
+def _warn_drowned_members(
+    plan: CalibrationPlan,
+    observed: dict[str, int],
+    exponents: dict[str, int | list[int]],
+    widths: dict[str, int],
+    bits: int,
+) -> None:
+    """Say where a Concat joins tensors of very different ranges: they share one exponent on the chip, so the
+    small one is rounded to a few levels (YOLO exports that concatenate box coordinates up to 640 with class
+    scores in [0, 1]: at int8 every score becomes 0). Cut the model before such a Concat or make it int16."""
+    for node, spec in plan.nodes:
+        if spec.exponent is not ExponentRule.SHARED or not node.output:
+            continue
+        shared = exponents.get(node.output[0])
+        width = widths.get(node.output[0], bits)
+        if not isinstance(shared, int):
+            continue
+        for tensor in node.input:
+            own = observed.get(tensor)
+            if not isinstance(own, int):
+                continue
+            if shared - equivalent_exponent(own, widths.get(tensor, bits), width) >= DROWNED_BITS[width]:
+                advice.warning(
+                    "%s %r: input %r (range about %.3g) shares exponent %d with larger inputs, so int%d keeps it to "
+                    "a few levels; cut the model before this node or list it in the int16 layers",
+                    node.op_type,
+                    node.name or node.output[0],
+                    tensor,
+                    (qmax(width) + 0.5) * 2.0**own,
+                    shared,
+                    width,
+                )
+
+
 def _softmax_needing_int16(
     model: onnx.ModelProto,
     plan: CalibrationPlan,
@@ -283,7 +326,7 @@ def _softmax_needing_int16(
     producers = {out: node for node, _ in plan.nodes for out in node.output}
     for tensor in found:
         node = producers[tensor]
-        logger.warning(
+        advice.warning(
             "%s %r runs at int16: its input reaches %.3g, beyond the +-88 the chip's int8 exp table holds (inf / "
             "NaN there); a RequantizeLinear widens the input",
             node.op_type,

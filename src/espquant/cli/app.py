@@ -84,6 +84,7 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logger.setLevel(level)
     logging.getLogger("espquant.data").setLevel(min(level, logging.WARNING))  # hints about the user's data
+    logging.getLogger("espquant.advice").setLevel(min(level, logging.WARNING))  # what calibration chose and why
 
 
 def table_option(command: Any) -> Any:
