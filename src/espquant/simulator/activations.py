@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from espquant.quant.rounding import round_float, saturate
+from espquant.simulator.libm import expf
 
 __all__ = [
     "FLOAT_FUNCTIONS",
@@ -33,8 +34,7 @@ F32 = np.float32
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):  # expf(-x) is inf below about -88: 1 / (1 + inf) = 0, as in C
-        return (1.0 / (1.0 + np.exp(-x.astype(F32)).astype(np.float64))).astype(F32)
+    return (1.0 / (1.0 + expf(-x.astype(F32)).astype(np.float64))).astype(F32)  # 1 / (1 + inf) = 0 below -88
 
 
 def _hard_sigmoid(alpha: float, beta: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -58,11 +58,11 @@ def float_function(op_type: str, attrs: dict[str, Any]) -> Callable[[np.ndarray]
         return lambda x: np.where(x >= 0, x, x * alpha).astype(F32)
     if op_type == "Elu":
         alpha = F32(attrs.get("alpha", 1.0))
-        return lambda x: np.where(x >= 0, x, alpha * (np.exp(x.astype(F32)) - 1)).astype(F32)
+        return lambda x: np.where(x >= 0, x, alpha * (expf(x) - 1)).astype(F32)
     if op_type == "Relu":
         return lambda x: np.maximum(x, 0).astype(F32)
     if op_type in ("Exp", "Log", "Sqrt"):
-        fn = {"Exp": np.exp, "Log": np.log, "Sqrt": np.sqrt}[op_type]
+        fn = {"Exp": expf, "Log": np.log, "Sqrt": np.sqrt}[op_type]
 
         def safe(x: np.ndarray) -> np.ndarray:
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):

@@ -18,6 +18,7 @@ from espquant.ops.broadcast import merged_broadcast_shapes
 from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, simd_lanes
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate, shift_round, wrap
+from espquant.simulator.libm import expf
 
 __all__ = [
     "conv2d_nhwc",
@@ -336,12 +337,11 @@ def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | Non
     axis = axis % x.ndim
     moved = np.moveaxis(x, axis, -1)
     if bits == 8 and e_in is not None:
-        with np.errstate(over="ignore"):  # inf where the chip's expf overflows, then NaN as on the chip
-            table = np.exp(((np.arange(256) - 128) * 2.0**e_in).astype(F32)).astype(F32)
+        table = expf((np.arange(256) - 128) * 2.0**e_in)  # inf where the chip's expf overflows, then NaN
         e = table[moved.astype(np.int64) + 128]
     else:
         values = moved.astype(F32) * F32(2.0**e_in) if e_in is not None else moved.astype(F32)
-        e = np.exp((values - values.max(axis=-1, keepdims=True)).astype(F32)).astype(F32)
+        e = expf((values - values.max(axis=-1, keepdims=True)).astype(F32))
     total = np.zeros(e.shape[:-1], F32)
     for k in range(e.shape[-1]):  # sequential float32 sum, as the runtime does
         total = (total + e[..., k]).astype(F32)

@@ -51,6 +51,7 @@ from espquant.ops.recurrent import (
 )
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate, shift_round, wrap
+from espquant.simulator import libm
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -121,7 +122,7 @@ def expf(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=F32)
     function = _libm_expf()
     if function is None:
-        return np.exp(x.astype(np.float64)).astype(F32)
+        return libm.expf(x)
     return np.fromiter((function(float(v)) for v in x.reshape(-1)), dtype=F32, count=x.size).reshape(x.shape)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from espquant.quant.rounding import round_float, saturate, shift_round, wrap
+from espquant.simulator.libm import expf
 
 __all__ = ["REDUCE_KINDS", "reduce_integer", "sqrt_newton"]
 
@@ -143,10 +144,10 @@ def reduce_integer(
         return _to_int(scaled, bits, rounding).reshape(shape)
     if kind == "log_sum_exp":  # int8: the 256-entry exp table of the input exponent; int16: expf per element
         if bits == 8:
-            table = np.exp((_scale(e_in) * np.arange(-128, 128, dtype=F32)).astype(F32)).astype(F32)
+            table = expf((_scale(e_in) * np.arange(-128, 128, dtype=F32)).astype(F32))
             exps = table[values.astype(np.int64) + 128]
         else:
-            exps = np.exp(real).astype(F32)
+            exps = expf(real)
         total = _fold(exps, 0.0, F32, lambda acc, v: acc + v)
         with np.errstate(divide="ignore", invalid="ignore"):
             logged = np.log(total).astype(F32)
