@@ -444,3 +444,25 @@ def test_a_softmax_read_by_a_matmul_is_quantized_once_for_it_and_stays_float_as_
     simulated.generate_quantized_model(model, table)
     outputs, _ = simulated.evaluate_quantized_model(data, to_float=True)
     assert np.abs(outputs[0] - expected).max() <= 0.1 * np.abs(expected).max()
+
+
+def test_a_silu_is_one_pair_around_its_two_float_nodes_and_agrees_exactly_on_p4(rng):
+    # x * Sigmoid(x) is one Swish module on the chip (one rounding): the QDQ model keeps Sigmoid and Mul in float
+    # between one pair, and agrees with the simulated P4 integers exactly
+    n = helper.make_node
+    nodes = [
+        n("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        n("Sigmoid", ["c"], ["s"], name="gate"),
+        n("Mul", ["c", "s"], ["h"], name="silu"),
+        n("Conv", ["h", "w2"], ["y"], name="project"),
+    ]
+    inits = {
+        "w": rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32),
+        "w2": rng.normal(0, 0.5, (2, 4, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 2, 8, 8])], inits)
+    data = rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    producers = _producers(export_qdq(model, table))
+    assert producers["s"].op_type == "Sigmoid" and producers[producers["s"].input[0]].op_type == "DequantizeLinear"
+    assert qdq_agreement(model, table, "esp32p4", data)["y"]["equal_fraction"] == 1.0
