@@ -16,7 +16,6 @@ from espquant.quant.pot import EXACT_FLOAT32
 from espquant.quant.rounding import round_float, saturate, wrap
 from espquant.simulator import kernels, normalization
 from espquant.simulator.activations import FLOAT_FUNCTIONS, float_function, float_path
-from espquant.simulator.libm import expf
 from espquant.simulator.recurrent import run_gru, run_lstm
 from espquant.simulator.reductions import REDUCE_KINDS, reduce_integer
 
@@ -660,10 +659,10 @@ FLOAT_RUN = {
     "Sub": lambda a, b: (a.astype(F32) - b.astype(F32)).astype(F32),
     "Mul": lambda a, b: (a.astype(F32) * b.astype(F32)).astype(F32),
     "Relu": _float_unary(lambda x: np.maximum(x, F32(0))),
-    "Exp": _float_unary(expf),
+    "Exp": _float_unary(float_function("Exp", {})),
     "Log": _float_unary(np.log),
     "Sqrt": _float_unary(np.sqrt),
-    "Sigmoid": _float_unary(lambda x: 1.0 / (1.0 + expf(-x).astype(np.float64))),
+    "Sigmoid": _float_unary(float_function("Sigmoid", {})),
     "Tanh": _float_unary(np.tanh),
     "Clip": lambda x, low=None, high=None: np.clip(x, low, high).astype(F32),
 }
