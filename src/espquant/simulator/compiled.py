@@ -44,8 +44,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin
+from espquant.ops.broadcast import merged_broadcast_shapes
+from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_lanes
 from espquant.simulator import lanes
+from espquant.simulator.activations import FLOAT_FUNCTIONS
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -588,18 +590,157 @@ def _int_const(b: _Builder, tensor: str) -> str:
 
 
 def _lower_table(b: _Builder, node: QNode) -> None:
-    """An int8 activation by its stored table: ``T[q + 128]`` (a Gather on the float32 table)."""
+    """An int8 activation by its stored table: ``T[q + 128]`` (a Gather on the float32 table); any other width
+    as :func:`_lower_elementwise`."""
     assert node.table is not None
-    if node.bits != 8:
-        raise _Refused("int16 tables run in the interpreter")
-    index = b.op("Cast", [b.op("Add", [b.use(node.inputs[0]), b.const(128.0, node.outputs[0])])], to=TensorProto.INT64)
-    b.op("Gather", [b.const(node.table.reshape(-1), node.outputs[0]), index], node.outputs[0], axis=0)
+    if node.bits != 8 or b.model.width(node.inputs[0]) != 8:
+        _lower_elementwise(b, node)
+        return
+    _gather(b, node.table.reshape(-1), b.use(node.inputs[0]), qmin(8), node.outputs[0])
+
+
+def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) -> None:
+    """``table[x - lowest]``: integers in float32, so the index is exact."""
+    index = b.op("Cast", [b.op("Add", [x, b.const(float(-lowest), output)])], to=TensorProto.INT64)
+    b.op("Gather", [b.const(table, output), index], output, axis=0)
+
+
+def _lower_elementwise(b: _Builder, node: QNode) -> None:
+    """An activation of one integer input whose output depends on that integer alone (an int16 table, the
+    float32 path of Sigmoid / HardSwish / ...): the interpreter's own step (``QuantizedModel.run_node``) run once
+    on every value of the input's width is the node, exactly, as a table (65,536 entries at int16)."""
+    source = node.inputs[0]
+    b.use(source)
+    width = b.model.width(source)
+    if width > 16 or node.outputs[0] in b.model.float_tensors:
+        raise _Refused("input wider than int16, or a float output")
+    values = np.arange(qmin(width), qmax(width) + 1, dtype=np.int64)
+    env = {source: values}
+    b.model.run_node(node, env)
+    table = np.asarray(env[node.outputs[0]]).reshape(-1)
+    if table.shape != values.shape:
+        raise _Refused("not elementwise")
+    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0])
 
 
 def _lower_relu(b: _Builder, node: QNode) -> None:
     if b.model.exponent(node.inputs[0]) != b.model.exponent(node.outputs[0]):
-        raise _Refused("Relu that rescales runs the float path")
+        _lower_elementwise(b, node)  # a Relu that rescales: the float path, as a table
+        return
     b.op("Relu", [b.use(node.inputs[0])], node.outputs[0])
+
+
+def _lower_mul(b: _Builder, node: QNode) -> None:
+    """Mul (``kernels.mul``). The kernel takes one of two paths by the merged broadcast shape: the SIMD rule
+    ``sat(SR(a b, s))`` with ``s = e_out - e_a - e_b``, or float32 ``sat(R(f32(a b) k))`` with ``k = 2^-s``. While
+    ``|a b| < 2^24`` the product is exact in float32 and both are ``R(a b 2^-s)``: one graph for any shape. Wider
+    products (int16) round in float32 on the float path: chips without SIMD always take it; on ESP32-S3 / -P4
+    both are computed, the SIMD one kept, and a guard sends the batch to the interpreter where they differ."""
+    m = b.model
+    if node.relu:
+        raise _Refused("Mul with a fused Relu")
+    exponents = [m.exponents.get(t) for t in (*node.inputs[:2], node.outputs[0])]
+    if not all(isinstance(e, int) for e in exponents):
+        raise _Refused("per-channel exponents")
+    e_a, e_b, e_out = (int(e) for e in exponents)  # type: ignore[arg-type]
+    shift = e_out - e_a - e_b
+    k = F32(F32(F32(2.0**e_a) * F32(2.0**e_b)) * F32(2.0**-e_out))
+    if shift < 0 or float(k) != 2.0**-shift:
+        raise _Refused("Mul scale not an exact power of two")
+    operands, largest = [], 1.0
+    for tensor in node.inputs[:2]:
+        if tensor in m.constants:
+            operands.append(_int_const(b, tensor))
+            largest *= float(np.abs(b.constant(tensor).astype(np.int64)).max(initial=0))
+        else:
+            operands.append(b.use(tensor))
+            largest *= 2.0 ** (m.width(tensor) - 1)
+    hint = node.outputs[0]
+    product = b.op("Mul", operands)
+    if largest < EXACT_FLOAT32:
+        _rescale(b, product, shift, hint)
+        return
+    float_path = b.op("Mul", [product, b.const(2.0**-shift, hint)])
+    known = node.input_shapes or [None, None]
+    shapes = [list(m.constants[t].shape) if t in m.constants else known[i] for i, t in enumerate(node.inputs[:2])]
+    simd_path = _mul_takes_simd(shapes, node.bits, m.profile.simd)
+    if simd_path is False:
+        _round_saturate(b, float_path, hint)
+        return
+    wide = b.op("Mul", [b.op("Cast", [x], to=TensorProto.DOUBLE) for x in operands])
+    simd = b.shift_round(wide, np.asarray([shift]), hint, False, np.float64)
+    if simd_path:
+        b.saturate(simd, hint, dtype=np.float64)
+        return
+    exact = b.saturate(simd, b.fresh(hint), dtype=np.float64)
+    rounded = b.saturate(b.round_float32(float_path, hint), b.fresh(hint))
+    largest_difference = b.op("ReduceMax", [b.op("Abs", [b.op("Sub", [exact, rounded])])], keepdims=0)
+    b.guard(b.op("Greater", [largest_difference, b.const(0.0, hint)]), node)
+    b.op("Identity", [exact], hint)
+
+
+def _mul_takes_simd(shapes: list, bits: int, simd: bool) -> bool | None:
+    """Whether ``kernels.mul`` takes its SIMD path for every batch size, from the input shapes (None:
+    unknown, or it depends on the batch). The innermost merged length grows with the batch only when the batch
+    axis merges into it, so the answer at batch 1 and at a huge batch covers every batch in between."""
+    if not simd:
+        return False
+    if len(shapes) < 2 or any(s is None or any(not isinstance(d, int) for d in s[1:]) for s in shapes[:2]):
+        return None
+    lanes = simd_lanes(bits)
+    answers = set()
+    for batch in (1, 1 << 20):
+        a, b = ([batch if not isinstance(d, int) else d for d in s] for s in shapes[:2])  # type: ignore[union-attr]
+        try:
+            answers.add(merged_broadcast_shapes(a, b)[2][-1] >= lanes)
+        except ValueError:
+            return None
+    return answers.pop() if len(answers) == 1 else None
+
+
+def _lower_prelu(b: _Builder, node: QNode) -> None:
+    """PRelu with per-channel integer slopes (``kernels.prelu_per_channel``): ESP32-S3 rounds ``q alpha`` by
+    ``s = e_out - e_in - e_alpha`` and rescales positives to e_out; the C reference (other chips) floors the
+    negatives and copies the positives. Products beyond float32's integers (int16) are taken in double."""
+    m = b.model
+    exponents = [m.exponents.get(t) for t in (node.inputs[0], node.inputs[1], node.outputs[0])]
+    if not all(isinstance(e, int) for e in exponents):
+        raise _Refused("per-channel exponents")
+    e_in, e_slope, e_out = (int(e) for e in exponents)  # type: ignore[arg-type]
+    slope = b.constant(node.inputs[1]).astype(np.int64)
+    hint = node.outputs[0]
+    x = b.use(node.inputs[0])
+    largest = 2.0 ** (m.width(node.inputs[0]) - 1) * float(np.abs(slope).max(initial=0))
+    dtype: Any = F32 if largest < EXACT_FLOAT32 else np.float64
+    wide = x if dtype == F32 else b.op("Cast", [x], to=TensorProto.DOUBLE)
+    product = b.op("Mul", [wide, b.const(slope, hint, dtype)])
+    shift = np.asarray([e_out - e_in - e_slope])
+    if m.profile.family == "s3":
+        negative = b.shift_round(product, shift, hint, False, dtype)
+        positive = b.shift_round(wide, np.asarray([e_out - e_in]), hint, False, dtype)
+    else:
+        scaled = b.op("Mul", [product, b.const(2.0 ** -float(shift[0]), hint, dtype)])
+        negative = b.op("Floor", [scaled]) if shift[0] > 0 else scaled
+        positive = wide
+    zero = b.const(0.0, hint, dtype)
+    chosen = b.op("Where", [b.op("Greater", [wide, zero]), positive,
+                            b.op("Where", [b.op("Less", [wide, zero]), negative, zero])])
+    b.saturate(chosen, hint, dtype=dtype)
+
+
+def _lower_pad(b: _Builder, node: QNode) -> None:
+    """Pad with constant pads (``interpreter._pad``): onnxruntime's Pad moves the integers as they are."""
+    mode = node.attrs.get("mode", "constant")
+    if mode not in ("constant", "edge", "reflect") or (len(node.inputs) > 3 and node.inputs[3]):
+        raise _Refused("Pad mode or axes")
+    pads = b.constant(node.inputs[1]).astype(np.int64).reshape(-1)
+    if np.any(pads < 0):
+        raise _Refused("negative pads")
+    hint = node.outputs[0]
+    inputs = [b.use(node.inputs[0]), b.const(pads, hint, np.int64)]
+    if mode == "constant" and len(node.inputs) > 2 and node.inputs[2]:
+        inputs.append(b.const(float(b.constant(node.inputs[2]).reshape(-1)[0]), hint))
+    b.op("Pad", inputs, hint, mode=mode)
 
 
 def _lower_clip(b: _Builder, node: QNode) -> None:
@@ -669,11 +810,12 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
         shape = b.op("Shape", [x])
         rank = b.op("Size", [shape])
         axes = b.op("Range", [b.const(2, hint, np.int64), rank, b.const(1, hint, np.int64)])
-        total = b.op("ReduceSum", [x, axes], keepdims=1)
+        # The plane is only known at run time: the sum is taken in double (exact) and rounded to float32 as the
+        # kernel's ``total.astype(float32)`` does.
+        wide = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), axes], keepdims=1)
+        total = b.op("Cast", [wide], to=TensorProto.FLOAT)
         spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
         area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
-        # The plane is only known at run time: the sum is exact while 2^(bits-1) * area stays below 2^24.
-        b.guard(b.op("GreaterOrEqual", [area, b.const(EXACT_FLOAT32 / 2 ** (b.bits - 1), hint)]), node)
         inverse = b.op("Div", [b.const(1.0, hint), area])
     else:
         attrs = _pool_attrs(node)
@@ -737,6 +879,9 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "MatMul": _lower_matmul,
     "Add": _lower_add_sub,
     "Sub": _lower_add_sub,
+    "Mul": _lower_mul,
+    "Pad": _lower_pad,
+    "PRelu": _lower_prelu,
     "Relu": _lower_relu,
     "Clip": _lower_clip,
     "RequantizeLinear": _lower_requantize,
@@ -751,6 +896,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Concat": _lower_passthrough,
     "Squeeze": _lower_axes,
     "Unsqueeze": _lower_axes,
+    **{op: _lower_elementwise for op in FLOAT_FUNCTIONS if op != "Relu"},
 }
 
 

@@ -175,6 +175,7 @@ def build_quantized_model(
                 softmax_exponent,
             )
         qnode = QNode(node.op_type, node.name, inputs, outputs, attrs, relu=relu, bits=node_bits)
+        qnode.input_shapes = [view.shape(t) if t else None for t in node.input]
         if node_bits == 8 and spec.int8_lut and node.op_type in FLOAT_FUNCTIONS and isinstance(out_exp, int):
             in_exp = exps[inputs[0]]
             qnode.table = lut_table(float_function(node.op_type, attrs), in_exp, out_exp, rounding)  # type: ignore[arg-type]

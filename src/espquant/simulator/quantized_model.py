@@ -37,6 +37,9 @@ class QNode:
     relu: bool = False  # a fused Relu
     table: np.ndarray | None = None  # int8 activation table
     bits: int = 8  # the width the node computes and writes at (its quant_type)
+    # The float model's inferred input shapes (ints, names for symbolic dims, None unknown): what the compiled
+    # path may decide from before any data arrives (a Mul's SIMD or float path); None when not known.
+    input_shapes: list[list[int | str | None] | None] | None = None
 
 
 @dataclass
