@@ -600,9 +600,12 @@ def _lower_table(b: _Builder, node: QNode) -> None:
 
 
 def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) -> None:
-    """``table[x - lowest]``: integers in float32, so the index is exact."""
-    index = b.op("Cast", [b.op("Add", [x, b.const(float(-lowest), output)])], to=TensorProto.INT64)
-    b.op("Gather", [b.const(table, output), index], output, axis=0)
+    """``table[x - lowest]`` for the integers ``x`` (exact in float32) of a signed width (``lowest = -size / 2``):
+    Gather counts negative indices from the end, so the table rolled by half its size is indexed by ``x`` itself
+    (one pass fewer than adding ``-lowest``)."""
+    assert table.size == -2 * lowest
+    index = b.op("Cast", [x], to=TensorProto.INT32)
+    b.op("Gather", [b.const(np.roll(table, lowest), output), index], output, axis=0)
 
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
