@@ -34,12 +34,15 @@ class Calibrator:
             exponent of those four that the simulated chip measures best; ``calibration/auto.py``).
         strict: at int16, refuse a model with ops the chip has no int16 kernel for (Resize) instead of running
             those nodes at int8 with a warning each (the default; see ``checker.runs_at``).
-        cle: cross-layer equalization before calibration; None: on for ``auto`` with per-tensor weights only,
-            so the named methods keep their legacy meaning.
-        bias_correction: compensate weight rounding in the float biases; None: on for ``auto`` only.
+        cle: cross-layer equalization before calibration (off unless True).
+        bias_correction: compensate weight rounding in the float biases (off unless True; with ``auto`` kept
+            only when it measures better).
+        weight_rounding: round each Conv / Gemm weight down or up by the layer's output error on the
+            calibration data instead of to nearest (``calibration/weight_rounding.py``; off unless True; with
+            ``auto`` kept only when it measures better).
 
-    With CLE or bias correction the table belongs to a changed float model (``result.model``);
-    ``generate_quantization_table`` writes it next to the table as ``<table>_model.onnx``.
+    With CLE, bias correction or weight rounding the table belongs to a changed float model
+    (``result.model``); ``generate_quantization_table`` writes it next to the table as ``<table>_model.onnx``.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class Calibrator:
         strict: bool = False,
         cle: bool | None = None,
         bias_correction: bool | None = None,
+        weight_rounding: bool | None = None,
     ) -> None:
         self.bits = parse_bits(quantization_bit)
         validate_method(self.bits, granularity, calib_method)
@@ -59,6 +63,7 @@ class Calibrator:
         self.strict = strict
         self.cle = cle
         self.bias_correction = bias_correction
+        self.weight_rounding = weight_rounding
         self.providers = ["CPUExecutionProvider"]
         self.int16_layers: list[str] = []
 
@@ -112,6 +117,7 @@ class Calibrator:
             strict=self.strict,
             cle=self.cle,
             bias_correction=self.bias_correction,
+            weight_rounding=self.weight_rounding,
         )
 
     def export_coefficient_to_cpp(

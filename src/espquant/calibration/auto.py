@@ -12,6 +12,9 @@ the calibration data (``SEARCH_SAMPLES``):
    candidate that gives that tensor the smallest simulated error against the float model;
 2. greedy refinement on the model's outputs: for each tensor, try ``e - 1`` and ``e + 1`` and keep a move
    when the outputs' error drops (at most ``GREEDY_PASSES`` sweeps, stopping when one changes nothing);
+3. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
+   (``weight_rounding.py``, one simulation to see the layer inputs the chip computes), kept when the outputs'
+   error drops;
 at most ``simulation_budget(N, S)`` simulations in all: about as many simulated samples as there are calibration
 samples, between ``MIN_SIMULATIONS`` and ``MAX_SIMULATIONS`` (a count, so the result does not depend on the
 machine).
@@ -38,9 +41,10 @@ import onnx
 from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
 from espquant.calibration.collector import _exposing
 from espquant.calibration.dataset import Batch, Chunking
-from espquant.calibration.exponents import assign_exponents
+from espquant.calibration.exponents import assign_exponents, cover_aligned_inputs
 from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate_exponents, finite_range
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
+from espquant.calibration.weight_rounding import rounded_weight_model
 from espquant.errors import EspquantError
 from espquant.quant.profiles import TargetProfile
 from espquant.runtime import create_session
@@ -75,12 +79,13 @@ class SearchResult:
 
     observed: dict[str, int]  # the exponents fed to assign_exponents
     weight_method: str
-    model: onnx.ModelProto  # the float model the table is for (bias-corrected or not)
+    model: onnx.ModelProto  # the float model the table is for (bias-corrected, weights rounded, or as given)
     corrected_biases: int
     error: float
     minmax_error: float
     evaluations: int
     choices: dict[str, str] = field(default_factory=dict)  # tensor -> the method(s) whose exponent won
+    rounded_layers: int = 0  # layers whose weights were rounded by layer output (weight_rounding.py)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class _Variant:
     plan: CalibrationPlan
     weight_method: str
     corrected: int = 0
+    rounded: int = 0
 
 
 def _relative_error(simulated: np.ndarray, reference: np.ndarray, power: float) -> float:
@@ -109,6 +115,36 @@ def float_reference(
     session = create_session(_exposing(model, fetched), list(providers), threads, what="the model for auto calibration")
     values = Chunking.of(model).run(lambda feeds: session.run(fetched, feeds), samples, "the search samples")
     return {**dict(zip(fetched, values)), **{n: v for n, v in samples.items() if n in names}}
+
+
+def simulated_values(
+    model: onnx.ModelProto,
+    table: QuantTable,
+    profile: TargetProfile,
+    bits: int,
+    samples: Batch,
+    tensors: Sequence[str] = (),
+) -> dict[str, np.ndarray] | None:
+    """The simulated chip's outputs and ``tensors`` on ``samples``, dequantized (float64); None when the
+    lowering refuses the table (a candidate the chip cannot run)."""
+    from espquant.simulator.lowering import build_quantized_model
+    from espquant.simulator.simulate import simulate
+
+    lowering_log = logging.getLogger("espquant.simulator.lowering")
+    level = lowering_log.level
+    lowering_log.setLevel(logging.ERROR)  # its per-layer warnings are the final table's to give, once
+    try:
+        quantized = build_quantized_model(model, table, profile, bits)
+        produced = {o for node in quantized.nodes for o in node.outputs} | set(quantized.inputs)
+        extra = [t for t in tensors if t in produced]
+        quantized.outputs = list(dict.fromkeys([*quantized.outputs, *extra]))
+        values, names = simulate(quantized, model, samples, to_float=True)
+        return {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, values)}
+    except EspquantError as error:
+        logger.debug("auto calibration: candidate refused: %s", error)
+        return None
+    finally:
+        lowering_log.setLevel(level)
 
 
 def channel_means(values: dict[str, np.ndarray], tensors: Sequence[str]) -> dict[str, np.ndarray]:
@@ -135,8 +171,10 @@ class _Search:
         reference: dict[str, np.ndarray],
         targets: list[str],
         profile: TargetProfile,
+        own: dict[str, int],
     ):
         self.bits, self.per_channel, self.widths, self.int16 = bits, per_channel, widths, int16
+        self.own = own
         self.samples, self.targets, self.profile = samples, targets, profile
         self.reference = {name: np.asarray(value, dtype=np.float64) for name, value in reference.items()}
         self.power = {name: float(np.mean(v**2)) if v.size else 0.0 for name, v in self.reference.items()}
@@ -145,11 +183,14 @@ class _Search:
         self.evaluations = 0
 
     def table(self, variant: _Variant, observed: dict[str, int]) -> QuantTable:
-        """The table ``assign_exponents`` makes from these activation exponents (ESP-DL's rules applied)."""
+        """The table ``assign_exponents`` makes from these activation exponents (ESP-DL's rules applied), after
+        ``cover_aligned_inputs`` as the final table is: what is measured is what is written."""
+        chosen = observed | self.fixed
+        cover_aligned_inputs(variant.model, variant.plan, chosen, self.own, self.bits, self.widths)
         assignment = assign_exponents(
             variant.model,
             variant.plan,
-            observed | self.fixed,
+            chosen,
             self.bits,
             self.per_channel,
             self.widths,
@@ -164,9 +205,6 @@ class _Search:
 
         Only what is scored is fetched: exposing every activation would keep onnxruntime from fusing the
         compiled segments and cost a copy of each."""
-        from espquant.simulator.lowering import build_quantized_model
-        from espquant.simulator.simulate import simulate
-
         table = self.table(variant, observed)
         key = (id(variant), tensor, tuple(sorted((k, repr(v)) for k, v in table.exponents.items())))
         if key in self.cache:
@@ -176,21 +214,8 @@ class _Search:
         if tensor is not None and plain_key in self.cache and (cached is None or tensor in cached):
             return cached
         self.evaluations += 1
-        lowering_log = logging.getLogger("espquant.simulator.lowering")
-        level = lowering_log.level
-        lowering_log.setLevel(logging.ERROR)  # its per-layer warnings are the final table's to give, once
-        try:
-            quantized = build_quantized_model(variant.model, table, self.profile, self.bits)
-            produced = {o for node in quantized.nodes for o in node.outputs} | set(quantized.inputs)
-            if tensor is not None and tensor in produced:
-                quantized.outputs = list(dict.fromkeys([*quantized.outputs, tensor]))
-            values, names = simulate(quantized, variant.model, self.samples, to_float=True)
-            result: dict[str, np.ndarray] | None = {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, values)}
-        except EspquantError as error:  # a candidate the chip cannot run (a shift bound): never chosen
-            logger.debug("auto calibration: candidate refused: %s", error)
-            result = None
-        finally:
-            lowering_log.setLevel(level)
+        extra = [tensor] if tensor else []
+        result = simulated_values(variant.model, table, self.profile, self.bits, self.samples, extra)
         self.cache[key] = result
         return result
 
@@ -277,6 +302,8 @@ def search_exponents(
     profile: TargetProfile,
     *,
     bias_correction: bool = True,
+    weight_rounding: bool = False,
+    own: dict[str, int] | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int | None = None,
     greedy_passes: int = GREEDY_PASSES,
@@ -288,6 +315,8 @@ def search_exponents(
         observers: histogram observers of the measured tensors (any method: every candidate is computed).
         range_from: Conv output -> the reader output whose observer gives its candidates.
         samples: the search samples (float inputs by name).
+        own: the exponents of the tensors' own ranges where the table gives them their reader's
+            (``cover_aligned_inputs``).
         profile: the target simulated (the table stays target-independent).
     """
     width = lambda name: widths.get(name, bits)  # noqa: E731
@@ -297,9 +326,10 @@ def search_exponents(
     order = sorted(source, key=lambda name: positions.get(name, -1))
     options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
     outputs = [o.name for o in model.graph.output]
-    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if bias_correction else []
+    wanted = bias_correction or weight_rounding
+    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
     reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
-    search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, profile)
+    search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, profile, own or {})
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
     starts = []  # the four fixed methods' own tables: the search starts from the best of them
     for method in OBSERVER_METHODS:
@@ -320,6 +350,12 @@ def search_exponents(
     _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
     _greedy(search, variant, order, outputs, best, greedy_passes, max_simulations)
     error, chosen = best
+    if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
+        rounded = _rounded(search, plain[variant.weight_method], chosen, reference, layer_inputs)
+        rounded_error = search.output_error(search.simulate(rounded, chosen), outputs) if rounded else error
+        logger.info("weight rounding: output error %.4g (nearest rounding %.4g)", rounded_error, error)
+        if rounded is not None and rounded_error < error:
+            variant, error = rounded, rounded_error
     choices = {
         name: "/".join(m for m, e in candidates[name].items() if e == chosen[name])
         or f"{chosen[name] - candidates[name]['minmax']:+d} from minmax"
@@ -340,6 +376,7 @@ def search_exponents(
         minmax_error,
         search.evaluations,
         choices,
+        variant.rounded,
     )
 
 
@@ -359,3 +396,32 @@ def _corrected(
     if not count:
         return None
     return _Variant(model, plan_calibration(model), weight_method, count)
+
+
+def _rounded(
+    search: _Search,
+    base: _Variant,
+    observed: dict[str, int],
+    reference: dict[str, np.ndarray],
+    layer_inputs: list[str],
+) -> _Variant | None:
+    """``base`` with its weights rounded by layer output for this table (``weight_rounding.py``), from one
+    simulation that exposes the layer inputs; None when no layer changed or the table cannot run."""
+    table = search.table(base, observed)
+    search.evaluations += 1
+    simulated = simulated_values(base.model, table, search.profile, search.bits, search.samples, layer_inputs)
+    if simulated is None:
+        return None
+    bits_of = {use.tensor: search.widths.get(use.node.output[0], search.bits) for use in base.plan.weights}
+    model, stats = rounded_weight_model(base.model, base.plan, table.exponents, reference, simulated, bits_of)
+    if not stats.flipped:
+        return None
+    logger.info(
+        "weight rounding: %d of %d weights off nearest in %d layers (layer error %.4g -> %.4g)",
+        stats.flipped,
+        stats.weights,
+        stats.layers,
+        stats.cost_nearest,
+        stats.cost_chosen,
+    )
+    return _Variant(model, plan_calibration(model), base.weight_method, rounded=stats.layers)

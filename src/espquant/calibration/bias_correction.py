@@ -21,7 +21,7 @@ from espquant.calibration.plan import CalibrationPlan, WeightUse
 from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.quant.rounding import round_float, saturate
 
-__all__ = ["correct_biases", "bias_corrected_inputs", "rounded_weights"]
+__all__ = ["correct_biases", "bias_corrected_inputs", "rounded_weights", "subtract_from_bias"]
 
 ROUNDING = "half_even"  # weights are float: ties are measure-zero, so S3 (half-up) and P4 agree
 
@@ -106,15 +106,22 @@ def correct_biases(
         shift = _output_shift(node, delta, input_means[tensor].astype(np.float64), trans_b)
         if not np.any(shift):
             continue
-        if len(node.input) > 2 and node.input[2]:
-            bias = inits[node.input[2]]
-            values = numpy_helper.to_array(bias).astype(np.float64) - shift
-            bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
-        else:
-            name = f"{node.name or node.output[0]}.corrected_bias"
-            corrected.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
-            while len(node.input) < 3:
-                node.input.append("")
-            node.input[2] = name
+        subtract_from_bias(corrected, node, inits, shift, "corrected_bias")
         count += 1
     return corrected, count
+
+
+def subtract_from_bias(
+    model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shift: np.ndarray, suffix: str
+) -> None:
+    """``bias -= shift`` for a Conv / Gemm of ``model`` (a new initializer ``<node>.<suffix>`` when it has none)."""
+    if len(node.input) > 2 and node.input[2]:
+        bias = inits[node.input[2]]
+        values = numpy_helper.to_array(bias).astype(np.float64) - shift
+        bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
+        return
+    name = f"{node.name or node.output[0]}.{suffix}"
+    model.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name

@@ -17,6 +17,7 @@ from espquant.calibration.auto import (
     channel_means,
     float_reference,
     search_exponents,
+    simulated_values,
     simulation_budget,
 )
 from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
@@ -33,6 +34,7 @@ from espquant.calibration.precision import (
     resolve_int16_layers,
     tensor_widths,
 )
+from espquant.calibration.weight_rounding import RoundingStats, rounded_weight_model
 from espquant.checker import check_model
 from espquant.errors import OptionError
 from espquant.graph import tensor_shape
@@ -123,6 +125,7 @@ def calibrate_model(
     cle: bool | None = None,
     bias_correction: bool | None = None,
     search_samples: int | None = None,
+    weight_rounding: bool | None = None,
 ) -> CalibrationResult:
     """Measure the model on the data and choose every exponent; nothing is written.
 
@@ -147,6 +150,9 @@ def calibrate_model(
             the same reason.
         search_samples: calibration samples the ``auto`` search (and bias correction) simulates, the first
             ones (default ``auto.SEARCH_SAMPLES``).
+        weight_rounding: round each Conv / Gemm weight down or up by the layer's output error on those samples
+            (``weight_rounding.py``; with ``auto`` kept only when the outputs measure better). Off unless True,
+            for the same reason as CLE.
 
     When CLE or bias correction changes the model, ``result.model`` is the changed model: the table's graph
     hash is its, and evaluation and export must use it (the CLI writes it next to the table).
@@ -180,11 +186,12 @@ def calibrate_model(
     chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
     batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
     correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
+    rounding = bool(weight_rounding)
     kept: list[Batch] = []
     limit = search_samples or SEARCH_SAMPLES
     if search_samples is None and chunking.fixed is not None:  # one simulated run per B samples: keep it short
         limit = min(limit, max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed))
-    if method == "auto" or correct:
+    if method == "auto" or correct or rounding:
         batches = _capturing(batches, limit, kept)
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
     int16 = resolve_int16_layers(plan, list(int16_layers))
@@ -195,19 +202,20 @@ def calibrate_model(
         widths = tensor_widths(model_proto, plan, bits, int16)
     per_channel = granularity == "per-channel"
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
+    own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     if method == "auto":
         search = search_exponents(
             model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
             _joined(kept, chunking), get_target("esp32p4" if per_channel else "esp32s3"),
-            bias_correction=correct, providers=providers, threads=threads,
+            bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
             max_simulations=simulation_budget(samples, int(len(next(iter(_joined(kept, chunking).values()))))),
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
-        if search.corrected_biases:
+        if search.corrected_biases or search.rounded_layers:
             model_proto = search.model
             plan = plan_calibration(model_proto)
-            transforms.append("bias_correction")
+            transforms.append("bias_correction" if search.corrected_biases else "weight_rounding")
         extra["auto"] = {
             "weight_method": search.weight_method,
             "output_error": search.error,
@@ -221,7 +229,6 @@ def calibrate_model(
         observed |= plan.fixed
         for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
             observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
-    own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
     _warn_drowned_members(plan, observed, assignment.exponents, widths, bits)
@@ -231,7 +238,16 @@ def calibrate_model(
         if count:
             transforms.append("bias_correction")
             plan = plan_calibration(model_proto)
+    if rounding and method != "auto":
+        model_proto, stats = _weight_rounded(
+            model_proto, plan, assignment.exponents, _joined(kept, chunking), bits, widths, int16, per_channel,
+            providers, threads,
+        )
+        if stats.flipped:
+            transforms.append("weight_rounding")
+            plan = plan_calibration(model_proto)
     extra["bias_correction"] = "bias_correction" in transforms
+    extra["weight_rounding"] = "weight_rounding" in transforms
     metadata = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -362,3 +378,30 @@ def _bias_corrected(
     reference = float_reference(model, layer_inputs, samples, providers, threads)
     bits_of = {use.tensor: widths.get(use.node.output[0], bits) for use in plan.weights}
     return correct_biases(model, plan, exponents, channel_means(reference, layer_inputs), bits_of)
+
+
+def _weight_rounded(
+    model: onnx.ModelProto,
+    plan: CalibrationPlan,
+    exponents: dict[str, int | list[int]],
+    samples: Batch,
+    bits: int,
+    widths: dict[str, int],
+    int16: list[str],
+    per_channel: bool,
+    providers: Sequence[str],
+    threads: int | None,
+) -> tuple[onnx.ModelProto, RoundingStats]:
+    """Weight rounding for a fixed method (opt-in): the layer inputs of the float model and of the simulated
+    chip with this table, on the kept samples."""
+    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)]
+    if not layer_inputs:
+        return model, RoundingStats()
+    reference = float_reference(model, layer_inputs, samples, providers, threads)
+    table = QuantTable(exponents, {"bits": bits, "int16_layers": int16})
+    profile = get_target("esp32p4" if per_channel else "esp32s3")
+    simulated = simulated_values(model, table, profile, bits, samples, layer_inputs)
+    if simulated is None:
+        return model, RoundingStats()
+    bits_of = {use.tensor: widths.get(use.node.output[0], bits) for use in plan.weights}
+    return rounded_weight_model(model, plan, exponents, reference, simulated, bits_of)

@@ -54,6 +54,13 @@ def load_array_data(path: Path) -> Any:
     "better). Like --cle, the changed model is written next to the table.",
 )
 @click.option(
+    "--weight-rounding/--no-weight-rounding",
+    default=None,
+    help="Round each Conv / Gemm weight down or up so that the layer's output on the calibration data moves "
+    "least, instead of to nearest (AdaRound's aim; off by default; with auto kept only when it measures "
+    "better). Like --cle, the changed model is written next to the table.",
+)
+@click.option(
     "--batch-size",
     default=32,
     show_default=True,
@@ -85,6 +92,7 @@ def calibrate(
     method: str,
     cle: bool | None,
     bias_correction: bool | None,
+    weight_rounding: bool | None,
     batch_size: int,
     strict: bool,
     table_format: str,
@@ -108,6 +116,7 @@ def calibrate(
     Examples:
       espquant calibrate mnist_optimized.onnx --data calib.npy   # auto: the best exponents the chip measures
       espquant calibrate net.onnx --data calib.npy --cle --bias-correction   # also writes <table>_model.onnx
+      espquant calibrate net.onnx --data calib.npy --weight-rounding   # likewise
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
       espquant calibrate unet.onnx --data calib.npy --bits int16 --strict  # no int8 fallback
@@ -124,11 +133,14 @@ def calibrate(
     proto = load_model(model)
     source = open_source(data_path, proto, preprocess, batch_size)
     target = output or model.with_name(f"{model.stem}_calib.pickle")
-    model_out = calibrated_model_path(target)  # written only when CLE / bias correction change the weights
-    may_change = bool(cle) or bool(bias_correction)
+    model_out = calibrated_model_path(target)  # written only when CLE / bias correction / rounding change weights
+    may_change = bool(cle) or bool(bias_correction) or bool(weight_rounding)
     outputs = [*table_paths(target), *([model_out] if may_change else [])]
     guard_outputs(outputs, [model, data_path], force)  # before the work, not after it
-    calibrator = Calibrator(bits, granularity, method, strict=strict, cle=cle, bias_correction=bias_correction)
+    calibrator = Calibrator(
+        bits, granularity, method, strict=strict, cle=cle, bias_correction=bias_correction,
+        weight_rounding=weight_rounding,
+    )
     with progress_bar("calibrating", source.samples, enabled=not as_json and err.is_terminal) as advance:
         result = calibrator.calibrate(proto, source.calibration_data(), batch_size, on_batch=advance)
     for fallback in result.fallbacks:  # stderr: the --json document on stdout stays one document
