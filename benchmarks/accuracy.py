@@ -15,7 +15,8 @@ model hub), data real images and labels shipped inside packages:
 | blazeface | face detector, depthwise | mediapipe 0.10.14 face_detection_short_range.tflite, tflite2onnx | 128x128 crops (float reference) |
 
 For each model and target (esp32s3: per-tensor int8, esp32p4: per-channel int8): the float model under
-onnxruntime, espquant's default (``auto``), every fixed method, and onnxruntime's ``quantize_static`` (QDQ,
+onnxruntime, espquant's default (``auto``), every fixed method, ``auto`` with weight rounding
+(``auto+rounding``, opt-in: it changes the float weights), and onnxruntime's ``quantize_static`` (QDQ,
 int8 activations and per-channel int8 weights, min-max) measured in the same run on the same data. espquant's
 numbers are the bit-exact simulation of the chip; onnxruntime's are its own QDQ execution (float scales,
 zero points: not something ESP-DL can run, the reference the issue compares against).
@@ -387,8 +388,10 @@ def ort_pass_seconds(model: onnx.ModelProto, x: np.ndarray) -> float:
 
 
 def espquant_row(case: Case, method: str, target: str, reference: list[np.ndarray]) -> Row:
+    """One espquant calibration: a method name, or ``<method>+rounding`` for it with weight rounding."""
+    base, _, option = method.partition("+")
     start = time.perf_counter()
-    result = calibrate_model(case.model, case.calib, 8, TARGETS[target], method)
+    result = calibrate_model(case.model, case.calib, 8, TARGETS[target], base, weight_rounding=option == "rounding")
     seconds = time.perf_counter() - start
     quantized = build_quantized_model(result.model, result.table, get_target(target), 8)
     outputs, _ = simulate(quantized, result.model, case.test, to_float=True)
@@ -487,7 +490,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--targets", default="esp32s3,esp32p4")
-    parser.add_argument("--methods", default=",".join(("auto", *METHODS)))
+    parser.add_argument(
+        "--methods",
+        default=",".join(("auto", *METHODS, "auto+rounding")),
+        help="espquant methods; <method>+rounding adds weight rounding (calibration/weight_rounding.py)",
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "espquant-accuracy")
     parser.add_argument("--venv-python", type=Path, default=None)
     args = parser.parse_args()

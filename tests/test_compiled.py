@@ -582,3 +582,56 @@ def test_prelu_per_channel_compiles_exactly(rng, target, bits, e_in, e_out):
     slow = model.run({"x": x})["y"]
     np.testing.assert_array_equal(fast, slow)
     assert not model._programs[(False, None)].interpreted_nodes
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"strides": [2, 2]},
+        {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+        {"strides": [3, 2], "pads": [0, 2, 1, 0]},
+        {"pads": [1, 1, 1, 1]},
+    ],
+    ids=["s2", "s2-pad-outpad", "s3x2-crop", "s1"],
+)
+def test_conv_transpose_compiles_exactly(rng, bits, target, attrs):
+    """ESP-DL's ConvTranspose (zeros inserted, padded or cropped, flipped kernel) runs in onnxruntime and gives
+    the interpreter's integers, with signed inputs wide enough to reach ESP32-S3's accumulator checks."""
+    weight = rng.normal(0, 0.5, (24, 6, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], kernel_shape=[3, 3], **attrs),
+        helper.make_node("Relu", ["t"], ["r"]),  # a DB head's ConvTranspose -> Relu: fused into the saturation
+        helper.make_node("ConvTranspose", ["r", "w2"], ["y"], kernel_shape=[2, 2], strides=[2, 2]),
+    ]
+    inits = {
+        "w": weight,
+        "b": rng.normal(0, 0.2, 6).astype(np.float32),
+        "w2": rng.normal(0, 0.5, (6, 2, 2, 2)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 24, 5, 5])], [tensor("y", None)], inits)
+    table = Calibrator(bits).calibrate(model, rng.normal(0, 1, (16, 24, 5, 5)).astype(np.float32)).table
+    quantized = Evaluator(bits, "per-tensor", target).generate_quantized_model(model, table)
+    fast, slow = _both(quantized, 3 * rng.normal(0, 1, (4, 24, 5, 5)).astype(np.float32))
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert not quantized._programs[(True, None)].interpreted_nodes
+
+
+def test_s3_rail_step_of_a_conv_transpose_reads_its_zero_inserted_input(rng):
+    """A ConvTranspose whose lanes reach ESP32-S3's rail: the rail step emulates the flipped-kernel Conv on the
+    zero-inserted, padded input the segment hands on, and equals the interpreter."""
+    weight = rng.integers(-128, 128, (64, 20, 3, 3))  # ConvTranspose layout (C_in, C_out, KH, KW)
+    weight[:, :3], weight[:, 3:5] = np.abs(weight[:, :3]), -np.abs(weight[:, 3:5])
+    bias = rng.integers(-(2**17), 2**17, 20)
+    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}
+    model = _accumulating_model("esp32s3", 8, "ConvTranspose", weight, bias, (-4, -7, 0), **attrs)
+    hot = rng.integers(-20, 21, (2, 64, 6, 6))
+    hot[0, :, 1:5, 1:5] = 127
+    hot[1, :, :3, :] = -128
+    for batch in (hot, hot[:1]):
+        fast, slow = _compiled_and_interpreted(model, batch)
+        np.testing.assert_array_equal(fast, slow)
+    program = model._programs[(False, None)]
+    assert model._guarded == {"y"} and program.interpreted_nodes == []
+    assert [n.name for n in program.rail_nodes] == ["convtranspose"]

@@ -259,6 +259,8 @@ class _Accumulating:
     # output channels first, start or None) -> sums``. Gemm, MatMul and 1x1 convolutions have one.
     contract_double: Callable[[str, np.ndarray, np.ndarray | None], str] | None = None
     shift_exponent: int | list[int] | None = None  # the weight exponent (MatMul: the interpreter's scalar)
+    # The contraction's input made from the node's (ConvTranspose: zeros inserted between pixels, padded).
+    source: Callable[[str], str] | None = None
 
 
 def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
@@ -301,6 +303,8 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     checked = rails.reachable and bool((reach >= 2.0 ** (rails.width - 1)).any())
     rail_step = checked and node.outputs[0] in b.rail_nodes
     x = b.use(node.inputs[0])
+    if spec.source is not None:
+        x = spec.source(x)
     hint = node.outputs[0]
     folded = np.zeros_like(half) if rail_step else half  # the rounding half, added to the sums
     # Unless a check needs the sums as integers, the 2**-shift scaling rides in the weights and the start: a
@@ -428,7 +432,7 @@ def _rail_step(
 ) -> None:
     """End the segment after the sums: a rail step fixes the outputs that may saturate, a new segment shifts."""
     double = dtype != F32
-    b.exports += [acc, magnitude, flag] + ([x] if x in b.produced else [])
+    b.exports += [acc, magnitude, flag] + ([x] if x not in b.consumed else [])  # made here: handed on
     if double:
         b.types[acc] = b.types[magnitude] = TensorProto.DOUBLE
     b.types[flag] = TensorProto.BOOL
@@ -487,6 +491,46 @@ def _lower_conv(b: _Builder, node: QNode) -> None:
     pointwise = w.shape[2:] == (1, 1) and not depthwise and geometry == plain
     double = _pointwise_double(b, node.outputs[0]) if pointwise else None
     _accumulating(b, node, _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double))
+
+
+def _lower_conv_transpose(b: _Builder, node: QNode) -> None:
+    """ConvTranspose as ESP-DL runs it (``interpreter._conv_transpose``): zeros inserted between the pixels
+    (onnxruntime's own ConvTranspose with a 1x1 kernel of ones, one channel per group: each output takes at
+    most one input, exact), padded or cropped (Pad with negative pads), then a stride-1 Conv with the kernel
+    flipped and its channel axes swapped, lowered like any Conv."""
+    w = b.constant(node.inputs[1])
+    if w.ndim != 4 or int(node.attrs.get("group", 1)) != 1:
+        raise _Refused("only 2-D, group-1 transposed convolutions are compiled")
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "") or "output_shape" in node.attrs:
+        raise _Refused("auto_pad / output_shape")
+    strides = list(node.attrs.get("strides", [1, 1]))
+    dilations = list(node.attrs.get("dilations", [1, 1]))
+    pads = list(node.attrs.get("pads", [0, 0, 0, 0]))
+    extra = list(node.attrs.get("output_padding", [0, 0]))
+    kh, kw = w.shape[2:]
+    begin = [dilations[0] * (kh - 1) - pads[0], dilations[1] * (kw - 1) - pads[1]]
+    end = [dilations[0] * (kh - 1) - pads[2] + extra[0], dilations[1] * (kw - 1) - pads[3] + extra[1]]
+    flipped = np.ascontiguousarray(np.flip(w, axis=(2, 3)).transpose(1, 0, 2, 3))  # (C_out, C_in, KH, KW)
+    bias = b.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    hint = node.outputs[0]
+    channels = w.shape[0]
+
+    def source(x: str) -> str:
+        if strides != [1, 1]:
+            ones = b.const(np.ones((channels, 1, 1, 1)), hint)
+            x = b.op("ConvTranspose", [x, ones], group=channels, strides=strides, kernel_shape=[1, 1])
+        if any(begin) or any(end):
+            x = b.op("Pad", [x, b.const([0, 0, *begin, 0, 0, *end], hint, np.int64)])
+        return x
+
+    def contract(x: str, weight: str, start: str | None) -> str:
+        return b.op("Conv", [x, weight] + ([start] if start else []), dilations=dilations)
+
+    def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        geometry = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": dilations}
+        return lanes.conv_products(x, flipped, depthwise=False, **geometry)
+
+    _accumulating(b, node, _Accumulating(flipped, bias, contract, products, source=source))
 
 
 def _pointwise_double(b: _Builder, hint: str) -> Callable[[str, np.ndarray, np.ndarray | None], str]:
@@ -878,6 +922,7 @@ def _lower_axes(b: _Builder, node: QNode) -> None:
 _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     QUANTIZE_INPUT: _lower_quantize_input,
     "Conv": _lower_conv,
+    "ConvTranspose": _lower_conv_transpose,
     "Gemm": _lower_gemm,
     "MatMul": _lower_matmul,
     "Add": _lower_add_sub,
@@ -1057,7 +1102,7 @@ def _nonnegative_tensors(model: QuantizedModel, nodes: list[QNode]) -> set[str]:
 
 
 # Accumulating nodes that become rail steps once their guard trips (every other tripped node is interpreted).
-_RAIL_STEPS = frozenset({"Conv", "Gemm", "MatMul"})
+_RAIL_STEPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
