@@ -775,6 +775,38 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     b.saturate(chosen, hint, dtype=dtype)
 
 
+def _lower_resize(b: _Builder, node: QNode) -> None:
+    """Nearest Resize (``kernels.resize_nearest_nhwc``) of an input whose plane size the float model fixes: the
+    kernel's own source indices (``kernels.nearest_indices``) become two constant Gathers, then the rescale
+    when the exponents differ."""
+    from espquant.simulator.kernels import nearest_indices
+
+    if node.attrs.get("mode", "nearest") != "nearest":
+        raise _Refused("only nearest Resize is compiled")
+    shape = (node.input_shapes or [None])[0]
+    if shape is None or len(shape) != 4 or any(not isinstance(d, int) for d in shape[2:]):
+        raise _Refused("the plane size is only known at run time")
+    height, width = int(shape[2]), int(shape[3])  # type: ignore[arg-type]
+    if len(node.inputs) > 2 and node.inputs[2] and b.constant(node.inputs[2]).size:
+        scales = b.constant(node.inputs[2]).reshape(-1).astype(float)
+        scale_h, scale_w = float(scales[2]), float(scales[3])
+    elif len(node.inputs) > 3 and node.inputs[3]:
+        sizes = b.constant(node.inputs[3]).reshape(-1)
+        scale_h, scale_w = float(sizes[2] / float(height)), float(sizes[3] / float(width))
+    else:
+        raise _Refused("Resize without scales or sizes")
+    hint = node.outputs[0]
+    rows = b.const(nearest_indices(height, scale_h), hint, np.int64)
+    cols = b.const(nearest_indices(width, scale_w), hint, np.int64)
+    y = b.op("Gather", [b.op("Gather", [b.use(node.inputs[0]), rows], axis=2), cols], axis=3)
+    m = b.model
+    shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
+    if shift == 0:
+        b.op("Identity", [y], hint)
+        return
+    _rescale(b, y, shift, hint)
+
+
 def _lower_pad(b: _Builder, node: QNode) -> None:
     """Pad with constant pads (``interpreter._pad``): onnxruntime's Pad moves the integers as they are."""
     mode = node.attrs.get("mode", "constant")
@@ -929,6 +961,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Sub": _lower_add_sub,
     "Mul": _lower_mul,
     "Pad": _lower_pad,
+    "Resize": _lower_resize,
     "PRelu": _lower_prelu,
     "Relu": _lower_relu,
     "Clip": _lower_clip,

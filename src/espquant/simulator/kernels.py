@@ -312,15 +312,18 @@ def max_pool_nhwc(x: np.ndarray, *, kernel: Sequence[int], strides: Sequence[int
     return _pool_windows(x.astype(np.int64), kernel, strides, pads, low).max(axis=0)
 
 
+def nearest_indices(size: int, scale: float) -> np.ndarray:
+    """The source index of each output position of a nearest resize along one axis of ``size``: ``int(size *
+    scale)`` outputs, ``min(trunc(i * f32(1 / f32(scale))), size - 1)`` (asymmetric + floor, float32 steps)."""
+    return np.minimum((np.arange(int(size * scale)) * F32(1.0 / F32(scale))).astype(np.int64), size - 1)
+
+
 def resize_nearest_nhwc(
     x: np.ndarray, *, scale_h: float, scale_w: float, e_in: int, e_out: int, bits: int, profile: TargetProfile
 ) -> np.ndarray:
     """Nearest (asymmetric + floor) resize of NHWC integers, rescaled when exponents differ (9)."""
     batch, height, width, channels = x.shape
-    out_h, out_w = int(height * scale_h), int(width * scale_w)
-    rows = np.minimum((np.arange(out_h) * F32(1.0 / F32(scale_h))).astype(np.int64), height - 1)
-    cols = np.minimum((np.arange(out_w) * F32(1.0 / F32(scale_w))).astype(np.int64), width - 1)
-    y = x[:, rows][:, :, cols]
+    y = x[:, nearest_indices(height, scale_h)][:, :, nearest_indices(width, scale_w)]
     if e_in == e_out:
         return y
     shift, mult = max(0, e_out - e_in), 2 ** max(0, e_in - e_out)
