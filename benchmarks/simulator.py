@@ -12,6 +12,11 @@ Cases (all built here with onnx.helper, random weights, dynamic batch):
 * ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
   way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
 
+Real models (``--cases ppocr_cls ppocr_det mtcnn_onet blazeface_real``, not run by default: they come from
+``benchmarks/accuracy.py``'s cache, filled on its first run): PP-OCR's MobileNetV3 text classifier
+(squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu)
+and MediaPipe's BlazeFace (channel Pad), on their real images.
+
 Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
 ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
 thread everywhere (onnxruntime intra-op threads and the BLAS numpy uses). Times are per image, best of
@@ -47,7 +52,12 @@ from calibration import mobilenet_v2  # noqa: E402
 
 from espquant import Calibrator, Evaluator  # noqa: E402
 
-CASES = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
+SYNTHETIC = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
+# Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
+# a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu),
+# MediaPipe's BlazeFace (Pad).
+REAL = {"ppocr_cls": "ppocr_cls", "ppocr_det": "ppocr_det", "mtcnn_onet": "mtcnn_onet", "blazeface_real": "blazeface"}
+CASES = (*SYNTHETIC, *REAL)
 TARGETS = ("esp32s3", "esp32p4")
 TARGET_RATIO = {"int8": 2.0, "int16": 4.0}
 
@@ -173,6 +183,15 @@ def rail(saturating: bool) -> onnx.ModelProto:
 def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
     """The model of case ``name`` and ``images`` inputs drawn for it."""
     rng = np.random.default_rng(seed)
+    if name in REAL:
+        import accuracy
+
+        cache = Path.home() / ".cache" / "espquant-accuracy"
+        if REAL[name] == "blazeface":
+            accuracy._converted(cache, cache / "venv" / "bin" / "python")
+        real = accuracy.CASES[REAL[name]](cache, rng)
+        pool = np.concatenate([real.calib, real.test]).astype(np.float32)
+        return real.model, pool[np.arange(images) % len(pool)]
     if name == "mlp":
         return mlp(), rng.normal(0, 1, (images, 64)).astype(np.float32)
     if name == "mobilenet_v2":
@@ -251,7 +270,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=64, help="single-image calls per pass at batch 1")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=list(SYNTHETIC), choices=CASES, help="also: " + ", ".join(REAL))
     parser.add_argument("--bits", nargs="+", default=["int8", "int16"], choices=["int8", "int16"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     args = parser.parse_args()

@@ -682,7 +682,8 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
     ``sat(SR(a b, s))`` with ``s = e_out - e_a - e_b``, or float32 ``sat(R(f32(a b) k))`` with ``k = 2^-s``. While
     ``|a b| < 2^24`` the product is exact in float32 and both are ``R(a b 2^-s)``: one graph for any shape. Wider
     products (int16) round in float32 on the float path: chips without SIMD always take it; on ESP32-S3 / -P4
-    both are computed, the SIMD one kept, and a guard sends the batch to the interpreter where they differ."""
+    the float model's inferred shapes decide (``_mul_takes_simd``), and where they cannot, both are computed,
+    the SIMD one kept, and a guard sends the batch to the interpreter where they differ."""
     m = b.model
     if node.relu:
         raise _Refused("Mul with a fused Relu")
@@ -789,9 +790,13 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
     height, width = int(shape[2]), int(shape[3])  # type: ignore[arg-type]
     if len(node.inputs) > 2 and node.inputs[2] and b.constant(node.inputs[2]).size:
         scales = b.constant(node.inputs[2]).reshape(-1).astype(float)
+        if scales.size != 4:
+            raise _Refused("Resize scales of another rank")
         scale_h, scale_w = float(scales[2]), float(scales[3])
     elif len(node.inputs) > 3 and node.inputs[3]:
         sizes = b.constant(node.inputs[3]).reshape(-1)
+        if sizes.size != 4:
+            raise _Refused("Resize sizes of another rank")
         scale_h, scale_w = float(sizes[2] / float(height)), float(sizes[3] / float(width))
     else:
         raise _Refused("Resize without scales or sizes")
