@@ -3,9 +3,10 @@ that the layer's output on the calibration data moves least, instead of to the n
 
 For a layer ``y = W x + b`` whose weights the chip holds as ``(W + D)`` (integers times ``2^e``), output channel
 ``o`` is off by ``d_o . x_q - w_o . (x - x_q)``, with ``x`` the float model's layer input and ``x_q`` the one
-the chip computes (the simulated, dequantized input). The bias absorbs the mean (``b_o - d_o . E[x_q] -
-w_o . E[x_q - x]`` is not taken: only the weights' own shift ``d_o . E[x_q]`` is, as bias correction does), and
-what is left is a quadratic in ``d_o``::
+the chip computes (the simulated, dequantized input). The bias takes the weights' own mean shift
+(``b_o - d_o . E[x_q]``, as bias correction does; also taking the inputs' mean error ``w_o . E[x_q - x]`` out at
+every layer at once over-corrects: on PP-OCRv4 det the outputs collapsed), and what is left is a quadratic in
+``d_o``::
 
     d_o^T H d_o - 2 d_o^T C w_o + const,   H = Cov(x_q),   C = Cov(x_q, x - x_q).
 
