@@ -1055,8 +1055,8 @@ class CompiledProgram:
     def compiled_nodes(self) -> int:
         return sum(s.nodes for s in self.steps if isinstance(s, _Segment))
 
-    @property
-    def interpreted_nodes(self) -> list[QNode]:
+    @functools.cached_property
+    def interpreted_nodes(self) -> list[QNode]:  # read on every run: computed once (the steps never change)
         return [s for s in self.steps if not isinstance(s, (_Segment, _RailStep))]
 
     @property

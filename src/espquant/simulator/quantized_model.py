@@ -63,6 +63,8 @@ class QuantizedModel:
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
     _programs: dict[tuple[bool, int | None], CompiledProgram] = field(default_factory=dict, repr=False)
     _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
+    # What ``simulate`` reads off the float model on every call (input shapes, chunking), kept for the last one.
+    _float_facts: tuple[Any, ...] = field(default=(), repr=False)
 
     def reset(self) -> None:
         """Forget what stateful nodes carry between runs (ESP-DL's ``Model::reset``: a new stream)."""

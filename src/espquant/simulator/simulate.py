@@ -42,12 +42,23 @@ def simulate(
     feeds = batch if isinstance(batch, dict) else {model.inputs[0]: batch}
     if set(feeds) != set(model.inputs):
         raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
-    shapes = _input_shapes(float_model)
+    shapes, chunking = _float_facts(model, float_model)
     checked = {}
     for name, value in feeds.items():
         checked[name] = _checked_input(name, np.asarray(value), shapes.get(name))
-    outputs = Chunking.of(float_model).run(lambda feeds: _run_once(model, feeds, to_float), checked)
+    outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
     return outputs, list(model.outputs)
+
+
+def _float_facts(model: QuantizedModel, float_model: onnx.ModelProto | None) -> tuple[dict[str, list[Any]], Chunking]:
+    """The float model's input shapes and chunking, read once per float model (a batch-1 caller simulates one
+    sample per call: walking the model's inputs and initializers each time cost more than a small model's run).
+    The model itself is kept with them, so a new model object is never mistaken for an old one."""
+    if model._float_facts and model._float_facts[0] is float_model:
+        return model._float_facts[1], model._float_facts[2]
+    shapes, chunking = _input_shapes(float_model), Chunking.of(float_model)
+    model._float_facts = (float_model, shapes, chunking)
+    return shapes, chunking
 
 
 def _run_once(model: QuantizedModel, feeds: dict[str, np.ndarray], to_float: bool) -> list[np.ndarray]:
