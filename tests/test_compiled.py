@@ -639,16 +639,22 @@ def test_s3_rail_step_of_a_conv_transpose_reads_its_zero_inserted_input(rng):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(
+    "mode",
+    [{"mode": "nearest"}, {"mode": "linear"}, {"mode": "linear", "coordinate_transformation_mode": "align_corners"}],
+    ids=["nearest", "linear", "linear-align-corners"],
+)
+@pytest.mark.parametrize(
     ("scales", "sizes", "e_out"),
     [([1, 1, 2, 2], None, -4), ([1, 1, 3, 1.5], None, -5), (None, [2, 5, 13, 7], -3), ([1, 1, 2, 2], None, -2)],
     ids=["x2", "x3-x1.5-rescaled-right", "sizes-rescaled-left", "x2-rescaled-right-by-2"],
 )
-def test_nearest_resize_compiles_exactly(rng, target, scales, sizes, e_out):
-    """Nearest Resize from the float model's plane size: the kernel's indices as two Gathers, rescaled (with
-    the profile's rounding and saturation) where the output exponent differs."""
+def test_resize_compiles_exactly(rng, target, mode, scales, sizes, e_out):
+    """Resize from the float model's plane size: nearest as the kernel's indices in two Gathers, rescaled (with
+    the profile's rounding and saturation) where the output exponent differs; bilinear as the kernel's float32
+    steps (rows, then columns) with its weights."""
     inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
     constants = {"scales": np.array(scales, np.float32)} if scales is not None else {"sizes": np.array(sizes)}
-    node = QNode("Resize", "resize", inputs, ["y"], {"mode": "nearest"}, bits=8)
+    node = QNode("Resize", "resize", inputs, ["y"], dict(mode), bits=8)
     node.input_shapes = [["N", 5, 6, 5], None, [4] if scales is not None else None, [4] if sizes else None]
     model = QuantizedModel([node], constants, {"x": -4, "y": e_out}, ["x"], ["y"], get_target(target), 8)
     x = rng.integers(-128, 128, (2, 5, 6, 5))

@@ -777,13 +777,15 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
 
 
 def _lower_resize(b: _Builder, node: QNode) -> None:
-    """Nearest Resize (``kernels.resize_nearest_nhwc``) of an input whose plane size the float model fixes: the
-    kernel's own source indices (``kernels.nearest_indices``) become two constant Gathers, then the rescale
-    when the exponents differ."""
-    from espquant.simulator.kernels import nearest_indices
+    """Resize of an input whose plane size the float model fixes. Nearest (``kernels.resize_nearest_nhwc``):
+    the kernel's own source indices (``kernels.nearest_indices``) as two constant Gathers, then the rescale
+    when the exponents differ. Linear (``kernels.resize_linear_nhwc``): the kernel's float32 steps with its
+    own indices and weights (``kernels.linear_axis``), rows blended first, then columns."""
+    from espquant.simulator.kernels import linear_axis, nearest_indices
 
-    if node.attrs.get("mode", "nearest") != "nearest":
-        raise _Refused("only nearest Resize is compiled")
+    mode = node.attrs.get("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise _Refused("cubic Resize")
     shape = (node.input_shapes or [None])[0]
     if shape is None or len(shape) != 4 or any(not isinstance(d, int) for d in shape[2:]):
         raise _Refused("the plane size is only known at run time")
@@ -801,10 +803,22 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
     else:
         raise _Refused("Resize without scales or sizes")
     hint = node.outputs[0]
+    m = b.model
+    if mode == "linear":
+        align = node.attrs.get("coordinate_transformation_mode") == "align_corners"
+        values = b.op("Mul", [b.use(node.inputs[0]), b.const(2.0 ** m.exponent(node.inputs[0]), hint)])
+        for axis, size, scale in ((2, height, scale_h), (3, width, scale_w)):
+            index, weight = linear_axis(size, int(size * scale), scale, align)
+            shape_of = [1, 1, -1, 1] if axis == 2 else [1, 1, 1, -1]
+            low = b.op("Gather", [values, b.const(index, hint, np.int64)], axis=axis)
+            high = b.op("Gather", [values, b.const(np.minimum(index + 1, size - 1), hint, np.int64)], axis=axis)
+            keep, take = b.const((F32(1.0) - weight).reshape(shape_of), hint), b.const(weight.reshape(shape_of), hint)
+            values = b.op("Add", [b.op("Mul", [low, keep]), b.op("Mul", [high, take])])
+        _round_saturate(b, b.op("Mul", [values, b.const(2.0 ** -m.exponent(hint), hint)]), hint)
+        return
     rows = b.const(nearest_indices(height, scale_h), hint, np.int64)
     cols = b.const(nearest_indices(width, scale_w), hint, np.int64)
     y = b.op("Gather", [b.op("Gather", [b.use(node.inputs[0]), rows], axis=2), cols], axis=3)
-    m = b.model
     shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
     if shift == 0:
         b.op("Identity", [y], hint)
