@@ -8,6 +8,7 @@ wrapper over its ONNX entry.
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from pathlib import Path
@@ -51,8 +52,13 @@ def quantize_torch(
     with tempfile.TemporaryDirectory(prefix="espquant-torch-") as folder:
         path = Path(folder) / "model.onnx"
         axes = {name: {0: "N"} for name in names} if dynamic_batch else None
+        # torch 2.9 and later default to the dynamo exporter, which needs onnxscript (not a dependency) and
+        # writes other graphs; the TorchScript exporter is what the optimizer and ESP-PPQ users know.
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=names, opset_version=opset, dynamic_axes=axes)
+            torch.onnx.export(
+                module, args, str(path), input_names=names, opset_version=opset, dynamic_axes=axes, **legacy
+            )
         if "workdir" not in options or options["workdir"] is None:  # intermediates beside the output, not in tmp
             options["workdir"] = Path(espdl_export_file).parent if options.get("format") != "cpp" else None
         return quantize(path, calib_dataloader, espdl_export_file, **options)
