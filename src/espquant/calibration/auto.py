@@ -391,7 +391,7 @@ def _corrected(
     """The bias-corrected twin of ``base`` for the weight exponents of this table (None: nothing to correct)."""
     weighted = _Variant(base.model, base.plan, weight_method)
     exponents = search.table(weighted, observed).exponents
-    bits_of = {use.tensor: search.widths.get(use.node.output[0], search.bits) for use in base.plan.weights}
+    bits_of = base.plan.weight_widths(search.widths, search.bits)
     model, count = correct_biases(base.model, base.plan, exponents, channel_means(reference, layer_inputs), bits_of)
     if not count:
         return None
@@ -412,7 +412,7 @@ def _rounded(
     simulated = simulated_values(base.model, table, search.profile, search.bits, search.samples, layer_inputs)
     if simulated is None:
         return None
-    bits_of = {use.tensor: search.widths.get(use.node.output[0], search.bits) for use in base.plan.weights}
+    bits_of = base.plan.weight_widths(search.widths, search.bits)
     model, stats = rounded_weight_model(base.model, base.plan, table.exponents, reference, simulated, bits_of)
     if not stats.flipped:
         return None

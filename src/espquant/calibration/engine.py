@@ -376,7 +376,7 @@ def _bias_corrected(
     if not layer_inputs:
         return model, 0
     reference = float_reference(model, layer_inputs, samples, providers, threads)
-    bits_of = {use.tensor: widths.get(use.node.output[0], bits) for use in plan.weights}
+    bits_of = plan.weight_widths(widths, bits)
     return correct_biases(model, plan, exponents, channel_means(reference, layer_inputs), bits_of)
 
 
@@ -403,5 +403,5 @@ def _weight_rounded(
     simulated = simulated_values(model, table, profile, bits, samples, layer_inputs)
     if simulated is None:
         return model, RoundingStats()
-    bits_of = {use.tensor: widths.get(use.node.output[0], bits) for use in plan.weights}
+    bits_of = plan.weight_widths(widths, bits)
     return rounded_weight_model(model, plan, exponents, reference, simulated, bits_of)

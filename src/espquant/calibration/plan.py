@@ -71,6 +71,10 @@ class CalibrationPlan:
         """Every activation the quantization table must give an exponent: measured, or taken from a reader."""
         return [*self.observed, *self.range_from]
 
+    def weight_widths(self, widths: dict[str, int], bits: int) -> dict[str, int]:
+        """Weight tensor -> the width its layer runs at (``bits`` unless mixed precision widens the layer)."""
+        return {use.tensor: widths.get(use.node.output[0], bits) for use in self.weights}
+
 
 def plan_calibration(model: onnx.ModelProto) -> CalibrationPlan:
     """Build the plan; every op must be in the registry (run the checker first for the reasons)."""
