@@ -831,6 +831,8 @@ def _lower_pad(b: _Builder, node: QNode) -> None:
     mode = node.attrs.get("mode", "constant")
     if mode not in ("constant", "edge", "reflect") or (len(node.inputs) > 3 and node.inputs[3]):
         raise _Refused("Pad mode or axes")
+    if len(node.inputs) < 2 or not node.inputs[1]:
+        raise _Refused("Pad without a pads input")
     pads = b.constant(node.inputs[1]).astype(np.int64).reshape(-1)
     if np.any(pads < 0):
         raise _Refused("negative pads")
