@@ -191,6 +191,21 @@ def test_a_fixed_batch_of_two_runs_two_at_a_time(data):
         qdq_agreement(fixed, table, "esp32p4", data[:7])
 
 
+def test_simulate_reads_each_float_model_it_is_given(data):
+    """``simulate`` keeps the float model's shapes and chunking between calls (a batch-1 caller's overhead), but
+    a call with another float model object reads that one: its fixed batch is honoured at once."""
+    from espquant.simulator.simulate import simulate
+
+    dynamic, fixed = tflite_like("N"), tflite_like(2)
+    table = Calibrator("int8").calibrate(dynamic, data[:8]).table
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(dynamic, table)
+    first, _ = simulate(quantized, dynamic, data[:7])  # any number: the batch is free
+    with pytest.raises(DatasetError, match="multiple of 2"):
+        simulate(quantized, fixed, data[:7])
+    again, _ = simulate(quantized, dynamic, data[:7])
+    np.testing.assert_array_equal(first[0], again[0])
+
+
 # --- the command line -------------------------------------------------------------------------------------------
 
 
