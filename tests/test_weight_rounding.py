@@ -174,3 +174,21 @@ def test_cli_weight_rounding_writes_the_model_the_table_is_for(rng, tmp_path):
     table = QuantTable.load(tmp_path / "t.pickle")
     assert table.metadata["model_transforms"] == ["weight_rounding"]
     assert table.metadata["graph_hash"] == graph_hash(onnx.load(written))
+
+
+def test_bias_correction_after_rounding_corrects_only_the_layers_left_at_nearest(rng):
+    """With both asked for a fixed method, rounding goes first: its layers keep the bias it chose (their weights
+    are on the grid, nothing left to correct) and bias correction moves only the Gemm rounding left alone."""
+    model = _model(rng)
+    x = rng.normal(0.5, 1.0, (256, 3, 6, 6)).astype(np.float32)
+    rounded = calibrate_model(model, x, 8, "per-tensor", "minmax", weight_rounding=True)
+    both = calibrate_model(model, x, 8, "per-tensor", "minmax", weight_rounding=True, bias_correction=True)
+    assert both.transforms == ["weight_rounding", "bias_correction"]
+    alone = {t.name: numpy_helper.to_array(t) for t in rounded.model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in both.model.graph.initializer}
+    assert alone.keys() == after.keys()
+    for name in alone:
+        if name == "b3":
+            assert not np.array_equal(after[name], alone[name])  # the Gemm's mean shift, taken out
+        else:
+            np.testing.assert_array_equal(after[name], alone[name])

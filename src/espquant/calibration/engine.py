@@ -203,12 +203,14 @@ def calibrate_model(
     per_channel = granularity == "per-channel"
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
+    kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
+    kept_count = int(len(next(iter(kept_samples.values())))) if kept_samples else 0
     if method == "auto":
         search = search_exponents(
             model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
-            _joined(kept, chunking), get_target("esp32p4" if per_channel else "esp32s3"),
+            kept_samples, get_target("esp32p4" if per_channel else "esp32s3"),
             bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
-            max_simulations=simulation_budget(samples, int(len(next(iter(_joined(kept, chunking).values()))))),
+            max_simulations=simulation_budget(samples, kept_count),
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
@@ -221,7 +223,7 @@ def calibrate_model(
             "output_error": search.error,
             "minmax_output_error": search.minmax_error,
             "simulations": search.evaluations,
-            "search_samples": int(len(next(iter(_joined(kept, chunking).values())))),
+            "search_samples": kept_count,
             "choices": search.choices,
         }
     else:
@@ -232,19 +234,23 @@ def calibrate_model(
     cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
     _warn_drowned_members(plan, observed, assignment.exponents, widths, bits)
-    if correct and method != "auto":
-        model_proto, count = _bias_corrected(model_proto, plan, assignment.exponents, _joined(kept, chunking),
-                                             bits, widths, providers, threads)
-        if count:
-            transforms.append("bias_correction")
-            plan = plan_calibration(model_proto)
+    # Rounding first: its weights lie on the grid with their bias already corrected, so bias correction after
+    # it finds nothing to move there and corrects only the layers rounding left at nearest (the other order
+    # would take the nearest rounding's mean shift out of biases whose weights rounding then changes).
     if rounding and method != "auto":
         model_proto, stats = _weight_rounded(
-            model_proto, plan, assignment.exponents, _joined(kept, chunking), bits, widths, int16, per_channel,
-            providers, threads,
+            model_proto, plan, assignment.exponents, kept_samples, bits, widths, int16, per_channel, providers,
+            threads,
         )
         if stats.flipped:
             transforms.append("weight_rounding")
+            plan = plan_calibration(model_proto)
+    if correct and method != "auto":
+        model_proto, count = _bias_corrected(
+            model_proto, plan, assignment.exponents, kept_samples, bits, widths, providers, threads
+        )
+        if count:
+            transforms.append("bias_correction")
             plan = plan_calibration(model_proto)
     extra["bias_correction"] = "bias_correction" in transforms
     extra["weight_rounding"] = "weight_rounding" in transforms
@@ -361,6 +367,15 @@ def _joined(kept: list[Batch], chunking: Chunking) -> Batch:
     return {name: value[:size] for name, value in joined.items()}
 
 
+def _layer_inputs(
+    model: onnx.ModelProto, plan: CalibrationPlan, samples: Batch, providers: Sequence[str], threads: int | None
+) -> dict[str, np.ndarray]:
+    """The float model's input of every layer bias correction and weight rounding reach, on the kept samples
+    (empty when there is none)."""
+    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)]
+    return float_reference(model, layer_inputs, samples, providers, threads) if layer_inputs else {}
+
+
 def _bias_corrected(
     model: onnx.ModelProto,
     plan: CalibrationPlan,
@@ -372,12 +387,11 @@ def _bias_corrected(
     threads: int | None,
 ) -> tuple[onnx.ModelProto, int]:
     """Bias correction for a fixed method (opt-in): the input means measured on the kept samples."""
-    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)]
-    if not layer_inputs:
+    reference = _layer_inputs(model, plan, samples, providers, threads)
+    if not reference:
         return model, 0
-    reference = float_reference(model, layer_inputs, samples, providers, threads)
     bits_of = plan.weight_widths(widths, bits)
-    return correct_biases(model, plan, exponents, channel_means(reference, layer_inputs), bits_of)
+    return correct_biases(model, plan, exponents, channel_means(reference, list(reference)), bits_of)
 
 
 def _weight_rounded(
@@ -394,13 +408,12 @@ def _weight_rounded(
 ) -> tuple[onnx.ModelProto, RoundingStats]:
     """Weight rounding for a fixed method (opt-in): the layer inputs of the float model and of the simulated
     chip with this table, on the kept samples."""
-    layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)]
-    if not layer_inputs:
+    reference = _layer_inputs(model, plan, samples, providers, threads)
+    if not reference:
         return model, RoundingStats()
-    reference = float_reference(model, layer_inputs, samples, providers, threads)
     table = QuantTable(exponents, {"bits": bits, "int16_layers": int16})
     profile = get_target("esp32p4" if per_channel else "esp32s3")
-    simulated = simulated_values(model, table, profile, bits, samples, layer_inputs)
+    simulated = simulated_values(model, table, profile, bits, samples, list(reference))
     if simulated is None:
         return model, RoundingStats()
     bits_of = plan.weight_widths(widths, bits)
