@@ -770,10 +770,9 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
         scaled = b.op("Mul", [product, b.const(2.0 ** -float(shift[0]), hint, dtype)])
         negative = b.op("Floor", [scaled]) if shift[0] > 0 else scaled
         positive = wide
-    zero = b.const(0.0, hint, dtype)
-    chosen = b.op("Where", [b.op("Greater", [wide, zero]), positive,
-                            b.op("Where", [b.op("Less", [wide, zero]), negative, zero])])
-    b.saturate(chosen, hint, dtype=dtype)
+    # The kernel gives 0 for q = 0 on its own branch; the negative branch is 0 there too (0 shifted either way).
+    positive_input = b.op("Greater", [wide, b.const(0.0, hint, dtype)])
+    b.saturate(b.op("Where", [positive_input, positive, negative]), hint, dtype=dtype)
 
 
 def _lower_resize(b: _Builder, node: QNode) -> None:
