@@ -136,12 +136,9 @@ def _sampled(total: int, rows: int) -> np.ndarray:
 
 def _layer_inputs(
     node: onnx.NodeProto, opset: int, x: np.ndarray, x_q: np.ndarray, rows: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(float, simulated)`` layer inputs as ``[groups, rows, taps]``, sampled alike; None: not a 2-D Conv /
-    Gemm input."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(float, simulated)`` inputs of a 2-D Conv or a Gemm as ``[groups, rows, taps]``, sampled alike."""
     if node.op_type == "Conv":
-        if x.ndim != 4:
-            return None
         patches, patches_q = layer_patches([x, x_q], node, opset, rows)
         return patches, patches_q
     flat, flat_q = x.reshape(-1, x.shape[-1]), x_q.reshape(-1, x_q.shape[-1])
@@ -189,12 +186,11 @@ def rounded_weight_model(
         positions = min(ROWS, ELEMENTS // (groups * matrix.shape[2]))
         if positions < MIN_ROWS_PER_TAP * matrix.shape[2]:
             continue
-        inputs = _layer_inputs(
+        x, x_q = _layer_inputs(
             node, opset, np.asarray(float_inputs[tensor]), np.asarray(simulated_inputs[tensor]), positions
         )
-        if inputs is None or inputs[0].shape[1] < MIN_ROWS_PER_TAP * matrix.shape[2]:
+        if x.shape[1] < MIN_ROWS_PER_TAP * matrix.shape[2]:  # fewer samples than the bound allowed
             continue
-        x, x_q = inputs
         channel_exponents = np.broadcast_to(np.asarray(exponent, dtype=np.float64).reshape(-1), (rows.shape[0],))
         step = (2.0**channel_exponents).reshape(groups, -1, 1)
         mean_q = x_q.mean(axis=1)
