@@ -807,7 +807,7 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
         align = node.attrs.get("coordinate_transformation_mode") == "align_corners"
         values = b.op("Mul", [b.use(node.inputs[0]), b.const(2.0 ** m.exponent(node.inputs[0]), hint)])
         for axis, size, scale in ((2, height, scale_h), (3, width, scale_w)):
-            index, weight = linear_axis(size, int(size * scale), scale, align)
+            index, weight = linear_axis(size, scale, align)
             shape_of = [1, 1, -1, 1] if axis == 2 else [1, 1, 1, -1]
             low = b.op("Gather", [values, b.const(index, hint, np.int64)], axis=axis)
             high = b.op("Gather", [values, b.const(np.minimum(index + 1, size - 1), hint, np.int64)], axis=axis)

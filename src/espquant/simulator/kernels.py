@@ -480,8 +480,10 @@ def insert_zeros_channels_last(x: np.ndarray, stride: Sequence[int], output_padd
     return out
 
 
-def linear_axis(size_in: int, size_out: int, scale: float, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Source index and weight of each output coordinate along one axis (ARITHMETIC.md 9, linear)."""
+def linear_axis(size_in: int, scale: float, align_corners: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Source index and weight of each of the ``int(size_in * scale)`` output coordinates along one axis
+    (ARITHMETIC.md 9, linear)."""
+    size_out = int(size_in * scale)
     out = np.arange(size_out, dtype=F32)
     if align_corners:
         inverse = F32((size_in - 1) / (size_out - 1)) if size_out > 1 else F32(0.0)
@@ -513,9 +515,8 @@ def resize_linear_nhwc(
 ) -> np.ndarray:
     """Bilinear resize: rows blended first, then columns, in float32 from dequantized values (9)."""
     batch, height, width, channels = x.shape
-    out_h, out_w = int(height * scale_h), int(width * scale_w)
-    rows, row_w = linear_axis(height, out_h, scale_h, align_corners)
-    cols, col_w = linear_axis(width, out_w, scale_w, align_corners)
+    rows, row_w = linear_axis(height, scale_h, align_corners)
+    cols, col_w = linear_axis(width, scale_w, align_corners)
     values = (x.astype(F32) * F32(2.0**e_in)).astype(F32)
     next_rows = np.minimum(rows + 1, height - 1)
     wr = row_w[None, :, None, None]
