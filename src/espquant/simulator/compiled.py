@@ -644,12 +644,16 @@ def _lower_table(b: _Builder, node: QNode) -> None:
 
 
 def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) -> None:
-    """``table[x - lowest]`` for the integers ``x`` (exact in float32) of a signed width (``lowest = -size / 2``):
-    Gather counts negative indices from the end, so the table rolled by half its size is indexed by ``x`` itself
-    (one pass fewer than adding ``-lowest``)."""
+    """``table[x - lowest]`` for the integers ``x`` (exact in float32) of a signed width (``lowest = -size / 2``).
+
+    Negative indices count from the end, so the table rolled by half its size is indexed by ``x`` itself (one
+    pass fewer than adding ``-lowest``). The lookup is GatherElements on the flattened indices, not Gather:
+    onnxruntime's Gather copies element by element through its generic block path (about 16 ns per element on
+    this machine) while GatherElements is a plain loop (about 2.3 ns); the two Reshapes are views."""
     assert table.size == -2 * lowest
-    index = b.op("Cast", [x], to=TensorProto.INT32)
-    b.op("Gather", [b.const(np.roll(table, lowest), output), index], output, axis=0)
+    index = b.op("Reshape", [b.op("Cast", [x], to=TensorProto.INT32), b.const(np.array([-1]), "flat", np.int64)])
+    looked_up = b.op("GatherElements", [b.const(np.roll(table, lowest), output), index], axis=0)
+    b.op("Reshape", [looked_up, b.op("Shape", [x])], output)
 
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
