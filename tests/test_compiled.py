@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-from espquant import Calibrator, Evaluator
+from espquant import Calibrator, Evaluator, runtime
 from espquant.demo import demo_model_path, load_demo_data
 from espquant.optimizer import optimize_model
 from espquant.quant.pot import qmax
@@ -329,6 +329,48 @@ def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
         assert fast.dtype == slow.dtype == np.int64
         program = model._programs[(False, None)]
         assert program.interpreted_nodes == [] and program.compiled_nodes == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    target=st.sampled_from(TARGETS),
+    shift=st.integers(0, 22),
+    depthwise=st.booleans(),
+    relu=st.booleans(),
+    bias_bits=st.integers(0, 38),
+)
+def test_int16_split_sums_round_in_float32_exactly(seed, target, shift, depthwise, relu, bias_bits):
+    """A digit-split int16 Conv rounds its parts in float32 (integer and fraction of each, the bias cut the same
+    way) instead of adding them in double: equal to the interpreter for every shift (small ones make many ties,
+    large ones saturate), bias size and rounding rule (half-up on S3 / C3, half-even on P4)."""
+    rng = np.random.default_rng(seed)
+    channels = 6
+    if depthwise:
+        weight, x = _int(rng, 16, (channels, 1, 3, 3)), _int(rng, 16, (2, channels, 6, 6), 2.0)
+        attrs = {"pads": [1, 1, 1, 1], "group": channels}
+    else:
+        weight, x = _int(rng, 16, (channels, 4, 3, 3)), _int(rng, 16, (2, 4, 6, 6), 2.0)
+        attrs = {"pads": [1, 0, 1, 0]}
+    bias = rng.integers(-(2**bias_bits), 2**bias_bits + 1, channels)
+    model = _accumulating_model(target, 16, "Conv", weight, bias, (-12, -14, shift - 26), relu=relu, **attrs)
+    fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2**15), 2**15 - 1))
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_int16_split_conv_has_no_double_pass(rng, target, monkeypatch):
+    """The usual int16 3x3 Conv (weights up to a third of the range, a bias) is built without any double
+    tensor: its split sums are rounded in float32."""
+    real = runtime.create_session
+    weight, x = _int(rng, 16, (8, 8, 3, 3)), _int(rng, 16, (2, 8, 6, 6), 2.0)
+    graphs = []
+    monkeypatch.setattr(runtime, "create_session", lambda proto, **kw: graphs.append(proto) or real(proto, **kw))
+    model = _accumulating_model(target, 16, "Conv", weight, rng.integers(-(2**30), 2**30, 8), (-12, -14, -10))
+    fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2**15), 2**15 - 1))
+    np.testing.assert_array_equal(fast, slow)
+    casts = [n for g in graphs for n in g.graph.node if n.op_type == "Cast"]
+    assert graphs and not any(a.i == onnx.TensorProto.DOUBLE for n in casts for a in n.attribute)
 
 
 def test_int16_models_compile_their_convolutions_and_gemm(rng):

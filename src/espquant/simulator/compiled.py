@@ -269,10 +269,11 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     The sums are one float32 contraction when every partial sum stays below 2**24; otherwise a MatMul (Gemm,
     MatMul) runs in double, exact below 2**53 (onnxruntime has a double MatMul, no double Conv), and a Conv
     splits the activation and / or the weights into balanced digits (int16: ``x = hi * 256 + lo``) so that each
-    digit-pair contraction is exact in float32, the pairs added in double; shift, ReLU and saturation follow
-    in double. Where a lane may saturate (ESP32-S3 int8: 20 bits) the graph checks this data's bound
-    ``start + (M +- S) / 2`` (``M = sum |x w|``); a node whose check tripped once is built as a rail step: its
-    sums go to :func:`lanes.emulate`, which replaces only the outputs that may saturate."""
+    digit-pair contraction is exact in float32, the pairs rounded in float32 where their bounds allow
+    (:func:`_plan_float32_rounding`), else added, shifted and saturated in double. Where a lane may saturate
+    (ESP32-S3 int8: 20 bits) the graph checks this data's bound ``start + (M +- S) / 2`` (``M = sum |x w|``);
+    a node whose check tripped once is built as a rail step: its sums go to :func:`lanes.emulate`, which
+    replaces only the outputs that may saturate."""
     m = b.model
     weight, channels = spec.weight, spec.weight.shape[0]
     e_w = m.exponents[node.inputs[1]] if spec.shift_exponent is None else spec.shift_exponent
@@ -317,10 +318,16 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         return w.reshape(weight.shape) * (scale * 2.0**place).reshape(-1, *[1] * (weight.ndim - 1))
 
     begin = (start + folded) * scale
+    rounding = None
+    if plan is not None and not checked:
+        rounding = _plan_float32_rounding(b.bits, m.profile.rounding == "half_even", plan[0], plan[2], shift, begin)
     if direct:
         acc = spec.contract(
             x, b.const(spec.embed(scaled(weight)), hint), b.const(begin, hint) if np.any(begin) else None
         )
+    elif rounding is not None:  # digit pairs rounded in float32, no double pass at all
+        _round_split_sums_in_float32(b, node, spec, _activation_digits(b, x, plan[0], hint), rounding, scaled)
+        return
     elif spec.contract_double is not None:  # one exact contraction in double instead of digit pairs
         wide = b.op("Cast", [x], to=TensorProto.DOUBLE)
         acc = spec.contract_double(wide, scaled(weight), begin if np.any(begin) else None)
@@ -350,6 +357,127 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     y = b.shift_round(acc, shift.reshape(shape), hint, half_added=True, dtype=dtype)
     low, high, output = _clamp(b, node)
     b.saturate(y, output, dtype=dtype, bounds=(low, high))
+
+
+@dataclass(eq=False)  # compared by identity
+class _DigitPart:
+    """One digit-pair contraction of a split sum, scaled: ``value = sum(x digit * w digit) * 2**(place - shift)``
+    (times 1/2 under half-even) plus ``start``, a float32 tensor holding a multiple of ``2**granularity`` (or of
+    1, whichever is finer) below ``bound``, per output channel."""
+
+    place: int  # the activation digit's place
+    weight: np.ndarray  # the weight digit, scaled by its place value
+    granularity: np.ndarray
+    bound: np.ndarray
+    start: np.ndarray | None = None
+
+    def exact_with(self, start: np.ndarray) -> bool:
+        """Whether the contraction stays exact in float32 with ``start`` added (every partial sum is the start
+        plus some products, a multiple of the finer of its granularity and the start's)."""
+        finest = np.minimum(self.granularity, 0).astype(np.float64)
+        return float(((self.bound + np.abs(start)) * 2.0**-finest).max()) < EXACT_FLOAT32
+
+
+@dataclass(frozen=True)
+class _Float32Rounding:
+    """How a digit-split sum is rounded in float32 (see :func:`_plan_float32_rounding`): the finest part, the
+    coarse ones in increasing size, and which of those are cut into integer and fraction."""
+
+    fine: _DigitPart
+    coarse: list[_DigitPart]
+    cut: list[_DigitPart]
+    unit: float  # 1/2 under half-even, else 1
+
+
+def _plan_float32_rounding(
+    bits: int, half_even: bool, x_count: int, weights: list[np.ndarray], shift: np.ndarray, begin: np.ndarray
+) -> _Float32Rounding | None:
+    """Whether (and how) a digit-split sum can be rounded without double; None when a bound forbids it.
+
+    Adding the parts in double costs a cast per part and double-width passes, most of an int16 layer's time.
+    Instead every part but the finest (the low digits, whose granularity is the rounding's) is cut into its
+    integer ``I = floor(v)`` and fraction ``v - I`` (both exact); the fractions and the finest part add up exactly
+    in float32 when the checked bound keeps them below ``2**24`` units of the finest granularity, and round to
+    ``r``. Then ``y = r + sum I``: every add but the last is checked exact, and the last is exact or lands beyond
+    ``2**24`` on the right side, which saturation treats the same. The start (bias and rounding half) is cut the
+    same way: its fraction rides on the finest contraction, its integer on a coarse one. Half-even works at half
+    scale, so the integers it adds are even and cannot change which neighbour a tie goes to."""
+    unit = 0.5 if half_even else 1.0
+    channels = shift.shape[0]
+    x_bounds = dict(zip(_digit_shifts(bits, x_count), _digit_bounds(bits, x_count)))
+    parts = []
+    for place in _digit_shifts(bits, x_count):
+        for w_place, weight in zip(_digit_shifts(bits, len(weights)), weights):
+            column = np.abs(weight.reshape(channels, -1)).sum(axis=1).astype(np.float64)
+            scale = unit * 2.0 ** (place - shift).astype(np.float64)
+            granularity = place + w_place - shift - (1 if half_even else 0)
+            parts.append(_DigitPart(place, weight, granularity, x_bounds[place] * column * scale))
+    fine = min(parts, key=lambda part: int(part.granularity.min()))
+    coarse = [part for part in parts if part is not fine]
+    cut = [part for part in coarse if int(part.granularity.min()) < 0]
+    start = begin * unit
+    whole_start = np.floor(start)
+    fine.start = start - whole_start
+    if any(int(part.granularity.min()) < -24 for part in cut) or not fine.exact_with(fine.start + len(cut)):
+        return None  # a fraction, or the fractions' sum, not exact
+    if np.any(whole_start):  # carried by the smallest coarse contraction that stays exact with it
+        host = next((part for part in sorted(coarse, key=_largest) if part.exact_with(whole_start)), None)
+        if host is None:
+            return None
+        host.start, host.bound = whole_start, host.bound + np.abs(whole_start)
+    coarse.sort(key=_largest)
+    # Every addition of integers but the last must be exact. Half-up: r, then the coarse integers in increasing
+    # size. Half-even: the coarse integers (half units) first, doubled, then r (within 2**24, so that a last sum
+    # beyond 2**24 stays beyond the saturation bounds after r is added).
+    fractions = fine.bound + 1 + len(cut)
+    smaller = sum((part.bound for part in coarse[:-1]), np.zeros(channels))
+    before_last = np.maximum(smaller, 2 * fractions + 1) if half_even else fractions + 1 + smaller
+    if float(before_last.max()) >= EXACT_FLOAT32:
+        return None
+    return _Float32Rounding(fine, coarse, cut, unit)
+
+
+def _largest(part: _DigitPart) -> float:
+    return float(part.bound.max())
+
+
+def _round_split_sums_in_float32(
+    b: _Builder,
+    node: QNode,
+    spec: _Accumulating,
+    digits: list[tuple[int, str]],
+    plan: _Float32Rounding,
+    scaled: Callable[[np.ndarray, int], np.ndarray],
+) -> None:
+    """Build the plan of :func:`_plan_float32_rounding`: contractions, cuts, rounding, saturation."""
+    hint, names = node.outputs[0], dict(digits)
+
+    def value(part: _DigitPart) -> str:
+        weight = spec.embed(scaled(part.weight, part.place) * plan.unit)
+        bias = b.const(part.start, hint) if part.start is not None and np.any(part.start) else None
+        return spec.contract(names[part.place], b.const(weight, hint), bias)
+
+    fraction, integers = value(plan.fine), []
+    for part in plan.coarse:
+        whole = value(part)
+        if part in plan.cut:
+            integer = b.op("Floor", [whole])
+            fraction = b.op("Add", [fraction, b.op("Sub", [whole, integer])])
+            whole = integer
+        integers.append(whole)
+    if plan.unit != 1.0:  # half-even, at half scale
+        y = b.op("Round", [b.op("Mul", [fraction, b.const(2.0, hint)])])
+        if integers:
+            total = integers[0]
+            for integer in integers[1:]:
+                total = b.op("Add", [total, integer])
+            y = b.op("Add", [y, b.op("Mul", [total, b.const(2.0, hint)])])
+    else:
+        y = b.op("Floor", [fraction])
+        for integer in integers:
+            y = b.op("Add", [y, integer])
+    low, high, output = _clamp(b, node)
+    b.saturate(y, output, bounds=(low, high))
 
 
 def _clamp(b: _Builder, node: QNode) -> tuple[int, int, str]:
