@@ -590,6 +590,23 @@ def test_squeeze_excite_blocks_compile_and_equal_the_interpreter(rng, bits, targ
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("known", [None, [None, 5, 40, 41], [None, 5, 1700]])
+def test_global_average_pool_with_and_without_a_known_plane(rng, target, bits, known):
+    """GlobalAveragePool takes its area from the float model's shapes when they fix the plane (a constant) and
+    from the tensor at run time when not (a ``.espdl`` file's nodes carry no shapes): both equal the
+    interpreter, 2-D and 1-D planes, with sums beyond float32's integers at int16."""
+    shape = (3, 5, *(known[2:] if known else (40, 41)))
+    node = QNode("GlobalAveragePool", "gap", ["x"], ["y"], {}, bits=bits)
+    node.input_shapes = [known] if known else None
+    model = QuantizedModel([node], {}, {"x": -7, "y": -9}, ["x"], ["y"], get_target(target), bits)
+    x = _int(rng, bits, shape, 2.0)
+    fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1))
+    np.testing.assert_array_equal(fast, slow)
+    assert model._programs[(False, None)].interpreted_nodes == []
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits", [8, 16])
 def test_mul_hand_worked(target, bits):
     """``sat(R(a b 2^-s))`` at s = 1: 3 * 5 is 7.5 (a tie), -3 * 5 is -7.5, 127 * 127 is 8064.5 (saturates at int8)."""
     rounding = get_target(target).rounding

@@ -1038,16 +1038,22 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
     if node.op_type == "GlobalAveragePool":  # every axis after the channels: 1-D and 2-D alike
-        shape = b.op("Shape", [x])
-        rank = b.op("Size", [shape])
-        axes = b.op("Range", [b.const(2, hint, np.int64), rank, b.const(1, hint, np.int64)])
-        # The plane is only known at run time: the sum is taken in double (exact) and rounded to float32 as the
-        # kernel's ``total.astype(float32)`` does.
+        known = (node.input_shapes or [None])[0]
+        if known is not None and len(known) > 2 and all(isinstance(d, int) for d in known[2:]):
+            # A plane the float model fixes: axes and area are constants (onnxruntime folds ``k`` then), nine
+            # nodes fewer, which counts at batch 1.
+            axes = b.const(np.arange(2, len(known)), hint, np.int64)
+            inverse = b.const(F32(1.0) / F32(np.prod(known[2:])), hint)
+        else:
+            shape = b.op("Shape", [x])
+            axes = b.op("Range", [b.const(2, hint, np.int64), b.op("Size", [shape]), b.const(1, hint, np.int64)])
+            spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
+            area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
+            inverse = b.op("Div", [b.const(1.0, hint), area])
+        # The sum is taken in double (exact, whatever the plane) and rounded to float32 as the kernel's
+        # ``total.astype(float32)`` does.
         wide = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), axes], keepdims=1)
         total = b.op("Cast", [wide], to=TensorProto.FLOAT)
-        spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
-        area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
-        inverse = b.op("Div", [b.const(1.0, hint), area])
     else:
         attrs = _pool_attrs(node)
         kernel_area = attrs["kernel_shape"][0] * attrs["kernel_shape"][1]
