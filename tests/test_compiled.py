@@ -331,6 +331,13 @@ def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
         assert program.interpreted_nodes == [] and program.compiled_nodes == 1
 
 
+def _segment_graphs(monkeypatch) -> list[onnx.ModelProto]:
+    """The ONNX graphs of the compiled segments built from now on (filled as sessions are created)."""
+    real, graphs = runtime.create_session, []
+    monkeypatch.setattr(runtime, "create_session", lambda proto, **kw: graphs.append(proto) or real(proto, **kw))
+    return graphs
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
@@ -362,10 +369,8 @@ def test_int16_split_sums_round_in_float32_exactly(seed, target, shift, depthwis
 def test_int16_split_conv_has_no_double_pass(rng, target, monkeypatch):
     """The usual int16 3x3 Conv (weights up to a third of the range, a bias) is built without any double
     tensor: its split sums are rounded in float32."""
-    real = runtime.create_session
     weight, x = _int(rng, 16, (8, 8, 3, 3)), _int(rng, 16, (2, 8, 6, 6), 2.0)
-    graphs = []
-    monkeypatch.setattr(runtime, "create_session", lambda proto, **kw: graphs.append(proto) or real(proto, **kw))
+    graphs = _segment_graphs(monkeypatch)
     model = _accumulating_model(target, 16, "Conv", weight, rng.integers(-(2**30), 2**30, 8), (-12, -14, -10))
     fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2**15), 2**15 - 1))
     np.testing.assert_array_equal(fast, slow)
@@ -708,7 +713,8 @@ def test_s3_rail_step_of_a_conv_transpose_reads_its_zero_inserted_input(rng):
     ids=["x2", "x3-x1.5-rescaled-right", "sizes-rescaled-left", "x2-rescaled-right-by-2"],
 )
 def test_resize_compiles_exactly(rng, target, mode, scales, sizes, e_out):
-    """Resize from the float model's plane size: nearest as the kernel's indices in two Gathers, rescaled (with
+    """Resize from the float model's plane size: nearest as the kernel's indices (two Gathers, or a broadcast
+    copy for integer factors), rescaled (with
     the profile's rounding and saturation) where the output exponent differs; bilinear as the kernel's float32
     steps (rows, then columns) with its weights."""
     inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
@@ -720,3 +726,21 @@ def test_resize_compiles_exactly(rng, target, mode, scales, sizes, e_out):
     fast, slow = _compiled_and_interpreted(model, x)
     np.testing.assert_array_equal(fast, slow)
     assert not model._programs[(False, None)].interpreted_nodes
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("factors", [(2, 2), (8, 8), (3, 1), (1, 4)])
+def test_integer_nearest_upsampling_is_a_broadcast_copy(rng, monkeypatch, target, factors):
+    """Nearest Resize by integer factors (the FPN case) repeats every pixel: onnxruntime's own Resize for powers
+    of two (floor(i / f) however it computes it), Reshape / Expand for the others, never the per-element
+    Gathers of the general case, and equal to the interpreter."""
+    graphs = _segment_graphs(monkeypatch)
+    scales = np.array([1, 1, *factors], np.float32)
+    node = QNode("Resize", "resize", ["x", "", "scales"], ["y"], {"mode": "nearest"}, bits=8)
+    node.input_shapes = [["N", 3, 4, 5], None, [4]]
+    model = QuantizedModel([node], {"scales": scales}, {"x": -4, "y": -4}, ["x"], ["y"], get_target(target), 8)
+    fast, slow = _compiled_and_interpreted(model, rng.integers(-128, 128, (2, 3, 4, 5)))
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.shape == (2, 3, 4 * factors[0], 5 * factors[1])
+    ops = {n.op_type for g in graphs for n in g.graph.node}
+    assert ("Resize" if all(f in (1, 2, 4, 8) for f in factors) else "Expand") in ops and "Gather" not in ops

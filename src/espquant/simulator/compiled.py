@@ -947,14 +947,42 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
             values = b.op("Add", [b.op("Mul", [low, keep]), b.op("Mul", [high, take])])
         _round_saturate(b, b.op("Mul", [values, b.const(2.0 ** -m.exponent(hint), hint)]), hint)
         return
-    rows = b.const(nearest_indices(height, scale_h), hint, np.int64)
-    cols = b.const(nearest_indices(width, scale_w), hint, np.int64)
-    y = b.op("Gather", [b.op("Gather", [b.use(node.inputs[0]), rows], axis=2), cols], axis=3)
+    rows, cols = nearest_indices(height, scale_h), nearest_indices(width, scale_w)
+    x = b.use(node.inputs[0])
+    factors = _repeat_factors(rows, height), _repeat_factors(cols, width)
+    if None not in factors and all(f & (f - 1) == 0 for f in factors):  # type: ignore[operator]
+        # Every source pixel repeated f = 2^k times: onnxruntime's own nearest Resize (asymmetric, floor) takes
+        # source index floor(i / f), exact for a power of two whether it divides or multiplies by 1 / f, and
+        # runs in the blocked layout of the convolutions around it (no index lookups, no reorders).
+        scales = b.const([1.0, 1.0, *factors], hint)
+        y = b.op(
+            "Resize",
+            [x, "", scales],
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        )
+    elif None not in factors:  # other integer factors: a broadcast copy, no index lookups
+        (fh, fw), six = factors, b.op("Reshape", [x, b.const([0, 0, height, 1, width, 1], hint, np.int64)])
+        wide = b.op("Expand", [six, b.const([1, 1, 1, fh, 1, fw], hint, np.int64)])
+        y = b.op("Reshape", [wide, b.const([0, 0, height * fh, width * fw], hint, np.int64)])
+    else:  # onnxruntime's Gather copies one element per index along the last axis: the slower general case
+        rows_name, cols_name = b.const(rows, hint, np.int64), b.const(cols, hint, np.int64)
+        y = b.op("Gather", [b.op("Gather", [x, rows_name], axis=2), cols_name], axis=3)
     shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
     if shift == 0:
         b.op("Identity", [y], hint)
         return
     _rescale(b, y, shift, hint)
+
+
+def _repeat_factors(indices: np.ndarray, size: int) -> int | None:
+    """``f`` when the source indices are ``0, .., 0, 1, .., 1, ...`` (each of ``size`` pixels ``f`` times, an
+    integer upsampling as FPNs use), else None."""
+    if len(indices) % size:
+        return None
+    factor = len(indices) // size
+    return factor if np.array_equal(indices, np.arange(len(indices)) // factor) else None
 
 
 def _lower_pad(b: _Builder, node: QNode) -> None:
