@@ -430,7 +430,7 @@ def _plan_float32_rounding(
     # size. Half-even: the coarse integers (half units) first, doubled, then r (within 2**24, so that a last sum
     # beyond 2**24 stays beyond the saturation bounds after r is added).
     fractions = fine.bound + 1 + len(cut)
-    smaller = sum((part.bound for part in coarse[:-1]), np.zeros(channels))
+    smaller = sum((part.bound + 1 for part in coarse[:-1]), np.zeros(channels))  # |floor(v)| <= |v| + 1
     before_last = np.maximum(smaller, 2 * fractions + 1) if half_even else fractions + 1 + smaller
     if float(before_last.max()) >= EXACT_FLOAT32:
         return None
@@ -949,12 +949,12 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
         return
     rows, cols = nearest_indices(height, scale_h), nearest_indices(width, scale_w)
     x = b.use(node.inputs[0])
-    factors = _repeat_factors(rows, height), _repeat_factors(cols, width)
-    if None not in factors and all(f & (f - 1) == 0 for f in factors):  # type: ignore[operator]
+    fh, fw = _repeat_factors(rows, height), _repeat_factors(cols, width)
+    if fh and fw and not fh & (fh - 1) and not fw & (fw - 1):
         # Every source pixel repeated f = 2^k times: onnxruntime's own nearest Resize (asymmetric, floor) takes
         # source index floor(i / f), exact for a power of two whether it divides or multiplies by 1 / f, and
         # runs in the blocked layout of the convolutions around it (no index lookups, no reorders).
-        scales = b.const([1.0, 1.0, *factors], hint)
+        scales = b.const([1.0, 1.0, fh, fw], hint)
         y = b.op(
             "Resize",
             [x, "", scales],
@@ -962,8 +962,8 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
             coordinate_transformation_mode="asymmetric",
             nearest_mode="floor",
         )
-    elif None not in factors:  # other integer factors: a broadcast copy, no index lookups
-        (fh, fw), six = factors, b.op("Reshape", [x, b.const([0, 0, height, 1, width, 1], hint, np.int64)])
+    elif fh and fw:  # other integer factors: a broadcast copy, no index lookups
+        six = b.op("Reshape", [x, b.const([0, 0, height, 1, width, 1], hint, np.int64)])
         wide = b.op("Expand", [six, b.const([1, 1, 1, fh, 1, fw], hint, np.int64)])
         y = b.op("Reshape", [wide, b.const([0, 0, height * fh, width * fw], hint, np.int64)])
     else:  # onnxruntime's Gather copies one element per index along the last axis: the slower general case
