@@ -714,9 +714,9 @@ def test_s3_rail_step_of_a_conv_transpose_reads_its_zero_inserted_input(rng):
 )
 def test_resize_compiles_exactly(rng, target, mode, scales, sizes, e_out):
     """Resize from the float model's plane size: nearest as the kernel's indices (two Gathers, or a broadcast
-    copy for integer factors), rescaled (with
-    the profile's rounding and saturation) where the output exponent differs; bilinear as the kernel's float32
-    steps (rows, then columns) with its weights."""
+    copy for integer factors), rescaled (with the profile's rounding and saturation) where the output exponent
+    differs; bilinear as the kernel's float32 steps (rows, then columns, each as a row blend between
+    Transposes) with its weights."""
     inputs = ["x", "", "scales"] if scales is not None else ["x", "", "", "sizes"]
     constants = {"scales": np.array(scales, np.float32)} if scales is not None else {"sizes": np.array(sizes)}
     node = QNode("Resize", "resize", inputs, ["y"], dict(mode), bits=8)

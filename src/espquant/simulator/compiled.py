@@ -938,13 +938,15 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
     if mode == "linear":
         align = node.attrs.get("coordinate_transformation_mode") == "align_corners"
         values = b.op("Mul", [b.use(node.inputs[0]), b.const(2.0 ** m.exponent(node.inputs[0]), hint)])
-        for axis, size, scale in ((2, height, scale_h), (3, width, scale_w)):
+        # Both passes blend rows (axis 2): onnxruntime's Gather copies whole rows fast but single elements slowly
+        # (about 16 ns each), so the columns are blended between two Transposes.
+        for size, scale in ((height, scale_h), (width, scale_w)):
             index, weight = linear_axis(size, scale, align)
-            shape_of = [1, 1, -1, 1] if axis == 2 else [1, 1, 1, -1]
-            low = b.op("Gather", [values, b.const(index, hint, np.int64)], axis=axis)
-            high = b.op("Gather", [values, b.const(np.minimum(index + 1, size - 1), hint, np.int64)], axis=axis)
-            keep, take = b.const((F32(1.0) - weight).reshape(shape_of), hint), b.const(weight.reshape(shape_of), hint)
-            values = b.op("Add", [b.op("Mul", [low, keep]), b.op("Mul", [high, take])])
+            low = b.op("Gather", [values, b.const(index, hint, np.int64)], axis=2)
+            high = b.op("Gather", [values, b.const(np.minimum(index + 1, size - 1), hint, np.int64)], axis=2)
+            keep = b.const((F32(1.0) - weight).reshape(-1, 1), hint)
+            values = b.op("Add", [b.op("Mul", [low, keep]), b.op("Mul", [high, b.const(weight.reshape(-1, 1), hint)])])
+            values = b.op("Transpose", [values], perm=[0, 1, 3, 2])  # after both passes: back to (H, W)
         _round_saturate(b, b.op("Mul", [values, b.const(2.0 ** -m.exponent(hint), hint)]), hint)
         return
     rows, cols = nearest_indices(height, scale_h), nearest_indices(width, scale_w)
