@@ -524,7 +524,8 @@ def _rail_check(
     tensor) and the magnitude ``M >= sum |x w|`` it used (exact when the sums are; else enlarged by a relative
     margin that covers float32's rounding in any summation order)."""
     hint = node.outputs[0]
-    magnitude = spec.contract(b.op("Abs", [x]), b.const(spec.embed(np.abs(spec.weight)), hint + "::abs"), None)
+    size = x if node.inputs[0] in b.nonnegative else b.op("Abs", [x])  # after a ReLU: already |x|
+    magnitude = spec.contract(size, b.const(spec.embed(np.abs(spec.weight)), hint + "::abs"), None)
     if not exact:
         taps = spec.weight[0].size
         margin = 1.0 + (taps + 4) * 2.0**-22
