@@ -42,7 +42,7 @@ from espquant.ops import ExponentRule
 from espquant.ops.activations import SOFTMAX_FAMILY
 from espquant.optimizer.equalize import equalized_copy
 from espquant.quant.pot import exponent_for_max_abs, qmax
-from espquant.quant.profiles import get_target
+from espquant.quant.profiles import TargetProfile, get_target
 from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
 
 __all__ = [
@@ -208,7 +208,7 @@ def calibrate_model(
     if method == "auto":
         search = search_exponents(
             model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
-            kept_samples, get_target("esp32p4" if per_channel else "esp32s3"),
+            kept_samples, _search_profile(per_channel),
             bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
             max_simulations=simulation_budget(samples, kept_count),
         )
@@ -367,6 +367,12 @@ def _joined(kept: list[Batch], chunking: Chunking) -> Batch:
     return {name: value[:size] for name, value in joined.items()}
 
 
+def _search_profile(per_channel: bool) -> TargetProfile:
+    """The chip simulated to judge a (target-independent) table: per-channel weights are ESP32-P4's rules,
+    per-tensor ones ESP32-S3's."""
+    return get_target("esp32p4" if per_channel else "esp32s3")
+
+
 def _layer_inputs(
     model: onnx.ModelProto, plan: CalibrationPlan, samples: Batch, providers: Sequence[str], threads: int | None
 ) -> dict[str, np.ndarray]:
@@ -412,7 +418,7 @@ def _weight_rounded(
     if not reference:
         return model, RoundingStats()
     table = QuantTable(exponents, {"bits": bits, "int16_layers": int16})
-    profile = get_target("esp32p4" if per_channel else "esp32s3")
+    profile = _search_profile(per_channel)
     simulated = simulated_values(model, table, profile, bits, samples, list(reference))
     if simulated is None:
         return model, RoundingStats()

@@ -179,9 +179,10 @@ def rounded_weight_model(
         weight = numpy_helper.to_array(inits[use.tensor]).astype(np.float64)
         if node.op_type == "Conv" and weight.ndim != 4:
             continue
-        trans_b = node.op_type == "Gemm" and bool(node_attributes(node, opset).get("transB", 0))
+        attrs = node_attributes(node, opset)
+        trans_b = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
         rows = weight if node.op_type == "Conv" or trans_b else weight.T  # [O, K] per output channel
-        groups = int(node_attributes(node, opset).get("group", 1)) if node.op_type == "Conv" else 1
+        groups = int(attrs.get("group", 1)) if node.op_type == "Conv" else 1
         matrix = rows.reshape(groups, rows.shape[0] // groups, -1)
         positions = min(ROWS, ELEMENTS // (groups * matrix.shape[2]))
         if positions < MIN_ROWS_PER_TAP * matrix.shape[2]:

@@ -405,11 +405,11 @@ def _plan_float32_rounding(
     unit = 0.5 if half_even else 1.0
     channels = shift.shape[0]
     x_bounds = dict(zip(_digit_shifts(bits, x_count), _digit_bounds(bits, x_count)))
+    columns = [np.abs(weight.reshape(channels, -1)).sum(axis=1).astype(np.float64) for weight in weights]
     parts = []
     for place in _digit_shifts(bits, x_count):
-        for w_place, weight in zip(_digit_shifts(bits, len(weights)), weights):
-            column = np.abs(weight.reshape(channels, -1)).sum(axis=1).astype(np.float64)
-            scale = unit * 2.0 ** (place - shift).astype(np.float64)
+        scale = unit * 2.0 ** (place - shift).astype(np.float64)
+        for w_place, weight, column in zip(_digit_shifts(bits, len(weights)), weights, columns):
             granularity = place + w_place - shift - (1 if half_even else 0)
             parts.append(_DigitPart(place, weight, granularity, x_bounds[place] * column * scale))
     fine = min(parts, key=lambda part: int(part.granularity.min()))
@@ -910,9 +910,10 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
 
 def _lower_resize(b: _Builder, node: QNode) -> None:
     """Resize of an input whose plane size the float model fixes. Nearest (``kernels.resize_nearest_nhwc``):
-    the kernel's own source indices (``kernels.nearest_indices``) as two constant Gathers, then the rescale
-    when the exponents differ. Linear (``kernels.resize_linear_nhwc``): the kernel's float32 steps with its
-    own indices and weights (``kernels.linear_axis``), rows blended first, then columns."""
+    the kernel's own source indices (``kernels.nearest_indices``): onnxruntime's Resize or a broadcast copy
+    where they repeat each pixel an integer number of times, else two constant Gathers; then the rescale when
+    the exponents differ. Linear (``kernels.resize_linear_nhwc``): the kernel's float32 steps with its own
+    indices and weights (``kernels.linear_axis``), rows blended first, then columns."""
     from espquant.simulator.kernels import linear_axis, nearest_indices
 
     mode = node.attrs.get("mode", "nearest")
