@@ -485,6 +485,32 @@ def test_relu6_after_a_convolution_is_fused_into_its_saturation(rng):
             np.testing.assert_array_equal(fast[name], slow[name])
 
 
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("follower", ["Relu", "Clip"])
+def test_a_relu_after_a_residual_add_is_fused_into_its_saturation(rng, target, bits, follower, monkeypatch):
+    """Add -> Relu / Clip(-3, 5) (same exponent): the Add saturates to the intersection of both ranges and writes
+    the follower's output; the integers are the interpreter's, saturated sums included."""
+    graphs = _segment_graphs(monkeypatch)
+    add = QNode("Add", "add", ["a", "b"], ["s"], {}, bits=bits)
+    if follower == "Relu":
+        clamp = QNode("Relu", "relu", ["s"], ["y"], {}, bits=bits)
+        constants = {}
+    else:
+        clamp = QNode("Clip", "clip", ["s", "lo", "hi"], ["y"], {}, bits=bits)
+        constants = {"lo": np.array(-3), "hi": np.array(5)}
+    exponents = {"a": -4, "b": -4, "s": -4, "y": -4}
+    model = QuantizedModel([add, clamp], constants, exponents, ["a", "b"], ["y"], get_target(target), bits)
+    a, c = _int(rng, bits, (2, 3, 4, 4), 2.0), _int(rng, bits, (2, 3, 4, 4), 2.0)
+    model.compiled = True
+    fast = model.run({"a": a, "b": c})["y"]
+    model.compiled = False
+    slow = model.run({"a": a, "b": c})["y"]
+    np.testing.assert_array_equal(fast, slow)
+    assert np.any(np.abs(a + c) > qmax(bits))  # some sums saturate
+    assert [n.op_type for g in graphs for n in g.graph.node] == ["Add", "Clip"]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.integers(-(2**15), 2**15 - 1), min_size=1, max_size=64),
@@ -632,12 +658,15 @@ def test_mul_hand_worked(target, bits):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize(("e_in", "e_out"), [(-4, -4), (-5, -4), (-3, -4)])
-def test_prelu_per_channel_compiles_exactly(rng, target, bits, e_in, e_out):
-    """Per-channel slopes over NCHW, every sign, positives rescaled or copied as each chip does, int16 products
-    beyond 2^24: the compiled node equals the interpreter's integers."""
+@pytest.mark.parametrize("e_slope", [-7, 1])
+def test_prelu_per_channel_compiles_exactly(rng, target, bits, e_in, e_out, e_slope, monkeypatch):
+    """Per-channel slopes over NCHW, every sign, positives rescaled or copied as each chip does, negatives
+    shifted right (rounded) or left, int16 products beyond 2^24: the compiled node equals the interpreter's
+    integers, as the sum of its two branches (no Where)."""
+    graphs = _segment_graphs(monkeypatch)
     slope = rng.integers(-qmax(bits), qmax(bits) + 1, (1, 6, 1, 1))
     nodes = [QNode("PRelu", "prelu", ["x", "slope"], ["y"], {}, bits=bits)]
-    exponents = {"x": e_in, "slope": -7, "y": e_out}
+    exponents = {"x": e_in, "slope": e_slope, "y": e_out}
     model = QuantizedModel(nodes, {"slope": slope}, exponents, ["x"], ["y"], get_target(target), bits)
     x = rng.integers(-qmax(bits) - 1, qmax(bits) + 1, (3, 6, 5, 5))
     model.compiled = True
@@ -646,6 +675,55 @@ def test_prelu_per_channel_compiles_exactly(rng, target, bits, e_in, e_out):
     slow = model.run({"x": x})["y"]
     np.testing.assert_array_equal(fast, slow)
     assert not model._programs[(False, None)].interpreted_nodes
+    assert "Where" not in {n.op_type for g in graphs for n in g.graph.node}
+
+
+def _pooled_model(target: str, bits: int, rng, producer: str, shared: bool) -> QuantizedModel:
+    """``x -> Conv (fused ReLU) | PRelu -> t -> MaxPool 3x3/2 (padded) -> y``; ``shared``: ``t`` is also an output.
+
+    Integers given, no calibration."""
+    if producer == "conv":
+        weight = _int(rng, bits, (8, 4, 3, 3), 0.3)
+        first = QNode("Conv", "conv", ["x", "w", "b"], ["t"], {"pads": [1, 1, 1, 1]}, relu=True, bits=bits)
+        constants = {"w": weight, "b": _int(rng, bits, (8,))}
+        exponents = {"x": -4, "w": -5, "b": -9, "t": -3, "y": -3}
+    else:
+        first = QNode("PRelu", "prelu", ["x", "slope"], ["t"], {}, bits=bits)
+        constants = {"slope": rng.integers(0, qmax(bits) + 1, (1, 4, 1, 1))}
+        exponents = {"x": -4, "slope": -7, "t": -4, "y": -4}
+    pool = QNode("MaxPool", "pool", ["t"], ["y"], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
+    pool.bits = bits
+    outputs = ["y", "t"] if shared else ["y"]
+    return QuantizedModel([first, pool], constants, exponents, ["x"], outputs, get_target(target), bits)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("producer", ["conv", "prelu"])
+@pytest.mark.parametrize("shared", [False, True], ids=["pooled-only", "also-an-output"])
+def test_max_pool_moves_before_the_rounding_it_commutes_with(rng, target, bits, producer, shared, monkeypatch):
+    """A MaxPool that alone reads a node's output pools the values before that node's final rounding and clamp
+    (non-decreasing, so they commute with a maximum): the integers are the interpreter's, and a convolution's
+    clamp stays fused in it while its rounding moves after the pool. An output that something else also reads
+    keeps its own rounding first."""
+    graphs = _segment_graphs(monkeypatch)
+    model = _pooled_model(target, bits, rng, producer, shared)
+    x = _int(rng, bits, (2, 4, 9, 9))
+    model.compiled = True
+    fast = model.run({"x": x})
+    model.compiled = False
+    slow = model.run({"x": x})
+    for name in model.outputs:
+        np.testing.assert_array_equal(fast[name], slow[name])
+    nodes = [n for g in graphs for n in g.graph.node]
+    pool = next(n for n in nodes if n.op_type == "MaxPool")
+    feeding = next(n for n in nodes if pool.input[0] in n.output)
+    if shared:
+        assert pool.input[0] == "t"
+    elif feeding.op_type == "Clip":  # a convolution's clamp, which onnxruntime computes inside the Conv
+        assert any(feeding.input[0] in n.output and n.op_type == "Conv" for n in nodes)
+    else:
+        assert feeding.op_type not in ("Floor", "Round")
 
 
 @pytest.mark.parametrize("bits", ["int8", "int16"])

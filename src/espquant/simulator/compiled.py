@@ -751,8 +751,10 @@ def _lower_matmul(b: _Builder, node: QNode) -> None:
 
 
 def _lower_add_sub(b: _Builder, node: QNode) -> None:
+    """Integer Add / Sub of operands at the output's exponent, saturated (and clamped by a fused Relu / Clip)."""
     a, c = (b.use(t) if t not in b.model.constants else _int_const(b, t) for t in node.inputs)
-    b.saturate(b.op(node.op_type, [a, c]), node.outputs[0])
+    low, high, output = _clamp(b, node)
+    b.saturate(b.op(node.op_type, [a, c]), output, bounds=(low, high))
 
 
 def _int_const(b: _Builder, tensor: str) -> str:
@@ -894,18 +896,23 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     largest = 2.0 ** (m.width(node.inputs[0]) - 1) * float(np.abs(slope).max(initial=0))
     dtype: Any = F32 if largest < EXACT_FLOAT32 else np.float64
     wide = x if dtype == F32 else b.op("Cast", [x], to=TensorProto.DOUBLE)
-    product = b.op("Mul", [wide, b.const(slope, hint, dtype)])
-    shift = np.asarray([e_out - e_in - e_slope])
+    # Both branches give 0 at q = 0 (0 shifted either way), so the node is the sum of the positive branch on
+    # max(q, 0) and the negative one on min(q, 0): no Where, whose broadcasting kernel cost onnxruntime more
+    # than the rest of the node on MTCNN.
+    positive = b.op("Relu", [wide])
     if m.profile.family == "s3":
-        negative = b.shift_round(product, shift, hint, False, dtype)
-        positive = b.shift_round(wide, np.asarray([e_out - e_in]), hint, False, dtype)
-    else:
-        scaled = b.op("Mul", [product, b.const(2.0 ** -float(shift[0]), hint, dtype)])
-        negative = b.op("Floor", [scaled]) if shift[0] > 0 else scaled
-        positive = wide
-    # The kernel gives 0 for q = 0 on its own branch; the negative branch is 0 there too (0 shifted either way).
-    positive_input = b.op("Greater", [wide, b.const(0.0, hint, dtype)])
-    b.saturate(b.op("Where", [positive_input, positive, negative]), hint, dtype=dtype)
+        positive = b.shift_round(positive, np.asarray([e_out - e_in]), hint, False, dtype)
+    shift = e_out - e_in - e_slope
+    # q * (alpha 2^-shift) is the exact product scaled by a power of two (checked below 2**24 / 2**53).
+    scaled_slope = slope.astype(np.float64) * 2.0**-shift
+    negative = b.op("Mul", [b.op("Min", [wide, b.const(0.0, hint, dtype)]), b.const(scaled_slope, hint, dtype)])
+    if shift > 0 and m.profile.family == "s3" and m.profile.rounding == "half_even":
+        negative = b.op("Round", [negative])
+    elif shift > 0 and m.profile.family == "s3":
+        negative = b.op("Floor", [b.op("Add", [negative, b.const(0.5, hint, dtype)])])  # exact: a small integer + 1/2
+    elif shift > 0:
+        negative = b.op("Floor", [negative])  # the C reference: an arithmetic shift right
+    b.saturate(b.op("Add", [positive, negative]), hint, dtype=dtype)
 
 
 def _lower_resize(b: _Builder, node: QNode) -> None:
@@ -1057,9 +1064,66 @@ def _pool_attrs(node: QNode) -> dict[str, Any]:
 
 
 def _lower_max_pool(b: _Builder, node: QNode) -> None:
+    """MaxPool, moved before the rounding and clamping that end the node producing its input where nothing
+    else reads that input (:func:`_monotone_tail`): a non-decreasing function of each value commutes with a
+    maximum, so ``max(floor(v)) = floor(max(v))`` exactly. onnxruntime then pools the convolution's output in
+    its blocked layout, and rounds a quarter of the values (2x2 pools) after one layout change, not all of them
+    between two."""
     if len(node.outputs) > 1 and node.outputs[1]:
         raise _Refused("MaxPool indices")
-    b.op("MaxPool", [b.use(node.inputs[0])], node.outputs[0], **_pool_attrs(node))
+    attrs = _pool_attrs(node)
+    x = b.use(node.inputs[0])
+    tail = _monotone_tail(b, x) if _sole_reader(b.model, node) else []
+    if not tail:
+        b.op("MaxPool", [x], node.outputs[0], **attrs)
+        return
+    for op in tail:
+        b.nodes.remove(op)
+    value = b.op("MaxPool", [tail[-1].input[0]], **attrs)
+    for index, op in enumerate(reversed(tail)):
+        output = node.outputs[0] if index == len(tail) - 1 else None
+        value = b.op(
+            op.op_type, [value, *op.input[1:]], output, **{a.name: helper.get_attribute_value(a) for a in op.attribute}
+        )
+
+
+# Elementwise steps that are non-decreasing in their first input (the others are constants): they commute with
+# a maximum over values of one channel.
+_MONOTONE_STEPS = frozenset({"Floor", "Round", "Relu", "Clip"})
+
+
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})  # onnxruntime fuses them into the Conv before them
+
+
+def _produced_by(b: _Builder, tensor: str, op_type: str) -> bool:
+    return any(tensor in n.output and n.op_type == op_type for n in b.nodes)
+
+
+def _sole_reader(model: QuantizedModel, node: QNode) -> bool:
+    """Whether ``node`` is the only reader of its first input, which is no model output."""
+    tensor = node.inputs[0]
+    readers = sum(tensor in n.inputs for n in model.nodes)
+    return readers == 1 and tensor not in model.outputs
+
+
+def _monotone_tail(b: _Builder, x: str) -> list[onnx.NodeProto]:
+    """The chain of ``_MONOTONE_STEPS`` nodes this segment ends ``x`` with, last first: each one's output read
+    by nothing but the next one (``x`` by nothing yet), its other inputs constants of this segment."""
+    constants = {t.name for t in b.initializers}
+    tail: list[onnx.NodeProto] = []
+    tensor, reader = x, None
+    while tensor not in b.exports and tensor not in b.guards:
+        readers = [n for n in b.nodes if tensor in n.input]
+        producer = next((n for n in b.nodes if tensor in n.output), None)
+        if readers != ([reader] if reader is not None else []) or producer is None:
+            break
+        if producer.op_type not in _MONOTONE_STEPS or not all(t in constants for t in producer.input[1:] if t):
+            break
+        if producer.op_type in _FUSED_ACTIVATIONS and _produced_by(b, producer.input[0], "Conv"):
+            break  # onnxruntime computes it inside the convolution: cheaper there than after the pool
+        tail.append(producer)
+        tensor, reader = producer.input[0], producer
+    return tail
 
 
 def _lower_average_pool(b: _Builder, node: QNode) -> None:
@@ -1326,6 +1390,8 @@ def _nonnegative_tensors(model: QuantizedModel, nodes: list[QNode]) -> set[str]:
 
 # Accumulating nodes that become rail steps once their guard trips (every other tripped node is interpreted).
 _RAIL_STEPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# Nodes that end with a saturation a following Relu / Clip can be folded into (``_clamp_fusions``).
+_CLAMPING = _RAIL_STEPS | {"Add", "Sub"}
 
 
 def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
@@ -1341,16 +1407,16 @@ def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
 
 def _clamp_fusions(model: QuantizedModel, nodes: list[QNode]) -> dict[str, QNode]:
     """Relu / Clip nodes (same exponent and width, constant integer bounds) that are the only reader of a Conv /
-    Gemm / MatMul output which is no model output: ``clip(sat(R(acc)), lo, hi)`` is ``R(acc)`` clipped to the
-    intersection of both ranges, so the accumulating node writes the follower's output directly (one pass less
-    per layer: MobileNet's ReLU6). Keyed by the accumulating node's output."""
+    Gemm / MatMul / Add / Sub output which is no model output: ``clip(sat(R(acc)), lo, hi)`` is ``R(acc)``
+    clipped to the intersection of both ranges, so the node writes the follower's output directly (one pass
+    less per layer: MobileNet's ReLU6, the ReLU after a residual Add). Keyed by the node's output."""
     readers: dict[str, list[QNode]] = {}
     for node in nodes:
         for tensor in {t for t in node.inputs if t}:
             readers.setdefault(tensor, []).append(node)
     fusions = {}
     for node in nodes:
-        if node.op_type not in _RAIL_STEPS or node.table is not None or not node.outputs:
+        if node.op_type not in _CLAMPING or node.table is not None or not node.outputs:
             continue
         output = node.outputs[0]
         follower = readers.get(output, [None])[0]
@@ -1427,7 +1493,7 @@ def compile_program(
             builder.bits = node.bits
             finish(builder)
         follower = fusions.get(node.outputs[0]) if node.outputs else None
-        if follower is not None and node.op_type in _RAIL_STEPS:
+        if follower is not None and node.op_type in _CLAMPING:
             absorbed.add(id(follower))
             builder.produced.update(follower.outputs)
             continue
