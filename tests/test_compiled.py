@@ -822,3 +822,90 @@ def test_integer_nearest_upsampling_is_a_broadcast_copy(rng, monkeypatch, target
     assert fast.shape == (2, 3, 4 * factors[0], 5 * factors[1])
     ops = {n.op_type for g in graphs for n in g.graph.node}
     assert ("Resize" if all(f in (1, 2, 4, 8) for f in factors) else "Expand") in ops and "Gather" not in ops
+
+
+def _batch_one_model(tail: list[onnx.NodeProto], tail_inits: dict, out_shape: list[int]) -> onnx.ModelProto:
+    """``x [1, 3, 8, 8] -> Conv -> Relu -> MaxPool -> h [1, 8, 4, 4]`` and then ``tail`` to ``y``: a model that fixes
+    its batch to 1, as TFLite and Paddle exports do."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["h"], kernel_shape=[2, 2], strides=[2, 2]),
+        *tail,
+    ]
+    inits = {"w": rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "b": rng.normal(0, 0.1, 8).astype(np.float32)}
+    model = make_model(nodes, [tensor("x", [1, 3, 8, 8])], [tensor("y", out_shape)], {**inits, **tail_inits})
+    return optimize_model(model)  # as users prepare a model: shapes inferred
+
+
+_FLAT = {"flat": np.array([1, -1], np.int64)}
+_BATCH_TAILS = {
+    "reshape-gemm-softmax": (
+        [
+            helper.make_node("Reshape", ["h", "flat"], ["f"]),
+            helper.make_node("Gemm", ["f", "g", "gb"], ["l"], transB=1),
+            helper.make_node("Softmax", ["l"], ["y"], axis=-1),
+        ],
+        {**_FLAT, "g": np.linspace(-1, 1, 5 * 128).reshape(5, 128).astype(np.float32), "gb": np.zeros(5, np.float32)},
+        [1, 5],
+        True,
+    ),
+    "concat-on-the-batch": (
+        [helper.make_node("Concat", ["h", "h"], ["y"], axis=0)],
+        {},
+        [2, 8, 4, 4],
+        False,
+    ),
+    "transpose-moving-the-batch": (
+        [helper.make_node("Transpose", ["h"], ["y"], perm=[1, 0, 2, 3])],
+        {},
+        [8, 1, 4, 4],
+        False,
+    ),
+    "reshape-without-the-batch": (
+        [helper.make_node("Reshape", ["h", "rows"], ["y"])],
+        {"rows": np.array([-1, 4], np.int64)},
+        [32, 4],
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_BATCH_TAILS))
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
+def test_batch_one_models_run_many_samples_at_once_with_the_same_integers(rng, case, target):
+    """A model that fixes its batch to 1 is simulated many samples per run when every node computes each sample
+    on its own (its Reshape to ``[1, -1]`` made batch-free): every sample gets exactly the integers of its own
+    run. A graph that could mix samples keeps the runs one by one, with the same results."""
+    from espquant.simulator.batching import batch_free, samples_per_run
+    from espquant.simulator.simulate import simulate
+
+    tail, inits, out_shape, separable = _BATCH_TAILS[case]
+    model = _batch_one_model(tail, inits, out_shape)
+    data = rng.normal(0, 1, (12, 3, 8, 8)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    quantized = Evaluator("int8", "per-tensor", target).generate_quantized_model(model, table)
+    assert (batch_free(quantized) is not None) == separable
+    assert samples_per_run(quantized) == 64  # a small model: many samples per run
+    together, _ = simulate(quantized, model, data)
+    one_by_one = [simulate(quantized, model, data[i : i + 1])[0] for i in range(len(data))]
+    for k, value in enumerate(together):
+        parts = [outputs[k] for outputs in one_by_one]  # joined as simulate joins runs of a fixed batch
+        joined = np.concatenate(parts) if all(p.shape[0] == 1 for p in parts) else np.stack(parts)
+        np.testing.assert_array_equal(value, joined)
+    assert (quantized._batch_free[0][0] is not None) == separable
+
+
+def test_large_batch_one_models_keep_running_sample_by_sample():
+    """Past ``TENSOR_BUDGET`` values in one tensor a bigger batch costs memory traffic, not calls: one per run."""
+    from espquant.simulator.batching import TENSOR_BUDGET, samples_per_run
+
+    big = QNode("Relu", "relu", ["x"], ["y"], {}, bits=8)
+    big.input_shapes = [[1, 64, 128, 128]]
+    model = QuantizedModel([big], {}, {"x": -4, "y": -4}, ["x"], ["y"], get_target("esp32s3"), 8)
+    assert TENSOR_BUDGET < 64 * 128 * 128 and samples_per_run(model) == 1
+    big.input_shapes = [[1, 64, 8, 8]]
+    assert samples_per_run(model) == 64
+    big.input_shapes = [None]
+    assert samples_per_run(model) == 1

@@ -65,6 +65,8 @@ class QuantizedModel:
     _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
     # What ``simulate`` reads off the float model on every call (input shapes, chunking), kept for the last one.
     _float_facts: tuple[Any, ...] = field(default=(), repr=False)
+    # The copy that runs many samples at once and how many (simulator/simulate.py), once decided: [(copy, n)].
+    _batch_free: list[Any] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         """Forget what stateful nodes carry between runs (ESP-DL's ``Model::reset``: a new stream)."""

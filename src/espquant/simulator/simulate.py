@@ -4,7 +4,9 @@ the QDQ comparison share (inputs checked against the float model: names, dtype, 
 The integer model cares about the batch as much as the float one: a model that declares a fixed batch B keeps
 the Reshape targets it was exported with (``[1, K]``), and both the compiled segments (onnxruntime graphs) and
 the interpreter apply them as they are. So such a model is simulated B samples at a time
-(:class:`~espquant.calibration.dataset.Chunking`), as onnxruntime runs its float twin."""
+(:class:`~espquant.calibration.dataset.Chunking`), as onnxruntime runs its float twin; except that a batch-1
+model whose every node computes each sample on its own, and whose tensors are small, runs many samples at a time
+on its batch-free copy (``simulator/batching.py``): the same integers for every sample in far fewer calls."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import onnx
 from espquant.calibration.dataset import Chunking
 from espquant.errors import DatasetError
 from espquant.graph import tensor_shape
+from espquant.simulator.batching import batch_free, samples_per_run
 from espquant.simulator.quantized_model import QuantizedModel
 
 __all__ = ["simulate"]
@@ -46,8 +49,27 @@ def simulate(
     checked = {}
     for name, value in feeds.items():
         checked[name] = _checked_input(name, np.asarray(value), shapes.get(name))
-    outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
-    return outputs, list(model.outputs)
+    sizes = {len(value) for value in checked.values()}
+    total = sizes.pop() if len(sizes) == 1 else 0
+    batched, step = _batch_free(model) if chunking.fixed == 1 and total > 1 else (None, 1)
+    if batched is None:
+        outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
+        return outputs, list(model.outputs)
+    batched.compiled, batched.threads = model.compiled, model.threads  # the caller's settings, as set now
+    parts = [
+        _run_once(batched, {name: value[i : i + step] for name, value in checked.items()}, to_float)
+        for i in range(0, total, step)
+    ]
+    return [np.concatenate([part[k] for part in parts], axis=0) for k in range(len(model.outputs))], list(model.outputs)
+
+
+def _batch_free(model: QuantizedModel) -> tuple[QuantizedModel | None, int]:
+    """The batch-free copy of a batch-1 model and its samples per run (``simulator/batching.py``), decided once
+    per model; None when it is not worth it or could change a number."""
+    if not model._batch_free:
+        step = samples_per_run(model)
+        model._batch_free.append((batch_free(model) if step > 1 else None, step))
+    return model._batch_free[0]
 
 
 def _float_facts(model: QuantizedModel, float_model: onnx.ModelProto | None) -> tuple[dict[str, list[Any]], Chunking]:
