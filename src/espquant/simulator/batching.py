@@ -34,7 +34,7 @@ TENSOR_BUDGET = 1 << 18
 # Each output element comes from the same position of its inputs (and from broadcast constants).
 _ELEMENTWISE = frozenset(
     {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Neg", "Relu", "Clip", "PRelu", "LUT", "Identity", "RequantizeLinear"}
-    | {"QuantizeLinear", "DequantizeLinear", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"}
+    | {"Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Equal"}
     | set(FLOAT_FUNCTIONS)
 )
 # Each sample's output from that sample's input alone, whatever the attributes (a batch axis first).
@@ -183,6 +183,9 @@ _RULES: dict[str, Callable[[QuantizedModel, QNode], bool]] = {
     "Pad": _pad,
     "Resize": _resize,
     "LayerNormalization": _axis(-1),
+    # A per-axis scale follows ``axis``, not broadcasting: any axis but the batch's.
+    "QuantizeLinear": _axis(1),
+    "DequantizeLinear": _axis(1),
 }
 
 
@@ -201,8 +204,8 @@ def _samplewise(model: QuantizedModel, node: QNode) -> bool:
 def batch_free(model: QuantizedModel) -> QuantizedModel | None:
     """A copy of ``model`` (built from a float model that fixes its batch to 1) that runs any number of samples
     at once, each with its batch-1 integers; None when some node could mix samples (module docstring)."""
-    if not all(_samplewise(model, node) for node in model.nodes):
-        return None
+    if any(o in model.constants for o in model.outputs) or not all(_samplewise(model, n) for n in model.nodes):
+        return None  # a constant output has no batch to join along
     constants = dict(model.constants)
     nodes = []
     for node in model.nodes:
@@ -225,7 +228,9 @@ def samples_per_run(model: QuantizedModel) -> int:
     shape is unknown."""
     largest = 1
     for node in model.nodes:
-        for shape in node.input_shapes or []:
+        for tensor, shape in zip(node.inputs, node.input_shapes or []):
+            if not tensor or tensor in model.constants:
+                continue
             if shape is None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
                 return 1
             largest = max(largest, int(np.prod(shape[1:], dtype=np.int64)))
