@@ -273,3 +273,26 @@ def test_cli_no_cle_minmax_keeps_model(cli_files):
     result = _cli("calibrate", folder / "m.onnx", "--data", folder / "x.npy", "-o", folder / "nc.pickle", "--no-cle")
     assert result.exit_code == 0, result.output
     assert "cle" not in QuantTable.load(folder / "nc.pickle").metadata["model_transforms"]
+
+
+@pytest.mark.parametrize(("joined", "batched"), [("channels", True), ("batch", False)])
+def test_auto_searches_every_kept_sample_of_a_batch_one_model_the_simulator_batches(rng, joined, batched):
+    """A model that fixes its batch to 1 is searched on all 32 kept samples when the simulator runs it many
+    samples per call (small, every node on its own sample), and on 8 when it must run them one by one (here a
+    Concat on the batch axis): the search costs about the same either way."""
+    from espquant.calibration.auto import SEARCH_SAMPLES
+    from espquant.calibration.engine import FIXED_BATCH_SEARCH_SAMPLES
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Concat", ["r", "r"], ["y"], axis=1 if joined == "channels" else 0),
+    ]
+    inits = {"w": rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "b": np.zeros(4, np.float32)}
+    shape = [1, 8, 6, 6] if joined == "channels" else [2, 4, 6, 6]
+    model = optimize_model(make_model(nodes, [tensor("x", [1, 3, 6, 6])], [tensor("y", shape)], inits))
+    data = rng.normal(0, 1, (48, 3, 6, 6)).astype(np.float32)
+    result = calibrate_model(model, data, 8, "per-tensor", "auto")
+    expected = SEARCH_SAMPLES if batched else FIXED_BATCH_SEARCH_SAMPLES
+    assert FIXED_BATCH_SEARCH_SAMPLES < SEARCH_SAMPLES < len(data)
+    assert result.table.metadata["auto"]["search_samples"] == expected

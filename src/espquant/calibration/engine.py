@@ -104,8 +104,9 @@ class CalibrationResult:
     transforms: list[str] = field(default_factory=list)
 
 
-# The auto search on a model with a fixed batch runs the simulator once per B samples (no batching): it simulates
-# fewer samples there, so calibrating a batch-1 TFLite / torch export stays within minutes.
+# The auto search on a model with a fixed batch runs the simulator once per B samples, unless the simulator runs
+# it many samples per call (simulator/batching.py: small batch-1 models): it simulates fewer samples there, so
+# calibrating a large batch-1 TFLite / torch export stays within minutes.
 FIXED_BATCH_SEARCH_SAMPLES = 8
 
 
@@ -189,8 +190,9 @@ def calibrate_model(
     rounding = bool(weight_rounding)
     kept: list[Batch] = []
     limit = search_samples or SEARCH_SAMPLES
-    if search_samples is None and chunking.fixed is not None:  # one simulated run per B samples: keep it short
-        limit = min(limit, max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed))
+    fixed_limit = max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed or 0)  # a run per B samples: kept short
+    if search_samples is None and chunking.fixed is not None and method != "auto":
+        limit = min(limit, fixed_limit)  # (auto decides once it knows whether the simulator batches the model)
     if method == "auto" or correct or rounding:
         batches = _capturing(batches, limit, kept)
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
@@ -204,6 +206,16 @@ def calibrate_model(
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
+    if method == "auto" and search_samples is None and chunking.fixed is not None:
+        from espquant.simulator.batching import simulated_together
+        from espquant.simulator.lowering import build_quantized_model
+
+        fixed_observed = _fixed_method_observed(observers, plan, widths, bits)
+        cover_aligned_inputs(model_proto, plan, fixed_observed, own, bits, widths)
+        minmax = assign_exponents(model_proto, plan, fixed_observed, bits, per_channel, widths, "minmax")
+        table = QuantTable(minmax.exponents, {"bits": bits, "int16_layers": int16})
+        if not simulated_together(build_quantized_model(model_proto, table, _search_profile(per_channel), bits)):
+            kept_samples = _joined([{k: v[:fixed_limit] for k, v in kept_samples.items()}], chunking)
     kept_count = int(len(next(iter(kept_samples.values())))) if kept_samples else 0
     if method == "auto":
         search = search_exponents(
@@ -227,10 +239,7 @@ def calibrate_model(
             "choices": search.choices,
         }
     else:
-        observed = {name: finite_range(name, o).exponent(widths.get(name, bits)) for name, o in observers.items()}
-        observed |= plan.fixed
-        for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
-            observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
+        observed = _fixed_method_observed(observers, plan, widths, bits)
     cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
     assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
     _warn_drowned_members(plan, observed, assignment.exponents, widths, bits)
@@ -356,6 +365,17 @@ def _softmax_needing_int16(
             127 * 2.0 ** exponents[node.input[0]],  # type: ignore[operator]
         )
     return found
+
+
+def _fixed_method_observed(
+    observers: dict[str, Observer], plan: CalibrationPlan, widths: dict[str, int], bits: int
+) -> dict[str, int]:
+    """The exponents a fixed method's observers give, before ESP-DL's rules are applied (``assign_exponents``)."""
+    observed = {name: finite_range(name, o).exponent(widths.get(name, bits)) for name, o in observers.items()}
+    observed |= plan.fixed
+    for conv_output, reader_output in plan.range_from.items():  # at the Conv's own width (mixed precision)
+        observed[conv_output] = observers[reader_output].exponent(widths.get(conv_output, bits))
+    return observed
 
 
 def _joined(kept: list[Batch], chunking: Chunking) -> Batch:

@@ -22,7 +22,7 @@ import numpy as np
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
-__all__ = ["batch_free", "samples_per_run"]
+__all__ = ["batch_free", "samples_per_run", "simulated_together"]
 
 MAX_SAMPLES_PER_RUN = 64
 # Values of the largest tensor one run may hold (1 MB of float32). Calls cost what a small model computes, so
@@ -235,3 +235,8 @@ def samples_per_run(model: QuantizedModel) -> int:
                 return 1
             largest = max(largest, int(np.prod(shape[1:], dtype=np.int64)))
     return int(min(MAX_SAMPLES_PER_RUN, max(1, TENSOR_BUDGET // largest)))
+
+
+def simulated_together(model: QuantizedModel) -> bool:
+    """Whether ``simulate`` runs this batch-1 model many samples per call (what the auto search may afford)."""
+    return samples_per_run(model) > 1 and batch_free(model) is not None
