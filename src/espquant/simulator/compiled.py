@@ -771,20 +771,31 @@ def _lower_table(b: _Builder, node: QNode) -> None:
     if node.bits != 8 or b.model.width(node.inputs[0]) != 8:
         _lower_elementwise(b, node)
         return
-    _gather(b, node.table.reshape(-1), b.use(node.inputs[0]), qmin(8), node.outputs[0])
+    _gather(b, node.table.reshape(-1), b.use(node.inputs[0]), qmin(8), node.outputs[0], _known_shape(node))
 
 
-def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) -> None:
+def _known_shape(node: QNode) -> list[int] | None:
+    """The float model's shape of the node's first input when every axis but the batch is a number."""
+    shape = (node.input_shapes or [None])[0]
+    if shape is None or len(shape) < 1 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return None
+    return [int(d) for d in shape[1:]]  # type: ignore[arg-type]
+
+
+def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str, known: list[int] | None) -> None:
     """``table[x - lowest]`` for the integers ``x`` (exact in float32) of a signed width (``lowest = -size / 2``).
 
     Negative indices count from the end, so the table rolled by half its size is indexed by ``x`` itself (one
     pass fewer than adding ``-lowest``). The lookup is GatherElements on the flattened indices, not Gather:
     onnxruntime's Gather copies element by element through its generic block path (about 16 ns per element on
-    this machine) while GatherElements is a plain loop (about 2.3 ns); the two Reshapes are views."""
+    this machine) while GatherElements is a plain loop (about 2.3 ns); the two Reshapes are views. With the axes
+    after the batch ``known`` from the float model, the shape back is a constant (``-1`` for the batch): one
+    node fewer, which counts at batch 1."""
     assert table.size == -2 * lowest
     index = b.op("Reshape", [b.op("Cast", [x], to=TensorProto.INT32), b.const(np.array([-1]), "flat", np.int64)])
     looked_up = b.op("GatherElements", [b.const(np.roll(table, lowest), output), index], axis=0)
-    b.op("Reshape", [looked_up, b.op("Shape", [x])], output)
+    shape = b.op("Shape", [x]) if known is None else b.const(np.array([-1, *known]), output, np.int64)
+    b.op("Reshape", [looked_up, shape], output)
 
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
@@ -802,7 +813,7 @@ def _lower_elementwise(b: _Builder, node: QNode) -> None:
     table = np.asarray(env[node.outputs[0]]).reshape(-1)
     if table.shape != values.shape:
         raise _Refused("not elementwise")
-    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0])
+    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0], _known_shape(node))
 
 
 def _lower_relu(b: _Builder, node: QNode) -> None:
@@ -1134,22 +1145,27 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
     if node.op_type == "GlobalAveragePool":  # every axis after the channels: 1-D and 2-D alike
-        known = (node.input_shapes or [None])[0]
-        if known is not None and len(known) > 2 and all(isinstance(d, int) for d in known[2:]):
+        shape = (node.input_shapes or [None])[0]
+        fixed = shape is not None and len(shape) > 2 and all(isinstance(d, int) for d in shape[2:])
+        area = int(np.prod(shape[2:])) if fixed else None  # type: ignore[index]
+        if area is not None:
             # A plane the float model fixes: axes and area are constants (onnxruntime folds ``k`` then), nine
             # nodes fewer, which counts at batch 1.
-            axes = b.const(np.arange(2, len(known)), hint, np.int64)
-            inverse = b.const(F32(1.0) / F32(np.prod(known[2:])), hint)
+            axes = b.const(np.arange(2, len(shape)), hint, np.int64)  # type: ignore[arg-type]
+            inverse = b.const(F32(1.0) / F32(area), hint)
         else:
-            shape = b.op("Shape", [x])
-            axes = b.op("Range", [b.const(2, hint, np.int64), b.op("Size", [shape]), b.const(1, hint, np.int64)])
-            spatial = b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
-            area = b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)
-            inverse = b.op("Div", [b.const(1.0, hint), area])
-        # The sum is taken in double (exact, whatever the plane) and rounded to float32 as the kernel's
-        # ``total.astype(float32)`` does.
-        wide = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), axes], keepdims=1)
-        total = b.op("Cast", [wide], to=TensorProto.FLOAT)
+            dims = b.op("Shape", [x])
+            axes = b.op("Range", [b.const(2, hint, np.int64), b.op("Size", [dims]), b.const(1, hint, np.int64)])
+            spatial = b.op("Slice", [dims, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)])
+            inverse = b.op(
+                "Div",
+                [b.const(1.0, hint), b.op("Cast", [b.op("ReduceProd", [spatial], keepdims=0)], to=TensorProto.FLOAT)],
+            )
+        if area is not None and 2.0 ** (m.width(node.inputs[0]) - 1) * area < EXACT_FLOAT32:
+            total = b.op("ReduceSum", [x, axes], keepdims=1)  # every partial sum an integer below 2**24: exact
+        else:  # in double (exact, whatever the plane), rounded to float32 as the kernel's total.astype(float32)
+            wide = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), axes], keepdims=1)
+            total = b.op("Cast", [wide], to=TensorProto.FLOAT)
     else:
         attrs = _pool_attrs(node)
         kernel_area = attrs["kernel_shape"][0] * attrs["kernel_shape"][1]
