@@ -904,7 +904,9 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     slope = b.constant(node.inputs[1]).astype(np.int64)
     hint = node.outputs[0]
     x = b.use(node.inputs[0])
-    largest = 2.0 ** (m.width(node.inputs[0]) - 1) * float(np.abs(slope).max(initial=0))
+    shift = e_out - e_in - e_slope
+    # Every negative-branch value scaled back by 2**shift, the half-up half included, is an integer of this size.
+    largest = 2.0 ** (m.width(node.inputs[0]) - 1) * float(np.abs(slope).max(initial=0)) + 2.0 ** max(shift - 1, 0)
     dtype: Any = F32 if largest < EXACT_FLOAT32 else np.float64
     wide = x if dtype == F32 else b.op("Cast", [x], to=TensorProto.DOUBLE)
     # Both branches give 0 at q = 0 (0 shifted either way), so the node is the sum of the positive branch on
@@ -913,14 +915,13 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     positive = b.op("Relu", [wide])
     if m.profile.family == "s3":
         positive = b.shift_round(positive, np.asarray([e_out - e_in]), hint, False, dtype)
-    shift = e_out - e_in - e_slope
-    # q * (alpha 2^-shift) is the exact product scaled by a power of two (checked below 2**24 / 2**53).
+    # q * (alpha 2^-shift) is the exact product scaled by a power of two (its size checked above).
     scaled_slope = slope.astype(np.float64) * 2.0**-shift
     negative = b.op("Mul", [b.op("Min", [wide, b.const(0.0, hint, dtype)]), b.const(scaled_slope, hint, dtype)])
     if shift > 0 and m.profile.family == "s3" and m.profile.rounding == "half_even":
         negative = b.op("Round", [negative])
     elif shift > 0 and m.profile.family == "s3":
-        negative = b.op("Floor", [b.op("Add", [negative, b.const(0.5, hint, dtype)])])  # exact: a small integer + 1/2
+        negative = b.op("Floor", [b.op("Add", [negative, b.const(0.5, hint, dtype)])])  # exact: ``largest``
     elif shift > 0:
         negative = b.op("Floor", [negative])  # the C reference: an arithmetic shift right
     b.saturate(b.op("Add", [positive, negative]), hint, dtype=dtype)
@@ -1101,8 +1102,6 @@ def _lower_max_pool(b: _Builder, node: QNode) -> None:
 # Elementwise steps that are non-decreasing in their first input (the others are constants): they commute with
 # a maximum over values of one channel.
 _MONOTONE_STEPS = frozenset({"Floor", "Round", "Relu", "Clip"})
-
-
 _FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})  # onnxruntime fuses them into the Conv before them
 
 
