@@ -36,7 +36,7 @@ from espquant.calibration.precision import (
 )
 from espquant.calibration.weight_rounding import RoundingStats, rounded_weight_model
 from espquant.checker import check_model
-from espquant.errors import OptionError
+from espquant.errors import EspquantError, OptionError
 from espquant.graph import tensor_shape
 from espquant.ops import ExponentRule
 from espquant.ops.activations import SOFTMAX_FAMILY
@@ -206,15 +206,12 @@ def calibrate_model(
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
-    if method == "auto" and search_samples is None and chunking.fixed is not None:
-        from espquant.simulator.batching import simulated_together
-        from espquant.simulator.lowering import build_quantized_model
-
-        fixed_observed = _fixed_method_observed(observers, plan, widths, bits)
-        cover_aligned_inputs(model_proto, plan, fixed_observed, own, bits, widths)
-        minmax = assign_exponents(model_proto, plan, fixed_observed, bits, per_channel, widths, "minmax")
-        table = QuantTable(minmax.exponents, {"bits": bits, "int16_layers": int16})
-        if not simulated_together(build_quantized_model(model_proto, table, _search_profile(per_channel), bits)):
+    if method == "auto" and search_samples is None and chunking.fixed is not None and kept_samples:
+        minmax = _fixed_method_observed(observers, plan, widths, bits)
+        cover_aligned_inputs(model_proto, plan, minmax, own, bits, widths)
+        assigned = assign_exponents(model_proto, plan, minmax, bits, per_channel, widths, "minmax")
+        table = QuantTable(assigned.exponents, {"bits": bits, "int16_layers": int16})
+        if not _simulated_together(model_proto, table, _search_profile(per_channel), bits):
             kept_samples = _joined([{k: v[:fixed_limit] for k, v in kept_samples.items()}], chunking)
     kept_count = int(len(next(iter(kept_samples.values())))) if kept_samples else 0
     if method == "auto":
@@ -365,6 +362,18 @@ def _softmax_needing_int16(
             127 * 2.0 ** exponents[node.input[0]],  # type: ignore[operator]
         )
     return found
+
+
+def _simulated_together(model: onnx.ModelProto, table: QuantTable, profile: TargetProfile, bits: int) -> bool:
+    """Whether the simulator runs this batch-1 model many samples per call (``simulator/batching.py``), judged on
+    its min-max table; False when that table does not lower (the search then keeps its short subset)."""
+    from espquant.simulator.batching import simulated_together
+    from espquant.simulator.lowering import build_quantized_model
+
+    try:
+        return simulated_together(build_quantized_model(model, table, profile, bits))
+    except EspquantError:
+        return False
 
 
 def _fixed_method_observed(
