@@ -207,9 +207,9 @@ def calibrate_model(
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
     if method == "auto" and search_samples is None and chunking.fixed is not None and kept_samples:
-        minmax = _fixed_method_observed(observers, plan, widths, bits)
-        cover_aligned_inputs(model_proto, plan, minmax, own, bits, widths)
-        assigned = assign_exponents(model_proto, plan, minmax, bits, per_channel, widths, "minmax")
+        observed = _fixed_method_observed(observers, plan, widths, bits)  # any table: the graph decides
+        cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
+        assigned = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, "minmax")
         table = QuantTable(assigned.exponents, {"bits": bits, "int16_layers": int16})
         if not _simulated_together(model_proto, table, _search_profile(per_channel), bits):
             kept_samples = _joined([{k: v[:fixed_limit] for k, v in kept_samples.items()}], chunking)
@@ -365,8 +365,9 @@ def _softmax_needing_int16(
 
 
 def _simulated_together(model: onnx.ModelProto, table: QuantTable, profile: TargetProfile, bits: int) -> bool:
-    """Whether the simulator runs this batch-1 model many samples per call (``simulator/batching.py``), judged on
-    its min-max table; False when that table does not lower (the search then keeps its short subset)."""
+    """Whether the simulator runs this batch-1 model many samples per call (``simulator/batching.py``: its graph
+    and shapes decide, not the exponents); False when the table does not lower (the search then keeps its short
+    subset)."""
     from espquant.simulator.batching import simulated_together
     from espquant.simulator.lowering import build_quantized_model
 
