@@ -22,7 +22,7 @@ import numpy as np
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 
-__all__ = ["batch_free", "samples_per_run", "simulated_together"]
+__all__ = ["batch_free", "batched_runs", "samples_per_run", "simulated_together"]
 
 MAX_SAMPLES_PER_RUN = 64
 # Values of the largest tensor one run may hold (1 MB of float32). Calls cost what a small model computes, so
@@ -218,7 +218,15 @@ def batch_free(model: QuantizedModel) -> QuantizedModel | None:
         nodes.append(node)
     # Its own compiled programs, guards and state: nothing run on the copy is mistaken for the original's.
     return dataclasses.replace(
-        model, nodes=nodes, constants=constants, state={}, _sessions={}, _programs={}, _guarded=set(), _float_facts=()
+        model,
+        nodes=nodes,
+        constants=constants,
+        state={},
+        _sessions={},
+        _programs={},
+        _guarded=set(),
+        _float_facts=(),
+        _batch_free=[],
     )
 
 
@@ -237,6 +245,15 @@ def samples_per_run(model: QuantizedModel) -> int:
     return int(min(MAX_SAMPLES_PER_RUN, max(1, TENSOR_BUDGET // largest)))
 
 
+def batched_runs(model: QuantizedModel) -> tuple[QuantizedModel | None, int]:
+    """The batch-free copy of a batch-1 model and its samples per run, decided once per model (kept on it); the
+    copy is None when batching is not worth it (``samples_per_run`` 1) or could change a number."""
+    if not model._batch_free:
+        step = samples_per_run(model)
+        model._batch_free.append((batch_free(model) if step > 1 else None, step))
+    return model._batch_free[0]
+
+
 def simulated_together(model: QuantizedModel) -> bool:
     """Whether ``simulate`` runs this batch-1 model many samples per call (what the auto search may afford)."""
-    return samples_per_run(model) > 1 and batch_free(model) is not None
+    return batched_runs(model)[0] is not None

@@ -1144,13 +1144,13 @@ def _lower_average_pool(b: _Builder, node: QNode) -> None:
     x = b.use(node.inputs[0])
     hint = node.outputs[0]
     if node.op_type == "GlobalAveragePool":  # every axis after the channels: 1-D and 2-D alike
-        shape = (node.input_shapes or [None])[0]
-        fixed = shape is not None and len(shape) > 2 and all(isinstance(d, int) for d in shape[2:])
-        area = int(np.prod(shape[2:])) if fixed else None  # type: ignore[index]
-        if area is not None:
+        known = _known_shape(node)
+        area = None
+        if known is not None and len(known) > 1:
             # A plane the float model fixes: axes and area are constants (onnxruntime folds ``k`` then), nine
             # nodes fewer, which counts at batch 1.
-            axes = b.const(np.arange(2, len(shape)), hint, np.int64)  # type: ignore[arg-type]
+            area = int(np.prod(known[1:]))
+            axes = b.const(np.arange(2, 1 + len(known)), hint, np.int64)
             inverse = b.const(F32(1.0) / F32(area), hint)
         else:
             dims = b.op("Shape", [x])

@@ -65,7 +65,7 @@ class QuantizedModel:
     _guarded: set[str] = field(default_factory=set, repr=False)  # nodes whose compiled guard tripped once
     # What ``simulate`` reads off the float model on every call (input shapes, chunking), kept for the last one.
     _float_facts: tuple[Any, ...] = field(default=(), repr=False)
-    # The copy that runs many samples at once and how many (simulator/simulate.py), once decided: [(copy, n)].
+    # The copy that runs many samples at once and how many (simulator/batching.py), once decided: [(copy, n)].
     _batch_free: list[Any] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:

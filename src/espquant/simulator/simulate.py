@@ -18,7 +18,7 @@ import onnx
 from espquant.calibration.dataset import Chunking
 from espquant.errors import DatasetError
 from espquant.graph import tensor_shape
-from espquant.simulator.batching import batch_free, samples_per_run
+from espquant.simulator.batching import batched_runs
 from espquant.simulator.quantized_model import QuantizedModel
 
 __all__ = ["simulate"]
@@ -51,7 +51,7 @@ def simulate(
         checked[name] = _checked_input(name, np.asarray(value), shapes.get(name))
     sizes = {len(value) for value in checked.values()}
     total = sizes.pop() if len(sizes) == 1 else 0
-    batched, step = _batch_free(model) if chunking.fixed == 1 and total > 1 else (None, 1)
+    batched, step = batched_runs(model) if chunking.fixed == 1 and total > 1 else (None, 1)
     if batched is None:
         outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
         return outputs, list(model.outputs)
@@ -61,15 +61,6 @@ def simulate(
         for i in range(0, total, step)
     ]
     return [np.concatenate([part[k] for part in parts], axis=0) for k in range(len(model.outputs))], list(model.outputs)
-
-
-def _batch_free(model: QuantizedModel) -> tuple[QuantizedModel | None, int]:
-    """The batch-free copy of a batch-1 model and its samples per run (``simulator/batching.py``), decided once
-    per model; None when it is not worth it or could change a number."""
-    if not model._batch_free:
-        step = samples_per_run(model)
-        model._batch_free.append((batch_free(model) if step > 1 else None, step))
-    return model._batch_free[0]
 
 
 def _float_facts(model: QuantizedModel, float_model: onnx.ModelProto | None) -> tuple[dict[str, list[Any]], Chunking]:
