@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 from espquant import Calibrator
+from espquant.calibration.auto import output_heads
 from espquant.calibration.engine import calibrate_model
 from espquant.cli import main
 from espquant.optimizer import optimize_model
@@ -44,11 +45,12 @@ def auto_result(demo):
 
 
 def _output_error(model: onnx.ModelProto, table: QuantTable, x: np.ndarray) -> float:
-    """Relative squared error of the simulated S3 outputs against onnxruntime's float outputs."""
+    """What auto minimises: the simulated S3 outputs' mean absolute error against onnxruntime's float outputs,
+    over the float outputs' mean absolute value (mean over outputs)."""
     quantized = build_quantized_model(model, table, get_target("esp32s3"), 8)
     simulated, _ = simulate(quantized, model, x, to_float=True)
     reference = run(model, {model.graph.input[0].name: x})
-    return float(np.mean([np.mean((s - r) ** 2) / np.mean(r**2) for s, r in zip(simulated, reference)]))
+    return float(np.mean([np.mean(np.abs(s - r)) / np.mean(np.abs(r)) for s, r in zip(simulated, reference)]))
 
 
 def test_auto_never_worse_than_minmax_on_its_measured_error(demo, auto_result):
@@ -74,6 +76,62 @@ def test_auto_table_respects_exponent_rules(auto_result):
     """The chosen table lowers (shift bounds, requantize edges) for every family it may run on."""
     for target in ("esp32s3", "esp32p4", "esp32c3"):
         build_quantized_model(auto_result.model, auto_result.table, get_target(target), 8)
+
+
+def _score_heads(rng) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A detector's score output in miniature: two 1x1 Conv heads, reshaped to [N, anchors, 1] and
+    concatenated, on features whose channel 0 sometimes carries a huge negative value, so the scores have a
+    far negative tail (background anchors) over a bulk in [-4, 4]:
+
+        x -> Conv(8->1) -> Reshape ---\
+        x -> Conv(8->1) -> Reshape -> Concat(axis 1) -> scores [N, 128, 1]
+    """
+    nodes = [
+        helper.make_node("Conv", ["x", "h1.w", "h1.b"], ["h1"], name="h1", kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["x", "h2.w", "h2.b"], ["h2"], name="h2", kernel_shape=[1, 1]),
+        helper.make_node("Reshape", ["h1", "flat"], ["r1"]),
+        helper.make_node("Reshape", ["h2", "flat"], ["r2"]),
+        helper.make_node("Concat", ["r1", "r2"], ["scores"], axis=1),
+        helper.make_node("Conv", ["x", "box.w", "box.b"], ["boxes"], name="box", kernel_shape=[1, 1]),
+    ]
+    inits = {
+        "h1.w": rng.normal(0, 0.5, (1, 8, 1, 1)).astype(np.float32),
+        "h1.b": np.array([-1.0], np.float32),
+        "h2.w": rng.normal(0, 0.5, (1, 8, 1, 1)).astype(np.float32),
+        "h2.b": np.array([0.5], np.float32),
+        "flat": np.array([0, -1, 1], np.int64),
+        "box.w": rng.normal(0, 0.5, (4, 8, 1, 1)).astype(np.float32),
+        "box.b": np.zeros(4, np.float32),
+    }
+    inits["h1.w"][0, 0] = inits["h2.w"][0, 0] = 2.0
+    outputs = [tensor("scores", ["N", 128, 1]), tensor("boxes", ["N", 4, 8, 8])]
+    model = make_model(nodes, [tensor("x", ["N", 8, 8, 8])], outputs, inits)
+    x = rng.normal(0, 1, (160, 8, 8, 8)).astype(np.float32)
+    x[:, 0] = np.where(rng.random((160, 8, 8)) < 0.002, -60.0, x[:, 0])
+    return model, x
+
+
+def test_output_heads_reach_the_layers_behind_reshapes_and_concats(rng):
+    model, _ = _score_heads(rng)
+    heads = output_heads(model, ["scores"], {"h1", "h2", "scores", "unrelated"})
+    assert sorted(heads["scores"]) == ["h1", "h2", "scores"]
+
+
+def test_auto_walks_a_long_tailed_score_head_to_a_finer_exponent(rng):
+    """min-max gives the scores the step their -120 tail needs; auto clips the tail (every clipped score stays
+    far below any threshold) and keeps the resolution where the values are: fewer wrong decisions at 0."""
+    model, x = _score_heads(rng)
+    calib, test = x[:128], x[128:]
+    minmax = calibrate_model(model, calib, 8, "per-tensor", "minmax")
+    auto = calibrate_model(model, calib, 8, "per-tensor", "auto")
+    assert auto.table.exponents["scores"] < minmax.table.exponents["scores"]
+    assert _output_error(model, auto.table, test) < _output_error(model, minmax.table, test)
+    reference = run(model, {"x": test})[0] > 0
+    decided = {}
+    for name, result in (("minmax", minmax), ("auto", auto)):
+        quantized = build_quantized_model(model, result.table, get_target("esp32s3"), 8)
+        decided[name] = np.sum((simulate(quantized, model, test, to_float=True)[0][0] > 0) != reference)
+    assert decided["auto"] < decided["minmax"]
 
 
 # --- cross-layer equalization -----------------------------------------------------------------------------
