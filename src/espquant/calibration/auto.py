@@ -14,10 +14,10 @@ the calibration data (``SEARCH_SAMPLES``):
    when the outputs' error drops (at most ``GREEDY_PASSES`` sweeps, stopping when one changes nothing);
 3. each output's head (``output_heads``: the output and the tensors it copies its exponent from through
    data-movement ops and Concats, back to the layers that compute it) walks its exponent down, then up, one
-   step at a time while the outputs' error drops, at most ``HEAD_STEPS`` simulations per output on top of the
-   budget. A head's exponent touches nothing but its own output, and it is the one exponent the other
-   stages cannot move alone: a detector's score head is computed by several convolutions whose outputs are
-   concatenated, and only moving them together changes what the chip rounds;
+   step at a time while the outputs' error drops, at most ``HEAD_STEPS`` trials per output and
+   ``MAX_HEAD_SIMULATIONS`` in all, on top of the budget. The stages above move one tensor at a time, but a
+   detector's score head is often several convolutions whose outputs are concatenated: only moving them
+   together changes the step the chip rounds the scores to;
 4. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
    (``weight_rounding.py``, one simulation to see the layer inputs the chip computes), kept when the outputs'
    error drops;
@@ -77,7 +77,8 @@ logger = logging.getLogger(__name__)
 
 SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
 GREEDY_PASSES = 1
-HEAD_STEPS = 6  # simulations per output for its head's exponent walk (stage 3), beyond the budget
+HEAD_STEPS = 6  # trials per output for its head's exponent walk (stage 3), beyond the budget
+MAX_HEAD_SIMULATIONS = 24  # the walk's simulations in all
 MAX_SIMULATIONS = 40  # a count, not seconds: the same data gives the same table on any machine
 MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a few layer-wise trials
 # Simulated samples per calibration sample: the search's budget grows with the calibration set, so its cost
@@ -359,19 +360,21 @@ def output_heads(model: onnx.ModelProto, outputs: Sequence[str], searched: set[s
 def _walk_heads(
     search: _Search, variant: _Variant, heads: dict[str, list[str]], outputs: Sequence[str], best: list
 ) -> None:
-    """Stage 3: each head's exponent steps down (its coarsest members first), then up, while the error drops."""
+    """Stage 3: each head's exponent steps down (its coarsest members first), then up, while the error drops;
+    at most ``HEAD_STEPS`` trials per head and ``MAX_HEAD_SIMULATIONS`` simulations in all (a model with
+    many outputs walks the first ones)."""
+    stop = search.evaluations + MAX_HEAD_SIMULATIONS
     for head in heads.values():
         if not head:
             continue
-        spent = 0
-        for step in (-1, 1):
+        tried = 0
+        for step, limit in ((-1, min), (1, max)):
             moved = False
             edge = max(best[1][t] for t in head) if step < 0 else min(best[1][t] for t in head)
-            while spent < HEAD_STEPS:
+            while tried < HEAD_STEPS and search.evaluations < stop:
                 edge += step
-                limit = min if step < 0 else max
                 trial = best[1] | {t: limit(best[1][t], edge) for t in head}
-                spent += 1
+                tried += 1
                 if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
                     break
                 moved = True
