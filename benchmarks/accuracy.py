@@ -27,6 +27,14 @@ of the quantized model against the float model's); output SQNR in dB (mean over 
 calibration over one onnxruntime pass of the float model over the same calibration data (batch 32,
 measured in the same run).
 
+An optional column is ESP-PPQ's own default int8 (``espdl_quantize_onnx``, ESP-PPQ 1.3.12, the tool the issue
+compares against) for each target, run in its own Python (``--ppq-python``, default
+``~/.cache/espquant-accuracy/ppq-venv/bin/python``; create it with ``python -m venv
+~/.cache/espquant-accuracy/ppq-venv && ~/.cache/espquant-accuracy/ppq-venv/bin/pip install esp-ppq==1.3.12``;
+the column is left out when that Python is absent). ESP-PPQ gets the same float model and calibration samples;
+the ``.espdl`` file it writes is run by espquant's simulator (what the chip computes from that file, one
+sample at a time since ESP-PPQ's files are batch 1).
+
 Conversions that need torch / tflite2onnx run in a separate Python (``--venv-python``, default
 ``~/.cache/espquant-accuracy/venv/bin/python``; create it with
 ``python -m venv ~/.cache/espquant-accuracy/venv && ~/.cache/espquant-accuracy/venv/bin/pip install torch
@@ -55,9 +63,11 @@ from PIL import Image
 
 from espquant import convert_model_batch_to_dynamic, fix_input_shapes
 from espquant.calibration.engine import calibrate_model
+from espquant.errors import EspquantError
 from espquant.optimizer import optimize_model
 from espquant.quant.profiles import get_target
 from espquant.runtime import create_session
+from espquant.simulator.espdl_model import EspdlModel, load_espdl
 from espquant.simulator.lowering import build_quantized_model
 from espquant.simulator.simulate import simulate
 
@@ -87,6 +97,19 @@ import tflite2onnx
 tflite2onnx.convert(os.path.join(models, "face_detection_short_range.tflite"),
                     os.path.join(models, "face_detection_short_range.onnx"))
 """
+
+PPQ_QUANTIZE = r"""
+import sys
+import numpy as np, torch
+from torch.utils.data import DataLoader, TensorDataset
+from esp_ppq.api import espdl_quantize_onnx
+source, calib_path, target, out = sys.argv[1:5]
+calib = torch.from_numpy(np.load(calib_path).astype(np.float32))
+loader = DataLoader(TensorDataset(calib), batch_size=1, collate_fn=lambda b: torch.stack([s[0] for s in b]))
+espdl_quantize_onnx(source, out, loader, len(calib), [1, *calib.shape[1:]], target=target, num_of_bits=8,
+                    device="cpu", error_report=False, export_test_values=False, verbose=0)
+"""
+PPQ_METHOD = "esp-ppq 1.3.12"
 
 
 @dataclass
@@ -438,6 +461,60 @@ def ort_row(case: Case, reference: list[np.ndarray], workdir: Path) -> Row:
     return score_row(case, "onnxruntime int8", "any", outputs, reference)
 
 
+def ppq_row(case: Case, target: str, reference: list[np.ndarray], workdir: Path, python: Path) -> Row | None:
+    """ESP-PPQ's default int8 for ``target`` on the case's model and calibration samples, its ``.espdl`` file run
+    by espquant's simulator; None (with the reason on stderr) when ESP-PPQ or its file fails."""
+    source, calib = workdir / f"{case.name}.onnx", workdir / f"{case.name}_calib.npy"
+    output, script = workdir / f"{case.name}_{target}_ppq.espdl", workdir / "ppq_quantize.py"
+    onnx.save(case.model, source)
+    np.save(calib, case.calib)
+    script.write_text(PPQ_QUANTIZE)
+    start = time.perf_counter()
+    command = [str(python), str(script), str(source), str(calib), target, str(output)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"{case.name} {target}: ESP-PPQ failed: {last}", file=sys.stderr, flush=True)
+        return None
+    try:
+        outputs = espdl_outputs(load_espdl(output, target), case.test, reference, case.model)
+    except EspquantError as error:
+        print(f"{case.name} {target}: ESP-PPQ's file does not run: {error}", file=sys.stderr, flush=True)
+        return None
+    row = score_row(case, PPQ_METHOD, target, outputs, reference)
+    row.seconds = seconds
+    return row
+
+
+def espdl_outputs(
+    model: EspdlModel, x: np.ndarray, reference: list[np.ndarray], float_model: onnx.ModelProto
+) -> list[np.ndarray]:
+    """A batch-1 ``.espdl`` file run on every sample of ``x``: each input put in the file's layout (NCHW images
+    become NHWC) and quantized with the file's input exponent; the outputs dequantized with theirs and put back
+    in the float model's layout and order."""
+    declared = model.inputs[0]
+    to_file = (0, 2, 3, 1) if x.ndim == 4 and list(declared.shape[1:]) != list(x.shape[1:]) else None
+    names = [o.name for o in float_model.graph.output]
+    missing = [n for n in names if n not in {v.name for v in model.outputs}]
+    if missing:
+        raise EspquantError(f"the file has no output {missing}")
+    collected: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for index in range(len(x)):
+        sample = x[index : index + 1] if to_file is None else np.transpose(x[index : index + 1], to_file)
+        result = model.run({declared.name: model.quantized.quantize_input(declared.name, sample.astype(np.float32))})
+        for value in model.outputs:
+            if value.name in collected:
+                collected[value.name].append(result[value.name].astype(np.float64) * 2.0**value.exponent)
+    outputs = []
+    for name, want in zip(names, reference):
+        data = np.concatenate(collected[name])
+        if data.shape[1:] != want.shape[1:] and data.ndim == 4:  # NHWC back to NCHW
+            data = np.moveaxis(data, -1, 1)
+        outputs.append(data)
+    return outputs
+
+
 def markdown(rows: list[Row], floats: dict[str, Row], ratios: dict[str, float]) -> str:
     lines = ["| model | target | method | accuracy % | agreement % | SQNR dB |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -468,6 +545,14 @@ def verdict(rows: list[Row]) -> dict:
         if auto.accuracy is not None and ort.accuracy is not None:
             checks["accuracy"] = auto.accuracy >= ort.accuracy - 0.1
         versus_ort[m] = checks
+    versus_ppq = {}
+    for m in models:
+        auto, ppq = by.get((m, "esp32s3", "espquant auto")), by.get((m, "esp32s3", PPQ_METHOD))
+        if auto is None or ppq is None:
+            continue
+        versus_ppq[m] = {"agreement": auto.agreement >= ppq.agreement, "sqnr": auto.sqnr_db >= ppq.sqnr_db}
+        if auto.accuracy is not None and ppq.accuracy is not None:
+            versus_ppq[m]["accuracy"] = auto.accuracy >= ppq.accuracy
     averages = {}
     for method in ("auto", *METHODS):
         chosen = [
@@ -483,7 +568,12 @@ def verdict(rows: list[Row]) -> dict:
         if "auto" in averages
         else False
     )
-    return {"auto_vs_onnxruntime_s3": versus_ort, "s3_averages": averages, "auto_beats_every_fixed_method_s3": beats}
+    return {
+        "auto_vs_onnxruntime_s3": versus_ort,
+        "auto_vs_esp_ppq_s3": versus_ppq,
+        "s3_averages": averages,
+        "auto_beats_every_fixed_method_s3": beats,
+    }
 
 
 def main() -> None:
@@ -497,8 +587,12 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "espquant-accuracy")
     parser.add_argument("--venv-python", type=Path, default=None)
+    parser.add_argument("--ppq-python", type=Path, default=None, help="a Python with esp-ppq (module docstring)")
     args = parser.parse_args()
     venv_python = args.venv_python or args.cache / "venv" / "bin" / "python"
+    ppq_python = args.ppq_python or args.cache / "ppq-venv" / "bin" / "python"
+    if not ppq_python.exists():
+        print(f"{ppq_python} not found: the ESP-PPQ column is left out (module docstring)", file=sys.stderr)
     names = [n for n in args.models.split(",") if n]
     if any(n.startswith(("mtcnn", "blazeface")) for n in names):
         _converted(args.cache, venv_python)
@@ -521,6 +615,10 @@ def main() -> None:
             flush=True,
         )
         for target in args.targets.split(","):
+            ppq = ppq_row(case, target, reference, work, ppq_python) if ppq_python.exists() else None
+            if ppq is not None:
+                rows.append(ppq)
+                print(f"{name} {target} ESP-PPQ: agreement {ppq.agreement:.2f} sqnr {ppq.sqnr_db:.2f}", file=sys.stderr)
             for method in args.methods.split(","):
                 row = espquant_row(case, method, target, reference)
                 rows.append(row)

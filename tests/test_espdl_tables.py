@@ -63,3 +63,20 @@ def test_per_channel_prelu_c_reference_shifts_both_ways():
     assert kernels.prelu_per_channel(q, slope, e_slope=-7, **common).tolist() == [[-1, -1, 7, 0]]
     # shift -2: a plain left shift, -15 * 4 = -60.
     assert kernels.prelu_per_channel(q, slope, e_slope=2, **common).tolist() == [[-60, -60, 7, 0]]
+
+
+def test_per_channel_prelu_rescales_positives_where_the_simd_kernel_does():
+    """ESP-PPQ gives a PRelu its own output exponent. ESP32-P4's int8 kernel (``dl_esp32p4_prelu.S``: "pos part,
+    *scale, right shift: output - input", half-even) rescales positives as ESP32-S3's does (half-up); its int16
+    path and plain-C chips run the C reference, which copies them."""
+    slope = np.array([5, 5, 5, 5, 5])
+    q = np.array([[-3, 6, 7, 5, 0]])
+    # e_out - e_in = 1: positives halved (6 -> 3, 7 -> 3.5, 5 -> 2.5); negatives: shift 1 - (-7) = 8.
+    common = {"e_in": -4, "e_out": -3, "e_slope": -7}
+    p4 = kernels.prelu_per_channel(q, slope, bits=8, profile=get_target("esp32p4"), **common)
+    assert p4.tolist() == [[-1, 3, 4, 2, 0]]  # half-even: 3.5 -> 4, 2.5 -> 2; floor(-15 / 256) = -1
+    s3 = kernels.prelu_per_channel(q, slope, bits=8, profile=get_target("esp32s3"), **common)
+    assert s3.tolist() == [[0, 3, 4, 3, 0]]  # half-up: 2.5 -> 3; SR(-15, 8) = floor(-15/256 + 1/2) = 0
+    for profile, bits in ((get_target("esp32p4"), 16), (get_target("esp32c3"), 8)):
+        copied = kernels.prelu_per_channel(q, slope, bits=bits, profile=profile, **common)
+        assert copied.tolist() == [[-1, 6, 7, 5, 0]]

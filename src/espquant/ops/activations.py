@@ -73,8 +73,9 @@ SPECS: tuple[OpSpec, ...] = (
         notes=(
             "int8 with one slope: table look-up; per channel: integer kernel with its own slope exponent",
             "the output keeps the input's exponent: the C kernel copies positive values unchanged",
-            "ESP32-P4 int8 per channel: the esp.vprelu rounding is not documented; espquant simulates the C "
-            "reference (prelu_11c, esp-dl/dl/base/dl_base_prelu.cpp) and warns; P4 int16 runs that C code",
+            "ESP32-P4 int8 per channel: positives rescaled as dl_esp32p4_prelu.S does (half-even); the "
+            "esp.vprelu rounding of negatives is not documented, espquant takes the C reference's floor "
+            "(prelu_11c, esp-dl/dl/base/dl_base_prelu.cpp) and warns; P4 int16 runs that C code",
         ),
     ),
     OpSpec(

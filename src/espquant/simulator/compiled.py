@@ -894,8 +894,11 @@ def _mul_takes_simd(shapes: list, bits: int, simd: bool) -> bool | None:
 
 def _lower_prelu(b: _Builder, node: QNode) -> None:
     """PRelu with per-channel integer slopes (``kernels.prelu_per_channel``): ESP32-S3 rounds ``q alpha`` by
-    ``s = e_out - e_in - e_alpha`` and rescales positives to e_out; the C reference (other chips) floors the
-    negatives and copies the positives. Products beyond float32's integers (int16) are taken in double."""
+    ``s = e_out - e_in - e_alpha``, other chips floor it; the SIMD kernels rescale positives to e_out
+    (``kernels.prelu_rescales_positives``), the C reference copies them. Products beyond float32's integers
+    (int16) are taken in double."""
+    from espquant.simulator.kernels import prelu_rescales_positives
+
     m = b.model
     exponents = [m.exponents.get(t) for t in (node.inputs[0], node.inputs[1], node.outputs[0])]
     if not all(isinstance(e, int) for e in exponents):
@@ -913,7 +916,7 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     # max(q, 0) and the negative one on min(q, 0): no Where, whose broadcasting kernel cost onnxruntime more
     # than the rest of the node on MTCNN.
     positive = b.op("Relu", [wide])
-    if m.profile.family == "s3":
+    if prelu_rescales_positives(m.profile, node.bits):
         positive = b.shift_round(positive, np.asarray([e_out - e_in]), hint, False, dtype)
     # q * (alpha 2^-shift) is the exact product scaled by a power of two (its size checked above).
     scaled_slope = slope.astype(np.float64) * 2.0**-shift

@@ -414,26 +414,36 @@ def mod_float(a: np.ndarray, b: np.ndarray, *, e_a: int, e_b: int, e_out: int, b
     return saturate(round_float((remainder * F32(2.0**-e_out)).astype(F32), profile.rounding), bits)
 
 
+def prelu_rescales_positives(profile: TargetProfile, bits: int) -> bool:
+    """Whether the chip's per-channel PRelu rescales positive values from ``e_in`` to ``e_out``: the SIMD
+    kernels do (ESP32-S3 at both widths; ESP32-P4 at int8, ``dl_esp32p4_prelu.S``: "pos part, *scale, right
+    shift", with the half-even rounding ``prelu<int8_t>`` configures); the C reference (plain-C chips, P4
+    int16) copies them unchanged, right only when ``e_in = e_out``."""
+    return profile.family == "s3" or (profile.family == "p4" and bits == 8)
+
+
 def prelu_per_channel(
     q: np.ndarray, slope: np.ndarray, *, e_in: int, e_out: int, e_slope: int, bits: int, profile: TargetProfile
 ) -> np.ndarray:
     """PRelu with one slope per channel (8.4), ``sh = e_out - e_in - e_alpha``.
 
-    ESP32-S3 (``dl_tie728_s8/s16_prelu``): negatives ``SR(q alpha, sh)``, positives rescaled to e_out. The C
-    reference (``prelu_11c``, ``esp-dl/dl/base/dl_base_prelu.cpp``), which plain-C chips run, ESP32-P4 runs
-    at int16 and espquant also simulates for ESP32-P4 int8 (its ``esp.vprelu`` rounding is not documented):
-    positives copied unchanged (right only when e_in = e_out), negatives ``DL_RIGHT_SHIFT(q alpha, sh)``, a
-    floor shift right or a plain shift left (``dl_define.hpp``).
+    Negatives: ESP32-S3 (``dl_tie728_s8/s16_prelu``) ``SR(q alpha, sh)``; elsewhere, as the C reference
+    (``prelu_11c``, ``esp-dl/dl/base/dl_base_prelu.cpp``) computes them and espquant also takes for ESP32-P4
+    int8 (its ``esp.vprelu`` rounding is not documented), ``DL_RIGHT_SHIFT(q alpha, sh)``: a floor shift right
+    or a plain shift left (``dl_define.hpp``). Positives: rescaled to e_out with the profile's rounding where
+    :func:`prelu_rescales_positives`, else copied.
     """
     q64 = q.astype(np.int64)
     product = q64 * slope.astype(np.int64)
     if profile.family == "s3":
         negative = shift_round(product, e_out - e_in - e_slope, profile.rounding)
-        up, down = max(0, e_in - e_out), max(0, e_out - e_in)
-        positive = shift_round(q64 << up, down, profile.rounding) if down else q64 << up
     else:
         shift = e_out - e_in - e_slope
         negative = product >> shift if shift > 0 else product << -shift
+    if prelu_rescales_positives(profile, bits):
+        up, down = max(0, e_in - e_out), max(0, e_out - e_in)
+        positive = shift_round(q64 << up, down, profile.rounding) if down else q64 << up
+    else:
         positive = q64
     return saturate(np.where(q64 > 0, positive, np.where(q64 < 0, negative, 0)), bits)
 

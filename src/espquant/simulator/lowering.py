@@ -254,8 +254,9 @@ def _warn_unknown_rules(m: QuantizedModel) -> None:
     for node in m.nodes:
         if node.op_type == "PRelu" and node.table is None and node.bits == 8:
             logger.warning(
-                "PRelu %r with per-channel slopes on ESP32-P4 int8: the chip's esp.vprelu rounding is not "
-                "documented; espquant simulates ESP-DL's C reference (floor), which may differ by 1 LSB on the chip",
+                "PRelu %r with per-channel slopes on ESP32-P4 int8: the chip's esp.vprelu rounding of negative "
+                "values is not documented; espquant takes ESP-DL's C reference (floor), which may differ by 1 LSB "
+                "on the chip",
                 node.name,
             )
 
