@@ -211,8 +211,8 @@ def test_resize_is_int8_only_and_falls_back_to_int8_in_an_int16_model():
 
 
 def test_per_channel_prelu_runs_on_every_target():
-    """ESP32-P4 int8 runs it through esp.vprelu, whose rounding is not documented: espquant simulates ESP-DL's
-    C reference there and says so when it lowers the model (not a refusal)."""
+    """ESP32-P4 int8 runs its negative part through esp.vprelu, whose rounding is not documented: espquant takes
+    ESP-DL's C reference there and says so when it lowers the model (not a refusal)."""
     model = CASES["prelu-per-channel-s3"][0]
     for target in ("esp32s3", "esp32c3", "esp32p4", None):
         assert check_model(model, target=target, strict=False).ok

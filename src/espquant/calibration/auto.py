@@ -337,7 +337,7 @@ def _greedy(
 def output_heads(model: onnx.ModelProto, outputs: Sequence[str], searched: set[str]) -> dict[str, list[str]]:
     """Output -> the searched tensors whose exponents its value is made at: the output, and backwards through
     the ops that keep their input's exponent (Reshape, Transpose, ...) or share it (Concat), the outputs of
-    the layers that compute it. Its exponents decide only that output's rounding and clipping."""
+    the layers that compute it: the exponents at which the chip rounds and clips that output."""
     producer = {o: node for node in model.graph.node for o in node.output}
     heads = {}
     for output in outputs:
