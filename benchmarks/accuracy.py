@@ -466,7 +466,7 @@ def ppq_row(case: Case, target: str, reference: list[np.ndarray], workdir: Path,
     by espquant's simulator; None (with the reason on stderr) when ESP-PPQ or its file fails."""
     source, calib = workdir / f"{case.name}.onnx", workdir / f"{case.name}_calib.npy"
     output, script = workdir / f"{case.name}_{target}_ppq.espdl", workdir / "ppq_quantize.py"
-    onnx.save(case.model, source)
+    onnx.save(_batch_one(case.model), source)
     np.save(calib, case.calib)
     script.write_text(PPQ_QUANTIZE)
     start = time.perf_counter()
@@ -485,6 +485,28 @@ def ppq_row(case: Case, target: str, reference: list[np.ndarray], workdir: Path,
     row = score_row(case, PPQ_METHOD, target, outputs, reference)
     row.seconds = seconds
     return row
+
+
+def _batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as its exporter gave it to ESP-PPQ's users: batch 1 (ESP-PPQ quantizes at batch 1), and the
+    Reshape targets ``_batch_free`` turned into ``[0, ...]`` back to ``[1, ...]`` (ESP-DL leaves a 0 undefined
+    when the file has no ``allowzero``, which ESP-PPQ does not write)."""
+    from onnx import numpy_helper
+
+    pinned = fix_input_shapes(model, {i.name: [1, *_dims(i)[1:]] for i in model.graph.input if _dims(i)})
+    inits = {t.name: t for t in pinned.graph.initializer}
+    for node in pinned.graph.node:
+        target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if target is not None:
+            shape = numpy_helper.to_array(target).copy()
+            if shape.ndim == 1 and len(shape) >= 2 and shape[0] == 0:
+                shape[0] = 1
+                target.CopyFrom(numpy_helper.from_array(shape, target.name))
+    return pinned
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
 def espdl_outputs(

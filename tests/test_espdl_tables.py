@@ -8,7 +8,9 @@ reference of a per-channel PRelu (floor shift right, plain shift left).
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from espquant.errors import UnsupportedOpError
 from espquant.espdl.reader import EspdlFile, EspdlNode, EspdlTensor, EspdlValue
 from espquant.quant.profiles import get_target
 from espquant.simulator import kernels
@@ -80,3 +82,26 @@ def test_per_channel_prelu_rescales_positives_where_the_simd_kernel_does():
     for profile, bits in ((get_target("esp32p4"), 16), (get_target("esp32c3"), 8)):
         copied = kernels.prelu_per_channel(q, slope, bits=bits, profile=profile, **common)
         assert copied.tolist() == [[-1, 6, 7, 5, 0]]
+
+
+def test_a_file_whose_prelu_slope_esp_dl_would_assert_on_is_refused():
+    """ESP-PPQ 1.3.12 writes a ``[C]`` slope after a Gemm; ESP-DL's loader asserts ``[C, 1, 1]`` (the chip aborts)."""
+    flat = EspdlTensor("slope", "INT8", (4,), np.array([5, 5, 5, 5], np.int8), [-7])
+    with pytest.raises(UnsupportedOpError, match=r"\[C, 1, 1\]"):
+        lower_espdl(_one_node_file("PRelu", "S8", "INT8", {}, [flat]), get_target("esp32s3"))
+    shaped = EspdlTensor("slope", "INT8", (4, 1, 1), np.array([5, 5, 5, 5], np.int8).reshape(4, 1, 1), [-7])
+    got = lower_espdl(_one_node_file("PRelu", "S8", "INT8", {}, [shaped]), get_target("esp32s3"))
+    assert got.run({"x": np.array([[-128, 3, 0, -1]])})["y"].tolist() == [[-5, 3, 0, 0]]
+
+
+@pytest.mark.parametrize(("attrs", "refused"), [({}, True), ({"allowzero": 0}, False)])
+def test_a_reshape_with_a_zero_runs_only_with_its_allowzero_written(attrs, refused):
+    """Without the attribute ESP-DL reads ``allowzero`` uninitialised: what a 0 does on the chip is not defined."""
+    shape = EspdlTensor("shape", "INT64", (2,), np.array([0, -1], np.int64), [0])
+    decoded = _one_node_file("Reshape", "S8", "INT8", attrs, [shape])
+    if refused:
+        with pytest.raises(UnsupportedOpError, match="allowzero"):
+            lower_espdl(decoded, get_target("esp32p4"))
+    else:
+        got = lower_espdl(decoded, get_target("esp32p4")).run({"x": np.array([[1, 2, 3, 4]])})["y"]
+        assert got.tolist() == [[1, 2, 3, 4]]

@@ -233,11 +233,38 @@ class _Lowering:
             self._check_dcr(node)
         elif op_type == "PRelu":
             slope = qnode.inputs[1]
+            self._check_slope(node, qnode.table is not None)
             self.constants[slope] = self.constants[slope].reshape(-1)  # one per channel, channels last
+        elif op_type == "Reshape":
+            self._check_allowzero(node)
         if op_type in _CHANNELS_LAST:
             self._channels_first(qnode)
         else:
             self.nodes.append(qnode)
+
+    def _check_slope(self, node: EspdlNode, looked_up: bool) -> None:
+        """ESP-DL builds a PRelu without a table only from a ``[C, 1, 1]`` slope: ``PRelu::deserialize`` asserts
+        it (dl_module_prelu.hpp), so the chip aborts while loading any other (ESP-PPQ 1.3.12 writes ``[C]``
+        after a Gemm)."""
+        slope = self.file.initializers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        if not looked_up and slope is not None and len(slope.dims) != 3:
+            raise UnsupportedOpError(
+                f"node {node.name!r}: PRelu slope of shape {list(slope.dims)}: ESP-DL loads a PRelu without a table "
+                "only with a [C, 1, 1] slope (dl_module_prelu.hpp asserts it), so the chip aborts when it loads "
+                "this file; re-export the model with the slope as [C, 1, 1]"
+            )
+
+    def _check_allowzero(self, node: EspdlNode) -> None:
+        """ESP-DL's ``Reshape::deserialize`` reads ``allowzero`` into an uninitialised int when the file omits it
+        (dl_module_reshape.hpp), and a 0 in the shape is then copied, kept or asserted on at random: what the
+        chip computes is not defined."""
+        shape = self.file.initializers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        if shape is not None and "allowzero" not in node.attributes and (shape.data == 0).any():
+            raise UnsupportedOpError(
+                f"node {node.name!r}: Reshape to {shape.data.tolist()} without an allowzero attribute: ESP-DL reads "
+                "allowzero uninitialised (dl_module_reshape.hpp), so what a 0 in the shape does on the chip is not "
+                "defined; re-export with allowzero = 0 or with the dimension written out"
+            )
 
     def _check_dcr(self, node: EspdlNode) -> None:
         """ESP-DL's DCR loop writes output channel ``c % blocksize`` (dl_module_depth_to_space.hpp): with other
