@@ -464,7 +464,7 @@ def ort_row(case: Case, reference: list[np.ndarray], workdir: Path) -> Row:
 def ppq_row(case: Case, target: str, reference: list[np.ndarray], workdir: Path, python: Path) -> Row | None:
     """ESP-PPQ's default int8 for ``target`` on the case's model and calibration samples, its ``.espdl`` file run
     by espquant's simulator; None (with the reason on stderr) when ESP-PPQ or its file fails."""
-    source, calib = workdir / f"{case.name}.onnx", workdir / f"{case.name}_calib.npy"
+    source, calib = workdir / f"{case.name}_batch1.onnx", workdir / f"{case.name}_calib.npy"
     output, script = workdir / f"{case.name}_{target}_ppq.espdl", workdir / "ppq_quantize.py"
     onnx.save(_batch_one(case.model), source)
     np.save(calib, case.calib)
