@@ -225,6 +225,12 @@ def _batch_free(model: onnx.ModelProto) -> onnx.ModelProto:
     """A model pinned to batch 1 whose Reshape targets say ``[1, K]`` (Paddle's export) made batch-free: the
     leading 1 becomes 0 (copy the input's batch), exact for batch 1 and lets the simulator run many samples
     at once instead of one by one (speed only; the numbers are the same)."""
+    _reshape_leading(model, 1, 0)
+    return convert_model_batch_to_dynamic(model)
+
+
+def _reshape_leading(model: onnx.ModelProto, old: int, new: int) -> None:
+    """Every constant Reshape target ``[old, ...]`` (rank 2 or more) of ``model`` becomes ``[new, ...]``, in place."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -232,10 +238,9 @@ def _batch_free(model: onnx.ModelProto) -> onnx.ModelProto:
         target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
         if target is not None:
             shape = numpy_helper.to_array(target).copy()
-            if shape.ndim == 1 and len(shape) >= 2 and shape[0] == 1:
-                shape[0] = 0
+            if shape.ndim == 1 and len(shape) >= 2 and shape[0] == old:
+                shape[0] = new
                 target.CopyFrom(numpy_helper.from_array(shape, target.name))
-    return convert_model_batch_to_dynamic(model)
 
 
 def case_ppocr_cls(cache: Path, rng: np.random.Generator) -> Case:
@@ -491,17 +496,8 @@ def _batch_one(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model as its exporter gave it to ESP-PPQ's users: batch 1 (ESP-PPQ quantizes at batch 1), and the
     Reshape targets ``_batch_free`` turned into ``[0, ...]`` back to ``[1, ...]`` (ESP-DL leaves a 0 undefined
     when the file has no ``allowzero``, which ESP-PPQ does not write)."""
-    from onnx import numpy_helper
-
     pinned = fix_input_shapes(model, {i.name: [1, *_dims(i)[1:]] for i in model.graph.input if _dims(i)})
-    inits = {t.name: t for t in pinned.graph.initializer}
-    for node in pinned.graph.node:
-        target = inits.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if target is not None:
-            shape = numpy_helper.to_array(target).copy()
-            if shape.ndim == 1 and len(shape) >= 2 and shape[0] == 0:
-                shape[0] = 1
-                target.CopyFrom(numpy_helper.from_array(shape, target.name))
+    _reshape_leading(pinned, 0, 1)
     return pinned
 
 
