@@ -242,11 +242,15 @@ class _Lowering:
         else:
             self.nodes.append(qnode)
 
+    def _parameter(self, node: EspdlNode) -> EspdlTensor | None:
+        """The file's constant at the node's second input (a PRelu slope, a Reshape shape), if it stores one."""
+        return self.file.initializers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+
     def _check_slope(self, node: EspdlNode, looked_up: bool) -> None:
         """ESP-DL builds a PRelu without a table only from a ``[C, 1, 1]`` slope: ``PRelu::deserialize`` asserts
         it (dl_module_prelu.hpp), so the chip aborts while loading any other (ESP-PPQ 1.3.12 writes ``[C]``
         after a Gemm)."""
-        slope = self.file.initializers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        slope = self._parameter(node)
         if not looked_up and slope is not None and len(slope.dims) != 3:
             raise UnsupportedOpError(
                 f"node {node.name!r}: PRelu slope of shape {list(slope.dims)}: ESP-DL loads a PRelu without a table "
@@ -258,7 +262,7 @@ class _Lowering:
         """ESP-DL's ``Reshape::deserialize`` reads ``allowzero`` into an uninitialised int when the file omits it
         (dl_module_reshape.hpp), and a 0 in the shape is then copied, kept or asserted on at random: what the
         chip computes is not defined."""
-        shape = self.file.initializers.get(node.inputs[1]) if len(node.inputs) > 1 else None
+        shape = self._parameter(node)
         if shape is not None and "allowzero" not in node.attributes and (shape.data == 0).any():
             raise UnsupportedOpError(
                 f"node {node.name!r}: Reshape to {shape.data.tolist()} without an allowzero attribute: ESP-DL reads "
