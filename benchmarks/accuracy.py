@@ -13,6 +13,7 @@ model hub), data real images and labels shipped inside packages:
 | mtcnn_rnet | face detector stage (face / not face) | facenet-pytorch 2.6.0 | scikit-image's lfw_subset: 100 faces, 100 non-faces (labels) |
 | mtcnn_onet | face detector stage | facenet-pytorch 2.6.0 | lfw_subset at 48x48 (labels) |
 | blazeface | face detector, depthwise | mediapipe 0.10.14 face_detection_short_range.tflite, tflite2onnx | 128x128 crops (float reference) |
+| hand_landmarks | landmark regressor, MobileNetV2-style (ReLU6) | mediapipe 0.10.14 hand_landmark_lite.tflite, tflite2onnx | 224x224 crops (float reference) |
 
 For each model and target (esp32s3: per-tensor int8, esp32p4: per-channel int8): the float model under
 onnxruntime, espquant's default (``auto``), every fixed method, ``auto`` with weight rounding
@@ -23,7 +24,10 @@ zero points: not something ESP-DL can run, the reference the issue compares agai
 
 Metrics: accuracy against labels (classifiers with labels); agreement with the float model (top-1 for
 classifiers; for detectors the F1 score of the positive decisions (score above the model's threshold)
-of the quantized model against the float model's); output SQNR in dB (mean over outputs). Time: ``auto``
+of the quantized model against the float model's; for the hand landmarks the handedness decision); output
+SQNR in dB (mean over outputs; the hand landmarks' SQNR is that of its 21 landmarks, what the model is for:
+on crops without hands its "hand present" flag is about 1e-5 everywhere, and each output's SQNR is in the
+JSON rows). Time: ``auto``
 calibration over one onnxruntime pass of the float model over the same calibration data (batch 32,
 measured in the same run).
 
@@ -94,8 +98,8 @@ for name, size in (("pnet", 64), ("rnet", 24), ("onet", 48)):
     torch.onnx.export(net, torch.zeros(1, 3, size, size), os.path.join(models, "mtcnn_" + name + ".onnx"),
                       opset_version=13, input_names=["x"], dynamic_axes={"x": {0: "N"}}, dynamo=False)
 import tflite2onnx
-tflite2onnx.convert(os.path.join(models, "face_detection_short_range.tflite"),
-                    os.path.join(models, "face_detection_short_range.onnx"))
+for name in ("face_detection_short_range", "hand_landmark_lite"):
+    tflite2onnx.convert(os.path.join(models, name + ".tflite"), os.path.join(models, name + ".onnx"))
 """
 
 PPQ_QUANTIZE = r"""
@@ -125,6 +129,7 @@ class Case:
     detector: bool
     threshold: float = 0.5
     notes: str = ""
+    measured: tuple[int, ...] | None = None  # the outputs the SQNR column is over (None: every output)
 
 
 @dataclass
@@ -268,13 +273,13 @@ def case_ppocr_det(cache: Path, rng: np.random.Generator) -> Case:
 
 
 def _converted(cache: Path, venv_python: Path) -> None:
-    """MTCNN (torch) and BlazeFace (tflite2onnx) as ONNX in ``cache/models``, converted once."""
+    """MTCNN (torch), BlazeFace and the hand landmarks (tflite2onnx) as ONNX in ``cache/models``, converted once."""
     models = cache / "models"
     wanted = ["mtcnn_pnet.onnx", "mtcnn_rnet.onnx", "mtcnn_onet.onnx", "face_detection_short_range.onnx"]
-    if all((models / w).exists() for w in wanted):
+    if all((models / w).exists() for w in [*wanted, "hand_landmark_lite.onnx"]):
         return
     extract(cache, "facenet", (".pt", "models/mtcnn.py"))
-    extract(cache, "mediapipe", ("face_detection_short_range.tflite",))
+    extract(cache, "mediapipe", ("face_detection_short_range.tflite", "hand_landmark_lite.tflite"))
     if not venv_python.exists():
         raise SystemExit(f"{venv_python} not found: create it with torch and tflite2onnx (module docstring)")
     script = cache / "convert.py"
@@ -352,6 +357,19 @@ def case_blazeface(cache: Path, rng: np.random.Generator) -> Case:
     )
 
 
+def case_hand(cache: Path, rng: np.random.Generator) -> Case:
+    """MediaPipe's hand landmarks (lite): landmarks [N, 63] in pixels, hand present, handedness (sigmoids),
+    world landmarks [N, 63] in metres; input RGB in [0, 1]."""
+    original = onnx.load(cache / "models" / "hand_landmark_lite.onnx")
+    model = _batch_free(optimize_model(_explicit_same_pads(onnx.load(cache / "models" / "hand_landmark_lite.onnx"))))
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png", "rocket.jpg"]
+    x = nchw(crops([skimage_image(cache, n) for n in names], (224, 224), 256, rng), 0.0, 1.0)
+    a = create_session(original).run(None, {original.graph.input[0].name: x[:1]})
+    b = create_session(model).run(None, {model.graph.input[0].name: x[:1]})
+    assert all(np.allclose(p, q, rtol=1e-3, atol=1e-3) for p, q in zip(a, b)), "the rewrites changed the model"
+    return Case("hand_landmarks", model, x[:128], x[128:], None, lambda o: o[2][:, 0], True, 0.5, measured=(0,))
+
+
 CASES: dict[str, Callable[[Path, np.random.Generator], Case]] = {
     "mnist_demo": case_mnist,
     "ppocr_cls": case_ppocr_cls,
@@ -360,6 +378,7 @@ CASES: dict[str, Callable[[Path, np.random.Generator], Case]] = {
     "mtcnn_rnet": case_mtcnn("rnet", 24),
     "mtcnn_onet": case_mtcnn("onet", 48),
     "blazeface": case_blazeface,
+    "hand_landmarks": case_hand,
 }
 
 
@@ -383,6 +402,14 @@ def sqnr_db(values: list[np.ndarray], reference: list[np.ndarray]) -> float:
 
 
 def score_row(case: Case, name: str, target: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> Row:
+    row = _scored(case, name, target, outputs, reference)
+    row.extra["output_sqnr_db"] = [round(sqnr_db([o], [r]), 2) for o, r in zip(outputs, reference)]
+    if case.measured is not None:
+        row.sqnr_db = sqnr_db([outputs[i] for i in case.measured], [reference[i] for i in case.measured])
+    return row
+
+
+def _scored(case: Case, name: str, target: str, outputs: list[np.ndarray], reference: list[np.ndarray]) -> Row:
     got, want = np.asarray(case.score(outputs), np.float64), np.asarray(case.score(reference), np.float64)
     if case.detector:
         positive, truth = got > case.threshold, want > case.threshold
@@ -612,7 +639,7 @@ def main() -> None:
     if not ppq_python.exists():
         print(f"{ppq_python} not found: the ESP-PPQ column is left out (module docstring)", file=sys.stderr)
     names = [n for n in args.models.split(",") if n]
-    if any(n.startswith(("mtcnn", "blazeface")) for n in names):
+    if any(n.startswith(("mtcnn", "blazeface", "hand")) for n in names):
         _converted(args.cache, venv_python)
     rows: list[Row] = []
     floats: dict[str, Row] = {}

@@ -17,8 +17,11 @@ from click.testing import CliRunner
 from onnx import helper
 
 from espquant import Calibrator
-from espquant.calibration.auto import output_heads
+from espquant.calibration import auto as auto_module
+from espquant.calibration.auto import output_heads, probability_outputs, spread_weights
 from espquant.calibration.engine import calibrate_model
+from espquant.calibration.exponents import assign_exponents
+from espquant.calibration.plan import plan_calibration
 from espquant.cli import main
 from espquant.optimizer import optimize_model
 from espquant.optimizer.equalize import equalization_pairs, equalized_copy
@@ -132,6 +135,90 @@ def test_auto_walks_a_long_tailed_score_head_to_a_finer_exponent(rng):
         quantized = build_quantized_model(model, result.table, get_target("esp32s3"), 8)
         decided[name] = np.sum((simulate(quantized, model, test, to_float=True)[0][0] > 0) != reference)
     assert decided["auto"] < decided["minmax"]
+
+
+def test_probability_outputs_are_found_through_data_movement(rng):
+    """A Sigmoid score reshaped to [N, 64] is a probability (its error counts in probability units); the
+    logits beside it and a Sigmoid followed by arithmetic are not."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["logits"], kernel_shape=[1, 1]),
+        helper.make_node("Sigmoid", ["logits"], ["p"]),
+        helper.make_node("Reshape", ["p", "flat"], ["score"]),
+        helper.make_node("Sigmoid", ["logits"], ["q"]),
+        helper.make_node("Mul", ["q", "two"], ["scaled"]),
+    ]
+    inits = {
+        "w": rng.normal(0, 1, (1, 2, 1, 1)).astype(np.float32),
+        "b": np.zeros(1, np.float32),
+        "flat": np.array([0, -1], np.int64),
+        "two": np.array(2.0, np.float32),
+    }
+    outputs = [tensor("score", ["N", 64]), tensor("logits", ["N", 1, 8, 8]), tensor("scaled", ["N", 1, 8, 8])]
+    model = make_model(nodes, [tensor("x", ["N", 2, 8, 8])], outputs, inits)
+    assert probability_outputs(model, ["score", "logits", "scaled"]) == ["score"]
+
+
+def _spread_depthwise(rng) -> tuple[onnx.ModelProto, np.ndarray]:
+    """An inverted-residual tail in miniature, whose depthwise channel 0 has weights 60x the others':
+
+        x -> depthwise Conv 3x3 (4 channels) -> Clip(0, 6) -> 1x1 Conv (reads channels 1-3 strongly) -> y
+
+    The Clip (ReLU6, as MobileNetV2 and MediaPipe's models have it) keeps cross-layer equalization out: it
+    is not positive-homogeneous. With one weight exponent for the depthwise layer (ESP32-S3), min-max leaves
+    channels 1-3 a handful of integer levels."""
+    nodes = [
+        helper.make_node("Conv", ["x", "dw.w", "dw.b"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=4),
+        helper.make_node("Clip", ["d", "lo", "hi"], ["c"]),
+        helper.make_node("Conv", ["c", "pw.w", "pw.b"], ["y"], name="pw", kernel_shape=[1, 1]),
+    ]
+    dw = rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32)
+    dw[0] *= 60
+    inits = {
+        "dw.w": dw,
+        "dw.b": np.full(4, 0.5, np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+        "pw.w": np.array([[0.02, 1.0, -1.0, 1.0], [0.02, -1.0, 1.0, 1.0]], np.float32).reshape(2, 4, 1, 1),
+        "pw.b": np.zeros(2, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 4, 8, 8])], [tensor("y", ["N", 2, 8, 8])], inits)
+    return model, rng.normal(0, 1, (160, 4, 8, 8)).astype(np.float32)
+
+
+def test_spread_weights_lists_per_tensor_weights_whose_channels_differ_widely(rng):
+    model, _ = _spread_depthwise(rng)
+    assert spread_weights(plan_calibration(model), model) == {"dw.w": 3}  # pw.w's channels span 1.0 / 1.0
+
+
+def test_assign_exponents_takes_a_chosen_per_tensor_weight_exponent(rng):
+    model, _ = _spread_depthwise(rng)
+    plan = plan_calibration(model)
+    observed = {"x": -5, "d": -3, "c": -5, "y": -3}
+    plain = assign_exponents(model, plan, observed, 8, per_channel=False).exponents
+    finer = assign_exponents(model, plan, observed | {"dw.w": plain["dw.w"] - 2}, 8, per_channel=False).exponents
+    assert finer["dw.w"] == plain["dw.w"] - 2
+    assert finer["dw.b"] == finer["x"] + finer["dw.w"]  # the bias follows: e_in + e_w
+    per_channel = assign_exponents(model, plan, observed | {"dw.w": -9}, 8, per_channel=True).exponents
+    assert isinstance(per_channel["dw.w"], list) and -9 not in per_channel["dw.w"]
+
+
+def test_auto_gives_a_widely_spread_depthwise_weight_a_finer_step(rng, monkeypatch):
+    """The walk saturates channel 0's large weights (Clip(0, 6) follows, and the next layer barely reads it)
+    for twice or more the levels in channels 1-3: auto's table has a finer weight exponent than min-max's and
+    measures less error on held-out data than the same search without the walk."""
+    model, x = _spread_depthwise(rng)
+    calib, test = x[:128], x[128:]
+    auto = calibrate_model(model, calib, 8, "per-tensor", "auto")
+    minmax = calibrate_model(model, calib, 8, "per-tensor", "minmax")
+    assert auto.table.exponents["dw.w"] < minmax.table.exponents["dw.w"]
+    steps = auto.table.exponents["dw.w"] - minmax.table.exponents["dw.w"]
+    assert auto.table.metadata["auto"]["narrowed_weights"] == {"dw.w": steps}
+    monkeypatch.setattr(auto_module, "MAX_WEIGHT_SIMULATIONS", 0)
+    unwalked = calibrate_model(model, calib, 8, "per-tensor", "auto")
+    assert unwalked.table.exponents["dw.w"] == minmax.table.exponents["dw.w"]
+    assert _output_error(auto.model, auto.table, test) < 0.8 * _output_error(unwalked.model, unwalked.table, test)
+    per_channel = calibrate_model(model, calib, 8, "per-channel", "auto")  # ESP32-P4: every channel has its own
+    assert isinstance(per_channel.table.exponents["dw.w"], list)
 
 
 # --- cross-layer equalization -----------------------------------------------------------------------------

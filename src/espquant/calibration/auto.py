@@ -1,4 +1,5 @@
-"""``auto`` calibration: choose each activation exponent by the error the chip would really make.
+"""``auto`` calibration: choose each activation exponent (and, for per-tensor weights, each widely spread
+weight's) by the error the chip would really make.
 
 The four observers (min-max, entropy, percentile, mse) each propose an exponent from the same statistics
 (one calibration pass, one histogram per tensor); which is best differs per tensor and per model, because
@@ -18,12 +19,18 @@ the calibration data (``SEARCH_SAMPLES``):
    ``MAX_HEAD_SIMULATIONS`` in all, on top of the budget. The stages above move one tensor at a time, but a
    detector's score head is often several convolutions whose outputs are concatenated: only moving them
    together changes the step the chip rounds the scores to;
-4. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
+4. per-tensor weights only (ESP32-S3, the plain-C chips): the weights whose channels differ widely in range
+   (``spread_weights``: a depthwise layer after BatchNorm folding often has one channel 20-30x its median
+   one, and one exponent for them all leaves the median channel a handful of levels) take finer exponents,
+   which saturate their largest weights: first all of them one step at a time together, then each on its
+   own, while the outputs' error drops, at most ``MAX_WEIGHT_SIMULATIONS`` simulations on top of the budget.
+   Cross-layer equalization cannot help there when a ReLU6 sits between the layers (MobileNetV2, MediaPipe);
+5. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
    (``weight_rounding.py``, one simulation to see the layer inputs the chip computes), kept when the outputs'
    error drops;
-at most ``simulation_budget(N, S)`` simulations in all: about as many simulated samples as there are calibration
-samples, between ``MIN_SIMULATIONS`` and ``MAX_SIMULATIONS`` (a count, so the result does not depend on the
-machine).
+at most ``simulation_budget(N, S)`` simulations in stages 0-2: about as many simulated samples as there are
+calibration samples, between ``MIN_SIMULATIONS`` and ``MAX_SIMULATIONS`` (a count, so the result does not
+depend on the machine).
 
 Every candidate table is made by ``assign_exponents`` from the searched exponents, so ESP-DL's rules (fused
 Relu, pass-through ops, shared Concat exponents, no left shifts, shift bounds) hold for each one exactly as
@@ -33,10 +40,11 @@ deterministic: the subset is the first samples, and the budget counts simulation
 
 The error of an inner tensor is its mean squared error over the mean square of the float values (a
 relative error, so tensors of different scales weigh alike): the noise power the next layers receive. The
-error of an output is its mean absolute error over the mean absolute float value, and the outputs' error is
-the mean of theirs. Absolute, not squared: an output's far tail (a detector's background logits at -200,
-which any threshold or sigmoid reads as "no") would otherwise outweigh the resolution of its every other
-value, and the search would buy that tail with a rounding step of 2 at the decision threshold. Measured on
+error of an output is its mean absolute error over the mean absolute float value (over 1 for probabilities,
+``probability_outputs``), and the outputs' error is the mean of theirs. Absolute, not squared: an output's
+far tail (a detector's background logits at -200, which any threshold or sigmoid reads as "no") would
+otherwise outweigh the resolution of its every other value, and the search would buy that tail with a
+rounding step of 2 at the decision threshold. Measured on
 MediaPipe's BlazeFace, S3 int8: the squared error keeps the score head at exponent 0 or 1 (detection
 agreement with float 55-69 %), the absolute error takes it to -3 (84 %); no classifier's table changed.
 """
@@ -49,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
 from espquant.calibration.collector import _exposing
@@ -79,6 +88,9 @@ SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
 GREEDY_PASSES = 1
 HEAD_STEPS = 6  # trials per output for its head's exponent walk (stage 3), beyond the budget
 MAX_HEAD_SIMULATIONS = 24  # the walk's simulations in all
+WEIGHT_SPREAD = 4.0  # per-tensor weights whose largest channel range is this many times the median's are walked
+WEIGHT_STEPS = 3  # finer weight exponents tried per layer (stage 4), at most log2 of its spread
+MAX_WEIGHT_SIMULATIONS = 24  # the weight walk's simulations in all, beyond the budget
 MAX_SIMULATIONS = 40  # a count, not seconds: the same data gives the same table on any machine
 MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a few layer-wise trials
 # Simulated samples per calibration sample: the search's budget grows with the calibration set, so its cost
@@ -109,6 +121,7 @@ class SearchResult:
     evaluations: int
     choices: dict[str, str] = field(default_factory=dict)  # tensor -> the method(s) whose exponent won
     rounded_layers: int = 0  # layers whose weights were rounded by layer output (weight_rounding.py)
+    narrowed_weights: dict[str, int] = field(default_factory=dict)  # weight -> its exponent's offset from the method's
 
 
 @dataclass
@@ -334,6 +347,81 @@ def _greedy(
             return
 
 
+def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto) -> dict[str, int]:
+    """Per-tensor weight -> how many finer exponents may pay off: ``log2`` of its spread (largest channel
+    range over the median one), for weights whose spread is at least ``WEIGHT_SPREAD``; widest spread first.
+
+    One exponent covers every channel of a per-tensor weight (ESP32-S3, the plain-C chips), so a depthwise
+    layer whose largest channel is 28x its median one leaves that median channel about 4 of int8's 127 levels.
+    A finer exponent saturates the few largest weights and doubles the levels of every other channel; only
+    the model's outputs can say whether that trade pays."""
+    arrays = {t.name: t for t in model.graph.initializer}
+    spreads = {}
+    for use in plan.weights:
+        if use.channel_axis is None or use.tensor not in arrays or use.tensor in spreads:
+            continue
+        values = np.abs(numpy_helper.to_array(arrays[use.tensor]).astype(np.float64))
+        if values.ndim < 2 or not np.isfinite(values).all():
+            continue
+        ranges = np.moveaxis(values, use.channel_axis, 0).reshape(values.shape[use.channel_axis], -1).max(axis=1)
+        median = float(np.median(ranges))
+        spread = float(ranges.max()) / median if median > 0 else 0.0
+        if spread >= WEIGHT_SPREAD:
+            spreads[use.tensor] = spread
+    ordered = sorted(spreads, key=lambda t: -spreads[t])
+    return {t: min(WEIGHT_STEPS, int(np.log2(spreads[t]))) for t in ordered}
+
+
+def _walk_weights(
+    search: _Search, variant: _Variant, weights: dict[str, int], outputs: Sequence[str], best: list
+) -> dict[str, int]:
+    """Stage 4: the widely spread per-tensor weights (``spread_weights``) step their exponents down from the
+    ones their weight method gives, first all together (each at most its own steps), then each on its own,
+    while the outputs' error drops; at most ``MAX_WEIGHT_SIMULATIONS`` simulations in all. Returns weight ->
+    steps taken (negative), for those moved."""
+    stop = search.evaluations + MAX_WEIGHT_SIMULATIONS
+    exponents = search.table(variant, best[1]).exponents
+    starts = {w: exponents[w] for w in weights if isinstance(exponents.get(w), int)}
+    for step in range(1, max([weights[w] for w in starts], default=0) + 1):  # together: a trunk's worth of layers
+        if search.evaluations >= stop:
+            break
+        trial = best[1] | {w: start - min(step, weights[w]) for w, start in starts.items()}
+        if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+            break
+    for weight, start in starts.items():  # then each on its own, further down
+        for exponent in range(best[1].get(weight, start) - 1, start - weights[weight] - 1, -1):
+            if search.evaluations >= stop:
+                break
+            trial = best[1] | {weight: exponent}
+            if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+                break
+    return {w: best[1][w] - start for w, start in starts.items() if best[1].get(w, start) != start}
+
+
+PROBABILITY_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid"})
+
+
+def probability_outputs(model: onnx.ModelProto, outputs: Sequence[str]) -> list[str]:
+    """The outputs computed by a Sigmoid, Softmax or HardSigmoid (through data-movement ops): probabilities.
+
+    Their error is measured in probability units (magnitude 1), not relative to their mean value: a hand
+    detector's "hand present" score on calibration images without hands is about 1e-5, and relative to that
+    any rounding is a 100 % error, so that one output would steer the whole search (on MediaPipe's hand
+    landmarks: finer and finer steps for a score nobody reads below 0.5, at the landmarks' expense)."""
+    producer = {o: node for node in model.graph.node for o in node.output}
+    found = []
+    for output in outputs:
+        node = producer.get(output)
+        while node is not None and node.input and get_op_spec(node.op_type) is not None:
+            if node.op_type in PROBABILITY_OPS:
+                found.append(output)
+                break
+            if get_op_spec(node.op_type).exponent is not ExponentRule.PASSTHROUGH:
+                break
+            node = producer.get(node.input[0])
+    return found
+
+
 def output_heads(model: onnx.ModelProto, outputs: Sequence[str], searched: set[str]) -> dict[str, list[str]]:
     """Output -> the searched tensors whose exponents its value is made at: the output, and backwards through
     the ops that keep their input's exponent (Reshape, Transpose, ...) or share it (Concat), the outputs of
@@ -423,6 +511,7 @@ def search_exponents(
     layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
     reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
     search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {})
+    search.magnitude |= dict.fromkeys(probability_outputs(model, outputs), 1.0)
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
     starts = []  # the four fixed methods' own tables: the search starts from the best of them
     for method in OBSERVER_METHODS:
@@ -443,6 +532,8 @@ def search_exponents(
     _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
     _greedy(search, variant, order, outputs, best, greedy_passes, max_simulations)
     _walk_heads(search, variant, output_heads(model, outputs, set(order)), outputs, best)
+    spread = {} if per_channel else spread_weights(variant.plan, variant.model)  # per-channel: each has its own
+    narrowed = _walk_weights(search, variant, spread, outputs, best)
     error, chosen = best
     if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
         rounded = _rounded(search, plain[variant.weight_method], chosen, reference, layer_inputs)
@@ -471,6 +562,7 @@ def search_exponents(
         search.evaluations,
         choices,
         variant.rounded,
+        narrowed,
     )
 
 

@@ -234,6 +234,7 @@ def calibrate_model(
             "simulations": search.evaluations,
             "search_samples": kept_count,
             "choices": search.choices,
+            "narrowed_weights": search.narrowed_weights,
         }
     else:
         observed = _fixed_method_observed(observers, plan, widths, bits)

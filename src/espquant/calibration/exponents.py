@@ -2,7 +2,9 @@
 
 Order of application, node by node in topological order:
 - weights: one exponent per tensor, or per output channel (granularity per-channel, ops whose registry
-  entry gives a channel axis); biases: ``e_in + e_w`` (per channel when the weight is);
+  entry gives a channel axis), from the weight method; a per-tensor weight whose exponent is among the
+  observed ones takes that one instead (``auto`` chooses a finer step for weights whose channels differ
+  widely in range, saturating the largest); biases: ``e_in + e_w`` (per channel when the weight is);
 - a Conv/Gemm/MatMul that absorbs its Relu takes the Relu output's exponent;
 - pass-through ops (MaxPool, Relu, data movement) give their output the input's exponent;
 - Concat's inputs and output share the largest exponent among them;
@@ -201,7 +203,9 @@ def assign_exponents(
             use = weights.get((id(node), position))
             if use is not None:
                 axis = use.channel_axis if per_channel else None
-                exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis, weight_method)
+                chosen = observed.get(tensor)
+                if not (axis is None and isinstance(chosen, int)):
+                    exps[tensor] = weight_exponents(view.array(tensor), node_bits, axis, weight_method)
                 weight_exp, weight_tensor = exps[tensor], tensor
         input_exp = exps.get(node.input[0]) if node.input else None
         if isinstance(input_exp, int):  # read at the layer's width (an int8 input of an int16 layer is widened)
