@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 
 from conftest import shared_dir
 from espquant import Calibrator, Evaluator
+from espquant.calibration.engine import calibrate_model
 from helpers import make_model, tensor
 
 HOST = shared_dir() / "tools" / "espdl-host" / "bin"
@@ -355,3 +356,39 @@ def test_espressif_runtime_reproduces_the_exported_file(name, bits, tmp_path):
         path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=feeds)
         result = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{name} int{bits} {target}:\n{result.stdout[-1500:]}{result.stderr[-500:]}"
+
+
+@needs_host
+def test_espressif_runtime_runs_a_saturated_depthwise_weight_as_simulated(tmp_path):
+    """auto's finer exponent for a widely spread per-tensor depthwise weight saturates its largest weights:
+    the exported integers are those the simulator used, and ESP-DL computes the embedded outputs from them."""
+    rng = np.random.default_rng(3)
+    dw = rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32)
+    dw[0] *= 60
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "dw", "db"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=4),
+            helper.make_node("Clip", ["d", "lo", "hi"], ["c"], name="clip"),
+            helper.make_node("Conv", ["c", "pw", "pb"], ["y"], name="pw", kernel_shape=[1, 1]),
+        ],
+        [tensor("x", SHAPE)],
+        [tensor("y", ["N", 2, 6, 6])],
+        {
+            "dw": dw,
+            "db": np.full(4, 0.5, np.float32),
+            "lo": np.array(0.0, np.float32),
+            "hi": np.array(6.0, np.float32),
+            "pw": np.array([[0.02, 1.0, -1.0, 1.0], [0.02, -1.0, 1.0, 1.0]], np.float32).reshape(2, 4, 1, 1),
+            "pb": np.zeros(2, np.float32),
+        },
+    )
+    data = rng.normal(0, 1, (128, 4, 6, 6)).astype(np.float32)
+    result = calibrate_model(model, data, 8, "per-tensor", "auto")
+    assert result.table.metadata["auto"]["narrowed_weights"], "the walk should narrow the depthwise weight"
+    for target in ("esp32c3", "esp32s3"):
+        binary, extra = RUNNERS[target]
+        evaluator = Evaluator("int8", "per-tensor", target)
+        evaluator.generate_quantized_model(result.model, result.table)
+        path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
+        run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
