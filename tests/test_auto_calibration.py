@@ -187,7 +187,9 @@ def _spread_depthwise(rng) -> tuple[onnx.ModelProto, np.ndarray]:
 
 def test_spread_weights_lists_per_tensor_weights_whose_channels_differ_widely(rng):
     model, _ = _spread_depthwise(rng)
-    assert spread_weights(plan_calibration(model), model) == {"dw.w": 3}  # pw.w's channels span 1.0 / 1.0
+    plan = plan_calibration(model)
+    assert spread_weights(plan, model, {}, 8) == {"dw.w": 3}  # pw.w's channels span 1.0 / 1.0
+    assert spread_weights(plan, model, {}, 16) == {}  # at int16 the median channel still has hundreds of levels
 
 
 def test_assign_exponents_takes_a_chosen_per_tensor_weight_exponent(rng):

@@ -68,6 +68,7 @@ from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.weight_rounding import rounded_weight_model
 from espquant.errors import EspquantError
 from espquant.ops import ExponentRule, get_op_spec
+from espquant.quant.pot import qmax
 from espquant.quant.profiles import TargetProfile
 from espquant.runtime import create_session
 from espquant.table import QuantTable
@@ -88,7 +89,7 @@ SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
 GREEDY_PASSES = 1
 HEAD_STEPS = 6  # trials per output for its head's exponent walk (stage 3), beyond the budget
 MAX_HEAD_SIMULATIONS = 24  # the walk's simulations in all
-WEIGHT_SPREAD = 4.0  # per-tensor weights whose largest channel range is this many times the median's are walked
+MEDIAN_LEVELS = 32  # per-tensor weights whose median channel keeps fewer levels than this are walked (stage 4)
 WEIGHT_STEPS = 3  # finer weight exponents tried per layer (stage 4), at most log2 of its spread
 MAX_WEIGHT_SIMULATIONS = 24  # the weight walk's simulations in all, beyond the budget
 MAX_SIMULATIONS = 40  # a count, not seconds: the same data gives the same table on any machine
@@ -347,15 +348,17 @@ def _greedy(
             return
 
 
-def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto) -> dict[str, int]:
+def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto, widths: dict[str, int], bits: int) -> dict[str, int]:
     """Per-tensor weight -> how many finer exponents may pay off: ``log2`` of its spread (largest channel
-    range over the median one), for weights whose spread is at least ``WEIGHT_SPREAD``; widest spread first.
+    range over the median one), for weights whose median channel keeps fewer than ``MEDIAN_LEVELS`` levels at
+    their layer's width (int8: a spread of 4 or more; int16 layers hardly ever); widest spread first.
 
     One exponent covers every channel of a per-tensor weight (ESP32-S3, the plain-C chips), so a depthwise
     layer whose largest channel is 28x its median one leaves that median channel about 4 of int8's 127 levels.
     A finer exponent saturates the few largest weights and doubles the levels of every other channel; only
     the model's outputs can say whether that trade pays."""
     arrays = {t.name: t for t in model.graph.initializer}
+    layer_bits = plan.weight_widths(widths, bits)
     spreads = {}
     for use in plan.weights:
         if use.channel_axis is None or use.tensor not in arrays or use.tensor in spreads:
@@ -366,7 +369,7 @@ def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto) -> dict[str, i
         ranges = np.moveaxis(values, use.channel_axis, 0).reshape(values.shape[use.channel_axis], -1).max(axis=1)
         median = float(np.median(ranges))
         spread = float(ranges.max()) / median if median > 0 else 0.0
-        if spread >= WEIGHT_SPREAD:
+        if spread > 0 and qmax(layer_bits[use.tensor]) / spread < MEDIAN_LEVELS:
             spreads[use.tensor] = spread
     ordered = sorted(spreads, key=lambda t: -spreads[t])
     return {t: min(WEIGHT_STEPS, int(np.log2(spreads[t]))) for t in ordered}
@@ -532,7 +535,7 @@ def search_exponents(
     _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
     _greedy(search, variant, order, outputs, best, greedy_passes, max_simulations)
     _walk_heads(search, variant, output_heads(model, outputs, set(order)), outputs, best)
-    spread = {} if per_channel else spread_weights(variant.plan, variant.model)  # per-channel: each has its own
+    spread = {} if per_channel else spread_weights(variant.plan, variant.model, widths, bits)  # per-channel: own
     narrowed = _walk_weights(search, variant, spread, outputs, best)
     error, chosen = best
     if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
