@@ -158,6 +158,65 @@ def test_probability_outputs_are_found_through_data_movement(rng):
     assert probability_outputs(model, ["score", "logits", "scaled"]) == ["score"]
 
 
+def _prelu_block(rng) -> tuple[onnx.ModelProto, np.ndarray]:
+    """``x -> Conv 3x3 -> PRelu (slopes 0.05-0.2) -> Conv 1x1 -> y`` on inputs whose convolution is mostly
+    negative: the PRelu output's range is a fraction of its input's, so it fits a finer exponent."""
+    nodes = [
+        helper.make_node("Conv", ["x", "c.w", "c.b"], ["a"], name="c", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("PRelu", ["a", "slope"], ["p"], name="prelu"),
+        helper.make_node("Conv", ["p", "o.w", "o.b"], ["y"], name="o", kernel_shape=[1, 1]),
+    ]
+    inits = {
+        "c.w": rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32),
+        "c.b": np.full(4, -3.0, np.float32),
+        "slope": rng.uniform(0.05, 0.2, (4, 1, 1)).astype(np.float32),
+        "o.w": rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32),
+        "o.b": np.zeros(2, np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 8, 8])], [tensor("y", ["N", 2, 8, 8])], inits)
+    return model, rng.normal(0, 1, (160, 3, 8, 8)).astype(np.float32)
+
+
+def test_auto_gives_a_prelu_a_finer_output_exponent_than_its_input(rng):
+    model, x = _prelu_block(rng)
+    auto = calibrate_model(model, x[:128], 8, "per-tensor", "auto")
+    minmax = calibrate_model(model, x[:128], 8, "per-tensor", "minmax")
+    assert minmax.table.exponents["p"] == minmax.table.exponents["a"]  # the fixed methods keep the input's
+    assert auto.table.exponents["p"] < auto.table.exponents["a"]
+    assert _output_error(auto.model, auto.table, x[128:]) < _output_error(model, minmax.table, x[128:])
+
+
+@pytest.mark.parametrize(
+    "target, bits, requantized",
+    [("esp32s3", 8, False), ("esp32s3", 16, False), ("esp32p4", 8, False), ("esp32p4", 16, True), ("esp32c3", 8, True)],
+)
+def test_a_finer_prelu_output_is_a_requantize_where_the_kernel_copies_positives(rng, target, bits, requantized):
+    """The ESP32-S3 and ESP32-P4 int8 PRelu kernels rescale positives; the C kernel (plain-C chips, ESP32-P4
+    int16) copies them, so the lowering computes the PRelu at its input's exponent and requantizes after. Either
+    way the compiled simulation equals the interpreter, and the output carries the table's exponent."""
+    model, x = _prelu_block(rng)
+    table = calibrate_model(model, x[:128], bits, "per-tensor", "auto").table
+    assert table.exponents["p"] < table.exponents["a"]
+    quantized = build_quantized_model(model, table, get_target(target), bits)
+    ops = [n.op_type for n in quantized.nodes]
+    assert ("RequantizeLinear" in ops[ops.index("PRelu") :]) == requantized
+    assert quantized.exponents["p"] == table.exponents["p"]
+    compiled = simulate(quantized, model, x[128:])[0]
+    quantized.compiled = False
+    interpreted = simulate(quantized, model, x[128:])[0]
+    for a, b in zip(compiled, interpreted):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_assign_exponents_keeps_a_finer_prelu_output_only(rng):
+    model, _ = _prelu_block(rng)
+    plan = plan_calibration(model)
+    observed = {"x": -5, "a": -2, "y": -2}
+    assert assign_exponents(model, plan, observed, 8, per_channel=False).exponents["p"] == -2
+    assert assign_exponents(model, plan, observed | {"p": -4}, 8, per_channel=False).exponents["p"] == -4
+    assert assign_exponents(model, plan, observed | {"p": 0}, 8, per_channel=False).exponents["p"] == -2
+
+
 def _spread_depthwise(rng) -> tuple[onnx.ModelProto, np.ndarray]:
     """An inverted-residual tail in miniature, whose depthwise channel 0 has weights 60x the others':
 

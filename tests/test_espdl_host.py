@@ -392,3 +392,35 @@ def test_espressif_runtime_runs_a_saturated_depthwise_weight_as_simulated(tmp_pa
         path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
         run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+
+
+@needs_host
+@pytest.mark.parametrize("bits", [8, 16])
+def test_espressif_runtime_runs_a_prelu_with_a_finer_output_on_a_plain_c_chip(bits, tmp_path):
+    """auto gives a PRelu whose negatives shrink a finer output exponent than its input's. The C kernel copies
+    positive values, so the ESP32-C3 file computes the PRelu at the input's exponent and requantizes after; ESP-DL
+    computes the embedded outputs from it. (The ESP32-S3 / -P4 int8 kernels rescale in the PRelu itself: their
+    assembly, which this host does not run; the operator vectors hold that rule.)"""
+    rng = np.random.default_rng(5)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["a"], name="c", kernel_shape=[3, 3], pads=[1] * 4),
+            helper.make_node("PRelu", ["a", "slope"], ["y"], name="prelu"),
+        ],
+        [tensor("x", SHAPE)],
+        [tensor("y", SHAPE)],
+        {
+            "w": rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32),
+            "b": np.full(4, -3.0, np.float32),
+            "slope": rng.uniform(0.05, 0.2, (4, 1, 1)).astype(np.float32),
+        },
+    )
+    data = rng.normal(0, 1, (128, 4, 6, 6)).astype(np.float32)
+    result = calibrate_model(model, data, bits, "per-tensor", "auto")
+    assert result.table.exponents["y"] < result.table.exponents["a"]
+    binary, extra = RUNNERS["esp32c3"]
+    evaluator = Evaluator(f"int{bits}", "per-tensor", "esp32c3")
+    evaluator.generate_quantized_model(result.model, result.table)
+    path = evaluator.export_espdl(tmp_path / "c3.espdl", test_inputs=data[:1])
+    run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"int{bits}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"

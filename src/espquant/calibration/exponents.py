@@ -6,7 +6,8 @@ Order of application, node by node in topological order:
   observed ones takes that one instead (``auto`` chooses a finer step for weights whose channels differ
   widely in range, saturating the largest); biases: ``e_in + e_w`` (per channel when the weight is);
 - a Conv/Gemm/MatMul that absorbs its Relu takes the Relu output's exponent;
-- pass-through ops (MaxPool, Relu, data movement) give their output the input's exponent;
+- pass-through ops (MaxPool, Relu, data movement) give their output the input's exponent; a PRelu
+  (``rescaled_output``) keeps a finer observed exponent where it has one (``auto`` chooses it);
 - Concat's inputs and output share the largest exponent among them;
 - kernels that cannot shift left (Conv, Gemm, MatMul, Mul) get ``e_out >= e_in + e_w``;
 - no layer shifts right by more than ``MAX_RIGHT_SHIFT``: the weights of a channel too small to matter get
@@ -223,7 +224,8 @@ def assign_exponents(
         outputs = [o for o in node.output if o and o not in plan.float_tensors]
         if spec.exponent is ExponentRule.PASSTHROUGH and isinstance(input_exp, int):
             for output in outputs:
-                exps[output] = input_exp
+                own = observed.get(output) if spec.rescaled_output else None
+                exps[output] = own if isinstance(own, int) and own <= input_exp else input_exp
         elif spec.exponent is ExponentRule.SHARED:
             members = [t for t in node.input if t and isinstance(exps.get(t), int)]
             member_exps = [equivalent_exponent(exps[t], width(t), node_bits) for t in members]  # type: ignore[arg-type]

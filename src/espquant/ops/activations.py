@@ -62,17 +62,23 @@ SPECS: tuple[OpSpec, ...] = (
         "PRelu",
         "activation",
         (activation("X"), weight("slope", channel_axis=None)),
-        # The C kernel (plain-C chips, ESP32-P4 int16) copies positive values without rescaling, so the output
-        # must keep the input's exponent there; with |slope| <= 1 the input's range holds the output anyway.
+        # The output keeps the input's exponent unless the table gives it one of its own: with |slope| < 1 the
+        # negatives shrink, and a finer output step pays where the input's range was set by them (MTCNN, palm
+        # detection). The ESP32-S3 and ESP32-P4 int8 kernels rescale positives (8.4); the C kernel (plain-C
+        # chips, ESP32-P4 int16) copies them, so there the lowering writes the input's exponent and adds a
+        # RequantizeLinear (kernels.prelu_rescales_positives).
         ExponentRule.PASSTHROUGH,
         "8.1 (one slope: table), 8.4 (per channel)",
         int8_lut=True,
+        rescaled_output=True,
         constraints=(
             Constraint("input slope", _prelu_slope, "give the slope shape (C, 1, 1) or a single value"),
         ),
         notes=(
             "int8 with one slope: table look-up; per channel: integer kernel with its own slope exponent",
-            "the output keeps the input's exponent: the C kernel copies positive values unchanged",
+            "the output keeps the input's exponent unless the table gives a finer one (auto, when it measures "
+            "better); where the kernel copies positive values unchanged (plain-C chips, ESP32-P4 int16) a "
+            "RequantizeLinear after the PRelu gives the output that exponent",
             "ESP32-P4 int8 per channel: positives rescaled as dl_esp32p4_prelu.S does (half-even); the "
             "esp.vprelu rounding of negatives is not documented, espquant takes the C reference's floor "
             "(prelu_11c, esp-dl/dl/base/dl_base_prelu.cpp) and warns; P4 int16 runs that C code",

@@ -264,6 +264,9 @@ class OpSpec:
         espdl_refusal: why espquant cannot write this op into an ``.espdl`` file (empty: it can). The checker
             refuses such ops, so ``check`` says yes exactly when ``export`` can write the file.
         legacy_layer: the legacy ESP-DL library (v1.1 / v2.0) has a layer for it (``--format cpp``).
+        rescaled_output: a ``PASSTHROUGH`` op whose output may still take an exponent of its own, finer than its
+            input's, where the table gives one (``auto`` does, measured): some targets' kernels rescale, and
+            the lowering adds a RequantizeLinear after the op on those whose kernels do not.
     """
 
     op_type: str
@@ -286,6 +289,7 @@ class OpSpec:
     notes: tuple[str, ...] = ()
     espdl_refusal: str = ""
     legacy_layer: bool = False
+    rescaled_output: bool = False
 
     def input_spec(self, position: int) -> InputSpec | None:
         """The spec of input ``position`` (the last one repeats for variadic ops)."""

@@ -1,6 +1,7 @@
 """Lowering an ONNX float model and its quantization table to the integer model for one target: integer weights
 and biases, exponents, fused Relu, int8 / int16 tables, a RequantizeLinear wherever a consumer needs another
-exponent or width; and the checks of what the runtime can apply (shifts at most ``MAX_RIGHT_SHIFT``)."""
+exponent or width (or a PRelu another output exponent than the target's kernel can write); and the checks of
+what the runtime can apply (shifts at most ``MAX_RIGHT_SHIFT``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from espquant.simulator.activations import (
     lut_table,
     lut_table_int16,
 )
+from espquant.simulator.kernels import prelu_rescales_positives
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 from espquant.simulator.recurrent import lower_recurrent
 from espquant.table import QuantTable
@@ -110,10 +112,10 @@ def build_quantized_model(
         out_exp = exps.get(outputs[0]) if outputs else None
         node_bits = widths.get(outputs[0], bits) if outputs else bits
         # Ops that read their activation inputs at the output's exponent (PASSTHROUGH: the first input only).
-        aligns_to_output = isinstance(out_exp, int) and spec.exponent in (
-            ExponentRule.ALIGN_TO_OUTPUT,
-            ExponentRule.SHARED,
-            ExponentRule.PASSTHROUGH,
+        # A rescaled-output op (PRelu) reads its input at the input's own exponent and writes the output's.
+        aligns_to_output = isinstance(out_exp, int) and (
+            spec.exponent in (ExponentRule.ALIGN_TO_OUTPUT, ExponentRule.SHARED)
+            or (spec.exponent is ExponentRule.PASSTHROUGH and not spec.rescaled_output)
         )
         inputs = list(node.input)
         if id(node) in plan.copy_readers:  # reads the integer copy of a float32 tensor (a Softmax output)
@@ -195,6 +197,25 @@ def build_quantized_model(
             )  # type: ignore[arg-type]
         if node.op_type in RECURRENT_OPS:  # gate exponent, int16 bias and states (simulator/recurrent.py)
             lower_recurrent(qnode, node, view, exps, widths, constants, bits, rounding, requantize_to)
+        e_in = exps.get(inputs[0]) if inputs and inputs[0] else None
+        if (
+            node.op_type == "PRelu"
+            and qnode.table is None
+            and isinstance(e_in, int)
+            and isinstance(out_exp, int)
+            and e_in != out_exp
+            and not prelu_rescales_positives(profile, node_bits)
+        ):
+            # This target's kernel copies positive values (8.4, C path): the PRelu writes its input's exponent,
+            # and a RequantizeLinear (dl_module_requantize_linear.hpp) takes the output to the table's.
+            at_input = f"{outputs[0]}__e{e_in}"
+            exps[at_input] = e_in
+            if node_bits != bits:
+                widths[at_input] = node_bits
+            qnode.outputs = [at_input, *outputs[1:]]
+            nodes.append(qnode)
+            qnode = QNode("RequantizeLinear", f"{node.name}__requant", [at_input], outputs[:1], {}, bits=node_bits)
+            requantized += 1
         nodes.append(qnode)
         for output in outputs:
             if output in plan.quantized_copies:
