@@ -19,17 +19,13 @@ the calibration data (``SEARCH_SAMPLES``):
    ``MAX_HEAD_SIMULATIONS`` in all, on top of the budget. The stages above move one tensor at a time, but a
    detector's score head is often several convolutions whose outputs are concatenated: only moving them
    together changes the step the chip rounds the scores to;
-4. each PRelu output (``rescaled_outputs``) walks its exponent down from its input's while the outputs' error
-   drops, at most ``MAX_RESCALED_SIMULATIONS`` simulations on top of the budget: with a slope below 1 the
-   output's range can be smaller than the input's (the lowering adds a RequantizeLinear on targets whose
-   PRelu kernel cannot rescale);
-5. per-tensor weights only (ESP32-S3, the plain-C chips): the weights whose channels differ widely in range
+4. per-tensor weights only (ESP32-S3, the plain-C chips): the weights whose channels differ widely in range
    (``spread_weights``: a depthwise layer after BatchNorm folding often has one channel 20-30x its median
    one, and one exponent for them all leaves the median channel a handful of levels) take finer exponents,
    which saturate their largest weights: first all of them one step at a time together, then each on its
    own, while the outputs' error drops, at most ``MAX_WEIGHT_SIMULATIONS`` simulations on top of the budget.
    Cross-layer equalization cannot help there when a ReLU6 sits between the layers (MobileNetV2, MediaPipe);
-6. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
+5. when asked (``weight_rounding``), the weights rounded by layer output for the chosen table
    (``weight_rounding.py``, one simulation to see the layer inputs the chip computes), kept when the outputs'
    error drops;
 at most ``simulation_budget(N, S)`` simulations in stages 0-2: about as many simulated samples as there are
@@ -41,6 +37,10 @@ Relu, pass-through ops, shared Concat exponents, no left shifts, shift bounds) h
 for the fixed methods. Every fixed method's table is one of the candidates and the result is the best table
 measured, so ``auto`` is never worse than any fixed method on the search data. Everything is
 deterministic: the subset is the first samples, and the budget counts simulations, not seconds.
+
+The activations searched include each PRelu's output (``rescaled_outputs``): with a slope below 1 its range
+can be smaller than its input's, and every candidate table gives it the exponent of its own range where that
+is finer (the lowering adds a RequantizeLinear on targets whose PRelu kernel cannot rescale).
 
 The error of an inner tensor is its mean squared error over the mean square of the float values (a
 relative error, so tensors of different scales weigh alike): the noise power the next layers receive. The
@@ -93,10 +93,8 @@ SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
 GREEDY_PASSES = 1
 HEAD_STEPS = 6  # trials per output for its head's exponent walk (stage 3), beyond the budget
 MAX_HEAD_SIMULATIONS = 24  # the walk's simulations in all
-RESCALED_STEPS = 3  # finer output exponents tried per PRelu (stage 4)
-MAX_RESCALED_SIMULATIONS = 16  # the PRelu walk's simulations in all, beyond the budget
-MEDIAN_LEVELS = 32  # per-tensor weights whose median channel keeps fewer levels than this are walked (stage 5)
-WEIGHT_STEPS = 3  # finer weight exponents tried per layer (stage 5), at most log2 of its spread
+MEDIAN_LEVELS = 32  # per-tensor weights whose median channel keeps fewer levels than this are walked (stage 4)
+WEIGHT_STEPS = 3  # finer weight exponents tried per layer (stage 4), at most log2 of its spread
 MAX_WEIGHT_SIMULATIONS = 24  # the weight walk's simulations in all, beyond the budget
 MAX_SIMULATIONS = 40  # a count, not seconds: the same data gives the same table on any machine
 MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a few layer-wise trials
@@ -356,26 +354,11 @@ def _greedy(
 
 def rescaled_outputs(plan: CalibrationPlan) -> list[str]:
     """The outputs of the pass-through ops that may still take a finer exponent of their own
-    (``OpSpec.rescaled_output``: PRelu), in topological order."""
+    (``OpSpec.rescaled_output``: PRelu), in topological order. ``auto`` measures them like every other
+    activation, so each candidate table (the fixed methods' included) gives a PRelu the exponent of its own
+    output's range where that is finer than its input's: with a slope below 1 the negatives shrink (ESP-PPQ
+    gives every PRelu its own exponent; on MTCNN P-Net it is worth about 1 dB)."""
     return [node.output[0] for node, spec in plan.nodes if spec.rescaled_output and node.output and node.output[0]]
-
-
-def _walk_rescaled(search: _Search, variant: _Variant, tensors: list[str], outputs: Sequence[str], best: list) -> None:
-    """Stage 4: each PRelu output steps down from its input's exponent, one step at a time while the outputs'
-    error drops, at most ``RESCALED_STEPS`` per PRelu and ``MAX_RESCALED_SIMULATIONS`` in all. A slope below 1
-    shrinks the negatives, so where they set the input's range the output fits a finer step (ESP-PPQ gives
-    every PRelu its own exponent; on MTCNN P-Net this is worth about 1 dB)."""
-    stop = search.evaluations + MAX_RESCALED_SIMULATIONS
-    for tensor in tensors:
-        start = search.table(variant, {k: v for k, v in best[1].items() if k != tensor}).exponents.get(tensor)
-        if not isinstance(start, int):
-            continue
-        for step in range(1, RESCALED_STEPS + 1):
-            if search.evaluations >= stop:
-                return
-            trial = best[1] | {tensor: start - step}
-            if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
-                break
 
 
 def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto, widths: dict[str, int], bits: int) -> dict[str, int]:
@@ -408,7 +391,7 @@ def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto, widths: dict[s
 def _walk_weights(
     search: _Search, variant: _Variant, weights: dict[str, int], outputs: Sequence[str], best: list
 ) -> dict[str, int]:
-    """Stage 5: the widely spread per-tensor weights (``spread_weights``) step their exponents down from the
+    """Stage 4: the widely spread per-tensor weights (``spread_weights``) step their exponents down from the
     ones their weight method gives, first all together (each at most its own steps), then each on its own,
     while the outputs' error drops; at most ``MAX_WEIGHT_SIMULATIONS`` simulations in all. Returns weight ->
     steps taken (negative), for those moved."""
@@ -565,7 +548,6 @@ def search_exponents(
     _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
     _greedy(search, variant, order, outputs, best, greedy_passes, max_simulations)
     _walk_heads(search, variant, output_heads(model, outputs, set(order)), outputs, best)
-    _walk_rescaled(search, variant, rescaled_outputs(variant.plan), outputs, best)
     spread = {} if per_channel else spread_weights(variant.plan, variant.model, widths, bits)  # per-channel: own
     narrowed = _walk_weights(search, variant, spread, outputs, best)
     error, chosen = best

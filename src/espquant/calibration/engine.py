@@ -16,6 +16,7 @@ from espquant.calibration.auto import (
     SEARCH_SAMPLES,
     channel_means,
     float_reference,
+    rescaled_outputs,
     search_exponents,
     simulated_values,
     simulation_budget,
@@ -182,7 +183,9 @@ def calibrate_model(
         if pairs:
             transforms.append("cle")
             plan = plan_calibration(model_proto)
-    measured = dict.fromkeys([*plan.observed, *plan.range_observed])
+    # auto also measures the PRelu outputs, which may take a finer exponent than their inputs' (auto.py).
+    rescaled = rescaled_outputs(plan) if method == "auto" else []
+    measured = dict.fromkeys([*plan.observed, *plan.range_observed, *rescaled])
     observers = {name: make_observer("mse" if method == "auto" else method) for name in measured}
     chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
     batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
