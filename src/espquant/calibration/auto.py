@@ -355,7 +355,7 @@ def _greedy(
 def rescaled_outputs(plan: CalibrationPlan) -> list[str]:
     """The outputs of the pass-through ops that may still take a finer exponent of their own
     (``OpSpec.rescaled_output``: PRelu), in topological order. ``auto`` measures them like every other
-    activation, so each candidate table (the fixed methods' included) gives a PRelu the exponent of its own
+    activation, so each candidate table (the four it starts from included) gives a PRelu the exponent of its own
     output's range where that is finer than its input's: with a slope below 1 the negatives shrink (ESP-PPQ
     gives every PRelu its own exponent; on MTCNN P-Net it is worth about 1 dB)."""
     return [node.output[0] for node, spec in plan.nodes if spec.rescaled_output and node.output and node.output[0]]
