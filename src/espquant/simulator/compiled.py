@@ -894,10 +894,10 @@ def _mul_takes_simd(shapes: list, bits: int, simd: bool) -> bool | None:
 
 def _lower_prelu(b: _Builder, node: QNode) -> None:
     """PRelu with per-channel integer slopes (``kernels.prelu_per_channel``): ESP32-S3 rounds ``q alpha`` by
-    ``s = e_out - e_in - e_alpha``, other chips floor it; the SIMD kernels rescale positives to e_out
-    (``kernels.prelu_rescales_positives``), the C reference copies them. Products beyond float32's integers
-    (int16) are taken in double."""
-    from espquant.simulator.kernels import prelu_rescales_positives
+    ``s = e_out - e_in - e_alpha``, other chips floor it (``kernels.prelu_rounds_negatives``); the SIMD kernels
+    rescale positives to e_out (``kernels.prelu_rescales_positives``), the C reference copies them. Products
+    beyond float32's integers (int16) are taken in double."""
+    from espquant.simulator.kernels import prelu_rescales_positives, prelu_rounds_negatives
 
     m = b.model
     exponents = [m.exponents.get(t) for t in (node.inputs[0], node.inputs[1], node.outputs[0])]
@@ -921,9 +921,10 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     # q * (alpha 2^-shift) is the exact product scaled by a power of two (its size checked above).
     scaled_slope = slope.astype(np.float64) * 2.0**-shift
     negative = b.op("Mul", [b.op("Min", [wide, b.const(0.0, hint, dtype)]), b.const(scaled_slope, hint, dtype)])
-    if shift > 0 and m.profile.family == "s3" and m.profile.rounding == "half_even":
+    rounds = prelu_rounds_negatives(m.profile)
+    if shift > 0 and rounds and m.profile.rounding == "half_even":
         negative = b.op("Round", [negative])
-    elif shift > 0 and m.profile.family == "s3":
+    elif shift > 0 and rounds:
         negative = b.op("Floor", [b.op("Add", [negative, b.const(0.5, hint, dtype)])])  # exact: ``largest``
     elif shift > 0:
         negative = b.op("Floor", [negative])  # the C reference: an arithmetic shift right

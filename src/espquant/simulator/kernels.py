@@ -422,6 +422,13 @@ def prelu_rescales_positives(profile: TargetProfile, bits: int) -> bool:
     return profile.family == "s3" or (profile.family == "p4" and bits == 8)
 
 
+def prelu_rounds_negatives(profile: TargetProfile) -> bool:
+    """Whether the chip's per-channel PRelu rounds ``q alpha`` to e_out with its rounding (ESP32-S3,
+    ``dl_tie728_s8/s16_prelu``), rather than flooring it as the C reference does (``DL_RIGHT_SHIFT``), which
+    espquant also takes for ESP32-P4 int8, whose ``esp.vprelu`` rounding is not documented."""
+    return profile.family == "s3"
+
+
 def prelu_per_channel(
     q: np.ndarray, slope: np.ndarray, *, e_in: int, e_out: int, e_slope: int, bits: int, profile: TargetProfile
 ) -> np.ndarray:
@@ -435,7 +442,7 @@ def prelu_per_channel(
     """
     q64 = q.astype(np.int64)
     product = q64 * slope.astype(np.int64)
-    if profile.family == "s3":
+    if prelu_rounds_negatives(profile):
         negative = shift_round(product, e_out - e_in - e_slope, profile.rounding)
     else:
         shift = e_out - e_in - e_slope
