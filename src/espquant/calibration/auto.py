@@ -61,7 +61,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
 from espquant.calibration.collector import _exposing
@@ -71,6 +70,7 @@ from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.weight_rounding import rounded_weight_model
 from espquant.errors import EspquantError
+from espquant.graph import GraphView
 from espquant.ops import ExponentRule, get_op_spec
 from espquant.quant.pot import qmax
 from espquant.quant.profiles import TargetProfile
@@ -370,13 +370,13 @@ def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto, widths: dict[s
     layer whose largest channel is 28x its median one leaves that median channel about 4 of int8's 127 levels.
     A finer exponent saturates the few largest weights and doubles the levels of every other channel; only
     the model's outputs can say whether that trade pays."""
-    arrays = {t.name: t for t in model.graph.initializer}
+    view = GraphView(model.graph)
     layer_bits = plan.weight_widths(widths, bits)
     spreads = {}
-    for use in plan.weights:
-        if use.channel_axis is None or use.tensor not in arrays or use.tensor in spreads:
+    for use in plan.weights:  # constants by construction (plan_calibration)
+        if use.channel_axis is None or use.tensor in spreads:
             continue
-        values = np.abs(numpy_helper.to_array(arrays[use.tensor]).astype(np.float64))
+        values = np.abs(view.array(use.tensor).astype(np.float64))
         if values.ndim < 2 or not np.isfinite(values).all():
             continue
         ranges = np.moveaxis(values, use.channel_axis, 0).reshape(values.shape[use.channel_axis], -1).max(axis=1)
