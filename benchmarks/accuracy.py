@@ -333,17 +333,24 @@ def _explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _converted_tflite(path: Path, sample: np.ndarray, tolerance: float) -> onnx.ModelProto:
+    """A tflite2onnx model without ``auto_pad``, optimized and batch-free, checked against the file as converted
+    on one batch-1 ``sample``: the rewrites must not change what it computes."""
+    original = onnx.load(path)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    model = _batch_free(optimize_model(_explicit_same_pads(model)))
+    a = create_session(original).run(None, {original.graph.input[0].name: sample})
+    b = create_session(model).run(None, {model.graph.input[0].name: sample})
+    assert all(np.allclose(p, q, rtol=tolerance, atol=tolerance) for p, q in zip(a, b)), f"rewrites changed {path}"
+    return model
+
+
 def case_blazeface(cache: Path, rng: np.random.Generator) -> Case:
-    original = onnx.load(cache / "models" / "face_detection_short_range.onnx")
-    model = _batch_free(
-        optimize_model(_explicit_same_pads(onnx.load(cache / "models" / "face_detection_short_range.onnx")))
-    )
     names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png"]
     images = crops([skimage_image(cache, n) for n in names], (128, 128), 160, rng)
     x = nchw(images, 0.5, 0.5)
-    a = create_session(original).run(None, {original.graph.input[0].name: x[:1]})  # batch 1: the original
-    b = create_session(model).run(None, {model.graph.input[0].name: x[:1]})
-    assert all(np.allclose(p, q, rtol=1e-4, atol=1e-4) for p, q in zip(a, b)), "SAME_UPPER rewrite changed the model"
+    model = _converted_tflite(cache / "models" / "face_detection_short_range.onnx", x[:1], 1e-4)
     scores = next(i for i, o in enumerate(model.graph.output) if o.type.tensor_type.shape.dim[-1].dim_value == 1)
     return Case(
         "blazeface",
@@ -360,13 +367,9 @@ def case_blazeface(cache: Path, rng: np.random.Generator) -> Case:
 def case_hand(cache: Path, rng: np.random.Generator) -> Case:
     """MediaPipe's hand landmarks (lite): landmarks [N, 63] in pixels, hand present, handedness (sigmoids),
     world landmarks [N, 63] in metres; input RGB in [0, 1]."""
-    original = onnx.load(cache / "models" / "hand_landmark_lite.onnx")
-    model = _batch_free(optimize_model(_explicit_same_pads(onnx.load(cache / "models" / "hand_landmark_lite.onnx"))))
     names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png", "rocket.jpg"]
     x = nchw(crops([skimage_image(cache, n) for n in names], (224, 224), 256, rng), 0.0, 1.0)
-    a = create_session(original).run(None, {original.graph.input[0].name: x[:1]})
-    b = create_session(model).run(None, {model.graph.input[0].name: x[:1]})
-    assert all(np.allclose(p, q, rtol=1e-3, atol=1e-3) for p, q in zip(a, b)), "the rewrites changed the model"
+    model = _converted_tflite(cache / "models" / "hand_landmark_lite.onnx", x[:1], 1e-3)
     return Case("hand_landmarks", model, x[:128], x[128:], None, lambda o: o[2][:, 0], True, 0.5, measured=(0,))
 
 
