@@ -56,7 +56,14 @@ SYNTHETIC = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
 # a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu),
 # MediaPipe's BlazeFace (Pad).
-REAL = {"ppocr_cls": "ppocr_cls", "ppocr_det": "ppocr_det", "mtcnn_onet": "mtcnn_onet", "blazeface_real": "blazeface"}
+REAL = {
+    "mnist_cnn": "mnist_demo",
+    "ppocr_cls": "ppocr_cls",
+    "ppocr_det": "ppocr_det",
+    "mtcnn_onet": "mtcnn_onet",
+    "blazeface_real": "blazeface",
+    "hand_landmarks": "hand_landmarks",
+}
 CASES = (*SYNTHETIC, *REAL)
 TARGETS = ("esp32s3", "esp32p4")
 TARGET_RATIO = {"int8": 2.0, "int16": 4.0}

@@ -141,6 +141,35 @@ def test_a_lane_that_saturates_on_the_s3_trips_the_guard_and_matches_the_interpr
     assert not p4._guarded
 
 
+def test_the_s3_guard_tries_cauchy_schwarz_before_the_exact_magnitude(rng, monkeypatch):
+    """A guard first bounds ``sum |x w|`` by ``||x|| * ||w_n||`` (no second contraction); only when that bound
+    reaches the 20-bit rail does its ``If`` compute the exact magnitude. 256 taps: weights 127 on the first half,
+    4 on the second (the static bound, 2.1M, needs a guard). Small inputs pass the cheap bound; inputs at 127 on
+    the small weights reach it (2.06M) but not the exact check (130k): no trip; inputs at 127 on the large
+    weights saturate (2.06M): the guard trips and a rail step emulates them."""
+    weight = np.where(np.arange(256) < 128, 127.0, 4.0)[None, :].repeat(16, axis=0) / 128
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        [tensor("x", ["N", 256])],
+        [tensor("y", ["N", 16])],
+        {"w": weight.astype(np.float32)},
+    )
+    table = Calibrator("int8").calibrate(model, rng.uniform(-1, 1, (16, 256)).astype(np.float32)).table
+    graphs = _segment_graphs(monkeypatch)
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    assert set(np.unique(quantized.constants["w"])) == {4, 127}
+    small = rng.uniform(-0.05, 0.05, (3, 256)).astype(np.float32)
+    loose = np.where(np.arange(256) < 128, 0.0, 1.0)[None, :].repeat(3, axis=0).astype(np.float32)
+    for data in (small, loose):
+        fast, slow = _both(quantized, data)
+        np.testing.assert_array_equal(fast["y"], slow["y"])
+        assert not quantized._guarded
+    assert any(node.op_type == "If" for graph in graphs for node in graph.graph.node)
+    fast, slow = _both(quantized, 1.0 - loose)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert quantized._guarded == {"y"}
+
+
 def _requantize_model(target: str, e_in: int, e_out: int, bits: int = 8) -> QuantizedModel:
     return QuantizedModel(
         nodes=[QNode("RequantizeLinear", "r", ["x"], ["y"], {}, bits=bits)],
@@ -533,7 +562,8 @@ def test_split_digits_add_up_and_stay_within_their_bounds(values, count):
     count=st.integers(2, 4),
 )
 def test_the_graph_digits_of_an_activation_add_up_within_their_bounds(values, count):
-    """The float32 Mul / Round / Sub steps of ``_activation_digits``, run by onnxruntime, on any int16 values."""
+    """The float32 Add / Sub steps of ``_activation_digits`` (rounding to a multiple of each digit's place with a
+    magic constant), run by onnxruntime, on any int16 values: the digits add up and each stays within its bound."""
     from espquant.runtime import create_session
     from espquant.simulator.compiled import _activation_digits, _Builder, _digit_bounds
 
@@ -551,11 +581,12 @@ def test_the_graph_digits_of_an_activation_add_up_within_their_bounds(values, co
     session = create_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     array = np.array(values, np.float32)
     outputs = session.run([name for _, name in digits], {"x": array})
-    total = sum(out.astype(np.int64) << place for (place, _), out in zip(digits, outputs))
+    total = sum(out.astype(np.int64) for out in outputs)
     np.testing.assert_array_equal(total, array.astype(np.int64))
     bounds = dict(zip(sorted(place for place, _ in digits), _digit_bounds(16, count)))
     for (place, _), out in zip(digits, outputs):
-        assert np.all(out == np.round(out)) and np.abs(out).max() <= bounds[place]
+        digit = out / 2.0**place
+        assert np.all(digit == np.round(digit)) and np.abs(digit).max() <= bounds[place]
 
 
 @settings(max_examples=30, deadline=None)

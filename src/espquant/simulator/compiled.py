@@ -160,16 +160,14 @@ class _Builder:
         return self.op("Floor", [scaled])
 
     def round_float32(self, values: str, hint: str) -> str:
-        """``round_float`` of arbitrary float32 values: half-up is ``floor(v + 0.5)`` in double."""
+        """``round_float`` of arbitrary float32 values: half-up is ``floor(v + 0.5)`` in double (float32 would
+        round 0.49999997 + 0.5 up to 1). Not saturated: back in float32 an integer beyond 2**24 may round, but
+        never across the saturation bounds the caller applies next."""
         if self.model.profile.rounding == "half_even":
             return self.op("Round", [values])
         wide = self.op("Cast", [values], to=TensorProto.DOUBLE)
         floor = self.op("Floor", [self.op("Add", [wide, self.const(0.5, hint, np.float64)])])
-        bits = self.bits
-        clipped = self.op(
-            "Clip", [floor, self.const(qmin(bits), hint, np.float64), self.const(qmax(bits), hint, np.float64)]
-        )
-        return self.op("Cast", [clipped], to=TensorProto.FLOAT)
+        return self.op("Cast", [floor], to=TensorProto.FLOAT)
 
 
 def _half(shift: np.ndarray, rounding: str) -> np.ndarray:
@@ -228,14 +226,18 @@ def _split_plan(flat: np.ndarray, bits: int) -> tuple[int, int, list[np.ndarray]
 
 
 def _activation_digits(b: _Builder, x: str, count: int, hint: str) -> list[tuple[int, str]]:
-    """``(place, digit)`` pairs of an integer activation, ``x = sum digit * 2**place``, highest first, made in the
-    graph: ``digit = Round(r * 2**-place)``, ``r -= digit * 2**place`` (every step exact in float32). Round's ties
-    go to even instead of up as in ``split_digits``, which keeps each digit within ``_digit_bounds``."""
+    """``(place, digit * 2**place)`` pairs of an integer activation (their sum is ``x``), highest first, made in
+    the graph with two float32 adds per digit: ``t = (r + c) - c`` with ``c = 1.5 * 2**(23 + place)`` is ``r``
+    rounded to a multiple of ``2**place`` (ties to even; exact while ``|r| < 2**(22 + place)``), then
+    ``r -= t``. Ties go to even instead of up as in ``split_digits``, which keeps each digit within
+    ``_digit_bounds``. A digit keeps its place value, so its contraction needs no scaling of its own (a power of
+    two changes no product's significant bits)."""
     rest, digits = x, []
     for place in reversed(_digit_shifts(b.bits, count)[1:]):
-        digit = b.op("Round", [b.op("Mul", [rest, b.const(2.0**-place, hint)])])
+        magic = 1.5 * 2.0 ** (23 + place)
+        digit = b.op("Sub", [b.op("Add", [rest, b.const(magic, hint)]), b.const(magic, hint)])
         digits.append((place, digit))
-        rest = b.op("Sub", [rest, b.op("Mul", [digit, b.const(2.0**place, hint)])])
+        rest = b.op("Sub", [rest, digit])
     digits.append((0, rest))
     return digits
 
@@ -308,14 +310,15 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         x = spec.source(x)
     hint = node.outputs[0]
     folded = np.zeros_like(half) if rail_step else half  # the rounding half, added to the sums
-    # Unless a check needs the sums as integers, the 2**-shift scaling rides in the weights and the start: a
-    # power of two keeps every float32 partial sum exact, and the contraction delivers the value to round.
-    scale = np.ones(channels) if checked else 2.0 ** -shift.astype(np.float64)
+    # Unless a rail step needs the sums as integers, the 2**-shift scaling rides in the weights and the start: a
+    # power of two keeps every float32 partial sum exact, and the contraction delivers the value to round (a
+    # guard compares the sums with the rails scaled the same way).
+    scale = np.ones(channels) if rail_step else 2.0 ** -shift.astype(np.float64)
     dtype = F32 if direct else np.float64
     shape = [1, channels, 1, 1] if spec.channel_axis == 1 else [channels]
 
-    def scaled(w: np.ndarray, place: int = 0) -> np.ndarray:
-        return w.reshape(weight.shape) * (scale * 2.0**place).reshape(-1, *[1] * (weight.ndim - 1))
+    def scaled(w: np.ndarray) -> np.ndarray:
+        return w.reshape(weight.shape) * scale.reshape(-1, *[1] * (weight.ndim - 1))
 
     begin = (start + folded) * scale
     rounding = None
@@ -336,10 +339,10 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         parts = [
             b.op(
                 "Cast",
-                [spec.contract(digit, b.const(spec.embed(scaled(wd, place)), hint), None)],
+                [spec.contract(digit, b.const(spec.embed(scaled(wd)), hint), None)],
                 to=TensorProto.DOUBLE,
             )
-            for place, digit in _activation_digits(b, x, x_count, hint)
+            for _, digit in _activation_digits(b, x, x_count, hint)
             for wd in weights
         ]
         if np.any(begin):
@@ -349,14 +352,14 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         _round_saturate_scaled(b, acc, shift, node, dtype)
         return
     exact = float(magnitude.max(initial=0)) < EXACT_FLOAT32  # sum |x w| itself is exact in float32
-    flag, bound = _rail_check(b, node, spec, x, acc, dtype, rails, folded, shape, exact)
+    check = _RailCheck(spec, x, acc, dtype, rails, folded, scale, shape, exact)
+    flag, bound = _rail_check(b, node, check, cheap_first=not rail_step)
     if rail_step:
+        assert bound is not None  # a rail step measures the exact magnitude
         _rail_step(b, node, spec, x, acc, bound, flag, rails, shift, dtype, shape, exact)
         return
     b.guard(flag, node)
-    y = b.shift_round(acc, shift.reshape(shape), hint, half_added=True, dtype=dtype)
-    low, high, output = _clamp(b, node)
-    b.saturate(y, output, dtype=dtype, bounds=(low, high))
+    _round_saturate_scaled(b, acc, shift, node, dtype)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -447,13 +450,13 @@ def _round_split_sums_in_float32(
     spec: _Accumulating,
     digits: list[tuple[int, str]],
     plan: _Float32Rounding,
-    scaled: Callable[[np.ndarray, int], np.ndarray],
+    scaled: Callable[[np.ndarray], np.ndarray],
 ) -> None:
     """Build the plan of :func:`_plan_float32_rounding`: contractions, cuts, rounding, saturation."""
     hint, names = node.outputs[0], dict(digits)
 
     def value(part: _DigitPart) -> str:
-        weight = spec.embed(scaled(part.weight, part.place) * plan.unit)
+        weight = spec.embed(scaled(part.weight) * plan.unit)
         bias = b.const(part.start, hint) if part.start is not None and np.any(part.start) else None
         return spec.contract(names[part.place], b.const(weight, hint), bias)
 
@@ -508,41 +511,109 @@ def _round_saturate_scaled(b: _Builder, value: str, shift: np.ndarray, node: QNo
     b.op("Clip", [narrow, b.const(low, output), b.const(high, output)], output)
 
 
-def _rail_check(
-    b: _Builder,
-    node: QNode,
-    spec: _Accumulating,
-    x: str,
-    acc: str,
-    dtype: Any,
-    rails: lanes.LaneRails,
-    folded: np.ndarray,
-    shape: list[int],
-    exact: bool,
-) -> tuple[str, str]:
+@dataclass(frozen=True)
+class _RailCheck:
+    """What :func:`_rail_check` reads of an accumulating node: ``acc`` holds ``(S + start + folded) * scale``
+    (``scale``: ``2**-shift`` per output channel for a guard, 1 for a rail step, which needs integer sums)."""
+
+    spec: _Accumulating
+    x: str
+    acc: str
+    dtype: Any
+    rails: lanes.LaneRails
+    folded: np.ndarray
+    scale: np.ndarray
+    shape: list[int]
+    exact: bool  # sum |x w| is exact in float32
+
+    def channels(self, values: np.ndarray) -> np.ndarray:
+        """Per-channel integer quantities in the sums' scale, shaped to broadcast against them."""
+        return (values * self.scale).reshape(self.shape)
+
+
+def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool = False) -> tuple[str, str | None]:
     """``(flag, magnitude)``: the graph's scalar "some output may saturate" (``lanes.risky`` on the whole
-    tensor) and the magnitude ``M >= sum |x w|`` it used (exact when the sums are; else enlarged by a relative
-    margin that covers float32's rounding in any summation order)."""
+    tensor) and the magnitude ``M >= sum |x w|`` it used, in the sums' scale (exact when the sums are; else
+    enlarged by a relative margin that covers float32's rounding in any summation order). A power-of-two scale
+    changes no comparison: sums, magnitudes and rails are all scaled alike, exactly.
+
+    With ``cheap_first`` (a guard, which needs only the flag) the graph first tries a bound that costs no second
+    contraction: Cauchy-Schwarz, ``M <= ||x patch|| * ||w_n||`` (:func:`_patch_norm_bound`). Only when that one
+    reaches a rail does an ``If`` compute ``M`` itself; the magnitude is then not returned (None)."""
     hint = node.outputs[0]
-    size = x if node.inputs[0] in b.nonnegative else b.op("Abs", [x])  # after a ReLU: already |x|
-    magnitude = spec.contract(size, b.const(spec.embed(np.abs(spec.weight)), hint + "::abs"), None)
-    if not exact:
-        taps = spec.weight[0].size
-        margin = 1.0 + (taps + 4) * 2.0**-22
-        magnitude = b.op("Add", [b.op("Mul", [magnitude, b.const(margin, hint)]), b.const(1.0, hint)])
-    if dtype != F32:
-        magnitude = b.op("Cast", [magnitude], to=TensorProto.DOUBLE)
     # With u = S + 2 start (an integer) and rails [-2^(w-1), 2^(w-1) - 1], "u + M > 2 high or u - M < 2 low"
     # is "|u + 1| + M >= 2^w" (M may only be larger than the true integer magnitude): one pass fewer per side.
-    shifted = b.op("Add", [acc, b.const((rails.start - folded + 1).reshape(shape), hint, dtype)])
-    reach = b.op("Add", [b.op("Abs", [shifted]), magnitude])
-    span = 2.0**rails.width
+    offset = check.channels((check.rails.start - check.folded + 1).astype(np.float64))
+    distance = b.op("Abs", [b.op("Add", [check.acc, b.const(offset, hint, check.dtype)])])
+    if not cheap_first:
+        magnitude = _magnitude(b, node, check)
+        return _reaches_rail(b, b.op("Add", [distance, magnitude]), check, hint), magnitude
+    cheap = _reaches_rail(b, b.op("Add", [distance, _patch_norm_bound(b, node, check)]), check, hint)
+    mark = len(b.nodes)
+    precise = _reaches_rail(b, b.op("Add", [distance, _magnitude(b, node, check)]), check, hint)
+    then_nodes = b.nodes[mark:]
+    del b.nodes[mark:]
+    kept = b.fresh("kept")
+    return b.op(
+        "If",
+        [cheap],
+        then_branch=helper.make_graph(
+            then_nodes, b.fresh("precise"), [], [helper.make_tensor_value_info(precise, TensorProto.BOOL, [])]
+        ),
+        else_branch=helper.make_graph(
+            [helper.make_node("Identity", [cheap], [kept])],
+            b.fresh("cheap"),
+            [],
+            [helper.make_tensor_value_info(kept, TensorProto.BOOL, [])],
+        ),
+    ), None
+
+
+def _magnitude(b: _Builder, node: QNode, check: _RailCheck) -> str:
+    """``M >= sum |x w|`` per output, in the sums' scale: the contraction of ``|x|`` with ``|w|``."""
+    hint, spec = node.outputs[0], check.spec
+    size = check.x if node.inputs[0] in b.nonnegative else b.op("Abs", [check.x])  # after a ReLU: already |x|
+    scaled = np.abs(spec.weight) * check.scale.reshape(-1, *[1] * (spec.weight.ndim - 1))
+    magnitude = spec.contract(size, b.const(spec.embed(scaled), hint + "::abs"), None)
+    if not check.exact:
+        taps = spec.weight[0].size
+        margin = 1.0 + (taps + 4) * 2.0**-22
+        magnitude = b.op("Mul", [magnitude, b.const(margin, hint)])
+        magnitude = b.op("Add", [magnitude, b.const(check.channels(np.ones(len(check.scale))), hint)])
+    return b.op("Cast", [magnitude], to=TensorProto.DOUBLE) if check.dtype != F32 else magnitude
+
+
+def _patch_norm_bound(b: _Builder, node: QNode, check: _RailCheck) -> str:
+    """``||x patch||_2 * ||w_n||_2 >= sum |x w|`` per output (Cauchy-Schwarz), in the sums' scale, safely
+    rounded up.
+
+    The patch norms are one contraction of ``x * x`` with a single all-ones filter (a depthwise layer: one per
+    channel, as cheap as the layer), far less than the second full contraction ``M`` needs. Float32 may round
+    the sum of squares (relative error below ``taps * 2**-24`` in any order), the square root and the products
+    (``2**-24`` each): the weight norms carry a relative margin for all of them, and 2 more units cover the
+    final addition."""
+    hint, spec = node.outputs[0], check.spec
+    weight = spec.weight.astype(np.float64)
+    taps = weight[0].size
+    ones = np.ones(weight.shape if spec.depthwise else (1, *weight.shape[1:]))
+    squares = spec.contract(b.op("Mul", [check.x, check.x]), b.const(spec.embed(ones), hint + "::ones"), None)
+    norms = np.sqrt((weight.reshape(weight.shape[0], -1) ** 2).sum(axis=1)) * (1.0 + (taps + 16) * 2.0**-22)
+    norms = np.nextafter(check.channels(norms).astype(np.float32), np.float32(np.inf))
+    bound = b.op("Mul", [b.op("Sqrt", [squares]), b.const(norms, hint)])
+    bound = b.op("Add", [bound, b.const(check.channels(np.full(len(check.scale), 2.0)), hint)])
+    return b.op("Cast", [bound], to=TensorProto.DOUBLE) if check.dtype != F32 else bound
+
+
+def _reaches_rail(b: _Builder, reach: str, check: _RailCheck, hint: str) -> str:
+    """The scalar flag "some ``reach`` (per output, ``|u + 1| + M`` in the sums' scale) is at least its lane's
+    ``2**width`` (scaled alike)"""
+    span = 2.0**check.rails.width * check.scale
     if np.all(span == span[0]):
-        return b.op(
-            "GreaterOrEqual", [b.op("ReduceMax", [reach], keepdims=0), b.const(span[0], hint, dtype)]
-        ), magnitude
-    worst = b.op("ReduceMax", [b.op("Sub", [reach, b.const(span.reshape(shape), hint, dtype)])], keepdims=0)
-    return b.op("GreaterOrEqual", [worst, b.const(0.0, hint, dtype)]), magnitude
+        maximum = b.op("ReduceMax", [reach], keepdims=0)
+        return b.op("GreaterOrEqual", [maximum, b.const(span[0], hint, check.dtype)])
+    excess = b.op("Sub", [reach, b.const(span.reshape(check.shape), hint, check.dtype)])
+    worst = b.op("ReduceMax", [excess], keepdims=0)
+    return b.op("GreaterOrEqual", [worst, b.const(0.0, hint, check.dtype)])
 
 
 def _rail_step(
