@@ -1595,7 +1595,7 @@ def compile_program(
 
 def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> list[_Segment]:
     """The segment's session, or nothing when no later step reads what it computes (dead nodes)."""
-    from espquant.runtime import create_session
+    from espquant.simulator.layout import blocked_session
 
     outputs = list(dict.fromkeys(outputs + builder.exports))
     if not outputs and not builder.guards:
@@ -1614,7 +1614,7 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
         builder.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = create_session(proto, threads=threads, what="a compiled simulator segment")
+    session = blocked_session(proto, threads=threads, what="a compiled simulator segment")
     doubles = frozenset(name for name in inputs if builder.types.get(name) == TensorProto.DOUBLE)
     internal = frozenset(builder.exports) - builder.produced
     guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
