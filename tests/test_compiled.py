@@ -19,8 +19,17 @@ from espquant.optimizer import optimize_model
 from espquant.quant.pot import qmax
 from espquant.quant.profiles import get_target
 from espquant.quant.rounding import shift_round
+from espquant.simulator import compiled as compiled_module
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 from helpers import make_model, tensor
+
+
+@pytest.fixture(autouse=True)
+def _blocked_from_the_first_run(monkeypatch):
+    """Every program here runs its segments on blocked tensors (simulator/layout.py) from its first run, the
+    path repeated runs take; ``test_a_program_takes_blocked_sessions_from_its_third_run`` keeps the default."""
+    monkeypatch.setattr(compiled_module, "BLOCKED_FROM_RUN", 1)
+
 
 TARGETS = ["esp32s3", "esp32p4", "esp32c3"]
 
@@ -168,6 +177,27 @@ def test_the_s3_guard_tries_cauchy_schwarz_before_the_exact_magnitude(rng, monke
     fast, slow = _both(quantized, 1.0 - loose)
     np.testing.assert_array_equal(fast["y"], slow["y"])
     assert quantized._guarded == {"y"}
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+def test_a_program_takes_blocked_sessions_from_its_third_run(rng, monkeypatch, bits):
+    """A program run once or twice (a candidate table of ``auto``) keeps onnxruntime's own sessions; from its
+    third run its segments run the elementwise steps on blocked tensors: the same integers on every run."""
+    monkeypatch.setattr(compiled_module, "BLOCKED_FROM_RUN", 3)
+    model = _cnn(rng)
+    calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
+    table = Calibrator(bits).calibrate(model, calibration).table
+    quantized = Evaluator(bits, "per-tensor", "esp32p4").generate_quantized_model(model, table)
+    data = 2 * rng.normal(0, 1, (6, 3, 12, 12)).astype(np.float32)
+    quantized.compiled = False
+    slow = quantized.run_float({quantized.inputs[0]: data})
+    quantized.compiled = True
+    for run in range(1, 5):
+        fast = quantized.run_float({quantized.inputs[0]: data})
+        for name in quantized.outputs:
+            np.testing.assert_array_equal(fast[name], slow[name], err_msg=f"run {run}: {name}")
+        segments = [s for s in quantized._programs[(True, None)].steps if isinstance(s, compiled_module._Segment)]
+        assert segments and all((s.proto is None) == (run >= 3) for s in segments)
 
 
 def _requantize_model(target: str, e_in: int, e_out: int, bits: int = 8) -> QuantizedModel:
@@ -361,9 +391,16 @@ def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
 
 
 def _segment_graphs(monkeypatch) -> list[onnx.ModelProto]:
-    """The ONNX graphs of the compiled segments built from now on (filled as sessions are created)."""
+    """The ONNX graphs of the compiled segments built from now on (filled as sessions are created; the graphs
+    onnxruntime optimized, which blocked sessions load, are not the segments': left out)."""
     real, graphs = runtime.create_session, []
-    monkeypatch.setattr(runtime, "create_session", lambda proto, **kw: graphs.append(proto) or real(proto, **kw))
+
+    def create(proto, **kw):
+        if kw.get("optimize", True) and all(proto is not seen for seen in graphs):
+            graphs.append(proto)
+        return real(proto, **kw)
+
+    monkeypatch.setattr(runtime, "create_session", create)
     return graphs
 
 

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from conftest import shared_dir
+from espquant.simulator import compiled
 from espquant.simulator.espdl_model import load_espdl
+
+
+@pytest.fixture(autouse=True)
+def _blocked_from_the_first_run(monkeypatch):
+    """The compiled path checked here is the one repeated runs take: segments on blocked tensors
+    (simulator/layout.py) from the first run."""
+    monkeypatch.setattr(compiled, "BLOCKED_FROM_RUN", 1)
+
 
 ZOO = shared_dir() / "zoo"
 FILES = sorted(ZOO.glob("*.espdl")) if ZOO.is_dir() else []

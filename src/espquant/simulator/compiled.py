@@ -56,6 +56,10 @@ __all__ = ["CompiledProgram", "GuardTripped", "compile_program", "QUANTIZE_INPUT
 
 F32 = np.float32
 QUANTIZE_INPUT = "QuantizeInput"  # pseudo-node: float graph input -> integers, as QuantizedModel.quantize_input
+# The run from which a program's segments keep onnxruntime's blocked layout between convolutions
+# (simulator/layout.py): the edit costs about one more session creation (0.1-0.2 s on real models), which a
+# program run once or twice (each candidate table ``auto`` simulates) would not win back.
+BLOCKED_FROM_RUN = 3
 
 
 _NAMES = itertools.count(1)
@@ -1337,6 +1341,16 @@ class _Segment:
     nodes: int
     doubles: frozenset[str] = frozenset()  # inputs fed as double (exact int16 sums handed on by a rail step)
     internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
+    proto: onnx.ModelProto | None = None  # the graph, until its session runs on blocked tensors (layout.py)
+    threads: int | None = None
+
+    def block(self) -> None:
+        """Run from now on with the elementwise steps on onnxruntime's blocked tensors (simulator/layout.py)."""
+        from espquant.simulator.layout import blocked_session
+
+        if self.proto is not None:
+            self.session = blocked_session(self.proto, threads=self.threads, what="a compiled simulator segment")
+            self.proto = None
 
     @functools.cached_property
     def fetches(self) -> list[str]:
@@ -1389,6 +1403,7 @@ class CompiledProgram:
     """Segments and interpreter nodes in execution order (see the module docstring)."""
 
     steps: list[_Segment | _RailStep | QNode]
+    runs: int = 0
 
     @property
     def compiled_nodes(self) -> int:
@@ -1412,6 +1427,11 @@ class CompiledProgram:
         """Execute every step on ``env`` (updated in place; segment outputs become int64 before an interpreter
         step reads them, and at the end those in ``wanted``, default all); raises GuardTripped when a guard
         trips."""
+        self.runs += 1
+        if self.runs == BLOCKED_FROM_RUN:
+            for step in self.steps:
+                if isinstance(step, _Segment):
+                    step.block()
         from_segments: set[str] = set()
         for step in self.steps:
             if isinstance(step, _RailStep):
@@ -1595,7 +1615,7 @@ def compile_program(
 
 def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> list[_Segment]:
     """The segment's session, or nothing when no later step reads what it computes (dead nodes)."""
-    from espquant.simulator.layout import blocked_session
+    from espquant.runtime import create_session
 
     outputs = list(dict.fromkeys(outputs + builder.exports))
     if not outputs and not builder.guards:
@@ -1614,9 +1634,9 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
         builder.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = blocked_session(proto, threads=threads, what="a compiled simulator segment")
+    session = create_session(proto, threads=threads, what="a compiled simulator segment")
     doubles = frozenset(name for name in inputs if builder.types.get(name) == TensorProto.DOUBLE)
     internal = frozenset(builder.exports) - builder.produced
     guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
-    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal)
+    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal, proto, threads)
     return [segment]
