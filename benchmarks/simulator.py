@@ -12,10 +12,11 @@ Cases (all built here with onnx.helper, random weights, dynamic batch):
 * ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
   way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
 
-Real models (``--cases ppocr_cls ppocr_det mtcnn_onet blazeface_real``, not run by default: they come from
-``benchmarks/accuracy.py``'s cache, filled on its first run): PP-OCR's MobileNetV3 text classifier
-(squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu)
-and MediaPipe's BlazeFace (channel Pad), on their real images.
+Real models (``--cases mnist_cnn ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks``, not run by
+default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST CNN,
+PP-OCR's MobileNetV3 text classifier (squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector
+(ConvTranspose, Resize), MTCNN's O-Net (PRelu), MediaPipe's BlazeFace (channel Pad) and its hand-landmark model
+(lite), on their real images.
 
 Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
 ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
@@ -54,8 +55,8 @@ from espquant import Calibrator, Evaluator  # noqa: E402
 
 SYNTHETIC = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
-# a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu),
-# MediaPipe's BlazeFace (Pad).
+# the demo CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's
+# O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2 blocks).
 REAL = {
     "mnist_cnn": "mnist_demo",
     "ppocr_cls": "ppocr_cls",

@@ -20,6 +20,7 @@ from espquant.quant.pot import qmax
 from espquant.quant.profiles import get_target
 from espquant.quant.rounding import shift_round
 from espquant.simulator import compiled as compiled_module
+from espquant.simulator import layout
 from espquant.simulator.quantized_model import QNode, QuantizedModel
 from helpers import make_model, tensor
 
@@ -29,6 +30,7 @@ def _blocked_from_the_first_run(monkeypatch):
     """Every program here runs its segments on blocked tensors (simulator/layout.py) from its first run, the
     path repeated runs take; ``test_a_program_takes_blocked_sessions_from_its_third_run`` keeps the default."""
     monkeypatch.setattr(compiled_module, "BLOCKED_FROM_RUN", 1)
+    monkeypatch.setattr(layout, "STRICT", True)
 
 
 TARGETS = ["esp32s3", "esp32p4", "esp32c3"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_dir
-from espquant.simulator import compiled
+from espquant.simulator import compiled, layout
 from espquant.simulator.espdl_model import load_espdl
 
 
@@ -21,6 +21,7 @@ def _blocked_from_the_first_run(monkeypatch):
     """The compiled path checked here is the one repeated runs take: segments on blocked tensors
     (simulator/layout.py) from the first run."""
     monkeypatch.setattr(compiled, "BLOCKED_FROM_RUN", 1)
+    monkeypatch.setattr(layout, "STRICT", True)
 
 
 ZOO = shared_dir() / "zoo"

@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from espquant.errors import ModelError
 
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 NCHWC = "com.microsoft.nchwc"
 # Elementwise ops that compute each value from the same position of their inputs and keep finite values finite.
+# Tests set this: an edited graph that onnxruntime refuses is then an error, not a quiet fall back to the
+# optimized one (which gives the same integers, more slowly, and would hide the edit's mistake).
+STRICT = False
 ELEMENTWISE = frozenset({"Floor", "Round", "Clip", "Relu", "Abs", "Neg", "Add", "Sub", "Mul", "Max", "Min"})
 
 
@@ -53,49 +57,97 @@ def _is_reorder(node: onnx.NodeProto, op_type: str) -> bool:
     return node.domain == NCHWC and node.op_type == op_type and not _attribute(node, "channels_last", 0)
 
 
+@dataclass
+class _Blocked:
+    """A tensor's blocked twin: its name, the ReorderOutput whose attributes (channel count) restore the plain
+    layout, and whether it holds floats (onnxruntime reorders float32 only)."""
+
+    name: str
+    reorder: onnx.NodeProto
+    floats: bool = True
+
+
 def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """``model`` (a graph onnxruntime optimized) with its elementwise ops moved onto the blocked tensors and the
-    reorders that made unnecessary dropped; None when there is nothing to move."""
+    reorders that made unnecessary dropped; None when there is nothing to move.
+
+    Besides the elementwise ops, an int8 activation table moves: ``Cast`` to integer indices, ``Reshape`` to one
+    axis, ``GatherElements`` from the constant table, ``Reshape`` back (compiled.py's ``_gather``) looks up each
+    value on its own, so on the blocked tensor it only needs the blocked shape to reshape back to."""
     graph = model.graph
-    scalars = {init.name for init in graph.initializer if _size(init) == 1}
-    blocked: dict[str, tuple[str, onnx.NodeProto]] = {}  # plain tensor -> (blocked tensor, its ReorderOutput)
+    constants = {init.name: _size(init) for init in graph.initializer}
+    blocked: dict[str, _Blocked] = {}  # plain tensor -> its blocked twin
+    flat: dict[str, tuple[str, str]] = {}  # flattened plain tensor -> (flattened twin, the plain tensor it came from)
     nodes: list[onnx.NodeProto] = []
-    moved = 0
+
+    def twin(node: onnx.NodeProto, inputs: dict[int, str]) -> onnx.NodeProto:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = ""
+        for index, name in inputs.items():
+            copy.input[index] = name
+        copy.output[0] = node.output[0] + "::blocked"
+        nodes.append(copy)
+        return copy
+
     for node in graph.node:
+        nodes.append(node)  # kept until nothing reads it any more (_live)
         if _is_reorder(node, "ReorderOutput"):
-            blocked[node.output[0]] = (node.input[0], node)
-        elif node.domain == "" and node.op_type in ELEMENTWISE and len(node.output) == 1:
-            tensors = [name for name in node.input if name and name not in scalars]
-            sources = [blocked.get(name) for name in tensors]
-            if tensors and all(sources) and len({_attribute(s[1], "channels") for s in sources if s}) == 1:
-                reorder = sources[0][1] if sources[0] else None
-                twin = onnx.NodeProto()
-                twin.CopyFrom(node)
-                twin.name = ""
-                for index, name in enumerate(node.input):
-                    if name in blocked:
-                        twin.input[index] = blocked[name][0]
-                twin.output[0] = node.output[0] + "::blocked"
-                nodes.append(twin)
-                # The plain result, for consumers that need it: one reorder after the op, not one before it.
-                plain = helper.make_node("ReorderOutput", [twin.output[0]], [node.output[0]], domain=NCHWC)
-                plain.attribute.extend(reorder.attribute if reorder is not None else [])
-                nodes.append(plain)
-                blocked[node.output[0]] = (twin.output[0], plain)
-                moved += 1
+            blocked[node.output[0]] = _Blocked(node.input[0], node)
+        elif node.domain != "" or len(node.output) != 1:
+            continue
+        elif node.op_type in ELEMENTWISE:
+            tensors = {i: name for i, name in enumerate(node.input) if name and constants.get(name, 0) != 1}
+            sources = [blocked.get(name) for name in tensors.values()]
+            if not tensors or not all(s is not None and s.floats for s in sources):
                 continue
-        nodes.append(node)
-    if not moved:
-        return None
+            if any(name in constants for name in tensors.values()):
+                continue
+            if len({_attribute(s.reorder, "channels") for s in sources if s is not None}) != 1:
+                continue
+            moved = twin(node, {i: blocked[name].name for i, name in tensors.items()})
+            # The plain result, for consumers that need it: one reorder after the op instead of one before it.
+            nodes.remove(node)
+            plain = helper.make_node("ReorderOutput", [moved.output[0]], [node.output[0]], domain=NCHWC)
+            plain.attribute.extend(sources[0].reorder.attribute if sources[0] is not None else [])
+            nodes.append(plain)
+            blocked[node.output[0]] = _Blocked(moved.output[0], plain)
+        elif node.op_type == "Cast" and node.input[0] in blocked:
+            source = blocked[node.input[0]]
+            moved = twin(node, {0: source.name})
+            floats = _attribute(node, "to") == onnx.TensorProto.FLOAT
+            blocked[node.output[0]] = _Blocked(moved.output[0], source.reorder, floats)
+        elif node.op_type == "Reshape" and node.input[0] in blocked and _is_flattening(graph, node.input[1]):
+            moved = twin(node, {0: blocked[node.input[0]].name})
+            flat[node.output[0]] = (moved.output[0], _origin(node.input[0], nodes))
+        elif node.op_type == "GatherElements" and node.input[1] in flat and node.input[0] in constants:
+            moved = twin(node, {1: flat[node.input[1]][0]})
+            flat[node.output[0]] = (moved.output[0], flat[node.input[1]][1])
+        elif node.op_type == "Reshape" and node.input[0] in flat:
+            origin = blocked.get(flat[node.input[0]][1])
+            if origin is None:
+                continue
+            shape = helper.make_node("Shape", [origin.name], [node.output[0] + "::blocked_shape"])
+            nodes.append(shape)
+            moved = twin(node, {0: flat[node.input[0]][0], 1: shape.output[0]})
+            blocked[node.output[0]] = _Blocked(moved.output[0], origin.reorder)
     rename = {}
     kept = []
+    captured = set().union(*(_captured(node) for node in nodes))  # what If branches read from this graph
     for node in nodes:
-        if _is_reorder(node, "ReorderInput") and node.input[0] in blocked:
-            rename[node.output[0]] = blocked[node.input[0]][0]
+        source = blocked.get(node.input[0]) if node.input else None
+        if (
+            _is_reorder(node, "ReorderInput")
+            and source is not None
+            and source.floats
+            and source.name != node.input[0]
+            and node.output[0] not in captured
+        ):
+            rename[node.output[0]] = source.name
             continue
         kept.append(node)
     outputs = {o.name for o in graph.output}
-    if outputs & set(rename):
+    if not rename or outputs & set(rename):
         return None
     for node in kept:
         for index, name in enumerate(node.input):
@@ -108,6 +160,22 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return edited
 
 
+def _is_flattening(graph: onnx.GraphProto, shape: str) -> bool:
+    """Whether ``shape`` is the constant ``[-1]`` (a Reshape to one axis)."""
+    for init in graph.initializer:
+        if init.name == shape:
+            return numpy_helper.to_array(init).reshape(-1).tolist() == [-1]
+    return False
+
+
+def _origin(tensor: str, nodes: list[onnx.NodeProto]) -> str:
+    """The plain float tensor an integer-index Cast read (``tensor`` is the Cast's output), else ``tensor``."""
+    for node in nodes:
+        if node.output and node.output[0] == tensor and node.op_type == "Cast":
+            return node.input[0]
+    return tensor
+
+
 def _size(init: onnx.TensorProto) -> int:
     size = 1
     for dim in init.dims:
@@ -115,14 +183,28 @@ def _size(init: onnx.TensorProto) -> int:
     return size
 
 
+def _captured(node: onnx.NodeProto) -> set[str]:
+    """The tensors of the enclosing graph that ``node``'s subgraphs (an If's branches) read."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for graph in graphs:
+            produced = {init.name for init in graph.initializer} | {o for n in graph.node for o in n.output}
+            for inner in graph.node:
+                names.update(name for name in inner.input if name and name not in produced)
+                names.update(_captured(inner) - produced)
+    return names
+
+
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """The nodes some graph output depends on, in their order."""
+    """The nodes some graph output depends on (directly, or through what a subgraph reads), in their order."""
     needed = set(outputs)
     live = []
     for node in reversed(nodes):
         if any(name in needed for name in node.output):
             live.append(node)
             needed.update(name for name in node.input if name)
+            needed.update(_captured(node))
     return live[::-1]
 
 
@@ -144,5 +226,7 @@ def blocked_session(proto: onnx.ModelProto, threads: int | None, what: str) -> o
     try:
         return create_session(edited, threads=threads, what=what, optimize=False)
     except ModelError as error:
+        if STRICT:
+            raise
         logger.debug("%s: the blocked graph did not load (%s); the optimized one runs", what, error)
         return session
