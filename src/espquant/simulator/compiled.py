@@ -846,7 +846,7 @@ def _lower_table(b: _Builder, node: QNode) -> None:
     if node.bits != 8 or b.model.width(node.inputs[0]) != 8:
         _lower_elementwise(b, node)
         return
-    _gather(b, node.table.reshape(-1), b.use(node.inputs[0]), qmin(8), node.outputs[0], _known_shape(node))
+    _gather(b, node.table.reshape(-1), b.use(node.inputs[0]), qmin(8), node.outputs[0])
 
 
 def _known_shape(node: QNode) -> list[int] | None:
@@ -857,20 +857,20 @@ def _known_shape(node: QNode) -> list[int] | None:
     return [int(d) for d in shape[1:]]  # type: ignore[arg-type]
 
 
-def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str, known: list[int] | None) -> None:
+def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) -> None:
     """``table[x - lowest]`` for the integers ``x`` (exact in float32) of a signed width (``lowest = -size / 2``).
 
     Negative indices count from the end, so the table rolled by half its size is indexed by ``x`` itself (one
     pass fewer than adding ``-lowest``). The lookup is GatherElements on the flattened indices, not Gather:
     onnxruntime's Gather copies element by element through its generic block path (about 16 ns per element on
-    this machine) while GatherElements is a plain loop (about 2.3 ns); the two Reshapes are views. With the axes
-    after the batch ``known`` from the float model, the shape back is a constant (``-1`` for the batch): one
-    node fewer, which counts at batch 1."""
+    this machine) while GatherElements is a plain loop (about 2.3 ns); the two Reshapes are views. The shape back
+    is always ``Shape(x)``, even where the float model knows it: that is how simulator/layout.py recognises a
+    lookup it may run on onnxruntime's blocked tensors (a constant shape could be a Reshape of the plane that
+    onnxruntime merged into this one)."""
     assert table.size == -2 * lowest
     index = b.op("Reshape", [b.op("Cast", [x], to=TensorProto.INT32), b.const(np.array([-1]), "flat", np.int64)])
     looked_up = b.op("GatherElements", [b.const(np.roll(table, lowest), output), index], axis=0)
-    shape = b.op("Shape", [x]) if known is None else b.const(np.array([-1, *known]), output, np.int64)
-    b.op("Reshape", [looked_up, shape], output)
+    b.op("Reshape", [looked_up, b.op("Shape", [x])], output)
 
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
@@ -888,7 +888,7 @@ def _lower_elementwise(b: _Builder, node: QNode) -> None:
     table = np.asarray(env[node.outputs[0]]).reshape(-1)
     if table.shape != values.shape:
         raise _Refused("not elementwise")
-    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0], _known_shape(node))
+    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0])
 
 
 def _lower_relu(b: _Builder, node: QNode) -> None:

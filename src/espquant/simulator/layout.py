@@ -72,12 +72,14 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     reorders that made unnecessary dropped; None when there is nothing to move.
 
     Besides the elementwise ops, an int8 activation table moves: ``Cast`` to integer indices, ``Reshape`` to one
-    axis, ``GatherElements`` from the constant table, ``Reshape`` back (compiled.py's ``_gather``) looks up each
-    value on its own, so on the blocked tensor it only needs the blocked shape to reshape back to."""
+    axis, ``GatherElements`` from the constant table, ``Reshape`` back to the ``Shape`` of the table's input
+    (compiled.py's ``_gather``) looks up each value on its own, so on the blocked tensor it only needs the
+    blocked shape to reshape back to."""
     graph = model.graph
     constants = {init.name: _size(init) for init in graph.initializer}
     blocked: dict[str, _Blocked] = {}  # plain tensor -> its blocked twin
     flat: dict[str, tuple[str, str]] = {}  # flattened plain tensor -> (flattened twin, the plain tensor it came from)
+    shapes: dict[str, str] = {}  # Shape output -> the tensor it measures
     nodes: list[onnx.NodeProto] = []
 
     def twin(node: onnx.NodeProto, inputs: dict[int, str]) -> onnx.NodeProto:
@@ -123,9 +125,14 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
         elif node.op_type == "GatherElements" and node.input[1] in flat and node.input[0] in constants:
             moved = twin(node, {1: flat[node.input[1]][0]})
             flat[node.output[0]] = (moved.output[0], flat[node.input[1]][1])
+        elif node.op_type == "Shape" and len(node.input) == 1 and len(node.attribute) == 0:
+            shapes[node.output[0]] = node.input[0]
         elif node.op_type == "Reshape" and node.input[0] in flat:
-            origin = blocked.get(flat[node.input[0]][1])
-            if origin is None:
+            # Back to the shape of the tensor the indices came from, and only so (a Reshape onnxruntime merged
+            # with a later one could reshape the plane otherwise).
+            source = flat[node.input[0]][1]
+            origin = blocked.get(source)
+            if origin is None or shapes.get(node.input[1]) != source:
                 continue
             shape = helper.make_node("Shape", [origin.name], [node.output[0] + "::blocked_shape"])
             nodes.append(shape)
