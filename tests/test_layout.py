@@ -215,3 +215,19 @@ def test_what_an_if_branch_reads_stays_in_the_plain_layout(tmp_path):
         plain = create_session(model, threads=1, optimize=False).run(names, {"x": x})
         for a, b in zip(plain, loaded.run(names, {"x": x})):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_failing_edit_keeps_the_working_session(monkeypatch):
+    """No temporary folder (a read-only disk; a graph too large for protobuf fails the same way): the session
+    that already runs the graph stays, and under STRICT (the tests) the failure is an error instead."""
+    model = _model(12, ROUNDING, 9)
+    current = create_session(model, threads=1)
+
+    def unwritable(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(layout.tempfile, "TemporaryDirectory", unwritable)
+    with pytest.raises(OSError):
+        blocked_session(model, threads=1, what="a test graph", current=current)
+    monkeypatch.setattr(layout, "STRICT", False)
+    assert blocked_session(model, threads=1, what="a test graph", current=current) is current

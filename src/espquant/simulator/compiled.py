@@ -1349,7 +1349,8 @@ class _Segment:
         from espquant.simulator.layout import blocked_session
 
         if self.proto is not None:
-            self.session = blocked_session(self.proto, threads=self.threads, what="a compiled simulator segment")
+            what = "a compiled simulator segment"
+            self.session = blocked_session(self.proto, threads=self.threads, what=what, current=self.session)
             self.proto = None
 
     @functools.cached_property

@@ -215,25 +215,26 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
     return live[::-1]
 
 
-def blocked_session(proto: onnx.ModelProto, threads: int | None, what: str) -> ort.InferenceSession:
-    """A session for ``proto`` whose elementwise ops run on onnxruntime's blocked tensors (module docstring)."""
+def blocked_session(
+    proto: onnx.ModelProto, threads: int | None, what: str, current: ort.InferenceSession | None = None
+) -> ort.InferenceSession:
+    """A session for ``proto`` whose elementwise ops run on onnxruntime's blocked tensors (module docstring).
+
+    ``current`` (a working session of the same graph, else a new one) is what runs when onnxruntime blocked
+    nothing or anything on the way fails: a graph larger than protobuf can save, a temporary folder that cannot
+    be written, an edited graph onnxruntime refuses (an error under ``STRICT``)."""
     from espquant.runtime import create_session
 
-    with tempfile.TemporaryDirectory(prefix="espquant-") as folder:
-        path = os.path.join(folder, "optimized.onnx")
-        session = create_session(proto, threads=threads, what=what, optimized_path=path)
-        try:
-            optimized = onnx.load(path)
-        except (OSError, DecodeError) as error:
-            logger.debug("%s: onnxruntime's optimized graph not read back (%s)", what, error)
-            return session
-    edited = keep_blocked(optimized)
-    if edited is None:
-        return session
     try:
-        return create_session(edited, threads=threads, what=what, optimize=False)
-    except ModelError as error:
+        with tempfile.TemporaryDirectory(prefix="espquant-") as folder:
+            path = os.path.join(folder, "optimized.onnx")
+            create_session(proto, threads=threads, what=what, optimized_path=path)
+            optimized = onnx.load(path)
+        edited = keep_blocked(optimized)
+        if edited is not None:
+            return create_session(edited, threads=threads, what=what, optimize=False)
+    except (ModelError, OSError, DecodeError) as error:
         if STRICT:
             raise
-        logger.debug("%s: the blocked graph did not load (%s); the optimized one runs", what, error)
-        return session
+        logger.debug("%s: onnxruntime's own layout kept (%s)", what, error)
+    return current if current is not None else create_session(proto, threads=threads, what=what)
