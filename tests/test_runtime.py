@@ -58,3 +58,24 @@ def test_an_ir_version_the_opsets_need_is_not_lowered(monkeypatch):
     monkeypatch.setattr(runtime, "runtime_limits", lambda: RuntimeLimits(6, 20, "1.2.0"))
     with pytest.raises(ModelError, match=r"IR version 8 and its opsets need at least 7; .* loads IR versions up to 6"):
         for_runtime(_relu(8, 13), "the model")
+
+
+def test_runner_gives_what_run_gives_and_falls_back_without_the_inner_binding():
+    """``runner`` calls onnxruntime's inner binding (no per-call Python checks) and returns the same arrays;
+    a session object without that binding (another onnxruntime build) gets its own ``run``."""
+    from types import SimpleNamespace
+
+    from espquant.runtime import runner
+
+    node = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    session = create_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(runner(session)(["y"], {"x": x})[0], session.run(["y"], {"x": x})[0])
+    plain = SimpleNamespace(run=lambda names, feeds: ["fallback"])
+    assert runner(plain)(["y"], {"x": x}) == ["fallback"]

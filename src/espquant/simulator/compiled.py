@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from espquant.ops.broadcast import merged_broadcast_shapes
 from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_lanes
+from espquant.runtime import runner
 from espquant.simulator import lanes
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 
@@ -1343,6 +1344,10 @@ class _Segment:
     internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
     proto: onnx.ModelProto | None = None  # the graph, until its session runs on blocked tensors (layout.py)
     threads: int | None = None
+    run: Callable[[list[str], dict[str, Any]], list[Any]] = field(init=False, repr=False)  # runtime.runner
+
+    def __post_init__(self) -> None:
+        self.run = runner(self.session)
 
     def block(self) -> None:
         """Run from now on with the elementwise steps on onnxruntime's blocked tensors (simulator/layout.py)."""
@@ -1351,7 +1356,13 @@ class _Segment:
         if self.proto is not None:
             what = "a compiled simulator segment"
             self.session = blocked_session(self.proto, threads=self.threads, what=what, current=self.session)
+            self.run = runner(self.session)
             self.proto = None
+
+    @functools.cached_property
+    def handed_on(self) -> list[str]:
+        """The outputs later steps read as integers (not the sums and flags only a rail step reads)."""
+        return [name for name in self.outputs if name not in self.internal]
 
     @functools.cached_property
     def fetches(self) -> list[str]:
@@ -1440,12 +1451,13 @@ class CompiledProgram:
                 continue
             if isinstance(step, _Segment):
                 feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
-                results = step.session.run(step.fetches, feeds)
-                tripped = [n for n, g in zip(step.guard_nodes, results[len(step.outputs) :]) if bool(g)]
-                if tripped:
-                    raise GuardTripped(tripped)
-                env.update(zip(step.outputs, results[: len(step.outputs)]))
-                from_segments.update(name for name in step.outputs if name not in step.internal)
+                results = step.run(step.fetches, feeds)
+                if step.guards:
+                    tripped = [n for n, g in zip(step.guard_nodes, results[len(step.outputs) :]) if bool(g)]
+                    if tripped:
+                        raise GuardTripped(tripped)
+                env.update(zip(step.outputs, results))
+                from_segments.update(step.handed_on)
                 continue
             for name in step.inputs:
                 if name in from_segments:
