@@ -23,13 +23,15 @@ contractions), and the pairs are added in double, where shift, ReLU and saturati
 What cannot be proven statically becomes a guard, computed in the graph: on ESP32-S3 an int8 accumulator
 lane saturates at 20 bits, so where the static bound reaches the rail the graph also computes this data's
 bound (every running sum lies in ``start + [-(M - S) / 2, (M + S) / 2]`` with ``M = sum |x w|``, ``S`` the exact
-sum) and reports whether it reaches the rail. If a guard trips the batch is re-run with that node as a rail
-step: its exact sums leave the segment, ``lanes.emulate`` replaces only the outputs that may saturate by their
-saturating sums, and the next segment shifts them (other tripped nodes run in the interpreter). Guards are
-valid by induction: a guard only reads tensors whose own guards held.
+sum; first the cheaper Cauchy-Schwarz bound ``||x patch|| * ||w||``, ``M`` itself only under an ``If`` when
+that one reaches the rail) and reports whether it reaches the rail. If a guard trips the batch is re-run with
+that node as a rail step: its exact sums leave the segment, ``lanes.emulate`` replaces only the outputs that
+may saturate by their saturating sums, and the next segment shifts them (other tripped nodes run in the
+interpreter). Guards are valid by induction: a guard only reads tensors whose own guards held.
 
 Nodes that cannot be lowered (float outputs, run-time MatMul operands, LUT-free float activations, ...) run
-in the interpreter between compiled segments.
+in the interpreter between compiled segments. From a program's third run (``BLOCKED_FROM_RUN``) its segments
+keep onnxruntime's blocked layout across their rounding steps (simulator/layout.py).
 """
 
 from __future__ import annotations
