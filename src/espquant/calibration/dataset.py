@@ -113,6 +113,8 @@ class Chunking:
         batch axis (a squeezed ``[1000]`` logits vector of a batch-1 model) and is stacked along a new one,
         so every output has one entry per sample (per run of B samples, for such outputs of B > 1).
         """
+        if self.fixed is None:  # one run as the caller's batch is (most calls: no split to walk)
+            return list(run_once(feeds))
         parts = [list(run_once(chunk)) for chunk in self.split(feeds, what)]
         if len(parts) == 1:
             return parts[0]

@@ -152,9 +152,10 @@ class _Builder:
             return self.op("Clip", [x, low, high], output)
         return self.op("Cast", [self.op("Clip", [x, low, high])], output, to=TensorProto.FLOAT)
 
-    def shift_round(self, acc: str, shift: np.ndarray, hint: str, half_added: bool, dtype: Any = F32) -> str:
+    def shift_round(self, acc: str, shift: np.ndarray, hint: str, dtype: Any = F32) -> str:
         """``SR(acc, shift)`` for integers held in float32 or double: scale by ``2**-shift`` then round per the
-        profile. With half-up the caller has already added ``2**(shift-1)`` where ``shift > 0`` (``half_added``)."""
+        profile (half-up: ``floor(v + 1/2)``). Accumulating nodes fold the half into their bias instead and
+        round with :func:`_round_saturate_scaled`."""
         if np.all(shift == 0):
             return acc
         scaled = self.op("Mul", [acc, self.const(2.0 ** -shift.astype(np.float64), hint, dtype)])
@@ -162,8 +163,7 @@ class _Builder:
             return scaled  # a left shift: exact, integer already
         if self.model.profile.rounding == "half_even":
             return self.op("Round", [scaled])
-        if not half_added:
-            scaled = self.op("Add", [scaled, self.const(0.5, hint, dtype)])  # exact: the caller checked the bound
+        scaled = self.op("Add", [scaled, self.const(0.5, hint, dtype)])  # exact: the caller checked the bound
         return self.op("Floor", [scaled])
 
     def round_float32(self, values: str, hint: str) -> str:
@@ -363,7 +363,7 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     flag, bound = _rail_check(b, node, check, cheap_first=not rail_step)
     if rail_step:
         assert bound is not None  # a rail step measures the exact magnitude
-        _rail_step(b, node, spec, x, acc, bound, flag, rails, shift, dtype, shape, exact)
+        _rail_step(b, node, check, bound, flag, shift)
         return
     b.guard(flag, node)
     _round_saturate_scaled(b, acc, shift, node, dtype)
@@ -623,21 +623,9 @@ def _reaches_rail(b: _Builder, reach: str, check: _RailCheck, hint: str) -> str:
     return b.op("GreaterOrEqual", [worst, b.const(0.0, hint, check.dtype)])
 
 
-def _rail_step(
-    b: _Builder,
-    node: QNode,
-    spec: _Accumulating,
-    x: str,
-    acc: str,
-    magnitude: str,
-    flag: str,
-    rails: lanes.LaneRails,
-    shift: np.ndarray,
-    dtype: Any,
-    shape: list[int],
-    exact: bool,
-) -> None:
+def _rail_step(b: _Builder, node: QNode, check: _RailCheck, magnitude: str, flag: str, shift: np.ndarray) -> None:
     """End the segment after the sums: a rail step fixes the outputs that may saturate, a new segment shifts."""
+    spec, x, acc, dtype = check.spec, check.x, check.acc, check.dtype
     double = dtype != F32
     b.exports += [acc, magnitude, flag] + ([x] if x not in b.consumed else [])  # made here: handed on
     if double:
@@ -649,17 +637,17 @@ def _rail_step(
         acc=acc,
         magnitude=magnitude,
         flag=flag,
-        rails=rails,
+        rails=check.rails,
         channel_axis=spec.channel_axis,
         products=spec.products,
         taps=int(spec.weight[0].size),
         max_product=int(2 ** (b.bits - 1)) * int(np.abs(spec.weight.astype(np.int64)).max(initial=0)),
-        magnitude_exact=exact,
+        magnitude_exact=check.exact,
     )
 
     def finish(nb: _Builder) -> None:
         source = nb.use(acc, TensorProto.DOUBLE if double else TensorProto.FLOAT)
-        y = nb.shift_round(source, shift.reshape(shape), node.outputs[0], half_added=False, dtype=dtype)
+        y = nb.shift_round(source, shift.reshape(check.shape), node.outputs[0], dtype=dtype)
         low, high, output = _clamp(nb, node)
         nb.saturate(y, output, dtype=dtype, bounds=(low, high))
 
@@ -940,7 +928,7 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
         _round_saturate(b, float_path, hint)
         return
     wide = b.op("Mul", [b.op("Cast", [x], to=TensorProto.DOUBLE) for x in operands])
-    simd = b.shift_round(wide, np.asarray([shift]), hint, False, np.float64)
+    simd = b.shift_round(wide, np.asarray([shift]), hint, np.float64)
     if simd_path:
         b.saturate(simd, hint, dtype=np.float64)
         return
@@ -995,7 +983,7 @@ def _lower_prelu(b: _Builder, node: QNode) -> None:
     # than the rest of the node on MTCNN.
     positive = b.op("Relu", [wide])
     if prelu_rescales_positives(m.profile, node.bits):
-        positive = b.shift_round(positive, np.asarray([e_out - e_in]), hint, False, dtype)
+        positive = b.shift_round(positive, np.asarray([e_out - e_in]), hint, dtype)
     # q * (alpha 2^-shift) is the exact product scaled by a power of two (its size checked above).
     scaled_slope = slope.astype(np.float64) * 2.0**-shift
     negative = b.op("Mul", [b.op("Min", [wide, b.const(0.0, hint, dtype)]), b.const(scaled_slope, hint, dtype)])
@@ -1125,7 +1113,7 @@ def _lower_clip(b: _Builder, node: QNode) -> None:
 def _rescale(b: _Builder, x: str, shift: int, output: str) -> None:
     """``sat(SR(x, shift))`` of int8/int16 values (RequantizeLinear; Clip's float rescale is the same value:
     ``x * 2**-shift`` is exact and ``floor(v + 0.5)`` of such a v is exact in float32)."""
-    y = b.shift_round(x, np.asarray(shift, dtype=np.int64).reshape(1), output, half_added=False)
+    y = b.shift_round(x, np.asarray(shift, dtype=np.int64).reshape(1), output)
     b.saturate(y, output)
 
 

@@ -16,12 +16,13 @@ Conv; only ops that keep finite values finite are moved (no Div, Sqrt, Log: a Na
 reach the next Conv's sums through its zero weights), so those lanes stay harmless.
 
 The edited graph is loaded without further optimization; it holds nothing but onnxruntime's own ops. When
-onnxruntime blocked nothing, or its saved graph cannot be read back, the first session is kept as it is.
+onnxruntime blocked nothing, or anything on the way fails, the session that already runs the graph is kept.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -33,16 +34,17 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 from espquant.errors import ModelError
+from espquant.runtime import create_session
 
 __all__ = ["keep_blocked", "blocked_session"]
 
 logger = logging.getLogger(__name__)
 
 NCHWC = "com.microsoft.nchwc"
-# Elementwise ops that compute each value from the same position of their inputs and keep finite values finite.
 # Tests set this: an edited graph that onnxruntime refuses is then an error, not a quiet fall back to the
 # optimized one (which gives the same integers, more slowly, and would hide the edit's mistake).
 STRICT = False
+# Elementwise ops that compute each value from the same position of their inputs and keep finite values finite.
 ELEMENTWISE = frozenset({"Floor", "Round", "Clip", "Relu", "Abs", "Neg", "Add", "Sub", "Mul", "Max", "Min"})
 
 
@@ -76,10 +78,11 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     (compiled.py's ``_gather``) looks up each value on its own, so on the blocked tensor it only needs the
     blocked shape to reshape back to."""
     graph = model.graph
-    constants = {init.name: _size(init) for init in graph.initializer}
+    constants = {init.name: init for init in graph.initializer}
     blocked: dict[str, _Blocked] = {}  # plain tensor -> its blocked twin
     flat: dict[str, tuple[str, str]] = {}  # flattened plain tensor -> (flattened twin, the plain tensor it came from)
     shapes: dict[str, str] = {}  # Shape output -> the tensor it measures
+    casts: dict[str, str] = {}  # Cast output -> the tensor it read
     nodes: list[onnx.NodeProto] = []
 
     def twin(node: onnx.NodeProto, inputs: dict[int, str]) -> onnx.NodeProto:
@@ -99,19 +102,18 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
         elif node.domain != "" or len(node.output) != 1:
             continue
         elif node.op_type in ELEMENTWISE:
-            tensors = {i: name for i, name in enumerate(node.input) if name and constants.get(name, 0) != 1}
-            sources = [blocked.get(name) for name in tensors.values()]
-            if not tensors or not all(s is not None and s.floats for s in sources):
-                continue
-            if any(name in constants for name in tensors.values()):
-                continue
-            if len({_attribute(s.reorder, "channels") for s in sources if s is not None}) != 1:
+            scalar = {name for name in node.input if name in constants and math.prod(constants[name].dims) == 1}
+            tensors = {i: name for i, name in enumerate(node.input) if name and name not in scalar}
+            if not tensors or not all(name in blocked and blocked[name].floats for name in tensors.values()):
+                continue  # a constant that is not a scalar is never blocked
+            sources = [blocked[name] for name in tensors.values()]
+            if len({_attribute(source.reorder, "channels") for source in sources}) != 1:
                 continue
             moved = twin(node, {i: blocked[name].name for i, name in tensors.items()})
             # The plain result, for consumers that need it: one reorder after the op instead of one before it.
             nodes.remove(node)
             plain = helper.make_node("ReorderOutput", [moved.output[0]], [node.output[0]], domain=NCHWC)
-            plain.attribute.extend(sources[0].reorder.attribute if sources[0] is not None else [])
+            plain.attribute.extend(sources[0].reorder.attribute)
             nodes.append(plain)
             blocked[node.output[0]] = _Blocked(moved.output[0], plain)
         elif node.op_type == "Cast" and node.input[0] in blocked:
@@ -119,9 +121,11 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
             moved = twin(node, {0: source.name})
             floats = _attribute(node, "to") == onnx.TensorProto.FLOAT
             blocked[node.output[0]] = _Blocked(moved.output[0], source.reorder, floats)
-        elif node.op_type == "Reshape" and node.input[0] in blocked and _is_flattening(graph, node.input[1]):
+            casts[node.output[0]] = node.input[0]
+        elif node.op_type == "Reshape" and node.input[0] in blocked and _is_flattening(constants.get(node.input[1])):
             moved = twin(node, {0: blocked[node.input[0]].name})
-            flat[node.output[0]] = (moved.output[0], _origin(node.input[0], nodes))
+            # The plain float tensor an integer-index Cast read: what the lookup reshapes back to.
+            flat[node.output[0]] = (moved.output[0], casts.get(node.input[0], node.input[0]))
         elif node.op_type == "GatherElements" and node.input[1] in flat and node.input[0] in constants:
             moved = twin(node, {1: flat[node.input[1]][0]})
             flat[node.output[0]] = (moved.output[0], flat[node.input[1]][1])
@@ -147,7 +151,6 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
             _is_reorder(node, "ReorderInput")
             and source is not None
             and source.floats
-            and source.name != node.input[0]
             and node.output[0] not in captured
         ):
             rename[node.output[0]] = source.name
@@ -167,27 +170,9 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     return edited
 
 
-def _is_flattening(graph: onnx.GraphProto, shape: str) -> bool:
-    """Whether ``shape`` is the constant ``[-1]`` (a Reshape to one axis)."""
-    for init in graph.initializer:
-        if init.name == shape:
-            return numpy_helper.to_array(init).reshape(-1).tolist() == [-1]
-    return False
-
-
-def _origin(tensor: str, nodes: list[onnx.NodeProto]) -> str:
-    """The plain float tensor an integer-index Cast read (``tensor`` is the Cast's output), else ``tensor``."""
-    for node in nodes:
-        if node.output and node.output[0] == tensor and node.op_type == "Cast":
-            return node.input[0]
-    return tensor
-
-
-def _size(init: onnx.TensorProto) -> int:
-    size = 1
-    for dim in init.dims:
-        size *= dim
-    return size
+def _is_flattening(shape: onnx.TensorProto | None) -> bool:
+    """Whether a Reshape's shape is the constant ``[-1]`` (a Reshape to one axis)."""
+    return shape is not None and numpy_helper.to_array(shape).reshape(-1).tolist() == [-1]
 
 
 def _captured(node: onnx.NodeProto) -> set[str]:
@@ -223,8 +208,6 @@ def blocked_session(
     ``current`` (a working session of the same graph, else a new one) is what runs when onnxruntime blocked
     nothing or anything on the way fails: a graph larger than protobuf can save, a temporary folder that cannot
     be written, an edited graph onnxruntime refuses (an error under ``STRICT``)."""
-    from espquant.runtime import create_session
-
     try:
         with tempfile.TemporaryDirectory(prefix="espquant-") as folder:
             path = os.path.join(folder, "optimized.onnx")

@@ -53,8 +53,6 @@ def simulate(
     total = sizes.pop() if len(sizes) == 1 else 0
     batched, step = batched_runs(model) if chunking.fixed == 1 and total > 1 else (None, 1)
     if batched is None:
-        if chunking.fixed is None:  # one run, as the caller's batch is (most calls)
-            return _run_once(model, checked, to_float), list(model.outputs)
         outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
         return outputs, list(model.outputs)
     batched.compiled, batched.threads = model.compiled, model.threads  # the caller's settings, as set now
