@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ __all__ = [
     "tensor_shape",
     "node_attributes",
     "set_initializer",
+    "WeightFactor",
+    "scale_initializers",
     "remove_nodes",
     "replace_nodes",
     "unique_name",
@@ -149,6 +152,48 @@ def set_initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> Non
             graph.initializer[index].CopyFrom(tensor)
             return
     graph.initializer.append(tensor)
+
+
+@dataclass(frozen=True)
+class WeightFactor:
+    """Multiply the initializer ``tensor`` by ``values`` (positive, float64, broadcast to the tensor's shape).
+
+    Cross-layer equalization is a set of these; a quantization table carries them (``QuantTable.model_for``),
+    so every consumer of the table rebuilds the same float weights from the user's model."""
+
+    tensor: str
+    values: np.ndarray
+
+
+def scale_initializers(model: onnx.ModelProto, factors: Sequence[WeightFactor]) -> onnx.ModelProto:
+    """A copy of ``model`` with each initializer multiplied by the product of its factors, in float64, stored
+    back in its own dtype once: the same factors always give the same weights, whoever applies them.
+
+    Raises:
+        ValueError: a factor names no float initializer or does not broadcast to its shape.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    initializers = {t.name: t for t in copy.graph.initializer}
+    combined: dict[str, np.ndarray] = {}
+    for factor in factors:
+        tensor = initializers.get(factor.tensor)
+        if tensor is None:
+            raise ValueError(f"no initializer {factor.tensor!r}")
+        shape = tuple(tensor.dims)
+        values = np.asarray(factor.values, dtype=np.float64)
+        if values.ndim > len(shape) or np.broadcast_shapes(values.shape, shape) != shape:
+            raise ValueError(
+                f"factors of shape {list(values.shape)} do not fit {factor.tensor!r} of shape {list(shape)}"
+            )
+        combined[factor.tensor] = combined.get(factor.tensor, np.float64(1.0)) * values
+    for name, values in combined.items():
+        original = numpy_helper.to_array(initializers[name])
+        if original.dtype.kind != "f":
+            raise ValueError(f"{name!r} is not a float tensor")
+        scaled = (original.astype(np.float64) * values).astype(original.dtype)
+        initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(scaled), name))
+    return copy
 
 
 def remove_nodes(graph: onnx.GraphProto, doomed: Iterable[onnx.NodeProto]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 from collections.abc import Iterable, Mapping
@@ -32,8 +33,10 @@ import onnx
 
 from espquant.errors import OptionError, QuantTableError
 from espquant.files import write_files
+from espquant.graph import WeightFactor, scale_initializers
 
 __all__ = [
+    "factors_metadata",
     "QuantTable",
     "graph_hash",
     "table_paths",
@@ -238,7 +241,34 @@ _METADATA_SCHEMA: dict[str, Any] = {
         )
     ),
     "checksum": lambda v: isinstance(v, str),
+    "weight_factors": lambda v: isinstance(v, list) and all(_valid_factor(f) for f in v),
 }
+
+MAX_FACTOR_VALUES = 1 << 24  # one factor's values: a weight's input channels by its output channels at most
+
+
+def _valid_factor(entry: Any) -> bool:
+    """A weight factor as the table stores it: ``{"tensor", "shape", "values"}``, positive finite values."""
+    if (
+        not isinstance(entry, dict)
+        or set(entry) != {"tensor", "shape", "values"}
+        or not isinstance(entry["tensor"], str)
+    ):
+        return False
+    shape, values = entry["shape"], entry["values"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        return False
+    if not isinstance(values, list) or len(values) > MAX_FACTOR_VALUES or len(values) != math.prod(shape):
+        return False
+    return all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in values)
+
+
+def factors_metadata(factors: Iterable[WeightFactor]) -> list[dict[str, Any]]:
+    """Weight factors as a table's ``weight_factors`` metadata (JSON: floats round-trip exactly)."""
+    return [
+        {"tensor": f.tensor, "shape": list(np.shape(f.values)), "values": np.ravel(f.values).astype(float).tolist()}
+        for f in factors
+    ]
 
 
 def _check_metadata(metadata: dict[str, Any], source: str) -> None:
@@ -385,6 +415,32 @@ class QuantTable:
             raise QuantTableError(
                 f"{source} has {len(value)} exponents for {name!r}, which has {channels} channels. Calibrate again."
             )
+
+    @property
+    def weight_factors(self) -> list[WeightFactor]:
+        """The factors calibration applied to the float weights (cross-layer equalization), in order."""
+        return [
+            WeightFactor(f["tensor"], np.asarray(f["values"], dtype=np.float64).reshape(f["shape"]))
+            for f in self.metadata.get("weight_factors") or []
+        ]
+
+    def model_for(
+        self, model: onnx.ModelProto, needed: Iterable[str] = (), source: str = "the table"
+    ) -> onnx.ModelProto:
+        """The float model this table's integers are made from: ``model`` (checked by ``check_model``) with the
+        table's weight factors applied; ``model`` itself when the table has none.
+
+        ``auto`` calibration equalizes per-tensor weights by rescaling channels (``optimizer/equalize.py``). It
+        records the factors here instead of writing another model, so the user's model stays the one to
+        evaluate and export: every consumer rebuilds the same weights from it."""
+        self.check_model(model, needed, source)
+        factors = self.weight_factors
+        if not factors:
+            return model
+        try:
+            return scale_initializers(model, factors)
+        except ValueError as error:
+            raise QuantTableError(f"{source}: its weight factors do not fit the model ({error}).") from error
 
     def check_model(self, model: onnx.ModelProto, needed: Iterable[str], source: str = "the table") -> None:
         """Refuse a table made for another model, or one that misses tensors the model needs."""

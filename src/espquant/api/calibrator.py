@@ -10,7 +10,13 @@ from pathlib import Path
 
 import onnx
 
-from espquant.calibration.engine import CalibrationResult, calibrate_model, sample_count, validate_method
+from espquant.calibration.engine import (
+    CalibrationResult,
+    calibrate_model,
+    sample_count,
+    validate_method,
+    with_factors_applied,
+)
 from espquant.checker import legacy_check, parse_bits
 from espquant.errors import OptionError
 from espquant.model_io import save_model
@@ -176,6 +182,8 @@ def save_calibration(
     """Write the table (pickle + JSON twin) and, when CLE or bias correction changed the float model, that
     model beside it (``calibrated_model_path``), named in the table's metadata so a mismatch says which
     model to use. Returns the pickle, the twin and the model path (None when the model is unchanged)."""
+    if table_format == "legacy":  # the original toolkit reads the pickle's scales with the model's own weights
+        result = with_factors_applied(result)
     model_path = None
     if result.transforms and result.model is not None:
         model_path = calibrated_model_path(table_path)

@@ -70,9 +70,10 @@ from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.weight_rounding import rounded_weight_model
 from espquant.errors import EspquantError
-from espquant.graph import GraphView
+from espquant.graph import GraphView, WeightFactor, scale_initializers
 from espquant.ops import ExponentRule, get_op_spec
-from espquant.quant.pot import qmax
+from espquant.optimizer.equalize import Equalization
+from espquant.quant.pot import exponent_for_max_abs, qmax
 from espquant.quant.profiles import TargetProfile
 from espquant.runtime import create_session
 from espquant.table import QuantTable
@@ -127,6 +128,9 @@ class SearchResult:
     choices: dict[str, str] = field(default_factory=dict)  # tensor -> the method(s) whose exponent won
     rounded_layers: int = 0  # layers whose weights were rounded by layer output (weight_rounding.py)
     narrowed_weights: dict[str, int] = field(default_factory=dict)  # weight -> its exponent's offset from the method's
+    # Cross-layer equalization kept (``model`` has them applied): the factors, and the pairs they rescale.
+    weight_factors: list[WeightFactor] = field(default_factory=list)
+    equalized_pairs: int = 0
 
 
 @dataclass
@@ -138,6 +142,9 @@ class _Variant:
     weight_method: str
     corrected: int = 0
     rounded: int = 0
+    equalization: Equalization | None = None  # applied to ``model``
+    # The float values of the tensors equalization rescales (the search's reference holds the plain model's).
+    reference: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _relative_error(simulated: np.ndarray, reference: np.ndarray, power: float) -> float:
@@ -287,12 +294,19 @@ class _Search:
             return float("inf")
         return float(np.mean([_relative_deviation(values[o], self.reference[o], self.magnitude[o]) for o in outputs]))
 
-    def tensor_error(self, values: dict[str, np.ndarray] | None, tensor: str) -> float:
+    def tensor_error(self, values: dict[str, np.ndarray] | None, tensor: str, variant: _Variant) -> float:
         if values is None:
             return float("inf")
-        if tensor not in values or tensor not in self.reference:
+        reference = variant.reference.get(tensor, self.reference.get(tensor))
+        if tensor not in values or reference is None:
             return 0.0
-        return _relative_error(values[tensor], self.reference[tensor], self.power[tensor])
+        if tensor not in variant.reference:
+            return _relative_error(values[tensor], reference, self.power[tensor])
+        return _relative_error(values[tensor], reference, _power(reference))
+
+    def reference_of(self, variant: _Variant) -> dict[str, np.ndarray]:
+        """The float values of ``variant``'s model: the plain model's, with what equalization rescales."""
+        return self.reference | variant.reference if variant.reference else self.reference
 
 
 def _candidates(
@@ -321,7 +335,7 @@ def _layerwise(
         for exponent in options[name]:
             trial = current | {name: exponent}
             values = search.simulate(variant, trial, name)
-            scores.append((search.tensor_error(values, name), -exponent))
+            scores.append((search.tensor_error(values, name, variant), -exponent))
             _remember(best, search.output_error(values, outputs), trial)
         current[name] = -min(scores)[1]
 
@@ -486,6 +500,52 @@ def _walk_heads(
                 break
 
 
+EQUALIZED_TOLERANCE = 1e-4  # largest change of an output, relative to its largest value, equalization may make
+
+
+def _equalized(
+    search: _Search,
+    model: onnx.ModelProto,
+    equalization: Equalization | None,
+    peaks: dict[str, np.ndarray],
+    candidates: dict[str, dict[str, int]],
+    source: dict[str, str],
+    width: Callable[[str], int],
+    outputs: Sequence[str],
+    providers: Sequence[str],
+    threads: int | None,
+) -> tuple[dict[str, _Variant], dict[str, dict[str, int]]] | None:
+    """The equalized twins of the model (per weight method) and the candidates of the tensors they rescale, or
+    None when there is nothing to equalize or the float outputs on the search samples move by more than
+    ``EQUALIZED_TOLERANCE`` (a clamp reached after all: equalization must not change the float model).
+
+    A rescaled tensor's candidates keep each method's offset from min-max; its min-max exponent is that of its
+    largest channel after rescaling (``peaks``, over all the calibration data)."""
+    if equalization is None or not equalization.factors:
+        return None
+    equalized = scale_initializers(model, equalization.factors)
+    rescaled = list(equalization.divisors)
+    values = float_reference(equalized, [*rescaled, *outputs], search.samples, providers, threads)
+    for output in outputs:
+        reference = search.reference[output]
+        change = float(np.max(np.abs(values[output] - reference), initial=0.0))
+        if change > EQUALIZED_TOLERANCE * float(np.max(np.abs(reference), initial=TINY)):
+            logger.info("equalization left out: it changes output %r by %.3g on the search samples", output, change)
+            return None
+    moved = {}
+    for name, src in source.items():
+        if src in equalization.divisors and src in peaks and name in candidates:
+            top = float(np.max(peaks[src] / equalization.divisors[src], initial=0.0))
+            shift = exponent_for_max_abs(top, width(name)) - candidates[name]["minmax"]
+            moved[name] = {method: exponent + shift for method, exponent in candidates[name].items()}
+    plan = plan_calibration(equalized)
+    rescaled_values = {t: values[t] for t in rescaled if t in values}
+    variants = {
+        w: _Variant(equalized, plan, w, equalization=equalization, reference=rescaled_values) for w in ("minmax", "mse")
+    }
+    return variants, candidates | moved
+
+
 def search_exponents(
     model: onnx.ModelProto,
     plan: CalibrationPlan,
@@ -505,6 +565,8 @@ def search_exponents(
     threads: int | None = None,
     greedy_passes: int = GREEDY_PASSES,
     max_simulations: int = MAX_SIMULATIONS,
+    equalization: Equalization | None = None,
+    peaks: dict[str, np.ndarray] | None = None,
 ) -> SearchResult:
     """Choose the activation exponents by simulated error (module docstring).
 
@@ -515,13 +577,15 @@ def search_exponents(
         own: the exponents of the tensors' own ranges where the table gives them their reader's
             (``cover_aligned_inputs``).
         profile: the target simulated (the table stays target-independent).
+        equalization: cross-layer equalization to measure against the plain weights (per-tensor targets);
+            ``peaks`` (the largest ``|x|`` of each channel of the tensors it rescales, on the calibration data)
+            give the rescaled tensors their candidate exponents.
     """
     width = lambda name: widths.get(name, bits)  # noqa: E731
     source = {name: name for name in observers} | dict(range_from)
     candidates = _candidates(observers, source, width)
     positions = {o: i for i, node in enumerate(model.graph.node) for o in node.output}
     order = sorted(source, key=lambda name: positions.get(name, -1))
-    options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
     outputs = [o.name for o in model.graph.output]
     wanted = bias_correction or weight_rounding
     layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
@@ -529,16 +593,26 @@ def search_exponents(
     search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {})
     search.magnitude |= dict.fromkeys(probability_outputs(model, outputs), 1.0)
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
-    starts = []  # the four fixed methods' own tables: the search starts from the best of them
-    for method in OBSERVER_METHODS:
-        observed = {name: c.get(method, c["minmax"]) for name, c in candidates.items()}
-        variant = plain["mse" if method == "mse" else "minmax"]
-        error = search.output_error(search.simulate(variant, observed), outputs)
-        starts.append((error, OBSERVER_METHODS.index(method), variant, observed))
+    families = [(plain, candidates)]
+    equalized = _equalized(
+        search, model, equalization, peaks or {}, candidates, source, width, outputs, providers, threads
+    )
+    if equalized is not None:  # its four tables come on top of the budget, which the plain model's would fill
+        families.append(equalized)
+        max_simulations += len(OBSERVER_METHODS)
+    starts = []  # the four fixed methods' own tables (with and without equalization): the best is the start
+    for family, (bases, family_candidates) in enumerate(families):
+        for method in OBSERVER_METHODS:
+            observed = {name: c.get(method, c["minmax"]) for name, c in family_candidates.items()}
+            variant = bases["mse" if method == "mse" else "minmax"]
+            error = search.output_error(search.simulate(variant, observed), outputs)
+            starts.append((error, family, OBSERVER_METHODS.index(method), variant, observed))
     minmax_error = starts[0][0]
-    error, _, variant, observed = min(starts, key=lambda s: s[:2])
+    error, family, _, variant, observed = min(starts, key=lambda s: s[:3])
+    bases, candidates = families[family]
+    options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
     if bias_correction:
-        corrected = _corrected(search, variant, observed, reference, layer_inputs, variant.weight_method)
+        corrected = _corrected(search, variant, observed, layer_inputs, variant.weight_method)
         corrected_error = search.output_error(search.simulate(corrected, observed), outputs) if corrected else error
         if corrected is not None and corrected_error < error:
             variant, error = corrected, corrected_error
@@ -552,7 +626,7 @@ def search_exponents(
     narrowed = _walk_weights(search, variant, spread, outputs, best)
     error, chosen = best
     if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
-        rounded = _rounded(search, plain[variant.weight_method], chosen, reference, layer_inputs)
+        rounded = _rounded(search, bases[variant.weight_method], chosen, layer_inputs)
         rounded_error = search.output_error(search.simulate(rounded, chosen), outputs) if rounded else error
         logger.info("weight rounding: output error %.4g (nearest rounding %.4g)", rounded_error, error)
         if rounded is not None and rounded_error < error:
@@ -579,34 +653,26 @@ def search_exponents(
         choices,
         variant.rounded,
         narrowed,
+        variant.equalization.factors if variant.equalization else [],
+        variant.equalization.pairs if variant.equalization else 0,
     )
 
 
 def _corrected(
-    search: _Search,
-    base: _Variant,
-    observed: dict[str, int],
-    reference: dict[str, np.ndarray],
-    layer_inputs: list[str],
-    weight_method: str,
+    search: _Search, base: _Variant, observed: dict[str, int], layer_inputs: list[str], weight_method: str
 ) -> _Variant | None:
     """The bias-corrected twin of ``base`` for the weight exponents of this table (None: nothing to correct)."""
     weighted = _Variant(base.model, base.plan, weight_method)
     exponents = search.table(weighted, observed).exponents
     bits_of = base.plan.weight_widths(search.widths, search.bits)
-    model, count = correct_biases(base.model, base.plan, exponents, channel_means(reference, layer_inputs), bits_of)
+    means = channel_means(search.reference_of(base), layer_inputs)
+    model, count = correct_biases(base.model, base.plan, exponents, means, bits_of)
     if not count:
         return None
-    return _Variant(model, plan_calibration(model), weight_method, count)
+    return _Variant(model, plan_calibration(model), weight_method, count, 0, base.equalization, base.reference)
 
 
-def _rounded(
-    search: _Search,
-    base: _Variant,
-    observed: dict[str, int],
-    reference: dict[str, np.ndarray],
-    layer_inputs: list[str],
-) -> _Variant | None:
+def _rounded(search: _Search, base: _Variant, observed: dict[str, int], layer_inputs: list[str]) -> _Variant | None:
     """``base`` with its weights rounded by layer output for this table (``weight_rounding.py``), from one
     simulation that exposes the layer inputs; None when no layer changed or the table cannot run."""
     table = search.table(base, observed)
@@ -615,6 +681,7 @@ def _rounded(
     if simulated is None:
         return None
     bits_of = base.plan.weight_widths(search.widths, search.bits)
+    reference = search.reference_of(base)
     model, stats = rounded_weight_model(base.model, base.plan, table.exponents, reference, simulated, bits_of)
     if not stats.flipped:
         return None
@@ -626,4 +693,6 @@ def _rounded(
         stats.cost_nearest,
         stats.cost_chosen,
     )
-    return _Variant(model, plan_calibration(model), base.weight_method, rounded=stats.layers)
+    return _Variant(
+        model, plan_calibration(model), base.weight_method, 0, stats.layers, base.equalization, base.reference
+    )

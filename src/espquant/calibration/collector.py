@@ -162,6 +162,17 @@ def _poolable(model: onnx.ModelProto, names: Sequence[str]) -> dict[str, int]:
     return result
 
 
+def _update_peaks(peaks: dict[str, np.ndarray], values: dict[str, np.ndarray], pooled: dict[str, int]) -> None:
+    """Raise each channel's peak in ``peaks`` to this batch's largest ``|x|`` (pooled tensors: their maxima)."""
+    for name in peaks:
+        value = values.get(name)
+        if value is None or value.ndim < 2 or not value.size:
+            continue
+        axes = (0,) if name in pooled else tuple(a for a in range(value.ndim) if a != 1)
+        batch_peak = np.abs(value).max(axis=axes).astype(np.float64)
+        peaks[name] = np.maximum(peaks[name], batch_peak) if peaks[name].size else batch_peak
+
+
 def collect(
     model: onnx.ModelProto,
     observers: dict[str, Observer],
@@ -170,11 +181,16 @@ def collect(
     on_batch: Callable[[int], None] | None = None,
     threads: int | None = None,
     chunking: Chunking = DYNAMIC_BATCH,
+    peaks: dict[str, np.ndarray] | None = None,
 ) -> int:
     """Feed every batch through the model and the observers; returns the number of samples seen.
 
     A model that fixes its batch to B (``chunking``) runs each batch B samples at a time and the observers see
-    the joined batch, so statistics (the histograms' per-batch subsample) match a dynamic-batch twin's."""
+    the joined batch, so statistics (the histograms' per-batch subsample) match a dynamic-batch twin's.
+
+    ``peaks``: observed tensors whose largest ``|x|`` per channel (axis 1) is wanted too, each starting as an
+    empty array and filled in place (cross-layer equalization through a clamped activation needs each channel's
+    distance to the clamp)."""
     inputs = {i.name for i in model.graph.input}
     ranges_only = all(isinstance(o, MinMaxObserver) for o in observers.values())  # no histogram to fill
     derived = _clamp_derivations(model, observers) if ranges_only else {}
@@ -211,6 +227,8 @@ def collect(
                         f"tensor {name!r} reaches inf or NaN in the float model on this calibration data, which no "
                         "exponent represents: check the data's range (normalised as in training?) and the weights."
                     ) from exc
+        if peaks is not None:
+            _update_peaks(peaks, dict(zip(measured, values)), pooled)
         for name, (source, low, high) in derived.items():
             if source in ranges:
                 lo, hi, count = ranges[source]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -41,10 +41,10 @@ from espquant.errors import EspquantError, OptionError
 from espquant.graph import tensor_shape
 from espquant.ops import ExponentRule
 from espquant.ops.activations import SOFTMAX_FAMILY
-from espquant.optimizer.equalize import equalized_copy
+from espquant.optimizer.equalize import equalization_factors, equalization_pairs, equalized_copy
 from espquant.quant.pot import exponent_for_max_abs, qmax
 from espquant.quant.profiles import TargetProfile, get_target
-from espquant.table import FORMAT_VERSION, QuantTable, graph_hash
+from espquant.table import FORMAT_VERSION, QuantTable, factors_metadata, graph_hash
 
 __all__ = [
     "CalibrationResult",
@@ -103,6 +103,19 @@ class CalibrationResult:
     # names what changed; the table's graph hash is this model's, so evaluate and export must be given it).
     model: onnx.ModelProto | None = None
     transforms: list[str] = field(default_factory=list)
+
+
+def with_factors_applied(result: CalibrationResult) -> CalibrationResult:
+    """``result`` with the table's weight factors (``auto``'s equalization) applied to its model: the table then
+    describes a model with those weights, written beside it. For readers that know only the weights of the
+    model they are given, the original toolkit's first of all (its legacy pickle holds no factors)."""
+    if result.model is None or not result.table.weight_factors:
+        return result
+    model = result.table.model_for(result.model)
+    metadata = {k: v for k, v in result.table.metadata.items() if k != "weight_factors"}
+    metadata |= {"graph_hash": graph_hash(model), "model_transforms": [*result.transforms, "cle"]}
+    table = QuantTable(dict(result.table.exponents), metadata)
+    return replace(result, table=table, model=model, transforms=[*result.transforms, "cle"])
 
 
 # The auto search on a model with a fixed batch runs the simulator once per B samples, unless the simulator runs
@@ -198,7 +211,14 @@ def calibrate_model(
         limit = min(limit, fixed_limit)  # (auto decides once it knows whether the simulator batches the model)
     if method == "auto" or correct or rounding:
         batches = _capturing(batches, limit, kept)
-    samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking)
+    # auto measures cross-layer equalization too, clamped pairs (ReLU6) included: the peak of each channel of
+    # the tensors it rescales says how far a clamped channel may move and what range each tensor gets then
+    # (optimizer/equalize.py). Per-channel weights need it less, but the activations' one exponent gains.
+    equalize = method == "auto" and not cle
+    pairs = equalization_pairs(model_proto, clamped=True) if equalize else []
+    peaks = {t: np.zeros(0) for p in pairs for t in p.tensors}
+    peaks = {name: value for name, value in peaks.items() if name in observers}
+    samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking, peaks)
     int16 = resolve_int16_layers(plan, list(int16_layers))
     widths = tensor_widths(model_proto, plan, bits, int16)
     widened = _softmax_needing_int16(model_proto, plan, observers, bits, widths, granularity == "per-channel")
@@ -217,19 +237,26 @@ def calibrate_model(
         if not _simulated_together(model_proto, table, _search_profile(per_channel), bits):
             kept_samples = _joined([{k: v[:fixed_limit] for k, v in kept_samples.items()}], chunking)
     kept_count = int(len(next(iter(kept_samples.values())))) if kept_samples else 0
+    weights_model, weights_plan = model_proto, plan  # the float weights the integers are made from
     if method == "auto":
         search = search_exponents(
             model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
             kept_samples, _search_profile(per_channel),
             bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
             max_simulations=simulation_budget(samples, kept_count),
+            equalization=equalization_factors(model_proto, peaks) if equalize else None, peaks=peaks,
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
-        if search.corrected_biases or search.rounded_layers:
+        if search.corrected_biases or search.rounded_layers:  # asked for: the changed model is written
             model_proto = search.model
             plan = plan_calibration(model_proto)
+            transforms.extend(["cle"] if search.weight_factors else [])
             transforms.append("bias_correction" if search.corrected_biases else "weight_rounding")
+        elif search.weight_factors:  # the table carries the factors: the user's model stays the one to export
+            weights_model, weights_plan = search.model, plan_calibration(search.model)
+            extra["weight_factors"] = factors_metadata(search.weight_factors)
+        extra["cle_pairs"] = search.equalized_pairs
         extra["auto"] = {
             "weight_method": search.weight_method,
             "output_error": search.error,
@@ -242,7 +269,7 @@ def calibrate_model(
     else:
         observed = _fixed_method_observed(observers, plan, widths, bits)
     cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
-    assignment = assign_exponents(model_proto, plan, observed, bits, per_channel, widths, weight_method)
+    assignment = assign_exponents(weights_model, weights_plan, observed, bits, per_channel, widths, weight_method)
     _warn_drowned_members(plan, observed, assignment.exponents, widths, bits)
     # Rounding first: its weights lie on the grid with their bias already corrected, so bias correction after
     # it finds nothing to move there and corrects only the layers rounding left at nearest (the other order

@@ -137,6 +137,7 @@ def calibrate(
     target = output or model.with_name(f"{model.stem}_calib.pickle")
     model_out = calibrated_model_path(target)  # written only when CLE / bias correction / rounding change weights
     may_change = bool(cle) or bool(bias_correction) or bool(weight_rounding)
+    may_change |= table_format == "legacy" and method == "auto"  # equalization baked into the model (legacy pickle)
     outputs = [*table_paths(target), *([model_out] if may_change else [])]
     guard_outputs(outputs, [model, data_path], force)  # before the work, not after it
     calibrator = Calibrator(

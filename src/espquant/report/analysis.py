@@ -190,6 +190,9 @@ def analyze(
 
     table = table if isinstance(table, QuantTable) else QuantTable.load(table)
     quantized = lower_for_target(model_proto, table, target)
+    # The float reference of every tensor: the model the table's integers come from (equalization rescales the
+    # channels of the tensors between an equalized pair, nothing else).
+    model_proto = table.model_for(model_proto)
     arrays = validated_feeds(model_proto, data, "the data")  # shapes, dtype, NaN: before onnxruntime sees it
     total = len(next(iter(arrays.values())))
     producers = {node.outputs[0]: node for node in quantized.nodes if node.outputs}

@@ -489,7 +489,7 @@ def build_legacy_model(
         raise UnsupportedOpError(f"int{bits}: the legacy library runs int8 or int16 models.")
     if table.metadata.get("int16_layers"):
         raise UnsupportedModelError("the legacy ESP-DL library runs one width per model; this table mixes int8/int16.")
-    table.check_model(model, [])
+    model = table.model_for(model)  # the table's weight factors (equalization) applied
     lowering = _Lowering(model, table, bits)
     inputs = [i.name for i in model.graph.input if i.name in lowering.view.graph_inputs]
     if len(inputs) != 1:

@@ -55,10 +55,12 @@ def build_quantized_model(
 ) -> QuantizedModel:
     """Integer model of ``model`` under ``table`` for ``profile`` (see the module docstring)."""
     plan = plan_calibration(model)
+    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
+    equalized = table.model_for(model, sorted(needed))  # the table's weight factors (equalization) applied
+    if equalized is not model:  # the plan's nodes must be the nodes of the model lowered (fused Relu by identity)
+        model, plan = equalized, plan_calibration(equalized)
     view = GraphView(model.graph)
     opset = opset_version(model)
-    needed = set(plan.activations) | set(plan.fixed) | {w.tensor for w in plan.weights} | set(plan.constants)
-    table.check_model(model, sorted(needed))
     for use in plan.weights:
         shape = view.array(use.tensor).shape
         channels = shape[use.channel_axis] if use.channel_axis is not None and shape else 1
