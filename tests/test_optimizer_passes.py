@@ -110,6 +110,23 @@ def test_batchnorm_not_folded_when_layer_output_has_other_readers(rng):
     assert_same_outputs(model, optimized, {"x": _x(rng, 1, 2, 4, 4)})
 
 
+@pytest.mark.parametrize("taken", ["10", "11", "12", "13", "14"])
+def test_batchnorm_folds_when_the_graph_uses_numbered_names(rng, taken):
+    """torch names tensors "82", "83" ...; onnxoptimizer's batch-norm fusion names its copies of the parameters
+    "10" ... "14" whatever the graph holds: a clash made an invalid graph. Its result is refused and our own
+    fold does the work."""
+    inits = {"W": _x(rng, 3, 2, 3, 3), **bn_params(rng, 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", kernel_shape=[3, 3]),
+        bn_node("c", "b"),
+        helper.make_node("Relu", ["b"], [taken], name="relu"),
+    ]
+    model = make_model(nodes, [tensor("x", ["N", 2, 6, 6])], [tensor(taken, None)], inits)
+    optimized, report = optimize_model_with_report(model)
+    assert op_types(optimized) == ["Conv", "Relu"]
+    assert_same_outputs(model, optimized, {"x": _x(rng, 2, 2, 6, 6)})
+
+
 def test_lone_batchnorm_becomes_mul_add(rng):
     #   x(2,3,4,4) -> BatchNormalization -> y
     model = make_model([bn_node("x", "y")], [tensor("x", [2, 3, 4, 4])], [tensor("y", [2, 3, 4, 4])], bn_params(rng, 3))

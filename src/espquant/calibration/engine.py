@@ -103,6 +103,9 @@ class CalibrationResult:
     # names what changed; the table's graph hash is this model's, so evaluate and export must be given it).
     model: onnx.ModelProto | None = None
     transforms: list[str] = field(default_factory=list)
+    # Tensors that cross-layer equalization rescaled -> their largest |x| after it (the observers measured them
+    # before): what a table printout shows for them.
+    rescaled: dict[str, float] = field(default_factory=dict)
 
 
 def with_factors_applied(result: CalibrationResult) -> CalibrationResult:
@@ -238,13 +241,15 @@ def calibrate_model(
             kept_samples = _joined([{k: v[:fixed_limit] for k, v in kept_samples.items()}], chunking)
     kept_count = int(len(next(iter(kept_samples.values())))) if kept_samples else 0
     weights_model, weights_plan = model_proto, plan  # the float weights the integers are made from
+    rescaled: dict[str, float] = {}
     if method == "auto":
+        equalization = equalization_factors(model_proto, peaks) if equalize else None
         search = search_exponents(
             model_proto, plan, observers, plan.range_from, bits, per_channel, widths, int16,
             kept_samples, _search_profile(per_channel),
             bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
             max_simulations=simulation_budget(samples, kept_count),
-            equalization=equalization_factors(model_proto, peaks) if equalize else None, peaks=peaks,
+            equalization=equalization, peaks=peaks,
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
@@ -257,6 +262,9 @@ def calibrate_model(
             weights_model, weights_plan = search.model, plan_calibration(search.model)
             extra["weight_factors"] = factors_metadata(search.weight_factors)
         extra["cle_pairs"] = search.equalized_pairs
+        if search.weight_factors and equalization is not None:
+            divisors = equalization.divisors
+            rescaled = {t: float(np.max(peaks[t] / divisors[t], initial=0.0)) for t in divisors if t in peaks}
         extra["auto"] = {
             "weight_method": search.weight_method,
             "output_error": search.error,
@@ -310,7 +318,7 @@ def calibrate_model(
     table = QuantTable(assignment.exponents, metadata)
     return CalibrationResult(
         table, observers, samples, assignment.requantize, dict(plan.range_from), fallbacks, dict(widths),
-        model_proto, transforms,
+        model_proto, transforms, rescaled,
     )
 
 

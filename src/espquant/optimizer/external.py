@@ -114,17 +114,23 @@ def _wrap(
         before = Counter(node.op_type for node in model.graph.node)
         inits_before = len(model.graph.initializer)
         try:
-            if skeleton:
-                light, stubbed = _skeleton(model)
-                _restore(model, onnxoptimizer.optimize(light, [name]), stubbed)
-            else:
-                model.CopyFrom(onnxoptimizer.optimize(model, [name]))
+            light, stubbed = _skeleton(model) if skeleton else (model, {})
+            result = onnxoptimizer.optimize(light, [name])
         except Exception as exc:  # onnxoptimizer raises bare RuntimeErrors from C++
             message = f"onnxoptimizer pass {name} failed and was skipped: {exc}"
             logger.warning(message)
             return PassResult(warnings=(message,))
         if then is not None:
-            then(model)
+            then(result)
+        twice = _defined_twice(result)
+        if twice:  # its new tensors took names the graph already uses (torch's numbered outputs: "82")
+            message = f"onnxoptimizer pass {name} named new tensors like existing ones ({twice[0]!r}) and was skipped"
+            logger.warning(message)
+            return PassResult(warnings=(message,))
+        if skeleton:
+            _restore(model, result, stubbed)
+        else:
+            model.CopyFrom(result)
         after = Counter(node.op_type for node in model.graph.node)
         inits_after = len(model.graph.initializer)
         details = _describe(before, after, inits_before, inits_after)
@@ -132,6 +138,14 @@ def _wrap(
         return PassResult(changes=edits + abs(inits_after - inits_before), details=tuple(details))
 
     return OptimizerPass(name=name, run=run, summary=summary, source="onnxoptimizer")
+
+
+def _defined_twice(model: onnx.ModelProto) -> list[str]:
+    """Tensor names that two definitions share (node outputs, initializers, graph inputs): an invalid graph."""
+    initializers = [t.name for t in model.graph.initializer]
+    names = [o for node in model.graph.node for o in node.output if o] + initializers
+    names += [i.name for i in model.graph.input if i.name not in set(initializers)]
+    return [name for name, count in Counter(names).items() if count > 1]
 
 
 def _has_op(*op_types: str) -> Applicable:
