@@ -58,3 +58,42 @@ def bn_node(x: str, y: str, prefix: str = "bn", epsilon: float = 1e-3) -> onnx.N
         epsilon=epsilon,
         name=f"{prefix}_node",
     )
+
+
+RELU6_BOUND = 6.0
+
+
+def relu6_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """A MobileNetV2-style block whose depthwise channels differ ~100x in range (BatchNorm folding does that),
+    four stem channels reaching the ReLU6's clamp on N(0.5, 1) inputs:
+    ``x[N,3,12,12] -> Conv -> Clip(0, 6) -> depthwise Conv -> Relu -> Conv -> y[N,4,12,12]``."""
+
+    def conv(name: str, x: str, y: str, group: int = 1) -> onnx.NodeProto:
+        return helper.make_node(
+            "Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name, kernel_shape=[3, 3], pads=[1] * 4, group=group
+        )
+
+    def clip(x: str, y: str) -> onnx.NodeProto:
+        return helper.make_node("Clip", [x, "zero", "six"], [y], name=f"clip_{y}")
+
+    w1 = rng.normal(0, 0.05, (16, 3, 3, 3)).astype(np.float32)
+    w1[:4] *= 40  # channels that reach the clamp on the data
+    w2 = rng.normal(0, 1, (16, 1, 3, 3)) * np.logspace(-2, 0, 16)[rng.permutation(16)].reshape(-1, 1, 1, 1)
+    inits = {
+        "c1.w": w1,
+        "c1.b": rng.normal(0, 0.05, 16).astype(np.float32),
+        "c2.w": w2.astype(np.float32),
+        "c2.b": rng.normal(0, 0.05, 16).astype(np.float32),
+        "c3.w": rng.normal(0, 0.2, (4, 16, 3, 3)).astype(np.float32),
+        "c3.b": rng.normal(0, 0.05, 4).astype(np.float32),
+        "zero": np.float32(0.0),
+        "six": np.float32(RELU6_BOUND),
+    }
+    nodes = [
+        conv("c1", "x", "a"),
+        clip("a", "a6"),
+        conv("c2", "a6", "b", group=16),
+        helper.make_node("Relu", ["b"], ["b6"], name="relu_b"),
+        conv("c3", "b6", "y"),
+    ]
+    return make_model(nodes, [tensor("x", ["N", 3, 12, 12])], [tensor("y", ["N", 4, 12, 12])], inits)

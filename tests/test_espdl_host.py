@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from conftest import shared_dir
 from espquant import Calibrator, Evaluator
 from espquant.calibration.engine import calibrate_model
-from helpers import make_model, tensor
+from helpers import make_model, relu6_block, tensor
 
 HOST = shared_dir() / "tools" / "espdl-host" / "bin"
 needs_host = pytest.mark.skipif(
@@ -389,6 +389,27 @@ def test_espressif_runtime_runs_a_saturated_depthwise_weight_as_simulated(tmp_pa
         binary, extra = RUNNERS[target]
         evaluator = Evaluator("int8", "per-tensor", target)
         evaluator.generate_quantized_model(result.model, result.table)
+        path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
+        run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+
+
+@needs_host
+@pytest.mark.parametrize(
+    "granularity, targets", [("per-tensor", ("esp32c3", "esp32s3")), ("per-channel", ("esp32p4",))]
+)
+def test_espressif_runtime_runs_the_weights_equalization_gives(granularity, targets, tmp_path):
+    """auto's cross-layer equalization (ReLU6 pair included) lives in the table as weight factors: the file
+    written from the user's model holds the rescaled integers, and ESP-DL computes the embedded outputs."""
+    rng = np.random.default_rng(7)
+    model = relu6_block(rng)
+    data = rng.normal(0.5, 1.0, (96, 3, 12, 12)).astype(np.float32)
+    result = calibrate_model(model, data, 8, granularity, "auto")
+    assert result.table.weight_factors and result.model is model
+    for target in targets:
+        binary, extra = RUNNERS[target]
+        evaluator = Evaluator("int8", granularity, target)
+        evaluator.generate_quantized_model(model, result.table)
         path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
         run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"

@@ -84,6 +84,7 @@ class QuantizeResult:
     qdq_agreement: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     model_transforms: list[str] = field(default_factory=list)  # what calibration changed in the float weights
+    equalized_pairs: int = 0  # Conv pairs that auto's cross-layer equalization rescaled (factors in the table)
 
     def to_dict(self) -> dict[str, Any]:
         evaluation = self.evaluation.to_dict()
@@ -111,6 +112,7 @@ class QuantizeResult:
             "qdq_agreement": self.qdq_agreement,
             "warnings": self.warnings,
             "model_transforms": self.model_transforms,
+            "equalized_pairs": self.equalized_pairs,
         }
 
 
@@ -404,6 +406,7 @@ def quantize(
         qdq_agreement=agreement,
         warnings=warnings + list(report.warnings),
         model_transforms=transforms,
+        equalized_pairs=int(result.table.metadata.get("cle_pairs") or 0) if result.table.weight_factors else 0,
     )
 
 

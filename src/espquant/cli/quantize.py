@@ -182,6 +182,8 @@ def print_summary(result: Any, model: Path, console: Console = out) -> None:
         table.add_row("", f"every layer: espquant report {result.optimized_model} --table {result.table} --data ...")
     table.add_row("file size", f"{result.file_bytes:,} bytes")
     table.add_row("optimizer", "; ".join(result.fused) or "nothing to fuse")
+    if result.equalized_pairs:
+        table.add_row("equalization", f"{result.equalized_pairs} Conv pair(s) rescaled (weight factors in the table)")
     table.add_row("int8 fallback", ", ".join(result.fallbacks) or "none")
     if result.self_test:
         passed = all(row["equal"] for row in result.self_test)
