@@ -278,3 +278,27 @@ def test_cli_calibrate_then_export_the_same_model(block, tmp_path):
     assert math.isclose(
         float(np.abs(run(written, {"x": data[:8]})[0] - run(model, {"x": data[:8]})[0]).max()), 0.0, abs_tol=1e-4
     )
+
+
+@pytest.mark.parametrize("margin, families", [(0.0, 1), (1e9, 2)])
+def test_close_families_are_both_searched_and_the_better_kept(block, monkeypatch, margin, families):
+    """Starts within FAMILY_MARGIN of the best: the plain and the equalized model both get stages 1-2, and the
+    result is the better of the two searches (the starts alone can pick the one whose search ends behind)."""
+    from espquant.calibration import auto as auto_module
+
+    model, data = block
+    refined = []
+    original = auto_module._refined
+
+    def recording(search, variant, *args, **kwargs):
+        best = original(search, variant, *args, **kwargs)
+        refined.append((variant.equalization is not None, best[0]))
+        return best
+
+    monkeypatch.setattr(auto_module, "FAMILY_MARGIN", margin)
+    monkeypatch.setattr(auto_module, "_refined", recording)
+    result = calibrate_model(model, data[:64], 8, "per-tensor", "auto")
+    assert len(refined) == families and len({equalized for equalized, _ in refined}) == families
+    chosen = min(refined, key=lambda r: r[1])
+    assert bool(result.table.weight_factors) == chosen[0]
+    assert result.table.metadata["auto"]["output_error"] <= chosen[1]

@@ -504,6 +504,28 @@ def _walk_heads(
                 break
 
 
+def _refined(
+    search: _Search,
+    variant: _Variant,
+    order: list[str],
+    candidates: dict[str, dict[str, int]],
+    observed: dict[str, int],
+    error: float,
+    outputs: Sequence[str],
+    greedy_passes: int,
+    stop: int,
+) -> list:
+    """Stages 1-2 from the table ``observed`` (output error ``error``) until ``stop`` evaluations: the best
+    table found, as ``[error, observed]``."""
+    options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
+    best = [error, dict(observed)]
+    current = dict(observed)
+    _layerwise(search, variant, order, options, current, outputs, best, stop)
+    _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
+    _greedy(search, variant, order, outputs, best, greedy_passes, stop)
+    return best
+
+
 EQUALIZED_TOLERANCE = 1e-4  # largest change of an output, relative to its largest value, equalization may make
 FAMILY_MARGIN = 0.1  # a family (plain, equalized) whose best start is this close to the best is searched too
 
@@ -582,9 +604,9 @@ def search_exponents(
         own: the exponents of the tensors' own ranges where the table gives them their reader's
             (``cover_aligned_inputs``).
         profile: the target simulated (the table stays target-independent).
-        equalization: cross-layer equalization to measure against the plain weights (per-tensor targets);
-            ``peaks`` (the largest ``|x|`` of each channel of the tensors it rescales, on the calibration data)
-            give the rescaled tensors their candidate exponents.
+        equalization: cross-layer equalization to measure against the plain weights; ``peaks`` (the
+            largest ``|x|`` of each channel of the tensors it rescales, on the calibration data) give the
+            rescaled tensors their candidate exponents.
     """
     width = lambda name: widths.get(name, bits)  # noqa: E731
     source = {name: name for name in observers} | dict(range_from)
@@ -621,18 +643,13 @@ def search_exponents(
         error, _, _, variant, observed = min((s for s in starts if s[1] == family), key=lambda s: s[:3])
         if error > first * (1 + FAMILY_MARGIN):
             continue
-        options = {name: sorted(set(c.values()), reverse=True) for name, c in family_candidates.items()}
-        stop = search.evaluations + max(max_simulations - len(OBSERVER_METHODS), 0)  # each family's own share
         if bias_correction:
             corrected = _corrected(search, variant, observed, layer_inputs, variant.weight_method)
             corrected_error = search.output_error(search.simulate(corrected, observed), outputs) if corrected else error
             if corrected is not None and corrected_error < error:
                 variant, error = corrected, corrected_error
-        best = [error, dict(observed)]
-        current = dict(observed)
-        _layerwise(search, variant, order, options, current, outputs, best, stop)
-        _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
-        _greedy(search, variant, order, outputs, best, greedy_passes, stop)
+        stop = search.evaluations + max(max_simulations - len(OBSERVER_METHODS), 0)  # each family's own share
+        best = _refined(search, variant, order, family_candidates, observed, error, outputs, greedy_passes, stop)
         searched.append((best[0], family, variant, best))
     _, family, variant, best = min(searched, key=lambda s: s[:2])
     bases, candidates = families[family]
