@@ -14,6 +14,7 @@ import onnx
 from espquant._version import __version__
 from espquant.calibration.auto import (
     SEARCH_SAMPLES,
+    VALIDATION_SAMPLES,
     channel_means,
     float_reference,
     rescaled_outputs,
@@ -212,8 +213,10 @@ def calibrate_model(
     fixed_limit = max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed or 0)  # a run per B samples: kept short
     if search_samples is None and chunking.fixed is not None and method != "auto":
         limit = min(limit, fixed_limit)  # (auto decides once it knows whether the simulator batches the model)
+    # auto's validation samples follow its search samples (a model with a fixed batch keeps its search short)
+    validating = method == "auto" and chunking.fixed is None
     if method == "auto" or correct or rounding:
-        batches = _capturing(batches, limit, kept)
+        batches = _capturing(batches, limit + (VALIDATION_SAMPLES if validating else 0), kept)
     # auto measures cross-layer equalization too, clamped pairs (ReLU6) included: the peak of each channel of
     # the tensors it rescales says how far a clamped channel may move and what range each tensor gets then
     # (optimizer/equalize.py). Per-channel weights need it less, but the activations' one exponent gains.
@@ -232,6 +235,10 @@ def calibrate_model(
     weight_method = "mse" if method == "mse" else "minmax"  # the weights are known exactly: no histogram
     own = {t: finite_range(t, observers[t]).exponent(widths.get(t, bits)) for t in plan.range_observed}
     kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
+    validation: Batch = {}
+    if validating and kept_samples:
+        validation = {name: value[limit:] for name, value in kept_samples.items()}
+        kept_samples = {name: value[:limit] for name, value in kept_samples.items()}
     if method == "auto" and search_samples is None and chunking.fixed is not None and kept_samples:
         observed = _fixed_method_observed(observers, plan, widths, bits)  # any table: the graph decides
         cover_aligned_inputs(model_proto, plan, observed, own, bits, widths)
@@ -249,7 +256,7 @@ def calibrate_model(
             kept_samples, _search_profile(per_channel),
             bias_correction=correct, weight_rounding=rounding, own=own, providers=providers, threads=threads,
             max_simulations=simulation_budget(samples, kept_count),
-            equalization=equalization, peaks=peaks,
+            equalization=equalization, peaks=peaks, validation=validation,
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
