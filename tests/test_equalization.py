@@ -302,3 +302,25 @@ def test_close_families_are_both_searched_and_the_better_kept(block, monkeypatch
     chosen = min(refined, key=lambda r: r[1])
     assert bool(result.table.weight_factors) == chosen[0]
     assert result.table.metadata["auto"]["output_error"] <= chosen[1]
+
+
+def test_the_family_is_chosen_on_samples_the_search_did_not_see(block, monkeypatch):
+    """auto keeps the 64 calibration samples after its 32 search samples apart, and the plain and the equalized
+    model's best tables are compared there: the one that measures better on them wins, whatever the search
+    samples said."""
+    from espquant.calibration import auto as auto_module
+
+    model, data = block
+    seen = []
+    original = auto_module._validation_error
+
+    def reversed_verdict(values, reference, magnitude, outputs):
+        seen.append(len(next(iter(reference.values()))))
+        error = original(values, reference, magnitude, outputs)
+        return -error  # the worse table measures better here: it must be the one kept
+
+    monkeypatch.setattr(auto_module, "FAMILY_MARGIN", 1e9)
+    monkeypatch.setattr(auto_module, "_validation_error", reversed_verdict)
+    result = calibrate_model(model, data, 8, "per-tensor", "auto")
+    assert seen == [auto_module.VALIDATION_SAMPLES] * 2  # both families, on the 64 samples after the search's 32
+    assert not result.table.weight_factors  # the equalized table measured better: reversed, the plain one wins
