@@ -97,7 +97,9 @@ logger = logging.getLogger(__name__)
 
 SEARCH_SAMPLES = 32  # calibration samples the search simulates (the first ones)
 VALIDATION_SAMPLES = 64  # the next ones, on which the plain and the equalized model's best tables are compared
-MIN_VALIDATION = 16  # fewer than this (a small calibration set): the search samples decide
+# Fewer validation samples than search samples (a small calibration set) say no more than the search samples:
+# those decide then.
+MIN_VALIDATION = SEARCH_SAMPLES
 GREEDY_PASSES = 1
 HEAD_STEPS = 6  # trials per output for its head's exponent walk (stage 3), beyond the budget
 MAX_HEAD_SIMULATIONS = 24  # the walk's simulations in all
