@@ -9,7 +9,7 @@ model hub), data real images and labels shipped inside packages:
 | mnist_demo | classifier, one depthwise block | espquant's demo CNN | espquant's bundled MNIST digits (labels) |
 | dsconv_mnist | classifier, depthwise-separable, BatchNorm and ReLU6 | trained here (torch, seeded) on 1,500 of the bundled labelled digits | the other 500 (labels) |
 | ppocr_cls | classifier, depthwise MobileNetV3 | rapidocr-onnxruntime 1.4.4 (PP-OCR v2 cls) | crops of the lines of print of scikit-image's scanned page, upright or turned 180 degrees (labels; float accuracy about 89 %) |
-| ppocr_det | detector (DB), depthwise PP-LCNetV3 | rapidocr-onnxruntime 1.4.4 (PP-OCRv4 det) | 128x128 crops of scikit-image images (float reference) |
+| ppocr_det | detector (DB), depthwise PP-LCNetV3 | rapidocr-onnxruntime 1.4.4 (PP-OCRv4 det) | 128x128 crops of scikit-image images, 64 to calibrate and 96 to test (float reference) |
 | mtcnn_pnet | face detector (fully convolutional) | facenet-pytorch 2.6.0 weights, exported with torch | 64x64 crops of scikit-image images |
 | mtcnn_rnet | face detector stage (face / not face) | facenet-pytorch 2.6.0 | scikit-image's lfw_subset: 100 faces, 100 non-faces (labels) |
 | mtcnn_onet | face detector stage | facenet-pytorch 2.6.0 | lfw_subset at 48x48 (labels) |
@@ -341,7 +341,7 @@ def case_ppocr_det(cache: Path, rng: np.random.Generator) -> Case:
     model = fix_input_shapes(onnx.load(cache / "models" / "ch_PP-OCRv4_det_infer.onnx"), {"x": [1, 3, 128, 128]})
     model = _batch_free(optimize_model(model))
     names = ["text.png", "page.png", "coffee.png", "rocket.jpg", "motorcycle_left.png"]
-    images = crops([skimage_image(cache, n) for n in names], (128, 128), 80, rng)
+    images = crops([skimage_image(cache, n) for n in names], (128, 128), 160, rng)  # 64 to calibrate, 96 to test
     x = nchw(images, np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))
     return Case("ppocr_det", model, x[:64], x[64:], None, lambda o: o[0], True, 0.3)
 
