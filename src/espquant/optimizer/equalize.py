@@ -8,9 +8,9 @@ positive-homogeneous (``relu(x / s) = relu(x) / s``). Choosing ``s_c = sqrt(r1_c
 range of Conv1's output channel ``c``, ``r2_c`` that of Conv2's input channel ``c``) gives both the same
 range ``sqrt(r1_c r2_c)``, so every channel uses more of the per-tensor grid.
 
-Only what is exact is equalized: the intermediate tensor has exactly one reader (Conv2's data input) and is
-no graph output; the activation between is Relu or nothing; the weights and biases are initializers read by
-that node only. Depthwise and grouped convolutions are handled on either side.
+Only what is exact is equalized: the intermediate tensor is read by Convs only (as their data input; each
+takes the same factors) and is no graph output; the activation between is Relu or nothing; the weights and
+biases are initializers read by their node only. Depthwise and grouped convolutions are handled on either side.
 
 A clamped activation (ReLU6: ``Clip(0, 6)``) is not positive-homogeneous: ``min(x / s, 6) != min(x, 6) / s``
 once ``x`` reaches the clamp. MobileNetV2-style networks (MediaPipe's among them) put one on both sides of
@@ -156,11 +156,6 @@ def _reader_ranges(node: onnx.NodeProto, weight: np.ndarray, channels: int) -> n
     return _input_channel_ranges(weight, group) if weight.shape[1] * group == channels else None
 
 
-def _reader_factors(node: onnx.NodeProto, shape: tuple[int, ...], scale: np.ndarray) -> np.ndarray:
-    """``scale`` of each channel as factors of Conv ``node``'s weight (of ``shape``)."""
-    return _input_channel_factors(shape, scale, _group(node))
-
-
 def _pair_scale(
     arrays: dict[str, np.ndarray], pair: EqualizationPair, peak: np.ndarray | None, total: np.ndarray
 ) -> np.ndarray | None:
@@ -206,9 +201,8 @@ def equalization_factors(
             w1 = arrays[pair.first.input[1]]
             arrays[pair.first.input[1]] = w1 / scale.reshape((-1,) + (1,) * (w1.ndim - 1))
             for node in pair.seconds:
-                arrays[node.input[1]] = arrays[node.input[1]] * _reader_factors(
-                    node, arrays[node.input[1]].shape, scale
-                )
+                weight = arrays[node.input[1]]
+                arrays[node.input[1]] = weight * _input_channel_factors(weight.shape, scale, _group(node))
             totals[index] = totals[index] * scale
             moved = True
         if not moved:
@@ -225,7 +219,8 @@ def equalization_factors(
         if len(pair.first.input) > 2 and pair.first.input[2]:
             factors.append(WeightFactor(pair.first.input[2], 1.0 / total))
         for node in pair.seconds:
-            factors.append(WeightFactor(node.input[1], _reader_factors(node, arrays[node.input[1]].shape, total)))
+            shape = arrays[node.input[1]].shape
+            factors.append(WeightFactor(node.input[1], _input_channel_factors(shape, total, _group(node))))
         divisors |= dict.fromkeys(pair.tensors, total)
     return Equalization(factors, divisors, changed)
 

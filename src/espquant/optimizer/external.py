@@ -122,7 +122,7 @@ def _wrap(
             return PassResult(warnings=(message,))
         if then is not None:
             then(result)
-        twice = _defined_twice(result)
+        twice = sorted(set(_defined_twice(result)) - set(_defined_twice(model)))
         if twice:  # its new tensors took names the graph already uses (torch's numbered outputs: "82")
             message = f"onnxoptimizer pass {name} named new tensors like existing ones ({twice[0]!r}) and was skipped"
             logger.warning(message)
