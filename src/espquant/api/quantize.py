@@ -406,7 +406,7 @@ def quantize(
         qdq_agreement=agreement,
         warnings=warnings + list(report.warnings),
         model_transforms=transforms,
-        equalized_pairs=int(result.table.metadata.get("cle_pairs") or 0) if result.table.weight_factors else 0,
+        equalized_pairs=result.equalized_pairs,
     )
 
 

@@ -59,6 +59,7 @@ agreement with float 55-69 %), the absolute error takes it to -3 (84 %); no clas
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -144,7 +145,8 @@ class SearchResult:
 
 @dataclass
 class _Variant:
-    """One float model the search simulates (the model, or its bias-corrected twin) with its plan."""
+    """One float model the search simulates (the model, or its equalized, bias-corrected or rounded twin) with
+    its plan."""
 
     model: onnx.ModelProto
     plan: CalibrationPlan
@@ -154,6 +156,11 @@ class _Variant:
     equalization: Equalization | None = None  # applied to ``model``
     # The float values of the tensors equalization rescales (the search's reference holds the plain model's).
     reference: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @functools.cached_property
+    def power(self) -> dict[str, float]:
+        """The mean square of each of ``reference``'s tensors, computed once (every layer-wise trial reads it)."""
+        return {name: _power(values) for name, values in self.reference.items()}
 
 
 def _relative_error(simulated: np.ndarray, reference: np.ndarray, power: float) -> float:
@@ -309,9 +316,8 @@ class _Search:
         reference = variant.reference.get(tensor, self.reference.get(tensor))
         if tensor not in values or reference is None:
             return 0.0
-        if tensor not in variant.reference:
-            return _relative_error(values[tensor], reference, self.power[tensor])
-        return _relative_error(values[tensor], reference, _power(reference))
+        power = variant.power[tensor] if tensor in variant.reference else self.power[tensor]
+        return _relative_error(values[tensor], reference, power)
 
     def reference_of(self, variant: _Variant) -> dict[str, np.ndarray]:
         """The float values of ``variant``'s model: the plain model's, with what equalization rescales."""

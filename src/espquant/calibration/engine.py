@@ -108,6 +108,11 @@ class CalibrationResult:
     # before): what a table printout shows for them.
     rescaled: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def equalized_pairs(self) -> int:
+        """The Conv pairs ``auto``'s equalization rescaled, when the table carries their weight factors."""
+        return int(self.table.metadata.get("cle_pairs") or 0) if self.table.metadata.get("weight_factors") else 0
+
 
 def with_factors_applied(result: CalibrationResult) -> CalibrationResult:
     """``result`` with the table's weight factors (``auto``'s equalization) applied to its model: the table then
@@ -222,8 +227,7 @@ def calibrate_model(
     # (optimizer/equalize.py). Per-channel weights need it less, but the activations' one exponent gains.
     equalize = method == "auto" and not cle
     pairs = equalization_pairs(model_proto, clamped=True) if equalize else []
-    peaks = {t: np.zeros(0) for p in pairs for t in p.tensors}
-    peaks = {name: value for name, value in peaks.items() if name in observers}
+    peaks = {t: np.zeros(0) for p in pairs for t in p.tensors if t in observers}
     samples = collect(model_proto, observers, batches, list(providers), on_batch, threads, chunking, peaks)
     int16 = resolve_int16_layers(plan, list(int16_layers))
     widths = tensor_widths(model_proto, plan, bits, int16)

@@ -180,7 +180,7 @@ def print_calibration(result: Any, console: Console = out) -> None:
         """The largest integer of the tensor's own width (an int16 layer, or an int8 fallback, in a mixed table)."""
         return (1 << (result.widths.get(name, bits) - 1)) - 1
 
-    rescaled = getattr(result, "rescaled", {})  # equalized: the observers measured these before the rescaling
+    rescaled = result.rescaled  # equalized: the observers measured these before the rescaling
     for name, observer in result.observers.items():
         exponent = result.table.exponents[name]
         kept = f"±{limit(name) * 2.0**exponent:.4g}"
@@ -196,11 +196,10 @@ def print_calibration(result: Any, console: Console = out) -> None:
     others = [n for n in result.table.exponents if n not in result.observers and n not in result.range_from]
     per_channel = sum(isinstance(result.table.exponents[n], list) for n in others)
     console.print(f"{len(others)} weights, biases and derived tensors ({per_channel} per-channel)")
-    pairs = result.table.metadata.get("cle_pairs") if result.table.weight_factors else 0
-    if pairs:
+    if result.equalized_pairs:
         console.print(
-            f"cross-layer equalization: {pairs} Conv pair(s) rescaled (kept because the simulated outputs measured "
-            "better); the table carries the weight factors, so evaluate and export the same model",
+            f"cross-layer equalization: {result.equalized_pairs} Conv pair(s) rescaled (kept because the simulated "
+            "outputs measured better); the table carries the weight factors, so evaluate and export the same model",
             soft_wrap=True,
         )
     for r in result.requantize:
