@@ -3,7 +3,10 @@
 Cases (all built here with onnx.helper, random weights, dynamic batch):
 
 * ``mlp``: a tiny MLP (64 -> 128 -> 128 -> 10, Gemm + Relu): per-call overhead dominates.
-* ``mobilenet_v2``: the MobileNetV2-style network of benchmarks/calibration.py (width 0.35, 96x96x3).
+* ``tf_mlp``: Keras' MNIST MLP as tf2onnx writes it (Reshape, MatMul + Add, Softmax; 0.1M MACs), trained here on
+  the bundled digits: 784-tap sums on ESP32-S3's 20-bit lanes, a Softmax after the last layer.
+* ``mobilenet_v2``: the MobileNetV2-style network of benchmarks/calibration.py (width 0.35, 96x96x3);
+  ``mobilenet_v2_normal`` the same on signed N(0, 1) inputs.
 * ``blazeface``: a BlazeFace-like detector (128x128x3, 5x5 depthwise blocks with residual adds, two anchor
   heads reshaped and concatenated): the batch-1 latency case.
 * ``rail``: random-weight 3x3 convolutions with 1152 taps on signed activations (no ReLU): on ESP32-S3 the
@@ -12,11 +15,11 @@ Cases (all built here with onnx.helper, random weights, dynamic batch):
 * ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
   way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
 
-Real models (``--cases mnist_cnn ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks``, not run by
-default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST CNN,
-PP-OCR's MobileNetV3 text classifier (squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector
-(ConvTranspose, Resize), MTCNN's O-Net (PRelu), MediaPipe's BlazeFace (channel Pad) and its hand-landmark model
-(lite), on their real images.
+Real models (``--cases mnist_cnn dsconv ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks``, not run
+by default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST CNN,
+a depthwise-separable ReLU6 CNN trained on the bundled digits, PP-OCR's MobileNetV3 text classifier
+(squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu),
+MediaPipe's BlazeFace (channel Pad) and its hand-landmark model (lite), on their real images.
 
 Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
 ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
@@ -53,12 +56,13 @@ from calibration import mobilenet_v2  # noqa: E402
 
 from espquant import Calibrator, Evaluator  # noqa: E402
 
-SYNTHETIC = ("mlp", "mobilenet_v2", "blazeface", "rail", "rail_sat")
+SYNTHETIC = ("mlp", "tf_mlp", "mobilenet_v2", "mobilenet_v2_normal", "blazeface", "rail", "rail_sat")
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
 # the demo CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's
 # O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2 blocks).
 REAL = {
     "mnist_cnn": "mnist_demo",
+    "dsconv": "dsconv_mnist",
     "ppocr_cls": "ppocr_cls",
     "ppocr_det": "ppocr_det",
     "mtcnn_onet": "mtcnn_onet",
@@ -131,6 +135,42 @@ def mlp() -> onnx.ModelProto:
     return g.model("mlp", ["N", 64], [("logits", ["N", 10])])
 
 
+def tf_mlp(images: np.ndarray, labels: np.ndarray) -> onnx.ModelProto:
+    """Keras' MNIST MLP as tf2onnx writes it: Reshape to 784, Dense layers as MatMul + Add, ReLU, Softmax (0.1M
+    MACs). Trained here for a few epochs of plain SGD on the bundled digits, so that its weights (and the
+    magnitudes its 784-tap sums reach on ESP32-S3's 20-bit lanes) are a trained model's, not random ones."""
+    rng = np.random.default_rng(3)
+    x = images.reshape(len(images), -1).astype(np.float32) / 255
+    w1, b1 = rng.normal(0, np.sqrt(2 / 784), (784, 128)), np.zeros(128)
+    w2, b2 = rng.normal(0, np.sqrt(2 / 128), (128, 10)), np.zeros(10)
+    onehot = np.eye(10)[labels]
+    for _ in range(8):
+        for first in range(0, len(x), 32):
+            xb, yb = x[first : first + 32], onehot[first : first + 32]
+            h = np.maximum(xb @ w1 + b1, 0)
+            z = h @ w2 + b2
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            dz = (p / p.sum(axis=1, keepdims=True) - yb) / len(xb)
+            dh = (dz @ w2.T) * (h > 0)
+            w2, b2 = w2 - 0.5 * h.T @ dz, b2 - 0.5 * dz.sum(axis=0)
+            w1, b1 = w1 - 0.5 * xb.T @ dh, b1 - 0.5 * dh.sum(axis=0)
+    g = _Graph(1)
+    flat = g.node("Reshape", ["input", g.const(np.array([-1, 784], np.int64), "shape")])
+    hidden = g.node(
+        "Add", [g.node("MatMul", [flat, g.const(w1.astype(np.float32), "w")]), g.const(b1.astype(np.float32), "b")]
+    )
+    logits = g.node(
+        "Add",
+        [
+            g.node("MatMul", [g.node("Relu", [hidden]), g.const(w2.astype(np.float32), "w")]),
+            g.const(b2.astype(np.float32), "b"),
+        ],
+    )
+    g.node("Softmax", [logits], axis=-1)
+    g.nodes[-1].output[0] = "probabilities"
+    return g.model("tf_mlp", ["N", 28, 28], [("probabilities", ["N", 10])])
+
+
 def blazeface() -> onnx.ModelProto:
     """BlazeFace-like: 5x5 stem, single and double blaze blocks (5x5 depthwise + 1x1), 2 heads, 2 scales."""
     g = _Graph(2)
@@ -188,8 +228,9 @@ def rail(saturating: bool) -> onnx.ModelProto:
     return g.model(name, ["N", 8, 24, 24], [("features", ["N", channels, 24, 24])])
 
 
-def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
-    """The model of case ``name`` and ``images`` inputs drawn for it."""
+def case(name: str, count: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    """The model of case ``name`` and ``count`` inputs drawn for it."""
+    images = count
     rng = np.random.default_rng(seed)
     if name in REAL:
         import accuracy
@@ -202,8 +243,17 @@ def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.nda
         return real.model, pool[np.arange(images) % len(pool)]
     if name == "mlp":
         return mlp(), rng.normal(0, 1, (images, 64)).astype(np.float32)
+    if name == "tf_mlp":  # trained on the first 1000 bundled test digits, run on the other 1000
+        from importlib.resources import files
+
+        digits = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
+        images, labels = digits["test_images"], digits["test_labels"]
+        inputs = images[1000:].astype(np.float32) / 255
+        return tf_mlp(images[:1000], labels[:1000]), inputs[np.arange(count) % len(inputs)]
     if name == "mobilenet_v2":
         return mobilenet_v2(), rng.random((images, 3, 96, 96), dtype=np.float32)
+    if name == "mobilenet_v2_normal":  # signed N(0, 1) inputs: ESP32-S3's 20-bit lanes come near their rails
+        return mobilenet_v2(), rng.normal(0, 1, (images, 3, 96, 96)).astype(np.float32)
     if name == "blazeface":
         return blazeface(), rng.random((images, 3, 128, 128), dtype=np.float32) * 2 - 1
     data = rng.normal(0, 1, (images, 8, 24, 24)).astype(np.float32)

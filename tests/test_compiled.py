@@ -324,6 +324,12 @@ def test_one_step_past_the_non_negative_bound_saturates_and_is_guarded(rng):
 # --- int16 on float32 kernels, S3 rail steps, digit splits ------------------------------------------------------
 
 
+@pytest.fixture
+def digit_splits(monkeypatch):
+    """Wide sums as digit splits in the graph (the path without numba), not in simulator/native.py."""
+    monkeypatch.setattr(compiled_module, "NATIVE", False)
+
+
 def _accumulating_model(
     target: str, bits: int, op: str, weight: np.ndarray, bias: np.ndarray | None, shifts: tuple[int, int, int], **attrs
 ) -> QuantizedModel:
@@ -366,10 +372,13 @@ def _int(rng, bits: int, shape, scale: float = 1.0) -> np.ndarray:
         ("matmul", {}),
     ],
 )
-def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
-    """int16 sums reach 2^30 * taps: the compiled graph splits activations (and weights) into balanced digits
-    whose float32 contractions are exact (Conv) or contracts in double (Gemm, MatMul, 1x1 Conv), adds in double
-    and shifts there; every integer equals the interpreter's, with ReLU, ties (small shifts) and saturation."""
+@pytest.mark.parametrize("native_on", [True, False], ids=["native", "digit-splits"])
+def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs, native_on, monkeypatch):
+    """int16 sums reach 2^30 * taps: they run in double (simulator/native.py), or the compiled graph splits
+    activations (and weights) into balanced digits whose float32 contractions are exact (Conv) or contracts in
+    double (Gemm, MatMul, 1x1 Conv), adds in double and shifts there; every integer equals the interpreter's,
+    with ReLU, ties (small shifts) and saturation."""
+    monkeypatch.setattr(compiled_module, "NATIVE", native_on)
     channels = 12
     if kind == "pointwise":
         weight, x = _int(rng, 16, (channels, 30, 1, 1)), _int(rng, 16, (3, 30, 5, 7), 2.0)
@@ -390,6 +399,7 @@ def test_int16_accumulating_nodes_compile_exactly(rng, target, kind, attrs):
         assert fast.dtype == slow.dtype == np.int64
         program = model._programs[(False, None)]
         assert program.interpreted_nodes == [] and program.compiled_nodes == 1
+        assert len(program.native_nodes) == int(native_on)
 
 
 def _segment_graphs(monkeypatch) -> list[onnx.ModelProto]:
@@ -419,6 +429,14 @@ def test_int16_split_sums_round_in_float32_exactly(seed, target, shift, depthwis
     """A digit-split int16 Conv rounds its parts in float32 (integer and fraction of each, the bias cut the same
     way) instead of adding them in double: equal to the interpreter for every shift (small ones make many ties,
     large ones saturate), bias size and rounding rule (half-up on S3 / C3, half-even on P4)."""
+    compiled_module.NATIVE, previous = False, compiled_module.NATIVE  # the digit splits (hypothesis: no fixture)
+    try:
+        _check_split_conv(seed, target, shift, depthwise, relu, bias_bits)
+    finally:
+        compiled_module.NATIVE = previous
+
+
+def _check_split_conv(seed: int, target: str, shift: int, depthwise: bool, relu: bool, bias_bits: int) -> None:
     rng = np.random.default_rng(seed)
     channels = 6
     if depthwise:
@@ -434,7 +452,7 @@ def test_int16_split_sums_round_in_float32_exactly(seed, target, shift, depthwis
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_int16_split_conv_has_no_double_pass(rng, target, monkeypatch):
+def test_int16_split_conv_has_no_double_pass(rng, target, monkeypatch, digit_splits):
     """The usual int16 3x3 Conv (weights up to a third of the range, a bias) is built without any double
     tensor: its split sums are rounded in float32."""
     weight, x = _int(rng, 16, (8, 8, 3, 3)), _int(rng, 16, (2, 8, 6, 6), 2.0)
@@ -463,7 +481,7 @@ def test_int16_models_compile_their_convolutions_and_gemm(rng):
 
 
 @pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
-def test_wide_int16_layers_take_four_contractions(rng, target):
+def test_wide_int16_layers_take_four_contractions(rng, target, digit_splits):
     """1152 taps of full-range int16 weights: no split of the activation alone keeps 2^24, so both operands are
     split (2 x 2 digits); the sums and their double recombination stay exact. At 2304 taps no split of cost 4
     is exact: the node runs in the interpreter (float64 BLAS), still exact."""
@@ -479,6 +497,21 @@ def test_wide_int16_layers_take_four_contractions(rng, target):
         fast, slow = _compiled_and_interpreted(model, x)
         np.testing.assert_array_equal(fast, slow)
         assert model._programs[(False, None)].compiled_nodes == int(compiled)
+
+
+@pytest.mark.parametrize("target", ["esp32p4", "esp32c3"])
+def test_wide_int16_layers_beyond_every_digit_split_run_natively(rng, target):
+    """2304 taps of full-range int16 weights: no digit split is exact in float32, but the sums stay below 2^53,
+    so the node runs in double (simulator/native.py) instead of the interpreter, with the same integers.
+    (ESP32-S3's 40-bit int16 lanes could saturate here: its guards take over, as for int8.)"""
+    weight = rng.integers(-(2**15), 2**15, (8, 256, 3, 3))
+    x = rng.integers(-(2**15), 2**15, (2, 256, 5, 5))
+    bias = rng.integers(-(2**30), 2**30, 8)
+    model = _accumulating_model(target, 16, "Conv", weight, bias, (-10, -15, -8), pads=[1, 1, 1, 1])
+    fast, slow = _compiled_and_interpreted(model, x)
+    np.testing.assert_array_equal(fast, slow)
+    program = model._programs[(False, None)]
+    assert [n.op_type for n in program.native_nodes] == ["Conv"] and not program.interpreted_nodes
 
 
 def _rail_conv(rng, depthwise: bool, channels: int = 20) -> tuple[np.ndarray, dict]:
@@ -544,9 +577,9 @@ def test_relu6_after_a_convolution_is_fused_into_its_saturation(rng):
     for bits in ("int8", "int16"):
         table = Calibrator(bits).calibrate(model, calibration).table
         quantized = Evaluator(bits, "per-tensor", "esp32s3").generate_quantized_model(model, table)
-        from espquant.simulator.compiled import _clamp_fusions
+        from espquant.simulator.compiled import _clamp_fusions, _readers
 
-        fused = _clamp_fusions(quantized, quantized.nodes)
+        fused = _clamp_fusions(quantized, quantized.nodes, _readers(quantized.nodes))
         assert [f.name for f in fused.values()] == ["relu6"]  # relu1's input feeds only it, but "r1" feeds the Add
         fast, slow = _both(quantized, 3 * rng.normal(0, 1, (8, 3, 12, 12)).astype(np.float32))
         for name in quantized.outputs:
@@ -639,6 +672,14 @@ def test_the_graph_digits_of_an_activation_add_up_within_their_bounds(values, co
 def test_int16_gemm_split_and_recombine_matches_the_interpreter(seed, taps, target, shift, scale):
     """Any int16 weights and inputs, any shift: the digit-split float32 sums recombined in double give the
     interpreter's integers (float64 BLAS there)."""
+    compiled_module.NATIVE, previous = False, compiled_module.NATIVE  # the digit splits (hypothesis: no fixture)
+    try:
+        _check_split_gemm(seed, taps, target, shift, scale)
+    finally:
+        compiled_module.NATIVE = previous
+
+
+def _check_split_gemm(seed: int, taps: int, target: str, shift: int, scale: float) -> None:
     rng = np.random.default_rng(seed)
     weight = _int(rng, 16, (5, taps), scale)
     x = _int(rng, 16, (3, taps), scale)
@@ -777,7 +818,9 @@ def _pooled_model(target: str, bits: int, rng, producer: str, shared: bool) -> Q
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("producer", ["conv", "prelu"])
 @pytest.mark.parametrize("shared", [False, True], ids=["pooled-only", "also-an-output"])
-def test_max_pool_moves_before_the_rounding_it_commutes_with(rng, target, bits, producer, shared, monkeypatch):
+def test_max_pool_moves_before_the_rounding_it_commutes_with(
+    rng, target, bits, producer, shared, monkeypatch, digit_splits
+):
     """A MaxPool that alone reads a node's output pools the values before that node's final rounding and clamp
     (non-decreasing, so they commute with a maximum): the integers are the interpreter's, and a convolution's
     clamp stays fused in it while its rounding moves after the pool. An output that something else also reads

@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from espquant.ops.broadcast import merged_broadcast_shapes
 from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_lanes
 from espquant.runtime import runner
-from espquant.simulator import lanes
+from espquant.simulator import lanes, native
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 
 if TYPE_CHECKING:
@@ -59,6 +59,10 @@ __all__ = ["CompiledProgram", "GuardTripped", "compile_program", "QUANTIZE_INPUT
 
 F32 = np.float32
 QUANTIZE_INPUT = "QuantizeInput"  # pseudo-node: float graph input -> integers, as QuantizedModel.quantize_input
+# Whether accumulating nodes whose sums pass float32's integers run in double in simulator/native.py (numba)
+# rather than as digit splits in the graph. Tests turn it off to check the digit splits, the fallback where numba
+# is missing.
+NATIVE = True
 # The run from which a program's segments keep onnxruntime's blocked layout between convolutions
 # (simulator/layout.py): the edit costs about one more session creation (0.1-0.2 s on real models), which a
 # program run once or twice (each candidate table ``auto`` simulates) would not win back.
@@ -110,13 +114,17 @@ class _Builder:
         segment input is fed (float32, or double for the exact sums a rail step hands on)."""
         if dtype != TensorProto.FLOAT:
             self.types[tensor] = dtype
+        self.integer_activation(tensor)
+        if tensor not in self.produced:
+            self.consumed.append(tensor)
+        return tensor
+
+    def integer_activation(self, tensor: str) -> None:
+        """Refuse a tensor that is no integer activation (floats, or a constant where a lowering reads data)."""
         if tensor in self.model.float_tensors:
             raise _Refused(f"{tensor!r} holds floats")
         if tensor in self.model.constants:
             raise _Refused(f"{tensor!r} is a constant used as an activation")
-        if tensor not in self.produced:
-            self.consumed.append(tensor)
-        return tensor
 
     def constant(self, tensor: str) -> np.ndarray:
         value = self.model.constants.get(tensor)
@@ -270,6 +278,8 @@ class _Accumulating:
     shift_exponent: int | list[int] | None = None  # the weight exponent (MatMul: the interpreter's scalar)
     # The contraction's input made from the node's (ConvTranspose: zeros inserted between pixels, padded).
     source: Callable[[str], str] | None = None
+    # The whole node in double outside onnxruntime (simulator/native.py), made for its requantization.
+    native: Callable[[native.Requantize], Callable[[np.ndarray], np.ndarray]] | None = None
 
 
 def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
@@ -303,14 +313,17 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         high = magnitude
         low = -high
     direct = float((np.maximum(high, -low) + np.abs(start + half)).max(initial=0)) < EXACT_FLOAT32
-    double = spec.contract_double is not None
-    plan = None if direct or double else _split_plan(flat, b.bits)
-    if not direct and not double and plan is None:
-        raise _Refused("no digit split of the sums is exact in float32")
     if float((magnitude + np.abs(start + half)).max(initial=0)) >= EXACT_FLOAT64:
         raise _Refused("the accumulator bound is not exact in double")
     reach = np.maximum(np.abs(start + high), np.abs(start + low))  # the chip's running sums stay inside
     checked = rails.reachable and bool((reach >= 2.0 ** (rails.width - 1)).any())
+    if not direct and not checked and spec.native is not None and NATIVE and native.AVAILABLE:
+        _native_step(b, node, spec.native, (start + half).astype(np.float64), shift)
+        return
+    double = spec.contract_double is not None
+    plan = None if direct or double else _split_plan(flat, b.bits)
+    if not direct and not double and plan is None:
+        raise _Refused("no digit split of the sums is exact in float32")
     rail_step = checked and node.outputs[0] in b.rail_nodes
     x = b.use(node.inputs[0])
     if spec.source is not None:
@@ -367,6 +380,22 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         return
     b.guard(flag, node)
     _round_saturate_scaled(b, acc, shift, node, dtype)
+
+
+def _native_step(
+    b: _Builder,
+    node: QNode,
+    make: Callable[[native.Requantize], Callable[[np.ndarray], np.ndarray]],
+    start: np.ndarray,
+    shift: np.ndarray,
+) -> None:
+    """End the segment before ``node`` and compute it whole in double (simulator/native.py): its sums are beyond
+    float32's integers but exact in double (checked by the caller), and no lane can reach a rail."""
+    b.integer_activation(node.inputs[0])
+    low, high, output = _clamp(b, node)
+    half_even = b.model.profile.rounding == "half_even"
+    requantize = native.Requantize(start, 2.0 ** -shift.astype(np.float64), half_even, low, high)
+    b.pending = (_NativeStep(node, node.inputs[0], output, make(requantize)), lambda _: None)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -682,10 +711,14 @@ def _lower_conv(b: _Builder, node: QNode) -> None:
     def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         return lanes.conv_products(x, w, depthwise=depthwise, **geometry)
 
+    def whole(requantize: native.Requantize) -> native.Conv:
+        return native.Conv(w, **geometry, depthwise=depthwise, requantize=requantize)
+
     plain = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1]}
     pointwise = w.shape[2:] == (1, 1) and not depthwise and geometry == plain
     double = _pointwise_double(b, node.outputs[0]) if pointwise else None
-    _accumulating(b, node, _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double))
+    spec = _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double, native=whole)
+    _accumulating(b, node, spec)
 
 
 def _lower_conv_transpose(b: _Builder, node: QNode) -> None:
@@ -786,8 +819,15 @@ def _lower_gemm(b: _Builder, node: QNode) -> None:
         return np.ascontiguousarray(oc_first.T)
 
     double = _contract_rows_double(b, node.outputs[0])
-    spec = _Accumulating(w.T, bias, _contract_rows(b), products, embed, channel_axis=-1, contract_double=double)
+    spec = _Accumulating(
+        w.T, bias, _contract_rows(b), products, embed, channel_axis=-1, contract_double=double, native=_rows(w)
+    )
     _accumulating(b, node, spec)
+
+
+def _rows(weight: np.ndarray) -> Callable[[native.Requantize], native.Rows]:
+    """``x @ weight (K, M)`` requantized, in double (Gemm, MatMul by a constant)."""
+    return functools.partial(native.Rows, weight)
 
 
 def _lower_matmul(b: _Builder, node: QNode) -> None:
@@ -812,6 +852,7 @@ def _lower_matmul(b: _Builder, node: QNode) -> None:
         channel_axis=-1,
         contract_double=_contract_rows_double(b, node.outputs[0]),
         shift_exponent=b.model.exponent(node.inputs[1]),
+        native=_rows(w),
     )
     _accumulating(b, node, spec)
 
@@ -868,18 +909,36 @@ def _lower_elementwise(b: _Builder, node: QNode) -> None:
     """An activation of one integer input whose output depends on that integer alone (an int16 table, the
     float32 path of Sigmoid / HardSwish / ...): the interpreter's own step (``QuantizedModel.run_node``) run once
     on every value of the input's width is the node, exactly, as a table (65,536 entries at int16)."""
+    source = b.use(node.inputs[0])
+    table = _elementwise_table(b.model, node)
+    if table is None:
+        raise _Refused("input wider than int16, a float output, or not elementwise")
+    _gather(b, table, source, qmin(b.model.width(source)), node.outputs[0])
+
+
+def _elementwise_table(model: QuantizedModel, node: QNode) -> np.ndarray | None:
+    """The node as a float32 table over every value of its input's width, lowest first (the interpreter's own
+    step run once on them all), or None when its input is wider than int16, its output float, or its output
+    does not take one value per input value."""
     source = node.inputs[0]
-    b.use(source)
-    width = b.model.width(source)
-    if width > 16 or node.outputs[0] in b.model.float_tensors:
-        raise _Refused("input wider than int16, or a float output")
+    width = model.width(source)
+    if width > 16 or node.outputs[0] in model.float_tensors:
+        return None
     values = np.arange(qmin(width), qmax(width) + 1, dtype=np.int64)
     env = {source: values}
-    b.model.run_node(node, env)
+    model.run_node(node, env)
     table = np.asarray(env[node.outputs[0]]).reshape(-1)
-    if table.shape != values.shape:
-        raise _Refused("not elementwise")
-    _gather(b, table.astype(F32), source, qmin(width), node.outputs[0])
+    return table.astype(F32) if table.shape == values.shape else None
+
+
+def _tabled(model: QuantizedModel, node: QNode) -> bool:
+    """Whether the compiled graph computes ``node`` as a table of its one integer input (``_lower_elementwise``):
+    the float32 path of an activation, an int16 table, a Relu that rescales."""
+    if node.table is not None:
+        return True
+    if node.op_type == "Relu":
+        return model.exponent(node.inputs[0]) != model.exponent(node.outputs[0])
+    return _LOWER.get(node.op_type) is _lower_elementwise
 
 
 def _lower_relu(b: _Builder, node: QNode) -> None:
@@ -1391,6 +1450,31 @@ class _RailStep:
         )
 
 
+@dataclass
+class _NativeStep:
+    """Between two segments: an accumulating node computed whole in double (simulator/native.py); it writes
+    ``output`` (its own, or that of the Relu / Clip fused into it) as float32 integers, as a segment would."""
+
+    node: QNode
+    x: str
+    output: str
+    kernel: Callable[[np.ndarray], np.ndarray]
+    fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
+    table: np.ndarray | None = None  # the activation after it, as a table from the lowest value of its width
+    lowest: int = 0
+
+    def run(self, env: dict[str, np.ndarray]) -> None:
+        values = self.kernel(_as_f32(env[self.x]))
+        env[self.output] = values if self.table is None else native.lookup(values, self.table, self.lowest)
+
+    def absorb(self, follower: QNode, table: np.ndarray | None = None, lowest: int = 0) -> None:
+        """Compute ``follower`` (the only reader of this step's output) here too: a fused clamp (already in the
+        requantization) or a tabled activation."""
+        self.output, self.fused = follower.outputs[0], self.fused + 1
+        if table is not None:
+            self.table, self.lowest = table, lowest
+
+
 class GuardTripped(Exception):
     """An accumulator lane may saturate on this batch (or a sum may leave float32's exact range): these nodes
     (named by their first output) must run in the interpreter."""
@@ -1404,16 +1488,23 @@ class GuardTripped(Exception):
 class CompiledProgram:
     """Segments and interpreter nodes in execution order (see the module docstring)."""
 
-    steps: list[_Segment | _RailStep | QNode]
+    steps: list[_Segment | _RailStep | _NativeStep | QNode]
     runs: int = 0
 
     @property
     def compiled_nodes(self) -> int:
-        return sum(s.nodes for s in self.steps if isinstance(s, _Segment))
+        """Nodes run in onnxruntime segments or natively (a fused Relu / Clip counted with its node)."""
+        segments = sum(s.nodes for s in self.steps if isinstance(s, _Segment))
+        return segments + sum(1 + s.fused for s in self.steps if isinstance(s, _NativeStep))
 
     @functools.cached_property
     def interpreted_nodes(self) -> list[QNode]:  # read on every run: computed once (the steps never change)
-        return [s for s in self.steps if not isinstance(s, (_Segment, _RailStep))]
+        return [s for s in self.steps if not isinstance(s, (_Segment, _RailStep, _NativeStep))]
+
+    @property
+    def native_nodes(self) -> list[QNode]:
+        """Accumulating nodes computed in double by simulator/native.py."""
+        return [s.node for s in self.steps if isinstance(s, _NativeStep)]
 
     @property
     def rail_nodes(self) -> list[QNode]:
@@ -1438,6 +1529,10 @@ class CompiledProgram:
         for step in self.steps:
             if isinstance(step, _RailStep):
                 step.run(env)
+                continue
+            if isinstance(step, _NativeStep):
+                step.run(env)
+                from_segments.add(step.output)
                 continue
             if isinstance(step, _Segment):
                 feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
@@ -1518,15 +1613,13 @@ def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def _clamp_fusions(model: QuantizedModel, nodes: list[QNode]) -> dict[str, QNode]:
+def _clamp_fusions(
+    model: QuantizedModel, nodes: list[QNode], readers: dict[str, list[QNode]]
+) -> dict[str, QNode]:
     """Relu / Clip nodes (same exponent and width, constant integer bounds) that are the only reader of a Conv /
     Gemm / MatMul / Add / Sub output which is no model output: ``clip(sat(R(acc)), lo, hi)`` is ``R(acc)``
     clipped to the intersection of both ranges, so the node writes the follower's output directly (one pass
     less per layer: MobileNet's ReLU6, the ReLU after a residual Add). Keyed by the node's output."""
-    readers: dict[str, list[QNode]] = {}
-    for node in nodes:
-        for tensor in {t for t in node.inputs if t}:
-            readers.setdefault(tensor, []).append(node)
     fusions = {}
     for node in nodes:
         if node.op_type not in _CLAMPING or node.table is not None or not node.outputs:
@@ -1552,6 +1645,30 @@ def _clamp_fusions(model: QuantizedModel, nodes: list[QNode]) -> dict[str, QNode
     return fusions
 
 
+def _table_follower(
+    model: QuantizedModel, tensor: str, readers: dict[str, list[QNode]]
+) -> tuple[QNode, np.ndarray] | None:
+    """The activation a native step may finish with a table lookup, and its table: the only reader of ``tensor``
+    (no model output), an activation of that one input that the graph would compute as a table."""
+    found = readers.get(tensor, [])
+    if len(found) != 1 or tensor in model.outputs or tensor not in model.exponents:
+        return None
+    node = found[0]
+    if node.inputs[0] != tensor or len([t for t in node.inputs if t]) != 1 or len(node.outputs) != 1:
+        return None
+    table = _elementwise_table(model, node) if _tabled(model, node) else None
+    return None if table is None else (node, table)
+
+
+def _readers(nodes: list[QNode]) -> dict[str, list[QNode]]:
+    """The nodes reading each tensor."""
+    readers: dict[str, list[QNode]] = {}
+    for node in nodes:
+        for tensor in {t for t in node.inputs if t}:
+            readers.setdefault(tensor, []).append(node)
+    return readers
+
+
 def compile_program(
     model: QuantizedModel, nodes: list[QNode], threads: int | None, guarded: frozenset[str] = frozenset()
 ) -> CompiledProgram:
@@ -1567,7 +1684,8 @@ def compile_program(
     steps: list[_Segment | _RailStep | QNode] = []
     nonnegative = _nonnegative_tensors(model, nodes)
 
-    fusions = _clamp_fusions(model, nodes)
+    readers = _readers(nodes)
+    fusions = _clamp_fusions(model, nodes, readers)
     clamps = {name: (*_clamp_bounds(model, follower), follower.outputs[0]) for name, follower in fusions.items()}
 
     def fresh() -> _Builder:
@@ -1575,10 +1693,12 @@ def compile_program(
 
     builder = fresh()
     count = 0
-    absorbed: set[int] = set()  # Relu / Clip nodes computed by the accumulating node before them
+    # Relu / Clip nodes computed by the accumulating node before them: 1 when that node is in a segment (counted
+    # there), 0 when it is a native step (which counts its follower itself).
+    absorbed: dict[int, int] = {}
     for index, node in enumerate(nodes):
         if id(node) in absorbed:
-            count += 1
+            count += absorbed[id(node)]
             continue
         lower = _lower_table if node.table is not None else _LOWER.get(node.op_type)
         needed = needed_after[index - 1] if index else live
@@ -1597,17 +1717,31 @@ def compile_program(
             steps.append(node)
             continue
         count += 1
+        outside = False  # the node's outputs come from a native step, not from the next segment
         if builder.pending is not None:  # a rail step: the sums leave this segment, the shift starts the next
             step, finish = builder.pending
             builder.pending = None
-            steps += _segment(builder, sorted(builder.produced & needed), threads, count)
+            outside = isinstance(step, _NativeStep)
+            steps += _segment(builder, sorted(builder.produced & needed), threads, count - outside)
             steps.append(step)
             builder, count = fresh(), 0
             builder.bits = node.bits
             finish(builder)
         follower = fusions.get(node.outputs[0]) if node.outputs else None
+        if outside:
+            native_step = steps[-1]
+            assert isinstance(native_step, _NativeStep)
+            if follower is not None:
+                native_step.absorb(follower)
+                absorbed[id(follower)] = 0
+            activation = _table_follower(model, native_step.output, readers)
+            if activation is not None:
+                lowest = qmin(model.width(native_step.output))
+                native_step.absorb(activation[0], activation[1], lowest)
+                absorbed[id(activation[0])] = 0
+            continue
         if follower is not None and node.op_type in _CLAMPING:
-            absorbed.add(id(follower))
+            absorbed[id(follower)] = 1
             builder.produced.update(follower.outputs)
             continue
         builder.produced.update(t for t in node.outputs if t)

@@ -9,6 +9,7 @@ at a time in filter-memory order with saturation after each, as the SIMD instruc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -335,21 +336,28 @@ def lut_int8(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table.reshape(-1)[x.astype(np.int64) + 128]
 
 
+@functools.lru_cache(maxsize=64)
+def _softmax_table(e_in: int) -> np.ndarray:
+    """The int8 Softmax's exp table (read only): inf where the chip's expf overflows (then NaN)."""
+    table = expf((np.arange(256) - 128) * 2.0**e_in)
+    table.flags.writeable = False
+    return table
+
+
 def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | None) -> np.ndarray:
     """Softmax with float32 output: int8 via the exp table without max subtraction, else float (10)."""
     axis = axis % x.ndim
-    moved = np.moveaxis(x, axis, -1)
+    moved = x if axis == x.ndim - 1 else np.moveaxis(x, axis, -1)
     if bits == 8 and e_in is not None:
-        table = expf((np.arange(256) - 128) * 2.0**e_in)  # inf where the chip's expf overflows, then NaN
-        e = table[moved.astype(np.int64) + 128]
+        e = _softmax_table(e_in)[moved.astype(np.int64) + 128]
     else:
         values = moved.astype(F32) * F32(2.0**e_in) if e_in is not None else moved.astype(F32)
         e = expf((values - values.max(axis=-1, keepdims=True)).astype(F32))
-    total = np.zeros(e.shape[:-1], F32)
-    for k in range(e.shape[-1]):  # sequential float32 sum, as the runtime does
-        total = (total + e[..., k]).astype(F32)
+    # The sequential float32 sum the runtime takes: ufunc accumulate adds strictly left to right.
+    total = np.add.accumulate(e, axis=-1, dtype=F32)[..., -1:]
     with np.errstate(invalid="ignore"):
-        return np.moveaxis((e / total[..., None]).astype(F32), -1, axis)
+        out = (e / total).astype(F32)
+    return out if axis == x.ndim - 1 else np.moveaxis(out, -1, axis)
 
 
 def requantize(x: np.ndarray, shift: int, bits: int, profile: TargetProfile) -> np.ndarray:

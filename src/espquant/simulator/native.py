@@ -1,0 +1,447 @@
+"""Wide exact accumulations (int16 layers) in double, compiled with numba: one pass per layer, not a dozen.
+
+An int16 Conv's sums pass 2**24, so onnxruntime's float32 Conv alone cannot hold them exactly. The compiled
+graph (compiled.py) then splits the activation into digits and rounds the digit sums in float32: two
+contractions and about ten elementwise passes per layer, 6-10x onnxruntime's float time on int16 models. Here the
+sums are taken in double instead, where every product of two int16 values (below 2**30) and every partial sum
+of integers (checked below 2**53 by the caller, whatever the order of the additions) is exact; the shift,
+rounding and saturation follow in the same loop (depthwise) or in one pass after a BLAS product (other
+convolutions through im2col, Gemm, MatMul): exact in any summation order, so BLAS may block and reorder freely.
+
+The result equals the interpreter's ``sat(R((S + start + half) * 2**-shift))`` bit for bit: ``start`` and the
+half are integers, ``2**-shift`` is a power of two (exact), floor and round-half-even (``np.rint``) are exact on
+doubles. numba is a dependency; where it cannot be imported (a Python it does not support yet) ``AVAILABLE`` is
+False and the compiled graph keeps its digit splits (same integers, slower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+try:  # pragma: no cover - exercised by which environment runs the tests
+    import numba
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover
+    numba = None
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "Conv", "Requantize", "Rows", "lookup"]
+
+F32 = np.float32
+F64 = np.float64
+# Which kernel takes a layer (measured on this project's benchmark layers, one thread):
+# im2col columns are built for as many samples at once as fit this many bytes (they stay in L2).
+COLUMN_BYTES = 1 << 16
+# Planes at least this wide run plane by plane (long vector loops), narrower depthwise ones pixel by pixel.
+WIDE_PLANE = 12
+# Convolutions of at most this many taps per output (input channels x kernel) sum plane by plane (_pointwise,
+# _conv_planes) instead of through BLAS: the product is too thin for BLAS to win back its im2col matrix, its
+# double tensor and the extra pass over it; for 1x1 convolutions only with at least LONG_ROWS pixels per plane
+# (shorter rows do not vectorize well).
+FEW_TAPS = 64
+LONG_ROWS = 256
+# Gemm / MatMul inputs of at most this many rows are summed row by row (_few_rows) instead of through BLAS.
+FEW_ROWS = 4
+
+
+def _jit(function: Any) -> Any:
+    """numba's compiled function (cached on disk, bounds unchecked: the callers size every array), or the Python
+    function itself where numba is missing (never called then: ``AVAILABLE`` keeps the callers away)."""
+    if numba is None:  # pragma: no cover
+        return function
+    return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """What follows the sums of an accumulating node: ``sat(R((S + start) * scale))``.
+
+    ``start`` (per output channel) holds the bias as the lanes start from it plus the rounding half of
+    half-up; ``scale`` is ``2**-shift``; ``half_even`` picks round-half-even (ESP32-P4) over floor (the half
+    is then in ``start``); ``low`` / ``high`` are the saturation bounds (a fused ReLU / Clip included)."""
+
+    start: np.ndarray
+    scale: np.ndarray
+    half_even: bool
+    low: float
+    high: float
+
+
+@_jit
+def _requantize_row(sums: np.ndarray, begin: float, factor: float, half_even: bool, low: float, high: float,
+                    out: np.ndarray) -> None:  # fmt: skip
+    """``out[k] = sat(R((sums[k] + begin) * factor))``: one output channel's row (vectorized: plain 1-D loops)."""
+    if half_even:
+        for k in range(out.shape[0]):
+            out[k] = min(max(np.rint((sums[k] + begin) * factor), low), high)
+    else:
+        for k in range(out.shape[0]):
+            out[k] = min(max(np.floor((sums[k] + begin) * factor), low), high)
+
+
+@_jit
+def _requantize_plane(acc: np.ndarray, wq: int, factor: float, half_even: bool, low: float, high: float,
+                      out: np.ndarray) -> None:  # fmt: skip
+    """``out[i, j] = sat(R(acc[i * wq + j] * factor))``: an output plane from sums laid out at the buffer's width
+    (the start is already in the sums)."""
+    for i in range(out.shape[0]):
+        base = i * wq
+        if half_even:
+            for j in range(out.shape[1]):
+                out[i, j] = min(max(np.rint(acc[base + j] * factor), low), high)
+        else:
+            for j in range(out.shape[1]):
+                out[i, j] = min(max(np.floor(acc[base + j] * factor), low), high)
+
+
+@_jit
+def _finish(acc: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool, low: float, high: float,
+            out: np.ndarray) -> None:  # fmt: skip
+    """``out[a, c, k] = sat(R((acc[a, c, k] + start[c]) * scale[c]))`` (acc: exact integer sums in double)."""
+    for a in range(acc.shape[0]):
+        for c in range(acc.shape[1]):
+            _requantize_row(acc[a, c], start[c], scale[c], half_even, low, high, out[a, c])
+
+
+@_jit
+def _finish_rows(acc: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool, low: float, high: float,
+                 out: np.ndarray) -> None:  # fmt: skip
+    """``out[a, c] = sat(R((acc[a, c] + start[c]) * scale[c]))``: channels last (Gemm / MatMul rows)."""
+    for a in range(acc.shape[0]):
+        sums, row = acc[a], out[a]
+        if half_even:
+            for c in range(acc.shape[1]):
+                row[c] = min(max(np.rint((sums[c] + start[c]) * scale[c]), low), high)
+        else:
+            for c in range(acc.shape[1]):
+                row[c] = min(max(np.floor((sums[c] + start[c]) * scale[c]), low), high)
+
+
+@_jit
+def _tap_row(acc: np.ndarray, buffer: np.ndarray, offsets: np.ndarray, taps: np.ndarray) -> None:
+    """``acc[j] += sum_t buffer[offsets[t] + j] * taps[t]``: one kernel row of taps over one output row. Three
+    and five taps (the usual kernels) are written out, so that each output takes all its products in registers
+    and the loop over outputs vectorizes; other widths add one tap at a time."""
+    count = acc.shape[0]
+    if taps.shape[0] == 3:
+        a, b, c = buffer[offsets[0] :], buffer[offsets[1] :], buffer[offsets[2] :]
+        ta, tb, tc = taps[0], taps[1], taps[2]
+        for j in range(count):
+            acc[j] += a[j] * ta + b[j] * tb + c[j] * tc
+    elif taps.shape[0] == 5:
+        a, b, c, d, e = (buffer[offsets[0] :], buffer[offsets[1] :], buffer[offsets[2] :], buffer[offsets[3] :],
+                         buffer[offsets[4] :])  # fmt: skip
+        ta, tb, tc, td, te = taps[0], taps[1], taps[2], taps[3], taps[4]
+        for j in range(count):
+            acc[j] += a[j] * ta + b[j] * tb + c[j] * tc + d[j] * td + e[j] * te
+    else:
+        for t in range(taps.shape[0]):
+            source, tap = buffer[offsets[t] :], taps[t]
+            for j in range(count):
+                acc[j] += source[j] * tap
+
+
+@_jit
+def _phase_layout(
+    height: int, width: int, kh: int, kw: int, oh: int, ow: int, geometry: np.ndarray
+) -> tuple[int, int, int]:
+    """``(wq, phase, size)`` of the phase buffers of :func:`_fill_phases`: row width, phase size, buffer size."""
+    sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    hq = (max(height + pt, (oh - 1) * sh + (kh - 1) * dh + 1) + sh - 1) // sh
+    wq = (max(width + pl, (ow - 1) * sw + (kw - 1) * dw + 1) + sw - 1) // sw
+    # The tail is slack for the dropped columns of the last output row.
+    return wq, hq * wq, sh * sw * hq * wq + wq + kw * dw + 1
+
+
+@_jit
+def _fill_phases(plane: np.ndarray, geometry: np.ndarray, wq: int, phase: int, buffer: np.ndarray) -> None:
+    """Copy one input plane into a zero-padded double buffer split into its ``stride_h x stride_w`` phases (the
+    pixels ``(r, s)`` of the padded plane with the same ``r mod stride_h`` and ``s mod stride_w``): there every
+    tap of a strided or dilated kernel reads one phase at a fixed offset, contiguously. The padding is never
+    written, so it stays zero across planes."""
+    sh, sw, pt, pl = geometry[0], geometry[1], geometry[2], geometry[3]
+    height, width = plane.shape
+    if sh == 1 and sw == 1:  # one phase: rows copied as they are
+        for i in range(height):
+            at = (i + pt) * wq + pl
+            for j in range(width):
+                buffer[at + j] = plane[i, j]
+        return
+    columns = np.empty(width, np.int64)  # where each column lands in its row of the phases
+    for j in range(width):
+        col = j + pl
+        columns[j] = (col % sw) * phase + col // sw
+    for i in range(height):
+        r = i + pt
+        at = (r % sh) * sw * phase + (r // sh) * wq
+        for j in range(width):
+            buffer[at + columns[j]] = plane[i, j]
+
+
+@_jit
+def _tap_offsets(kh: int, kw: int, geometry: np.ndarray, wq: int, phase: int) -> np.ndarray:
+    """Where tap ``(di, dj)`` of output ``(0, 0)`` reads in the phase buffer (output ``(i, j)`` adds ``i wq + j``)."""
+    sh, sw, dh, dw = geometry[0], geometry[1], geometry[4], geometry[5]
+    offsets = np.empty((kh, kw), np.int64)
+    for di in range(kh):
+        for dj in range(kw):
+            rr, cc = di * dh, dj * dw
+            offsets[di, dj] = ((rr % sh) * sw + cc % sw) * phase + (rr // sh) * wq + cc // sw
+    return offsets
+
+
+@_jit
+def _depthwise_planes(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool,
+                      low: float, high: float, geometry: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
+    """A depthwise convolution (one filter per channel) with its requantization, plane by plane: for wide planes.
+
+    ``geometry`` is ``[stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w]``. Each input plane goes
+    once into phase buffers (:func:`_fill_phases`); each output row then sums its kernel rows with
+    :func:`_tap_row` over all its rows at once, at the buffer's width (the columns beyond the output's are computed
+    and dropped): a few long loops per plane."""
+    batch, channels, height, width = x.shape
+    kh, kw = w.shape[1], w.shape[2]
+    oh, ow = out.shape[2], out.shape[3]
+    wq, phase, size = _phase_layout(height, width, kh, kw, oh, ow, geometry)
+    offsets = _tap_offsets(kh, kw, geometry, wq, phase)
+    buffer = np.zeros(size, F64)
+    acc = np.empty(oh * wq, F64)
+    for n in range(batch):
+        for c in range(channels):
+            _fill_phases(x[n, c], geometry, wq, phase, buffer)
+            acc[:] = start[c]
+            for di in range(kh):
+                _tap_row(acc, buffer, offsets[di], w[c, di])
+            _requantize_plane(acc, wq, scale[c], half_even, low, high, out[n, c])
+
+
+@_jit
+def _depthwise_pixels(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool,
+                      low: float, high: float, geometry: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
+    """The same depthwise convolution pixel by pixel, channels innermost: for small planes (late MobileNet layers
+    at 3x3 or 6x6, many channels), where a plane's loops are too short to vectorize and the channels are long."""
+    batch, channels, height, width = x.shape
+    kh, kw = w.shape[1], w.shape[2]
+    oh, ow = out.shape[2], out.shape[3]
+    sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    hp = max(height + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
+    wp = max(width + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
+    grid = np.zeros((hp, wp, channels), F64)  # padding stays zero: every image writes the same pixels
+    taps = np.empty((kh, kw, channels), F64)
+    for di in range(kh):
+        for dj in range(kw):
+            for c in range(channels):
+                taps[di, dj, c] = w[c, di, dj]
+    acc = np.empty(channels, F64)
+    for n in range(batch):
+        for c in range(channels):
+            for i in range(height):
+                line = x[n, c, i]
+                for j in range(width):
+                    grid[i + pt, j + pl, c] = line[j]
+        for i in range(oh):
+            for j in range(ow):
+                acc[:] = start
+                for di in range(kh):
+                    for dj in range(kw):
+                        pixel, tap = grid[i * sh + di * dh, j * sw + dj * dw], taps[di, dj]
+                        for c in range(channels):
+                            acc[c] += pixel[c] * tap[c]
+                for c in range(channels):
+                    value = np.rint(acc[c] * scale[c]) if half_even else np.floor(acc[c] * scale[c])
+                    out[n, c, i, j] = min(max(value, low), high)
+
+
+@_jit
+def _pointwise(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool, low: float,
+               high: float, out: np.ndarray) -> None:  # fmt: skip
+    """A 1x1 convolution of few input channels with its requantization: ``x (N, C, P)``, ``w (M, C)``; each output
+    row is the weighted sum of the input rows, one vectorized loop per input channel, no double tensor stored."""
+    batch, channels, size = x.shape
+    acc = np.empty(size, F64)
+    for n in range(batch):
+        for m in range(w.shape[0]):
+            acc[:] = start[m]
+            for c in range(channels):
+                line, weight = x[n, c], w[m, c]
+                for k in range(size):
+                    acc[k] += line[k] * weight
+            _requantize_row(acc, 0.0, scale[m], half_even, low, high, out[n, m])
+
+
+@_jit
+def _im2col(x: np.ndarray, kh: int, kw: int, geometry: np.ndarray, cols: np.ndarray, oh: int, ow: int) -> None:
+    """``cols[(c, di, dj), n * oh * ow + (i, j)] = x[n, c, i*sh + di*dh - pt, j*sw + dj*dw - pl]`` (0 outside):
+    every sample's columns side by side, so that one BLAS product covers them all."""
+    batch, channels, height, width = x.shape
+    sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    positions = oh * ow
+    for n in range(batch):
+        for c in range(channels):
+            for di in range(kh):
+                for dj in range(kw):
+                    column = cols[(c * kh + di) * kw + dj, n * positions : (n + 1) * positions]
+                    for i in range(oh):
+                        source = i * sh + di * dh - pt
+                        inside_rows = source >= 0 and source < height
+                        for j in range(ow):
+                            s = j * sw + dj * dw - pl
+                            inside = inside_rows and s >= 0 and s < width
+                            column[i * ow + j] = x[n, c, source, s] if inside else 0.0
+
+
+@_jit
+def _conv_planes(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool, low: float,
+                 high: float, geometry: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
+    """A group-1 convolution of few taps per output (``C * KH * KW``, the first layer on an image) with its
+    requantization: every input plane of a sample goes once into phase buffers (:func:`_fill_phases`), then
+    each output plane sums the kernel rows of every input channel (:func:`_tap_row`, all output rows at once):
+    no im2col matrix, no double tensor."""
+    batch, channels, height, width = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    oh, ow = out.shape[2], out.shape[3]
+    wq, phase, size = _phase_layout(height, width, kh, kw, oh, ow, geometry)
+    offsets = _tap_offsets(kh, kw, geometry, wq, phase)
+    buffers = np.zeros((channels, size), F64)
+    acc = np.empty(oh * wq, F64)
+    for n in range(batch):
+        for c in range(channels):
+            _fill_phases(x[n, c], geometry, wq, phase, buffers[c])
+        for m in range(w.shape[0]):
+            acc[:] = start[m]
+            for c in range(channels):
+                for di in range(kh):
+                    _tap_row(acc, buffers[c], offsets[di], w[m, c, di])
+            _requantize_plane(acc, wq, scale[m], half_even, low, high, out[n, m])
+
+
+def _output_size(size: int, kernel: int, stride: int, before: int, after: int, dilation: int) -> int:
+    return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class Conv:
+    """A 2-D convolution (group 1, or depthwise) by constant integer weights ``(M, C or 1, KH, KW)``, requantized:
+    called on integer activations ``x (N, C, H, W)``, returns float32 integers ``(N, M, OH, OW)``. The weights
+    are converted to double once, here (per call they would cost more than a batch-1 layer's sums)."""
+
+    def __init__(
+        self,
+        weight: np.ndarray,
+        strides: list[int],
+        pads: list[int],
+        dilations: list[int],
+        depthwise: bool,
+        requantize: Requantize,
+    ) -> None:
+        self.kernel = weight.shape[2:]
+        self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
+        self.geometry = np.array([*self.strides, pads[0], pads[1], *self.dilations], np.int64)
+        self.depthwise, self.requantize = depthwise, requantize
+        self.channels = weight.shape[0]
+        if depthwise:
+            self.filters = np.ascontiguousarray(weight[:, 0], dtype=F64)
+        else:
+            self.weight = np.ascontiguousarray(weight, dtype=F64)
+            self.matrix = self.weight.reshape(weight.shape[0], -1)
+        self.pointwise = self.kernel == (1, 1) and self.strides == [1, 1] and not any(pads)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=F32)
+        batch, channels, height, width = x.shape
+        (kh, kw), strides, pads, dilations = self.kernel, self.strides, self.pads, self.dilations
+        oh = _output_size(height, kh, strides[0], pads[0], pads[2], dilations[0])
+        ow = _output_size(width, kw, strides[1], pads[1], pads[3], dilations[1])
+        out = np.empty((batch, self.channels, oh, ow), F32)
+        r = self.requantize
+        if self.depthwise:
+            kernel = _depthwise_planes if ow >= WIDE_PLANE else _depthwise_pixels
+            kernel(x, self.filters, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
+            return out
+        taps = self.matrix.shape[1]
+        flat = out.reshape(batch, self.channels, oh * ow)
+        if self.pointwise and taps <= FEW_TAPS and oh * ow >= LONG_ROWS:
+            planes = x.reshape(batch, channels, height * width)
+            _pointwise(planes, self.matrix, r.start, r.scale, r.half_even, r.low, r.high, flat)
+            return out
+        if not self.pointwise and taps <= FEW_TAPS and ow >= WIDE_PLANE:
+            _conv_planes(x, self.weight, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
+            return out
+        # BLAS: the columns of as many samples as fit COLUMN_BYTES side by side, one product per chunk.
+        positions = oh * ow
+        chunk = max(1, COLUMN_BYTES // (8 * taps * positions))
+        for first in range(0, batch, chunk):
+            part = x[first : first + chunk]
+            count = len(part)
+            if self.pointwise:
+                cols = part.reshape(count, channels, positions).transpose(1, 0, 2).reshape(channels, -1).astype(F64)
+            else:
+                cols = np.empty((taps, count * positions), F64)
+                _im2col(part, kh, kw, self.geometry, cols, oh, ow)
+            sums = (self.matrix @ cols).reshape(self.channels, count, positions).transpose(1, 0, 2)
+            _finish(sums, r.start, r.scale, r.half_even, r.low, r.high, flat[first : first + count])
+        return out
+
+
+@_jit
+def _few_rows(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool, low: float,
+              high: float, out: np.ndarray) -> None:  # fmt: skip
+    """``x (R, K) @ w (K, M)`` for a few rows, requantized: each row adds ``x[r, k] * w[k]`` for the nonzero inputs
+    (ReLU outputs are often zero) into a double row. ``w`` is float32 (integers, exact): half the bytes of a
+    double matrix, which is what a matrix-vector product is bound by."""
+    acc = np.empty(w.shape[1], F64)
+    for r in range(x.shape[0]):
+        acc[:] = start
+        for k in range(w.shape[0]):
+            value = np.float64(x[r, k])
+            if value != 0.0:
+                line = w[k]
+                for m in range(acc.shape[0]):
+                    acc[m] += value * line[m]
+        row = out[r]
+        if half_even:
+            for m in range(acc.shape[0]):
+                row[m] = min(max(np.rint(acc[m] * scale[m]), low), high)
+        else:
+            for m in range(acc.shape[0]):
+                row[m] = min(max(np.floor(acc[m] * scale[m]), low), high)
+
+
+class Rows:
+    """``x (..., K) @ weight (K, M)`` of integers by a constant weight, requantized per output column: float32
+    integers ``(..., M)`` (Gemm, MatMul). A few rows (batch 1) go through :func:`_few_rows`, more through BLAS."""
+
+    def __init__(self, weight: np.ndarray, requantize: Requantize) -> None:
+        self.matrix = np.ascontiguousarray(weight, dtype=F64)
+        narrow = bool(np.abs(weight).max(initial=0) < 2**24)  # float32 holds every weight exactly
+        self.narrow = np.ascontiguousarray(weight, dtype=F32) if narrow else None
+        self.requantize = requantize
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        taps, columns = self.matrix.shape
+        flat = np.asarray(x).reshape(-1, taps)
+        out = np.empty((flat.shape[0], columns), F32)
+        r = self.requantize
+        if self.narrow is not None and flat.shape[0] <= FEW_ROWS:
+            _few_rows(np.ascontiguousarray(flat, dtype=F32), self.narrow, r.start, r.scale, r.half_even, r.low,
+                      r.high, out)  # fmt: skip
+        else:
+            sums = flat.astype(F64) @ self.matrix
+            _finish_rows(sums, r.start, r.scale, r.half_even, r.low, r.high, out)
+        return out.reshape(*x.shape[:-1], columns)
+
+
+@_jit
+def _lookup(values: np.ndarray, table: np.ndarray, lowest: int, out: np.ndarray) -> None:
+    for k in range(values.shape[0]):
+        out[k] = table[np.int64(values[k]) - lowest]
+
+
+def lookup(values: np.ndarray, table: np.ndarray, lowest: int) -> np.ndarray:
+    """``table[values - lowest]`` for float32 integers (an activation computed as a table), in one pass."""
+    out = np.empty(values.shape, F32)
+    _lookup(np.ascontiguousarray(values).reshape(-1), table, lowest, out.reshape(-1))
+    return out

@@ -1,0 +1,202 @@
+"""The double-precision kernels of simulator/native.py (int16 layers): hand-worked integers, every kernel choice
+against a plain int64 reference on random geometry, and whole models against the interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from espquant.simulator import compiled, native
+
+pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason="numba is not installed")
+
+
+def _requantize(channels: int, start: np.ndarray, shift: int, half_even: bool, low=-32768, high=32767):
+    return native.Requantize(start.astype(np.float64), np.full(channels, 2.0**-shift), half_even, low, high)
+
+
+def _reference_conv(x, w, start, shift, half_even, strides, pads, dilations, depthwise, low=-32768, high=32767):
+    """``sat(R((S + start) 2**-shift))`` with the sums in int64, tap by tap from a zero-padded input."""
+    batch, channels, height, width = x.shape
+    m, _, kh, kw = w.shape
+    padded = np.zeros((batch, channels, height + pads[0] + pads[2], width + pads[1] + pads[3]), np.int64)
+    padded[:, :, pads[0] : pads[0] + height, pads[1] : pads[1] + width] = x
+    oh = (padded.shape[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (padded.shape[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    sums = np.zeros((batch, m, oh, ow), np.int64) + start.reshape(1, -1, 1, 1)
+    for di in range(kh):
+        for dj in range(kw):
+            r, c = di * dilations[0], dj * dilations[1]
+            window = padded[
+                :, :, r : r + strides[0] * (oh - 1) + 1 : strides[0], c : c + strides[1] * (ow - 1) + 1 : strides[1]
+            ]
+            if depthwise:
+                sums += window * w[:, 0, di, dj].reshape(1, -1, 1, 1)
+            else:
+                sums += np.einsum("nchw,mc->nmhw", window, w[:, :, di, dj])
+    return _round(sums, shift, half_even, low, high)
+
+
+def _round(sums: np.ndarray, shift: int, half_even: bool, low: int, high: int) -> np.ndarray:
+    """Integer rounding of ``sums / 2**shift`` (the half of half-up is already in the sums' start)."""
+    if shift <= 0:
+        return np.clip(sums << -shift, low, high)
+    floor = sums >> shift
+    if half_even:
+        rest = sums - (floor << shift)
+        half = 1 << (shift - 1)
+        floor = floor + ((rest > half) | ((rest == half) & (floor % 2 == 1)))
+    return np.clip(floor, low, high)
+
+
+def test_hand_worked_depthwise_and_rows():
+    """One 3x3 channel, pad 1: the centre output sums all nine products, a corner four; ties go to even on
+    ESP32-P4 and up (the half in the start) elsewhere."""
+    x = np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3) * 1000  # 1000 .. 9000
+    w = np.ones((1, 1, 3, 3), np.int64)
+    # centre: 45000; corner (0, 0): 1000 + 2000 + 4000 + 5000 = 12000. Shift 4: 2812.5 and 750.
+    even = native.Conv(w, [1, 1], [1, 1, 1, 1], [1, 1], True, _requantize(1, np.zeros(1), 4, True))(x)
+    assert even[0, 0, 1, 1] == 2812 and even[0, 0, 0, 0] == 750  # 2812.5 -> 2812 (even)
+    up = native.Conv(w, [1, 1], [1, 1, 1, 1], [1, 1], True, _requantize(1, np.full(1, 8), 4, False))(x)
+    assert up[0, 0, 1, 1] == 2813 and up[0, 0, 0, 0] == 750  # (45000 + 8) / 16 = 2813.0
+    # Gemm: [1000, -2000] @ [[3, 1], [4, 1]] = [-5000, -1000]; shift 3 with the half: -624.5 -> -625, -124.5 -> -125
+    rows = native.Rows(np.array([[3, 1], [4, 1]]), _requantize(2, np.full(2, 4), 3, False))
+    assert rows(np.array([[1000.0, -2000.0]], np.float32)).tolist() == [[-625.0, -125.0]]
+    # Saturation and a fused ReLU's bounds
+    clipped = native.Rows(np.array([[30000]]), _requantize(1, np.zeros(1), 0, True, low=0, high=32767))
+    assert clipped(np.array([[2.0], [-2.0]], np.float32)).tolist() == [[32767.0], [0.0]]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    depthwise=st.booleans(),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    strides=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    pads=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+    dilations=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    size=st.sampled_from([(5, 7), (3, 3), (9, 30), (20, 13)]),  # narrow planes and wide ones (kernel choice)
+    channels=st.sampled_from([1, 3, 8, 40]),  # few taps (plane kernels) and many (BLAS)
+    shift=st.integers(-2, 34),
+    half_even=st.booleans(),
+    relu=st.booleans(),
+)
+def test_every_kernel_equals_the_int64_reference(
+    seed, depthwise, kernel, strides, pads, dilations, size, channels, shift, half_even, relu
+):
+    """Depthwise (plane and pixel kernels), few-tap planes, 1x1 rows, im2col + BLAS: full-range int16 values,
+    any geometry, shifts that round (ties included), shift left and saturate."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    kh, kw = kernel
+    if (height + pads[0] + pads[2] - dilations[0] * (kh - 1) - 1) < 0 or (
+        width + pads[1] + pads[3] - dilations[1] * (kw - 1) - 1
+    ) < 0:
+        return  # no output pixel
+    outputs = channels if depthwise else int(rng.integers(1, 6))
+    w = rng.integers(-32768, 32768, (outputs, 1 if depthwise else channels, kh, kw))
+    x = rng.integers(-32768, 32768, (2, channels, height, width))
+    start = rng.integers(-(2**40), 2**40, outputs) >> int(rng.integers(0, 41))
+    if not half_even and shift > 0:
+        start = start + (1 << (shift - 1))
+    low = 0 if relu else -32768
+    requantize = _requantize(outputs, start, shift, half_even, low=low)
+    got = native.Conv(w, list(strides), list(pads), list(dilations), depthwise, requantize)(x.astype(np.float32))
+    want = _reference_conv(x, w, start, shift, half_even, strides, pads, dilations, depthwise, low=low)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == np.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from([(1, 7), (5, 40), (2, 3, 300), (64,)]),
+    columns=st.integers(1, 9),
+    shift=st.integers(0, 34),
+    half_even=st.booleans(),
+)
+def test_rows_equal_the_int64_reference(seed, shape, columns, shift, half_even):
+    """Gemm / MatMul rows for any leading shape (a 1-D vector included)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-32768, 32768, shape)
+    w = rng.integers(-32768, 32768, (shape[-1], columns))
+    start = rng.integers(-(2**36), 2**36, columns)
+    got = native.Rows(w, _requantize(columns, start, shift, half_even))(x.astype(np.float32))
+    want = _round(x @ w + start, shift, half_even, -32768, 32767)
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (*shape[:-1], columns)
+
+
+def test_int16_models_run_their_accumulating_nodes_natively():
+    """The shipped MNIST CNN at int16: every Conv and the Gemm become native steps, equal to the interpreter and
+    to the digit-split graphs they replace (compiled.NATIVE off)."""
+    import onnx
+
+    from espquant import Calibrator, Evaluator
+    from espquant.demo import demo_model_path, load_demo_data
+    from espquant.optimizer import optimize_model
+
+    model = optimize_model(onnx.load(demo_model_path()))
+    demo = load_demo_data()
+    data = demo.test_inputs[:24]
+    table = Calibrator("int16").calibrate(model, demo.calib_inputs[:64]).table
+    for target in ("esp32s3", "esp32p4"):
+        runs = []
+        for native_on, interpreted in ((True, False), (False, False), (False, True)):
+            quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
+            quantized.compiled = not interpreted
+            compiled.NATIVE, previous = native_on, compiled.NATIVE
+            try:
+                runs.append(quantized.run_float({quantized.inputs[0]: data}))
+                if native_on:
+                    program = quantized._programs[(True, None)]
+                    kinds = {node.op_type for node in program.native_nodes}
+                    assert {"Conv", "Gemm"} <= kinds and not program.interpreted_nodes
+            finally:
+                compiled.NATIVE = previous
+        for name in runs[0]:
+            np.testing.assert_array_equal(runs[0][name], runs[2][name])
+            np.testing.assert_array_equal(runs[1][name], runs[2][name])
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
+def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(rng, target):
+    """Conv -> HardSwish -> Conv -> Sigmoid at int16 (MobileNetV3's blocks): each activation, the only reader
+    of its convolution, is the table of the interpreter's own step, applied by the native step itself (no
+    onnxruntime segment between the two convolutions); the integers are the interpreter's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from espquant import Calibrator, Evaluator
+
+    weights = {
+        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
+        "w2": rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 10, 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    data = rng.normal(0, 1, (6, 3, 10, 10)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
+    fast = quantized.run_float({"x": 2 * data})
+    program = quantized._programs[(True, None)]
+    natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
+    assert [step.table is not None for step in natives] == [True, True]
+    assert [step.output for step in natives] == ["h", "y"]
+    assert program.compiled_nodes == len(quantized.nodes) + 1  # + the input's quantization
+    quantized.compiled = False
+    slow = quantized.run_float({"x": 2 * data})
+    np.testing.assert_array_equal(fast["y"], slow["y"])
