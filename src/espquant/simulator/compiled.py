@@ -1453,7 +1453,8 @@ class _RailStep:
 @dataclass
 class _NativeStep:
     """Between two segments: an accumulating node computed whole in double (simulator/native.py); it writes
-    ``output`` (its own, or that of the Relu / Clip fused into it) as float32 integers, as a segment would."""
+    ``output`` as float32 integers, as a segment would: its own, or that of the nodes it absorbed (a Relu / Clip
+    joining its saturation, then an activation the graph would compute as a table, looked up here)."""
 
     node: QNode
     x: str

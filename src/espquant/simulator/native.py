@@ -38,12 +38,13 @@ F64 = np.float64
 COLUMN_BYTES = 1 << 16
 # Planes at least this wide run plane by plane (long vector loops), narrower depthwise ones pixel by pixel.
 WIDE_PLANE = 12
-# Convolutions of at most this many taps per output (input channels x kernel) sum plane by plane (_pointwise,
-# _conv_planes) instead of through BLAS: the product is too thin for BLAS to win back its im2col matrix, its
-# double tensor and the extra pass over it; for 1x1 convolutions only with at least LONG_ROWS pixels per plane
-# (shorter rows do not vectorize well).
+# Convolutions of at most this many taps per output (input channels x kernel) sum plane by plane (_conv_planes)
+# instead of through BLAS: the product is too thin for BLAS to win back its im2col matrix, its double tensor and
+# the extra pass over it. 1x1 convolutions sum row by row (_pointwise) when their weights are at most
+# FEW_WEIGHTS and their planes at least LONG_ROWS pixels (shorter rows do not vectorize well).
 FEW_TAPS = 64
-LONG_ROWS = 256
+FEW_WEIGHTS = 2048
+LONG_ROWS = 64
 # Gemm / MatMul inputs of at most this many rows are summed row by row (_few_rows) instead of through BLAS.
 FEW_ROWS = 4
 
@@ -146,6 +147,42 @@ def _tap_row(acc: np.ndarray, buffer: np.ndarray, offsets: np.ndarray, taps: np.
 
 
 @_jit
+def _tap_plane(acc: np.ndarray, buffer: np.ndarray, offsets: np.ndarray, taps: np.ndarray) -> None:
+    """``acc[j] += sum_{di, dj} buffer[offsets[di, dj] + j] * taps[di, dj]``: a whole kernel over one plane. 3x3
+    and 5x5 kernels take all their products per output in registers (one pass over ``acc``); other shapes go row
+    by row (:func:`_tap_row`)."""
+    kh, kw = taps.shape
+    count = acc.shape[0]
+    if kh == 3 and kw == 3:
+        a0, a1, a2 = buffer[offsets[0, 0] :], buffer[offsets[0, 1] :], buffer[offsets[0, 2] :]
+        b0, b1, b2 = buffer[offsets[1, 0] :], buffer[offsets[1, 1] :], buffer[offsets[1, 2] :]
+        c0, c1, c2 = buffer[offsets[2, 0] :], buffer[offsets[2, 1] :], buffer[offsets[2, 2] :]
+        t = taps
+        for j in range(count):
+            acc[j] += (
+                (a0[j] * t[0, 0] + a1[j] * t[0, 1] + a2[j] * t[0, 2])
+                + (b0[j] * t[1, 0] + b1[j] * t[1, 1] + b2[j] * t[1, 2])
+                + (c0[j] * t[2, 0] + c1[j] * t[2, 1] + c2[j] * t[2, 2])
+            )
+    elif kh == 5 and kw == 5:
+        for first in range(0, 5, 2):  # rows two at a time (ten products in registers)
+            if first == 4:
+                _tap_row(acc, buffer, offsets[4], taps[4])
+                continue
+            u, v = offsets[first], offsets[first + 1]
+            p0, p1, p2, p3, p4 = buffer[u[0] :], buffer[u[1] :], buffer[u[2] :], buffer[u[3] :], buffer[u[4] :]
+            q0, q1, q2, q3, q4 = buffer[v[0] :], buffer[v[1] :], buffer[v[2] :], buffer[v[3] :], buffer[v[4] :]
+            t, r = taps[first], taps[first + 1]
+            for j in range(count):
+                acc[j] += (p0[j] * t[0] + p1[j] * t[1] + p2[j] * t[2] + p3[j] * t[3] + p4[j] * t[4]) + (
+                    q0[j] * r[0] + q1[j] * r[1] + q2[j] * r[2] + q3[j] * r[3] + q4[j] * r[4]
+                )
+    else:
+        for di in range(kh):
+            _tap_row(acc, buffer, offsets[di], taps[di])
+
+
+@_jit
 def _phase_layout(
     height: int, width: int, kh: int, kw: int, oh: int, ow: int, geometry: np.ndarray
 ) -> tuple[int, int, int]:
@@ -214,8 +251,7 @@ def _depthwise_planes(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np
         for c in range(channels):
             _fill_phases(x[n, c], geometry, wq, phase, buffer)
             acc[:] = start[c]
-            for di in range(kh):
-                _tap_row(acc, buffer, offsets[di], w[c, di])
+            _tap_plane(acc, buffer, offsets, w[c])
             _requantize_plane(acc, wq, scale[c], half_even, low, high, out[n, c])
 
 
@@ -314,8 +350,7 @@ def _conv_planes(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndar
         for m in range(w.shape[0]):
             acc[:] = start[m]
             for c in range(channels):
-                for di in range(kh):
-                    _tap_row(acc, buffers[c], offsets[di], w[m, c, di])
+                _tap_plane(acc, buffers[c], offsets, w[m, c])
             _requantize_plane(acc, wq, scale[m], half_even, low, high, out[n, m])
 
 
@@ -363,7 +398,7 @@ class Conv:
             return out
         taps = self.matrix.shape[1]
         flat = out.reshape(batch, self.channels, oh * ow)
-        if self.pointwise and taps <= FEW_TAPS and oh * ow >= LONG_ROWS:
+        if self.pointwise and self.matrix.size <= FEW_WEIGHTS and oh * ow >= LONG_ROWS:
             planes = x.reshape(batch, channels, height * width)
             _pointwise(planes, self.matrix, r.start, r.scale, r.half_even, r.low, r.high, flat)
             return out
