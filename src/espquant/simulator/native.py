@@ -50,11 +50,18 @@ FEW_ROWS = 4
 
 
 def _jit(function: Any) -> Any:
-    """numba's compiled function (cached on disk, bounds unchecked: the callers size every array), or the Python
-    function itself where numba is missing (never called then: ``AVAILABLE`` keeps the callers away)."""
+    """numba's compiled function (bounds unchecked: the callers size every array), or the Python function itself
+    where numba is missing (never called then: ``AVAILABLE`` keeps the callers away).
+
+    Compiling all the kernels takes about 15 s, so they are cached on disk (beside this file, or in numba's
+    per-user folder when the installation is read-only); where no folder is writable they compile once per
+    process instead of failing the import."""
     if numba is None:  # pragma: no cover
         return function
-    return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
+    try:
+        return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
+    except RuntimeError:  # pragma: no cover - "cannot cache function ...: no locator available"
+        return numba.njit(boundscheck=False, nogil=True)(function)
 
 
 @dataclass(frozen=True)
