@@ -1028,3 +1028,69 @@ def test_large_batch_one_models_keep_running_sample_by_sample():
     assert samples_per_run(model) == 64
     big.input_shapes = [None]
     assert samples_per_run(model) == 1
+
+
+# --- value ranges: tighter static bounds after tables and products -----------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    bits=st.sampled_from([8, 16]),
+    target=st.sampled_from(["esp32s3", "esp32p4", "esp32c3"]),
+    exponents=st.tuples(st.integers(-12, -2), st.integers(-12, -2), st.integers(-14, 2)),
+)
+def test_a_products_range_holds_every_product_the_kernel_makes(seed, bits, target, exponents):
+    """``_product_range`` bounds ``kernels.mul`` over every pair of operand values in their ranges, on the SIMD
+    path (a long innermost axis) and the float32 path (innermost length 1), any exponents."""
+    from espquant.quant.pot import qmin
+    from espquant.simulator import kernels
+
+    rng = np.random.default_rng(seed)
+    ranges = {}
+    for name in ("a", "b"):
+        ends = np.sort(rng.integers(qmin(bits), qmax(bits) + 1, 2))
+        ranges[name] = (int(ends[0]), int(ends[1]))
+    e_a, e_b, e_out = exponents
+    node = QNode("Mul", "mul", ["a", "b"], ["y"], {}, bits=bits)
+    model = QuantizedModel([node], {}, {"a": e_a, "b": e_b, "y": e_out}, ["a", "b"], ["y"], get_target(target), bits)
+    lowest, highest = compiled_module._product_range(model, node, ranges)
+    a = np.linspace(*ranges["a"], 97).round().astype(np.int64)
+    b = np.linspace(*ranges["b"], 89).round().astype(np.int64)
+    pairs_a, pairs_b = np.meshgrid(a, b)
+    for shape in ((1, -1), (-1, 1)):
+        out = kernels.mul(
+            pairs_a.reshape(shape), pairs_b.reshape(shape), e_a=e_a, e_b=e_b, e_out=e_out, bits=bits,
+            profile=get_target(target),
+        )  # fmt: skip
+        assert lowest <= out.min() and out.max() <= highest
+
+
+def test_a_squeeze_excite_gate_after_hardswish_needs_no_s3_guard(rng):
+    """MobileNetV3's block on ESP32-S3 at int8: HardSwish (a table barely below 0) times a HardSigmoid gate (a
+    table in [0, 1]) feeds a 1x1 Conv of 200 channels. The signed bound (128 sum |w|) reaches the 20-bit lanes'
+    rail, so a guard would check the data on every batch; the product's range halves the bound and proves the
+    lanes safe: no guard, the interpreter's integers."""
+    c = 200
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"]),
+        helper.make_node("HardSwish", ["c1"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+        helper.make_node("HardSigmoid", ["g"], ["s"], alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["h", "s"], ["m"]),
+        helper.make_node("Conv", ["m", "w2"], ["y"]),
+    ]
+    weights = {
+        "w1": rng.normal(0, 0.5, (c, 8, 1, 1)).astype(np.float32),
+        "w2": rng.normal(0, 0.05, (32, c, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 8, 4, 4])], [tensor("y", ["N", 32, 4, 4])], weights)
+    data = rng.normal(0, 1, (16, 8, 4, 4)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    quantized = Evaluator("int8", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    ranges = compiled_module._value_ranges(quantized, quantized.nodes)
+    assert ranges["h"][0] > -64 and ranges["s"][0] >= 0 and "m" in ranges
+    fast, slow = _both(quantized, 3 * data)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    program = quantized._programs[(True, None)]
+    assert not any(step.guards for step in program.steps if isinstance(step, compiled_module._Segment))

@@ -86,6 +86,7 @@ class _Builder:
     guards: list[str] = field(default_factory=list)
     guard_nodes: list[str] = field(default_factory=list)  # the node (first output) each guard protects
     produced: set[str] = field(default_factory=set)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # see _value_ranges
     nonnegative: set[str] = field(default_factory=set)  # integer tensors that can never be negative
     bits: int = 8  # the width of the node being lowered
     consumed: list[str] = field(default_factory=list)
@@ -302,13 +303,16 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     start = rails.start
     half = _half(shift, m.profile.rounding)
     # Every partial sum is the start plus a subset of the products. With signed inputs a subset is bounded by
-    # 2^(bits-1) sum|w|; with inputs that cannot be negative (after a ReLU / ReLU6) by qmax times the sum
-    # of the positive (or of the negative) weights, about half as much.
+    # 2^(bits-1) sum|w|. With inputs of a known range [lo, hi] (after a ReLU / ReLU6: [0, qmax]; after a
+    # HardSwish table: barely below 0) product k lies in [min(w lo, w hi), max(w lo, w hi)], so a subset lies
+    # between the sum of the negative lower ends and the sum of the positive upper ends: about half as much.
     flat = weight.astype(np.int64).reshape(channels, -1)
     magnitude = float(2 ** (b.bits - 1)) * np.abs(flat).sum(axis=1).astype(np.float64)
-    if node.inputs[0] in b.nonnegative:
-        x_max = float(qmax(b.bits))
-        high, low = x_max * np.clip(flat, 0, None).sum(axis=1), x_max * np.clip(flat, None, 0).sum(axis=1)
+    if node.inputs[0] in b.ranges:
+        lowest, highest = b.ranges[node.inputs[0]]
+        ends = flat.astype(np.float64)[..., None] * np.array([lowest, highest], np.float64)
+        high = np.maximum(ends.max(axis=-1), 0).sum(axis=1)
+        low = np.minimum(ends.min(axis=-1), 0).sum(axis=1)
     else:
         high = magnitude
         low = -high
@@ -1573,28 +1577,65 @@ _KEEPS_SIGN = {
 }
 
 
-def _nonnegative_tensors(model: QuantizedModel, nodes: list[QNode]) -> set[str]:
-    """Integer tensors that are never negative, whatever the data: outputs of a fused or plain ReLU, of a
-    Clip with a non-negative constant lower bound, of an int8 table without negative entries, and what
-    sign-keeping ops (pools, data movement, requantization: rounding and saturation keep x >= 0) make of
-    them."""
-    found: set[str] = set()
+def _value_ranges(model: QuantizedModel, nodes: list[QNode]) -> dict[str, tuple[int, int]]:
+    """``(lowest, highest)`` integer of the tensors whose range is known whatever the data: outputs of a fused or
+    plain ReLU and of a Clip with a non-negative constant lower bound (``[0, qmax]``), of a stored table (its
+    smallest and largest entry: a HardSwish never goes far below 0, a Sigmoid never below it), and what
+    range-keeping ops make of them: data movement and MaxPool keep their inputs' range, average pools add 0
+    (padding), requantization keeps only ``x >= 0`` (rounding and saturation keep it, the scale changes), a Mul
+    maps its operands' ranges through its product (:func:`_product_range`: MobileNetV3's squeeze-excite gate)."""
+    ranges: dict[str, tuple[int, int]] = {}
     for node in nodes:
         if not node.outputs or node.outputs[0] in model.float_tensors:
             continue
+        top = qmax(node.bits)
         inputs = [t for t in node.inputs if t and t not in model.constants]
+        known = [ranges[t] for t in inputs if t in ranges]
         if node.relu or node.op_type == "Relu":
-            keeps = True
+            found: tuple[int, int] | None = (0, top)
         elif node.table is not None:
-            keeps = bool(node.table.min() >= 0)
+            found = (int(node.table.min()), int(node.table.max()))
         elif node.op_type == "Clip":
             low = node.inputs[1] if len(node.inputs) > 1 else ""
-            keeps = bool(low) and low in model.constants and float(np.min(model.constants[low])) >= 0
+            nonnegative = bool(low) and low in model.constants and float(np.min(model.constants[low])) >= 0
+            found = (0, top) if nonnegative else None
+        elif node.op_type == "Mul":
+            found = _product_range(model, node, ranges)
+        elif node.op_type not in _KEEPS_SIGN or not inputs or len(known) != len(inputs):
+            found = None
+        elif node.op_type == "RequantizeLinear":
+            found = (0, top) if all(lowest >= 0 for lowest, _ in known) else None
         else:
-            keeps = node.op_type in _KEEPS_SIGN and bool(inputs) and all(t in found for t in inputs)
-        if keeps:
-            found.add(node.outputs[0])
-    return found
+            found = (min(lowest for lowest, _ in known), max(highest for _, highest in known))
+            if node.op_type in ("AveragePool", "GlobalAveragePool"):
+                found = (min(found[0], 0), max(found[1], 0))
+        if found is not None:
+            ranges[node.outputs[0]] = found
+    return ranges
+
+
+def _product_range(model: QuantizedModel, node: QNode, ranges: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+    """The range of a Mul whose operands' ranges are known (activations in ``ranges``, constants by their values):
+    both of the kernel's paths (``kernels.mul``) compute ``sat(R(p 2^-s))`` of the product ``p`` (the float32
+    one rounding ``p 2^-s`` first, by less than one unit at these sizes), non-decreasing in ``p``: so the
+    extreme products bound the output, with one unit of slack each way. Per-channel exponents: unknown."""
+    if len(node.inputs) != 2 or any(isinstance(model.exponents.get(t), list) for t in [*node.inputs, *node.outputs]):
+        return None
+    ends = []
+    for tensor in node.inputs:
+        if tensor in model.constants:
+            values = np.asarray(model.constants[tensor])
+            ends.append((int(values.min()), int(values.max())))
+        elif tensor in ranges:
+            ends.append(ranges[tensor])
+        else:
+            return None
+    products = [x * y for x in ends[0] for y in ends[1]]
+    scale = 2.0 ** (model.exponent(node.inputs[0]) + model.exponent(node.inputs[1]) - model.exponent(node.outputs[0]))
+    low, high = qmin(node.bits), qmax(node.bits)  # saturation
+    lowest = min(max(int(np.floor(min(products) * scale)) - 1, low), high)
+    highest = min(max(int(np.ceil(max(products) * scale)) + 1, low), high)
+    return lowest, highest
 
 
 # Accumulating nodes that become rail steps once their guard trips (every other tripped node is interpreted).
@@ -1683,14 +1724,15 @@ def compile_program(
         live |= {t for t in node.inputs if t}
     needed_after.reverse()
     steps: list[_Segment | _RailStep | QNode] = []
-    nonnegative = _nonnegative_tensors(model, nodes)
+    ranges = _value_ranges(model, nodes)
+    nonnegative = {tensor for tensor, (lowest, _) in ranges.items() if lowest >= 0}
 
     readers = _readers(nodes)
     fusions = _clamp_fusions(model, nodes, readers)
     clamps = {name: (*_clamp_bounds(model, follower), follower.outputs[0]) for name, follower in fusions.items()}
 
     def fresh() -> _Builder:
-        return _Builder(model, nonnegative=nonnegative, rail_nodes=guarded, clamps=clamps)
+        return _Builder(model, ranges=ranges, nonnegative=nonnegative, rail_nodes=guarded, clamps=clamps)
 
     builder = fresh()
     count = 0
