@@ -1094,3 +1094,22 @@ def test_a_squeeze_excite_gate_after_hardswish_needs_no_s3_guard(rng):
     np.testing.assert_array_equal(fast["y"], slow["y"])
     program = quantized._programs[(True, None)]
     assert not any(step.guards for step in program.steps if isinstance(step, compiled_module._Segment))
+
+
+def test_value_ranges_pass_only_through_ops_that_keep_the_scale():
+    """A table's range passes through a pool at the same exponent (with 0 for an average's padding), but a
+    rescaling pool or a RequantizeLinear keeps only the sign: a finer exponent multiplies every integer."""
+    table = np.clip(np.arange(-128, 128) // 3, -5, 127)  # a HardSwish-like table: [-5, 42]
+    nodes = [
+        QNode("HardSwish", "h", ["x"], ["h"], {}, table=table, bits=8),
+        QNode("MaxPool", "same", ["h"], ["p"], {"kernel_shape": [2, 2]}, bits=8),
+        QNode("GlobalAveragePool", "finer", ["h"], ["g"], {}, bits=8),
+        QNode("Relu", "r", ["h"], ["r"], {}, bits=8),
+        QNode("GlobalAveragePool", "finer_relu", ["r"], ["q"], {}, bits=8),
+    ]
+    exponents = {"x": -4, "h": -3, "p": -3, "g": -5, "r": -3, "q": -5}
+    model = QuantizedModel(nodes, {}, exponents, ["x"], ["p", "g", "q"], get_target("esp32s3"), 8)
+    ranges = compiled_module._value_ranges(model, nodes)
+    assert ranges["h"] == (-5, 42) and ranges["p"] == (-5, 42)
+    assert "g" not in ranges  # -5 at exponent -3 is -20 at exponent -5
+    assert ranges["r"] == (0, 127) and ranges["q"] == (0, 127)

@@ -1582,7 +1582,8 @@ def _value_ranges(model: QuantizedModel, nodes: list[QNode]) -> dict[str, tuple[
     plain ReLU and of a Clip with a non-negative constant lower bound (``[0, qmax]``), of a stored table (its
     smallest and largest entry: a HardSwish never goes far below 0, a Sigmoid never below it), and what
     range-keeping ops make of them: data movement and MaxPool keep their inputs' range, average pools add 0
-    (padding), requantization keeps only ``x >= 0`` (rounding and saturation keep it, the scale changes), a Mul
+    (padding), requantization, or any of these ops between different exponents, keeps only ``x >= 0`` (rounding
+    and saturation keep it, the scale changes), a Mul
     maps its operands' ranges through its product (:func:`_product_range`: MobileNetV3's squeeze-excite gate)."""
     ranges: dict[str, tuple[int, int]] = {}
     for node in nodes:
@@ -1603,8 +1604,8 @@ def _value_ranges(model: QuantizedModel, nodes: list[QNode]) -> dict[str, tuple[
             found = _product_range(model, node, ranges)
         elif node.op_type not in _KEEPS_SIGN or not inputs or len(known) != len(inputs):
             found = None
-        elif node.op_type == "RequantizeLinear":
-            found = (0, top) if all(lowest >= 0 for lowest, _ in known) else None
+        elif node.op_type == "RequantizeLinear" or not _same_exponents(model, [*inputs, node.outputs[0]]):
+            found = (0, top) if all(lowest >= 0 for lowest, _ in known) else None  # rescaled: only the sign holds
         else:
             found = (min(lowest for lowest, _ in known), max(highest for _, highest in known))
             if node.op_type in ("AveragePool", "GlobalAveragePool"):
@@ -1612,6 +1613,12 @@ def _value_ranges(model: QuantizedModel, nodes: list[QNode]) -> dict[str, tuple[
         if found is not None:
             ranges[node.outputs[0]] = found
     return ranges
+
+
+def _same_exponents(model: QuantizedModel, tensors: list[str]) -> bool:
+    """Whether the tensors share one exponent (integers pass between them unscaled)."""
+    exponents = [model.exponents.get(t) for t in tensors]
+    return all(e is not None and e == exponents[0] for e in exponents)
 
 
 def _product_range(model: QuantizedModel, node: QNode, ranges: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
