@@ -6,6 +6,8 @@ that saturates, ties under both roundings and accumulator lanes that reach ESP32
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import onnx
 import pytest
@@ -425,18 +427,11 @@ def _segment_graphs(monkeypatch) -> list[onnx.ModelProto]:
     relu=st.booleans(),
     bias_bits=st.integers(0, 38),
 )
+@mock.patch.object(compiled_module, "NATIVE", False)  # the digit splits (hypothesis takes no function fixture)
 def test_int16_split_sums_round_in_float32_exactly(seed, target, shift, depthwise, relu, bias_bits):
     """A digit-split int16 Conv rounds its parts in float32 (integer and fraction of each, the bias cut the same
     way) instead of adding them in double: equal to the interpreter for every shift (small ones make many ties,
     large ones saturate), bias size and rounding rule (half-up on S3 / C3, half-even on P4)."""
-    compiled_module.NATIVE, previous = False, compiled_module.NATIVE  # the digit splits (hypothesis: no fixture)
-    try:
-        _check_split_conv(seed, target, shift, depthwise, relu, bias_bits)
-    finally:
-        compiled_module.NATIVE = previous
-
-
-def _check_split_conv(seed: int, target: str, shift: int, depthwise: bool, relu: bool, bias_bits: int) -> None:
     rng = np.random.default_rng(seed)
     channels = 6
     if depthwise:
@@ -669,17 +664,10 @@ def test_the_graph_digits_of_an_activation_add_up_within_their_bounds(values, co
     shift=st.integers(-3, 31),
     scale=st.sampled_from([0.05, 1.0, 3.0]),
 )
+@mock.patch.object(compiled_module, "NATIVE", False)  # the digit splits (hypothesis takes no function fixture)
 def test_int16_gemm_split_and_recombine_matches_the_interpreter(seed, taps, target, shift, scale):
     """Any int16 weights and inputs, any shift: the digit-split float32 sums recombined in double give the
     interpreter's integers (float64 BLAS there)."""
-    compiled_module.NATIVE, previous = False, compiled_module.NATIVE  # the digit splits (hypothesis: no fixture)
-    try:
-        _check_split_gemm(seed, taps, target, shift, scale)
-    finally:
-        compiled_module.NATIVE = previous
-
-
-def _check_split_gemm(seed: int, taps: int, target: str, shift: int, scale: float) -> None:
     rng = np.random.default_rng(seed)
     weight = _int(rng, 16, (5, taps), scale)
     x = _int(rng, 16, (3, taps), scale)

@@ -3,6 +3,8 @@ against a plain int64 reference on random geometry, and whole models against the
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -147,15 +149,12 @@ def test_int16_models_run_their_accumulating_nodes_natively():
         for native_on, interpreted in ((True, False), (False, False), (False, True)):
             quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
             quantized.compiled = not interpreted
-            compiled.NATIVE, previous = native_on, compiled.NATIVE
-            try:
+            with mock.patch.object(compiled, "NATIVE", native_on):
                 runs.append(quantized.run_float({quantized.inputs[0]: data}))
-                if native_on:
-                    program = quantized._programs[(True, None)]
-                    kinds = {node.op_type for node in program.native_nodes}
-                    assert {"Conv", "Gemm"} <= kinds and not program.interpreted_nodes
-            finally:
-                compiled.NATIVE = previous
+            if native_on:
+                program = quantized._programs[(True, None)]
+                kinds = {node.op_type for node in program.native_nodes}
+                assert {"Conv", "Gemm"} <= kinds and not program.interpreted_nodes
         for name in runs[0]:
             np.testing.assert_array_equal(runs[0][name], runs[2][name])
             np.testing.assert_array_equal(runs[1][name], runs[2][name])
