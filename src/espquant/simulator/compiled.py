@@ -87,7 +87,6 @@ class _Builder:
     guard_nodes: list[str] = field(default_factory=list)  # the node (first output) each guard protects
     produced: set[str] = field(default_factory=set)
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # see _value_ranges
-    nonnegative: set[str] = field(default_factory=set)  # integer tensors that can never be negative
     bits: int = 8  # the width of the node being lowered
     consumed: list[str] = field(default_factory=list)
     rail_nodes: frozenset[str] = frozenset()  # accumulating nodes lowered as rail steps (their guard tripped)
@@ -119,6 +118,10 @@ class _Builder:
         if tensor not in self.produced:
             self.consumed.append(tensor)
         return tensor
+
+    def nonnegative(self, tensor: str) -> bool:
+        """Whether the integer tensor can never be negative, whatever the data (``_value_ranges``)."""
+        return tensor in self.ranges and self.ranges[tensor][0] >= 0
 
     def integer_activation(self, tensor: str) -> None:
         """Refuse a tensor that is no integer activation (floats, or a constant where a lowering reads data)."""
@@ -612,7 +615,7 @@ def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool =
 def _magnitude(b: _Builder, node: QNode, check: _RailCheck) -> str:
     """``M >= sum |x w|`` per output, in the sums' scale: the contraction of ``|x|`` with ``|w|``."""
     hint, spec = node.outputs[0], check.spec
-    size = check.x if node.inputs[0] in b.nonnegative else b.op("Abs", [check.x])  # after a ReLU: already |x|
+    size = check.x if b.nonnegative(node.inputs[0]) else b.op("Abs", [check.x])  # after a ReLU: already |x|
     scaled = np.abs(spec.weight) * check.scale.reshape(-1, *[1] * (spec.weight.ndim - 1))
     magnitude = spec.contract(size, b.const(spec.embed(scaled), hint + "::abs"), None)
     if not check.exact:
@@ -1583,8 +1586,8 @@ def _value_ranges(model: QuantizedModel, nodes: list[QNode]) -> dict[str, tuple[
     smallest and largest entry: a HardSwish never goes far below 0, a Sigmoid never below it), and what
     range-keeping ops make of them: data movement and MaxPool keep their inputs' range, average pools add 0
     (padding), requantization, or any of these ops between different exponents, keeps only ``x >= 0`` (rounding
-    and saturation keep it, the scale changes), a Mul
-    maps its operands' ranges through its product (:func:`_product_range`: MobileNetV3's squeeze-excite gate)."""
+    and saturation keep it, the scale changes), a Mul maps its operands' ranges through its product
+    (:func:`_product_range`: MobileNetV3's squeeze-excite gate)."""
     ranges: dict[str, tuple[int, int]] = {}
     for node in nodes:
         if not node.outputs or node.outputs[0] in model.float_tensors:
@@ -1732,14 +1735,13 @@ def compile_program(
     needed_after.reverse()
     steps: list[_Segment | _RailStep | QNode] = []
     ranges = _value_ranges(model, nodes)
-    nonnegative = {tensor for tensor, (lowest, _) in ranges.items() if lowest >= 0}
 
     readers = _readers(nodes)
     fusions = _clamp_fusions(model, nodes, readers)
     clamps = {name: (*_clamp_bounds(model, follower), follower.outputs[0]) for name, follower in fusions.items()}
 
     def fresh() -> _Builder:
-        return _Builder(model, ranges=ranges, nonnegative=nonnegative, rail_nodes=guarded, clamps=clamps)
+        return _Builder(model, ranges=ranges, rail_nodes=guarded, clamps=clamps)
 
     builder = fresh()
     count = 0

@@ -434,22 +434,17 @@ def _few_rows(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray
     """``x (R, K) @ w (K, M)`` for a few rows, requantized: each row adds ``x[r, k] * w[k]`` for the nonzero inputs
     (ReLU outputs are often zero) into a double row. ``w`` is float32 (integers, exact): half the bytes of a
     double matrix, which is what a matrix-vector product is bound by."""
-    acc = np.empty(w.shape[1], F64)
+    acc = np.empty((1, w.shape[1]), F64)
+    sums = acc[0]
     for r in range(x.shape[0]):
-        acc[:] = start
+        sums[:] = 0.0
         for k in range(w.shape[0]):
             value = np.float64(x[r, k])
             if value != 0.0:
                 line = w[k]
-                for m in range(acc.shape[0]):
-                    acc[m] += value * line[m]
-        row = out[r]
-        if half_even:
-            for m in range(acc.shape[0]):
-                row[m] = min(max(np.rint(acc[m] * scale[m]), low), high)
-        else:
-            for m in range(acc.shape[0]):
-                row[m] = min(max(np.floor(acc[m] * scale[m]), low), high)
+                for m in range(sums.shape[0]):
+                    sums[m] += value * line[m]
+        _finish_rows(acc, start, scale, half_even, low, high, out[r : r + 1])
 
 
 class Rows:
