@@ -58,8 +58,9 @@ from espquant import Calibrator, Evaluator  # noqa: E402
 
 SYNTHETIC = ("mlp", "tf_mlp", "mobilenet_v2", "mobilenet_v2_normal", "blazeface", "rail", "rail_sat")
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
-# the demo CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector (ConvTranspose, Resize), MTCNN's
-# O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2 blocks).
+# the demo CNN, a depthwise-separable ReLU6 CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector
+# (ConvTranspose, Resize), MTCNN's O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2
+# blocks).
 REAL = {
     "mnist_cnn": "mnist_demo",
     "dsconv": "dsconv_mnist",
@@ -228,9 +229,8 @@ def rail(saturating: bool) -> onnx.ModelProto:
     return g.model(name, ["N", 8, 24, 24], [("features", ["N", channels, 24, 24])])
 
 
-def case(name: str, count: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
-    """The model of case ``name`` and ``count`` inputs drawn for it."""
-    images = count
+def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
+    """The model of case ``name`` and ``images`` inputs drawn for it."""
     rng = np.random.default_rng(seed)
     if name in REAL:
         import accuracy
@@ -247,9 +247,9 @@ def case(name: str, count: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndar
         from importlib.resources import files
 
         digits = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
-        images, labels = digits["test_images"], digits["test_labels"]
-        inputs = images[1000:].astype(np.float32) / 255
-        return tf_mlp(images[:1000], labels[:1000]), inputs[np.arange(count) % len(inputs)]
+        pictures, labels = digits["test_images"], digits["test_labels"]
+        inputs = pictures[1000:].astype(np.float32) / 255
+        return tf_mlp(pictures[:1000], labels[:1000]), inputs[np.arange(images) % len(inputs)]
     if name == "mobilenet_v2":
         return mobilenet_v2(), rng.random((images, 3, 96, 96), dtype=np.float32)
     if name == "mobilenet_v2_normal":  # signed N(0, 1) inputs: ESP32-S3's 20-bit lanes come near their rails
