@@ -982,22 +982,21 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
             operands.append(b.use(tensor))
             largest *= 2.0 ** (m.width(tensor) - 1)
     hint = node.outputs[0]
-    product = b.op("Mul", operands)
     if largest < EXACT_FLOAT32:
-        _rescale(b, product, shift, hint)
+        _rescale(b, b.op("Mul", operands), shift, hint)
         return
-    float_path = b.op("Mul", [product, b.const(2.0**-shift, hint)])
     known = node.input_shapes or [None, None]
     shapes = [list(m.constants[t].shape) if t in m.constants else known[i] for i, t in enumerate(node.inputs[:2])]
     simd_path = _mul_takes_simd(shapes, node.bits, m.profile.simd)
     if simd_path is False:
-        _round_saturate(b, float_path, hint)
+        _round_saturate(b, b.op("Mul", [b.op("Mul", operands), b.const(2.0**-shift, hint)]), hint)
         return
     wide = b.op("Mul", [b.op("Cast", [x], to=TensorProto.DOUBLE) for x in operands])
     simd = b.shift_round(wide, np.asarray([shift]), hint, np.float64)
     if simd_path:
         b.saturate(simd, hint, dtype=np.float64)
         return
+    float_path = b.op("Mul", [b.op("Mul", operands), b.const(2.0**-shift, hint)])
     exact = b.saturate(simd, b.fresh(hint), dtype=np.float64)
     rounded = b.saturate(b.round_float32(float_path, hint), b.fresh(hint))
     largest_difference = b.op("ReduceMax", [b.op("Abs", [b.op("Sub", [exact, rounded])])], keepdims=0)

@@ -55,13 +55,17 @@ def _jit(function: Any) -> Any:
 
     Compiling all the kernels takes about 15 s, so they are cached on disk (beside this file, or in numba's
     per-user folder when the installation is read-only); where no folder is writable they compile once per
-    process instead of failing the import."""
+    process instead of failing the import.
+
+    Multiplies and adds may fuse (``contract``: fused multiply-adds): every product and every partial sum here is
+    an exact integer in double, so a fused one rounds nothing either and the integers stay the same."""
     if numba is None:  # pragma: no cover
         return function
+    options = {"boundscheck": False, "nogil": True, "fastmath": {"contract"}}
     try:
-        return numba.njit(cache=True, boundscheck=False, nogil=True)(function)
+        return numba.njit(cache=True, **options)(function)
     except RuntimeError:  # pragma: no cover - "cannot cache function ...: no locator available"
-        return numba.njit(boundscheck=False, nogil=True)(function)
+        return numba.njit(**options)(function)
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,18 @@ class Requantize:
 @_jit
 def _requantize_row(sums: np.ndarray, begin: float, factor: float, half_even: bool, low: float, high: float,
                     out: np.ndarray) -> None:  # fmt: skip
-    """``out[k] = sat(R((sums[k] + begin) * factor))``: one output channel's row (vectorized: plain 1-D loops)."""
+    """``out[k] = sat(R((sums[k] + begin) * factor))``: one output channel's row. Plain 1-D loops and explicit
+    selects vectorize; ``min(max(...))`` and 2-D indexing ran 3-5x slower (measured on a 56x56 plane)."""
     if half_even:
         for k in range(out.shape[0]):
-            out[k] = min(max(np.rint((sums[k] + begin) * factor), low), high)
+            value = np.rint((sums[k] + begin) * factor)
+            value = value if value > low else low
+            out[k] = value if value < high else high
     else:
         for k in range(out.shape[0]):
-            out[k] = min(max(np.floor((sums[k] + begin) * factor), low), high)
+            value = np.floor((sums[k] + begin) * factor)
+            value = value if value > low else low
+            out[k] = value if value < high else high
 
 
 @_jit
@@ -96,14 +105,9 @@ def _requantize_plane(acc: np.ndarray, wq: int, factor: float, half_even: bool, 
                       out: np.ndarray) -> None:  # fmt: skip
     """``out[i, j] = sat(R(acc[i * wq + j] * factor))``: an output plane from sums laid out at the buffer's width
     (the start is already in the sums)."""
+    width = out.shape[1]
     for i in range(out.shape[0]):
-        base = i * wq
-        if half_even:
-            for j in range(out.shape[1]):
-                out[i, j] = min(max(np.rint(acc[base + j] * factor), low), high)
-        else:
-            for j in range(out.shape[1]):
-                out[i, j] = min(max(np.floor(acc[base + j] * factor), low), high)
+        _requantize_row(acc[i * wq : i * wq + width], 0.0, factor, half_even, low, high, out[i])
 
 
 @_jit
@@ -123,10 +127,14 @@ def _finish_rows(acc: np.ndarray, start: np.ndarray, scale: np.ndarray, half_eve
         sums, row = acc[a], out[a]
         if half_even:
             for c in range(acc.shape[1]):
-                row[c] = min(max(np.rint((sums[c] + start[c]) * scale[c]), low), high)
+                value = np.rint((sums[c] + start[c]) * scale[c])
+                value = value if value > low else low
+                row[c] = value if value < high else high
         else:
             for c in range(acc.shape[1]):
-                row[c] = min(max(np.floor((sums[c] + start[c]) * scale[c]), low), high)
+                value = np.floor((sums[c] + start[c]) * scale[c])
+                value = value if value > low else low
+                row[c] = value if value < high else high
 
 
 @_jit
@@ -212,18 +220,19 @@ def _fill_phases(plane: np.ndarray, geometry: np.ndarray, wq: int, phase: int, b
     if sh == 1 and sw == 1:  # one phase: rows copied as they are
         for i in range(height):
             at = (i + pt) * wq + pl
+            source, target = plane[i], buffer[at : at + width]
             for j in range(width):
-                buffer[at + j] = plane[i, j]
+                target[j] = source[j]
         return
-    columns = np.empty(width, np.int64)  # where each column lands in its row of the phases
-    for j in range(width):
-        col = j + pl
-        columns[j] = (col % sw) * phase + col // sw
     for i in range(height):
         r = i + pt
         at = (r % sh) * sw * phase + (r // sh) * wq
-        for j in range(width):
-            buffer[at + columns[j]] = plane[i, j]
+        source = plane[i]
+        for q in range(sw):  # the columns of one phase: every sw-th, landing side by side
+            first = (q - pl) % sw
+            target = buffer[at + q * phase + (first + pl) // sw :]
+            for k in range((width - first + sw - 1) // sw):
+                target[k] = source[first + k * sw]
 
 
 @_jit
@@ -296,7 +305,8 @@ def _depthwise_pixels(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np
                             acc[c] += pixel[c] * tap[c]
                 for c in range(channels):
                     value = np.rint(acc[c] * scale[c]) if half_even else np.floor(acc[c] * scale[c])
-                    out[n, c, i, j] = min(max(value, low), high)
+                    value = value if value > low else low
+                    out[n, c, i, j] = value if value < high else high
 
 
 @_jit
@@ -319,22 +329,25 @@ def _pointwise(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarra
 @_jit
 def _im2col(x: np.ndarray, kh: int, kw: int, geometry: np.ndarray, cols: np.ndarray, oh: int, ow: int) -> None:
     """``cols[(c, di, dj), n * oh * ow + (i, j)] = x[n, c, i*sh + di*dh - pt, j*sw + dj*dw - pl]`` (0 outside):
-    every sample's columns side by side, so that one BLAS product covers them all."""
+    every sample's columns side by side, so that one BLAS product covers them all. Each plane goes once into
+    phase buffers (:func:`_fill_phases`), where every tap's output row is a contiguous run: plain copies, no
+    test per element for the padding."""
     batch, channels, height, width = x.shape
-    sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    wq, phase, size = _phase_layout(height, width, kh, kw, oh, ow, geometry)
+    offsets = _tap_offsets(kh, kw, geometry, wq, phase)
+    buffer = np.zeros(size, F64)
     positions = oh * ow
     for n in range(batch):
         for c in range(channels):
+            _fill_phases(x[n, c], geometry, wq, phase, buffer)
             for di in range(kh):
                 for dj in range(kw):
                     column = cols[(c * kh + di) * kw + dj, n * positions : (n + 1) * positions]
+                    source = buffer[offsets[di, dj] :]
                     for i in range(oh):
-                        source = i * sh + di * dh - pt
-                        inside_rows = source >= 0 and source < height
+                        line, row = column[i * ow : (i + 1) * ow], source[i * wq : i * wq + ow]
                         for j in range(ow):
-                            s = j * sw + dj * dw - pl
-                            inside = inside_rows and s >= 0 and s < width
-                            column[i * ow + j] = x[n, c, source, s] if inside else 0.0
+                            line[j] = row[j]
 
 
 @_jit
