@@ -199,3 +199,58 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     quantized.compiled = False
     slow = quantized.run_float({"x": 2 * data})
     np.testing.assert_array_equal(fast["y"], slow["y"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    broadcast=st.lists(st.booleans(), min_size=4, max_size=4),
+    shift=st.integers(0, 31),
+    half_even=st.booleans(),
+)
+def test_product_equals_the_simd_rule_of_mul(seed, shape, broadcast, shift, half_even):
+    """``native.Product`` of two int16 tensors (one broadcast along random axes) equals ``kernels.mul``'s SIMD
+    rule ``sat(SR(a b, s))`` in int64: both roundings, shifts 0-31 (products up to 2**30), saturation."""
+    from espquant.quant.rounding import saturate, shift_round
+
+    rng = np.random.default_rng(seed)
+    a = rng.integers(-32768, 32768, shape)
+    b = rng.integers(-32768, 32768, [1 if flat else n for n, flat in zip(shape, broadcast)])
+    rounding = "half_even" if half_even else "half_up"
+    start = compiled._half(np.asarray([shift]), rounding).astype(np.float64)
+    product = native.Product(native.Requantize(start, np.asarray([2.0**-shift]), half_even, -32768, 32767))
+    got = product(a.astype(np.float32), b.astype(np.float32))
+    want = saturate(shift_round(a * b, shift, rounding), 16)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
+@pytest.mark.parametrize("constant", [False, True])
+def test_int16_mul_on_the_simd_rule_runs_natively(rng, target, constant):
+    """A squeeze-excite gate ``x[N, C, H, W] * s[N, C, 1, 1]`` at int16 (or ``x`` times a constant ``[C, 1, 1]``):
+    where the chip's kernel takes its SIMD rule (S3, P4: the channels fill the lanes) the Mul is a native step;
+    on C3 it stays in the graph (float32 rule); the integers are the interpreter's, ties and saturation included."""
+    from espquant.quant.profiles import get_target
+    from espquant.simulator.quantized_model import QNode, QuantizedModel
+
+    node = QNode("Mul", "mul", ["x", "s"], ["y"], {}, bits=16)
+    node.input_shapes = [[None, 16, 5, 6], [None, 16, 1, 1] if not constant else [16, 1, 1]]
+    gate = rng.integers(-32768, 32768, (1, 16, 1, 1) if not constant else (16, 1, 1))
+    gate.reshape(-1)[:2] = [32767, -32768]
+    constants = {"s": gate} if constant else {}
+    exponents = {"x": -10, "s": -15, "y": -12}
+    model = QuantizedModel([node], constants, exponents, ["x"] if constant else ["x", "s"], ["y"],
+                           get_target(target), 16)  # fmt: skip
+    x = rng.integers(-32768, 32768, (3, 16, 5, 6))
+    x[0, 0, 0, :4] = [32767, -32768, 4, -4]  # saturation; 4 * 32767 * 2^-13 and its negative sit near ties
+    feeds = {"x": x} if constant else {"x": x, "s": np.repeat(gate, 3, axis=0)}
+    model.compiled = True
+    fast = model.run(feeds)["y"]
+    program = next(iter(model._programs.values()))
+    model.compiled = False
+    slow = model.run(feeds)["y"]
+    np.testing.assert_array_equal(fast, slow)
+    assert [n.op_type for n in program.native_nodes] == (["Mul"] if target != "esp32c3" else [])
+    assert not program.interpreted_nodes

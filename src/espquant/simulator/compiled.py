@@ -402,7 +402,30 @@ def _native_step(
     low, high, output = _clamp(b, node)
     half_even = b.model.profile.rounding == "half_even"
     requantize = native.Requantize(start, 2.0 ** -shift.astype(np.float64), half_even, low, high)
-    b.pending = (_NativeStep(node, node.inputs[0], output, make(requantize)), lambda _: None)
+    b.pending = (_NativeStep(node, (node.inputs[0],), output, make(requantize)), lambda _: None)
+
+
+def _native_product(b: _Builder, node: QNode, shift: int) -> None:
+    """End the segment before the int16 Mul ``node`` (SIMD rule) and compute it in double (``native.Product``):
+    onnxruntime would cast both operands and the product to double and take five more passes over them."""
+    activations = [t for t in node.inputs[:2] if t not in b.model.constants]
+    for tensor in activations:
+        b.integer_activation(tensor)
+    half_even = b.model.profile.rounding == "half_even"
+    start = _half(np.asarray([shift]), b.model.profile.rounding).astype(np.float64)
+    low, high, output = _clamp(b, node)
+    product = native.Product(native.Requantize(start, np.asarray([2.0**-shift]), half_even, low, high))
+    kernel: Callable[..., np.ndarray] = product
+    if len(activations) == 1:  # a constant operand, bound here once (as float32 integers, like the other)
+        tensor = next(t for t in node.inputs[:2] if t in b.model.constants)
+        constant = b.constant(tensor).astype(np.int64).astype(F32)
+        first = tensor == node.inputs[0]
+        kernel = functools.partial(_with_constant, product, constant, first)
+    b.pending = (_NativeStep(node, tuple(activations), output, kernel), lambda _: None)
+
+
+def _with_constant(product: native.Product, constant: np.ndarray, first: bool, x: np.ndarray) -> np.ndarray:
+    return product(constant, x) if first else product(x, constant)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -973,21 +996,23 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
     k = F32(F32(F32(2.0**e_a) * F32(2.0**e_b)) * F32(2.0**-e_out))
     if shift < 0 or float(k) != 2.0**-shift:
         raise _Refused("Mul scale not an exact power of two")
-    operands, largest = [], 1.0
+    largest = 1.0
     for tensor in node.inputs[:2]:
         if tensor in m.constants:
-            operands.append(_int_const(b, tensor))
             largest *= float(np.abs(b.constant(tensor).astype(np.int64)).max(initial=0))
         else:
-            operands.append(b.use(tensor))
             largest *= 2.0 ** (m.width(tensor) - 1)
+    known = node.input_shapes or [None, None]
+    shapes = [list(m.constants[t].shape) if t in m.constants else known[i] for i, t in enumerate(node.inputs[:2])]
+    simd_path = largest >= EXACT_FLOAT32 and _mul_takes_simd(shapes, node.bits, m.profile.simd)
+    if simd_path and NATIVE and native.AVAILABLE and any(t not in m.constants for t in node.inputs[:2]):
+        _native_product(b, node, shift)
+        return
+    operands = [_int_const(b, t) if t in m.constants else b.use(t) for t in node.inputs[:2]]
     hint = node.outputs[0]
     if largest < EXACT_FLOAT32:
         _rescale(b, b.op("Mul", operands), shift, hint)
         return
-    known = node.input_shapes or [None, None]
-    shapes = [list(m.constants[t].shape) if t in m.constants else known[i] for i, t in enumerate(node.inputs[:2])]
-    simd_path = _mul_takes_simd(shapes, node.bits, m.profile.simd)
     if simd_path is False:
         _round_saturate(b, b.op("Mul", [b.op("Mul", operands), b.const(2.0**-shift, hint)]), hint)
         return
@@ -1463,15 +1488,15 @@ class _NativeStep:
     joining its saturation, then an activation the graph would compute as a table, looked up here)."""
 
     node: QNode
-    x: str
+    inputs: tuple[str, ...]
     output: str
-    kernel: Callable[[np.ndarray], np.ndarray]
+    kernel: Callable[..., np.ndarray]
     fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
     table: np.ndarray | None = None  # the activation after it, as a table from the lowest value of its width
     lowest: int = 0
 
     def run(self, env: dict[str, np.ndarray]) -> None:
-        values = self.kernel(_as_f32(env[self.x]))
+        values = self.kernel(*(_as_f32(env[name]) for name in self.inputs))
         env[self.output] = values if self.table is None else native.lookup(values, self.table, self.lowest)
 
     def absorb(self, follower: QNode, table: np.ndarray | None = None, lowest: int = 0) -> None:

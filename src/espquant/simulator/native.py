@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from espquant.ops.broadcast import merged_broadcast_shapes
+
 try:  # pragma: no cover - exercised by which environment runs the tests
     import numba
 
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Conv", "Requantize", "Rows", "lookup"]
+__all__ = ["AVAILABLE", "Conv", "Product", "Requantize", "Rows", "lookup"]
 
 F32 = np.float32
 F64 = np.float64
@@ -482,6 +484,57 @@ class Rows:
             sums = flat.astype(F64) @ self.matrix
             _finish_rows(sums, r.start, r.scale, r.half_even, r.low, r.high, out)
         return out.reshape(*x.shape[:-1], columns)
+
+
+@_jit
+def _products(a: np.ndarray, b: np.ndarray, begin: float, factor: float, half_even: bool, low: float, high: float,
+              out: np.ndarray) -> None:  # fmt: skip
+    """``out = sat(R((a b + begin) * factor))`` on merged 3-D shapes, ``a`` or ``b`` of length 1 on the axes they are
+    broadcast along: row by row, each row elementwise or scaled by one value (vectorized 1-D loops)."""
+    rows = np.empty(out.shape[2], F64)
+    for i in range(out.shape[0]):
+        ia, ib = min(i, a.shape[0] - 1), min(i, b.shape[0] - 1)
+        for j in range(out.shape[1]):
+            left, right = a[ia, min(j, a.shape[1] - 1)], b[ib, min(j, b.shape[1] - 1)]
+            if left.shape[0] == 1:
+                value = np.float64(left[0])
+                for k in range(rows.shape[0]):
+                    rows[k] = value * right[k]
+            elif right.shape[0] == 1:
+                value = np.float64(right[0])
+                for k in range(rows.shape[0]):
+                    rows[k] = left[k] * value
+            else:
+                for k in range(rows.shape[0]):
+                    rows[k] = np.float64(left[k]) * right[k]
+            _requantize_row(rows, begin, factor, half_even, low, high, out[i, j])
+
+
+class Product:
+    """``sat(R(a b 2**-shift))`` of two integer tensors, broadcast as ONNX broadcasts: an int16 Mul on the SIMD
+    rule of ``kernels.mul`` (a squeeze-excite gate times its feature map). Each product of two int16 values is
+    below 2**30, exact in double; ``requantize`` holds one channel (the rounding half of half-up in ``start``).
+    The axes are merged as the runtime merges them (``merged_broadcast_shapes``); patterns of more than three
+    merged axes take numpy's broadcasting instead."""
+
+    def __init__(self, requantize: Requantize) -> None:
+        self.requantize = requantize
+        self.start, self.scale = float(requantize.start[0]), float(requantize.scale[0])
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        r = self.requantize
+        merged_a, merged_b, merged_out = merged_broadcast_shapes(a.shape, b.shape)
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        out = np.empty(shape, F32)
+        if len(merged_out) > 3:
+            product = np.multiply(a, b, dtype=F64).reshape(-1)
+            _requantize_row(product, self.start, self.scale, r.half_even, r.low, r.high, out.reshape(-1))
+            return out
+        pad = [1] * (3 - len(merged_out))
+        _products(np.ascontiguousarray(a, dtype=F32).reshape(pad + merged_a),
+                  np.ascontiguousarray(b, dtype=F32).reshape(pad + merged_b), self.start, self.scale, r.half_even,
+                  r.low, r.high, out.reshape(pad + merged_out))  # fmt: skip
+        return out
 
 
 @_jit
