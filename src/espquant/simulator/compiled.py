@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from espquant.ops.broadcast import merged_broadcast_shapes
 from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_lanes
 from espquant.runtime import runner
-from espquant.simulator import lanes, native
+from espquant.simulator import kernels, lanes, native
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 
 if TYPE_CHECKING:
@@ -422,6 +422,24 @@ def _native_product(b: _Builder, node: QNode, shift: int) -> None:
         first = tensor == node.inputs[0]
         kernel = functools.partial(_with_constant, product, constant, first)
     b.pending = (_NativeStep(node, tuple(activations), output, kernel), lambda _: None)
+
+
+def _lower_softmax(b: _Builder, node: QNode) -> None:
+    """An int8 Softmax as a native step (``native.softmax_int8``: the interpreter's exp table, its sequential
+    float32 sum and division); other widths and float inputs stay in the interpreter."""
+    m, source = b.model, node.inputs[0]
+    if not (NATIVE and native.AVAILABLE) or source in m.float_tensors or m.width(source) != 8:
+        raise _Refused("Softmax beyond int8")
+    b.integer_activation(source)
+    exponent = m.exponents.get(source)
+    if not isinstance(exponent, int):
+        raise _Refused("per-channel exponents")
+    kernel = functools.partial(_softmax, kernels.softmax_table(exponent), int(node.attrs.get("axis", -1)))
+    b.pending = (_NativeStep(node, (source,), node.outputs[0], kernel, integers=False), lambda _: None)
+
+
+def _softmax(table: np.ndarray, axis: int, x: np.ndarray) -> np.ndarray:
+    return native.softmax_int8(x, table, axis)
 
 
 def _with_constant(product: native.Product, constant: np.ndarray, first: bool, x: np.ndarray) -> np.ndarray:
@@ -1406,6 +1424,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Concat": _lower_passthrough,
     "Squeeze": _lower_axes,
     "Unsqueeze": _lower_axes,
+    "Softmax": _lower_softmax,
     **{op: _lower_elementwise for op in FLOAT_FUNCTIONS if op != "Relu"},
 }
 
@@ -1494,6 +1513,7 @@ class _NativeStep:
     fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
     table: np.ndarray | None = None  # the activation after it, as a table from the lowest value of its width
     lowest: int = 0
+    integers: bool = True  # False: the output holds floats (a Softmax's probabilities), never made int64
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         values = self.kernel(*(_as_f32(env[name]) for name in self.inputs))
@@ -1564,7 +1584,8 @@ class CompiledProgram:
                 continue
             if isinstance(step, _NativeStep):
                 step.run(env)
-                from_segments.add(step.output)
+                if step.integers:
+                    from_segments.add(step.output)
                 continue
             if isinstance(step, _Segment):
                 feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
@@ -1807,6 +1828,8 @@ def compile_program(
         if outside:
             native_step = steps[-1]
             assert isinstance(native_step, _NativeStep)
+            if not native_step.integers:
+                continue
             if follower is not None:
                 native_step.absorb(follower)
                 absorbed[id(follower)] = 0

@@ -32,6 +32,7 @@ __all__ = [
     "resize_nearest_nhwc",
     "lut_int8",
     "softmax_float",
+    "softmax_table",
     "quantize_float",
 ]
 
@@ -337,7 +338,7 @@ def lut_int8(x: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _softmax_table(e_in: int) -> np.ndarray:
+def softmax_table(e_in: int) -> np.ndarray:
     """The int8 Softmax's exp table (read only): inf where the chip's expf overflows (then NaN)."""
     table = expf((np.arange(256) - 128) * 2.0**e_in)
     table.flags.writeable = False
@@ -349,7 +350,7 @@ def softmax_float(x: np.ndarray, *, axis: int, e_in: int | None, bits: int | Non
     axis = axis % x.ndim
     moved = x if axis == x.ndim - 1 else np.moveaxis(x, axis, -1)
     if bits == 8 and e_in is not None:
-        e = _softmax_table(e_in)[moved.astype(np.int64) + 128]
+        e = softmax_table(e_in)[moved.astype(np.int64) + 128]
     else:
         values = moved.astype(F32) * F32(2.0**e_in) if e_in is not None else moved.astype(F32)
         e = expf((values - values.max(axis=-1, keepdims=True)).astype(F32))
