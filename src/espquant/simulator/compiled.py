@@ -1710,9 +1710,7 @@ def _clamp_bounds(model: QuantizedModel, node: QNode) -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def _clamp_fusions(
-    model: QuantizedModel, nodes: list[QNode], readers: dict[str, list[QNode]]
-) -> dict[str, QNode]:
+def _clamp_fusions(model: QuantizedModel, nodes: list[QNode], readers: dict[str, list[QNode]]) -> dict[str, QNode]:
     """Relu / Clip nodes (same exponent and width, constant integer bounds) that are the only reader of a Conv /
     Gemm / MatMul / Add / Sub output which is no model output: ``clip(sat(R(acc)), lo, hi)`` is ``R(acc)``
     clipped to the intersection of both ranges, so the node writes the follower's output directly (one pass
