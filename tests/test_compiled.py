@@ -259,6 +259,28 @@ def test_input_quantization_ties_and_the_float32_half_trap(target, expected):
     np.testing.assert_array_equal(got, model.run({"x": model.quantize_input("x", x)})["y"])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    target=st.sampled_from(TARGETS),
+    bits=st.sampled_from([8, 16]),
+    exponent=st.integers(-12, 12),
+    integers=st.lists(st.integers(-(2**16), 2**16), min_size=1, max_size=16),
+    offsets=st.lists(st.sampled_from([0.0, 0.5, -0.5, 0.25, 0.49999997, -0.49999997, 0.5000001]), min_size=16),
+    scale=st.sampled_from([1.0, 2.0**-20, 2.0**10]),
+)
+def test_input_quantization_rounds_like_the_chip_on_any_float32(target, bits, exponent, integers, offsets, scale):
+    """The compiled input quantization (half-up as half-even plus the ties it sent down, in float32) equals the
+    interpreter's ``round_float`` on ties, the neighbours of ties, the values whose float32 ``v + 0.5`` rounds
+    up to 1, tiny and huge values, at any exponent."""
+    values = [(i + o) * scale for i, o in zip(integers, offsets)]
+    traps = [0.49999997, -0.49999997, 0.5]  # float32 0.49999997 + 0.5 rounds up to 1 (scaled to land there)
+    values = np.array(values + [t * 2.0**exponent for t in traps], np.float32).reshape(1, -1)
+    model = _requantize_model(target, exponent, exponent, bits)
+    got = model.run_float({"x": values})["y"]
+    assert model._programs[(True, None)].compiled_nodes == 2
+    np.testing.assert_array_equal(got, model.run({"x": model.quantize_input("x", values)})["y"])
+
+
 def test_inputs_beyond_float32_integers_use_the_interpreter():
     model = _requantize_model("esp32s3", 0, 30, bits=16)
     x = np.array([[2**40 + 1, -(2**40)]])

@@ -179,14 +179,17 @@ class _Builder:
         return self.op("Floor", [scaled])
 
     def round_float32(self, values: str, hint: str) -> str:
-        """``round_float`` of arbitrary float32 values: half-up is ``floor(v + 0.5)`` in double (float32 would
-        round 0.49999997 + 0.5 up to 1). Not saturated: back in float32 an integer beyond 2**24 may round, but
-        never across the saturation bounds the caller applies next."""
+        """``round_float`` of arbitrary float32 values (not saturated: the caller clips next). Half-up is
+        ``floor(v + 0.5)``, but ``v + 0.5`` rounds in float32 (0.49999997 + 0.5 gives 1). It is taken as
+        half-even ``r = Round(v)`` plus one where ``v - r`` is exactly 1/2 (a tie half-even sent down; one it
+        sent up gives -1/2). ``v - r`` is exact: for ``|v| >= 1``, ``r`` lies within a factor 2 of ``v``
+        (Sterbenz); below, ``r`` is -1, 0 or 1 and ``v - r`` lies in [-1/2, 1/2] on ``v``'s own grid. Five
+        float32 passes take half the time of the same in double (measured on 786K values)."""
+        rounded = self.op("Round", [values])
         if self.model.profile.rounding == "half_even":
-            return self.op("Round", [values])
-        wide = self.op("Cast", [values], to=TensorProto.DOUBLE)
-        floor = self.op("Floor", [self.op("Add", [wide, self.const(0.5, hint, np.float64)])])
-        return self.op("Cast", [floor], to=TensorProto.FLOAT)
+            return rounded
+        tie = self.op("Equal", [self.op("Sub", [values, rounded]), self.const(0.5, hint)])
+        return self.op("Add", [rounded, self.op("Cast", [tie], to=TensorProto.FLOAT)])
 
 
 def _half(shift: np.ndarray, rounding: str) -> np.ndarray:
