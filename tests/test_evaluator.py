@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from onnx import helper
 
 from espquant import Calibrator, Evaluator
@@ -111,6 +114,12 @@ def test_bad_inputs(tmp_path, mixed, rng):
     broken[2].flat[5] = np.nan
     with pytest.raises(DatasetError, match="sample 2 holds NaN"):
         evaluator.evaluate_quantized_model(broken)
+    broken[2].flat[5], broken[3].flat[0] = 0.0, -np.inf
+    with pytest.raises(DatasetError, match="sample 3 holds NaN or Inf"):
+        evaluator.evaluate_quantized_model(broken)
+    # Finite values whose squares overflow float32 (the quick check's sum) are data, not an error: they saturate.
+    huge = np.full_like(data[:2], 3e38)
+    assert evaluator.evaluate_quantized_model(huge)[0][0].shape[0] == 2
     with pytest.raises(TargetError, match="valid targets"):
         Evaluator("int8", "per-tensor", "esp8266")
 
@@ -520,3 +529,34 @@ def test_the_legacy_misspelling_runs_the_same_simulation(rng):
     spelled, names = evaluator.evalute_quantized_model(data, False)
     expected, _ = evaluator.evaluate_quantized_model(data)
     assert names == ["y"] and np.array_equal(spelled[0], expected[0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(min_dims=1, max_dims=3, max_side=6),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=16),
+    ),
+    st.floats(-1e38, 1e38),
+)
+def test_quick_finite_check_agrees_with_isfinite(values, scale):
+    """The evaluator's input check (one dot product, then value by value only when that is not finite) says
+    exactly what ``isfinite(x).all()`` says, huge finite values and NaN / Inf anywhere included."""
+    from espquant.simulator.simulate import _all_finite
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = (values * values.dtype.type(scale)) if np.isfinite(values.dtype.type(scale)) else values
+    for array in (values, scaled):
+        assert _all_finite(array) == bool(np.isfinite(array).all())
+
+
+def test_a_bare_array_for_a_model_of_two_inputs_is_refused(rng):
+    nodes = [helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    model = make_model(nodes, [tensor("a", [None, 4]), tensor("b", [None, 4])], [tensor("y", [None, 4])], {})
+    data = {"a": rng.normal(0, 1, (8, 4)).astype(np.float32), "b": rng.normal(0, 1, (8, 4)).astype(np.float32)}
+    evaluator = Evaluator("int8", "esp32s3")
+    evaluator.generate_quantized_model(model, Calibrator("int8").calibrate(model, data).table)
+    with pytest.raises(DatasetError, match=r"takes the inputs \['a', 'b'\]: give them as a dict"):
+        evaluator.evaluate_quantized_model(data["a"])
+    assert evaluator.evaluate_quantized_model(data)[0][0].shape == (8, 4)

@@ -312,13 +312,19 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     # 2^(bits-1) sum|w|. With inputs of a known range [lo, hi] (after a ReLU / ReLU6: [0, qmax]; after a
     # HardSwish table: barely below 0) product k lies in [min(w lo, w hi), max(w lo, w hi)], so a subset lies
     # between the sum of the negative lower ends and the sum of the positive upper ends: about half as much.
+    # Per channel, the sums of the positive weights P and of the negative ones N give both bounds: product k's
+    # upper end max(w lo, w hi, 0) is w max(hi, 0) for w > 0 and w min(lo, 0) for w < 0, so the subsets stay
+    # within [min(lo, 0) P + max(hi, 0) N, max(hi, 0) P + min(lo, 0) N] (two sums per weight, no product table:
+    # every candidate table ``auto`` simulates compiles every layer again).
     flat = weight.astype(np.int64).reshape(channels, -1)
-    magnitude = float(2 ** (b.bits - 1)) * np.abs(flat).sum(axis=1).astype(np.float64)
+    positive = np.maximum(flat, 0).sum(axis=1)
+    negative = flat.sum(axis=1) - positive
+    magnitude = float(2 ** (b.bits - 1)) * (positive - negative).astype(np.float64)
     if node.inputs[0] in b.ranges:
         lowest, highest = b.ranges[node.inputs[0]]
-        ends = flat.astype(np.float64)[..., None] * np.array([lowest, highest], np.float64)
-        high = np.maximum(ends.max(axis=-1), 0).sum(axis=1)
-        low = np.minimum(ends.min(axis=-1), 0).sum(axis=1)
+        up, down = max(float(highest), 0.0), min(float(lowest), 0.0)
+        high = up * positive.astype(np.float64) + down * negative.astype(np.float64)
+        low = down * positive.astype(np.float64) + up * negative.astype(np.float64)
     else:
         high = magnitude
         low = -high

@@ -10,6 +10,7 @@ on its batch-free copy (``simulator/batching.py``): the same integers for every 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -42,9 +43,14 @@ def simulate(
         DatasetError: inputs that do not match the model (names, dtype, shape) or hold NaN / Inf, or a
             number of samples the fixed batch B does not divide.
     """
-    feeds = batch if isinstance(batch, dict) else {model.inputs[0]: batch}
-    if set(feeds) != set(model.inputs):
-        raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
+    if isinstance(batch, dict):
+        feeds = batch
+        if set(feeds) != set(model.inputs):
+            raise DatasetError(f"inputs {sorted(feeds)} do not match the model's {model.inputs}.")
+    elif len(model.inputs) == 1:
+        feeds = {model.inputs[0]: batch}
+    else:
+        raise DatasetError(f"the model takes the inputs {model.inputs}: give them as a dict of arrays by name.")
     shapes, chunking = _float_facts(model, float_model)
     checked = {}
     for name, value in feeds.items():
@@ -93,11 +99,19 @@ def _checked_input(name: str, array: np.ndarray, expected: list[int | None] | No
         array.ndim != len(expected) or any(e is not None and e != g for e, g in zip(expected[1:], array.shape[1:]))
     ):
         raise DatasetError(f"input {name!r}: shape {array.shape} does not match the model's {expected}.")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not _all_finite(array):
         bad = ~np.isfinite(array.reshape(len(array), -1))
         sample = int(np.flatnonzero(bad.any(axis=1))[0])
         raise DatasetError(f"input {name!r}: sample {sample} holds NaN or Inf; the chip has no such integers.")
     return array
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite. One BLAS pass first: the sum of the squares is NaN or infinite when any
+    value is, and finite proves them all finite; only a sum that overflows (or a real NaN / Inf) is checked
+    value by value. A batch-1 caller pays this check on every call: ``isfinite(x).all()`` cost about 8 us
+    between two onnxruntime runs of a small model (about half its run), the dot product under 1 us."""
+    return math.isfinite(np.vdot(array, array)) or bool(np.isfinite(array).all())
 
 
 def _input_shapes(model: onnx.ModelProto | None) -> dict[str, list[Any]]:
