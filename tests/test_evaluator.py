@@ -308,9 +308,7 @@ def test_more_kernels_follow_the_float_model_at_int16(tmp_path, rng, name):
     evaluator = Evaluator("int16", "per-tensor", "esp32s3")
     evaluator.generate_quantized_model(model, table)
     got = evaluator.evaluate_quantized_model(data, to_float=True)[0]
-    expected = create_session(model).run(
-        None, {"x": data}
-    )
+    expected = create_session(model).run(None, {"x": data})
     for g, e, output in zip(got, expected, nodes[0].output):
         if name == "log_softmax":  # a float32 output: the chip's float arithmetic, not a quantized value
             np.testing.assert_allclose(g, e, atol=1e-3)
