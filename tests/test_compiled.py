@@ -1078,6 +1078,52 @@ def test_a_products_range_holds_every_product_the_kernel_makes(seed, bits, targe
         assert lowest <= out.min() and out.max() <= highest
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_gate_made_by_convolutions_multiplies_its_map_in_the_plain_layout(rng, target):
+    """MobileNetV3's squeeze-excite as PaddlePaddle writes it: the gate ``[N, C, 1, 1]`` comes out of two 1x1
+    Convs, so onnxruntime holds it blocked like the ``[N, C, H, W]`` map it multiplies. A blocked tensor keeps its
+    plain shape while its values lie block by block, so a broadcasting Mul of the two would pair values of
+    different channels (PP-OCR's classifier and detector gave other integers from a program's third run): the
+    Mul is not marked ``SAME_SHAPE`` and stays plain, the residual Add of two maps of one shape is and moves."""
+    c = 16
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h"]),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"]),
+        helper.make_node("Conv", ["g", "w2", "b2"], ["r"]),
+        helper.make_node("Relu", ["r"], ["rr"]),
+        helper.make_node("Conv", ["rr", "w3", "b3"], ["e"]),
+        helper.make_node("HardSigmoid", ["e"], ["s"], alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["h", "s"], ["m"]),
+        helper.make_node("Conv", ["m", "w4"], ["p"]),
+        helper.make_node("Add", ["p", "c1"], ["a"]),
+        helper.make_node("Conv", ["a", "w5"], ["y"]),
+    ]
+    weights = {
+        "w1": rng.normal(0, 0.4, (c, 3, 3, 3)).astype(np.float32),
+        "w2": rng.normal(0, 0.4, (c // 2, c, 1, 1)).astype(np.float32),
+        "b2": rng.normal(0, 0.2, c // 2).astype(np.float32),
+        "w3": rng.normal(0, 0.4, (c, c // 2, 1, 1)).astype(np.float32),
+        "b3": rng.normal(0, 0.5, c).astype(np.float32),
+        "w4": rng.normal(0, 0.3, (c, c, 1, 1)).astype(np.float32),
+        "w5": rng.normal(0, 0.3, (8, c, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 8, 6, 6])], weights)
+    data = rng.normal(0, 1, (16, 3, 6, 6)).astype(np.float32)
+    table = Calibrator("int8").calibrate(model, data).table
+    quantized = Evaluator("int8", "per-tensor", target).generate_quantized_model(model, table)
+    fast, slow = _both(quantized, data)
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    marked = {
+        node.op_type
+        for step in quantized._programs[(True, None)].steps
+        if isinstance(step, compiled_module._Segment) and step.proto is not None
+        for node in step.proto.graph.node
+        if node.name.startswith(layout.SAME_SHAPE)
+    }
+    assert marked <= {"Add"}
+
+
 def test_a_squeeze_excite_gate_after_hardswish_needs_no_s3_guard(rng):
     """MobileNetV3's block on ESP32-S3 at int8: HardSwish (a table barely below 0) times a HardSigmoid gate (a
     table in [0, 1]) feeds a 1x1 Conv of 200 channels. The signed bound (128 sum |w|) reaches the 20-bit lanes'

@@ -23,9 +23,10 @@ def _strict(monkeypatch):
     monkeypatch.setattr(layout, "STRICT", True)
 
 
-def _model(channels: int, tail: list[tuple[str, list]], seed: int) -> onnx.ModelProto:
+def _model(channels: int, tail: list[tuple[str, list]], seed: int, marked: bool = True) -> onnx.ModelProto:
     """x -> Conv 3x3 -> ``tail`` (op, constant inputs: None for the running tensor, "skip" for the first Conv's
-    output) -> Conv 1x1 -> y; integer weights."""
+    output, an op that reads it named ``layout.SAME_SHAPE`` when ``marked``, as compiled.py names an op of two
+    activations of one shape) -> Conv 1x1 -> y; integer weights."""
     rng = np.random.default_rng(seed)
     inits = [
         numpy_helper.from_array(rng.integers(-3, 4, (channels, 5, 3, 3)).astype(np.float32), "w1"),
@@ -42,7 +43,8 @@ def _model(channels: int, tail: list[tuple[str, list]], seed: int) -> onnx.Model
             else:
                 inits.append(numpy_helper.from_array(np.asarray(value, np.float32), f"k{index}_{k}"))
                 inputs.append(f"k{index}_{k}")
-        nodes.append(helper.make_node(op, inputs, [f"t{index}"]))
+        name = layout.SAME_SHAPE + f"t{index}" if marked and "c1" in inputs[1:] else None
+        nodes.append(helper.make_node(op, inputs, [f"t{index}"], name=name))
         last = f"t{index}"
     nodes.append(helper.make_node("Conv", [last, "w2"], ["y"]))
     graph = helper.make_graph(
@@ -97,22 +99,25 @@ def test_the_edit_drops_the_reorders_around_the_rounding(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "tail",
+    ("tail", "marked"),
     [
-        [("Floor", []), ("Add", [np.arange(12).reshape(1, 12, 1, 1)]), ("Round", [])],  # per-channel: not moved
-        [("Floor", []), ("Add", ["skip"]), ("Clip", [0.0, 6.0])],  # a residual Add of two blocked tensors
-        [("Abs", []), ("Sqrt", []), ("Floor", [])],  # Sqrt may make NaN from padding lanes: not moved
+        ([("Floor", []), ("Add", [np.arange(12).reshape(1, 12, 1, 1)]), ("Round", [])], True),  # per-channel
+        ([("Floor", []), ("Add", ["skip"]), ("Clip", [0.0, 6.0])], True),  # a residual Add of one shape
+        ([("Floor", []), ("Add", ["skip"]), ("Clip", [0.0, 6.0])], False),  # two tensors that may broadcast
+        ([("Abs", []), ("Sqrt", []), ("Floor", [])], True),  # Sqrt may make NaN from padding lanes: not moved
     ],
 )
-def test_only_elementwise_ops_on_blocked_inputs_move(tail, tmp_path):
-    model = _model(12, tail, 3)
+def test_only_elementwise_ops_on_blocked_inputs_move(tail, marked, tmp_path):
+    model = _model(12, tail, 3, marked)
     _check(model, np.random.default_rng(3).integers(-20, 21, (2, 5, 9, 9)).astype(np.float32))
     edited = _edited(model, tmp_path)
     moved = {n.op_type for n in edited.graph.node if n.output[0].endswith("::blocked")} if edited else set()
     if tail[2][0] == "Round":  # Floor alone could move, but no reorder would go: the graph stays as it is
         assert moved == set()
-    elif tail[1][0] == "Add":
+    elif tail[1][0] == "Add" and marked:
         assert moved == {"Floor", "Add", "Clip"}
+    elif tail[1][0] == "Add":
+        assert "Add" not in moved
     else:
         assert "Sqrt" not in moved and "Floor" not in moved
 

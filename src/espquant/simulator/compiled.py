@@ -51,6 +51,7 @@ from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_la
 from espquant.runtime import runner
 from espquant.simulator import kernels, lanes, native
 from espquant.simulator.activations import FLOAT_FUNCTIONS
+from espquant.simulator.layout import SAME_SHAPE
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -104,9 +105,11 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
+    def op(
+        self, op_type: str, inputs: list[str], output: str | None = None, name: str | None = None, **attrs: Any
+    ) -> str:
         out = output or self.fresh(op_type)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
         return out
 
     def use(self, tensor: str, dtype: int = TensorProto.FLOAT) -> str:
@@ -918,7 +921,19 @@ def _lower_add_sub(b: _Builder, node: QNode) -> None:
     """Integer Add / Sub of operands at the output's exponent, saturated (and clamped by a fused Relu / Clip)."""
     a, c = (b.use(t) if t not in b.model.constants else _int_const(b, t) for t in node.inputs)
     low, high, output = _clamp(b, node)
-    b.saturate(b.op(node.op_type, [a, c]), output, bounds=(low, high))
+    b.saturate(b.op(node.op_type, [a, c], name=_same_shape_mark(node)), output, bounds=(low, high))
+
+
+def _same_shape_mark(node: QNode) -> str | None:
+    """``layout.SAME_SHAPE`` and the node's output when the float model gives its first two inputs one shape (every
+    axis but the batch a number, the batch the same name or number): such an op of two activations may run on
+    onnxruntime's blocked tensors; one that may broadcast may not (simulator/layout.py)."""
+    shapes = (node.input_shapes or [])[:2]
+    if len(shapes) < 2 or shapes[0] is None or shapes[0] != shapes[1] or not shapes[0]:
+        return None
+    if not all(isinstance(d, int) for d in shapes[0][1:]) or shapes[0][0] is None:
+        return None
+    return SAME_SHAPE + node.outputs[0]
 
 
 def _int_const(b: _Builder, tensor: str) -> str:
@@ -1037,11 +1052,12 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
         return
     operands = [_int_const(b, t) if t in m.constants else b.use(t) for t in node.inputs[:2]]
     hint = node.outputs[0]
+    mark = _same_shape_mark(node)
     if largest < EXACT_FLOAT32:
-        _rescale(b, b.op("Mul", operands), shift, hint)
+        _rescale(b, b.op("Mul", operands, name=mark), shift, hint)
         return
     if simd_path is False:
-        _round_saturate(b, b.op("Mul", [b.op("Mul", operands), b.const(2.0**-shift, hint)]), hint)
+        _round_saturate(b, b.op("Mul", [b.op("Mul", operands, name=mark), b.const(2.0**-shift, hint)]), hint)
         return
     wide = b.op("Mul", [b.op("Cast", [x], to=TensorProto.DOUBLE) for x in operands])
     simd = b.shift_round(wide, np.asarray([shift]), hint, np.float64)

@@ -7,7 +7,8 @@ ReorderInput after it: two copies of the tensor per layer. Rounding after every 
 the compiled simulator needs, so those copies cost a quarter to a third of an int8 model's time.
 
 An elementwise op computes each value from the values at the same position, so on a blocked tensor it computes
-the same numbers, only stored in another order. :func:`keep_blocked` edits the graph onnxruntime optimized
+the same numbers, only stored in another order, as long as it does not broadcast one tensor against another of
+another shape (``SAME_SHAPE``). :func:`keep_blocked` edits the graph onnxruntime optimized
 (saved by the first session) accordingly: each elementwise op whose tensor inputs are all blocked copies
 (same channel count; constants only as scalars) runs on them; a ReorderInput of its result becomes the
 blocked result itself; a consumer that needs the plain layout gets one ReorderOutput after the op instead of
@@ -46,6 +47,12 @@ NCHWC = "com.microsoft.nchwc"
 STRICT = False
 # Elementwise ops that compute each value from the same position of their inputs and keep finite values finite.
 ELEMENTWISE = frozenset({"Floor", "Round", "Clip", "Relu", "Abs", "Neg", "Add", "Sub", "Mul", "Max", "Min"})
+# The name prefix of an op whose tensor inputs have one shape (compiled.py marks those it knows from the float
+# model). onnxruntime presents a blocked tensor with its plain shape, channels rounded up to whole blocks, while
+# its values lie block by block; an op that broadcasts one blocked tensor against another (a squeeze-excite gate
+# [N, C, 1, 1] times its [N, C, H, W] map) would pair values of different channels. So an op with two or more
+# tensor inputs moves only when marked so; one tensor and scalars always may.
+SAME_SHAPE = "espquant_same_shape:"
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -106,6 +113,8 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
             tensors = {i: name for i, name in enumerate(node.input) if name and name not in scalar}
             if not tensors or not all(name in blocked and blocked[name].floats for name in tensors.values()):
                 continue  # a constant that is not a scalar is never blocked
+            if len(set(tensors.values())) > 1 and not node.name.startswith(SAME_SHAPE):
+                continue  # it may broadcast (SAME_SHAPE)
             sources = [blocked[name] for name in tensors.values()]
             if len({_attribute(source.reorder, "channels") for source in sources}) != 1:
                 continue
