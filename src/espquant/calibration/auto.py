@@ -112,6 +112,7 @@ MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a fe
 # Simulated samples per calibration sample: the search's budget grows with the calibration set, so its cost
 # stays a bounded multiple of the calibration pass (the simulator costs a few float passes per sample).
 SIMULATED_SHARE = 1.0
+RUN_VALUES = 1 << 20  # values of the largest activation one simulated run holds (``samples_per_run``: 4 MB of float32)
 
 
 def simulation_budget(calibration_samples: int, search_samples: int) -> int:
@@ -198,6 +199,21 @@ def float_reference(
     return {**dict(zip(fetched, values)), **{n: v for n, v in samples.items() if n in names}}
 
 
+def samples_per_run(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> int | None:
+    """How many samples one simulated run of a candidate table takes: as many as keep the largest activation of
+    ``reference`` (float values with the samples on their first axis) within ``RUN_VALUES``; None (all in one
+    run) for a model with a fixed batch (simulated B at a time anyway) or a tensor without the samples first.
+
+    Every candidate runs on new onnxruntime sessions, whose first run allocates each intermediate tensor
+    afresh: on MediaPipe's 224x224 hand landmarks, 32 samples in one run took 0.69 s, in runs of 4 0.42 s
+    (warm sessions take the same time either way). Small models keep one run (runs cost calls)."""
+    sizes = {len(values) for values in reference.values() if values.ndim}
+    if Chunking.of(model).fixed is not None or len(sizes) != 1:
+        return None
+    largest = max(values.size // max(len(values), 1) for values in reference.values() if values.ndim)
+    return max(1, RUN_VALUES // max(largest, 1))
+
+
 def simulated_values(
     model: onnx.ModelProto,
     table: QuantTable,
@@ -205,9 +221,11 @@ def simulated_values(
     bits: int,
     samples: Batch,
     tensors: Sequence[str] = (),
+    per_run: int | None = None,
 ) -> dict[str, np.ndarray] | None:
-    """The simulated chip's outputs and ``tensors`` on ``samples``, dequantized (float64); None when the
-    lowering refuses the table (a candidate the chip cannot run)."""
+    """The simulated chip's outputs and ``tensors`` on ``samples``, dequantized (float64), ``per_run`` samples
+    a run (``samples_per_run``; None: one run); None when the lowering refuses the table (a candidate the chip
+    cannot run)."""
     from espquant.simulator.lowering import build_quantized_model
     from espquant.simulator.simulate import simulate
 
@@ -219,8 +237,16 @@ def simulated_values(
         produced = {o for node in quantized.nodes for o in node.outputs} | set(quantized.inputs)
         extra = [t for t in tensors if t in produced]
         quantized.outputs = list(dict.fromkeys([*quantized.outputs, *extra]))
-        values, names = simulate(quantized, model, samples, to_float=True)
-        return {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, values)}
+        total = len(next(iter(samples.values())))
+        if per_run is None or per_run >= total:
+            values = simulate(quantized, model, samples, to_float=True)[0]
+        else:
+            runs = [
+                simulate(quantized, model, {k: v[i : i + per_run] for k, v in samples.items()}, to_float=True)[0]
+                for i in range(0, total, per_run)
+            ]
+            values = [np.concatenate(parts) for parts in zip(*runs)]
+        return {n: np.asarray(v, dtype=np.float64) for n, v in zip(quantized.outputs, values)}
     except EspquantError as error:
         logger.debug("auto calibration: candidate refused: %s", error)
         return None
@@ -265,6 +291,7 @@ class _Search:
         self.power = {name: _power(v) for name, v in reference.items()}
         self.magnitude = {name: _magnitude(reference[name]) for name in outputs}
         self.fixed = dict(plan.fixed)
+        self.per_run: int | None = None  # samples per simulated run (``samples_per_run``)
         self.cache: dict[tuple, dict[str, np.ndarray] | None] = {}
         self.evaluations = 0
 
@@ -301,7 +328,7 @@ class _Search:
             return cached
         self.evaluations += 1
         extra = [tensor] if tensor else []
-        result = simulated_values(variant.model, table, self.profile, self.bits, self.samples, extra)
+        result = simulated_values(variant.model, table, self.profile, self.bits, self.samples, extra, self.per_run)
         self.cache[key] = result
         return result
 
@@ -563,7 +590,7 @@ def _validated(
     for error, family, variant, best in finalists:
         search.evaluations += 1
         table = search.table(variant, best[1])
-        values = simulated_values(variant.model, table, search.profile, search.bits, validation)
+        values = simulated_values(variant.model, table, search.profile, search.bits, validation, (), search.per_run)
         checked = float("inf") if values is None else _validation_error(values, reference, magnitude, outputs)
         logger.info("auto calibration: family %d output error %.4g (search samples %.4g)", family, checked, error)
         scored.append((checked, family, variant, best))
@@ -672,6 +699,7 @@ def search_exponents(
     layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
     reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
     search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {})
+    search.per_run = samples_per_run(model, reference)
     probabilities = probability_outputs(model, outputs)
     search.magnitude |= dict.fromkeys(probabilities, 1.0)
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
@@ -765,7 +793,9 @@ def _rounded(search: _Search, base: _Variant, observed: dict[str, int], layer_in
     simulation that exposes the layer inputs; None when no layer changed or the table cannot run."""
     table = search.table(base, observed)
     search.evaluations += 1
-    simulated = simulated_values(base.model, table, search.profile, search.bits, search.samples, layer_inputs)
+    simulated = simulated_values(
+        base.model, table, search.profile, search.bits, search.samples, layer_inputs, search.per_run
+    )
     if simulated is None:
         return None
     bits_of = base.plan.weight_widths(search.widths, search.bits)
