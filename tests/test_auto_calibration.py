@@ -75,6 +75,41 @@ def test_auto_is_deterministic(demo, auto_result):
     assert graph_hash(again.model) == graph_hash(auto_result.model) == again.table.metadata["graph_hash"]
 
 
+def test_candidates_run_their_samples_in_runs_of_a_bounded_size(demo, auto_result, monkeypatch):
+    """A candidate's samples go in runs whose largest activation stays within ``RUN_VALUES`` (new sessions
+    allocate every tensor on their first run: smaller runs cost less), with the same values as one run, and its
+    program keeps the plain layout (no blocked sessions for a few runs). A fixed-batch model or a tensor without
+    the samples first keeps one run."""
+    from espquant.calibration.auto import samples_per_run, simulated_values
+    from espquant.simulator import simulate as simulate_module
+
+    model, calib, _ = demo
+    x = {model.graph.input[0].name: calib[:20]}
+    names = [n.output[0] for n in model.graph.node]
+    reference = auto_module.float_reference(model, names, x, ["CPUExecutionProvider"], 1)
+    largest = max(v[0].size for v in reference.values())
+    monkeypatch.setattr(auto_module, "RUN_VALUES", 3 * largest + 1)
+    assert samples_per_run(model, reference) == 3
+    assert samples_per_run(model, reference | {"scalar": np.zeros(7)}) is None  # not 20 samples first
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 20
+    assert samples_per_run(fixed, reference) is None
+    runs = []
+    real = simulate_module.simulate
+
+    def counting(quantized, *args, **kwargs):
+        runs.append(quantized.blocked_layout)
+        return real(quantized, *args, **kwargs)
+
+    monkeypatch.setattr(simulate_module, "simulate", counting)
+    table = auto_result.table
+    whole = simulated_values(auto_result.model, table, get_target("esp32s3"), 8, x, names[:3])
+    split = simulated_values(auto_result.model, table, get_target("esp32s3"), 8, x, names[:3], 3)
+    assert runs == [False] * 8  # one run, then 7 runs of at most 3 samples, none with blocked sessions
+    assert whole.keys() == split.keys() and all(np.array_equal(whole[k], split[k]) for k in whole)
+
+
 def test_auto_table_respects_exponent_rules(auto_result):
     """The chosen table lowers (shift bounds, requantize edges) for every family it may run on."""
     for target in ("esp32s3", "esp32p4", "esp32c3"):

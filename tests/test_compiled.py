@@ -186,14 +186,17 @@ def test_the_s3_guard_tries_cauchy_schwarz_before_the_exact_magnitude(rng, monke
 
 
 @pytest.mark.parametrize("bits", ["int8", "int16"])
-def test_a_program_takes_blocked_sessions_from_its_third_run(rng, monkeypatch, bits):
-    """A program run once or twice (a candidate table of ``auto``) keeps onnxruntime's own sessions; from its
-    third run its segments run the elementwise steps on blocked tensors: the same integers on every run."""
+@pytest.mark.parametrize("blocked_layout", [True, False])
+def test_a_program_takes_blocked_sessions_from_its_third_run(rng, monkeypatch, bits, blocked_layout):
+    """A program run once or twice keeps onnxruntime's own sessions; from its third run its segments run the
+    elementwise steps on blocked tensors, unless the model says not to (``blocked_layout``: a candidate table of
+    ``auto``, run a few times): the same integers on every run."""
     monkeypatch.setattr(compiled_module, "BLOCKED_FROM_RUN", 3)
     model = _cnn(rng)
     calibration = rng.normal(0, 1, (16, 3, 12, 12)).astype(np.float32)
     table = Calibrator(bits).calibrate(model, calibration).table
     quantized = Evaluator(bits, "per-tensor", "esp32p4").generate_quantized_model(model, table)
+    quantized.blocked_layout = blocked_layout
     data = 2 * rng.normal(0, 1, (6, 3, 12, 12)).astype(np.float32)
     quantized.compiled = False
     slow = quantized.run_float({quantized.inputs[0]: data})
@@ -203,7 +206,7 @@ def test_a_program_takes_blocked_sessions_from_its_third_run(rng, monkeypatch, b
         for name in quantized.outputs:
             np.testing.assert_array_equal(fast[name], slow[name], err_msg=f"run {run}: {name}")
         segments = [s for s in quantized._programs[(True, None)].steps if isinstance(s, compiled_module._Segment)]
-        assert segments and all((s.proto is None) == (run >= 3) for s in segments)
+        assert segments and all((s.proto is None) == (run >= 3 and blocked_layout) for s in segments)
 
 
 def _requantize_model(target: str, e_in: int, e_out: int, bits: int = 8) -> QuantizedModel:

@@ -234,6 +234,7 @@ def simulated_values(
     lowering_log.setLevel(logging.ERROR)  # its per-layer warnings are the final table's to give, once
     try:
         quantized = build_quantized_model(model, table, profile, bits)
+        quantized.blocked_layout = False  # a few runs only (QuantizedModel.blocked_layout)
         produced = {o for node in quantized.nodes for o in node.outputs} | set(quantized.inputs)
         extra = [t for t in tensors if t in produced]
         quantized.outputs = list(dict.fromkeys([*quantized.outputs, *extra]))

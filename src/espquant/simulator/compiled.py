@@ -1567,6 +1567,7 @@ class CompiledProgram:
 
     steps: list[_Segment | _RailStep | _NativeStep | QNode]
     runs: int = 0
+    blocked_layout: bool = True  # the segments move to blocked tensors at run BLOCKED_FROM_RUN
 
     @property
     def compiled_nodes(self) -> int:
@@ -1598,7 +1599,7 @@ class CompiledProgram:
         step reads them, and at the end those in ``wanted``, default all); raises GuardTripped when a guard
         trips."""
         self.runs += 1
-        if self.runs == BLOCKED_FROM_RUN:
+        if self.runs == BLOCKED_FROM_RUN and self.blocked_layout:
             for step in self.steps:
                 if isinstance(step, _Segment):
                     step.block()

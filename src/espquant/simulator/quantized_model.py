@@ -58,6 +58,10 @@ class QuantizedModel:
     requantized: int = 0
     threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
     compiled: bool = True  # run provably exact node runs as onnxruntime graphs (simulator/compiled.py)
+    # From the program's third run its segments run on onnxruntime's blocked tensors (simulator/layout.py): an
+    # edit that costs about one more session creation, which a model run a few times (each candidate table auto
+    # simulates, in a few runs of its search samples) does not win back.
+    blocked_layout: bool = True
     # What stateful nodes (StreamingCache) carry from one run to the next, as the chip's module does.
     state: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -152,6 +156,7 @@ class QuantizedModel:
             ]
             nodes = prologue + self.nodes if quantize_inputs else self.nodes
             program = self._programs[key] = compile_program(self, nodes, self.threads, frozenset(self._guarded))
+            program.blocked_layout = self.blocked_layout
         return program
 
 
@@ -162,5 +167,3 @@ def _float_name(name: str) -> str:
 def _fits_float32(values: np.ndarray) -> bool:
     """Integers a float32 holds exactly (the compiled segments' representation)."""
     return values.size == 0 or max(int(values.max()), -int(values.min())) < EXACT_FLOAT32
-
-
