@@ -89,6 +89,16 @@ def test_rounding_between_convolutions_runs_blocked_and_equal(seed, channels):
     _check(_model(channels, ROUNDING, seed), x)
 
 
+def test_the_edit_leaves_the_graph_it_reads_as_it_was(tmp_path):
+    path = str(tmp_path / "optimized.onnx")
+    create_session(_model(12, ROUNDING, 0), threads=1, optimized_path=path)
+    optimized = onnx.load(path)
+    before = optimized.SerializeToString()
+    if keep_blocked(optimized) is None:
+        pytest.skip("onnxruntime did not block these convolutions on this CPU")
+    assert optimized.SerializeToString() == before
+
+
 def test_the_edit_drops_the_reorders_around_the_rounding(tmp_path):
     edited = _edited(_model(12, ROUNDING, 0), tmp_path)
     assert edited is not None

@@ -84,7 +84,9 @@ def keep_blocked(model: onnx.ModelProto) -> onnx.ModelProto | None:
     axis, ``GatherElements`` from the constant table, ``Reshape`` back to the ``Shape`` of the table's input
     (compiled.py's ``_gather``) looks up each value on its own, so on the blocked tensor it only needs the
     blocked shape to reshape back to."""
-    graph = model.graph
+    source = onnx.ModelProto()  # the edit renames inputs of the nodes it keeps: ``model`` stays as it is
+    source.CopyFrom(model)
+    graph = source.graph
     constants = {init.name: init for init in graph.initializer}
     blocked: dict[str, _Blocked] = {}  # plain tensor -> its blocked twin
     flat: dict[str, tuple[str, str]] = {}  # flattened plain tensor -> (flattened twin, the plain tensor it came from)
