@@ -571,9 +571,10 @@ def softmax_int8(x: np.ndarray, table: np.ndarray, axis: int) -> np.ndarray:
     float32 probabilities, as the interpreter's ``kernels.softmax_float`` computes them, in one pass per row
     instead of a dozen numpy calls (which cost more than a small classifier's layers at batch 1)."""
     axis = axis % x.ndim
-    moved = np.ascontiguousarray(np.moveaxis(x, axis, -1), dtype=F32)
+    last = axis == x.ndim - 1  # a classifier's logits: no axis to move (np.moveaxis costs 5 us a call)
+    moved = np.ascontiguousarray(x if last else np.moveaxis(x, axis, -1), dtype=F32)
     out = np.empty(moved.shape, F32)
     length = moved.shape[-1]
     if out.size:
         _softmax_rows(moved.reshape(-1, length), table, out.reshape(-1, length))
-    return np.moveaxis(out, -1, axis)
+    return out if last else np.moveaxis(out, -1, axis)
