@@ -446,12 +446,9 @@ def _lower_softmax(b: _Builder, node: QNode) -> None:
     exponent = m.exponents.get(source)
     if not isinstance(exponent, int):
         raise _Refused("per-channel exponents")
-    kernel = functools.partial(_softmax, kernels.softmax_table(exponent), int(node.attrs.get("axis", -1)))
+    table, axis = kernels.softmax_table(exponent), int(node.attrs.get("axis", -1))
+    kernel = functools.partial(native.softmax_int8, table=table, axis=axis)
     b.pending = (_NativeStep(node, (source,), node.outputs[0], kernel, integers=False), lambda _: None)
-
-
-def _softmax(table: np.ndarray, axis: int, x: np.ndarray) -> np.ndarray:
-    return native.softmax_int8(x, table, axis)
 
 
 def _with_constant(product: native.Product, constant: np.ndarray, first: bool, x: np.ndarray) -> np.ndarray:
@@ -1052,21 +1049,26 @@ def _lower_mul(b: _Builder, node: QNode) -> None:
         return
     operands = [_int_const(b, t) if t in m.constants else b.use(t) for t in node.inputs[:2]]
     hint = node.outputs[0]
-    mark = _same_shape_mark(node)
+
+    def product() -> str:
+        return b.op("Mul", operands, name=_same_shape_mark(node))
+
+    def float_path() -> str:  # built only where read: the SIMD path never reads it
+        return b.op("Mul", [product(), b.const(2.0**-shift, hint)])
+
     if largest < EXACT_FLOAT32:
-        _rescale(b, b.op("Mul", operands, name=mark), shift, hint)
+        _rescale(b, product(), shift, hint)
         return
     if simd_path is False:
-        _round_saturate(b, b.op("Mul", [b.op("Mul", operands, name=mark), b.const(2.0**-shift, hint)]), hint)
+        _round_saturate(b, float_path(), hint)
         return
     wide = b.op("Mul", [b.op("Cast", [x], to=TensorProto.DOUBLE) for x in operands])
     simd = b.shift_round(wide, np.asarray([shift]), hint, np.float64)
     if simd_path:
         b.saturate(simd, hint, dtype=np.float64)
         return
-    float_path = b.op("Mul", [b.op("Mul", operands), b.const(2.0**-shift, hint)])
     exact = b.saturate(simd, b.fresh(hint), dtype=np.float64)
-    rounded = b.saturate(b.round_float32(float_path, hint), b.fresh(hint))
+    rounded = b.saturate(b.round_float32(float_path(), hint), b.fresh(hint))
     largest_difference = b.op("ReduceMax", [b.op("Abs", [b.op("Sub", [exact, rounded])])], keepdims=0)
     b.guard(b.op("Greater", [largest_difference, b.const(0.0, hint)]), node)
     b.op("Identity", [exact], hint)
