@@ -281,6 +281,7 @@ class _Search:
         outputs: list[str],
         profile: TargetProfile,
         own: dict[str, int],
+        per_run: int | None = None,
     ):
         self.bits, self.per_channel, self.widths, self.int16 = bits, per_channel, widths, int16
         self.own = own
@@ -292,7 +293,7 @@ class _Search:
         self.power = {name: _power(v) for name, v in reference.items()}
         self.magnitude = {name: _magnitude(reference[name]) for name in outputs}
         self.fixed = dict(plan.fixed)
-        self.per_run: int | None = None  # samples per simulated run (``samples_per_run``)
+        self.per_run = per_run  # samples per simulated run (``samples_per_run``)
         self.cache: dict[tuple, dict[str, np.ndarray] | None] = {}
         self.evaluations = 0
 
@@ -699,8 +700,10 @@ def search_exponents(
     wanted = bias_correction or weight_rounding
     layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
     reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
-    search = _Search(plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {})
-    search.per_run = samples_per_run(model, reference)
+    per_run = samples_per_run(model, reference)
+    search = _Search(
+        plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {}, per_run
+    )
     probabilities = probability_outputs(model, outputs)
     search.magnitude |= dict.fromkeys(probabilities, 1.0)
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
