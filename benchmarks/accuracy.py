@@ -15,6 +15,8 @@ model hub), data real images and labels shipped inside packages:
 | mtcnn_onet | face detector stage | facenet-pytorch 2.6.0 | lfw_subset at 48x48 (labels) |
 | blazeface | face detector, depthwise | mediapipe 0.10.14 face_detection_short_range.tflite, tflite2onnx | 128x128 crops (float reference) |
 | hand_landmarks | landmark regressor, MobileNetV2-style (ReLU6) | mediapipe 0.10.14 hand_landmark_lite.tflite, tflite2onnx | 224x224 crops (float reference) |
+| palm_detector | palm detector (BlazePalm: PRelu, residual Adds, upsampling FPN) | mediapipe 0.10.14 palm_detection_lite.tflite, tf2onnx (tflite2onnx fails on it) | 192x192 crops, 128 to calibrate and 128 to test (float reference) |
+| tf_mnist_mlp | classifier, Keras-style MLP (Reshape, MatMul + Add, Softmax) | ``benchmarks/simulator.py``'s ``tf_mlp``, trained there on the first 1,000 bundled test digits | the next 500 to calibrate, the last 500 to test (labels) |
 
 For each model and target (esp32s3: per-tensor int8, esp32p4: per-channel int8): the float model under
 onnxruntime, espquant's default (``auto``), every fixed method, ``auto`` with weight rounding
@@ -43,7 +45,9 @@ sample at a time since ESP-PPQ's files are batch 1).
 Conversions that need torch / tflite2onnx run in a separate Python (``--venv-python``, default
 ``~/.cache/espquant-accuracy/venv/bin/python``; create it with
 ``python -m venv ~/.cache/espquant-accuracy/venv && ~/.cache/espquant-accuracy/venv/bin/pip install torch
-tflite2onnx onnx``). Everything is cached in ``~/.cache/espquant-accuracy`` (``--cache``).
+tflite2onnx onnx``); the palm detector converts with tf2onnx in a third one (``--tf-python``, default
+``~/.cache/espquant-accuracy/venv-tf/bin/python``; ``python -m venv ~/.cache/espquant-accuracy/venv-tf &&
+~/.cache/espquant-accuracy/venv-tf/bin/pip install tensorflow-cpu tf2onnx``). Everything is cached in ``~/.cache/espquant-accuracy`` (``--cache``).
 
 Run: ``python benchmarks/accuracy.py [--models a,b] [--targets esp32s3,esp32p4]``. Prints a Markdown table and,
 last, one JSON line.
@@ -129,6 +133,9 @@ torch.onnx.export(net, torch.zeros(1, 1, 28, 28), sys.argv[1], opset_version=13,
                   dynamic_axes={"x": {0: "N"}}, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
                   do_constant_folding=False)
 """
+
+# tf2onnx reads the .tflite file itself (tflite2onnx 0.4 fails on the palm detector's layout propagation).
+TF2ONNX = ["-m", "tf2onnx.convert", "--opset", "13", "--inputs-as-nchw", "input_1", "--tflite"]
 
 PPQ_QUANTIZE = r"""
 import sys
@@ -449,6 +456,45 @@ def case_blazeface(cache: Path, rng: np.random.Generator) -> Case:
     )
 
 
+def _converted_palm(cache: Path, tf_python: Path) -> None:
+    """MediaPipe's palm detector as ONNX in ``cache/models``, converted once with tf2onnx (``--tf-python``)."""
+    models = cache / "models"
+    if (models / "palm_detection_lite.onnx").exists():
+        return
+    extract(cache, "mediapipe", ("palm_detection_lite.tflite",))
+    if not tf_python.exists():
+        raise SystemExit(f"{tf_python} not found: create it with tensorflow-cpu and tf2onnx (module docstring)")
+    source, target = models / "palm_detection_lite.tflite", models / "palm_detection_lite.onnx"
+    subprocess.run([str(tf_python), *TF2ONNX, str(source), "--output", str(target)], check=True, capture_output=True)
+
+
+def case_palm(cache: Path, rng: np.random.Generator) -> Case:
+    """MediaPipe's palm detector (lite): 2016 anchors, box regressors [N, 2016, 18] and score logits
+    [N, 2016, 1]; input RGB in [0, 1]. The crops hold no hands, so the positives (score above 0.5, MediaPipe's
+    default confidence) are the float model's own false alarms: agreement says whether the quantized model
+    raises the same ones."""
+    names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png", "rocket.jpg"]
+    x = nchw(crops([skimage_image(cache, n) for n in names], (192, 192), 256, rng), 0.0, 1.0)
+    model = _converted_tflite(cache / "models" / "palm_detection_lite.onnx", x[:1], 1e-4)
+    scores = next(i for i, o in enumerate(model.graph.output) if o.type.tensor_type.shape.dim[-1].dim_value == 1)
+    sigmoid = lambda o: 1.0 / (1.0 + np.exp(-np.clip(o[scores], -50, 50)))  # noqa: E731
+    return Case("palm_detector", model, x[:128], x[128:], None, sigmoid, True, 0.5)
+
+
+def case_tf_mlp(cache: Path, rng: np.random.Generator) -> Case:
+    """A Keras-style MNIST MLP (``benchmarks/simulator.py``'s ``tf_mlp``: MatMul + Add, ReLU, Softmax), trained on
+    the first 1,000 bundled test digits; the next 500 calibrate it, the last 500 test it (labels)."""
+    from importlib.resources import files
+
+    from simulator import tf_mlp
+
+    data = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
+    pictures, labels = data["test_images"], data["test_labels"]
+    x = pictures.astype(np.float32) / 255
+    model = tf_mlp(pictures[:1000], labels[:1000])
+    return Case("tf_mnist_mlp", model, x[1000:1500], x[1500:], labels[1500:], lambda o: o[0], False)
+
+
 def case_hand(cache: Path, rng: np.random.Generator) -> Case:
     """MediaPipe's hand landmarks (lite): landmarks [N, 63] in pixels, hand present, handedness (sigmoids),
     world landmarks [N, 63] in metres; input RGB in [0, 1]."""
@@ -468,6 +514,8 @@ CASES: dict[str, Callable[[Path, np.random.Generator], Case]] = {
     "mtcnn_onet": case_mtcnn("onet", 48),
     "blazeface": case_blazeface,
     "hand_landmarks": case_hand,
+    "palm_detector": case_palm,
+    "tf_mnist_mlp": case_tf_mlp,
 }
 
 
@@ -721,6 +769,7 @@ def main() -> None:
     )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "espquant-accuracy")
     parser.add_argument("--venv-python", type=Path, default=None)
+    parser.add_argument("--tf-python", type=Path, default=None, help="a Python with tensorflow-cpu and tf2onnx")
     parser.add_argument("--ppq-python", type=Path, default=None, help="a Python with esp-ppq (module docstring)")
     args = parser.parse_args()
     venv_python = args.venv_python or args.cache / "venv" / "bin" / "python"
@@ -730,6 +779,8 @@ def main() -> None:
     names = [n for n in args.models.split(",") if n]
     if any(n.startswith(("mtcnn", "blazeface", "hand", "dsconv")) for n in names):
         _converted(args.cache, venv_python)
+    if "palm_detector" in names:
+        _converted_palm(args.cache, args.tf_python or args.cache / "venv-tf" / "bin" / "python")
     rows: list[Row] = []
     floats: dict[str, Row] = {}
     ratios: dict[str, float] = {}

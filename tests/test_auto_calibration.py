@@ -537,3 +537,26 @@ def test_auto_searches_every_kept_sample_of_a_batch_one_model_the_simulator_batc
     expected = SEARCH_SAMPLES if batched else FIXED_BATCH_SEARCH_SAMPLES
     assert FIXED_BATCH_SEARCH_SAMPLES < SEARCH_SAMPLES < len(data)
     assert result.table.metadata["auto"]["search_samples"] == expected
+
+
+def test_small_inputs_are_searched_on_more_samples_and_keep_their_validation_samples(rng):
+    """The search takes as many samples as hold ``SEARCH_VALUES`` input values (at least ``SEARCH_SAMPLES``, at
+    most ``MAX_SEARCH_SAMPLES``); with a small calibration set the ``VALIDATION_SAMPLES`` after them stay apart."""
+    from espquant.calibration.auto import (
+        MAX_SEARCH_SAMPLES,
+        SEARCH_SAMPLES,
+        SEARCH_VALUES,
+        VALIDATION_SAMPLES,
+        search_sample_count,
+    )
+
+    assert search_sample_count(1) == MAX_SEARCH_SAMPLES
+    assert search_sample_count(SEARCH_VALUES // 100) == 100
+    assert search_sample_count(3 * 224 * 224) == SEARCH_SAMPLES
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    inits = {"w": rng.normal(0, 0.3, (16, 8)).astype(np.float32), "b": np.zeros(8, np.float32)}
+    model = make_model(nodes, [tensor("x", ["N", 16])], [tensor("y", ["N", 8])], inits)
+    for size, searched in ((400, MAX_SEARCH_SAMPLES), (150, 150 - VALIDATION_SAMPLES), (80, SEARCH_SAMPLES)):
+        data = rng.normal(0, 1, (size, 16)).astype(np.float32)
+        result = calibrate_model(model, data, 8, "per-tensor", "auto")
+        assert result.table.metadata["auto"]["search_samples"] == searched, size

@@ -19,6 +19,7 @@ from espquant.calibration.auto import (
     float_reference,
     rescaled_outputs,
     search_exponents,
+    search_sample_count,
     simulated_values,
     simulation_budget,
 )
@@ -214,14 +215,16 @@ def calibrate_model(
     correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
     rounding = bool(weight_rounding)
     kept: list[Batch] = []
-    limit = search_samples or SEARCH_SAMPLES
+    limit: int | None = search_samples or SEARCH_SAMPLES
     fixed_limit = max(FIXED_BATCH_SEARCH_SAMPLES, chunking.fixed or 0)  # a run per B samples: kept short
     if search_samples is None and chunking.fixed is not None and method != "auto":
         limit = min(limit, fixed_limit)  # (auto decides once it knows whether the simulator batches the model)
     # auto's validation samples follow its search samples (a model with a fixed batch keeps its search short)
     validating = method == "auto" and chunking.fixed is None
+    if method == "auto" and search_samples is None and chunking.fixed is None:
+        limit = None  # from the inputs' size (search_sample_count), known at the first batch
     if method == "auto" or correct or rounding:
-        batches = _capturing(batches, limit + (VALIDATION_SAMPLES if validating else 0), kept)
+        batches = _capturing(batches, limit, VALIDATION_SAMPLES if validating else 0, kept)
     # auto measures cross-layer equalization too, clamped pairs (ReLU6) included: the peak of each channel of
     # the tensors it rescales says how far a clamped channel may move and what range each tensor gets then
     # (optimizer/equalize.py). Per-channel weights need it less, but the activations' one exponent gains.
@@ -241,6 +244,9 @@ def calibrate_model(
     kept_samples = _joined(kept, chunking) if kept else {}  # what the search, bias correction and rounding see
     validation: Batch = {}
     if validating and kept_samples:
+        captured = int(len(next(iter(kept_samples.values()))))
+        if limit is None:  # a small calibration set keeps its validation samples: the search takes the rest
+            limit = min(_search_limit(limit, kept[0]), max(SEARCH_SAMPLES, captured - VALIDATION_SAMPLES))
         validation = {name: value[limit:] for name, value in kept_samples.items()}
         kept_samples = {name: value[:limit] for name, value in kept_samples.items()}
     if method == "auto" and search_samples is None and chunking.fixed is not None and kept_samples:
@@ -333,13 +339,23 @@ def calibrate_model(
     )
 
 
-def _capturing(batches: Iterable[Batch], limit: int, kept: list[Batch]) -> Iterator[Batch]:
-    """Pass the batches on, keeping copies of the first ``limit`` samples (the search subset): the data is
-    streamed once, whatever its size."""
-    taken = 0
+def _search_limit(limit: int | None, batch: Batch) -> int:
+    """``limit``, or when it is None the search samples for this batch's inputs (``auto.search_sample_count``)."""
+    if limit is not None:
+        return limit
+    return search_sample_count(sum(int(np.prod(np.shape(value)[1:])) for value in batch.values()))
+
+
+def _capturing(batches: Iterable[Batch], limit: int | None, following: int, kept: list[Batch]) -> Iterator[Batch]:
+    """Pass the batches on, keeping copies of the first ``limit`` samples (the search subset; None: as many as
+    ``_search_limit`` gives for the first batch) and the ``following`` after them: the data is streamed once,
+    whatever its size."""
+    taken, total = 0, None
     for batch in batches:
-        if taken < limit:
-            part = {name: np.array(value[: limit - taken]) for name, value in batch.items()}
+        if total is None:
+            total = _search_limit(limit, batch) + following
+        if taken < total:
+            part = {name: np.array(value[: total - taken]) for name, value in batch.items()}
             kept.append(part)
             taken += len(next(iter(part.values())))
         yield batch
