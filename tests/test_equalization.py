@@ -324,3 +324,21 @@ def test_the_family_is_chosen_on_samples_the_search_did_not_see(block, monkeypat
     result = calibrate_model(model, data, 8, "per-tensor", "auto")
     assert seen == [auto_module.VALIDATION_SAMPLES] * 2  # both families, on the 64 samples after the search's 32
     assert not result.table.weight_factors  # the equalized table measured better: reversed, the plain one wins
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_equalized_and_bias_corrected_table_fits_the_model_it_is_written_for(seed):
+    """When the equalized model's bias-corrected twin wins, the table's weight exponents are its weights' (they
+    were the plain model's, a factor of up to 8 off): the table on the model calibration returns measures on the
+    search samples exactly the error the search measured for it."""
+    rng = np.random.default_rng(seed)
+    model = relu6_block(rng)
+    data = rng.normal(0.5, 1.0, (96, 3, 12, 12)).astype(np.float32)
+    result = calibrate_model(model, data, 8, "per-tensor", "auto", bias_correction=True)
+    assert result.transforms == ["cle", "bias_correction"]
+    searched = data[: result.table.metadata["auto"]["search_samples"]]
+    quantized = build_quantized_model(result.model, result.table, get_target("esp32s3"), 8)
+    simulated, _ = simulate(quantized, result.model, searched, to_float=True)
+    reference = run(model, {"x": searched})
+    error = np.mean([np.mean(np.abs(s - r)) / np.mean(np.abs(r)) for s, r in zip(simulated, reference)])
+    assert error == pytest.approx(result.table.metadata["auto"]["output_error"], rel=1e-6)

@@ -273,6 +273,7 @@ def calibrate_model(
         if search.corrected_biases or search.rounded_layers:  # asked for: the changed model is written
             model_proto = search.model
             plan = plan_calibration(model_proto)
+            weights_model, weights_plan = model_proto, plan  # equalized too when CLE won: its weights
             transforms.extend(["cle"] if search.weight_factors else [])
             transforms.append("bias_correction" if search.corrected_biases else "weight_rounding")
         elif search.weight_factors:  # the table carries the factors: the user's model stays the one to export
