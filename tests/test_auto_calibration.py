@@ -23,6 +23,7 @@ from espquant.calibration.engine import calibrate_model
 from espquant.calibration.exponents import assign_exponents
 from espquant.calibration.plan import plan_calibration
 from espquant.cli import main
+from espquant.errors import QuantTableError
 from espquant.optimizer import optimize_model
 from espquant.optimizer.equalize import equalization_pairs, equalized_copy
 from espquant.quant.profiles import get_target
@@ -409,6 +410,76 @@ def test_cle_refuses_shared_intermediate(rng):
 
 
 # --- bias correction ----------------------------------------------------------------------------------------
+
+
+def _two_layers(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv (no bias) -> Relu -> Flatten -> Gemm (bias, transB) -> y."""
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], transB=1),
+    ]
+    inits = {
+        "cw": rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32),
+        "gw": rng.normal(0, 0.1, (5, 4 * 6 * 6)).astype(np.float32),
+        "gb": rng.normal(0, 0.1, 5).astype(np.float32),
+    }
+    return make_model(nodes, [tensor("x", ["N", 3, 6, 6])], [tensor("y", ["N", 5])], inits)
+
+
+def test_a_table_carries_bias_shifts_exactly_and_the_model_gets_them(rng, tmp_path):
+    """Bias shifts (auto's bias correction) round-trip bit for bit through both table formats, and the model the
+    table rebuilds computes each layer's output minus its shift: a Conv without a bias gets one."""
+    from espquant.graph import BiasShift, shift_biases
+    from espquant.table import shifts_metadata
+
+    model = _two_layers(rng)
+    shifts = [BiasShift("c", rng.normal(0, 0.1, 4)), BiasShift("y", rng.normal(0, 0.1, 5))]
+    table = QuantTable({"x": -5}, {"bits": 8, "graph_hash": graph_hash(model), "bias_shifts": shifts_metadata(shifts)})
+    x = rng.normal(0, 1, (3, 3, 6, 6)).astype(np.float32)
+    for table_format in ("exponents", "legacy"):
+        path = tmp_path / f"{table_format}.pickle"
+        table.save(path, table_format)
+        loaded = QuantTable.load(path)
+        for got, want in zip(loaded.bias_shifts, shifts, strict=True):
+            assert got.layer == want.layer
+            np.testing.assert_array_equal(got.values, want.values)
+        rebuilt = loaded.model_for(model)
+        assert graph_hash(rebuilt) == graph_hash(shift_biases(model, shifts)) != graph_hash(model)
+    shifted_conv = shift_biases(model, shifts[:1])
+    exposed = [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None)]
+    for m in (model, shifted_conv):
+        m.graph.output.extend(exposed)
+    (y0, c0), (y1, c1) = run(model, {"x": x}), run(shifted_conv, {"x": x})
+    np.testing.assert_allclose(c1, c0 - shifts[0].values.reshape(1, -1, 1, 1), atol=1e-6)
+    assert y1.shape == y0.shape
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"layer": "c", "values": [float("nan")]},
+        {"layer": "c", "values": []},
+        {"layer": "c", "values": [1.0], "extra": 1},
+        {"layer": 3, "values": [1.0]},
+    ],
+    ids=["nan", "empty", "unknown-key", "layer-not-a-name"],
+)
+def test_bad_bias_shifts_are_refused_on_load(tmp_path, entry):
+    path = tmp_path / "t.pickle"
+    QuantTable({"x": -5}, {"bits": 8, "bias_shifts": [entry]}).save(path)
+    with pytest.raises(QuantTableError, match="bias_shifts"):
+        QuantTable.load(path)
+
+
+@pytest.mark.parametrize(
+    "entry", [{"layer": "c", "values": [1.0] * 3}, {"layer": "r", "values": [1.0] * 4}], ids=["count", "not-a-layer"]
+)
+def test_bias_shifts_that_do_not_fit_the_model_are_a_clear_error(rng, entry):
+    table = QuantTable({}, {"bits": 8, "bias_shifts": [entry]})
+    with pytest.raises(QuantTableError, match="bias shifts do not fit"):
+        table.model_for(_two_layers(rng))
 
 
 def test_bias_correction_reduces_output_mean_error(rng):

@@ -192,12 +192,13 @@ def test_auto_equalizes_and_the_table_stays_the_users_model(block, equalized_res
 
 
 def test_lowering_applies_the_factors(block, equalized_result):
-    """The integer model from (user's model, table) is the one from (equalized model, table without factors)."""
+    """The integer model from (user's model, table) is the one from (equalized and bias-corrected model, table
+    without factors and shifts)."""
     model, _ = block
     table = equalized_result.table
-    bare = QuantTable(
-        dict(table.exponents), {k: v for k, v in table.metadata.items() if k not in ("weight_factors", "graph_hash")}
-    )
+    assert table.weight_factors and table.bias_shifts
+    carried = ("weight_factors", "bias_shifts", "graph_hash")
+    bare = QuantTable(dict(table.exponents), {k: v for k, v in table.metadata.items() if k not in carried})
     for target in ("esp32s3", "esp32p4", "esp32"):
         via_table = build_quantized_model(model, table, get_target(target), 8)
         direct = build_quantized_model(table.model_for(model), bare, get_target(target), 8)
@@ -221,7 +222,8 @@ def test_legacy_pickle_gets_the_equalized_model(block, equalized_result):
     """The original toolkit reads scales and the model's own weights: the factors are baked into a model."""
     model, _ = block
     baked = with_factors_applied(equalized_result)
-    assert not baked.table.weight_factors and baked.transforms == ["cle"]
+    assert not baked.table.weight_factors and not baked.table.bias_shifts
+    assert baked.transforms == ["cle", "bias_correction"]
     assert baked.table.metadata["graph_hash"] == graph_hash(baked.model) != graph_hash(model)
     assert baked.table.model_for(baked.model) is baked.model
     via_factors = build_quantized_model(model, equalized_result.table, get_target("esp32s3"), 8)
@@ -275,8 +277,9 @@ def test_cli_calibrate_then_export_the_same_model(block, tmp_path):
     assert done.exit_code == 0, done.output
     written = onnx.load(tmp_path / "l_model.onnx")
     assert QuantTable.load(tmp_path / "l.pickle").metadata["graph_hash"] == graph_hash(written)
+    carried = QuantTable.load(tmp_path / "t.pickle").model_for(model)  # equalized (exact) and bias-corrected
     assert math.isclose(
-        float(np.abs(run(written, {"x": data[:8]})[0] - run(model, {"x": data[:8]})[0]).max()), 0.0, abs_tol=1e-4
+        float(np.abs(run(written, {"x": data[:8]})[0] - run(carried, {"x": data[:8]})[0]).max()), 0.0, abs_tol=1e-4
     )
 
 
@@ -329,13 +332,13 @@ def test_the_family_is_chosen_on_samples_the_search_did_not_see(block, monkeypat
 @pytest.mark.parametrize("seed", [0, 1])
 def test_an_equalized_and_bias_corrected_table_fits_the_model_it_is_written_for(seed):
     """When the equalized model's bias-corrected twin wins, the table's weight exponents are its weights' (they
-    were the plain model's, a factor of up to 8 off): the table on the model calibration returns measures on the
-    search samples exactly the error the search measured for it."""
+    once were the plain model's, a factor of up to 8 off): the table on the user's model (its factors and bias
+    shifts applied) measures on the search samples exactly the error the search measured for it."""
     rng = np.random.default_rng(seed)
     model = relu6_block(rng)
     data = rng.normal(0.5, 1.0, (96, 3, 12, 12)).astype(np.float32)
-    result = calibrate_model(model, data, 8, "per-tensor", "auto", bias_correction=True)
-    assert result.transforms == ["cle", "bias_correction"]
+    result = calibrate_model(model, data, 8, "per-tensor", "auto")
+    assert result.model is model and result.table.weight_factors and result.table.bias_shifts
     searched = data[: result.table.metadata["auto"]["search_samples"]]
     quantized = build_quantized_model(result.model, result.table, get_target("esp32s3"), 8)
     simulated, _ = simulate(quantized, result.model, searched, to_float=True)

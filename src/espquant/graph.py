@@ -25,6 +25,9 @@ __all__ = [
     "set_initializer",
     "WeightFactor",
     "scale_initializers",
+    "BiasShift",
+    "shift_biases",
+    "subtract_from_bias",
     "remove_nodes",
     "replace_nodes",
     "unique_name",
@@ -193,6 +196,74 @@ def scale_initializers(model: onnx.ModelProto, factors: Sequence[WeightFactor]) 
             raise ValueError(f"{name!r} is not a float tensor")
         scaled = (original.astype(np.float64) * values).astype(original.dtype)
         initializers[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(scaled), name))
+    return copy
+
+
+@dataclass(frozen=True)
+class BiasShift:
+    """Subtract ``values`` (float64, one per output channel) from the bias of the Conv / Gemm whose first output
+    is ``layer``; a layer without a bias gets one (``-values``).
+
+    Bias correction is a set of these; a quantization table carries them beside its weight factors
+    (``QuantTable.model_for``), so the user's model stays the one to evaluate and export."""
+
+    layer: str
+    values: np.ndarray
+
+
+def subtract_from_bias(
+    model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shift: np.ndarray, suffix: str
+) -> None:
+    """``bias -= shift`` for a Conv / Gemm of ``model`` (a new initializer ``<node>.<suffix>`` when it has none),
+    in float64, stored as float32."""
+    if len(node.input) > 2 and node.input[2]:
+        bias = inits[node.input[2]]
+        values = numpy_helper.to_array(bias).astype(np.float64) - shift
+        bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
+        return
+    name = f"{node.name or node.output[0]}.{suffix}"
+    tensor = numpy_helper.from_array((-np.asarray(shift, dtype=np.float64)).astype(np.float32), name)
+    model.graph.initializer.append(tensor)
+    inits[name] = model.graph.initializer[-1]
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+
+
+def _output_channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int | None:
+    """The output channels of a Conv / Gemm by its constant weight (None: not one of those, or no constant)."""
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or node.op_type not in ("Conv", "Gemm") or len(weight.dims) < 2:
+        return None
+    if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
+        return int(weight.dims[1])
+    return int(weight.dims[0])
+
+
+def shift_biases(model: onnx.ModelProto, shifts: Sequence[BiasShift]) -> onnx.ModelProto:
+    """A copy of ``model`` with each shift subtracted from its layer's bias (``BiasShift``).
+
+    Raises:
+        ValueError: a shift names no Conv / Gemm with a constant weight, or its length is not that layer's
+            output channels, or its bias is not a 1-D initializer of that length.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    inits = {t.name: t for t in copy.graph.initializer}
+    layers = {node.output[0]: node for node in copy.graph.node if node.output}
+    for shift in shifts:
+        node = layers.get(shift.layer)
+        channels = _output_channels(node, inits) if node is not None else None
+        values = np.asarray(shift.values, dtype=np.float64)
+        if channels is None:
+            raise ValueError(f"no Conv / Gemm with a constant weight writes {shift.layer!r}")
+        bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if values.shape != (channels,) or (bias is not None and list(bias.dims) != [channels]):
+            raise ValueError(f"a shift of {values.size} values does not fit the {channels} channels of {shift.layer!r}")
+        named = node.input[2] if len(node.input) > 2 else ""
+        if named and (bias is None or sum(named in n.input for n in copy.graph.node) > 1):
+            raise ValueError(f"the bias of {shift.layer!r} is not a constant of its own")
+        subtract_from_bias(copy, node, inits, values, "corrected_bias")
     return copy
 
 

@@ -33,7 +33,7 @@ import onnx
 
 from espquant.errors import OptionError, QuantTableError
 from espquant.files import write_files
-from espquant.graph import WeightFactor, scale_initializers
+from espquant.graph import BiasShift, WeightFactor, scale_initializers, shift_biases
 
 __all__ = [
     "factors_metadata",
@@ -242,6 +242,7 @@ _METADATA_SCHEMA: dict[str, Any] = {
     ),
     "checksum": lambda v: isinstance(v, str),
     "weight_factors": lambda v: isinstance(v, list) and all(_valid_factor(f) for f in v),
+    "bias_shifts": lambda v: isinstance(v, list) and all(_valid_shift(s) for s in v),
 }
 
 MAX_FACTOR_VALUES = 1 << 24  # one factor's values: a weight's input channels by its output channels at most
@@ -261,6 +262,22 @@ def _valid_factor(entry: Any) -> bool:
     if not isinstance(values, list) or len(values) > MAX_FACTOR_VALUES or len(values) != math.prod(shape):
         return False
     return all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in values)
+
+
+def _valid_shift(entry: Any) -> bool:
+    """A bias shift as the table stores it: ``{"layer", "values"}``, finite values, at most
+    ``MAX_FACTOR_VALUES`` of them."""
+    if not isinstance(entry, dict) or set(entry) != {"layer", "values"} or not isinstance(entry["layer"], str):
+        return False
+    values = entry["values"]
+    if not isinstance(values, list) or not 0 < len(values) <= MAX_FACTOR_VALUES:
+        return False
+    return all(isinstance(x, float) and math.isfinite(x) for x in values)
+
+
+def shifts_metadata(shifts: Iterable[BiasShift]) -> list[dict[str, Any]]:
+    """Bias shifts as a table's ``bias_shifts`` metadata (JSON: floats round-trip exactly)."""
+    return [{"layer": s.layer, "values": np.ravel(s.values).astype(float).tolist()} for s in shifts]
 
 
 def factors_metadata(factors: Iterable[WeightFactor]) -> list[dict[str, Any]]:
@@ -424,23 +441,33 @@ class QuantTable:
             for f in self.metadata.get("weight_factors") or []
         ]
 
+    @property
+    def bias_shifts(self) -> list[BiasShift]:
+        """What calibration took off the float biases (bias correction), applied after the weight factors."""
+        stored = self.metadata.get("bias_shifts") or []
+        return [BiasShift(s["layer"], np.asarray(s["values"], dtype=np.float64)) for s in stored]
+
     def model_for(
         self, model: onnx.ModelProto, needed: Iterable[str] = (), source: str = "the table"
     ) -> onnx.ModelProto:
         """The float model this table's integers are made from: ``model`` (checked by ``check_model``) with the
-        table's weight factors applied; ``model`` itself when the table has none.
+        table's weight factors and then its bias shifts applied; ``model`` itself when the table has neither.
 
-        ``auto`` calibration equalizes per-tensor weights by rescaling channels (``optimizer/equalize.py``). It
-        records the factors here instead of writing another model, so the user's model stays the one to
-        evaluate and export: every consumer rebuilds the same weights from it."""
+        ``auto`` calibration equalizes per-tensor weights by rescaling channels (``optimizer/equalize.py``) and
+        corrects the biases for the rounding of the weights (``calibration/bias_correction.py``). It records
+        both here instead of writing another model, so the user's model stays the one to evaluate and export:
+        every consumer rebuilds the same weights from it."""
         self.check_model(model, needed, source)
-        factors = self.weight_factors
-        if not factors:
-            return model
-        try:
-            return scale_initializers(model, factors)
-        except ValueError as error:
-            raise QuantTableError(f"{source}: its weight factors do not fit the model ({error}).") from error
+        changed = model
+        for what, items, apply in (
+            ("weight factors", self.weight_factors, scale_initializers),
+            ("bias shifts", self.bias_shifts, shift_biases),
+        ):
+            try:
+                changed = apply(changed, items) if items else changed
+            except ValueError as error:
+                raise QuantTableError(f"{source}: its {what} do not fit the model ({error}).") from error
+        return changed
 
     def check_model(self, model: onnx.ModelProto, needed: Iterable[str], source: str = "the table") -> None:
         """Refuse a table made for another model, or one that misses tensors the model needs."""

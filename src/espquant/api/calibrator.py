@@ -41,13 +41,14 @@ class Calibrator:
         strict: at int16, refuse a model with ops the chip has no int16 kernel for (Resize) instead of running
             those nodes at int8 with a warning each (the default; see ``checker.runs_at``).
         cle: cross-layer equalization before calibration (off unless True).
-        bias_correction: compensate weight rounding in the float biases (off unless True; with ``auto`` kept
-            only when it measures better).
+        bias_correction: compensate weight rounding in the float biases (``auto``: on unless False, kept in
+            the table's ``bias_shifts`` and only when it measures better; the fixed methods: off unless True,
+            and the table then belongs to the corrected model).
         weight_rounding: round each Conv / Gemm weight down or up by the layer's output error on the
             calibration data instead of to nearest (``calibration/weight_rounding.py``; off unless True; with
             ``auto`` kept only when it measures better).
 
-    With CLE, bias correction or weight rounding the table belongs to a changed float model
+    With CLE, a fixed method's bias correction or weight rounding the table belongs to a changed float model
     (``result.model``); ``generate_quantization_table`` writes it next to the table as ``<table>_model.onnx``.
     """
 

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
+from espquant.calibration.bias_correction import bias_corrected_inputs, bias_shifts
 from espquant.calibration.collector import _exposing
 from espquant.calibration.dataset import Batch, Chunking
 from espquant.calibration.exponents import assign_exponents, cover_aligned_inputs
@@ -75,7 +75,7 @@ from espquant.calibration.observers import OBSERVER_METHODS, Observer, candidate
 from espquant.calibration.plan import CalibrationPlan, plan_calibration
 from espquant.calibration.weight_rounding import rounded_weight_model
 from espquant.errors import EspquantError
-from espquant.graph import GraphView, WeightFactor, scale_initializers
+from espquant.graph import BiasShift, GraphView, WeightFactor, scale_initializers, shift_biases
 from espquant.ops import ExponentRule, get_op_spec
 from espquant.optimizer.equalize import Equalization
 from espquant.quant.pot import exponent_for_max_abs, qmax
@@ -145,8 +145,8 @@ class SearchResult:
 
     observed: dict[str, int]  # the exponents fed to assign_exponents
     weight_method: str
-    model: onnx.ModelProto  # the float model the table is for (bias-corrected, weights rounded, or as given)
-    corrected_biases: int
+    model: onnx.ModelProto  # the float model the table is for (equalized, bias-corrected, weights rounded, or as given)
+    bias_shifts: list[BiasShift]  # bias correction kept (``model`` has them applied, after the weight factors)
     error: float
     minmax_error: float
     evaluations: int
@@ -166,7 +166,7 @@ class _Variant:
     model: onnx.ModelProto
     plan: CalibrationPlan
     weight_method: str
-    corrected: int = 0
+    shifts: list[BiasShift] = field(default_factory=list)  # bias correction, applied to ``model``
     rounded: int = 0
     equalization: Equalization | None = None  # applied to ``model``
     # The float values of the tensors equalization rescales (the search's reference holds the plain model's).
@@ -780,7 +780,7 @@ def search_exponents(
         chosen,
         variant.weight_method,
         variant.model,
-        variant.corrected,
+        variant.shifts,
         error,
         minmax_error,
         search.evaluations,
@@ -800,10 +800,11 @@ def _corrected(
     exponents = search.table(weighted, observed).exponents
     bits_of = base.plan.weight_widths(search.widths, search.bits)
     means = channel_means(search.reference_of(base), layer_inputs)
-    model, count = correct_biases(base.model, base.plan, exponents, means, bits_of)
-    if not count:
+    shifts = bias_shifts(base.model, base.plan, exponents, means, bits_of)
+    if not shifts:
         return None
-    return _Variant(model, plan_calibration(model), weight_method, count, 0, base.equalization, base.reference)
+    model = shift_biases(base.model, shifts)
+    return _Variant(model, plan_calibration(model), weight_method, shifts, 0, base.equalization, base.reference)
 
 
 def _rounded(search: _Search, base: _Variant, observed: dict[str, int], layer_inputs: list[str]) -> _Variant | None:
@@ -830,5 +831,5 @@ def _rounded(search: _Search, base: _Variant, observed: dict[str, int], layer_in
         stats.cost_chosen,
     )
     return _Variant(
-        model, plan_calibration(model), base.weight_method, 0, stats.layers, base.equalization, base.reference
+        model, plan_calibration(model), base.weight_method, [], stats.layers, base.equalization, base.reference
     )

@@ -8,20 +8,21 @@ computed exactly (up to the padding border of the convolution, where the input i
 mean) and subtracted from the float bias before quantization. The chip then runs the ordinary integer
 arithmetic with a different bias: nothing it computes changes form.
 
-The corrected model is a new float model, so the table belongs to it (its graph hash); the calibrator
-returns it and the CLI writes it next to the table."""
+The corrections are ``BiasShift``s: ``auto`` keeps them in the table (``QuantTable.model_for`` applies them,
+as it applies the weight factors of equalization), so the user's model stays the one to evaluate and export;
+a fixed method asked for bias correction writes the corrected float model instead (its table belongs to it).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from espquant.calibration.plan import CalibrationPlan, WeightUse
-from espquant.graph import GraphView, node_attributes, opset_version
+from espquant.graph import BiasShift, GraphView, node_attributes, opset_version
 from espquant.quant.rounding import round_float, saturate
 
-__all__ = ["correct_biases", "bias_corrected_inputs", "rounded_weights", "subtract_from_bias"]
+__all__ = ["bias_shifts", "bias_corrected_inputs", "rounded_weights"]
 
 ROUNDING = "half_even"  # weights are float: ties are measure-zero, so S3 (half-up) and P4 agree
 
@@ -72,56 +73,33 @@ def _output_shift(node: onnx.NodeProto, delta_w: np.ndarray, mean: np.ndarray, t
     return (summed * means).sum(axis=1)
 
 
-def correct_biases(
+def bias_shifts(
     model: onnx.ModelProto,
     plan: CalibrationPlan,
     exponents: dict[str, int | list[int]],
     input_means: dict[str, np.ndarray],
     bits_of: dict[str, int],
-) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` whose Conv / Gemm biases compensate the rounding of their weights.
+) -> list[BiasShift]:
+    """What each Conv / Gemm bias must lose to compensate the rounding of its weights (``shift_biases`` applies
+    them; a table carries them).
 
     Args:
-        plan: the model's calibration plan (``plan_calibration(model)``, same node order).
+        plan: the model's calibration plan (``plan_calibration(model)``).
         exponents: the weight exponents of the table (``assign_exponents``).
         input_means: layer input tensor -> mean per channel (axis 1 for Conv, the last axis for Gemm).
-        bits_of: weight tensor -> the width its layer runs at.
-
-    Returns:
-        ``(corrected, count)``: the new model and how many biases changed (``model`` is not modified)."""
-    corrected = onnx.ModelProto()
-    corrected.CopyFrom(model)
-    inits = {t.name: t for t in corrected.graph.initializer}
-    nodes = {id(a): b for a, b in zip(model.graph.node, corrected.graph.node)}
+        bits_of: weight tensor -> the width its layer runs at."""
+    view = GraphView(model.graph)
     opset = opset_version(model)
-    count = 0
+    shifts = []
     for tensor, use in bias_corrected_inputs(model, plan):
         if tensor not in input_means or use.tensor not in exponents:
             continue
-        node = nodes[id(use.node)]
-        weight = numpy_helper.to_array(inits[use.tensor]).astype(np.float64)
+        node = use.node
+        weight = view.array(use.tensor).astype(np.float64)
         axis = use.channel_axis if isinstance(exponents[use.tensor], list) else None
         delta = rounded_weights(weight, exponents[use.tensor], axis, bits_of.get(use.tensor, 8)) - weight
         trans_b = bool(node_attributes(node, opset).get("transB", 0)) if node.op_type == "Gemm" else False
         shift = _output_shift(node, delta, input_means[tensor].astype(np.float64), trans_b)
-        if not np.any(shift):
-            continue
-        subtract_from_bias(corrected, node, inits, shift, "corrected_bias")
-        count += 1
-    return corrected, count
-
-
-def subtract_from_bias(
-    model: onnx.ModelProto, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shift: np.ndarray, suffix: str
-) -> None:
-    """``bias -= shift`` for a Conv / Gemm of ``model`` (a new initializer ``<node>.<suffix>`` when it has none)."""
-    if len(node.input) > 2 and node.input[2]:
-        bias = inits[node.input[2]]
-        values = numpy_helper.to_array(bias).astype(np.float64) - shift
-        bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
-        return
-    name = f"{node.name or node.output[0]}.{suffix}"
-    model.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
-    while len(node.input) < 3:
-        node.input.append("")
-    node.input[2] = name
+        if np.any(shift):
+            shifts.append(BiasShift(node.output[0], shift))
+    return shifts

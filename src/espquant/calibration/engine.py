@@ -23,7 +23,7 @@ from espquant.calibration.auto import (
     simulated_values,
     simulation_budget,
 )
-from espquant.calibration.bias_correction import bias_corrected_inputs, correct_biases
+from espquant.calibration.bias_correction import bias_corrected_inputs, bias_shifts
 from espquant.calibration.collector import collect
 from espquant.calibration.dataset import Batch, Chunking, InputSpec, iterate_batches
 from espquant.calibration.exponents import Requantize, assign_exponents, cover_aligned_inputs
@@ -40,13 +40,13 @@ from espquant.calibration.precision import (
 from espquant.calibration.weight_rounding import RoundingStats, rounded_weight_model
 from espquant.checker import check_model
 from espquant.errors import EspquantError, OptionError
-from espquant.graph import tensor_shape
+from espquant.graph import shift_biases, tensor_shape
 from espquant.ops import ExponentRule
 from espquant.ops.activations import SOFTMAX_FAMILY
 from espquant.optimizer.equalize import equalization_factors, equalization_pairs, equalized_copy
 from espquant.quant.pot import exponent_for_max_abs, qmax
 from espquant.quant.profiles import TargetProfile, get_target
-from espquant.table import FORMAT_VERSION, QuantTable, factors_metadata, graph_hash
+from espquant.table import FORMAT_VERSION, QuantTable, factors_metadata, graph_hash, shifts_metadata
 
 __all__ = [
     "CalibrationResult",
@@ -116,16 +116,20 @@ class CalibrationResult:
 
 
 def with_factors_applied(result: CalibrationResult) -> CalibrationResult:
-    """``result`` with the table's weight factors (``auto``'s equalization) applied to its model: the table then
-    describes a model with those weights, written beside it. For readers that know only the weights of the
-    model they are given, the original toolkit's first of all (its legacy pickle holds no factors)."""
-    if result.model is None or not result.table.weight_factors:
+    """``result`` with the table's weight factors and bias shifts (``auto``'s equalization and bias correction)
+    applied to its model: the table then describes a model with those weights, written beside it. For readers
+    that know only the weights of the model they are given, the original toolkit's first of all (its legacy
+    pickle holds neither)."""
+    carried = [("cle", bool(result.table.weight_factors)), ("bias_correction", bool(result.table.bias_shifts))]
+    applied = [name for name, present in carried if present]
+    if result.model is None or not applied:
         return result
     model = result.table.model_for(result.model)
-    metadata = {k: v for k, v in result.table.metadata.items() if k != "weight_factors"}
-    metadata |= {"graph_hash": graph_hash(model), "model_transforms": [*result.transforms, "cle"]}
+    transforms = [*result.transforms, *applied]
+    metadata = {k: v for k, v in result.table.metadata.items() if k not in ("weight_factors", "bias_shifts")}
+    metadata |= {"graph_hash": graph_hash(model), "model_transforms": transforms}
     table = QuantTable(dict(result.table.exponents), metadata)
-    return replace(result, table=table, model=model, transforms=[*result.transforms, "cle"])
+    return replace(result, table=table, model=model, transforms=transforms)
 
 
 # The auto search on a model with a fixed batch runs the simulator once per B samples, unless the simulator runs
@@ -171,16 +175,19 @@ def calibrate_model(
             it changes the float weights, so the table is then for the equalized model (``result.model``,
             written beside the table by the CLI), not for the model the user passed to evaluate and export.
         bias_correction: compensate the mean shift of rounded weights in the float biases
-            (``bias_correction.py``; with ``auto`` kept only when it measures better). Off unless True, for
-            the same reason.
+            (``bias_correction.py``). ``auto``: on unless False, kept only when it measures better, carried by
+            the table (``QuantTable.bias_shifts``) like its equalization. A fixed method: off unless True, for
+            the same reason as CLE.
         search_samples: calibration samples the ``auto`` search (and bias correction) simulates, the first
-            ones (default ``auto.SEARCH_SAMPLES``).
+            ones (default: ``auto.search_sample_count`` of the inputs' size; from a small calibration set all
+            but the ``auto.VALIDATION_SAMPLES`` that follow, and never fewer than ``auto.SEARCH_SAMPLES``).
         weight_rounding: round each Conv / Gemm weight down or up by the layer's output error on those samples
             (``weight_rounding.py``; with ``auto`` kept only when the outputs measure better). Off unless True,
             for the same reason as CLE.
 
-    When CLE or bias correction changes the model, ``result.model`` is the changed model: the table's graph
-    hash is its, and evaluation and export must use it (the CLI writes it next to the table).
+    When CLE, a fixed method's bias correction or weight rounding changes the model, ``result.model`` is the
+    changed model: the table's graph hash is its, and evaluation and export must use it (the CLI writes it next
+    to the table).
 
     Raises:
         UnsupportedModelError: the model uses something ESP-DL cannot run (every problem listed).
@@ -212,7 +219,9 @@ def calibrate_model(
     observers = {name: make_observer("mse" if method == "auto" else method) for name in measured}
     chunking = Chunking.of(model_proto)  # a fixed batch B: B samples per onnxruntime run
     batches = iterate_batches(calib_dataset, inputs, batch_size, chunking)
-    correct = bool(bias_correction)  # off unless asked, like CLE: the table must fit the model the user has
+    # Off unless asked for a fixed method, like CLE (the corrected model is written: the table belongs to it); on
+    # for auto, whose table carries the corrections it keeps (``QuantTable.bias_shifts``) beside its factors.
+    correct = bool(bias_correction) if bias_correction is not None else method == "auto"
     rounding = bool(weight_rounding)
     kept: list[Batch] = []
     limit: int | None = search_samples or SEARCH_SAMPLES
@@ -270,15 +279,17 @@ def calibrate_model(
         )
         observed = search.observed | plan.fixed
         weight_method = search.weight_method
-        if search.corrected_biases or search.rounded_layers:  # asked for: the changed model is written
+        if search.rounded_layers:  # asked for: the rounded model is written (equalized too when CLE won)
             model_proto = search.model
             plan = plan_calibration(model_proto)
-            weights_model, weights_plan = model_proto, plan  # equalized too when CLE won: its weights
-            transforms.extend(["cle"] if search.weight_factors else [])
-            transforms.append("bias_correction" if search.corrected_biases else "weight_rounding")
-        elif search.weight_factors:  # the table carries the factors: the user's model stays the one to export
+            weights_model, weights_plan = model_proto, plan
+            transforms.extend([*(["cle"] if search.weight_factors else []), "weight_rounding"])
+        elif search.weight_factors or search.bias_shifts:  # the table carries them: the user's model stays
             weights_model, weights_plan = search.model, plan_calibration(search.model)
-            extra["weight_factors"] = factors_metadata(search.weight_factors)
+            if search.weight_factors:
+                extra["weight_factors"] = factors_metadata(search.weight_factors)
+            if search.bias_shifts:
+                extra["bias_shifts"] = shifts_metadata(search.bias_shifts)
         extra["cle_pairs"] = search.equalized_pairs
         if search.weight_factors and equalization is not None:
             divisors = equalization.divisors
@@ -315,7 +326,7 @@ def calibrate_model(
         if count:
             transforms.append("bias_correction")
             plan = plan_calibration(model_proto)
-    extra["bias_correction"] = "bias_correction" in transforms
+    extra["bias_correction"] = "bias_correction" in transforms or bool(extra.get("bias_shifts"))
     extra["weight_rounding"] = "weight_rounding" in transforms
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -494,7 +505,8 @@ def _bias_corrected(
     if not reference:
         return model, 0
     bits_of = plan.weight_widths(widths, bits)
-    return correct_biases(model, plan, exponents, channel_means(reference, list(reference)), bits_of)
+    shifts = bias_shifts(model, plan, exponents, channel_means(reference, list(reference)), bits_of)
+    return (shift_biases(model, shifts) if shifts else model), len(shifts)
 
 
 def _weight_rounded(

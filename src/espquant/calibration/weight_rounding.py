@@ -31,9 +31,9 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 
-from espquant.calibration.bias_correction import bias_corrected_inputs, subtract_from_bias
+from espquant.calibration.bias_correction import bias_corrected_inputs
 from espquant.calibration.plan import CalibrationPlan
-from espquant.graph import node_attributes, opset_version
+from espquant.graph import node_attributes, opset_version, subtract_from_bias
 from espquant.quant.pot import qmax, qmin
 
 __all__ = ["choose_rounding", "layer_patches", "rounded_weight_model", "RoundingStats", "SWEEPS", "ROWS"]
@@ -216,4 +216,3 @@ def rounded_weight_model(
         shift = np.einsum("gok,gk->go", delta, mean_q).reshape(-1)
         subtract_from_bias(rounded, node, inits, shift, "rounded_bias")
     return rounded, stats
-

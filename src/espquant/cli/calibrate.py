@@ -52,8 +52,9 @@ def load_array_data(path: Path) -> Any:
 @click.option(
     "--bias-correction/--no-bias-correction",
     default=None,
-    help="Compensate weight rounding in the float biases (off by default; with auto kept only when it measures "
-    "better). Like --cle, the changed model is written next to the table.",
+    help="Compensate weight rounding in the float biases. auto (the default method) does, kept in the table and "
+    "only when it measures better; off for the fixed methods, which then write the changed model next to the table, "
+    "like --cle.",
 )
 @click.option(
     "--weight-rounding/--no-weight-rounding",
@@ -117,7 +118,7 @@ def calibrate(
     \b
     Examples:
       espquant calibrate mnist_optimized.onnx --data calib.npy   # auto: the best exponents the chip measures
-      espquant calibrate net.onnx --data calib.npy --cle --bias-correction   # also writes <table>_model.onnx
+      espquant calibrate net.onnx --data calib.npy --method mse --cle --bias-correction   # writes <table>_model.onnx
       espquant calibrate net.onnx --data calib.npy --weight-rounding   # likewise
       espquant calibrate net.onnx --data calib.npz --granularity per-channel --method entropy -o t.pickle
       espquant calibrate net.onnx --data calib.npy -o t.pickle --force   # replace t.pickle and t.json
@@ -136,7 +137,7 @@ def calibrate(
     source = open_source(data_path, proto, preprocess, batch_size)
     target = output or model.with_name(f"{model.stem}_calib.pickle")
     model_out = calibrated_model_path(target)  # written only when CLE / bias correction / rounding change weights
-    may_change = bool(cle) or bool(bias_correction) or bool(weight_rounding)
+    may_change = bool(cle) or (bool(bias_correction) and method != "auto") or bool(weight_rounding)
     may_change |= table_format == "legacy" and method == "auto"  # equalization baked into the model (legacy pickle)
     outputs = [*table_paths(target), *([model_out] if may_change else [])]
     guard_outputs(outputs, [model, data_path], force)  # before the work, not after it
