@@ -15,7 +15,7 @@ model hub), data real images and labels shipped inside packages:
 | mtcnn_onet | face detector stage | facenet-pytorch 2.6.0 | lfw_subset at 48x48 (labels) |
 | blazeface | face detector, depthwise | mediapipe 0.10.14 face_detection_short_range.tflite, tflite2onnx | 128x128 crops (float reference) |
 | hand_landmarks | landmark regressor, MobileNetV2-style (ReLU6) | mediapipe 0.10.14 hand_landmark_lite.tflite, tflite2onnx | 224x224 crops (float reference) |
-| palm_detector | palm detector (BlazePalm: PRelu, residual Adds, upsampling FPN) | mediapipe 0.10.14 palm_detection_lite.tflite, tf2onnx (tflite2onnx fails on it) | 192x192 crops, 128 to calibrate and 128 to test (float reference) |
+| palm_detector | palm detector (BlazePalm: PRelu, residual Adds, upsampling FPN) | mediapipe 0.10.14 palm_detection_lite.tflite, tf2onnx (tflite2onnx fails on it) | 192x192 crops, 128 to calibrate and 128 to test (float reference; no hands in them: agreement is the top-ranked anchor's) |
 | tf_mnist_mlp | classifier, Keras-style MLP (Reshape, MatMul + Add, Softmax) | ``benchmarks/simulator.py``'s ``tf_mlp``, trained there on the first 1,000 bundled test digits | the next 500 to calibrate, the last 500 to test (labels) |
 
 For each model and target (esp32s3: per-tensor int8, esp32p4: per-channel int8): the float model under
@@ -470,15 +470,16 @@ def _converted_palm(cache: Path, tf_python: Path) -> None:
 
 def case_palm(cache: Path, rng: np.random.Generator) -> Case:
     """MediaPipe's palm detector (lite): 2016 anchors, box regressors [N, 2016, 18] and score logits
-    [N, 2016, 1]; input RGB in [0, 1]. The crops hold no hands, so the positives (score above 0.5, MediaPipe's
-    default confidence) are the float model's own false alarms: agreement says whether the quantized model
-    raises the same ones."""
+    [N, 2016, 1]; input RGB in [0, 1]. The crops hold no hands, so no decision is clear-cut: at MediaPipe's
+    confidence 0.5 the float model raises 51 borderline false alarms on the 128 test crops (onnxruntime's int8
+    agrees on 2 % of them, espquant's on none), at 0.1 1,984 (14 % and 17 %). Agreement here is whether the
+    quantized model ranks the same anchor first (the candidate the app would look at first); output SQNR is
+    the measure that counts."""
     names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "motorcycle_left.png", "rocket.jpg"]
     x = nchw(crops([skimage_image(cache, n) for n in names], (192, 192), 256, rng), 0.0, 1.0)
     model = _converted_tflite(cache / "models" / "palm_detection_lite.onnx", x[:1], 1e-4)
     scores = next(i for i, o in enumerate(model.graph.output) if o.type.tensor_type.shape.dim[-1].dim_value == 1)
-    sigmoid = lambda o: 1.0 / (1.0 + np.exp(-np.clip(o[scores], -50, 50)))  # noqa: E731
-    return Case("palm_detector", model, x[:128], x[128:], None, sigmoid, True, 0.5)
+    return Case("palm_detector", model, x[:128], x[128:], None, lambda o: o[scores][..., 0], False)
 
 
 def case_tf_mlp(cache: Path, rng: np.random.Generator) -> Case:
