@@ -5,12 +5,13 @@ The four observers (min-max, entropy, percentile, mse) each propose an exponent 
 (one calibration pass, one histogram per tensor); which is best differs per tensor and per model, because
 none of them sees what the next layers do with the rounding and clipping. Exponents are few and discrete,
 and espquant's simulator is bit-exact and fast, so instead of guessing we measure, on a bounded subset of
-the calibration data (``SEARCH_SAMPLES``):
+the calibration data (``SEARCH_SAMPLES``, more for small inputs: ``search_sample_count``):
 
 0. the four fixed methods' own tables (their weights' method included), for the model as given and for its
    cross-layer equalized twin (``optimizer/equalize.py``, ReLU6 pairs included where the calibration peaks
-   allow: ``_equalized``), and the best of them with bias correction (``bias_correction.py``), the better one
-   being the starting point;
+   allow: ``_equalized``), and the best of them with bias correction (``bias_correction.py``; on unless the
+   caller turns it off, the table then carries the corrections as ``bias_shifts``), the better one being the
+   starting point;
 1. layer by layer in topological order, with the earlier layers already at their chosen exponents, the
    candidate that gives that tensor the smallest simulated error against the float model;
 2. greedy refinement on the model's outputs: for each tensor, try ``e - 1`` and ``e + 1`` and keep a move
