@@ -631,3 +631,6 @@ def test_small_inputs_are_searched_on_more_samples_and_keep_their_validation_sam
         data = rng.normal(0, 1, (size, 16)).astype(np.float32)
         result = calibrate_model(model, data, 8, "per-tensor", "auto")
         assert result.table.metadata["auto"]["search_samples"] == searched, size
+    batches = [rng.normal(0, 1, (10, 16)).astype(np.float32) for _ in range(40)]  # streamed: kept across batches
+    result = calibrate_model(model, iter(batches), 8, "per-tensor", "auto")
+    assert result.table.metadata["auto"]["search_samples"] == MAX_SEARCH_SAMPLES and result.samples == 400

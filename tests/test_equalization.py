@@ -245,6 +245,8 @@ def test_cli_calibrate_then_export_the_same_model(block, tmp_path):
     assert done.exit_code == 0, done.output
     assert not (tmp_path / "t_model.onnx").exists()
     assert "cross-layer equalization: 2 Conv pair(s) rescaled" in done.output and "equalized" in done.output
+    shifts = QuantTable.load(tmp_path / "t.pickle").bias_shifts
+    assert shifts and f"bias correction: {len(shifts)} layer bias(es)" in done.output
     assert QuantTable.load(tmp_path / "t.pickle").weight_factors
     done = runner.invoke(
         main,

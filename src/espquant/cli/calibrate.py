@@ -203,6 +203,14 @@ def print_calibration(result: Any, console: Console = out) -> None:
             "outputs measured better); the table carries the weight factors, so evaluate and export the same model",
             soft_wrap=True,
         )
+    shifted = len(result.table.bias_shifts)
+    if shifted:
+        console.print(
+            f"bias correction: {shifted} layer bias(es) compensate their weights' rounding (kept because the "
+            "simulated outputs measured better); the table carries the corrections, so evaluate and export the "
+            "same model",
+            soft_wrap=True,
+        )
     for r in result.requantize:
         console.print(
             f"RequantizeLinear before node {r.node!r} input {r.position} ({r.tensor}): "
