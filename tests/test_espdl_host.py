@@ -445,3 +445,36 @@ def test_espressif_runtime_runs_a_prelu_with_a_finer_output_on_a_plain_c_chip(bi
     path = evaluator.export_espdl(tmp_path / "c3.espdl", test_inputs=data[:1])
     run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, f"int{bits}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+
+
+@needs_host
+@pytest.mark.parametrize(
+    "granularity, target", [("per-tensor", "esp32c3"), ("per-tensor", "esp32s3"), ("per-channel", "esp32p4")]
+)
+def test_espressif_runtime_runs_the_biases_auto_corrects(granularity, target, tmp_path):
+    """auto's bias correction lives in the table as bias shifts, a layer without a bias getting one: the file
+    written from the user's bias-free model holds the corrected biases, and ESP-DL computes the embedded
+    outputs."""
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
+            helper.make_node("Relu", ["a"], ["r"], name="relu"),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="c2", kernel_shape=[1, 1]),
+        ],
+        [tensor("x", SHAPE)],
+        [tensor("y", ["N", 8, 6, 6])],
+        {
+            "w1": rng.normal(0, 0.4, (8, 4, 3, 3)).astype(np.float32),
+            "w2": (rng.normal(0, 0.5, (8, 8, 1, 1)) * rng.uniform(0.02, 1.0, (1, 8, 1, 1))).astype(np.float32),
+        },
+    )
+    data = rng.normal(0.3, 1.0, (96, 4, 6, 6)).astype(np.float32)
+    result = calibrate_model(model, data, 8, granularity, "auto")
+    assert result.model is model and result.table.bias_shifts, "the search should keep the corrected biases"
+    binary, extra = RUNNERS[target]
+    evaluator = Evaluator("int8", granularity, target)
+    evaluator.generate_quantized_model(model, result.table)
+    path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
+    run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
