@@ -221,7 +221,8 @@ def subtract_from_bias(
         values = numpy_helper.to_array(bias).astype(np.float64) - shift
         bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
         return
-    name = f"{node.name or node.output[0]}.{suffix}"
+    taken = {t.name for t in model.graph.initializer} | {n for x in model.graph.node for n in [*x.input, *x.output]}
+    name = unique_name(f"{node.name or node.output[0]}.{suffix}", taken)
     tensor = numpy_helper.from_array((-np.asarray(shift, dtype=np.float64)).astype(np.float32), name)
     model.graph.initializer.append(tensor)
     inits[name] = model.graph.initializer[-1]
