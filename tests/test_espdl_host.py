@@ -407,12 +407,17 @@ def test_espressif_runtime_runs_the_weights_equalization_gives(granularity, targ
     result = calibrate_model(model, data, 8, granularity, "auto")
     assert result.table.weight_factors and result.model is model
     for target in targets:
-        binary, extra = RUNNERS[target]
-        evaluator = Evaluator("int8", granularity, target)
-        evaluator.generate_quantized_model(model, result.table)
-        path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
-        run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-        assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+        _runs_on_the_runtime(model, result.table, granularity, target, data[:1], tmp_path)
+
+
+def _runs_on_the_runtime(model, table, granularity, target, sample, folder):
+    """Export an int8 ``.espdl`` for ``target`` with ``sample`` embedded; ESP-DL's runtime must compute its outputs."""
+    binary, extra = RUNNERS[target]
+    evaluator = Evaluator("int8", granularity, target)
+    evaluator.generate_quantized_model(model, table)
+    path = evaluator.export_espdl(folder / f"{target}.espdl", test_inputs=sample)
+    run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
 
 
 @needs_host
@@ -472,9 +477,4 @@ def test_espressif_runtime_runs_the_biases_auto_corrects(granularity, target, tm
     data = rng.normal(0.3, 1.0, (96, 4, 6, 6)).astype(np.float32)
     result = calibrate_model(model, data, 8, granularity, "auto")
     assert result.model is model and result.table.bias_shifts, "the search should keep the corrected biases"
-    binary, extra = RUNNERS[target]
-    evaluator = Evaluator("int8", granularity, target)
-    evaluator.generate_quantized_model(model, result.table)
-    path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
-    run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+    _runs_on_the_runtime(model, result.table, granularity, target, data[:1], tmp_path)
