@@ -492,7 +492,7 @@ def case_tf_mlp(cache: Path, rng: np.random.Generator) -> Case:
     data = np.load(str(files("espquant") / "data" / "demo_mnist.npz"))
     pictures, labels = data["test_images"], data["test_labels"]
     x = pictures.astype(np.float32) / 255
-    model = tf_mlp(pictures[:1000], labels[:1000])
+    model = optimize_model(tf_mlp(pictures[:1000], labels[:1000]))  # MatMul + Add fused into Gemm, as for users
     return Case("tf_mnist_mlp", model, x[1000:1500], x[1500:], labels[1500:], lambda o: o[0], False)
 
 
