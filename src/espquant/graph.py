@@ -27,6 +27,7 @@ __all__ = [
     "scale_initializers",
     "BiasShift",
     "shift_biases",
+    "layer_output_channels",
     "subtract_from_bias",
     "remove_nodes",
     "replace_nodes",
@@ -231,14 +232,21 @@ def subtract_from_bias(
     node.input[2] = name
 
 
-def _output_channels(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int | None:
-    """The output channels of a Conv / Gemm by its constant weight (None: not one of those, or no constant)."""
-    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
-    if weight is None or node.op_type not in ("Conv", "Gemm") or len(weight.dims) < 2:
+def layer_output_channels(view: GraphView, layer: onnx.NodeProto) -> tuple[int, int] | None:
+    """``(rank, channels)`` of a Conv / ConvTranspose / Gemm output, from its constant weight's dims (shapes need
+    not be inferred); None without a constant weight."""
+    name = layer.input[1] if len(layer.input) > 1 else ""
+    if not view.is_constant(name):
         return None
-    if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
-        return int(weight.dims[1])
-    return int(weight.dims[0])
+    dims = [int(d) for d in view.initializers[name].dims]
+    attrs = {a.name: a.i for a in layer.attribute if a.type == onnx.AttributeProto.INT}
+    if layer.op_type == "Conv":
+        return len(dims), dims[0]
+    if layer.op_type == "ConvTranspose":
+        return len(dims), dims[1] * attrs.get("group", 1)
+    if len(dims) != 2:
+        return None
+    return 2, dims[0] if attrs.get("transB", 0) else dims[1]
 
 
 def shift_biases(model: onnx.ModelProto, shifts: Sequence[BiasShift]) -> onnx.ModelProto:
@@ -246,25 +254,25 @@ def shift_biases(model: onnx.ModelProto, shifts: Sequence[BiasShift]) -> onnx.Mo
 
     Raises:
         ValueError: a shift names no Conv / Gemm with a constant weight, or its length is not that layer's
-            output channels, or its bias is not a 1-D initializer of that length.
+            output channels, or its bias is not a 1-D initializer of that length read by that layer only.
     """
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    inits = {t.name: t for t in copy.graph.initializer}
-    layers = {node.output[0]: node for node in copy.graph.node if node.output}
+    view = GraphView(copy.graph)
     for shift in shifts:
-        node = layers.get(shift.layer)
-        channels = _output_channels(node, inits) if node is not None else None
+        node = view.producer.get(shift.layer)
+        found = layer_output_channels(view, node) if node is not None and node.op_type in ("Conv", "Gemm") else None
         values = np.asarray(shift.values, dtype=np.float64)
-        if channels is None:
+        if found is None:
             raise ValueError(f"no Conv / Gemm with a constant weight writes {shift.layer!r}")
-        bias = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        channels = found[1]
+        named = node.input[2] if len(node.input) > 2 else ""
+        bias = view.initializers.get(named) if named else None
         if values.shape != (channels,) or (bias is not None and list(bias.dims) != [channels]):
             raise ValueError(f"a shift of {values.size} values does not fit the {channels} channels of {shift.layer!r}")
-        named = node.input[2] if len(node.input) > 2 else ""
-        if named and (bias is None or sum(named in n.input for n in copy.graph.node) > 1):
+        if named and (bias is None or len(view.consumers.get(named) or [node]) > 1):
             raise ValueError(f"the bias of {shift.layer!r} is not a constant of its own")
-        subtract_from_bias(copy, node, inits, values, "corrected_bias")
+        subtract_from_bias(copy, node, view.initializers, values, "corrected_bias")
     return copy
 
 

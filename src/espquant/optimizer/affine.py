@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from espquant.graph import GraphView, remove_nodes, set_initializer, unique_name
+from espquant.graph import GraphView, layer_output_channels, remove_nodes, set_initializer, unique_name
 from espquant.optimizer.pipeline import PassResult
 
 __all__ = ["LINEAR", "fold_affine", "fold_affine_into_linear", "fold_affine_into_next_layer", "fold_output_affine"]
@@ -166,20 +166,6 @@ def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | No
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
 
 
-def _output_channels(view: GraphView, layer: onnx.NodeProto) -> tuple[int, int] | None:
-    """``(rank, channels)`` of a linear layer's output, from its weight (shapes need not be inferred)."""
-    weight = view.array(layer.input[1]) if len(layer.input) > 1 and view.is_constant(layer.input[1]) else None
-    if weight is None:
-        return None
-    if layer.op_type == "Conv":
-        return weight.ndim, weight.shape[0]
-    if layer.op_type == "ConvTranspose":
-        return weight.ndim, weight.shape[1] * _attr_int(layer, "group", 1)
-    if weight.ndim != 2:
-        return None
-    return 2, weight.shape[0] if _attr_int(layer, "transB", 0) else weight.shape[1]
-
-
 def fold_affine_into_linear(model: onnx.ModelProto) -> PassResult:
     """``Conv / ConvTranspose / Gemm -> Mul / Div / Add / Sub by a per-channel constant`` -> the layer alone,
     when the layer feeds only that node."""
@@ -197,7 +183,7 @@ def fold_affine_into_linear(model: onnx.ModelProto) -> PassResult:
             continue
         if data in view.graph_outputs:
             continue
-        shape = _output_channels(view, layer)
+        shape = layer_output_channels(view, layer)
         per_channel = None if shape is None else _per_channel(value, *shape)
         if per_channel is None:
             continue
@@ -255,7 +241,7 @@ def _readers(view: GraphView, node: onnx.NodeProto) -> list[onnx.NodeProto] | No
         if params is None or _input_channels(view, reader) is None:
             return None
         if reader.op_type == "Gemm":  # alpha / beta 1 and a bias of one value per output (or one for all)
-            outputs = _output_channels(view, reader)
+            outputs = layer_output_channels(view, reader)
             if _attr_float(reader, "alpha", 1.0) != 1.0 or _attr_float(reader, "beta", 1.0) != 1.0:
                 return None
             if outputs is None or (params[1] is not None and params[1].size not in (1, outputs[1])):
