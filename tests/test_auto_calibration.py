@@ -24,8 +24,9 @@ from espquant.calibration.exponents import assign_exponents
 from espquant.calibration.plan import plan_calibration
 from espquant.cli import main
 from espquant.errors import QuantTableError
+from espquant.graph import scale_initializers
 from espquant.optimizer import optimize_model
-from espquant.optimizer.equalize import equalization_pairs, equalized_copy
+from espquant.optimizer.equalize import equalization_factors, equalization_pairs, equalized_copy
 from espquant.quant.profiles import get_target
 from espquant.simulator.lowering import build_quantized_model
 from espquant.simulator.simulate import simulate
@@ -666,3 +667,87 @@ def test_a_float_softmax_output_walks_its_logits():
         errors[method] = float(np.mean(np.abs(simulate(quantized, model, test, to_float=True)[0][0] - reference)))
         exponents[method] = table.exponents["logits"]
     assert exponents["auto"] < exponents["minmax"] and errors["auto"] < 0.8 * errors["minmax"]
+
+
+# --- what the search holds --------------------------------------------------------------------------------
+
+
+def test_the_float_reference_of_a_free_batch_runs_in_parts_with_the_values_of_one_run(demo, monkeypatch):
+    """``float_reference`` runs a free batch a few samples at a time (``REFERENCE_RUN_VALUES`` input values) into
+    one array per tensor: the values of one run, without onnxruntime's and numpy's copies of every activation of
+    every sample at once. A tensor without the samples first (a graph output of fixed shape) takes one run."""
+    model, calib, _ = demo
+    x = {model.graph.input[0].name: calib[:10]}
+    names = [n.output[0] for n in model.graph.node]
+    whole = auto_module.float_reference(model, names, x, ["CPUExecutionProvider"], 1)
+    runs = []
+    real = auto_module.create_session
+
+    class Counted:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, fetched, feeds):
+            runs.append(len(next(iter(feeds.values()))))
+            return self.session.run(fetched, feeds)
+
+    monkeypatch.setattr(auto_module, "create_session", lambda *args, **kwargs: Counted(real(*args, **kwargs)))
+    monkeypatch.setattr(auto_module, "REFERENCE_RUN_VALUES", 3 * 784)  # 3 digits a run
+    parts = auto_module.float_reference(model, names, x, ["CPUExecutionProvider"], 1)
+    assert runs == [3, 3, 3, 1]
+    assert parts.keys() == whole.keys() and all(np.array_equal(parts[k], whole[k]) for k in whole)
+
+    no_batch = onnx.ModelProto()
+    no_batch.CopyFrom(model)
+    shape = helper.make_node("Shape", [names[0]], ["shape_of"])
+    no_batch.graph.node.append(helper.make_node("Cast", ["shape_of"], ["shape_f"], to=onnx.TensorProto.FLOAT))
+    no_batch.graph.node.insert(len(no_batch.graph.node) - 1, shape)
+    runs.clear()
+    values = auto_module.float_reference(no_batch, [*names, "shape_f"], x, ["CPUExecutionProvider"], 1)
+    assert values["shape_f"].shape == (4,) and np.array_equal(values[names[-1]], whole[names[-1]])
+    assert runs == [3, 10]  # the first part showed a tensor without the samples first: one run of all
+
+
+def test_the_equalized_reference_is_the_plain_one_rescaled(rng):
+    """The equalized family's float values are the plain model's divided per channel (``_Rescaled``), made when
+    read instead of kept as a second copy: they match a float run of the equalized model to float32 rounding."""
+    model = _chain(rng, ["Relu"])
+    x = {"x": rng.normal(0.3, 1, (6, 3, 12, 12)).astype(np.float32)}
+    equalization = equalization_factors(model)
+    assert equalization.divisors
+    names = list(equalization.divisors)
+    plain = auto_module.float_reference(model, names, x, ["CPUExecutionProvider"], 1)
+    equalized = scale_initializers(model, equalization.factors)
+    direct = auto_module.float_reference(equalized, names, x, ["CPUExecutionProvider"], 1)
+    rescaled = auto_module._Rescaled(plain, equalization.divisors)
+    assert set(rescaled) == set(names)
+    for name in names:
+        assert rescaled[name].dtype == np.float32
+        np.testing.assert_allclose(
+            rescaled[name], direct[name], rtol=1e-5, atol=1e-6 * float(np.abs(direct[name]).max())
+        )
+
+
+def test_the_search_keeps_errors_not_simulated_values(demo, monkeypatch):
+    """Every table the search simulates leaves two numbers behind, not its simulated activations (those of 32
+    large images in double, per table, filled gigabytes); scoring takes a tensor's difference in place."""
+    model, calib, _ = demo
+    searches = []
+
+    class Recorded(auto_module._Search):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            searches.append(self)
+
+    monkeypatch.setattr(auto_module, "_Search", Recorded)
+    calibrate_model(model, calib[:96], 8, "per-tensor", "auto")
+    (search,) = searches
+    assert search.cache
+    for scores in search.cache.values():
+        assert scores is None or (
+            isinstance(scores[0], float) and all(isinstance(e, float) for e in scores[1].values())
+        )
+    simulated = np.random.default_rng(0).normal(size=(4, 5))
+    reference = simulated.astype(np.float32) + 0.25
+    expected = float(np.mean(np.square(simulated - reference.astype(np.float64)))) / 2.0
+    assert auto_module._relative_error(simulated.copy(), reference, 2.0) == pytest.approx(expected, rel=1e-12)

@@ -61,9 +61,9 @@ agreement with float 55-69 %), the absolute error takes it to -3 (84 %); no clas
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +123,7 @@ MIN_SIMULATIONS = 8  # the fixed methods' four tables, bias correction, and a fe
 # Simulated samples per calibration sample: the search's budget grows with the calibration set, so its cost
 # stays a bounded multiple of the calibration pass (the simulator costs a few float passes per sample).
 SIMULATED_SHARE = 1.0
+REFERENCE_RUN_VALUES = 1 << 20  # input values per onnxruntime run of ``float_reference`` (4 MB of float32)
 RUN_VALUES = 1 << 20  # values of the largest activation one simulated run holds (``samples_per_run``: 4 MB of float32)
 
 
@@ -140,6 +141,7 @@ def simulation_budget(calibration_samples: int, search_samples: int) -> int:
 
 
 TINY = 1e-30
+_UNSEEN = object()  # a table not simulated yet (``_Search.errors``)
 
 
 @dataclass
@@ -173,19 +175,46 @@ class _Variant:
     rounded: int = 0
     equalization: Equalization | None = None  # applied to ``model``
     # The float values of the tensors equalization rescales (the search's reference holds the plain model's).
-    reference: dict[str, np.ndarray] = field(default_factory=dict)
+    reference: Mapping[str, np.ndarray] = field(default_factory=dict)
+    _powers: dict[str, float] = field(default_factory=dict, repr=False)
 
-    @functools.cached_property
-    def power(self) -> dict[str, float]:
-        """The mean square of each of ``reference``'s tensors, computed once (every layer-wise trial reads it)."""
-        return {name: _power(values) for name, values in self.reference.items()}
+    def power(self, tensor: str) -> float:
+        """The mean square of ``reference[tensor]``, computed once (every layer-wise trial of it reads it)."""
+        if tensor not in self._powers:
+            self._powers[tensor] = _power(self.reference[tensor])
+        return self._powers[tensor]
+
+
+class _Rescaled(Mapping[str, np.ndarray]):
+    """The float values of the tensors equalization rescales, from the plain model's: each channel (axis 1, the
+    channels of a Conv pair) divided by its divisor, as equalization divides it (exactly, in real arithmetic),
+    made when read. Not a second copy of every activation of the search samples: on MediaPipe's 224x224 hand
+    landmarks that was another gigabyte, and a float pass of the equalized model exposing them all."""
+
+    def __init__(self, plain: Mapping[str, np.ndarray], divisors: dict[str, np.ndarray]) -> None:
+        self.plain = plain
+        self.divisors = {name: divisor for name, divisor in divisors.items() if name in plain}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        values = self.plain[name]
+        divisor = np.asarray(self.divisors[name], dtype=np.float64).reshape(1, -1, *[1] * (values.ndim - 2))
+        return (values / divisor).astype(np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.divisors)
+
+    def __len__(self) -> int:
+        return len(self.divisors)
 
 
 def _relative_error(simulated: np.ndarray, reference: np.ndarray, power: float) -> float:
-    """Mean squared error over the float values' mean square (``power``, computed once per tensor)."""
+    """Mean squared error over the float values' mean square (``power``, computed once per tensor). The
+    difference is taken in place in ``simulated`` when that is a double array (the caller's own, read no more):
+    a second array of an activation's size in double is a large model's biggest allocation here."""
     if not reference.size:
         return 0.0
-    difference = np.subtract(simulated, reference, dtype=np.float64)
+    scratch = simulated if simulated.dtype == np.float64 and simulated.flags.writeable else None
+    difference = np.subtract(simulated, reference, out=scratch, dtype=np.float64)
     return float(np.vdot(difference, difference).real) / difference.size / max(power, TINY)
 
 
@@ -209,11 +238,31 @@ def _power(values: np.ndarray) -> float:
 def float_reference(
     model: onnx.ModelProto, names: Sequence[str], samples: Batch, providers: Sequence[str], threads: int | None
 ) -> dict[str, np.ndarray]:
-    """The float model's values of ``names`` on ``samples`` (onnxruntime, in the runs the model takes)."""
+    """The float model's values of ``names`` on ``samples`` (onnxruntime, in the runs the model takes; a free
+    batch in runs of ``REFERENCE_RUN_VALUES`` input values, written into one array per tensor: one run of 32
+    224x224 images exposing every activation held them twice, onnxruntime's and numpy's)."""
     fetched = [n for n in dict.fromkeys(names) if n not in samples]
     session = create_session(_exposing(model, fetched), list(providers), threads, what="the model for auto calibration")
-    values = Chunking.of(model).run(lambda feeds: session.run(fetched, feeds), samples, "the search samples")
-    return {**dict(zip(fetched, values)), **{n: v for n, v in samples.items() if n in names}}
+    kept = {n: v for n, v in samples.items() if n in names}
+    chunking = Chunking.of(model)
+    sizes = {len(v) for v in samples.values()}
+    per_sample = sum(int(np.prod(np.shape(v)[1:])) for v in samples.values())
+    step = max(2, REFERENCE_RUN_VALUES // max(per_sample, 1))  # 2: a tensor without the samples first shows
+    if chunking.fixed is not None or len(sizes) != 1 or step >= min(sizes):
+        values = chunking.run(lambda feeds: session.run(fetched, feeds), samples, "the search samples")
+        return {**dict(zip(fetched, values)), **kept}
+    total = sizes.pop()
+    joined: dict[str, np.ndarray] = {}
+    for start in range(0, total, step):
+        part = session.run(fetched, {k: v[start : start + step] for k, v in samples.items()})
+        count = min(step, total - start)
+        if any(np.ndim(value) == 0 or len(value) != count for value in part):  # not the samples first: one run
+            return {**dict(zip(fetched, session.run(fetched, samples))), **kept}
+        for name, value in zip(fetched, part):
+            if name not in joined:
+                joined[name] = np.empty((total, *value.shape[1:]), value.dtype)
+            joined[name][start : start + count] = value
+    return joined | kept
 
 
 def samples_per_run(model: onnx.ModelProto, reference: dict[str, np.ndarray]) -> int | None:
@@ -272,7 +321,7 @@ def simulated_values(
         lowering_log.setLevel(level)
 
 
-def channel_means(values: dict[str, np.ndarray], tensors: Sequence[str]) -> dict[str, np.ndarray]:
+def channel_means(values: Mapping[str, np.ndarray], tensors: Sequence[str]) -> dict[str, np.ndarray]:
     """Mean of every channel of each layer input: axis 1 of a Conv input (rank >= 3), the last of a Gemm's."""
     means = {}
     for name in tensors:
@@ -311,7 +360,9 @@ class _Search:
         self.magnitude = {name: _magnitude(reference[name]) for name in outputs}
         self.fixed = dict(plan.fixed)
         self.per_run = per_run  # samples per simulated run (``samples_per_run``)
-        self.cache: dict[tuple, dict[str, np.ndarray] | None] = {}
+        self.outputs = outputs
+        # table -> (outputs' error, {tensor: its error}) of its simulation, None for a table the lowering refuses
+        self.cache: dict[tuple, tuple[float, dict[str, float]] | None] = {}
         self.evaluations = 0
 
     def table(self, variant: _Variant, observed: dict[str, int]) -> QuantTable:
@@ -330,44 +381,50 @@ class _Search:
         )
         return QuantTable(assignment.exponents, {"bits": self.bits, "int16_layers": self.int16})
 
-    def simulate(
-        self, variant: _Variant, observed: dict[str, int], tensor: str | None = None
-    ) -> dict[str, np.ndarray] | None:
-        """The dequantized simulated outputs (and ``tensor``); None when the lowering refuses the table.
+    def errors(self, variant: _Variant, observed: dict[str, int], tensor: str | None = None) -> tuple[float, float]:
+        """The outputs' error of the table these exponents make and, when asked, ``tensor``'s (0 without one, or
+        for a tensor the integer model does not hold); both infinite when the lowering refuses the table.
 
         Only what is scored is fetched: exposing every activation would keep onnxruntime from fusing the
-        compiled segments and cost a copy of each."""
+        compiled segments and cost a copy of each. Only the errors are kept, by table: the simulated values of
+        every table tried (an activation of 32 samples each, in double) filled gigabytes on 640x640 inputs."""
         table = self.table(variant, observed)
         key = (id(variant), tensor, tuple(sorted((k, repr(v)) for k, v in table.exponents.items())))
-        if key in self.cache:
-            return self.cache[key]
-        plain_key = (key[0], None, key[2])
-        cached = self.cache.get(plain_key)
-        if tensor is not None and plain_key in self.cache and (cached is None or tensor in cached):
-            return cached
-        self.evaluations += 1
-        extra = [tensor] if tensor else []
-        result = simulated_values(variant.model, table, self.profile, self.bits, self.samples, extra, self.per_run)
-        self.cache[key] = result
-        return result
+        scores = self.cache.get(key, _UNSEEN)
+        if scores is _UNSEEN:
+            plain = self.cache.get((key[0], None, key[2]), _UNSEEN)
+            if tensor is not None and plain is not _UNSEEN and (plain is None or tensor in plain[1]):
+                scores = plain
+        if scores is _UNSEEN:
+            self.evaluations += 1
+            extra = [tensor] if tensor else []
+            values = simulated_values(variant.model, table, self.profile, self.bits, self.samples, extra, self.per_run)
+            scores = None if values is None else self._scores(values, variant)
+            self.cache[key] = scores
+        if scores is None:
+            return float("inf"), float("inf")
+        return scores[0], scores[1].get(tensor, 0.0) if tensor is not None else 0.0
 
-    def output_error(self, values: dict[str, np.ndarray] | None, outputs: Sequence[str]) -> float:
-        if values is None:
-            return float("inf")
-        return float(np.mean([_relative_deviation(values[o], self.reference[o], self.magnitude[o]) for o in outputs]))
+    def error(self, variant: _Variant, observed: dict[str, int]) -> float:
+        """The outputs' error of the table these exponents make (``errors``)."""
+        return self.errors(variant, observed)[0]
 
-    def tensor_error(self, values: dict[str, np.ndarray] | None, tensor: str, variant: _Variant) -> float:
-        if values is None:
-            return float("inf")
-        reference = variant.reference.get(tensor, self.reference.get(tensor))
-        if tensor not in values or reference is None:
+    def _scores(self, values: dict[str, np.ndarray], variant: _Variant) -> tuple[float, dict[str, float]]:
+        """The outputs' error and each simulated tensor's, the outputs' first (a tensor's error may take its
+        difference in place: ``_relative_error``)."""
+        deviations = [_relative_deviation(values[o], self.reference[o], self.magnitude[o]) for o in self.outputs]
+        return float(np.mean(deviations)), {name: self._tensor_error(values, name, variant) for name in values}
+
+    def _tensor_error(self, values: dict[str, np.ndarray], tensor: str, variant: _Variant) -> float:
+        if tensor in variant.reference:
+            return _relative_error(values[tensor], variant.reference[tensor], variant.power(tensor))
+        if tensor not in self.reference:
             return 0.0
-        power = variant.power[tensor] if tensor in variant.reference else self.power[tensor]
-        return _relative_error(values[tensor], reference, power)
+        return _relative_error(values[tensor], self.reference[tensor], self.power[tensor])
 
-    def reference_of(self, variant: _Variant) -> dict[str, np.ndarray]:
+    def reference_of(self, variant: _Variant) -> Mapping[str, np.ndarray]:
         """The float values of ``variant``'s model: the plain model's, with what equalization rescales."""
-        return self.reference | variant.reference if variant.reference else self.reference
+        return ChainMap(variant.reference, self.reference) if variant.reference else self.reference
 
 
 def _candidates(
@@ -395,9 +452,9 @@ def _layerwise(
         scores = []
         for exponent in options[name]:
             trial = current | {name: exponent}
-            values = search.simulate(variant, trial, name)
-            scores.append((search.tensor_error(values, name, variant), -exponent))
-            _remember(best, search.output_error(values, outputs), trial)
+            output_error, tensor_error = search.errors(variant, trial, name)
+            scores.append((tensor_error, -exponent))
+            _remember(best, output_error, trial)
         current[name] = -min(scores)[1]
 
 
@@ -420,7 +477,7 @@ def _greedy(
                 if search.evaluations >= budget:
                     return
                 trial = best[1] | {name: best[1][name] + step}
-                if _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+                if _remember(best, search.error(variant, trial), trial):
                     moved = True
                     break
         if not moved:
@@ -477,14 +534,14 @@ def _walk_weights(
         if search.evaluations >= stop:
             break
         trial = best[1] | {w: start - min(step, weights[w]) for w, start in starts.items()}
-        if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+        if not _remember(best, search.error(variant, trial), trial):
             break
     for weight, start in starts.items():  # then each on its own, further down
         for exponent in range(best[1].get(weight, start) - 1, start - weights[weight] - 1, -1):
             if search.evaluations >= stop:
                 break
             trial = best[1] | {weight: exponent}
-            if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+            if not _remember(best, search.error(variant, trial), trial):
                 break
     return {w: best[1][w] - start for w, start in starts.items() if best[1].get(w, start) != start}
 
@@ -558,7 +615,7 @@ def _walk_heads(
                 edge += step
                 trial = best[1] | {t: limit(best[1][t], edge) for t in head}
                 tried += 1
-                if not _remember(best, search.output_error(search.simulate(variant, trial), outputs), trial):
+                if not _remember(best, search.error(variant, trial), trial):
                     break
                 moved = True
             if moved:  # a head that got finer is not tried coarser
@@ -582,7 +639,7 @@ def _refined(
     best = [error, dict(observed)]
     current = dict(observed)
     _layerwise(search, variant, order, options, current, outputs, best, stop)
-    _remember(best, search.output_error(search.simulate(variant, current), outputs), current)
+    _remember(best, search.error(variant, current), current)
     _greedy(search, variant, order, outputs, best, greedy_passes, stop)
     return best
 
@@ -652,8 +709,7 @@ def _equalized(
     if equalization is None or not equalization.factors:
         return None
     equalized = scale_initializers(model, equalization.factors)
-    rescaled = list(equalization.divisors)
-    values = float_reference(equalized, [*rescaled, *outputs], search.samples, providers, threads)
+    values = float_reference(equalized, outputs, search.samples, providers, threads)
     for output in outputs:
         reference = search.reference[output]
         change = float(np.max(np.abs(values[output] - reference), initial=0.0))
@@ -667,7 +723,7 @@ def _equalized(
             shift = exponent_for_max_abs(top, width(name)) - candidates[name]["minmax"]
             moved[name] = {method: exponent + shift for method, exponent in candidates[name].items()}
     plan = plan_calibration(equalized)
-    rescaled_values = {t: values[t] for t in rescaled if t in values}
+    rescaled_values = _Rescaled(search.reference, equalization.divisors)
     variants = {
         w: _Variant(equalized, plan, w, equalization=equalization, reference=rescaled_values) for w in ("minmax", "mse")
     }
@@ -739,7 +795,7 @@ def search_exponents(
         for method in OBSERVER_METHODS:
             observed = {name: c.get(method, c["minmax"]) for name, c in family_candidates.items()}
             variant = bases["mse" if method == "mse" else "minmax"]
-            error = search.output_error(search.simulate(variant, observed), outputs)
+            error = search.error(variant, observed)
             starts.append((error, family, OBSERVER_METHODS.index(method), variant, observed))
     minmax_error = starts[0][0]
     first = min(starts, key=lambda s: s[:3])[0]
@@ -754,7 +810,7 @@ def search_exponents(
             continue
         if bias_correction:
             corrected = _corrected(search, variant, observed, layer_inputs, variant.weight_method)
-            corrected_error = search.output_error(search.simulate(corrected, observed), outputs) if corrected else error
+            corrected_error = search.error(corrected, observed) if corrected else error
             if corrected is not None and corrected_error < error:
                 variant, error = corrected, corrected_error
         stop = search.evaluations + max(max_simulations - len(OBSERVER_METHODS), 0)  # each family's own share
@@ -768,7 +824,7 @@ def search_exponents(
     error, chosen = best
     if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
         rounded = _rounded(search, bases[variant.weight_method], chosen, layer_inputs)
-        rounded_error = search.output_error(search.simulate(rounded, chosen), outputs) if rounded else error
+        rounded_error = search.error(rounded, chosen) if rounded else error
         logger.info("weight rounding: output error %.4g (nearest rounding %.4g)", rounded_error, error)
         if rounded is not None and rounded_error < error:
             variant, error = rounded, rounded_error

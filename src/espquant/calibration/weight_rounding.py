@@ -24,6 +24,7 @@ chip's rounding gives back ``q``) and whose biases hold the correction; its tabl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,7 +151,7 @@ def rounded_weight_model(
     model: onnx.ModelProto,
     plan: CalibrationPlan,
     exponents: dict[str, int | list[int]],
-    float_inputs: dict[str, np.ndarray],
+    float_inputs: Mapping[str, np.ndarray],
     simulated_inputs: dict[str, np.ndarray],
     bits_of: dict[str, int],
 ) -> tuple[onnx.ModelProto, RoundingStats]:
