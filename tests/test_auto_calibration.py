@@ -696,6 +696,13 @@ def test_the_float_reference_of_a_free_batch_runs_in_parts_with_the_values_of_on
     parts = auto_module.float_reference(model, names, x, ["CPUExecutionProvider"], 1)
     assert runs == [3, 3, 3, 1]
     assert parts.keys() == whole.keys() and all(np.array_equal(parts[k], whole[k]) for k in whole)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    runs.clear()
+    parts = auto_module.float_reference(fixed, names, x, ["CPUExecutionProvider"], 1)
+    assert runs == [2] * 5  # a fixed batch: runs of B, whatever REFERENCE_RUN_VALUES says
+    assert all(np.array_equal(parts[k], whole[k]) for k in whole)
 
     no_batch = onnx.ModelProto()
     no_batch.CopyFrom(model)

@@ -238,26 +238,33 @@ def _power(values: np.ndarray) -> float:
 def float_reference(
     model: onnx.ModelProto, names: Sequence[str], samples: Batch, providers: Sequence[str], threads: int | None
 ) -> dict[str, np.ndarray]:
-    """The float model's values of ``names`` on ``samples`` (onnxruntime, in the runs the model takes; a free
-    batch in runs of ``REFERENCE_RUN_VALUES`` input values, written into one array per tensor: one run of 32
-    224x224 images exposing every activation held them twice, onnxruntime's and numpy's)."""
+    """The float model's values of ``names`` on ``samples`` (onnxruntime), run a few samples at a time (a free
+    batch: ``REFERENCE_RUN_VALUES`` input values a run; a fixed batch B: B) and written into one array per
+    tensor. One run of 32 224x224 images exposing every activation held each twice, onnxruntime's and numpy's;
+    so did joining 32 single-image runs. A tensor without the samples first takes the runs the model takes
+    (``Chunking.run``)."""
     fetched = [n for n in dict.fromkeys(names) if n not in samples]
     session = create_session(_exposing(model, fetched), list(providers), threads, what="the model for auto calibration")
     kept = {n: v for n, v in samples.items() if n in names}
     chunking = Chunking.of(model)
-    sizes = {len(v) for v in samples.values()}
-    per_sample = sum(int(np.prod(np.shape(v)[1:])) for v in samples.values())
-    step = max(2, REFERENCE_RUN_VALUES // max(per_sample, 1))  # 2: a tensor without the samples first shows
-    if chunking.fixed is not None or len(sizes) != 1 or step >= min(sizes):
+
+    def in_model_runs() -> dict[str, np.ndarray]:
         values = chunking.run(lambda feeds: session.run(fetched, feeds), samples, "the search samples")
         return {**dict(zip(fetched, values)), **kept}
+
+    sizes = {len(v) for v in samples.values()}
+    per_sample = sum(int(np.prod(np.shape(v)[1:])) for v in samples.values())
+    step = chunking.fixed or max(2, REFERENCE_RUN_VALUES // max(per_sample, 1))  # 2: a tensor without samples shows
+    if len(sizes) != 1 or step >= min(sizes):
+        return in_model_runs()
     total = sizes.pop()
+    chunking.check_total(total, "the search samples")
     joined: dict[str, np.ndarray] = {}
     for start in range(0, total, step):
         part = session.run(fetched, {k: v[start : start + step] for k, v in samples.items()})
         count = min(step, total - start)
-        if any(np.ndim(value) == 0 or len(value) != count for value in part):  # not the samples first: one run
-            return {**dict(zip(fetched, session.run(fetched, samples))), **kept}
+        if any(np.ndim(value) == 0 or len(value) != count for value in part):
+            return in_model_runs()
         for name, value in zip(fetched, part):
             if name not in joined:
                 joined[name] = np.empty((total, *value.shape[1:]), value.dtype)
