@@ -188,17 +188,23 @@ class _Variant:
 class _Rescaled(Mapping[str, np.ndarray]):
     """The float values of the tensors equalization rescales, from the plain model's: each channel (axis 1, the
     channels of a Conv pair) divided by its divisor, as equalization divides it (exactly, in real arithmetic),
-    made when read. Not a second copy of every activation of the search samples: on MediaPipe's 224x224 hand
-    landmarks that was another gigabyte, and a float pass of the equalized model exposing them all."""
+    made when read (the last one kept: the layer-wise stage reads one tensor for each of its candidates). Not a
+    second copy of every activation of the search samples: on MediaPipe's 224x224 hand landmarks that was another
+    gigabyte, and a float pass of the equalized model exposing them all."""
 
     def __init__(self, plain: Mapping[str, np.ndarray], divisors: dict[str, np.ndarray]) -> None:
         self.plain = plain
         self.divisors = {name: divisor for name, divisor in divisors.items() if name in plain}
+        self._last: tuple[str, np.ndarray] | None = None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
         values = self.plain[name]
         divisor = np.asarray(self.divisors[name], dtype=np.float64).reshape(1, -1, *[1] * (values.ndim - 2))
-        return (values / divisor).astype(np.float32)
+        rescaled = (values / divisor).astype(np.float32)
+        self._last = (name, rescaled)
+        return rescaled
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.divisors)
