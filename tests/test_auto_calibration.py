@@ -675,7 +675,7 @@ def test_a_float_softmax_output_walks_its_logits():
 def test_the_float_reference_of_a_free_batch_runs_in_parts_with_the_values_of_one_run(demo, monkeypatch):
     """``float_reference`` runs a free batch a few samples at a time (``REFERENCE_RUN_VALUES`` input values) into
     one array per tensor: the values of one run, without onnxruntime's and numpy's copies of every activation of
-    every sample at once. A tensor without the samples first (a graph output of fixed shape) takes one run."""
+    every sample at once. A tensor without the samples first (a shape computed in the graph) takes one run."""
     model, calib, _ = demo
     x = {model.graph.input[0].name: calib[:10]}
     names = [n.output[0] for n in model.graph.node]
