@@ -454,7 +454,6 @@ def _layerwise(
     order: list[str],
     options: dict[str, list[int]],
     current: dict[str, int],
-    outputs: Sequence[str],
     best: list,
     budget: int,
 ) -> None:
@@ -479,9 +478,7 @@ def _remember(best: list, error: float, observed: dict[str, int]) -> bool:
     return False
 
 
-def _greedy(
-    search: _Search, variant: _Variant, order: list[str], outputs: Sequence[str], best: list, passes: int, budget: int
-) -> None:
+def _greedy(search: _Search, variant: _Variant, order: list[str], best: list, passes: int, budget: int) -> None:
     """Stage 2: +-1 moves per tensor kept when the outputs' error drops."""
     for _ in range(passes):
         moved = False
@@ -533,9 +530,7 @@ def spread_weights(plan: CalibrationPlan, model: onnx.ModelProto, widths: dict[s
     return {t: min(WEIGHT_STEPS, int(np.log2(spreads[t]))) for t in ordered}
 
 
-def _walk_weights(
-    search: _Search, variant: _Variant, weights: dict[str, int], outputs: Sequence[str], best: list
-) -> dict[str, int]:
+def _walk_weights(search: _Search, variant: _Variant, weights: dict[str, int], best: list) -> dict[str, int]:
     """Stage 4: the widely spread per-tensor weights (``spread_weights``) step their exponents down from the
     ones their weight method gives, first all together (each at most its own steps), then each on its own,
     while the outputs' error drops; at most ``MAX_WEIGHT_SIMULATIONS`` simulations in all. Returns weight ->
@@ -610,9 +605,7 @@ def output_heads(model: onnx.ModelProto, outputs: Sequence[str], searched: set[s
     return heads
 
 
-def _walk_heads(
-    search: _Search, variant: _Variant, heads: dict[str, list[str]], outputs: Sequence[str], best: list
-) -> None:
+def _walk_heads(search: _Search, variant: _Variant, heads: dict[str, list[str]], best: list) -> None:
     """Stage 3: each head's exponent steps down (its coarsest members first), then up, while the error drops;
     at most ``HEAD_STEPS`` trials per head and ``MAX_HEAD_SIMULATIONS`` simulations in all (a model with
     many outputs walks the first ones)."""
@@ -642,7 +635,6 @@ def _refined(
     candidates: dict[str, dict[str, int]],
     observed: dict[str, int],
     error: float,
-    outputs: Sequence[str],
     greedy_passes: int,
     stop: int,
 ) -> list:
@@ -651,9 +643,9 @@ def _refined(
     options = {name: sorted(set(c.values()), reverse=True) for name, c in candidates.items()}
     best = [error, dict(observed)]
     current = dict(observed)
-    _layerwise(search, variant, order, options, current, outputs, best, stop)
+    _layerwise(search, variant, order, options, current, best, stop)
     _remember(best, search.error(variant, current), current)
-    _greedy(search, variant, order, outputs, best, greedy_passes, stop)
+    _greedy(search, variant, order, best, greedy_passes, stop)
     return best
 
 
@@ -693,7 +685,7 @@ def _validated(
 def _validation_error(
     values: dict[str, np.ndarray], reference: dict[str, np.ndarray], magnitude: dict[str, float], outputs: list[str]
 ) -> float:
-    """The outputs' error (as ``_Search.output_error``) against another set of samples' float values."""
+    """The outputs' error (as ``_Search.errors``) against another set of samples' float values."""
     return float(np.mean([_relative_deviation(values[o], reference[o], magnitude[o]) for o in outputs]))
 
 
@@ -827,13 +819,13 @@ def search_exponents(
             if corrected is not None and corrected_error < error:
                 variant, error = corrected, corrected_error
         stop = search.evaluations + max(max_simulations - len(OBSERVER_METHODS), 0)  # each family's own share
-        best = _refined(search, variant, order, family_candidates, observed, error, outputs, greedy_passes, stop)
+        best = _refined(search, variant, order, family_candidates, observed, error, greedy_passes, stop)
         searched.append((best[0], family, variant, best))
     _, family, variant, best = _validated(search, searched, validation, outputs, probabilities, providers, threads)
     bases, candidates = families[family]
-    _walk_heads(search, variant, output_heads(model, outputs, set(order)), outputs, best)
+    _walk_heads(search, variant, output_heads(model, outputs, set(order)), best)
     spread = {} if per_channel else spread_weights(variant.plan, variant.model, widths, bits)  # per-channel: own
-    narrowed = _walk_weights(search, variant, spread, outputs, best)
+    narrowed = _walk_weights(search, variant, spread, best)
     error, chosen = best
     if weight_rounding:  # the plain model's weights rounded for the chosen exponents: kept when it measures better
         rounded = _rounded(search, bases[variant.weight_method], chosen, layer_inputs)
