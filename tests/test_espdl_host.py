@@ -348,14 +348,10 @@ def test_espressif_runtime_reproduces_the_exported_file(name, bits, tmp_path):
     data = {name: rng.normal(0, 1.5, shape).astype(np.float32) for name, shape in shapes.items()}
     feeds = data if len(data) > 1 else next(iter(data.values()))
     table = Calibrator(f"int{bits}").calibrate(model, feeds).table
-    for target, (binary, extra) in RUNNERS.items():
+    for target in RUNNERS:
         if target in C_ONLY.get(name, set()):
             continue
-        evaluator = Evaluator(f"int{bits}", "per-tensor", target)
-        evaluator.generate_quantized_model(model, table)
-        path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=feeds)
-        result = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"{name} int{bits} {target}:\n{result.stdout[-1500:]}{result.stderr[-500:]}"
+        _runs_on_the_runtime(model, table, "per-tensor", target, feeds, tmp_path, bits, f"{name} int{bits} {target}")
 
 
 @needs_host
@@ -386,12 +382,7 @@ def test_espressif_runtime_runs_a_saturated_depthwise_weight_as_simulated(tmp_pa
     result = calibrate_model(model, data, 8, "per-tensor", "auto")
     assert result.table.metadata["auto"]["narrowed_weights"], "the walk should narrow the depthwise weight"
     for target in ("esp32c3", "esp32s3"):
-        binary, extra = RUNNERS[target]
-        evaluator = Evaluator("int8", "per-tensor", target)
-        evaluator.generate_quantized_model(result.model, result.table)
-        path = evaluator.export_espdl(tmp_path / f"{target}.espdl", test_inputs=data[:1])
-        run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-        assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+        _runs_on_the_runtime(result.model, result.table, "per-tensor", target, data[:1], tmp_path)
 
 
 @needs_host
@@ -410,14 +401,15 @@ def test_espressif_runtime_runs_the_weights_equalization_gives(granularity, targ
         _runs_on_the_runtime(model, result.table, granularity, target, data[:1], tmp_path)
 
 
-def _runs_on_the_runtime(model, table, granularity, target, sample, folder):
-    """Export an int8 ``.espdl`` for ``target`` with ``sample`` embedded; ESP-DL's runtime must compute its outputs."""
+def _runs_on_the_runtime(model, table, granularity, target, sample, folder, bits=8, what=None):
+    """Export an ``int{bits}`` ``.espdl`` for ``target`` with ``sample`` embedded; ESP-DL's runtime must compute its
+    outputs (``what`` names the case in the failure message, default the target)."""
     binary, extra = RUNNERS[target]
-    evaluator = Evaluator("int8", granularity, target)
+    evaluator = Evaluator(f"int{bits}", granularity, target)
     evaluator.generate_quantized_model(model, table)
     path = evaluator.export_espdl(folder / f"{target}.espdl", test_inputs=sample)
     run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"{target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+    assert run.returncode == 0, f"{what or target}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
 
 
 @needs_host
@@ -444,12 +436,7 @@ def test_espressif_runtime_runs_a_prelu_with_a_finer_output_on_a_plain_c_chip(bi
     data = rng.normal(0, 1, (128, 4, 6, 6)).astype(np.float32)
     result = calibrate_model(model, data, bits, "per-tensor", "auto")
     assert result.table.exponents["y"] < result.table.exponents["a"]
-    binary, extra = RUNNERS["esp32c3"]
-    evaluator = Evaluator(f"int{bits}", "per-tensor", "esp32c3")
-    evaluator.generate_quantized_model(result.model, result.table)
-    path = evaluator.export_espdl(tmp_path / "c3.espdl", test_inputs=data[:1])
-    run = subprocess.run([str(HOST / binary), str(path), *extra], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, f"int{bits}:\n{run.stdout[-1500:]}{run.stderr[-500:]}"
+    _runs_on_the_runtime(result.model, result.table, "per-tensor", "esp32c3", data[:1], tmp_path, bits, f"int{bits}")
 
 
 @needs_host
