@@ -49,7 +49,7 @@ from onnx import TensorProto, helper, numpy_helper
 from espquant.ops.broadcast import merged_broadcast_shapes
 from espquant.quant.pot import EXACT_FLOAT32, EXACT_FLOAT64, qmax, qmin, simd_lanes
 from espquant.runtime import runner
-from espquant.simulator import kernels, lanes, native
+from espquant.simulator import kernels, lanes, libm, native
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 from espquant.simulator.layout import SAME_SHAPE
 
@@ -437,18 +437,30 @@ def _native_product(b: _Builder, node: QNode, shift: int) -> None:
 
 
 def _lower_softmax(b: _Builder, node: QNode) -> None:
-    """An int8 Softmax as a native step (``native.softmax_int8``: the interpreter's exp table, its sequential
-    float32 sum and division); other widths and float inputs stay in the interpreter."""
+    """An int8 / int16 Softmax to float32 probabilities, as ``kernels.softmax_float`` computes them: each exp a
+    lookup, the sum CumSum's (onnxruntime adds along the axis strictly in order, as ``np.add.accumulate``), its
+    last element the total, one float32 division. int8 looks up ``x`` itself (the exp table, no max subtracted);
+    int16 subtracts the max first, and ``(x - max) * 2**e`` is exact in float32 (an integer of 17 bits times a power
+    of two), so its exp is a table over the 65,536 differences. One node run of the graph instead of a step of its
+    own between two segments (a classifier's head at batch 1 paid more for the break than for the Softmax)."""
     m, source = b.model, node.inputs[0]
-    if not (NATIVE and native.AVAILABLE) or source in m.float_tensors or m.width(source) != 8:
-        raise _Refused("Softmax beyond int8")
-    b.integer_activation(source)
     exponent = m.exponents.get(source)
-    if not isinstance(exponent, int):
-        raise _Refused("per-channel exponents")
-    table, axis = kernels.softmax_table(exponent), int(node.attrs.get("axis", -1))
-    kernel = functools.partial(native.softmax_int8, table=table, axis=axis)
-    b.pending = (_NativeStep(node, (source,), node.outputs[0], kernel, integers=False), lambda _: None)
+    if source in m.float_tensors or node.outputs[0] not in m.float_tensors or not isinstance(exponent, int):
+        raise _Refused("a float input, an integer output or per-channel exponents")
+    width = m.width(source)
+    x, axis, hint = b.use(source), int(node.attrs.get("axis", -1)), node.outputs[0]
+    if width == 8:
+        exps = b.fresh("exp")
+        _gather(b, kernels.softmax_table(exponent), x, qmin(8), exps)
+    elif width == 16:
+        below = b.op("Sub", [x, b.op("ReduceMax", [x], axes=[axis], keepdims=1)])  # -65535 ... 0
+        table = libm.expf((-np.arange(1 << 16, dtype=np.float64) * 2.0**exponent).astype(F32))  # exp(-k 2**e)
+        exps = _gather_rolled(b, np.roll(table[::-1], 1), below, b.fresh("exp"))  # index -k reads exp(-k 2**e)
+    else:
+        raise _Refused("Softmax beyond int16")
+    running = b.op("CumSum", [exps, b.const(axis, hint, np.int64)])
+    total = b.op("Gather", [running, b.const([-1], hint, np.int64)], axis=axis)
+    b.op("Div", [exps, total], hint)
 
 
 def _with_constant(product: native.Product, constant: np.ndarray, first: bool, x: np.ndarray) -> np.ndarray:
@@ -969,9 +981,15 @@ def _gather(b: _Builder, table: np.ndarray, x: str, lowest: int, output: str) ->
     lookup it may run on onnxruntime's blocked tensors (a constant shape could be a Reshape of the plane that
     onnxruntime merged into this one)."""
     assert table.size == -2 * lowest
+    _gather_rolled(b, np.roll(table, lowest), x, output)
+
+
+def _gather_rolled(b: _Builder, rolled: np.ndarray, x: str, output: str) -> str:
+    """``rolled[x]`` for integers ``x`` in ``[-rolled.size, rolled.size)`` (negative ones count from the end), in
+    ``x``'s shape: :func:`_gather`'s lookup."""
     index = b.op("Reshape", [b.op("Cast", [x], to=TensorProto.INT32), b.const(np.array([-1]), "flat", np.int64)])
-    looked_up = b.op("GatherElements", [b.const(np.roll(table, lowest), output), index], axis=0)
-    b.op("Reshape", [looked_up, b.op("Shape", [x])], output)
+    looked_up = b.op("GatherElements", [b.const(rolled, output), index], axis=0)
+    return b.op("Reshape", [looked_up, b.op("Shape", [x])], output)
 
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
@@ -1468,6 +1486,7 @@ class _Segment:
     nodes: int
     doubles: frozenset[str] = frozenset()  # inputs fed as double (exact int16 sums handed on by a rail step)
     internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
+    floats: frozenset[str] = frozenset()  # float outputs (a Softmax's probabilities), never made integers
     proto: onnx.ModelProto | None = None  # the graph, until its session runs on blocked tensors (layout.py)
     threads: int | None = None
     run: Callable[[list[str], dict[str, Any]], list[Any]] = field(init=False, repr=False)  # runtime.runner
@@ -1487,8 +1506,8 @@ class _Segment:
 
     @functools.cached_property
     def handed_on(self) -> list[str]:
-        """The outputs later steps read as integers (not the sums and flags only a rail step reads)."""
-        return [name for name in self.outputs if name not in self.internal]
+        """The outputs later steps read as integers (not the sums and flags only a rail step reads, nor floats)."""
+        return [name for name in self.outputs if name not in self.internal and name not in self.floats]
 
     @functools.cached_property
     def fetches(self) -> list[str]:
@@ -1540,7 +1559,6 @@ class _NativeStep:
     fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
     table: np.ndarray | None = None  # the activation after it, as a table from the lowest value of its width
     lowest: int = 0
-    integers: bool = True  # False: the output holds floats (a Softmax's probabilities), never made int64
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         values = self.kernel(*(_as_f32(env[name]) for name in self.inputs))
@@ -1612,8 +1630,7 @@ class CompiledProgram:
                 continue
             if isinstance(step, _NativeStep):
                 step.run(env)
-                if step.integers:
-                    from_segments.add(step.output)
+                from_segments.add(step.output)
                 continue
             if isinstance(step, _Segment):
                 feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
@@ -1854,8 +1871,6 @@ def compile_program(
         if outside:
             native_step = steps[-1]
             assert isinstance(native_step, _NativeStep)
-            if not native_step.integers:
-                continue
             if follower is not None:
                 native_step.absorb(follower)
                 absorbed[id(follower)] = 0
@@ -1899,6 +1914,7 @@ def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: 
     session = create_session(proto, threads=threads, what="a compiled simulator segment")
     doubles = frozenset(name for name in inputs if builder.types.get(name) == TensorProto.DOUBLE)
     internal = frozenset(builder.exports) - builder.produced
+    floats = frozenset(outputs) & builder.model.float_tensors
     guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
-    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal, proto, threads)
+    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal, floats, proto, threads)
     return [segment]

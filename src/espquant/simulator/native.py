@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Conv", "Product", "Requantize", "Rows", "lookup", "softmax_int8"]
+__all__ = ["AVAILABLE", "Conv", "Product", "Requantize", "Rows", "lookup"]
 
 F32 = np.float32
 F64 = np.float64
@@ -548,32 +548,3 @@ def lookup(values: np.ndarray, table: np.ndarray, lowest: int) -> np.ndarray:
     out = np.empty(values.shape, F32)
     _lookup(np.ascontiguousarray(values).reshape(-1), table, lowest, out.reshape(-1))
     return out
-
-
-@_jit
-def _softmax_rows(x: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
-    """``out[r] = e / sum(e)`` with ``e = table[x[r] + 128]``, the sum in float32 strictly left to right (no
-    reassociation is allowed here), the division in float32: ``kernels.softmax_float``'s int8 path."""
-    e = np.empty(x.shape[1], F32)
-    for r in range(x.shape[0]):
-        total = np.float32(0.0)
-        for k in range(x.shape[1]):
-            value = table[np.int64(x[r, k]) + 128]
-            e[k] = value
-            total += value
-        for k in range(x.shape[1]):
-            out[r, k] = e[k] / total
-
-
-def softmax_int8(x: np.ndarray, table: np.ndarray, axis: int) -> np.ndarray:
-    """The int8 Softmax of float32 integers along ``axis`` by its float32 exp table (256 entries, lowest first):
-    float32 probabilities, as the interpreter's ``kernels.softmax_float`` computes them, in one pass per row
-    instead of a dozen numpy calls (which cost more than a small classifier's layers at batch 1)."""
-    axis = axis % x.ndim
-    last = axis == x.ndim - 1  # a classifier's logits: no axis to move (np.moveaxis costs 5 us a call)
-    moved = np.ascontiguousarray(x if last else np.moveaxis(x, axis, -1), dtype=F32)
-    out = np.empty(moved.shape, F32)
-    length = moved.shape[-1]
-    if out.size:
-        _softmax_rows(moved.reshape(-1, length), table, out.reshape(-1, length))
-    return out if last else np.moveaxis(out, -1, axis)
