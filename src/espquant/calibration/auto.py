@@ -356,7 +356,6 @@ class _Search:
         int16: list[str],
         samples: Batch,
         reference: dict[str, np.ndarray],
-        targets: list[str],
         outputs: list[str],
         profile: TargetProfile,
         own: dict[str, int],
@@ -364,7 +363,7 @@ class _Search:
     ):
         self.bits, self.per_channel, self.widths, self.int16 = bits, per_channel, widths, int16
         self.own = own
-        self.samples, self.targets, self.profile = samples, targets, profile
+        self.samples, self.profile = samples, profile
         # Kept as onnxruntime gave them (float32): errors and powers are taken in double where they are used, so
         # a double copy of every activation of every search sample is not held (nor made, about a tenth of the
         # search's time on MobileNetV3).
@@ -783,9 +782,7 @@ def search_exponents(
     layer_inputs = [tensor for tensor, _ in bias_corrected_inputs(model, plan)] if wanted else []
     reference = float_reference(model, [*order, *outputs, *layer_inputs], samples, providers, threads)
     per_run = samples_per_run(model, reference)
-    search = _Search(
-        plan, bits, per_channel, widths, int16, samples, reference, order, outputs, profile, own or {}, per_run
-    )
+    search = _Search(plan, bits, per_channel, widths, int16, samples, reference, outputs, profile, own or {}, per_run)
     probabilities = probability_outputs(model, outputs)
     search.magnitude |= dict.fromkeys(probabilities, 1.0)
     plain = {w: _Variant(model, plan, w) for w in ("minmax", "mse")}
