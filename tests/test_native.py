@@ -290,3 +290,52 @@ def test_a_softmax_hands_float_probabilities_to_the_next_node_in_its_segment(rng
     for name in ("p", "y"):
         assert fast[name].dtype == slow[name].dtype
         np.testing.assert_array_equal(fast[name], slow[name])
+
+
+@pytest.mark.parametrize("compiled_path", [True, False])
+def test_a_model_limited_to_one_thread_runs_its_blas_products_on_one(compiled_path):
+    """``threads = 1`` bounds numpy's BLAS pool while the model runs (its int16 products: native steps, or the
+    interpreter's double sums) and gives the pool back after it, also when the run raises; ``threads = None``
+    leaves it alone."""
+    import onnx
+
+    from espquant import Calibrator, Evaluator
+    from espquant.demo import demo_model_path, load_demo_data
+    from espquant.optimizer import optimize_model
+    from espquant.simulator import blas, interpreter
+
+    libraries = blas._libraries()
+    if not libraries:
+        pytest.skip("threadpoolctl finds no BLAS library in this numpy")
+    before = [library.get_num_threads() for library in libraries]
+    model = optimize_model(onnx.load(demo_model_path()))
+    demo = load_demo_data()
+    table = Calibrator("int16").calibrate(model, demo.calib_inputs[:32]).table
+    quantized = Evaluator("int16", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    quantized.compiled = compiled_path
+    seen: list[list[int]] = []
+
+    def watched(kernel):
+        def watching(*args):
+            seen.append([library.get_num_threads() for library in libraries])
+            return kernel(*args)
+
+        return watching
+
+    if compiled_path:  # the int16 convolutions are native steps
+        patch = mock.patch.object(native.Conv, "__call__", watched(native.Conv.__call__))
+    else:
+        patch = mock.patch.dict(interpreter.RUN, {"Conv": watched(interpreter.RUN["Conv"])})
+    data = {quantized.inputs[0]: demo.test_inputs[:4]}
+    with patch:
+        for threads in (1, None):
+            quantized.threads = threads
+            quantized.run_float(data)
+            assert [library.get_num_threads() for library in libraries] == before
+    assert seen and seen[0] == [1] * len(libraries) and seen[-1] == before
+    with patch, mock.patch.object(native.Rows, "__call__", side_effect=RuntimeError("boom")):
+        quantized.threads = 1
+        quantized.compiled = True
+        with pytest.raises(RuntimeError):
+            quantized.run_float(data)
+    assert [library.get_num_threads() for library in libraries] == before

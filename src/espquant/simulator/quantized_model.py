@@ -16,6 +16,7 @@ import numpy as np
 from espquant.quant.pot import EXACT_FLOAT32
 from espquant.quant.profiles import TargetProfile
 from espquant.simulator import kernels
+from espquant.simulator.blas import blas_threads
 from espquant.simulator.compiled import QUANTIZE_INPUT, CompiledProgram, GuardTripped, compile_program
 from espquant.simulator.interpreter import FLOAT_RUN, RUN, table_lookup
 
@@ -56,7 +57,7 @@ class QuantizedModel:
     float_tensors: set[str] = field(default_factory=set)
     widths: dict[str, int] = field(default_factory=dict)  # tensors whose width is not ``bits`` (mixed precision)
     requantized: int = 0
-    threads: int | None = None  # onnxruntime threads for the exact float32 convolution sums
+    threads: int | None = None  # onnxruntime's and BLAS's threads (simulator/blas.py); None: their own choice
     compiled: bool = True  # run provably exact node runs as onnxruntime graphs (simulator/compiled.py)
     # From the program's third run its segments run on onnxruntime's blocked tensors (simulator/layout.py): an
     # edit that costs about one more session creation, which a model run a few times (each candidate table auto
@@ -99,8 +100,9 @@ class QuantizedModel:
         if self.compiled and not keep and all(_fits_float32(v) for v in ints.values() if v.dtype != F32):
             return self._run_compiled(ints, quantize_inputs=False)
         env = {**self.constants, **ints}
-        for node in self.nodes:
-            self.run_node(node, env)
+        with blas_threads(self.threads):
+            for node in self.nodes:
+                self.run_node(node, env)
         return dict(env) if keep else {name: env[name] for name in self.outputs}
 
     def run_float(self, float_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,7 +121,8 @@ class QuantizedModel:
             constants = program.interpreted_nodes or any(name in self.constants for name in self.outputs)
             env = {**self.constants, **feeds} if constants else dict(feeds)
             try:
-                program.run(env, self.run_node, self.outputs)
+                with blas_threads(self.threads if program.native_nodes or program.interpreted_nodes else None):
+                    program.run(env, self.run_node, self.outputs)
             except GuardTripped as trip:
                 logger.debug("compiled guard tripped for %s: rail steps or interpreter from now on", trip.nodes)
                 self._guarded.update(trip.nodes)
