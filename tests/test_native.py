@@ -132,8 +132,9 @@ def test_rows_equal_the_int64_reference(seed, shape, columns, shift, half_even):
 
 
 def test_int16_models_run_their_accumulating_nodes_natively():
-    """The shipped MNIST CNN at int16: every Conv and the Gemm become native steps, equal to the interpreter and
-    to the digit-split graphs they replace (compiled.NATIVE off)."""
+    """The shipped MNIST CNN at int16: every Conv becomes a native step (its 10-class Gemm, 15,680 products a
+    sample, stays in its segment in double), equal to the interpreter and to the digit-split graphs they replace
+    (compiled.NATIVE off)."""
     import onnx
 
     from espquant import Calibrator, Evaluator
@@ -154,7 +155,7 @@ def test_int16_models_run_their_accumulating_nodes_natively():
             if native_on:
                 program = quantized._programs[(True, None)]
                 kinds = {node.op_type for node in program.native_nodes}
-                assert {"Conv", "Gemm"} <= kinds and not program.interpreted_nodes
+                assert kinds == {"Conv"} and not program.interpreted_nodes
         for name in runs[0]:
             np.testing.assert_array_equal(runs[0][name], runs[2][name])
             np.testing.assert_array_equal(runs[1][name], runs[2][name])
@@ -333,9 +334,42 @@ def test_a_model_limited_to_one_thread_runs_its_blas_products_on_one(compiled_pa
             quantized.run_float(data)
             assert [library.get_num_threads() for library in libraries] == before
     assert seen and seen[0] == [1] * len(libraries) and seen[-1] == before
-    with patch, mock.patch.object(native.Rows, "__call__", side_effect=RuntimeError("boom")):
+    with mock.patch.object(native.Conv, "__call__", side_effect=RuntimeError("boom")):
         quantized.threads = 1
         quantized.compiled = True
         with pytest.raises(RuntimeError):
             quantized.run_float(data)
     assert [library.get_num_threads() for library in libraries] == before
+
+
+@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
+def test_a_layer_of_few_products_keeps_its_double_sums_in_its_segment(rng, op, target):
+    """An int16 Gemm / 1x1 Conv of at most ``IN_GRAPH_PRODUCTS`` products a sample (the float model's shapes say
+    how many) stays in the graph, in onnxruntime's double MatMul, instead of ending its segment in a native step;
+    one product more and it is a native step. Both equal the interpreter, full-range integers included."""
+    from espquant.quant.profiles import get_target
+    from espquant.simulator.quantized_model import QNode, QuantizedModel
+
+    limit = compiled.IN_GRAPH_PRODUCTS
+    for products, native_expected in ((limit, False), (limit + 32, True)):
+        # weights within 2**10: beyond float32's exact sums, short of ESP32-S3's int16 lane rails
+        if op == "Gemm":  # K x 16 weights, one row a sample
+            weight, x = rng.integers(-(2**10), 2**10, (products // 16, 16)), (5, products // 16)
+            shape, attrs = [None, products // 16], {}
+        else:  # 8 x 4 weights on a 1 x (products / 32) plane
+            weight, x = rng.integers(-(2**10), 2**10, (8, 4, 1, 1)), (5, 4, 1, products // 32)
+            shape, attrs = [None, 4, 1, products // 32], {}
+        node = QNode(op, op.lower(), ["x", "w", "b"], ["y"], attrs, bits=16)
+        node.input_shapes = [shape, list(weight.shape), [weight.shape[-1] if op == "Gemm" else 8]]
+        bias = rng.integers(-(2**20), 2**20, weight.shape[-1] if op == "Gemm" else 8)
+        exponents = {"x": -8, "w": -14, "b": -22, "y": -7}
+        model = QuantizedModel([node], {"w": weight, "b": bias}, exponents, ["x"], ["y"], get_target(target), 16)
+        data = rng.integers(-(2**15), 2**15, x)
+        data.reshape(-1)[:2] = [-(2**15), 2**15 - 1]
+        model.compiled = True
+        fast = model.run({"x": data})["y"]
+        program = model._programs[(False, None)]
+        assert bool(program.native_nodes) == native_expected, products
+        model.compiled = False
+        np.testing.assert_array_equal(fast, model.run({"x": data})["y"])

@@ -22,6 +22,7 @@ __all__ = [
     "BATCH_DIM",
     "infer_shapes",
     "infer_shapes_pass",
+    "inferred_value_info",
     "convert_model_batch_to_dynamic",
     "fix_input_shapes",
     "parse_input_shape",
@@ -40,6 +41,35 @@ def infer_shapes(model: onnx.ModelProto) -> list[str]:
     Graph outputs get their inferred type where they had none.
     """
     graph = model.graph
+    try:
+        inferred, weight_names = _inferred(model)
+    except Exception as exc:  # onnx raises InferenceError and plain RuntimeErrors
+        return [f"shape inference failed ({exc}); shapes are left as they were"]
+    del graph.value_info[:]
+    graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in weight_names)
+    inferred_outputs = {o.name: o for o in inferred.graph.output}
+    for output in graph.output:
+        better = inferred_outputs.get(output.name)
+        if better is not None and _rank_known(better) and not _fully_static(output):
+            output.type.CopyFrom(better.type)
+    return []
+
+
+def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The shapes inference gives ``model``'s tensors (weights excluded, graph outputs included), the model left
+    as it is; none when inference fails."""
+    try:
+        inferred, weight_names = _inferred(model)
+    except Exception:  # onnx raises InferenceError and plain RuntimeErrors
+        return []
+    return [v for v in [*inferred.graph.value_info, *inferred.graph.output] if v.name not in weight_names]
+
+
+def _inferred(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """Shape inference on a light copy of ``model``: its large weights become typed inputs (their values are not
+    copied), small ones stay as data (shape chains need them). Returns the inferred copy and the large weights'
+    names."""
+    graph = model.graph
     small, large = [], []
     for tensor in graph.initializer:
         count = 1
@@ -55,19 +85,7 @@ def infer_shapes(model: onnx.ModelProto) -> list[str]:
     )
     light = helper.make_model(light_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     light.functions.extend(model.functions)
-    try:
-        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError and plain RuntimeErrors
-        return [f"shape inference failed ({exc}); shapes are left as they were"]
-    weight_names = {t.name for t in large}
-    del graph.value_info[:]
-    graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in weight_names)
-    inferred_outputs = {o.name: o for o in inferred.graph.output}
-    for output in graph.output:
-        better = inferred_outputs.get(output.name)
-        if better is not None and _rank_known(better) and not _fully_static(output):
-            output.type.CopyFrom(better.type)
-    return []
+    return shape_inference.infer_shapes(light, strict_mode=False, data_prop=True), {t.name for t in large}
 
 
 def _rank_known(info: onnx.ValueInfoProto) -> bool:

@@ -68,6 +68,9 @@ NATIVE = True
 # (simulator/layout.py): the edit costs about one more session creation (0.1-0.2 s on real models), which a
 # program run once or twice (each candidate table ``auto`` simulates) would not win back.
 BLOCKED_FROM_RUN = 3
+# Accumulating nodes of at most this many products per sample keep their double sums in the graph instead of a
+# native step (``_tiny``).
+IN_GRAPH_PRODUCTS = 1 << 14
 
 
 _NAMES = itertools.count(1)
@@ -336,7 +339,8 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         raise _Refused("the accumulator bound is not exact in double")
     reach = np.maximum(np.abs(start + high), np.abs(start + low))  # the chip's running sums stay inside
     checked = rails.reachable and bool((reach >= 2.0 ** (rails.width - 1)).any())
-    if not direct and not checked and spec.native is not None and NATIVE and native.AVAILABLE:
+    native_step = spec.native is not None and NATIVE and native.AVAILABLE and not _tiny(node, spec)
+    if not direct and not checked and native_step:
         _native_step(b, node, spec.native, (start + half).astype(np.float64), shift)
         return
     double = spec.contract_double is not None
@@ -399,6 +403,21 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
         return
     b.guard(flag, node)
     _round_saturate_scaled(b, acc, shift, node, dtype)
+
+
+def _tiny(node: QNode, spec: _Accumulating) -> bool:
+    """Whether a node with a double contraction in the graph does at most ``IN_GRAPH_PRODUCTS`` products per
+    sample (from the float model's shape of its input): a squeeze-excite block's 1x1 convolutions, a classifier's
+    last Gemm. It then stays in its segment, in double (``contract_double``): onnxruntime's double MatMul costs
+    it a few microseconds, where a native step would end the segment (another onnxruntime call, 10-20 us at batch
+    1 on this project's machine, and the step's own call)."""
+    shape = (node.input_shapes or [None])[0]
+    if spec.contract_double is None or shape is None or len(shape) < 2:
+        return False
+    if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return False
+    rows = int(np.prod(shape[1:], dtype=np.int64)) // max(shape[spec.channel_axis] or 1, 1)  # outputs per channel
+    return rows * spec.weight.size <= IN_GRAPH_PRODUCTS
 
 
 def _native_step(

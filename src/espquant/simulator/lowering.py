@@ -17,6 +17,7 @@ from espquant.graph import GraphView, node_attributes, opset_version
 from espquant.ops import ExponentRule, OpSpec, Role
 from espquant.ops.activations import SOFTMAX_FAMILY, int8_softmax_overflows
 from espquant.ops.recurrent import RECURRENT_OPS
+from espquant.optimizer.shapes import inferred_value_info
 from espquant.quant.pot import EXPONENT_LIMIT, MAX_RIGHT_SHIFT
 from espquant.quant.profiles import TargetProfile
 from espquant.quant.rounding import round_float, saturate
@@ -60,6 +61,11 @@ def build_quantized_model(
     if equalized is not model:  # the plan's nodes must be the nodes of the model lowered (fused Relu by identity)
         model, plan = equalized, plan_calibration(equalized)
     view = GraphView(model.graph)
+    if not model.graph.value_info and len(model.graph.node) > 1:  # a model built in code, not optimized
+        # What the compiled path decides from (a Mul's SIMD path, a layer small enough to stay in its segment,
+        # runs of many samples at once) needs the shapes between the nodes: inferred here, the model left as is.
+        for info in inferred_value_info(model):
+            view.value_info.setdefault(info.name, info)
     opset = opset_version(model)
     for use in plan.weights:
         shape = view.array(use.tensor).shape
