@@ -1620,6 +1620,11 @@ class CompiledProgram:
     def interpreted_nodes(self) -> list[QNode]:  # read on every run: computed once (the steps never change)
         return [s for s in self.steps if not isinstance(s, (_Segment, _RailStep, _NativeStep))]
 
+    @functools.cached_property
+    def uses_blas(self) -> bool:
+        """Whether a step may call numpy's BLAS: any step but an onnxruntime segment (simulator/blas.py)."""
+        return any(not isinstance(s, _Segment) for s in self.steps)
+
     @property
     def native_nodes(self) -> list[QNode]:
         """Accumulating nodes computed in double by simulator/native.py."""
