@@ -347,7 +347,7 @@ def test_a_model_limited_to_one_thread_runs_its_blas_products_on_one(compiled_pa
 def test_a_layer_of_few_products_keeps_its_double_sums_in_its_segment(rng, op, target):
     """An int16 Gemm / 1x1 Conv of at most ``IN_GRAPH_PRODUCTS`` products a sample (the float model's shapes say
     how many) stays in the graph, in onnxruntime's double MatMul, instead of ending its segment in a native step;
-    one product more and it is a native step. Both equal the interpreter, full-range integers included."""
+    32 products more and it is a native step. Both equal the interpreter, full-range activations included."""
     from espquant.quant.profiles import get_target
     from espquant.simulator.quantized_model import QNode, QuantizedModel
 
