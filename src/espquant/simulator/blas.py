@@ -6,7 +6,8 @@ thread per core. With ``threads = 1`` a batch-1 int16 model then kept a second c
 MobileNetV3 direction classifier (ESP32-S3, int16, batch 1, 64 single-image calls on this project's 2-core
 machine) 0.81 s of CPU for 0.41 s of wall time with OpenBLAS's two threads, 0.34 s for 0.34 s with one (its
 products are too small for a second thread to pay its synchronisation). So the BLAS pool is set to ``threads``
-for the run and restored after it; ``threads = None`` leaves it alone.
+for the run and restored after it; ``threads = None`` leaves it alone. The pool is the process's: two Python
+threads simulating at once with different ``threads`` would each see the other's setting while both run.
 
 threadpoolctl finds the BLAS numpy loaded (OpenBLAS, MKL, BLIS); the library's own setter is called directly
 (about 1 us) rather than through threadpoolctl's context manager (16 us, as much as a small model's run).
