@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 __all__ = ["blas_threads"]
@@ -31,10 +32,15 @@ def _libraries() -> tuple[Any, ...]:
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
-@contextlib.contextmanager
-def blas_threads(count: int | None) -> Iterator[None]:
-    """Run the block with at most ``count`` BLAS threads (``None``: as the BLAS library chose)."""
+def blas_threads(count: int | None) -> AbstractContextManager[None]:
+    """Run the block with at most ``count`` BLAS threads (``None``: as the BLAS library chose). Nothing to set
+    (no count, or no BLAS found) gives a context that does nothing: a small model at batch 1 enters one per run."""
     libraries = _libraries() if count else ()
+    return _limited(libraries, count) if libraries and count else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _limited(libraries: tuple[Any, ...], count: int) -> Iterator[None]:
     previous = [library.get_num_threads() for library in libraries]
     for library, threads in zip(libraries, previous):
         if threads != count:

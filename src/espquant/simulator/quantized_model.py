@@ -121,10 +121,7 @@ class QuantizedModel:
             constants = program.interpreted_nodes or any(name in self.constants for name in self.outputs)
             env = {**self.constants, **feeds} if constants else dict(feeds)
             try:
-                if self.threads and program.uses_blas:
-                    with blas_threads(self.threads):
-                        program.run(env, self.run_node, self.outputs)
-                else:  # no context to enter: a small model at batch 1 pays every microsecond on every call
+                with blas_threads(self.threads if program.uses_blas else None):
                     program.run(env, self.run_node, self.outputs)
             except GuardTripped as trip:
                 logger.debug("compiled guard tripped for %s: rail steps or interpreter from now on", trip.nodes)
