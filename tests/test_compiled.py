@@ -415,6 +415,38 @@ def test_a_softmax_runs_in_the_graph_as_the_interpreter_computes_it(seed, bits, 
     np.testing.assert_array_equal(fast, slow)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("mover", ["Reshape", "Flatten", "Transpose", "Squeeze", "Concat"])
+def test_floats_a_softmax_gives_are_moved_in_its_segment(rng, bits, mover):
+    """A Reshape (or other data movement) of a Softmax's probabilities, as classifiers end, runs in the segment
+    that computes them, not in the interpreter; the floats it hands on are the interpreter's, bit for bit. A move
+    that mixes floats with integers stays in the interpreter."""
+    x = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (3, 1, 10))
+    softmax = QNode("Softmax", "softmax", ["x"], ["p"], {"axis": -1}, bits=bits)
+    constants = {"shape": np.array([-1, 10]), "axes": np.array([1])}
+    inputs, attrs = {
+        "Reshape": (["p", "shape"], {}),
+        "Flatten": (["p"], {"axis": 1}),
+        "Transpose": (["p"], {"perm": [2, 0, 1]}),
+        "Squeeze": (["p", "axes"], {}),
+        "Concat": (["p", "p"], {"axis": 1}),
+    }[mover]
+    move = QNode(mover, "move", inputs, ["y"], attrs, bits=bits)
+    model = QuantizedModel([softmax, move], constants, {"x": -3}, ["x"], ["y"], get_target("esp32s3"), bits)
+    model.float_tensors.update({"p", "y"})
+    fast, slow = _compiled_and_interpreted(model, x)
+    program = model._programs[(False, None)]
+    assert not program.interpreted_nodes and not program.native_nodes
+    assert fast.dtype == slow.dtype == np.float32 and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+    mixed = QNode("Concat", "mixed", ["p", "x"], ["y"], {"axis": 1}, bits=bits)
+    model = QuantizedModel([softmax, mixed], {}, {"x": -3}, ["x"], ["y"], get_target("esp32s3"), bits)
+    model.float_tensors.update({"p", "y"})
+    model.run({"x": x})
+    assert [n.name for n in model._programs[(False, None)].interpreted_nodes] == ["mixed"]
+
+
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(
     ("kind", "attrs"),

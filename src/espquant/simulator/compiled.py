@@ -125,6 +125,18 @@ class _Builder:
             self.consumed.append(tensor)
         return tensor
 
+    def moved(self, node: QNode) -> list[str]:
+        """The inputs of a data-movement node (Reshape, Transpose, Concat ...): integer activations, or floats
+        when its output is float too (a Softmax's probabilities reshaped for the model's output), which the
+        segment moves as they are and hands on as floats."""
+        tensors = [t for t in (node.inputs if node.op_type == "Concat" else node.inputs[:1]) if t]
+        if node.outputs[0] not in self.model.float_tensors:
+            return [self.use(t) for t in tensors]
+        if not all(t in self.model.float_tensors for t in tensors):
+            raise _Refused("float and integer tensors moved together")
+        self.consumed.extend(t for t in tensors if t not in self.produced)
+        return tensors
+
     def nonnegative(self, tensor: str) -> bool:
         """Whether the integer tensor can never be negative, whatever the data (``_value_ranges``)."""
         return tensor in self.ranges and self.ranges[tensor][0] >= 0
@@ -1440,12 +1452,12 @@ def _quantize(b: _Builder, source: str, exponent: int, output: str) -> None:
 
 def _lower_reshape(b: _Builder, node: QNode) -> None:
     shape = b.constant(node.inputs[1]).astype(np.int64).reshape(-1)
-    b.op("Reshape", [b.use(node.inputs[0]), b.const(shape, node.outputs[0], np.int64)], node.outputs[0])
+    b.op("Reshape", [*b.moved(node), b.const(shape, node.outputs[0], np.int64)], node.outputs[0])
 
 
 def _lower_passthrough(b: _Builder, node: QNode) -> None:
     """Data movement with ONNX's own semantics (Flatten, Transpose, Identity, Concat)."""
-    inputs = [b.use(t) for t in node.inputs if t]
+    inputs = b.moved(node)
     attrs = {k: v for k, v in node.attrs.items() if k in ("axis", "perm")}
     b.op(node.op_type, inputs, node.outputs[0], **attrs)
 
@@ -1457,11 +1469,11 @@ def _lower_axes(b: _Builder, node: QNode) -> None:
     elif "axes" in node.attrs:
         axes = np.asarray(node.attrs["axes"], np.int64)
     elif node.op_type == "Squeeze":
-        b.op("Squeeze", [b.use(node.inputs[0])], node.outputs[0])
+        b.op("Squeeze", b.moved(node), node.outputs[0])
         return
     else:
         raise _Refused("Unsqueeze without axes")
-    b.op(node.op_type, [b.use(node.inputs[0]), b.const(axes, node.outputs[0], np.int64)], node.outputs[0])
+    b.op(node.op_type, [*b.moved(node), b.const(axes, node.outputs[0], np.int64)], node.outputs[0])
 
 
 _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
