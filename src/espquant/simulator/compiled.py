@@ -818,7 +818,7 @@ def _lower_conv(b: _Builder, node: QNode) -> None:
 
     plain = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1]}
     pointwise = w.shape[2:] == (1, 1) and not depthwise and geometry == plain
-    double = _pointwise_double(b, node.outputs[0]) if pointwise else None
+    double = _pointwise_double(b, node.outputs[0], _known_shape(node)) if pointwise else None
     spec = _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double, native=whole)
     _accumulating(b, node, spec)
 
@@ -863,8 +863,12 @@ def _lower_conv_transpose(b: _Builder, node: QNode) -> None:
     _accumulating(b, node, _Accumulating(flipped, bias, contract, products, source=source))
 
 
-def _pointwise_double(b: _Builder, hint: str) -> Callable[[str, np.ndarray, np.ndarray | None], str]:
-    """A 1x1 convolution (stride 1, no padding) in double: ``W (N, C) @ x (B, C, H*W)``, shaped back."""
+def _pointwise_double(
+    b: _Builder, hint: str, shape: list[int] | None
+) -> Callable[[str, np.ndarray, np.ndarray | None], str]:
+    """A 1x1 convolution (stride 1, no padding) in double: ``W (N, C) @ x (B, C, H*W)``, shaped back: to
+    ``[batch, N, H, W]`` from the float model's input ``shape`` (``[C, H, W]``) when it gives one, else from the
+    input's run-time shape (four more nodes, each a few microseconds on a squeeze-excite block's tiny tensors)."""
 
     def contract(x: str, weight: np.ndarray, start: np.ndarray | None) -> str:
         channels = weight.shape[0]
@@ -872,13 +876,15 @@ def _pointwise_double(b: _Builder, hint: str) -> Callable[[str, np.ndarray, np.n
         sums = b.op("MatMul", [b.const(weight.reshape(channels, -1), hint, np.float64), rows])
         if start is not None:
             sums = b.op("Add", [sums, b.const(start.reshape(channels, 1), hint, np.float64)])
-        shape = b.op("Shape", [x])
+        if shape is not None and len(shape) == 3:
+            return b.op("Reshape", [sums, b.const([0, channels, *shape[1:]], hint, np.int64)])
+        shape_now = b.op("Shape", [x])
         target = b.op(
             "Concat",
             [
-                b.op("Slice", [shape, b.const([0], hint, np.int64), b.const([1], hint, np.int64)]),
+                b.op("Slice", [shape_now, b.const([0], hint, np.int64), b.const([1], hint, np.int64)]),
                 b.const([channels], hint, np.int64),
-                b.op("Slice", [shape, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)]),
+                b.op("Slice", [shape_now, b.const([2], hint, np.int64), b.const([2**62], hint, np.int64)]),
             ],
             axis=0,
         )
