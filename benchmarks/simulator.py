@@ -15,11 +15,12 @@ Cases (all built here with onnx.helper, random weights, dynamic batch):
 * ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
   way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
 
-Real models (``--cases mnist_cnn dsconv ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks``, not run
-by default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST CNN,
-a depthwise-separable ReLU6 CNN trained on the bundled digits, PP-OCR's MobileNetV3 text classifier
+Real models (``--cases mnist_cnn dsconv ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks palm``, not
+run by default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST
+CNN, a depthwise-separable ReLU6 CNN trained on the bundled digits, PP-OCR's MobileNetV3 text classifier
 (squeeze-excite Mul, HardSwish), the PP-OCRv4 DB text detector (ConvTranspose, Resize), MTCNN's O-Net (PRelu),
-MediaPipe's BlazeFace (channel Pad) and its hand-landmark model (lite), on their real images.
+MediaPipe's BlazeFace (channel Pad), its hand-landmark model (lite) and its palm detector (lite: PRelu, an
+upsampling FPN), on their real images.
 
 Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
 ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
@@ -60,7 +61,7 @@ SYNTHETIC = ("mlp", "tf_mlp", "mobilenet_v2", "mobilenet_v2_normal", "blazeface"
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
 # the demo CNN, a depthwise-separable ReLU6 CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector
 # (ConvTranspose, Resize), MTCNN's O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2
-# blocks).
+# blocks) and its palm detector.
 REAL = {
     "mnist_cnn": "mnist_demo",
     "dsconv": "dsconv_mnist",
@@ -69,6 +70,7 @@ REAL = {
     "mtcnn_onet": "mtcnn_onet",
     "blazeface_real": "blazeface",
     "hand_landmarks": "hand_landmarks",
+    "palm": "palm_detector",
 }
 CASES = (*SYNTHETIC, *REAL)
 TARGETS = ("esp32s3", "esp32p4")
