@@ -16,6 +16,7 @@ False and the compiled graph keeps its digit splits (same integers, slower).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -543,18 +544,32 @@ class Product:
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         r = self.requantize
-        merged_a, merged_b, merged_out = merged_broadcast_shapes(a.shape, b.shape)
-        shape = np.broadcast_shapes(a.shape, b.shape)
+        shape, merged = _product_plan(a.shape, b.shape)
         out = np.empty(shape, F32)
-        if len(merged_out) > 3:
+        if merged is None:
             product = np.multiply(a, b, dtype=F64).reshape(-1)
             _requantize_row(product, self.start, self.scale, r.half_even, r.low, r.high, out.reshape(-1))
             return out
-        pad = [1] * (3 - len(merged_out))
-        _products(np.ascontiguousarray(a, dtype=F32).reshape(pad + merged_a),
-                  np.ascontiguousarray(b, dtype=F32).reshape(pad + merged_b), self.start, self.scale, r.half_even,
-                  r.low, r.high, out.reshape(pad + merged_out))  # fmt: skip
+        merged_a, merged_b, merged_out = merged
+        _products(np.ascontiguousarray(a, dtype=F32).reshape(merged_a),
+                  np.ascontiguousarray(b, dtype=F32).reshape(merged_b), self.start, self.scale, r.half_even,
+                  r.low, r.high, out.reshape(merged_out))  # fmt: skip
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def _product_plan(
+    a: tuple[int, ...], b: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None]:
+    """The output shape of ``a * b`` and the three merged 3-D shapes :func:`_products` runs on (None beyond three
+    merged axes), per pair of shapes: worked out once, not on every call (it cost a batch-1 squeeze-excite gate
+    about as much as its products)."""
+    merged_a, merged_b, merged_out = merged_broadcast_shapes(a, b)
+    shape = tuple(np.broadcast_shapes(a, b))
+    if len(merged_out) > 3:
+        return shape, None
+    pad = (1,) * (3 - len(merged_out))
+    return shape, (pad + tuple(merged_a), pad + tuple(merged_b), pad + tuple(merged_out))
 
 
 @_jit
