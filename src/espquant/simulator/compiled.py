@@ -1627,6 +1627,9 @@ class CompiledProgram:
     steps: list[_Segment | _RailStep | _NativeStep | QNode]
     runs: int = 0
     blocked_layout: bool = True  # the segments move to blocked tensors at run BLOCKED_FROM_RUN
+    # Whether a run needs the model's constants in its environment (an interpreter step, or an output that is a
+    # constant): set by QuantizedModel when it compiles the program, read on every run.
+    reads_constants: bool = True
 
     @property
     def compiled_nodes(self) -> int:
@@ -1667,6 +1670,9 @@ class CompiledProgram:
             for step in self.steps:
                 if isinstance(step, _Segment):
                     step.block()
+        if self.straight:
+            self._run_straight(env, wanted)
+            return
         from_segments: set[str] = set()
         for step in self.steps:
             if isinstance(step, _RailStep):
@@ -1693,6 +1699,40 @@ class CompiledProgram:
             interpret(step, env)
         for name in from_segments if wanted is None else from_segments.intersection(wanted):
             env[name] = env[name].astype(np.int64)
+
+    @functools.cached_property
+    def straight(self) -> bool:
+        """Whether every step is an onnxruntime segment or a native step (most models): such a program runs
+        through :meth:`_run_straight`, which tracks nothing between steps."""
+        return all(isinstance(s, (_Segment, _NativeStep)) for s in self.steps)
+
+    @functools.cached_property
+    def integer_results(self) -> frozenset[str]:
+        """The tensors the steps write as float32 integers (everything but a segment's floats and internals)."""
+        native = {s.output for s in self.steps if isinstance(s, _NativeStep)}
+        return frozenset(native).union(*(s.handed_on for s in self.steps if isinstance(s, _Segment)))
+
+    def _run_straight(self, env: dict[str, np.ndarray], wanted: Collection[str] | None) -> None:
+        """:meth:`run` for a program of segments and native steps only: no interpreter step reads an
+        intermediate tensor, so only the results asked for become int64, at the end. A batch-1 call of a small
+        model paid more for the general loop's bookkeeping than for a third of its onnxruntime run."""
+        for step in self.steps:
+            if step.__class__ is _NativeStep:
+                step.run(env)  # type: ignore[union-attr]
+                continue
+            segment: _Segment = step  # type: ignore[assignment]
+            doubles = segment.doubles
+            feeds = {name: _as_f32(env[name]) if name not in doubles else env[name] for name in segment.inputs}
+            results = segment.run(segment.fetches, feeds)
+            if segment.guards:
+                tripped = [n for n, g in zip(segment.guard_nodes, results[len(segment.outputs) :]) if bool(g)]
+                if tripped:
+                    raise GuardTripped(tripped)
+            env.update(zip(segment.outputs, results))
+        integers = self.integer_results
+        for name in integers if wanted is None else wanted:
+            if name in integers:
+                env[name] = env[name].astype(np.int64)
 
 
 def _as_f32(value: np.ndarray) -> np.ndarray:

@@ -118,8 +118,7 @@ class QuantizedModel:
         most one trip per node. Only interpreter steps read the constants from the environment."""
         while True:
             program = self._program(quantize_inputs)
-            constants = program.interpreted_nodes or any(name in self.constants for name in self.outputs)
-            env = {**self.constants, **feeds} if constants else dict(feeds)
+            env = {**self.constants, **feeds} if program.reads_constants else dict(feeds)
             try:
                 with blas_threads(self.threads if program.uses_blas else None):
                     program.run(env, self.run_node, self.outputs)
@@ -160,6 +159,7 @@ class QuantizedModel:
             nodes = prologue + self.nodes if quantize_inputs else self.nodes
             program = self._programs[key] = compile_program(self, nodes, self.threads, frozenset(self._guarded))
             program.blocked_layout = self.blocked_layout
+            program.reads_constants = bool(program.interpreted_nodes) or any(n in self.constants for n in self.outputs)
         return program
 
 

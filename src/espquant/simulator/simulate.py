@@ -58,6 +58,8 @@ def simulate(
     sizes = {len(value) for value in checked.values()}
     total = sizes.pop() if len(sizes) == 1 else 0
     batched, step = batched_runs(model) if chunking.fixed == 1 and total > 1 else (None, 1)
+    if batched is None and chunking.fixed is None:  # one run as the batch is (a batch-1 caller's every call)
+        return _run_once(model, checked, to_float), list(model.outputs)
     if batched is None:
         outputs = chunking.run(lambda feeds: _run_once(model, feeds, to_float), checked)
         return outputs, list(model.outputs)
