@@ -194,12 +194,42 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     fast = quantized.run_float({"x": 2 * data})
     program = quantized._programs[(True, None)]
     natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
-    assert [step.table is not None for step in natives] == [True, True]
+    assert [step.activation is not None for step in natives] == [True, True]
+    assert isinstance(natives[0].activation, native.Activation)  # HardSwish: computed value by value
     assert [step.output for step in natives] == ["h", "y"]
     assert program.compiled_nodes == len(quantized.nodes) + 1  # + the input's quantization
     quantized.compiled = False
     slow = quantized.run_float({"x": 2 * data})
     np.testing.assert_array_equal(fast["y"], slow["y"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    op_type=st.sampled_from(["HardSwish", "HardSigmoid", "LeakyRelu", "Relu"]),
+    e_in=st.integers(-16, 2),
+    e_out=st.integers(-16, 2),
+    alpha=st.floats(0.01, 0.5),
+    beta=st.floats(0.0, 1.0),
+    half_even=st.booleans(),
+)
+def test_an_activation_computed_value_by_value_equals_its_int16_float_path(
+    op_type, e_in, e_out, alpha, beta, half_even
+):
+    """``native.Activation`` reproduces the chip's int16 float path (``activations.float_path``: HardSwish's
+    double clip, HardSigmoid's and LeakyRelu's float32 products, both roundings, saturation) on all 65,536 input
+    values, for any exponents and attributes; a table that differs in one entry is refused."""
+    from espquant.simulator.activations import float_function, float_path
+
+    attrs = {"alpha": alpha, "beta": beta} if op_type == "HardSigmoid" else {"alpha": alpha}
+    values = np.arange(-32768, 32768)
+    rounding = "half_even" if half_even else "half_up"
+    table = float_path(float_function(op_type, attrs), values, e_in, e_out, 16, rounding).astype(np.float32)
+    computed = native.Activation.verified(op_type, attrs, (e_in, e_out), half_even, table, -32768)
+    assert computed is not None
+    np.testing.assert_array_equal(computed(values.astype(np.float32).reshape(2, -1)), table.reshape(2, -1))
+    table[12345] += 1
+    assert native.Activation.verified(op_type, attrs, (e_in, e_out), half_even, table, -32768) is None
+    assert native.Activation.verified("Sigmoid", {}, (e_in, e_out), half_even, table, -32768) is None
 
 
 @settings(max_examples=60, deadline=None)

@@ -1589,26 +1589,27 @@ class _RailStep:
 class _NativeStep:
     """Between two segments: an accumulating node computed whole in double (simulator/native.py); it writes
     ``output`` as float32 integers, as a segment would: its own, or that of the nodes it absorbed (a Relu / Clip
-    joining its saturation, then an activation the graph would compute as a table, looked up here)."""
+    joining its saturation, then an activation the graph would compute as a table, looked up or computed value by
+    value here)."""
 
     node: QNode
     inputs: tuple[str, ...]
     output: str
     kernel: Callable[..., np.ndarray]
     fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
-    table: np.ndarray | None = None  # the activation after it, as a table from the lowest value of its width
-    lowest: int = 0
+    # The activation after it (``_activation_after``): its table's lookup or a native.Activation.
+    activation: Callable[[np.ndarray], np.ndarray] | None = None
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         values = self.kernel(*(_as_f32(env[name]) for name in self.inputs))
-        env[self.output] = values if self.table is None else native.lookup(values, self.table, self.lowest)
+        env[self.output] = values if self.activation is None else self.activation(values)
 
-    def absorb(self, follower: QNode, table: np.ndarray | None = None, lowest: int = 0) -> None:
+    def absorb(self, follower: QNode, activation: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """Compute ``follower`` (the only reader of this step's output) here too: a fused clamp (already in the
         requantization) or a tabled activation."""
         self.output, self.fused = follower.outputs[0], self.fused + 1
-        if table is not None:
-            self.table, self.lowest = table, lowest
+        if activation is not None:
+            self.activation = activation
 
 
 class GuardTripped(Exception):
@@ -1884,6 +1885,20 @@ def _table_follower(
     return None if table is None else (node, table)
 
 
+def _activation_after(model: QuantizedModel, node: QNode, table: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """How a native step finishes with the activation ``node`` whose ``table`` (from ``_table_follower``) it
+    absorbed: computed value by value (``native.Activation``) where that equals the table on every input value
+    (the float path of HardSwish, HardSigmoid, LeakyRelu, a rescaling Relu), else looked up in it."""
+    lowest = qmin(model.width(node.inputs[0]))
+    if node.table is None:
+        exponents = (model.exponent(node.inputs[0]), model.exponent(node.outputs[0]))
+        half_even = model.profile.rounding == "half_even"
+        computed = native.Activation.verified(node.op_type, node.attrs, exponents, half_even, table, lowest)
+        if computed is not None:
+            return computed
+    return functools.partial(native.lookup, table=table, lowest=lowest)
+
+
 def _readers(nodes: list[QNode]) -> dict[str, list[QNode]]:
     """The nodes reading each tensor."""
     readers: dict[str, list[QNode]] = {}
@@ -1960,8 +1975,7 @@ def compile_program(
                 absorbed[id(follower)] = 0
             activation = _table_follower(model, native_step.output, readers)
             if activation is not None:
-                lowest = qmin(model.width(native_step.output))
-                native_step.absorb(activation[0], activation[1], lowest)
+                native_step.absorb(activation[0], _activation_after(model, *activation))
                 absorbed[id(activation[0])] = 0
             continue
         if follower is not None and node.op_type in _CLAMPING:
