@@ -194,10 +194,64 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     fast = quantized.run_float({"x": 2 * data})
     program = quantized._programs[(True, None)]
     natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
-    assert [step.activation is not None for step in natives] == [True, True]
-    assert isinstance(natives[0].activation, native.Activation)  # HardSwish: computed value by value
+    assert [len(step.after) for step in natives] == [1, 1]
+    assert isinstance(natives[0].after[0], native.Activation)  # HardSwish: computed value by value
     assert [step.output for step in natives] == ["h", "y"]
     assert program.compiled_nodes == len(quantized.nodes) + 1  # + the input's quantization
+    quantized.compiled = False
+    slow = quantized.run_float({"x": 2 * data})
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
+@pytest.mark.parametrize(
+    ("kernel", "strides", "pads", "native_pools"),
+    [
+        ([2, 2], [2, 2], [0, 0, 0, 0], True),
+        ([3, 3], [2, 2], [1, 1, 1, 1], False),
+        ([2, 2], [1, 2], [0, 0, 0, 0], False),
+    ],
+)
+def test_a_maxpool_after_a_native_convolution_pools_in_the_same_step(rng, target, kernel, strides, pads, native_pools):
+    """Conv -> Relu -> MaxPool -> Conv -> HardSwish -> MaxPool at int16 (an MNIST CNN's blocks) on odd planes: each
+    2x2 MaxPool of stride 2, the only reader of what a native step computes, is pooled by that step (no onnxruntime
+    segment between the two convolutions); other pools stay in onnxruntime. The integers are the interpreter's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from espquant import Calibrator, Evaluator
+
+    weights = {
+        "w1": rng.normal(0, 0.3, (6, 2, 3, 3)).astype(np.float32),
+        "w2": rng.normal(0, 0.3, (5, 6, 3, 3)).astype(np.float32),
+    }
+    pool = {"kernel_shape": kernel, "strides": strides, "pads": pads}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], **pool),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c2"], ["h2"]),
+        helper.make_node("MaxPool", ["h2"], ["y"], **pool),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 13, 11])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    data = rng.normal(0, 1, (4, 2, 13, 11)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
+    fast = quantized.run_float({"x": 2 * data})
+    program = quantized._programs[(True, None)]
+    natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
+    if native_pools:
+        assert [step.output for step in natives] == ["p1", "y"]
+        assert [step.after[-1] for step in natives] == [native.max_pool_2x2] * 2  # the Relu is in the saturation
+    else:
+        assert [step.output for step in natives] == ["r1", "h2"]
     quantized.compiled = False
     slow = quantized.run_float({"x": 2 * data})
     np.testing.assert_array_equal(fast["y"], slow["y"])

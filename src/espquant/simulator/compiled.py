@@ -1543,6 +1543,17 @@ class _Segment:
             self.run = runner(self.session)
             self.proto = None
 
+    def execute(self, env: dict[str, np.ndarray]) -> None:
+        """Run on ``env`` (its inputs read from it, its outputs added); raises GuardTripped when a guard trips."""
+        doubles = self.doubles
+        feeds = {name: _as_f32(env[name]) if name not in doubles else env[name] for name in self.inputs}
+        results = self.run(self.fetches, feeds)
+        if self.guards:
+            tripped = [n for n, g in zip(self.guard_nodes, results[len(self.outputs) :]) if bool(g)]
+            if tripped:
+                raise GuardTripped(tripped)
+        env.update(zip(self.outputs, results))
+
     @functools.cached_property
     def handed_on(self) -> list[str]:
         """The outputs later steps read as integers (not the sums and flags only a rail step reads, nor floats)."""
@@ -1590,26 +1601,29 @@ class _NativeStep:
     """Between two segments: an accumulating node computed whole in double (simulator/native.py); it writes
     ``output`` as float32 integers, as a segment would: its own, or that of the nodes it absorbed (a Relu / Clip
     joining its saturation, then an activation the graph would compute as a table, looked up or computed value by
-    value here)."""
+    value here, then a MaxPool)."""
 
     node: QNode
     inputs: tuple[str, ...]
     output: str
     kernel: Callable[..., np.ndarray]
-    fused: int = 0  # the Relu / Clip and tabled activation nodes computed here too
-    # The activation after it (``_activation_after``): its table's lookup or a native.Activation.
-    activation: Callable[[np.ndarray], np.ndarray] | None = None
+    fused: int = 0  # the Relu / Clip, activation and MaxPool nodes computed here too
+    # What the absorbed nodes do to the kernel's output, in order: an activation (``_activation_after``: its
+    # table's lookup or a native.Activation), a 2x2 MaxPool. A fused clamp is in the kernel's saturation.
+    after: list[Callable[[np.ndarray], np.ndarray]] = field(default_factory=list)
 
     def run(self, env: dict[str, np.ndarray]) -> None:
         values = self.kernel(*(_as_f32(env[name]) for name in self.inputs))
-        env[self.output] = values if self.activation is None else self.activation(values)
+        for finish in self.after:
+            values = finish(values)
+        env[self.output] = values
 
-    def absorb(self, follower: QNode, activation: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    def absorb(self, follower: QNode, finish: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """Compute ``follower`` (the only reader of this step's output) here too: a fused clamp (already in the
-        requantization) or a tabled activation."""
+        requantization), or what ``finish`` computes (an activation, a MaxPool)."""
         self.output, self.fused = follower.outputs[0], self.fused + 1
-        if activation is not None:
-            self.activation = activation
+        if finish is not None:
+            self.after.append(finish)
 
 
 class GuardTripped(Exception):
@@ -1684,13 +1698,7 @@ class CompiledProgram:
                 from_segments.add(step.output)
                 continue
             if isinstance(step, _Segment):
-                feeds = {name: _as_f32(env[name]) if name not in step.doubles else env[name] for name in step.inputs}
-                results = step.run(step.fetches, feeds)
-                if step.guards:
-                    tripped = [n for n, g in zip(step.guard_nodes, results[len(step.outputs) :]) if bool(g)]
-                    if tripped:
-                        raise GuardTripped(tripped)
-                env.update(zip(step.outputs, results))
+                step.execute(env)
                 from_segments.update(step.handed_on)
                 continue
             for name in step.inputs:
@@ -1720,16 +1728,8 @@ class CompiledProgram:
         for step in self.steps:
             if step.__class__ is _NativeStep:
                 step.run(env)  # type: ignore[union-attr]
-                continue
-            segment: _Segment = step  # type: ignore[assignment]
-            doubles = segment.doubles
-            feeds = {name: _as_f32(env[name]) if name not in doubles else env[name] for name in segment.inputs}
-            results = segment.run(segment.fetches, feeds)
-            if segment.guards:
-                tripped = [n for n, g in zip(segment.guard_nodes, results[len(segment.outputs) :]) if bool(g)]
-                if tripped:
-                    raise GuardTripped(tripped)
-            env.update(zip(segment.outputs, results))
+            else:
+                step.execute(env)  # type: ignore[union-attr]
         integers = self.integer_results
         for name in integers if wanted is None else wanted:
             if name in integers:
@@ -1899,6 +1899,26 @@ def _activation_after(model: QuantizedModel, node: QNode, table: np.ndarray) -> 
     return functools.partial(native.lookup, table=table, lowest=lowest)
 
 
+def _pool_follower(
+    model: QuantizedModel, tensor: str, readers: dict[str, list[QNode]]
+) -> tuple[QNode, Callable[[np.ndarray], np.ndarray]] | None:
+    """The MaxPool a native step may finish with: the only reader of ``tensor`` (no model output), a 2x2 pool of
+    stride 2 without padding, indices or ceil mode (``native.max_pool_2x2``; other pools stay in onnxruntime,
+    whose own kernel is faster than a general one here)."""
+    found = readers.get(tensor, [])
+    if len(found) != 1 or tensor in model.outputs or found[0].op_type != "MaxPool":
+        return None
+    node = found[0]
+    if node.inputs[0] != tensor or (len(node.outputs) > 1 and node.outputs[1]):
+        return None
+    try:
+        attrs = _pool_attrs(node)
+    except _Refused:
+        return None
+    plain = attrs["kernel_shape"] == [2, 2] and attrs["strides"] == [2, 2] and not any(attrs["pads"])
+    return (node, native.max_pool_2x2) if plain else None
+
+
 def _readers(nodes: list[QNode]) -> dict[str, list[QNode]]:
     """The nodes reading each tensor."""
     readers: dict[str, list[QNode]] = {}
@@ -1977,6 +1997,10 @@ def compile_program(
             if activation is not None:
                 native_step.absorb(activation[0], _activation_after(model, *activation))
                 absorbed[id(activation[0])] = 0
+            pool = _pool_follower(model, native_step.output, readers)
+            if pool is not None:
+                native_step.absorb(pool[0], pool[1])
+                absorbed[id(pool[0])] = 0
             continue
         if follower is not None and node.op_type in _CLAMPING:
             absorbed[id(follower)] = 1

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Activation", "Conv", "Product", "Requantize", "Rows", "lookup"]
+__all__ = ["AVAILABLE", "Activation", "Conv", "Product", "Requantize", "Rows", "lookup", "max_pool_2x2"]
 
 F32 = np.float32
 F64 = np.float64
@@ -570,6 +570,29 @@ def _product_plan(
         return shape, None
     pad = (1,) * (3 - len(merged_out))
     return shape, (pad + tuple(merged_a), pad + tuple(merged_b), pad + tuple(merged_out))
+
+
+@_jit
+def _max_pool_2x2(x: np.ndarray, out: np.ndarray) -> None:
+    """``out[n, c, i, j] = max(x[n, c, 2i : 2i + 2, 2j : 2j + 2])``: the 2x2 MaxPool of stride 2 without padding, in
+    one loop per output row with the stride written out (it vectorizes; a general kernel with the window's
+    bounds in variables ran 4x slower than onnxruntime's own)."""
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            plane, target = x[n, c], out[n, c]
+            for i in range(out.shape[2]):
+                a, b, row = plane[2 * i], plane[2 * i + 1], target[i]
+                for j in range(out.shape[3]):
+                    row[j] = max(max(a[2 * j], a[2 * j + 1]), max(b[2 * j], b[2 * j + 1]))
+
+
+def max_pool_2x2(x: np.ndarray) -> np.ndarray:
+    """The 2x2 MaxPool of stride 2 without padding of float32 integers ``(N, C, H, W)`` (odd sizes drop their last
+    row or column, as ONNX's floor mode does): what a native step that computed the pooled tensor pools it with,
+    instead of ending for a one-node onnxruntime segment (about 35 us a call at batch 1 on an MNIST CNN)."""
+    out = np.empty((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), F32)
+    _max_pool_2x2(np.ascontiguousarray(x, dtype=F32), out)
+    return out
 
 
 # The activations :class:`Activation` computes value by value (``activations.float_function``'s definitions).
