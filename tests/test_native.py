@@ -132,9 +132,9 @@ def test_rows_equal_the_int64_reference(seed, shape, columns, shift, half_even):
 
 
 def test_int16_models_run_their_accumulating_nodes_natively():
-    """The shipped MNIST CNN at int16: every Conv becomes a native step (its 10-class Gemm, 15,680 products a
-    sample, stays in its segment in double), equal to the interpreter and to the digit-split graphs they replace
-    (compiled.NATIVE off)."""
+    """The shipped MNIST CNN at int16: every Conv becomes a native step, its input quantized natively too (its
+    10-class Gemm, 15,680 products a sample, stays in its segment in double), equal to the interpreter and to the
+    digit-split graphs they replace (compiled.NATIVE off)."""
     import onnx
 
     from espquant import Calibrator, Evaluator
@@ -155,10 +155,16 @@ def test_int16_models_run_their_accumulating_nodes_natively():
             if native_on:
                 program = quantized._programs[(True, None)]
                 kinds = {node.op_type for node in program.native_nodes}
-                assert kinds == {"Conv"} and not program.interpreted_nodes
+                assert kinds == {"Conv", compiled.QUANTIZE_INPUT} and not program.interpreted_nodes
         for name in runs[0]:
             np.testing.assert_array_equal(runs[0][name], runs[2][name])
             np.testing.assert_array_equal(runs[1][name], runs[2][name])
+
+
+def _layer_steps(program: compiled.CompiledProgram) -> list[compiled._NativeStep]:
+    """The program's native steps of layers (not the input's quantization)."""
+    steps = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
+    return [step for step in steps if step.node.op_type != compiled.QUANTIZE_INPUT]
 
 
 @pytest.mark.parametrize("target", ["esp32s3", "esp32p4", "esp32c3"])
@@ -193,7 +199,7 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
     fast = quantized.run_float({"x": 2 * data})
     program = quantized._programs[(True, None)]
-    natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
+    natives = _layer_steps(program)
     assert [len(step.after) for step in natives] == [1, 1]
     assert isinstance(natives[0].after[0], native.Activation)  # HardSwish: computed value by value
     assert [step.output for step in natives] == ["h", "y"]
@@ -201,6 +207,59 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     quantized.compiled = False
     slow = quantized.run_float({"x": 2 * data})
     np.testing.assert_array_equal(fast["y"], slow["y"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    exponent=st.integers(-20, 4),
+    bits=st.sampled_from([8, 16]),
+    half_even=st.booleans(),
+)
+def test_the_native_input_quantization_equals_the_reference(seed, exponent, bits, half_even):
+    """``native.Quantize`` is ``kernels.quantize_float``: float32 product, half-up as floor in double or
+    half-even, saturation; on ties (``k + 0.5`` times the step), values just beside them, huge and tiny values."""
+    from espquant.quant.profiles import get_target
+    from espquant.simulator import kernels
+
+    rng = np.random.default_rng(seed)
+    step = 2.0**exponent
+    ties = (rng.integers(-(2**bits), 2**bits, 300) + 0.5) * step
+    x = np.concatenate([ties, np.nextafter(ties, 0), np.nextafter(ties, np.inf), rng.normal(0, 2**bits * step, 300),
+                        [0.0, -0.0, 1e30, -1e30, 1e-30, 3.4e38]]).astype(np.float32)  # fmt: skip
+    profile = get_target("esp32p4" if half_even else "esp32s3")
+    assert (profile.rounding == "half_even") == half_even
+    want = kernels.quantize_float(x, e_out=exponent, bits=bits, profile=profile)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    got = native.Quantize(2.0**-exponent, half_even, low, high)(x.reshape(3, -1)).reshape(-1)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_an_int16_model_quantizes_its_input_in_a_native_step(rng):
+    """A model whose first layer is a native step (an int16 Conv) quantizes its input natively too: the program
+    starts with no onnxruntime segment, and its integers are the interpreter's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from espquant import Calibrator, Evaluator
+
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    data = rng.normal(0, 1, (5, 3, 9, 9)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    quantized = Evaluator("int16", "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    fast = quantized.run_float({"x": 3 * data})
+    steps = quantized._programs[(True, None)].steps
+    assert [type(step).__name__ for step in steps] == ["_NativeStep", "_NativeStep"]
+    assert isinstance(steps[0].kernel, native.Quantize)
+    quantized.compiled = False
+    np.testing.assert_array_equal(fast["y"], quantized.run_float({"x": 3 * data})["y"])
 
 
 @pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
@@ -246,7 +305,7 @@ def test_a_maxpool_after_a_native_convolution_pools_in_the_same_step(rng, target
     quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
     fast = quantized.run_float({"x": 2 * data})
     program = quantized._programs[(True, None)]
-    natives = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
+    natives = _layer_steps(program)
     if native_pools:
         assert [step.output for step in natives] == ["p1", "y"]
         assert [step.after[-1] for step in natives] == [native.max_pool_2x2] * 2  # the Relu is in the saturation

@@ -40,8 +40,10 @@ def shift_round(acc: np.ndarray, shift: int | np.ndarray, rounding: str) -> np.n
 
 
 def round_float(values: np.ndarray, rounding: str) -> np.ndarray:
-    """``R(v)``: float -> integer with the profile's rounding (half-up: floor(v + 0.5) in double)."""
-    values = np.asarray(values)
+    """``R(v)``: float -> integer with the profile's rounding (half-up: floor(v + 0.5) in double). Values beyond
+    +-2**62 become +-2**62 first: every width saturates them anyway, and converting them to int64 as they are
+    would wrap (1e30 came out as the lowest int64, an input saturating to -128 instead of 127)."""
+    values = np.clip(np.asarray(values), -(2.0**62), 2.0**62)
     if rounding == "half_up":
         return np.floor(values.astype(np.float64) + 0.5).astype(np.int64)
     if rounding == "half_even":
