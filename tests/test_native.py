@@ -161,6 +161,33 @@ def test_int16_models_run_their_accumulating_nodes_natively():
             np.testing.assert_array_equal(runs[1][name], runs[2][name])
 
 
+def _int16_runs(rng, nodes, weights, shape, target):
+    """A graph of ``nodes`` from input ``x`` (``shape`` per sample) to output ``y`` with float ``weights``,
+    calibrated at int16 on normal data and run on twice that data (some values saturate): ``(quantized model, its
+    compiled program, compiled output, interpreted output)``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from espquant import Calibrator, Evaluator
+
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    data = rng.normal(0, 1, (5, *shape)).astype(np.float32)
+    table = Calibrator("int16").calibrate(model, data).table
+    quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
+    fast = quantized.run_float({"x": 2 * data})["y"]
+    program = quantized._programs[(True, None)]
+    quantized.compiled = False
+    slow = quantized.run_float({"x": 2 * data})["y"]
+    quantized.compiled = True
+    return quantized, program, fast, slow
+
+
 def _layer_steps(program: compiled.CompiledProgram) -> list[compiled._NativeStep]:
     """The program's native steps of layers (not the input's quantization)."""
     steps = [step for step in program.steps if isinstance(step, compiled._NativeStep)]
@@ -172,41 +199,22 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     """Conv -> HardSwish -> Conv -> Sigmoid at int16 (MobileNetV3's blocks): each activation, the only reader
     of its convolution, is the table of the interpreter's own step, applied by the native step itself (no
     onnxruntime segment between the two convolutions); the integers are the interpreter's."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from espquant import Calibrator, Evaluator
-
-    weights = {
-        "w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32),
-        "w2": rng.normal(0, 0.3, (1, 8, 3, 3)).astype(np.float32),
-    }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("HardSwish", ["c1"], ["h"]),
         helper.make_node("Conv", ["h", "w2"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("Sigmoid", ["c2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 10, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 10, 10])],
-        [numpy_helper.from_array(v, k) for k, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    data = rng.normal(0, 1, (6, 3, 10, 10)).astype(np.float32)
-    table = Calibrator("int16").calibrate(model, data).table
-    quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
-    fast = quantized.run_float({"x": 2 * data})
-    program = quantized._programs[(True, None)]
+    weights = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "w2": rng.normal(0, 0.3, (1, 8, 3, 3))}
+    quantized, program, fast, slow = _int16_runs(rng, nodes, weights, (3, 10, 10), target)
     natives = _layer_steps(program)
     assert [len(step.after) for step in natives] == [1, 1]
     assert isinstance(natives[0].after[0], native.Activation)  # HardSwish: computed value by value
     assert [step.output for step in natives] == ["h", "y"]
     assert program.compiled_nodes == len(quantized.nodes) + 1  # + the input's quantization
-    quantized.compiled = False
-    slow = quantized.run_float({"x": 2 * data})
-    np.testing.assert_array_equal(fast["y"], slow["y"])
+    np.testing.assert_array_equal(fast, slow)
 
 
 @settings(max_examples=40, deadline=None)
@@ -217,7 +225,7 @@ def test_activations_after_a_native_convolution_are_looked_up_in_the_same_step(r
     half_even=st.booleans(),
 )
 def test_the_native_input_quantization_equals_the_reference(seed, exponent, bits, half_even):
-    """``native.Quantize`` is ``kernels.quantize_float``: float32 product, half-up as floor in double or
+    """``native.Activation.quantizer`` is ``kernels.quantize_float``: float32 product, half-up as floor in double or
     half-even, saturation; on ties (``k + 0.5`` times the step), values just beside them, huge and tiny values."""
     from espquant.quant.profiles import get_target
     from espquant.simulator import kernels
@@ -231,36 +239,20 @@ def test_the_native_input_quantization_equals_the_reference(seed, exponent, bits
     assert (profile.rounding == "half_even") == half_even
     with np.errstate(over="ignore"):  # 3.4e38 times 2**20 is inf in float32: saturated, as on the chip
         want = kernels.quantize_float(x, e_out=exponent, bits=bits, profile=profile)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    got = native.Quantize(2.0**-exponent, half_even, low, high)(x.reshape(3, -1)).reshape(-1)
+    got = native.Activation.quantizer(exponent, half_even, bits)(x.reshape(3, -1)).reshape(-1)
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
 def test_an_int16_model_quantizes_its_input_in_a_native_step(rng):
     """A model whose first layer is a native step (an int16 Conv) quantizes its input natively too: the program
     starts with no onnxruntime segment, and its integers are the interpreter's."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from espquant import Calibrator, Evaluator
-
-    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    data = rng.normal(0, 1, (5, 3, 9, 9)).astype(np.float32)
-    table = Calibrator("int16").calibrate(model, data).table
-    quantized = Evaluator("int16", "per-tensor", "esp32s3").generate_quantized_model(model, table)
-    fast = quantized.run_float({"x": 3 * data})
-    steps = quantized._programs[(True, None)].steps
-    assert [type(step).__name__ for step in steps] == ["_NativeStep", "_NativeStep"]
-    assert isinstance(steps[0].kernel, native.Quantize)
-    quantized.compiled = False
-    np.testing.assert_array_equal(fast["y"], quantized.run_float({"x": 3 * data})["y"])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])]
+    _, program, fast, slow = _int16_runs(rng, nodes, {"w": rng.normal(0, 0.3, (4, 3, 3, 3))}, (3, 9, 9), "esp32s3")
+    assert [type(step).__name__ for step in program.steps] == ["_NativeStep", "_NativeStep"]
+    assert program.steps[0].kernel.kind == native.IDENTITY  # the input's quantization
+    np.testing.assert_array_equal(fast, slow)
 
 
 @pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
@@ -276,14 +268,8 @@ def test_a_maxpool_after_a_native_convolution_pools_in_the_same_step(rng, target
     """Conv -> Relu -> MaxPool -> Conv -> HardSwish -> MaxPool at int16 (an MNIST CNN's blocks) on odd planes: each
     2x2 MaxPool of stride 2, the only reader of what a native step computes, is pooled by that step (no onnxruntime
     segment between the two convolutions); other pools stay in onnxruntime. The integers are the interpreter's."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    from espquant import Calibrator, Evaluator
-
-    weights = {
-        "w1": rng.normal(0, 0.3, (6, 2, 3, 3)).astype(np.float32),
-        "w2": rng.normal(0, 0.3, (5, 6, 3, 3)).astype(np.float32),
-    }
     pool = {"kernel_shape": kernel, "strides": strides, "pads": pads}
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
@@ -293,28 +279,15 @@ def test_a_maxpool_after_a_native_convolution_pools_in_the_same_step(rng, target
         helper.make_node("HardSwish", ["c2"], ["h2"]),
         helper.make_node("MaxPool", ["h2"], ["y"], **pool),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 13, 11])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(v, k) for k, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    data = rng.normal(0, 1, (4, 2, 13, 11)).astype(np.float32)
-    table = Calibrator("int16").calibrate(model, data).table
-    quantized = Evaluator("int16", "per-tensor", target).generate_quantized_model(model, table)
-    fast = quantized.run_float({"x": 2 * data})
-    program = quantized._programs[(True, None)]
+    weights = {"w1": rng.normal(0, 0.3, (6, 2, 3, 3)), "w2": rng.normal(0, 0.3, (5, 6, 3, 3))}
+    _, program, fast, slow = _int16_runs(rng, nodes, weights, (2, 13, 11), target)
     natives = _layer_steps(program)
     if native_pools:
         assert [step.output for step in natives] == ["p1", "y"]
         assert [step.after[-1] for step in natives] == [native.max_pool_2x2] * 2  # the Relu is in the saturation
     else:
         assert [step.output for step in natives] == ["r1", "h2"]
-    quantized.compiled = False
-    slow = quantized.run_float({"x": 2 * data})
-    np.testing.assert_array_equal(fast["y"], slow["y"])
+    np.testing.assert_array_equal(fast, slow)
 
 
 @settings(max_examples=40, deadline=None)

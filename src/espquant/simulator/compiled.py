@@ -2016,15 +2016,16 @@ def compile_program(
 def _quantized_natively(
     model: QuantizedModel, step: _Segment | _RailStep | _NativeStep | QNode, quantizers: dict[str, QNode]
 ) -> _Segment | _RailStep | _NativeStep | QNode:
-    """``step``, or a native step (``native.Quantize``) where it is a segment that only quantizes an input: the
-    one before an int16 model's first native layer, whose onnxruntime call cost more than the quantization."""
+    """``step``, or a native step (``native.Activation.quantizer``) where it is a segment that only quantizes an
+    input: the one before an int16 model's first native layer, whose onnxruntime call cost more than the
+    quantization."""
     if not isinstance(step, _Segment) or step.nodes != 1 or step.guards or not NATIVE or not native.AVAILABLE:
         return step
     node = quantizers.get(step.outputs[0]) if len(step.outputs) == 1 else None
     if node is None or step.inputs != node.inputs[:1]:
         return step
-    bits, half_even = model.width(node.outputs[0]), model.profile.rounding == "half_even"
-    quantize = native.Quantize(2.0 ** -model.exponent(node.outputs[0]), half_even, qmin(bits), qmax(bits))
+    half_even = model.profile.rounding == "half_even"
+    quantize = native.Activation.quantizer(model.exponent(node.outputs[0]), half_even, model.width(node.outputs[0]))
     return _NativeStep(node, tuple(node.inputs[:1]), node.outputs[0], quantize)
 
 

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Activation", "Conv", "Product", "Quantize", "Requantize", "Rows", "lookup", "max_pool_2x2"]
+__all__ = ["AVAILABLE", "Activation", "Conv", "Product", "Requantize", "Rows", "lookup", "max_pool_2x2"]
 
 F32 = np.float32
 F64 = np.float64
@@ -595,8 +595,9 @@ def max_pool_2x2(x: np.ndarray) -> np.ndarray:
     return out
 
 
-# The activations :class:`Activation` computes value by value (``activations.float_function``'s definitions).
-HARD_SWISH, HARD_SIGMOID, LEAKY_RELU, RELU = 0, 1, 2, 3
+# The activations :class:`Activation` computes value by value (``activations.float_function``'s definitions), and
+# the identity: the device's input quantization (``Activation.quantizer``).
+HARD_SWISH, HARD_SIGMOID, LEAKY_RELU, RELU, IDENTITY = 0, 1, 2, 3, 4
 ACTIVATION_KINDS = {"HardSwish": HARD_SWISH, "HardSigmoid": HARD_SIGMOID, "LeakyRelu": LEAKY_RELU, "Relu": RELU}
 
 
@@ -617,7 +618,8 @@ def _jit_exact(function: Any) -> Any:
 def _activate(values: np.ndarray, kind: int, alpha: float, beta: float, scale_in: float, scale_out: float,
               half_even: bool, low: float, high: float, out: np.ndarray) -> None:  # fmt: skip
     """``out = sat(R(f32(f(f32(q 2**e_in))) 2**-e_out))`` per value, the int16 float path (``activations.float_path``)
-    with ``f`` one of the ``ACTIVATION_KINDS``, each operation in the precision numpy takes it in there."""
+    with ``f`` one of the ``ACTIVATION_KINDS``, each operation in the precision numpy takes it in there; or the
+    identity on float inputs (``e_out = 0``: the input quantization ``kernels.quantize_float``)."""
     a, b = np.float32(alpha), np.float32(beta)
     for k in range(values.shape[0]):
         x = np.float32(values[k] * np.float32(scale_in))
@@ -632,11 +634,13 @@ def _activate(values: np.ndarray, kind: int, alpha: float, beta: float, scale_in
             y = u if u < np.float32(1.0) else np.float32(1.0)
         elif kind == LEAKY_RELU:
             y = x if x >= np.float32(0.0) else np.float32(x * a)
-        else:
+        elif kind == RELU:
             y = x if x > np.float32(0.0) else np.float32(0.0)
+        else:
+            y = x
         scaled = np.float32(y * np.float32(scale_out))
         r = np.float64(np.rint(scaled)) if half_even else np.floor(np.float64(scaled) + 0.5)
-        r = r if r > low else low
+        r = r if r > low else low  # NaN (an unchecked input) saturates low, as the reference's int64 conversion
         out[k] = r if r < high else high
 
 
@@ -646,7 +650,7 @@ class Activation:
     input value (65,536 float32 entries at int16, 256 KB: cold in the cache after the layer's own sums, the
     lookups cost PP-OCR's classifier a fifth of its int16 time at batch 1; computing them took 13 % off the
     whole run, measured alternately in one process). :meth:`verified` builds one only where it equals that
-    table on every input value."""
+    table on every input value; :meth:`quantizer` is the identity that quantizes a float input."""
 
     kind: int
     alpha: float
@@ -680,34 +684,14 @@ class Activation:
         values = np.arange(lowest, lowest + table.size, dtype=F32)
         return found if np.array_equal(found(values), table) else None
 
-
-@_jit_exact
-def _quantize(x: np.ndarray, scale: float, half_even: bool, low: float, high: float, out: np.ndarray) -> None:
-    """``out = sat(R(f32(x) f32(2**-e)))`` per value (``kernels.quantize_float``: half-up as floor in double)."""
-    factor = np.float32(scale)
-    for k in range(x.shape[0]):
-        v = np.float32(x[k] * factor)
-        r = np.float64(np.rint(v)) if half_even else np.floor(np.float64(v) + 0.5)
-        r = r if r > low else low  # NaN (unchecked input) saturates low, as the int64 conversion of the reference
-        out[k] = r if r < high else high
-
-
-@dataclass(frozen=True)
-class Quantize:
-    """The device's input quantization ``q = sat(R(x 2**-e))`` of float inputs, as float32 integers: a model
-    whose first layer is a native step quantizes its input here instead of in a one-node onnxruntime segment
-    (its fixed cost, about 30-40 us a call at batch 1, was a tenth of a small int16 model's run)."""
-
-    scale: float  # 2**-e
-    half_even: bool
-    low: float
-    high: float
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty(x.shape, F32)
-        _quantize(np.ascontiguousarray(x, dtype=F32).reshape(-1), self.scale, self.half_even, self.low, self.high,
-                  out.reshape(-1))  # fmt: skip
-        return out
+    @classmethod
+    def quantizer(cls, exponent: int, half_even: bool, bits: int) -> Activation:
+        """The device's input quantization ``q = sat(R(f32(x) f32(2**-e)))`` of float inputs (``kernels.
+        quantize_float``): a model whose first layer is a native step quantizes its input so, not in a one-node
+        onnxruntime segment (its fixed cost, about 30-40 us a call at batch 1, was a tenth of a small int16
+        model's run)."""
+        high = float(2 ** (bits - 1) - 1)
+        return cls(IDENTITY, 0.0, 0.0, 2.0**-exponent, 1.0, half_even, -high - 1, high)
 
 
 @_jit
