@@ -98,6 +98,7 @@ class _Builder:
     types: dict[str, int] = field(default_factory=dict)  # TensorProto type of non-float32 inputs / outputs
     pending: tuple[Any, Callable[[_Builder], None]] | None = None  # a rail step and the node's finishing part
     clamps: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # see _clamp_fusions
+    quantized_input: QNode | None = None  # the input quantization lowered here, if any (see _segment)
 
     def fresh(self, hint: str) -> str:
         """A new tensor name, unique across segments too (a rail step hands one segment's sums to the next)."""
@@ -1448,6 +1449,7 @@ def _round_saturate(b: _Builder, values: str, output: str) -> None:
 def _lower_quantize_input(b: _Builder, node: QNode) -> None:
     """``QuantizedModel.quantize_input``; the input is float (fed as float32, as quantize_input converts it)."""
     b.consumed.append(node.inputs[0])
+    b.quantized_input = node
     _quantize(b, node.inputs[0], b.model.exponent(node.outputs[0]), node.outputs[0])
 
 
@@ -1940,7 +1942,7 @@ def compile_program(
         needed_after.append(set(live))
         live |= {t for t in node.inputs if t}
     needed_after.reverse()
-    steps: list[_Segment | _RailStep | QNode] = []
+    steps: list[_Segment | _RailStep | _NativeStep | QNode] = []
     ranges = _value_ranges(model, nodes)
 
     readers = _readers(nodes)
@@ -2009,33 +2011,26 @@ def compile_program(
         builder.produced.update(t for t in node.outputs if t)
     if builder.nodes:
         steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
-    quantizers = {node.outputs[0]: node for node in nodes if node.op_type == QUANTIZE_INPUT}
-    return CompiledProgram([_quantized_natively(model, step, quantizers) for step in steps])
+    return CompiledProgram(steps)
 
 
-def _quantized_natively(
-    model: QuantizedModel, step: _Segment | _RailStep | _NativeStep | QNode, quantizers: dict[str, QNode]
-) -> _Segment | _RailStep | _NativeStep | QNode:
-    """``step``, or a native step (``native.Activation.quantizer``) where it is a segment that only quantizes an
-    input: the one before an int16 model's first native layer, whose onnxruntime call cost more than the
-    quantization."""
-    if not isinstance(step, _Segment) or step.nodes != 1 or step.guards or not NATIVE or not native.AVAILABLE:
-        return step
-    node = quantizers.get(step.outputs[0]) if len(step.outputs) == 1 else None
-    if node is None or step.inputs != node.inputs[:1]:
-        return step
-    half_even = model.profile.rounding == "half_even"
-    quantize = native.Activation.quantizer(model.exponent(node.outputs[0]), half_even, model.width(node.outputs[0]))
-    return _NativeStep(node, tuple(node.inputs[:1]), node.outputs[0], quantize)
-
-
-def _segment(builder: _Builder, outputs: list[str], threads: int | None, count: int) -> list[_Segment]:
-    """The segment's session, or nothing when no later step reads what it computes (dead nodes)."""
+def _segment(
+    builder: _Builder, outputs: list[str], threads: int | None, count: int
+) -> list[_Segment] | list[_NativeStep]:
+    """The segment's session, or nothing when no later step reads what it computes (dead nodes), or a native step
+    (``native.Activation.quantizer``) when all it would do is quantize an input: the segment before an int16
+    model's first native layer, whose onnxruntime call cost more than the quantization."""
     from espquant.runtime import create_session
 
     outputs = list(dict.fromkeys(outputs + builder.exports))
     if not outputs and not builder.guards:
         return []
+    node = builder.quantized_input
+    if count == 1 and node is not None and outputs == node.outputs[:1] and NATIVE and native.AVAILABLE:
+        m = builder.model
+        half_even = m.profile.rounding == "half_even"
+        quantize = native.Activation.quantizer(m.exponent(node.outputs[0]), half_even, m.width(node.outputs[0]))
+        return [_NativeStep(node, tuple(node.inputs[:1]), node.outputs[0], quantize)]
     inputs = list(dict.fromkeys(t for t in builder.consumed if t not in builder.produced))
 
     def info(name: str) -> onnx.ValueInfoProto:
