@@ -84,12 +84,14 @@ def test_hand_worked_depthwise_and_rows():
     shift=st.integers(-2, 34),
     half_even=st.booleans(),
     relu=st.booleans(),
+    layouts=st.tuples(st.booleans(), st.booleans(), st.sampled_from([None, True, False])),
 )
 def test_every_kernel_equals_the_int64_reference(
-    seed, depthwise, kernel, strides, pads, dilations, size, channels, shift, half_even, relu
+    seed, depthwise, kernel, strides, pads, dilations, size, channels, shift, half_even, relu, layouts
 ):
-    """Depthwise (plane and pixel kernels), few-tap planes, 1x1 rows, im2col + BLAS: full-range int16 values,
-    any geometry, shifts that round (ties included), shift left and saturate."""
+    """Depthwise (plane and channels-last pixel kernels), few-tap planes, 1x1 rows, im2col + BLAS: full-range
+    int16 values, any geometry, shifts that round (ties included), shift left and saturate; tensors read and
+    written channels first or last, computed in either layout (``native.Conv.takes_last`` ...)."""
     rng = np.random.default_rng(seed)
     height, width = size
     kh, kw = kernel
@@ -105,9 +107,12 @@ def test_every_kernel_equals_the_int64_reference(
         start = start + (1 << (shift - 1))
     low = 0 if relu else -32768
     requantize = _requantize(outputs, start, shift, half_even, low=low)
-    got = native.Conv(w, list(strides), list(pads), list(dilations), depthwise, requantize)(x.astype(np.float32))
+    conv = native.Conv(w, list(strides), list(pads), list(dilations), depthwise, requantize)
+    conv.takes_last, conv.gives_last, conv.computes_last = layouts
+    given_x = x.transpose(0, 2, 3, 1) if conv.takes_last else x
+    got = conv(given_x.astype(np.float32))
     want = _reference_conv(x, w, start, shift, half_even, strides, pads, dilations, depthwise, low=low)
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, want.transpose(0, 2, 3, 1) if conv.gives_last else want)
     assert got.dtype == np.float32
 
 
@@ -287,6 +292,45 @@ def test_a_maxpool_after_a_native_convolution_pools_in_the_same_step(rng, target
         assert [step.after[-1] for step in natives] == [native.max_pool_2x2] * 2  # the Relu is in the saturation
     else:
         assert [step.output for step in natives] == ["r1", "h2"]
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize("target", ["esp32s3", "esp32p4"])
+def test_native_convolutions_pass_channels_last_tensors_between_them(rng, target):
+    """A depthwise-separable stack at int16 (1x1 expansion -> Relu -> strided 3x3 depthwise -> 1x1 projection ->
+    HardSwish -> 2x2 MaxPool -> depthwise on a narrow plane -> Conv read by two layers): the tensors that one
+    native convolution computes channels last and only native convolutions read stay channels last (no
+    transposes between them), the pool pools them channels last, the tensor onnxruntime reads (the Add) and the
+    output stay channels first; the integers are the interpreter's."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["e1"]),
+        helper.make_node("Relu", ["e1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["d2"], group=16, pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["d2", "w3"], ["p3"]),
+        helper.make_node("HardSwish", ["p3"], ["h3"]),
+        helper.make_node("MaxPool", ["h3"], ["m3"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["m3", "w4"], ["d4"], group=24, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["d4", "w5"], ["a5"]),
+        helper.make_node("Conv", ["d4", "w6"], ["b5"]),
+        helper.make_node("Add", ["a5", "b5"], ["y"]),
+    ]
+    weights = {
+        "w1": rng.normal(0, 0.3, (16, 8, 1, 1)),
+        "w2": rng.normal(0, 0.3, (16, 1, 3, 3)),
+        "w3": rng.normal(0, 0.3, (24, 16, 1, 1)),
+        "w4": rng.normal(0, 0.3, (24, 1, 3, 3)),
+        "w5": rng.normal(0, 0.3, (20, 24, 1, 1)),
+        "w6": rng.normal(0, 0.3, (20, 24, 1, 1)),
+    }
+    _, program, fast, slow = _int16_runs(rng, nodes, weights, (8, 28, 24), target)  # 1x1 layers large enough
+    steps = {step.node.outputs[0]: step.kernel for step in _layer_steps(program)}  # for native steps (_tiny)
+    assert set(steps) == {"r1", "d2", "p3", "d4", "a5", "b5"}  # the Relu fused into the first layer
+    assert {name for name, conv in steps.items() if conv.gives_last} == {"r1", "d2", "p3", "d4"}
+    assert {name for name, conv in steps.items() if conv.takes_last} == {"d2", "p3", "d4", "a5", "b5"}
+    pooling = next(step for step in _layer_steps(program) if step.output == "m3")
+    assert pooling.after[-1] is native.max_pool_2x2_channels_last
     np.testing.assert_array_equal(fast, slow)
 
 

@@ -2011,7 +2011,72 @@ def compile_program(
         builder.produced.update(t for t in node.outputs if t)
     if builder.nodes:
         steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
+    _chain_channels_last(steps, set(model.outputs))
     return CompiledProgram(steps)
+
+
+def _chain_channels_last(steps: list[_Segment | _RailStep | _NativeStep | QNode], outputs: set[str]) -> None:
+    """Choose the layout each native convolution computes in (``native.Conv.computes_last``) and keep channels
+    last (``gives_last`` / ``takes_last``) each tensor one of them computes channels last and only native
+    convolutions read: a MobileNet block's 1x1 expansion, depthwise layer and 1x1 projection, or a
+    depthwise-separable CNN, then chain without transposing in between. In program order, from the float model's
+    plane sizes (``native.Conv.layout``): a depthwise layer computes channels last when its input is or its
+    output plane is narrow; a 1x1 layer through BLAS when its input is or every reader prefers it. A tensor any
+    other step reads (an onnxruntime segment, the interpreter, the caller) stays in ONNX's layout. The layouts
+    only move the work, never the integers (native.Conv transposes what it needs)."""
+    readers: dict[str, list[object]] = {}
+    for step in steps:
+        for name in _reads(step):
+            readers.setdefault(name, []).append(step)
+    chained: set[str] = set()
+    for step in steps:
+        conv = _native_conv(step)
+        if conv is None:
+            continue
+        assert isinstance(step, _NativeStep)
+        conv.takes_last = step.inputs[0] in chained
+        plane = _static_plane(step)
+        if plane is None:
+            continue
+        layout = conv.layout(*plane)
+        found = readers.get(step.output, [])
+        chainable = bool(found) and step.output not in outputs and all(_native_conv(r) is not None for r in found)
+        if layout == native.EITHER:
+            last = conv.takes_last or (chainable and all(_reader_layout(r) == native.LAST for r in found))
+        else:
+            last = layout == native.LAST and (conv.takes_last or conv.output_plane(*plane)[1] < native.WIDE_PLANE)
+        conv.computes_last = last
+        if last and chainable:
+            conv.gives_last = True
+            chained.add(step.output)
+            step.after = [native.max_pool_2x2_channels_last if f is native.max_pool_2x2 else f for f in step.after]
+
+
+def _reads(step: _Segment | _RailStep | _NativeStep | QNode | object) -> list[str]:
+    """The tensors a step reads from the environment."""
+    if isinstance(step, _RailStep):
+        return [step.x, step.acc, step.magnitude, step.flag]
+    return [t for t in getattr(step, "inputs", ()) if t]
+
+
+def _native_conv(step: object) -> native.Conv | None:
+    """The convolution kernel of a native step (None for anything else)."""
+    kernel = getattr(step, "kernel", None) if isinstance(step, _NativeStep) else None
+    return kernel if isinstance(kernel, native.Conv) else None
+
+
+def _static_plane(step: object) -> tuple[int, int] | None:
+    """A native step's input plane (height, width) from the float model's shapes, when known."""
+    shape = (step.node.input_shapes or [None])[0] if isinstance(step, _NativeStep) else None
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        return None
+    return int(shape[2]), int(shape[3])  # type: ignore[arg-type]
+
+
+def _reader_layout(step: object) -> str | None:
+    """The layout a native convolution prefers for its input plane (None when the plane is not known)."""
+    conv, plane = _native_conv(step), _static_plane(step)
+    return None if conv is None or plane is None else conv.layout(*plane)
 
 
 def _segment(

@@ -32,14 +32,25 @@ except ImportError:  # pragma: no cover
     numba = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "Activation", "Conv", "Product", "Requantize", "Rows", "lookup", "max_pool_2x2"]
+__all__ = [
+    "AVAILABLE",
+    "Activation",
+    "Conv",
+    "Product",
+    "Requantize",
+    "Rows",
+    "lookup",
+    "max_pool_2x2",
+    "max_pool_2x2_channels_last",
+]
 
 F32 = np.float32
 F64 = np.float64
 # Which kernel takes a layer (measured on this project's benchmark layers, one thread):
 # im2col columns are built for as many samples at once as fit this many bytes (they stay in L2).
 COLUMN_BYTES = 1 << 16
-# Planes at least this wide run plane by plane (long vector loops), narrower depthwise ones pixel by pixel.
+# Output planes at least this wide run plane by plane (long vector loops); narrower depthwise ones pixel by pixel,
+# channels last (``Conv.layout``).
 WIDE_PLANE = 12
 # Convolutions of at most this many taps per output (input channels x kernel) sum plane by plane (_conv_planes)
 # instead of through BLAS: the product is too thin for BLAS to win back its im2col matrix, its double tensor and
@@ -294,40 +305,41 @@ def _depthwise_planes(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np
 
 
 @_jit
-def _depthwise_pixels(x: np.ndarray, w: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool,
-                      low: float, high: float, geometry: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
-    """The same depthwise convolution pixel by pixel, channels innermost: for small planes (late MobileNet layers
-    at 3x3 or 6x6, many channels), where a plane's loops are too short to vectorize and the channels are long."""
-    batch, channels, height, width = x.shape
-    kh, kw = w.shape[1], w.shape[2]
-    oh, ow = out.shape[2], out.shape[3]
+def _depthwise_channels_last(x: np.ndarray, taps: np.ndarray, start: np.ndarray, scale: np.ndarray, half_even: bool,
+                             low: float, high: float, geometry: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
+    """The same depthwise convolution on channels-last tensors, ``x (N, H, W, C)`` into ``out (N, OH, OW, C)``,
+    ``taps (KH, KW, C)``: each output pixel adds its taps' pixels channel by channel, one vectorized loop of all
+    the channels per tap, padding skipped by its rows and columns (no padded copy). For small planes with many
+    channels (MobileNet's later layers: 7x7 or 14x14, 32 to 960 channels), whose planes are too short to vectorize:
+    there the channels-first pixel kernel spent most of its time transposing into a padded grid and writing
+    every output channel apart (a 32-channel 14x14 stride-2 layer at batch 1: 15.5 against 4.4 us)."""
+    batch, height, width, channels = x.shape
+    kh, kw = taps.shape[0], taps.shape[1]
+    oh, ow = out.shape[1], out.shape[2]
     sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
-    hp = max(height + pt, (oh - 1) * sh + (kh - 1) * dh + 1)
-    wp = max(width + pl, (ow - 1) * sw + (kw - 1) * dw + 1)
-    grid = np.zeros((hp, wp, channels), F64)  # padding stays zero: every image writes the same pixels
-    taps = np.empty((kh, kw, channels), F64)
-    for di in range(kh):
-        for dj in range(kw):
-            for c in range(channels):
-                taps[di, dj, c] = w[c, di, dj]
     acc = np.empty(channels, F64)
     for n in range(batch):
-        for c in range(channels):
-            for i in range(height):
-                line = x[n, c, i]
-                for j in range(width):
-                    grid[i + pt, j + pl, c] = line[j]
         for i in range(oh):
             for j in range(ow):
                 acc[:] = start
                 for di in range(kh):
+                    r = i * sh + di * dh - pt
+                    if r < 0 or r >= height:
+                        continue
                     for dj in range(kw):
-                        pixel, tap = grid[i * sh + di * dh, j * sw + dj * dw], taps[di, dj]
+                        s = j * sw + dj * dw - pl
+                        if s < 0 or s >= width:
+                            continue
+                        pixel, tap = x[n, r, s], taps[di, dj]
                         for c in range(channels):
                             acc[c] += pixel[c] * tap[c]
-                for c in range(channels):
-                    value = np.rint(acc[c] * scale[c]) if half_even else np.floor(acc[c] * scale[c])
-                    out[n, c, i, j] = _saturate(value, low, high)
+                target = out[n, i, j]
+                if half_even:
+                    for c in range(channels):
+                        target[c] = _saturate(np.rint(acc[c] * scale[c]), low, high)
+                else:
+                    for c in range(channels):
+                        target[c] = _saturate(np.floor(acc[c] * scale[c]), low, high)
 
 
 @_jit
@@ -401,10 +413,21 @@ def _output_size(size: int, kernel: int, stride: int, before: int, after: int, d
     return (size + before + after - dilation * (kernel - 1) - 1) // stride + 1
 
 
+# The layouts a convolution kernel computes in: ONNX's channels first ``(N, C, H, W)``, channels last
+# ``(N, H, W, C)``, or either (a 1x1 convolution through BLAS: a product of the pixels' rows, or of the channels').
+FIRST, LAST, EITHER = "channels first", "channels last", "either"
+
+
 class Conv:
     """A 2-D convolution (group 1, or depthwise) by constant integer weights ``(M, C or 1, KH, KW)``, requantized:
     called on integer activations ``x (N, C, H, W)``, returns float32 integers ``(N, M, OH, OW)``. The weights
-    are converted to double once, here (per call they would cost more than a batch-1 layer's sums)."""
+    are converted to double once, here (per call they would cost more than a batch-1 layer's sums).
+
+    ``takes_last`` / ``gives_last`` make it read ``(N, H, W, C)`` / write ``(N, OH, OW, M)`` instead: the compiled
+    program sets them on a tensor that passes from one native convolution to another
+    (``compiled._chain_channels_last``), so that kernels that compute channels last (``layout``) chain without
+    transposing in between; a kernel whose layout differs from its tensors' transposes them itself (numpy's
+    transposes cost 1-3 ns a value here, more than a layer's sums on large planes)."""
 
     def __init__(
         self,
@@ -422,22 +445,81 @@ class Conv:
         self.channels = weight.shape[0]
         if depthwise:
             self.filters = np.ascontiguousarray(weight[:, 0], dtype=F64)
+            self.taps = np.ascontiguousarray(self.filters.transpose(1, 2, 0))  # (KH, KW, C): channels last
         else:
             self.weight = np.ascontiguousarray(weight, dtype=F64)
             self.matrix = self.weight.reshape(weight.shape[0], -1)
         self.pointwise = self.kernel == (1, 1) and self.strides == [1, 1] and not any(pads)
+        if self.pointwise:
+            self.columns = np.ascontiguousarray(self.matrix.T)  # (C, M): the rows of channels-last pixels times it
+        # The layouts of the tensors read and written, and the one computed in (None: chosen per call), as the
+        # compiled program sets them (``compiled._chain_channels_last``).
+        self.takes_last = self.gives_last = False
+        self.computes_last: bool | None = None
+
+    def output_plane(self, height: int, width: int) -> tuple[int, int]:
+        """The output plane's size for an input plane of ``height x width``."""
+        (kh, kw), strides, pads, dilations = self.kernel, self.strides, self.pads, self.dilations
+        oh = _output_size(height, kh, strides[0], pads[0], pads[2], dilations[0])
+        return oh, _output_size(width, kw, strides[1], pads[1], pads[3], dilations[1])
+
+    def layout(self, height: int, width: int) -> str:
+        """The layout this layer computes fastest in for an input plane of ``height x width`` when its tensors are
+        in it already: a depthwise layer channels last when its output plane is narrow (short plane loops do not
+        vectorize) or strided (the plane kernel splits every input plane into phases first); a 1x1 layer either
+        way (channels last through BLAS, channels first by rows or through BLAS); the others channels first.
+        Measured on 3x3 depthwise layers of 16-144 channels, batch 1 and 32: strided ones 1.1-2.5x faster
+        channels last, stride 1 on planes of 24 or more pixels 1.2-2.7x slower, on 14-pixel planes faster from
+        64 channels (slower with 16)."""
+        if self.depthwise:
+            return LAST if self.output_plane(height, width)[1] < WIDE_PLANE or self.strides[1] > 1 else FIRST
+        return EITHER if self.pointwise else FIRST
+
+    def computes_last_by_default(self, height: int, width: int) -> bool:
+        """The layout a call takes when the compiled program did not choose it (``computes_last`` None): channels
+        last for a depthwise layer on a narrow output plane (transposing its input and output costs less than
+        the plane kernel's short loops) or a 1x1 layer through BLAS whose input or output is channels last."""
+        layout = self.layout(height, width)
+        if layout == EITHER:
+            return self.takes_last or self.gives_last
+        return layout == LAST and (not self.depthwise or self.output_plane(height, width)[1] < WIDE_PLANE)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=F32)
+        height, width = x.shape[1:3] if self.takes_last else x.shape[2:]
+        oh, ow = self.output_plane(height, width)
+        last = self.computes_last
+        if last is None:
+            last = self.computes_last_by_default(height, width)
+        last = last and (self.depthwise or self.pointwise)  # the layers with a channels-last kernel
+        if last != self.takes_last:
+            x = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if last else x.transpose(0, 3, 1, 2))
+        out = self._channels_last(x, oh, ow) if last else self._channels_first(x, oh, ow)
+        if last != self.gives_last:
+            out = np.ascontiguousarray(out.transpose(0, 3, 1, 2) if last else out.transpose(0, 2, 3, 1))
+        return out
+
+    def _channels_last(self, x: np.ndarray, oh: int, ow: int) -> np.ndarray:
+        """The depthwise pixel kernel, or a 1x1 layer as one BLAS product per chunk of pixel rows."""
+        r = self.requantize
+        out = np.empty((x.shape[0], oh, ow, self.channels), F32)
+        if self.depthwise:
+            _depthwise_channels_last(x, self.taps, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
+            return out
+        rows, flat = x.reshape(-1, x.shape[3]), out.reshape(-1, self.channels)
+        chunk = max(1, COLUMN_BYTES // (8 * x.shape[3]))
+        for first in range(0, len(rows), chunk):
+            sums = rows[first : first + chunk].astype(F64) @ self.columns
+            _finish_rows(sums, r.start, r.scale, r.half_even, r.low, r.high, flat[first : first + chunk])
+        return out
+
+    def _channels_first(self, x: np.ndarray, oh: int, ow: int) -> np.ndarray:
+        """The plane kernels, or the columns of several samples (im2col) through BLAS."""
         batch, channels, height, width = x.shape
-        (kh, kw), strides, pads, dilations = self.kernel, self.strides, self.pads, self.dilations
-        oh = _output_size(height, kh, strides[0], pads[0], pads[2], dilations[0])
-        ow = _output_size(width, kw, strides[1], pads[1], pads[3], dilations[1])
         out = np.empty((batch, self.channels, oh, ow), F32)
         r = self.requantize
         if self.depthwise:
-            kernel = _depthwise_planes if ow >= WIDE_PLANE else _depthwise_pixels
-            kernel(x, self.filters, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
+            _depthwise_planes(x, self.filters, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
             return out
         taps = self.matrix.shape[1]
         flat = out.reshape(batch, self.channels, oh * ow)
@@ -449,7 +531,7 @@ class Conv:
             _conv_planes(x, self.weight, r.start, r.scale, r.half_even, r.low, r.high, self.geometry, out)
             return out
         # BLAS: the columns of as many samples as fit COLUMN_BYTES side by side, one product per chunk.
-        positions = oh * ow
+        (kh, kw), positions = self.kernel, oh * ow
         chunk = max(1, COLUMN_BYTES // (8 * taps * positions))
         for first in range(0, batch, chunk):
             part = x[first : first + chunk]
@@ -592,6 +674,26 @@ def max_pool_2x2(x: np.ndarray) -> np.ndarray:
     instead of ending for a one-node onnxruntime segment (about 35 us a call at batch 1 on an MNIST CNN)."""
     out = np.empty((x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), F32)
     _max_pool_2x2(np.ascontiguousarray(x, dtype=F32), out)
+    return out
+
+
+@_jit
+def _max_pool_2x2_last(x: np.ndarray, out: np.ndarray) -> None:
+    """:func:`_max_pool_2x2` on channels-last tensors ``(N, H, W, C)``: the four pixels' channels, one vector loop."""
+    for n in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            a, b = x[n, 2 * i], x[n, 2 * i + 1]
+            for j in range(out.shape[2]):
+                p, q, r, s, target = a[2 * j], a[2 * j + 1], b[2 * j], b[2 * j + 1], out[n, i, j]
+                for c in range(out.shape[3]):
+                    target[c] = max(max(p[c], q[c]), max(r[c], s[c]))
+
+
+def max_pool_2x2_channels_last(x: np.ndarray) -> np.ndarray:
+    """:func:`max_pool_2x2` of a channels-last tensor ``(N, H, W, C)`` (a native convolution's output that the
+    next native convolution reads channels last, ``Conv.gives_last``)."""
+    out = np.empty((x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3]), F32)
+    _max_pool_2x2_last(np.ascontiguousarray(x, dtype=F32), out)
     return out
 
 
