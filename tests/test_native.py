@@ -307,25 +307,25 @@ def test_native_convolutions_pass_channels_last_tensors_between_them(rng, target
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["e1"]),
         helper.make_node("Relu", ["e1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["d2"], group=16, pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["r1", "w2"], ["d2"], group=64, pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Conv", ["d2", "w3"], ["p3"]),
         helper.make_node("HardSwish", ["p3"], ["h3"]),
         helper.make_node("MaxPool", ["h3"], ["m3"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["m3", "w4"], ["d4"], group=24, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["m3", "w4"], ["d4"], group=40, pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["d4", "w5"], ["a5"]),
         helper.make_node("Conv", ["d4", "w6"], ["b5"]),
         helper.make_node("Add", ["a5", "b5"], ["y"]),
     ]
-    weights = {
-        "w1": rng.normal(0, 0.3, (16, 8, 1, 1)),
-        "w2": rng.normal(0, 0.3, (16, 1, 3, 3)),
-        "w3": rng.normal(0, 0.3, (24, 16, 1, 1)),
-        "w4": rng.normal(0, 0.3, (24, 1, 3, 3)),
-        "w5": rng.normal(0, 0.3, (20, 24, 1, 1)),
-        "w6": rng.normal(0, 0.3, (20, 24, 1, 1)),
+    weights = {  # 1x1 layers of more than FEW_WEIGHTS weights (through BLAS), large enough for native steps (_tiny)
+        "w1": rng.normal(0, 0.2, (64, 48, 1, 1)),
+        "w2": rng.normal(0, 0.3, (64, 1, 3, 3)),
+        "w3": rng.normal(0, 0.2, (40, 64, 1, 1)),
+        "w4": rng.normal(0, 0.3, (40, 1, 3, 3)),
+        "w5": rng.normal(0, 0.2, (36, 40, 1, 1)),
+        "w6": rng.normal(0, 0.2, (36, 40, 1, 1)),
     }
-    _, program, fast, slow = _int16_runs(rng, nodes, weights, (8, 28, 24), target)  # 1x1 layers large enough
-    steps = {step.node.outputs[0]: step.kernel for step in _layer_steps(program)}  # for native steps (_tiny)
+    _, program, fast, slow = _int16_runs(rng, nodes, weights, (48, 16, 14), target)
+    steps = {step.node.outputs[0]: step.kernel for step in _layer_steps(program)}
     assert set(steps) == {"r1", "d2", "p3", "d4", "a5", "b5"}  # the Relu fused into the first layer
     assert {name for name, conv in steps.items() if conv.gives_last} == {"r1", "d2", "p3", "d4"}
     assert {name for name, conv in steps.items() if conv.takes_last} == {"d2", "p3", "d4", "a5", "b5"}

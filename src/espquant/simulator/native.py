@@ -318,21 +318,26 @@ def _depthwise_channels_last(x: np.ndarray, taps: np.ndarray, start: np.ndarray,
     oh, ow = out.shape[1], out.shape[2]
     sh, sw, pt, pl, dh, dw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
     acc = np.empty(channels, F64)
+    t = taps
     for n in range(batch):
         for i in range(oh):
+            r0 = i * sh - pt
+            rows_inside = r0 >= 0 and r0 + (kh - 1) * dh < height
             for j in range(ow):
-                acc[:] = start
-                for di in range(kh):
-                    r = i * sh + di * dh - pt
-                    if r < 0 or r >= height:
-                        continue
-                    for dj in range(kw):
-                        s = j * sw + dj * dw - pl
-                        if s < 0 or s >= width:
-                            continue
-                        pixel, tap = x[n, r, s], taps[di, dj]
-                        for c in range(channels):
-                            acc[c] += pixel[c] * tap[c]
+                s0 = j * sw - pl
+                if kh == 3 and kw == 3 and rows_inside and s0 >= 0 and s0 + 2 * dw < width:
+                    # The whole window inside the plane: its nine products per channel in registers, one pass.
+                    a0, a1, a2 = x[n, r0, s0], x[n, r0, s0 + dw], x[n, r0, s0 + 2 * dw]
+                    b0, b1, b2 = x[n, r0 + dh, s0], x[n, r0 + dh, s0 + dw], x[n, r0 + dh, s0 + 2 * dw]
+                    c0, c1, c2 = x[n, r0 + 2 * dh, s0], x[n, r0 + 2 * dh, s0 + dw], x[n, r0 + 2 * dh, s0 + 2 * dw]
+                    for c in range(channels):
+                        acc[c] = start[c] + (
+                            (a0[c] * t[0, 0, c] + a1[c] * t[0, 1, c] + a2[c] * t[0, 2, c])
+                            + (b0[c] * t[1, 0, c] + b1[c] * t[1, 1, c] + b2[c] * t[1, 2, c])
+                            + (c0[c] * t[2, 0, c] + c1[c] * t[2, 1, c] + c2[c] * t[2, 2, c])
+                        )
+                else:
+                    _window_sums(x[n], taps, start, r0, s0, dh, dw, acc)
                 target = out[n, i, j]
                 if half_even:
                     for c in range(channels):
@@ -340,6 +345,26 @@ def _depthwise_channels_last(x: np.ndarray, taps: np.ndarray, start: np.ndarray,
                 else:
                     for c in range(channels):
                         target[c] = _saturate(np.floor(acc[c] * scale[c]), low, high)
+
+
+@_jit
+def _window_sums(x: np.ndarray, taps: np.ndarray, start: np.ndarray, r0: int, s0: int, dh: int, dw: int,
+                 acc: np.ndarray) -> None:  # fmt: skip
+    """``acc[c] = start[c] + sum x[r0 + di dh, s0 + dj dw, c] taps[di, dj, c]`` over the taps inside the plane
+    ``x (H, W, C)`` (the padding adds nothing), one tap at a time."""
+    height, width, channels = x.shape
+    acc[:] = start
+    for di in range(taps.shape[0]):
+        r = r0 + di * dh
+        if r < 0 or r >= height:
+            continue
+        for dj in range(taps.shape[1]):
+            s = s0 + dj * dw
+            if s < 0 or s >= width:
+                continue
+            pixel, tap = x[r, s], taps[di, dj]
+            for c in range(channels):
+                acc[c] += pixel[c] * tap[c]
 
 
 @_jit
@@ -466,13 +491,20 @@ class Conv:
     def layout(self, height: int, width: int) -> str:
         """The layout this layer computes fastest in for an input plane of ``height x width`` when its tensors are
         in it already: a depthwise layer channels last when its output plane is narrow (short plane loops do not
-        vectorize) or strided (the plane kernel splits every input plane into phases first); a 1x1 layer either
-        way (channels last through BLAS, channels first by rows or through BLAS); the others channels first.
-        Measured on 3x3 depthwise layers of 16-144 channels, batch 1 and 32: strided ones 1.1-2.5x faster
-        channels last, stride 1 on planes of 24 or more pixels 1.2-2.7x slower, on 14-pixel planes faster from
-        64 channels (slower with 16)."""
+        vectorize) or, for a 3x3 kernel (whose nine products per channel the pixel kernel keeps in registers),
+        strided (the plane kernel splits every input plane into phases first) or of at least 48 channels on
+        planes up to 16 wide; a 1x1 layer through BLAS either way (a product of pixel rows or of channel rows);
+        the others channels first. Measured on depthwise layers of 24-192 channels, batch 1 and
+        32, both kernels alternated in one process (channels last / first): 3x3 stride 2 0.27-0.60; 3x3 stride 1
+        on 12-wide planes 0.5-0.7 from 48 channels, on 16-wide 0.6-0.85 (1.06 with 24 channels), on 20-wide
+        0.7-0.9 (1.2-1.3 with 24); 5x5 stride 2 on 8-wide planes 0.55-0.84, on 16-wide or more 0.9-1.4."""
+        ow = self.output_plane(height, width)[1]
         if self.depthwise:
-            return LAST if self.output_plane(height, width)[1] < WIDE_PLANE or self.strides[1] > 1 else FIRST
+            three = self.kernel == (3, 3)
+            wide = ow >= WIDE_PLANE and not (three and (self.strides[1] > 1 or (self.channels >= 48 and ow <= 16)))
+            return FIRST if wide else LAST
+        if self.pointwise and self.matrix.size <= FEW_WEIGHTS and width * height >= LONG_ROWS:
+            return FIRST  # summed row by row (_pointwise): faster than BLAS at batch 1 (16 -> 32 on 14x14: 21 vs 35 us)
         return EITHER if self.pointwise else FIRST
 
     def computes_last_by_default(self, height: int, width: int) -> bool:
