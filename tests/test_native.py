@@ -324,7 +324,7 @@ def test_native_convolutions_pass_channels_last_tensors_between_them(rng, target
         "w5": rng.normal(0, 0.2, (36, 40, 1, 1)),
         "w6": rng.normal(0, 0.2, (36, 40, 1, 1)),
     }
-    _, program, fast, slow = _int16_runs(rng, nodes, weights, (48, 16, 14), target)
+    quantized, program, fast, slow = _int16_runs(rng, nodes, weights, (48, 16, 14), target)
     steps = {step.node.outputs[0]: step.kernel for step in _layer_steps(program)}
     assert set(steps) == {"r1", "d2", "p3", "d4", "a5", "b5"}  # the Relu fused into the first layer
     assert {name for name, conv in steps.items() if conv.gives_last} == {"r1", "d2", "p3", "d4"}
@@ -332,6 +332,14 @@ def test_native_convolutions_pass_channels_last_tensors_between_them(rng, target
     pooling = next(step for step in _layer_steps(program) if step.output == "m3")
     assert pooling.after[-1] is native.max_pool_2x2_channels_last
     np.testing.assert_array_equal(fast, slow)
+    # A layer whose plane size is not known still reads the layout its producer gives.
+    next(node for node in quantized.nodes if node.outputs[0] == "p3").input_shapes = None
+    quantized._programs.clear()
+    x = {"x": rng.normal(0, 2, (3, 48, 16, 14)).astype(np.float32)}
+    unknown = quantized.run_float(x)["y"]
+    assert next(s for s in _layer_steps(quantized._programs[(True, None)]) if s.output == "m3").kernel.takes_last
+    quantized.compiled = False
+    np.testing.assert_array_equal(unknown, quantized.run_float(x)["y"])
 
 
 @settings(max_examples=40, deadline=None)
