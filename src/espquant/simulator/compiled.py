@@ -2038,13 +2038,11 @@ def _chain_channels_last(steps: list[_Segment | _RailStep | _NativeStep | QNode]
         plane = _static_plane(step)
         if plane is None:
             continue
-        layout = conv.layout(*plane)
         found = readers.get(step.output, [])
         chainable = bool(found) and step.output not in outputs and all(_native_conv(r) is not None for r in found)
-        if layout == native.EITHER:
-            last = conv.takes_last or (chainable and all(_reader_layout(r) == native.LAST for r in found))
-        else:
-            last = layout == native.LAST and (conv.takes_last or conv.output_plane(*plane)[1] < native.WIDE_PLANE)
+        last = conv.computes_last_by_default(*plane) or (
+            conv.layout(*plane) == native.EITHER and chainable and all(_reader_layout(r) == native.LAST for r in found)
+        )
         conv.computes_last = last
         if last and chainable:
             conv.gives_last = True
@@ -2052,7 +2050,7 @@ def _chain_channels_last(steps: list[_Segment | _RailStep | _NativeStep | QNode]
             step.after = [native.max_pool_2x2_channels_last if f is native.max_pool_2x2 else f for f in step.after]
 
 
-def _reads(step: _Segment | _RailStep | _NativeStep | QNode | object) -> list[str]:
+def _reads(step: object) -> list[str]:
     """The tensors a step reads from the environment."""
     if isinstance(step, _RailStep):
         return [step.x, step.acc, step.magnitude, step.flag]

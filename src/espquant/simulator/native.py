@@ -504,18 +504,26 @@ class Conv:
             three = self.kernel == (3, 3)
             wide = ow >= WIDE_PLANE and not (three and (self.strides[1] > 1 or (self.channels >= 48 and ow <= 16)))
             return FIRST if wide else LAST
-        if self.pointwise and self.matrix.size <= FEW_WEIGHTS and width * height >= LONG_ROWS:
+        if self._by_rows(height * width):
             return FIRST  # row by row (_pointwise): a 16 -> 32 layer on 14x14 at batch 1 took 21 us, 35 through BLAS
         return EITHER if self.pointwise else FIRST
 
+    def _by_rows(self, positions: int) -> bool:
+        """Whether a 1x1 layer on planes of ``positions`` pixels sums row by row (``_pointwise``): few weights,
+        long rows."""
+        return self.pointwise and self.matrix.size <= FEW_WEIGHTS and positions >= LONG_ROWS
+
     def computes_last_by_default(self, height: int, width: int) -> bool:
-        """The layout a call takes when the compiled program did not choose it (``computes_last`` None): channels
-        last for a depthwise layer on a narrow output plane (transposing its input and output costs less than
-        the plane kernel's short loops) or a 1x1 layer through BLAS whose input or output is channels last."""
+        """Whether the layer computes channels last given the layouts of its tensors, where that is the faster
+        choice or transposes nothing: a layer whose ``layout`` is channels last when its input is too, or when its
+        output plane is narrow (transposing a narrow depthwise layer's input and output costs less than the plane
+        kernel's short loops); a 1x1 layer through BLAS when its input or output is channels last. What a call
+        takes when the compiled program did not choose (``computes_last`` None), and what the program chooses
+        but for a 1x1 layer whose readers all compute channels last (``compiled._chain_channels_last``)."""
         layout = self.layout(height, width)
         if layout == EITHER:
             return self.takes_last or self.gives_last
-        return layout == LAST and (not self.depthwise or self.output_plane(height, width)[1] < WIDE_PLANE)
+        return layout == LAST and (self.takes_last or self.output_plane(height, width)[1] < WIDE_PLANE)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=F32)
@@ -556,7 +564,7 @@ class Conv:
             return out
         taps = self.matrix.shape[1]
         flat = out.reshape(batch, self.channels, oh * ow)
-        if self.pointwise and self.matrix.size <= FEW_WEIGHTS and oh * ow >= LONG_ROWS:
+        if self._by_rows(oh * ow):
             planes = x.reshape(batch, channels, height * width)
             _pointwise(planes, self.matrix, r.start, r.scale, r.half_even, r.low, r.high, flat)
             return out
