@@ -7,7 +7,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from espquant.simulator import compiled, native
@@ -85,6 +85,20 @@ def test_hand_worked_depthwise_and_rows():
     half_even=st.booleans(),
     relu=st.booleans(),
     layouts=st.tuples(st.booleans(), st.booleans(), st.sampled_from([None, True, False])),
+)
+@example(  # a depthwise 1x1 layer (a per-channel scale): not a pointwise layer's BLAS product
+    seed=0,
+    depthwise=True,
+    kernel=(1, 1),
+    strides=(1, 1),
+    pads=(0, 0, 0, 0),
+    dilations=(1, 1),
+    size=(5, 7),
+    channels=3,
+    shift=0,
+    half_even=False,
+    relu=False,
+    layouts=(False, False, None),
 )
 def test_every_kernel_equals_the_int64_reference(
     seed, depthwise, kernel, strides, pads, dilations, size, channels, shift, half_even, relu, layouts

@@ -475,7 +475,7 @@ class Conv:
         else:
             self.weight = np.ascontiguousarray(weight, dtype=F64)
             self.matrix = self.weight.reshape(weight.shape[0], -1)
-        self.pointwise = self.kernel == (1, 1) and self.strides == [1, 1] and not any(pads)
+        self.pointwise = not depthwise and self.kernel == (1, 1) and self.strides == [1, 1] and not any(pads)
         if self.pointwise:
             self.columns = np.ascontiguousarray(self.matrix.T)  # (C, M): the rows of channels-last pixels times it
         # The layouts of the tensors read and written, and the one computed in (None: chosen per call), as the
