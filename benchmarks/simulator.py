@@ -24,7 +24,8 @@ upsampling FPN), on their real images.
 
 Each case runs at int8 and int16 (``rail*`` at int8 only: the 40-bit int16 lanes are never reached), on
 ESP32-S3 and ESP32-P4, at batch 1 (``--calls`` single-image calls) and batch 64 (``--images`` images). One
-thread everywhere (onnxruntime intra-op threads and the BLAS numpy uses). Times are per image, best of
+thread everywhere (onnxruntime intra-op threads and the BLAS numpy uses; ``--threads 0`` gives onnxruntime its
+default on both sides, as a user who sets nothing gets it). Times are per image, best of
 ``--repeats`` rounds in which onnxruntime and the simulators alternate (the machine is shared, so both sides
 see the same load); the ratio is the simulator's time over onnxruntime's float32 time on the same images,
 through ``Evaluator.evaluate_quantized_model``. Targets (issue 15): int8 <= 2x, int16 <= 4x.
@@ -286,7 +287,7 @@ def measure(name: str, bits_list: list[str], args: argparse.Namespace) -> list[d
     """Rows of one case: onnxruntime float and the simulator, per width, target and batch size."""
     model, inputs = case(name, max(args.images, args.calls))
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = args.threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     rows = []
@@ -295,7 +296,7 @@ def measure(name: str, bits_list: list[str], args: argparse.Namespace) -> list[d
         evaluators = {}
         for target in args.targets:
             evaluator = Evaluator(bits, "per-tensor", target)
-            evaluator.generate_quantized_model(model, table).threads = 1
+            evaluator.generate_quantized_model(model, table).threads = args.threads or None
             evaluators[target] = evaluator
         for batch in args.batches:
             batches = _batches(inputs[: args.images], batch, args.calls)
@@ -333,6 +334,13 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(SYNTHETIC), choices=CASES, help="also: " + ", ".join(REAL))
     parser.add_argument("--bits", nargs="+", default=["int8", "int16"], choices=["int8", "int16"])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads on both sides (0: onnxruntime's default, what a user gets without "
+        "setting QuantizedModel.threads; numpy's BLAS stays at one thread)",
+    )
     args = parser.parse_args()
     rows = []
     for name in args.cases:
@@ -344,7 +352,8 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     table = Table(
-        title=f"simulator vs onnxruntime float (1 thread, best of {args.repeats} interleaved rounds, load {load:.2f})",
+        title=f"simulator vs onnxruntime float ({args.threads or 'default'} thread(s), best of {args.repeats} "
+        f"interleaved rounds, load {load:.2f})",
         title_justify="left",
     )
     for column in rows[0]:
@@ -352,7 +361,7 @@ def main() -> None:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console(width=200).print(table)
-    print(json.dumps({"benchmark": "simulator", "load": round(load, 2), "rows": rows}))
+    print(json.dumps({"benchmark": "simulator", "load": round(load, 2), "threads": args.threads, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -556,3 +556,60 @@ def test_a_layer_of_few_products_keeps_its_double_sums_in_its_segment(rng, op, t
         assert bool(program.native_nodes) == native_expected, products
         model.compiled = False
         np.testing.assert_array_equal(fast, model.run({"x": data})["y"])
+
+
+def _spins(segment: compiled._Segment) -> bool:
+    """Whether the segment's session lets onnxruntime's idle workers spin (its config entry; spinning is the
+    default when the entry is absent)."""
+    return _spinning(segment.session)
+
+
+def _spinning(session) -> bool:
+    options = session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # onnxruntime raises for an entry never set: its default, spinning
+        return True
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+def test_sessions_spin_only_when_nothing_runs_between_their_calls(bits):
+    """A program of one onnxruntime segment keeps onnxruntime's spinning workers (they shorten its next run); a
+    program whose native steps run between segments makes its sessions' workers sleep, so that they leave the
+    cores to those steps (runtime.create_session, compile_program). The demo CNN: one segment at int8, native
+    convolutions between segments at int16, with onnxruntime's default threads and with one."""
+    import onnx
+
+    from espquant import Calibrator, Evaluator
+    from espquant.demo import demo_model_path, load_demo_data
+    from espquant.optimizer import optimize_model
+
+    model = optimize_model(onnx.load(demo_model_path()))
+    demo = load_demo_data()
+    table = Calibrator(bits).calibrate(model, demo.calib_inputs[:32]).table
+    quantized = Evaluator(bits, "per-tensor", "esp32s3").generate_quantized_model(model, table)
+    for threads in (None, 1):
+        quantized.threads = threads
+        quantized.run_float({quantized.inputs[0]: demo.test_inputs[:2]})
+        program = quantized._programs[(True, threads)]
+        segments = [step for step in program.steps if isinstance(step, compiled._Segment)]
+        alone = len(program.steps) == 1
+        assert alone == (bits == "int8") and segments
+        assert all(_spins(segment) == alone for segment in segments)
+
+
+def test_a_session_without_spinning_says_so_in_its_options():
+    """``create_session(spinning=False)`` sets onnxruntime's ``allow_spinning`` entry to 0; the default leaves it."""
+    from onnx import TensorProto, helper
+
+    from espquant.runtime import create_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert not _spinning(create_session(model, spinning=False))
+    assert _spinning(create_session(model))

@@ -1515,24 +1515,39 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
 }
 
 
+SEGMENT = "a compiled simulator segment"  # how errors name a segment's graph
+
+
 @dataclass
 class _Segment:
-    """One onnxruntime graph: reads ``inputs`` from the environment, writes ``outputs``, reports ``guards``."""
+    """One onnxruntime graph: reads ``inputs`` from the environment, writes ``outputs``, reports ``guards``;
+    its session is made by ``open`` once the program is known (``compile_program``)."""
 
     inputs: list[str]
     outputs: list[str]
     guards: list[str]
     guard_nodes: list[str]
-    session: Any
+    session: Any  # None until ``open``
     nodes: int
     doubles: frozenset[str] = frozenset()  # inputs fed as double (exact int16 sums handed on by a rail step)
     internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
     floats: frozenset[str] = frozenset()  # float outputs (a Softmax's probabilities), never made integers
     proto: onnx.ModelProto | None = None  # the graph, until its session runs on blocked tensors (layout.py)
     threads: int | None = None
+    spinning: bool = True  # onnxruntime's idle workers spin (runtime.create_session)
     run: Callable[[list[str], dict[str, Any]], list[Any]] = field(init=False, repr=False)  # runtime.runner
 
     def __post_init__(self) -> None:
+        if self.session is not None:
+            self.run = runner(self.session)
+
+    def open(self, spinning: bool) -> None:
+        """Make the session, with spinning idle workers or not (``compile_program`` decides)."""
+        from espquant.runtime import create_session
+
+        assert self.proto is not None
+        self.spinning = spinning
+        self.session = create_session(self.proto, threads=self.threads, what=SEGMENT, spinning=spinning)
         self.run = runner(self.session)
 
     def block(self) -> None:
@@ -1540,8 +1555,9 @@ class _Segment:
         from espquant.simulator.layout import blocked_session
 
         if self.proto is not None:
-            what = "a compiled simulator segment"
-            self.session = blocked_session(self.proto, threads=self.threads, what=what, current=self.session)
+            self.session = blocked_session(
+                self.proto, threads=self.threads, what=SEGMENT, current=self.session, spinning=self.spinning
+            )
             self.run = runner(self.session)
             self.proto = None
 
@@ -2012,6 +2028,15 @@ def compile_program(
     if builder.nodes:
         steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
     _chain_channels_last(steps, set(model.outputs))
+    # onnxruntime's idle workers spin after every op. That pays when nothing else runs between its calls (a
+    # program of one segment: MobileNetV2 int8 at batch 64 663 us a sample against 783 without, 2 cores, default
+    # threads), and ruins a program whose native steps, rail steps or interpreter run between segments on the
+    # same cores: PP-OCR's int16 classifier at batch 1 took 79 ms a sample with spinning workers, 5.4 ms without,
+    # MediaPipe's BlazeFace 202 ms against 7.8 (with one thread, which has no workers: 5.6 and 7.3 ms).
+    spinning = len(steps) == 1
+    for step in steps:
+        if isinstance(step, _Segment):
+            step.open(spinning)
     return CompiledProgram(steps)
 
 
@@ -2082,9 +2107,8 @@ def _segment(
 ) -> list[_Segment] | list[_NativeStep]:
     """The segment's session, or nothing when no later step reads what it computes (dead nodes), or a native step
     (``native.Activation.quantizer``) when all it would do is quantize an input: the segment before an int16
-    model's first native layer, whose onnxruntime call cost more than the quantization."""
-    from espquant.runtime import create_session
-
+    model's first native layer, whose onnxruntime call cost more than the quantization. The session is made
+    later (``_Segment.open``)."""
     outputs = list(dict.fromkeys(outputs + builder.exports))
     if not outputs and not builder.guards:
         return []
@@ -2108,10 +2132,9 @@ def _segment(
         builder.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = create_session(proto, threads=threads, what="a compiled simulator segment")
     doubles = frozenset(name for name in inputs if builder.types.get(name) == TensorProto.DOUBLE)
     internal = frozenset(builder.exports) - builder.produced
     floats = frozenset(outputs) & builder.model.float_tensors
     guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
-    segment = _Segment(inputs, outputs, guards, guard_nodes, session, count, doubles, internal, floats, proto, threads)
+    segment = _Segment(inputs, outputs, guards, guard_nodes, None, count, doubles, internal, floats, proto, threads)
     return [segment]

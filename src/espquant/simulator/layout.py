@@ -212,23 +212,28 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
 
 
 def blocked_session(
-    proto: onnx.ModelProto, threads: int | None, what: str, current: ort.InferenceSession | None = None
+    proto: onnx.ModelProto,
+    threads: int | None,
+    what: str,
+    current: ort.InferenceSession | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A session for ``proto`` whose elementwise ops run on onnxruntime's blocked tensors (module docstring).
 
     ``current`` (a working session of the same graph, else a new one) is what runs when onnxruntime blocked
     nothing or anything on the way fails: a graph larger than protobuf can save, a temporary folder that cannot
-    be written, an edited graph onnxruntime refuses (an error under ``STRICT``)."""
+    be written, an edited graph onnxruntime refuses (an error under ``STRICT``). ``spinning``: as
+    ``runtime.create_session``."""
     try:
         with tempfile.TemporaryDirectory(prefix="espquant-") as folder:
             path = os.path.join(folder, "optimized.onnx")
-            create_session(proto, threads=threads, what=what, optimized_path=path)
+            create_session(proto, threads=threads, what=what, optimized_path=path, spinning=spinning)
             optimized = onnx.load(path)
         edited = keep_blocked(optimized)
         if edited is not None:
-            return create_session(edited, threads=threads, what=what, optimize=False)
+            return create_session(edited, threads=threads, what=what, optimize=False, spinning=spinning)
     except (ModelError, OSError, DecodeError) as error:
         if STRICT:
             raise
         logger.debug("%s: onnxruntime's own layout kept (%s)", what, error)
-    return current if current is not None else create_session(proto, threads=threads, what=what)
+    return current if current is not None else create_session(proto, threads=threads, what=what, spinning=spinning)
