@@ -2028,11 +2028,10 @@ def compile_program(
     if builder.nodes:
         steps += _segment(builder, sorted(builder.produced & needed_after[-1]), threads, count)
     _chain_channels_last(steps, set(model.outputs))
-    # onnxruntime's idle workers spin after every op. That pays when nothing else runs between its calls (a
-    # program of one segment: MobileNetV2 int8 at batch 64 663 us a sample against 783 without, 2 cores, default
-    # threads), and ruins a program whose native steps, rail steps or interpreter run between segments on the
-    # same cores: PP-OCR's int16 classifier at batch 1 took 79 ms a sample with spinning workers, 5.4 ms without,
-    # MediaPipe's BlazeFace 202 ms against 7.8 (with one thread, which has no workers: 5.6 and 7.3 ms).
+    # onnxruntime's idle workers spin after every op. That may pay when nothing else runs between its calls (a
+    # program of one segment), and ruins a program whose native steps, rail steps or interpreter run between
+    # segments on the same cores with numpy's BLAS threads: 2 cores, default threads, PP-OCR's int16 classifier at
+    # batch 1 took 78 ms a sample with spinning workers, 6.5 ms without; MediaPipe's BlazeFace 200 ms against 8-9.
     spinning = len(steps) == 1
     for step in steps:
         if isinstance(step, _Segment):
@@ -2105,7 +2104,7 @@ def _reader_layout(step: object) -> str | None:
 def _segment(
     builder: _Builder, outputs: list[str], threads: int | None, count: int
 ) -> list[_Segment] | list[_NativeStep]:
-    """The segment's session, or nothing when no later step reads what it computes (dead nodes), or a native step
+    """The segment, or nothing when no later step reads what it computes (dead nodes), or a native step
     (``native.Activation.quantizer``) when all it would do is quantize an input: the segment before an int16
     model's first native layer, whose onnxruntime call cost more than the quantization. The session is made
     later (``_Segment.open``)."""
