@@ -227,7 +227,8 @@ def blocked_session(
     try:
         with tempfile.TemporaryDirectory(prefix="espquant-") as folder:
             path = os.path.join(folder, "optimized.onnx")
-            create_session(proto, threads=threads, what=what, optimized_path=path, spinning=spinning)
+            # Made only to write the optimized graph: sleeping workers close at once (runtime.create_session).
+            create_session(proto, threads=threads, what=what, optimized_path=path, spinning=False)
             optimized = onnx.load(path)
         edited = keep_blocked(optimized)
         if edited is not None:
