@@ -164,7 +164,9 @@ def create_session(
         spinning: whether onnxruntime's idle intra-op workers spin (its default) or sleep between ops. Spinning
             workers keep their cores busy after every run, against whatever the process computes next, and a
             session with spinning workers took about 38 ms to close here (2 cores, default threads; 0.15 ms
-            without): see ``compile_program``, which turns it off where numpy kernels run between sessions.
+            without). Sessions whose runs alternate with other work of the process pass False: a compiled program's
+            segments between native steps (``compile_program``), the interpreter's convolution sums, the float
+            model beside the simulator (``api.measure``, ``report.analysis``).
 
     Raises:
         ModelError: onnxruntime cannot load the model; the message names the model and onnxruntime's reason.

@@ -198,7 +198,7 @@ def analyze(
     producers = {node.outputs[0]: node for node in quantized.nodes if node.outputs}
     compared = [t for t in producers if t == _source(t) and t not in quantized.float_tensors]
     exposed = _exposing(model_proto, compared)
-    session = create_session(exposed)
+    session = create_session(exposed, spinning=False)  # its runs alternate with the simulator's (api/measure.py)
     output_names = [o.name for o in session.get_outputs()]
     accumulated = {t: _Accumulator() for t in compared}
     own = {t: _Accumulator() for t in compared}

@@ -195,7 +195,8 @@ def _conv_session(
             [onnx.numpy_helper.from_array(w.astype(np.float32), "w")],
         )
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        session = create_session(proto, threads=m.threads, what="a convolution sum graph")
+        # Its runs alternate with the interpreter's numpy kernels: sleeping workers (runtime.create_session).
+        session = create_session(proto, threads=m.threads, what="a convolution sum graph", spinning=False)
         m._sessions[key] = session
     return session
 
