@@ -558,13 +558,9 @@ def test_a_layer_of_few_products_keeps_its_double_sums_in_its_segment(rng, op, t
         np.testing.assert_array_equal(fast, model.run({"x": data})["y"])
 
 
-def _spins(segment: compiled._Segment) -> bool:
-    """Whether the segment's session lets onnxruntime's idle workers spin (its config entry; spinning is the
-    default when the entry is absent)."""
-    return _spinning(segment.session)
-
-
 def _spinning(session) -> bool:
+    """Whether the session lets onnxruntime's idle workers spin (its config entry; spinning is onnxruntime's
+    default, where the entry is absent)."""
     options = session.get_session_options()
     try:
         return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
@@ -574,9 +570,9 @@ def _spinning(session) -> bool:
 
 @pytest.mark.parametrize("bits", ["int8", "int16"])
 def test_sessions_spin_only_when_nothing_runs_between_their_calls(bits):
-    """A program of one onnxruntime segment keeps onnxruntime's spinning workers (they shorten its next run); a
-    program whose native steps run between segments makes its sessions' workers sleep, so that they leave the
-    cores to those steps (runtime.create_session, compile_program). The demo CNN: one segment at int8, native
+    """A program of one onnxruntime segment keeps onnxruntime's default, spinning workers (nothing else runs between
+    its calls); a program whose native steps run between segments makes its sessions' workers sleep, so that they
+    leave the cores to those steps (runtime.create_session, compile_program). The demo CNN: one segment at int8, native
     convolutions between segments at int16, with onnxruntime's default threads and with one."""
     import onnx
 
@@ -596,7 +592,7 @@ def test_sessions_spin_only_when_nothing_runs_between_their_calls(bits):
             segments = [step for step in program.steps if isinstance(step, compiled._Segment)]
             alone = len(program.steps) == 1
             assert alone == (bits == "int8") and segments
-            assert all(_spins(segment) == alone for segment in segments)
+            assert all(_spinning(segment.session) == alone for segment in segments)
 
 
 def test_a_session_without_spinning_says_so_in_its_options():
