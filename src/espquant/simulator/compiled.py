@@ -1527,7 +1527,6 @@ class _Segment:
     outputs: list[str]
     guards: list[str]
     guard_nodes: list[str]
-    session: Any  # None until ``open``
     nodes: int
     doubles: frozenset[str] = frozenset()  # inputs fed as double (exact int16 sums handed on by a rail step)
     internal: frozenset[str] = frozenset()  # outputs only a rail step and the next segment read (sums, flags)
@@ -1535,11 +1534,8 @@ class _Segment:
     proto: onnx.ModelProto | None = None  # the graph, until its session runs on blocked tensors (layout.py)
     threads: int | None = None
     spinning: bool = True  # onnxruntime's idle workers spin (runtime.create_session)
+    session: Any = field(init=False, default=None, repr=False)  # made by ``open``
     run: Callable[[list[str], dict[str, Any]], list[Any]] = field(init=False, repr=False)  # runtime.runner
-
-    def __post_init__(self) -> None:
-        if self.session is not None:
-            self.run = runner(self.session)
 
     def open(self, spinning: bool) -> None:
         """Make the session, with spinning idle workers or not (``compile_program`` decides)."""
@@ -2135,5 +2131,5 @@ def _segment(
     internal = frozenset(builder.exports) - builder.produced
     floats = frozenset(outputs) & builder.model.float_tensors
     guards, guard_nodes = list(builder.guards), list(builder.guard_nodes)
-    segment = _Segment(inputs, outputs, guards, guard_nodes, None, count, doubles, internal, floats, proto, threads)
+    segment = _Segment(inputs, outputs, guards, guard_nodes, count, doubles, internal, floats, proto, threads)
     return [segment]
