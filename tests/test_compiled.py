@@ -1000,20 +1000,26 @@ def test_resize_compiles_exactly(rng, target, mode, scales, sizes, e_out):
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("factors", [(2, 2), (8, 8), (3, 1), (1, 4)])
-def test_integer_nearest_upsampling_is_a_broadcast_copy(rng, monkeypatch, target, factors):
+@pytest.mark.parametrize("plane", ["known", "unknown"])
+def test_integer_nearest_upsampling_is_a_broadcast_copy(rng, monkeypatch, target, factors, plane):
     """Nearest Resize by integer factors (the FPN case) repeats every pixel: onnxruntime's own Resize for powers
     of two (floor(i / f) however it computes it), Reshape / Expand for the others, never the per-element
-    Gathers of the general case, and equal to the interpreter."""
+    Gathers of the general case, and equal to the interpreter. Powers of two need no plane size (a ``.espdl``
+    file's nodes carry none); the other factors then stay with the interpreter."""
     graphs = _segment_graphs(monkeypatch)
     scales = np.array([1, 1, *factors], np.float32)
     node = QNode("Resize", "resize", ["x", "", "scales"], ["y"], {"mode": "nearest"}, bits=8)
-    node.input_shapes = [["N", 3, 4, 5], None, [4]]
-    model = QuantizedModel([node], {"scales": scales}, {"x": -4, "y": -4}, ["x"], ["y"], get_target(target), 8)
+    node.input_shapes = [["N", 3, 4, 5], None, [4]] if plane == "known" else None
+    model = QuantizedModel([node], {"scales": scales}, {"x": -4, "y": -5}, ["x"], ["y"], get_target(target), 8)
     fast, slow = _compiled_and_interpreted(model, rng.integers(-128, 128, (2, 3, 4, 5)))
     np.testing.assert_array_equal(fast, slow)
     assert fast.shape == (2, 3, 4 * factors[0], 5 * factors[1])
+    doubling = all(f in (1, 2, 4, 8) for f in factors)
     ops = {n.op_type for g in graphs for n in g.graph.node}
-    assert ("Resize" if all(f in (1, 2, 4, 8) for f in factors) else "Expand") in ops and "Gather" not in ops
+    if plane == "unknown" and not doubling:
+        assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["Resize"]
+        return
+    assert ("Resize" if doubling else "Expand") in ops and "Gather" not in ops
 
 
 def _batch_one_model(tail: list[onnx.NodeProto], tail_inits: dict, out_shape: list[int]) -> onnx.ModelProto:
@@ -1232,3 +1238,178 @@ def test_value_ranges_pass_only_through_ops_that_keep_the_scale():
     assert ranges["h"] == (-5, 42) and ranges["p"] == (-5, 42)
     assert "g" not in ranges  # -5 at exponent -3 is -20 at exponent -5
     assert ranges["r"] == (0, 127) and ranges["q"] == (0, 127)
+
+
+def _one_node_model(target: str, bits: int, node: QNode, exponents: dict, constants: dict | None = None):
+    return QuantizedModel([node], constants or {}, exponents, ["x"], node.outputs, get_target(target), bits)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    target=st.sampled_from(TARGETS),
+    bits=st.sampled_from([8, 16]),
+    op=st.sampled_from(["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"]),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    axes=st.lists(st.integers(-4, 3), max_size=3),
+    keepdims=st.booleans(),
+    as_input=st.booleans(),
+    shifts=st.tuples(st.integers(-12, 2), st.integers(-4, 6)),
+    long_axis=st.booleans(),
+)
+def test_reductions_run_in_the_graph_as_the_interpreter_computes_them(
+    seed, target, bits, op, shape, axes, keepdims, as_input, shifts, long_axis
+):
+    """ReduceMean / Sum / Max / Min in the graph equal ``reductions.reduce_integer``: any axes (negative or
+    none), keepdims or not, axes as input or attribute, sums beyond float32's integers (a 3,000-long axis at
+    int16), ReduceSum shifted right (both roundings) and left, full-range integers that saturate, with the
+    input's shape known or not."""
+    rng = np.random.default_rng(seed)
+    axes = list({a % len(shape): a for a in axes if -len(shape) <= a < len(shape)}.values())  # ONNX: no repeats
+    if long_axis:
+        shape[(axes or [0])[0] % len(shape)] = 3000
+    x = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), shape)
+    x.reshape(-1)[:2] = [2 ** (bits - 1) - 1, -(2 ** (bits - 1))][: x.size]
+    e_in, offset = shifts
+    inputs, constants, attrs = ["x"], {}, {"keepdims": int(keepdims)}
+    if axes and as_input:
+        inputs.append("axes")
+        constants["axes"] = np.array(axes, np.int64)
+    elif axes:
+        attrs["axes"] = axes
+    node = QNode(op, "reduce", inputs, ["y"], attrs, bits=bits)
+    if seed % 3 == 0:  # no shapes (a ``.espdl`` file's nodes): the count is taken at run time
+        node.input_shapes = None
+    elif axes and min(a % len(shape) for a in axes) > 0:
+        node.input_shapes = [[None, *shape[1:]]]  # the batch unknown, as the float model gives it
+    else:
+        node.input_shapes = [list(shape)]
+    e_out = e_in if op in ("ReduceMax", "ReduceMin") else e_in + offset
+    model = _one_node_model(target, bits, node, {"x": e_in, "y": e_out}, constants)
+    fast, slow = _compiled_and_interpreted(model, x)
+    assert model._programs[(False, None)].interpreted_nodes == []
+    assert fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+
+@pytest.mark.parametrize(("target", "expected"), [("esp32s3", [3, -2, 127, -128]), ("esp32p4", [2, -2, 127, -128])])
+def test_reduce_sum_hand_worked(target, expected):
+    """Row sums 5, -5 (ties at a shift of 1: half-up 3 / -2, half-even 2 / -2), then 300 and -300 saturated."""
+    node = QNode("ReduceSum", "sum", ["x"], ["y"], {"axes": [1], "keepdims": 0}, bits=8)
+    node.input_shapes = [["N", 2]]
+    model = _one_node_model(target, 8, node, {"x": -3, "y": -2})
+    x = np.array([[2, 3], [-2, -3], [150, 150], [-150, -150]])
+    fast, slow = _compiled_and_interpreted(model, x)
+    np.testing.assert_array_equal(slow, expected)
+    np.testing.assert_array_equal(fast, expected)
+
+
+def test_an_int8_sum_that_could_wrap_in_int32_stays_with_the_interpreter():
+    node = QNode("ReduceSum", "sum", ["x"], ["y"], {"keepdims": 0}, bits=8)
+    node.input_shapes = [[1 << 12, 1 << 12]]
+    model = _one_node_model("esp32p4", 8, node, {"x": 0, "y": 0})
+    model.run({"x": np.ones((2, 2), np.int64)})
+    assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["ReduceSum"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    axis=st.integers(-4, 3),
+    parts=st.integers(1, 4),
+    sizes_as=st.sampled_from(["input", "attribute", "equal"]),
+)
+def test_split_runs_in_the_graph_as_the_interpreter_computes_it(seed, shape, axis, parts, sizes_as):
+    """Split into given sizes (input or attribute) or into ceil(n / parts) each, along any axis."""
+    rng = np.random.default_rng(seed)
+    axis = axis % len(shape) - len(shape) * (seed % 2)
+    length = shape[axis]
+    cuts = sorted(rng.choice(np.arange(1, length), size=min(parts, length) - 1, replace=False)) if length > 1 else []
+    sizes = np.diff([0, *cuts, length]).tolist()
+    chunk = -(-length // parts)
+    if sizes_as == "equal" and chunk * (parts - 1) >= length:
+        return  # a part would be empty: np.split and ONNX disagree there, and no exporter writes it
+    outputs = [f"y{i}" for i in range(len(sizes) if sizes_as != "equal" else parts)]
+    inputs, constants, attrs = ["x"], {}, {"axis": axis}
+    if sizes_as == "input":
+        inputs.append("sizes")
+        constants["sizes"] = np.array(sizes, np.int64)
+    elif sizes_as == "attribute":
+        attrs["split"] = sizes
+    node = QNode("Split", "split", inputs, outputs, attrs, bits=8)
+    node.input_shapes = [list(shape)]
+    model = _one_node_model("esp32s3", 8, node, {"x": -3} | dict.fromkeys(outputs, -3), constants)
+    x = rng.integers(-128, 128, shape)
+    model.compiled = True
+    fast = model.run({"x": x})
+    model.compiled = False
+    slow = model.run({"x": x})
+    assert model._programs[(False, None)].interpreted_nodes == []
+    for name in outputs:
+        np.testing.assert_array_equal(fast[name], slow[name])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    bounds=st.lists(
+        st.tuples(st.integers(-12, 12), st.integers(-12, 12), st.integers(-4, 3), st.integers(1, 3)),
+        min_size=1,
+        max_size=3,
+    ),
+    with_axes=st.booleans(),
+)
+def test_slice_runs_in_the_graph_as_the_interpreter_computes_it(seed, shape, bounds, with_axes):
+    """Slice with out-of-range, negative and empty bounds and positive steps: normalised as Python does."""
+    rng = np.random.default_rng(seed)
+    if with_axes:
+        chosen = {b[2] % len(shape): b for b in bounds}  # one bound per axis
+        bounds = list(chosen.values())
+        axes = [b[2] % len(shape) - len(shape) * (seed % 2) for b in bounds]
+    else:
+        bounds = bounds[: len(shape)]
+        axes = None
+    constants = {
+        "starts": np.array([b[0] for b in bounds], np.int64),
+        "ends": np.array([b[1] for b in bounds], np.int64),
+        "steps": np.array([b[3] for b in bounds], np.int64),
+    }
+    inputs = ["x", "starts", "ends"]
+    if axes is not None:
+        constants["axes"] = np.array(axes, np.int64)
+        inputs.append("axes")
+    else:
+        inputs.append("")
+    inputs.append("steps")
+    node = QNode("Slice", "slice", inputs, ["y"], {}, bits=16)
+    node.input_shapes = [list(shape)]
+    model = _one_node_model("esp32p4", 16, node, {"x": -9, "y": -9}, constants)
+    x = rng.integers(-(2**15), 2**15, shape)
+    fast, slow = _compiled_and_interpreted(model, x)
+    assert model._programs[(False, None)].interpreted_nodes == []
+    assert fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_an_int8_sum_of_unknown_length_is_guarded_against_int32_wrap(monkeypatch):
+    """Without shapes the int8 sum's count is read at run time; 2**24 values or more could wrap the runtime's
+    int32 accumulator, so the guard trips and the node moves to the interpreter (a lower bound here, to test
+    the trip without a 16M-value tensor)."""
+    node = QNode("ReduceMean", "mean", ["x"], ["y"], {"axes": [1], "keepdims": 0}, bits=8)
+    model = _one_node_model("esp32s3", 8, node, {"x": -3, "y": -3})
+    fast, slow = _compiled_and_interpreted(model, np.full((2, 100), 127))
+    np.testing.assert_array_equal(fast, slow)
+    assert model._programs[(False, None)].interpreted_nodes == []
+    real_const = compiled_module._Builder.const
+
+    def small_limit(self, value, hint, dtype=np.float32):
+        return real_const(self, 64 if np.asarray(value).tolist() == 1 << 24 else value, hint, dtype)
+
+    monkeypatch.setattr(compiled_module._Builder, "const", small_limit)
+    model = _one_node_model("esp32s3", 8, node, {"x": -3, "y": -3})
+    fast, slow = _compiled_and_interpreted(model, np.full((2, 100), 127))
+    np.testing.assert_array_equal(fast, slow)
+    assert model._guarded == {"y"}
+    assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["ReduceMean"]

@@ -52,6 +52,7 @@ from espquant.runtime import runner
 from espquant.simulator import kernels, lanes, libm, native
 from espquant.simulator.activations import FLOAT_FUNCTIONS
 from espquant.simulator.layout import SAME_SHAPE
+from espquant.simulator.reductions import REDUCE_KINDS
 
 if TYPE_CHECKING:
     from espquant.simulator.quantized_model import QNode, QuantizedModel
@@ -1203,7 +1204,11 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
         raise _Refused("cubic Resize")
     shape = (node.input_shapes or [None])[0]
     if shape is None or len(shape) != 4 or any(not isinstance(d, int) for d in shape[2:]):
-        raise _Refused("the plane size is only known at run time")
+        factors = _doubling_factors(b, node) if mode == "nearest" else None
+        if factors is None:
+            raise _Refused("the plane size is only known at run time")
+        _nearest_repeat(b, node, b.use(node.inputs[0]), *factors)
+        return
     height, width = int(shape[2]), int(shape[3])  # type: ignore[arg-type]
     if len(node.inputs) > 2 and node.inputs[2] and b.constant(node.inputs[2]).size:
         scales = b.constant(node.inputs[2]).reshape(-1).astype(float)
@@ -1237,29 +1242,49 @@ def _lower_resize(b: _Builder, node: QNode) -> None:
     x = b.use(node.inputs[0])
     fh, fw = _repeat_factors(rows, height), _repeat_factors(cols, width)
     if fh and fw and not fh & (fh - 1) and not fw & (fw - 1):
-        # Every source pixel repeated f = 2^k times: onnxruntime's own nearest Resize (asymmetric, floor) takes
-        # source index floor(i / f), exact for a power of two whether it divides or multiplies by 1 / f, and
-        # runs in the blocked layout of the convolutions around it (no index lookups, no reorders).
-        scales = b.const([1.0, 1.0, fh, fw], hint)
-        y = b.op(
-            "Resize",
-            [x, "", scales],
-            mode="nearest",
-            coordinate_transformation_mode="asymmetric",
-            nearest_mode="floor",
-        )
-    elif fh and fw:  # other integer factors: a broadcast copy, no index lookups
+        _nearest_repeat(b, node, x, fh, fw)
+        return
+    if fh and fw:  # other integer factors: a broadcast copy, no index lookups
         six = b.op("Reshape", [x, b.const([0, 0, height, 1, width, 1], hint, np.int64)])
         wide = b.op("Expand", [six, b.const([1, 1, 1, fh, 1, fw], hint, np.int64)])
         y = b.op("Reshape", [wide, b.const([0, 0, height * fh, width * fw], hint, np.int64)])
     else:  # onnxruntime's Gather copies one element per index along the last axis: the slower general case
         rows_name, cols_name = b.const(rows, hint, np.int64), b.const(cols, hint, np.int64)
         y = b.op("Gather", [b.op("Gather", [x, rows_name], axis=2), cols_name], axis=3)
-    shift = m.exponent(node.outputs[0]) - m.exponent(node.inputs[0])
+    _resized(b, node, y)
+
+
+def _resized(b: _Builder, node: QNode, y: str) -> None:
+    """The resized integers ``y`` as the node's output: rescaled when the exponents differ."""
+    shift = b.model.exponent(node.outputs[0]) - b.model.exponent(node.inputs[0])
     if shift == 0:
-        b.op("Identity", [y], hint)
+        b.op("Identity", [y], node.outputs[0])
         return
-    _rescale(b, y, shift, hint)
+    _rescale(b, y, shift, node.outputs[0])
+
+
+def _nearest_repeat(b: _Builder, node: QNode, x: str, fh: int, fw: int) -> None:
+    """Every source pixel repeated ``f = 2^k`` times: onnxruntime's own nearest Resize (asymmetric, floor) takes
+    source index floor(i / f), exact for a power of two whether it divides or multiplies by 1 / f, and runs in
+    the blocked layout of the convolutions around it (no index lookups, no reorders)."""
+    scales = b.const([1.0, 1.0, fh, fw], node.outputs[0])
+    y = b.op(
+        "Resize", [x, "", scales], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"
+    )
+    _resized(b, node, y)
+
+
+def _doubling_factors(b: _Builder, node: QNode) -> tuple[int, int] | None:
+    """``(f_h, f_w)`` of a nearest Resize by constant scales ``[1, 1, f_h, f_w]`` that are powers of two: its
+    source indices are floor(i / f) whatever the plane (``kernels.nearest_indices``: ``size * f`` outputs, the
+    reciprocal exact), so it needs no plane size; else None."""
+    if len(node.inputs) <= 2 or not node.inputs[2] or node.inputs[2] not in b.model.constants:
+        return None
+    scales = b.constant(node.inputs[2]).reshape(-1).astype(float)
+    if scales.size != 4 or scales[0] != 1 or scales[1] != 1:
+        return None
+    factors = [int(f) for f in scales[2:] if f >= 1 and f == int(f) and not int(f) & (int(f) - 1)]
+    return (factors[0], factors[1]) if len(factors) == 2 else None
 
 
 def _repeat_factors(indices: np.ndarray, size: int) -> int | None:
@@ -1484,6 +1509,117 @@ def _lower_axes(b: _Builder, node: QNode) -> None:
     b.op(node.op_type, [*b.moved(node), b.const(axes, node.outputs[0], np.int64)], node.outputs[0])
 
 
+def _known_dims(node: QNode) -> list[int | None] | None:
+    """The shape of the node's first input as far as it is known (None per unknown axis), or None without a rank."""
+    shape = (node.input_shapes or [None])[0]
+    if shape is None:
+        return None
+    return [int(d) if isinstance(d, int) and d >= 0 else None for d in shape]
+
+
+def _lower_split(b: _Builder, node: QNode) -> None:
+    """Split along a known axis into sizes fixed when lowering (``interpreter._split``: the sizes given, else
+    ``ceil(n / outputs)`` each, the last one what remains)."""
+    dims = _known_dims(node)
+    axis = int(node.attrs.get("axis", 0))
+    if dims is None and axis < 0:
+        raise _Refused("Split on a negative axis of an input of unknown rank")
+    axis = axis % len(dims) if dims is not None else axis
+    if len(node.inputs) > 1 and node.inputs[1]:
+        sizes = [int(v) for v in b.constant(node.inputs[1]).reshape(-1)]
+    elif "split" in node.attrs:
+        sizes = [int(v) for v in node.attrs["split"]]
+    else:
+        length = dims[axis] if dims is not None and axis < len(dims) else None
+        if length is None:
+            raise _Refused("Split into equal parts of an axis of unknown length")
+        chunk = -(-length // len(node.outputs))
+        sizes = [min(chunk, length - i * chunk) for i in range(len(node.outputs))]
+    if len(sizes) != len(node.outputs) or any(size <= 0 for size in sizes):
+        raise _Refused("Split sizes that are not one positive size per output")
+    x = b.moved(node)[0]
+    b.nodes.append(helper.make_node("Split", [x, b.const(sizes, node.outputs[0], np.int64)], node.outputs, axis=axis))
+
+
+def _lower_slice(b: _Builder, node: QNode) -> None:
+    """Slice by constant starts, ends, axes and positive steps of axes whose lengths are known: the bounds are
+    normalised as Python's slices normalise them (``interpreter._slice``) before onnxruntime sees them, so both
+    agree also where ONNX's clamping rules differ from Python's."""
+    dims = _known_dims(node)
+    if dims is None:
+        raise _Refused("Slice of an input of unknown rank")
+    starts, ends = (b.constant(node.inputs[i]).astype(np.int64).reshape(-1) for i in (1, 2))
+    given = [b.constant(t).astype(np.int64).reshape(-1) if t else None for t in (node.inputs[3:5] + ["", ""])[:2]]
+    axes = given[0] if given[0] is not None else np.arange(len(starts))
+    steps = given[1] if given[1] is not None else np.ones(len(starts), np.int64)
+    bounds = []
+    for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+        axis %= len(dims)
+        if step <= 0 or dims[axis] is None:
+            raise _Refused("Slice with a negative step or along an axis of unknown length")
+        bounds.append((*slice(start, end, step).indices(dims[axis])[:2], axis, step))
+    hint = node.outputs[0]
+    columns = [b.const([bound[i] for bound in bounds], hint, np.int64) for i in range(4)]
+    b.op("Slice", [*b.moved(node), *columns], hint)
+
+
+def _lower_reduce(b: _Builder, node: QNode) -> None:
+    """ReduceMax / ReduceMin (the integers themselves), ReduceSum and ReduceMean as ``reductions.reduce_integer``
+    computes them: the integer sum (float32 where the float model's shapes keep every partial sum an integer
+    below 2**24, else double), then ReduceSum's ``shift_and_round`` or ReduceMean's float32
+    ``sum 2^e_in / count 2^-e_out``, rounded and saturated. Without the shapes (a ``.espdl`` file's nodes carry
+    none) the count is taken from the tensor at run time, and an int8 sum that could wrap in the runtime's int32
+    accumulator (2**24 values or more) trips a guard: the node then moves to the interpreter."""
+    kind = REDUCE_KINDS[node.op_type]
+    dims = _known_dims(node)
+    if len(node.inputs) > 1 and node.inputs[1]:
+        listed = [int(a) for a in b.constant(node.inputs[1]).reshape(-1)]
+    else:
+        listed = [int(a) for a in node.attrs.get("axes", [])]
+    axes = sorted({a % len(dims) for a in listed}) if dims is not None else listed  # none: all (interpreter)
+    keepdims = int(bool(node.attrs.get("keepdims", 1)))
+    x, hint = b.use(node.inputs[0]), node.outputs[0]
+    if kind in ("max", "min"):
+        listed_axes = {"axes": axes} if axes else {}
+        b.op("ReduceMax" if kind == "max" else "ReduceMin", [x], hint, keepdims=keepdims, **listed_axes)
+        return
+    reduced = [dims[a] for a in (axes or range(len(dims)))] if dims is not None else [None]
+    count = int(np.prod(reduced)) if all(length is not None for length in reduced) else None
+    axes_input = [b.const(axes, hint, np.int64)] if axes else []
+    if count is None:
+        shape = b.op("Shape", [x])
+        chosen = b.op("Gather", [shape, axes_input[0]]) if axes else shape
+        counted = b.op("ReduceProd", [chosen], keepdims=0)
+        if node.bits == 8:
+            b.guard(b.op("GreaterOrEqual", [counted, b.const(1 << 24, hint, np.int64)]), node)
+        divisor = b.op("Cast", [counted], to=TensorProto.FLOAT)
+    elif node.bits == 8 and 2.0**7 * count >= 2.0**31:
+        raise _Refused("an int8 sum that may wrap in int32")
+    else:
+        divisor = b.const(float(count), hint)
+    m = b.model
+    e_in, e_out = m.exponent(node.inputs[0]), m.exponent(hint)
+    if kind == "mean":
+        if count is not None and 2.0 ** (node.bits - 1) * count < EXACT_FLOAT32:
+            total = b.op("ReduceSum", [x, *axes_input], keepdims=keepdims)
+        else:
+            wide = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), *axes_input], keepdims=keepdims)
+            total = b.op("Cast", [wide], to=TensorProto.FLOAT)  # the sum rounded to float32, as the C code's
+        real = b.op("Mul", [total, b.const(2.0**e_in, hint)])
+        mean = b.op("Div", [real, divisor])
+        _round_saturate(b, b.op("Mul", [mean, b.const(2.0**-e_out, hint)]), hint)
+        return
+    # ReduceSum: every step in double, where the sum, its half and its shift are all exact.
+    total = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), *axes_input], keepdims=keepdims)
+    shift = np.array(e_out - e_in)
+    if m.profile.rounding == "half_up" and shift > 0:
+        total = b.op("Add", [total, b.const(2.0 ** (int(shift) - 1), hint, np.float64)])
+        rounded = b.op("Floor", [b.op("Mul", [total, b.const(2.0**-shift, hint, np.float64)])])
+    else:
+        rounded = b.shift_round(total, shift, hint, dtype=np.float64)
+    b.saturate(rounded, hint, dtype=np.float64)
+
+
 _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     QUANTIZE_INPUT: _lower_quantize_input,
     "Conv": _lower_conv,
@@ -1510,6 +1646,9 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Concat": _lower_passthrough,
     "Squeeze": _lower_axes,
     "Unsqueeze": _lower_axes,
+    "Split": _lower_split,
+    "Slice": _lower_slice,
+    **{op: _lower_reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")},
     "Softmax": _lower_softmax,
     **{op: _lower_elementwise for op in FLOAT_FUNCTIONS if op != "Relu"},
 }
