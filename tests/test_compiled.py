@@ -1413,3 +1413,43 @@ def test_an_int8_sum_of_unknown_length_is_guarded_against_int32_wrap(monkeypatch
     np.testing.assert_array_equal(fast, slow)
     assert model._guarded == {"y"}
     assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["ReduceMean"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    target=st.sampled_from(TARGETS),
+    bits=st.sampled_from([8, 16]),
+    op=st.sampled_from(["Pow", "Div", "Mod", "Neg"]),
+    constant=st.integers(-5, 5),
+    exponents=st.tuples(st.integers(-10, 2), st.integers(-3, 1), st.integers(-10, 2)),
+)
+def test_elementwise_nodes_by_a_constant_scalar_are_tables(seed, target, bits, op, constant, exponents):
+    """Pow, Div and Mod by a constant scalar (a LayerNorm's square, a division by a constant) and Neg depend on
+    their one integer input alone: the graph looks them up in the interpreter's own step over every input value,
+    zero divisors and saturation included."""
+    rng = np.random.default_rng(seed)
+    e_x, e_c, e_y = exponents
+    inputs, constants = ["x"], {}
+    if op != "Neg":
+        inputs.append("c")
+        constants["c"] = np.array(constant, np.int64)
+    node = QNode(op, op.lower(), inputs, ["y"], {}, bits=bits)
+    node.input_shapes = [["N", 3, 5], [] if op != "Neg" else None]
+    model = _one_node_model(target, bits, node, {"x": e_x, "c": e_c, "y": e_y}, constants)
+    x = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (2, 3, 5))
+    x.reshape(-1)[:3] = [0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1]
+    fast, slow = _compiled_and_interpreted(model, x)
+    assert model._programs[(False, None)].interpreted_nodes == []
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_a_division_of_one_value_per_sample_stays_with_the_interpreter():
+    """``kernels.div`` divides a lone dividend by another path than a vector's: a table made on a vector would
+    be wrong for it, so a Div whose samples hold one value each is not tabled."""
+    node = QNode("Div", "div", ["x", "c"], ["y"], {}, bits=8)
+    node.input_shapes = [["N", 1], []]
+    model = _one_node_model("esp32s3", 8, node, {"x": -4, "c": -2, "y": -4}, {"c": np.array(3)})
+    fast, slow = _compiled_and_interpreted(model, np.array([[7]]))
+    np.testing.assert_array_equal(fast, slow)
+    assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["Div"]

@@ -1035,8 +1035,9 @@ def _gather_rolled(b: _Builder, rolled: np.ndarray, x: str, output: str) -> str:
 
 def _lower_elementwise(b: _Builder, node: QNode) -> None:
     """An activation of one integer input whose output depends on that integer alone (an int16 table, the
-    float32 path of Sigmoid / HardSwish / ...): the interpreter's own step (``QuantizedModel.run_node``) run once
-    on every value of the input's width is the node, exactly, as a table (65,536 entries at int16)."""
+    float32 path of Sigmoid / HardSwish / ..., Pow / Div / Mod by a constant scalar, Neg): the interpreter's own
+    step (``QuantizedModel.run_node``) run once on every value of the input's width is the node, exactly, as a
+    table (65,536 entries at int16)."""
     source = b.use(node.inputs[0])
     table = _elementwise_table(b.model, node)
     if table is None:
@@ -1046,14 +1047,20 @@ def _lower_elementwise(b: _Builder, node: QNode) -> None:
 
 def _elementwise_table(model: QuantizedModel, node: QNode) -> np.ndarray | None:
     """The node as a float32 table over every value of its input's width, lowest first (the interpreter's own
-    step run once on them all), or None when its input is wider than int16, its output float, or its output
-    does not take one value per input value."""
+    step run once on them all), or None when its input is wider than int16, its output float, its other inputs
+    are not constant scalars, or its output does not take one value per input value. A Div takes another path
+    in ``kernels.div`` when its dividend holds one value: it is tabled only where every sample holds several."""
     source = node.inputs[0]
     width = model.width(source)
     if width > 16 or node.outputs[0] in model.float_tensors:
         return None
+    others = [t for t in node.inputs[1:] if t]
+    if any(t not in model.constants or np.size(model.constants[t]) != 1 for t in others):
+        return None
+    if node.op_type == "Div" and int(np.prod(_known_shape(node) or [1])) < 2:
+        return None
     values = np.arange(qmin(width), qmax(width) + 1, dtype=np.int64)
-    env = {source: values}
+    env = {source: values} | {t: model.constants[t] for t in others}
     model.run_node(node, env)
     table = np.asarray(env[node.outputs[0]]).reshape(-1)
     return table.astype(F32) if table.shape == values.shape else None
@@ -1650,7 +1657,7 @@ _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
     "Slice": _lower_slice,
     **{op: _lower_reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")},
     "Softmax": _lower_softmax,
-    **{op: _lower_elementwise for op in FLOAT_FUNCTIONS if op != "Relu"},
+    **{op: _lower_elementwise for op in (*FLOAT_FUNCTIONS, "Pow", "Div", "Mod", "Neg") if op != "Relu"},
 }
 
 
