@@ -594,34 +594,41 @@ def test_wide_int16_layers_beyond_every_digit_split_run_natively(rng, target):
     assert [n.op_type for n in program.native_nodes] == ["Conv"] and not program.interpreted_nodes
 
 
-def _rail_conv(rng, depthwise: bool, channels: int = 20) -> tuple[np.ndarray, dict]:
+def _rail_conv(rng, depthwise: bool, channels: int = 20, one_d: bool = False) -> tuple[np.ndarray, dict]:
     """Random int8 weights whose static bound (128 * sum |w|) is far beyond ESP32-S3's 20-bit lanes: 64 input
-    channels of 3x3, or a 9x9 depthwise (81 taps; a 3x3 depthwise cannot reach 2^19 at all). Channels 0-2 lean
-    positive and 3-4 negative, so that one-signed patches drive them into the rail."""
-    shape = (channels, 1, 9, 9) if depthwise else (channels, 64, 3, 3)
+    channels of 3x3, or a 9x9 depthwise (81 taps; a 3x3 depthwise cannot reach 2^19 at all); 1-D: 64 channels of
+    9 taps, or a depthwise kernel of 81. Channels 0-2 lean positive and 3-4 negative, so that one-signed patches
+    drive them into the rail."""
+    if one_d:
+        shape = (channels, 1, 81) if depthwise else (channels, 64, 9)
+    else:
+        shape = (channels, 1, 9, 9) if depthwise else (channels, 64, 3, 3)
     weight = rng.integers(-128, 128, shape)
     weight[:3], weight[3:5] = np.abs(weight[:3]), -np.abs(weight[3:5])
-    attrs = {"pads": [4, 4, 4, 4], "group": channels} if depthwise else {"pads": [1, 1, 1, 1]}
+    pads = [weight.shape[-1] // 2] * (2 if one_d else 4)
+    attrs = {"pads": pads, "group": channels} if depthwise else {"pads": pads}
     return weight, attrs
 
 
+@pytest.mark.parametrize("one_d", [False, True], ids=["2-D", "1-D"])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_s3_rail_steps_emulate_only_the_outputs_that_can_saturate(rng, depthwise):
+def test_s3_rail_steps_emulate_only_the_outputs_that_can_saturate(rng, depthwise, one_d):
     """Mild inputs with a few one-signed patches: the guard trips, the node becomes a rail step (not an
     interpreter node), and its outputs (16 lane channels and, for the normal conv, a 4-channel 40-bit tail)
     equal the interpreter's tap-by-tap emulation, on this batch and on the next ones."""
-    weight, attrs = _rail_conv(rng, depthwise)
+    weight, attrs = _rail_conv(rng, depthwise, one_d=one_d)
     channels = weight.shape[0]
     bias = rng.integers(-(2**17), 2**17, channels)
     model = _accumulating_model("esp32s3", 8, "Conv", weight, bias, (-4, -7, 0), **attrs)
     c_in = channels if depthwise else weight.shape[1]
-    mild = rng.integers(-20, 21, (2, c_in, 12, 12))
+    plane = (100,) if one_d else (12, 12)
+    mild = rng.integers(-20, 21, (2, c_in, *plane))
     fast, slow = _compiled_and_interpreted(model, mild)
     np.testing.assert_array_equal(fast, slow)
     hot = mild.copy()
-    hot[0, :, 2:8, 2:8] = 127
-    hot[1, :, :5, :] = -128
-    hot[1, :, 6:, 6:] = rng.integers(-128, 128, (c_in, 6, 6))
+    hot[0, :, 2:90] = 127
+    hot[1, :, :5] = -128
+    hot[1, :, 6:] = rng.integers(-128, 128, (c_in, *hot.shape[2:]))[:, 6:]
     for batch in (hot, np.concatenate([hot, mild]), mild):
         fast, slow = _compiled_and_interpreted(model, batch)
         np.testing.assert_array_equal(fast, slow)
@@ -1453,3 +1460,77 @@ def test_a_division_of_one_value_per_sample_stays_with_the_interpreter():
     fast, slow = _compiled_and_interpreted(model, np.array([[7]]))
     np.testing.assert_array_equal(fast, slow)
     assert [n.op_type for n in model._programs[(False, None)].interpreted_nodes] == ["Div"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    target=st.sampled_from(TARGETS),
+    bits=st.sampled_from([8, 16]),
+    kind=st.sampled_from(["conv", "depthwise", "pointwise"]),
+    kernel=st.integers(1, 5),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 3),
+    pads=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    relu=st.booleans(),
+    native_on=st.booleans(),
+    out_shift=st.integers(-3, 12),
+)
+def test_one_dimensional_convolutions_compile_as_the_interpreter_computes_them(
+    seed, target, bits, kind, kernel, stride, dilation, pads, relu, native_on, out_shift
+):
+    """A 1-D convolution (a TDNN's dilated layers, a speech model's depthwise ones) runs as the 2-D one of
+    height 1 that the interpreter computes: in the graph (float32, digit splits, S3 guards) or natively in
+    double, with ReLU, strides, dilations, uneven pads, ties and saturation; nothing left to the interpreter."""
+    rng = np.random.default_rng(seed)
+    channels, inputs, length = 10, 6, 23
+    if kind == "pointwise":
+        kernel, stride, dilation, pads = 1, 1, 1, (0, 0)
+    if dilation * (kernel - 1) + 1 > length + sum(pads):
+        return
+    attrs = {"strides": [stride], "dilations": [dilation], "pads": list(pads)}
+    if kind == "depthwise":
+        weight, x = _int(rng, bits, (channels, 1, kernel)), _int(rng, bits, (3, channels, length), 2.0)
+        attrs["group"] = channels
+    else:
+        weight, x = _int(rng, bits, (channels, inputs, kernel)), _int(rng, bits, (3, inputs, length), 2.0)
+    bias = rng.integers(-(2 ** (2 * bits)), 2 ** (2 * bits), channels)
+    e_in, e_w = -7 if bits == 8 else -12, -6 if bits == 8 else -14
+    with mock.patch.object(compiled_module, "NATIVE", native_on):
+        model = _accumulating_model(
+            target, bits, "Conv", weight, bias, (e_in, e_w, e_in + e_w + out_shift), relu=relu, **attrs
+        )
+        fast, slow = _compiled_and_interpreted(model, np.clip(x, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1))
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.shape == slow.shape and fast.dtype == slow.dtype
+    assert model._programs[(False, None)].interpreted_nodes == []
+
+
+@pytest.mark.parametrize("bits", ["int8", "int16"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_one_dimensional_network_compiles_entirely(rng, bits, target):
+    """A small TDNN as PyTorch exports it (dilated 1-D convolutions, a depthwise one, ReLU, ReduceMean over time,
+    Gemm), calibrated and quantized: every node compiled, every integer the interpreter's."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], dilations=[2], pads=[2, 2], name="tdnn1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd"], ["c2"], group=16, pads=[1, 1], strides=[2], name="depthwise"),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="pointwise"),
+        helper.make_node("ReduceMean", ["c3"], ["m"], axes=[2], keepdims=0, name="pool"),
+        helper.make_node("Gemm", ["m", "wg"], ["y"], transB=1, name="fc"),
+    ]
+    inits = {
+        "w1": rng.normal(0, 0.3, (16, 8, 3)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, 16).astype(np.float32),
+        "wd": rng.normal(0, 0.5, (16, 1, 3)).astype(np.float32),
+        "w3": rng.normal(0, 0.3, (24, 16, 1)).astype(np.float32),
+        "b3": rng.normal(0, 0.1, 24).astype(np.float32),
+        "wg": rng.normal(0, 0.3, (5, 24)).astype(np.float32),
+    }
+    model = make_model(nodes, [tensor("x", ["N", 8, 40])], [tensor("y", ["N", 5])], inits)
+    table = Calibrator(bits).calibrate(model, rng.normal(0, 1, (16, 8, 40)).astype(np.float32)).table
+    quantized = Evaluator(bits, "per-tensor", target).generate_quantized_model(model, table)
+    fast, slow = _both(quantized, 3 * rng.normal(0, 1, (6, 8, 40)).astype(np.float32))
+    np.testing.assert_array_equal(fast["y"], slow["y"])
+    assert quantized._programs[(True, None)].interpreted_nodes == []

@@ -307,6 +307,7 @@ class _Accumulating:
     source: Callable[[str], str] | None = None
     # The whole node in double outside onnxruntime (simulator/native.py), made for its requantization.
     native: Callable[[native.Requantize], Callable[[np.ndarray], np.ndarray]] | None = None
+    rank: int = 4  # of the node's input and output (a 1-D convolution's: 3)
 
 
 def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
@@ -372,7 +373,7 @@ def _accumulating(b: _Builder, node: QNode, spec: _Accumulating) -> None:
     # guard compares the sums with the rails scaled the same way).
     scale = np.ones(channels) if rail_step else 2.0 ** -shift.astype(np.float64)
     dtype = F32 if direct else np.float64
-    shape = [1, channels, 1, 1] if spec.channel_axis == 1 else [channels]
+    shape = [1, channels, *[1] * (spec.rank - 2)] if spec.channel_axis == 1 else [channels]
 
     def scaled(w: np.ndarray) -> np.ndarray:
         return w.reshape(weight.shape) * scale.reshape(-1, *[1] * (weight.ndim - 1))
@@ -787,7 +788,16 @@ def _rail_step(b: _Builder, node: QNode, check: _RailCheck, magnitude: str, flag
     b.pending = (step, finish)
 
 
-def _conv_geometry(node: QNode) -> dict[str, Any]:
+def _conv_geometry(node: QNode, one_d: bool = False) -> dict[str, Any]:
+    """Strides, pads and dilations of a 2-D convolution; a 1-D one's as the 2-D one of height 1 that computes it
+    (``interpreter._conv_operands``)."""
+    if one_d:
+        pads = list(node.attrs.get("pads", [0, 0]))
+        return {
+            "strides": [1, *node.attrs.get("strides", [1])],
+            "pads": [0, pads[0], 0, pads[1]],
+            "dilations": [1, *node.attrs.get("dilations", [1])],
+        }
     return {
         "strides": list(node.attrs.get("strides", [1, 1])),
         "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
@@ -796,9 +806,15 @@ def _conv_geometry(node: QNode) -> dict[str, Any]:
 
 
 def _lower_conv(b: _Builder, node: QNode) -> None:
+    """A 2-D convolution, or a 1-D one as the 2-D convolution of height 1 that the interpreter computes: its
+    input gains that axis inside each contraction (Unsqueeze, Conv, Squeeze), and a native step lifts and drops
+    it around the 2-D kernel, so every other step of :func:`_accumulating` sees the node's own 3-D tensors."""
     w = b.constant(node.inputs[1])
+    one_d = w.ndim == 3
+    if one_d:
+        w = w[:, :, None, :]
     if w.ndim != 4:
-        raise _Refused("only 2-D convolutions are compiled")
+        raise _Refused("only 1-D and 2-D convolutions are compiled")
     group = int(node.attrs.get("group", 1))
     depthwise = group != 1
     if depthwise and not (w.shape[1] == 1 and group == w.shape[0]):
@@ -806,23 +822,34 @@ def _lower_conv(b: _Builder, node: QNode) -> None:
     if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         raise _Refused("auto_pad")
     bias = b.constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-    geometry = _conv_geometry(node)
+    geometry = _conv_geometry(node, one_d)
     attrs = {**geometry, "group": group}
+    height = b.const([2], node.outputs[0], np.int64) if one_d else ""
 
     def contract(x: str, weight: str, start: str | None) -> str:
-        return b.op("Conv", [x, weight] + ([start] if start else []), **attrs)
+        x = b.op("Unsqueeze", [x, height]) if one_d else x
+        sums = b.op("Conv", [x, weight] + ([start] if start else []), **attrs)
+        return b.op("Squeeze", [sums, height]) if one_d else sums
 
     def products(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        return lanes.conv_products(x, w, depthwise=depthwise, **geometry)
+        return lanes.conv_products(x[:, :, None, :] if one_d else x, w, depthwise=depthwise, **geometry)
 
-    def whole(requantize: native.Requantize) -> native.Conv:
-        return native.Conv(w, **geometry, depthwise=depthwise, requantize=requantize)
+    def whole(requantize: native.Requantize) -> Callable[[np.ndarray], np.ndarray]:
+        conv = native.Conv(w, **geometry, depthwise=depthwise, requantize=requantize)
+        return functools.partial(_one_d, conv) if one_d else conv
 
     plain = {"strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1]}
     pointwise = w.shape[2:] == (1, 1) and not depthwise and geometry == plain
     double = _pointwise_double(b, node.outputs[0], _known_shape(node)) if pointwise else None
-    spec = _Accumulating(w, bias, contract, products, depthwise=depthwise, contract_double=double, native=whole)
+    spec = _Accumulating(
+        w, bias, contract, products, depthwise=depthwise, contract_double=double, native=whole, rank=3 if one_d else 4
+    )
     _accumulating(b, node, spec)
+
+
+def _one_d(conv: native.Conv, x: np.ndarray) -> np.ndarray:
+    """A 1-D convolution on ``(N, C, L)`` by the 2-D kernel of height 1."""
+    return conv(x[:, :, None, :])[:, :, 0, :]
 
 
 def _lower_conv_transpose(b: _Builder, node: QNode) -> None:
