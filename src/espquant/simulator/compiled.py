@@ -969,10 +969,13 @@ def _rows(weight: np.ndarray) -> Callable[[native.Requantize], native.Rows]:
 
 def _lower_matmul(b: _Builder, node: QNode) -> None:
     """MatMul by a constant 2-D B: per batch slice a 1x1 convolution without bias (``kernels.matmul_slices``),
-    which ONNX's MatMul broadcasting computes for any rank of A (1-D A included). A run-time B stays in the
-    interpreter (a 1-D x 1-D product has shape ``[1]`` there, a scalar in ONNX)."""
-    if node.inputs[1] not in b.model.constants or isinstance(b.model.exponents.get(node.inputs[1]), list):
-        raise _Refused("MatMul by a run-time or per-channel B")
+    which ONNX's MatMul broadcasting computes for any rank of A (1-D A included); by a run-time B,
+    :func:`_lower_matmul_activations`."""
+    if node.inputs[1] not in b.model.constants:
+        _lower_matmul_activations(b, node)
+        return
+    if isinstance(b.model.exponents.get(node.inputs[1]), list):
+        raise _Refused("MatMul by a per-channel B")
     w = b.constant(node.inputs[1])
     if w.ndim != 2:
         raise _Refused("MatMul by a B of rank other than 2")
@@ -992,6 +995,50 @@ def _lower_matmul(b: _Builder, node: QNode) -> None:
         native=_rows(w),
     )
     _accumulating(b, node, spec)
+
+
+def _lower_matmul_activations(b: _Builder, node: QNode) -> None:
+    """MatMul of two activations (attention's ``Q K^T`` and its weights times ``V``) as ``kernels.matmul_slices``
+    computes it: the exact integer sums (float32 while every partial sum, with the rounding half, stays below
+    2**24, else double), shifted with the profile's rounding, ReLU, saturated. On the SIMD chips a lane could
+    reach its rail where ``2**(a_bits-1) 2**(b_bits-1) K`` does: a guard then checks this data's ``sum |a| |b|``
+    against the narrowest lane and sends the node to the interpreter when it trips. Both operands must be known
+    to have at least two axes (a 1-D product has shape ``[1]`` in the interpreter, a scalar in ONNX)."""
+    m = b.model
+    if node.outputs[0] in b.rail_nodes:  # its guard tripped: no rail step for run-time weights
+        raise _Refused("a MatMul of two activations whose lanes reached a rail")
+    shapes = (node.input_shapes or [None, None])[:2]
+    if len(shapes) < 2 or any(shape is None or len(shape) < 2 for shape in shapes):
+        raise _Refused("MatMul of operands of unknown or single rank")
+    depth, columns = shapes[0][-1], shapes[1][-1]  # type: ignore[index]
+    exponents = [m.exponents.get(t) for t in (*node.inputs[:2], node.outputs[0])]
+    if not isinstance(depth, int) or not all(isinstance(e, int) for e in exponents):
+        raise _Refused("MatMul over an axis of unknown length, or per-channel exponents")
+    e_a, e_b, e_out = (int(e) for e in exponents)  # type: ignore[arg-type]
+    shift = e_out - e_a - e_b
+    bound = 2.0 ** (m.width(node.inputs[0]) - 1) * 2.0 ** (m.width(node.inputs[1]) - 1) * depth
+    half = 2.0 ** (shift - 1) if shift > 0 and m.profile.rounding == "half_up" else 0.0
+    if bound + half >= EXACT_FLOAT64:
+        raise _Refused("the sums are not exact in double")
+    dtype = F32 if bound + half < EXACT_FLOAT32 else np.float64
+    a, c = b.use(node.inputs[0]), b.use(node.inputs[1])
+    operands = [a, c] if dtype == F32 else [b.op("Cast", [t], to=TensorProto.DOUBLE) for t in (a, c)]
+    sums = b.op("MatMul", operands)
+    if m.profile.simd:  # kernels._accumulate: lane blocks of the SIMD width, the tail columns in the wider lanes
+        lanes_n = simd_lanes(node.bits)
+        widths = []
+        if not isinstance(columns, int) or columns >= lanes_n:
+            widths.append(m.profile.conv_acc_bits[node.bits])
+        if not isinstance(columns, int) or columns % lanes_n:
+            widths.append(m.profile.tail_acc_bits[node.bits])
+        limit = 2.0 ** (min(widths) - 1)
+        if bound >= limit:
+            magnitude = b.op("MatMul", [b.op("Abs", [t]) for t in operands])
+            largest = b.op("ReduceMax", [magnitude], keepdims=0)
+            b.guard(b.op("GreaterOrEqual", [largest, b.const(limit, node.outputs[0], dtype)]), node)
+    rounded = b.shift_round(sums, np.asarray([shift]), node.outputs[0], dtype=dtype)
+    low, high, output = _clamp(b, node)
+    b.saturate(rounded, output, dtype=dtype, bounds=(low, high))
 
 
 def _lower_add_sub(b: _Builder, node: QNode) -> None:

@@ -124,6 +124,8 @@ class QuantizedModel:
                     program.run(env, self.run_node, self.outputs)
             except GuardTripped as trip:
                 logger.debug("compiled guard tripped for %s: rail steps or interpreter from now on", trip.nodes)
+                if set(trip.nodes) <= self._guarded:  # a lowering that ignored its trip would loop forever here
+                    raise RuntimeError(f"the compiled guards of {trip.nodes} tripped again") from trip
                 self._guarded.update(trip.nodes)
                 self._programs.clear()
                 continue
