@@ -14,6 +14,8 @@ Cases (all built here with onnx.helper, random weights, dynamic batch):
   check.
 * ``rail_sat``: random-weight convolutions whose inputs carry a per-image offset and whose weights lean one
   way in 32 of 96 channels: those ESP32-S3 accumulator lanes really saturate, so they are emulated.
+* ``tdnn``: 1-D convolutions over 100 frames (dilated), ReduceMean over time: a keyword / speaker model.
+* ``attention``: two self-attention blocks over 49 tokens (MatMul of two activations, Softmax in between).
 
 Real models (``--cases mnist_cnn dsconv ppocr_cls ppocr_det mtcnn_onet blazeface_real hand_landmarks palm``, not
 run by default: they come from ``benchmarks/accuracy.py``'s cache, filled on its first run): espquant's demo MNIST
@@ -58,7 +60,17 @@ from calibration import mobilenet_v2  # noqa: E402
 
 from espquant import Calibrator, Evaluator  # noqa: E402
 
-SYNTHETIC = ("mlp", "tf_mlp", "mobilenet_v2", "mobilenet_v2_normal", "blazeface", "rail", "rail_sat")
+SYNTHETIC = (
+    "mlp",
+    "tf_mlp",
+    "mobilenet_v2",
+    "mobilenet_v2_normal",
+    "blazeface",
+    "rail",
+    "rail_sat",
+    "tdnn",
+    "attention",
+)
 # Real pretrained models and real images of benchmarks/accuracy.py (its cache, ~/.cache/espquant-accuracy):
 # the demo CNN, a depthwise-separable ReLU6 CNN, a MobileNetV3 with squeeze-excite blocks, a DB text detector
 # (ConvTranspose, Resize), MTCNN's O-Net (PRelu), MediaPipe's BlazeFace (Pad) and hand landmarks (MobileNetV2
@@ -232,6 +244,41 @@ def rail(saturating: bool) -> onnx.ModelProto:
     return g.model(name, ["N", 8, 24, 24], [("features", ["N", channels, 24, 24])])
 
 
+def tdnn() -> onnx.ModelProto:
+    """A TDNN keyword / speaker model as PyTorch exports it: 1-D convolutions over 100 frames of 40 filterbank
+    energies (dilations 2 and 3), ReLU, a 1x1 layer, ReduceMean over time, a Gemm."""
+    g = _Graph(5)
+    x, cin = "input", 40
+    for cout, kernel, dilation in ((64, 5, 1), (64, 3, 2), (64, 3, 3), (128, 1, 1)):
+        w = g.rng.normal(0, np.sqrt(2.0 / (cin * kernel)), (cout, cin, kernel)).astype(np.float32)
+        b = g.rng.normal(0, 0.05, cout).astype(np.float32)
+        pad = dilation * (kernel // 2)
+        x = g.node("Conv", [x, g.const(w, "w"), g.const(b, "b")], dilations=[dilation], pads=[pad, pad])
+        x = g.node("Relu", [x])
+        cin = cout
+    pooled = g.node("ReduceMean", [x], axes=[2], keepdims=0)
+    g.node("Gemm", [pooled, g.const(g.rng.normal(0, 0.1, (12, cin)).astype(np.float32), "w")], transB=1)
+    g.nodes[-1].output[0] = "logits"
+    return g.model("tdnn", ["N", 40, 100], [("logits", ["N", 12])])
+
+
+def attention() -> onnx.ModelProto:
+    """Two self-attention blocks over 49 tokens of 32 values (a 7x7 feature map's, as in YOLO11's C2PSA):
+    projections, ``Q K^T``, Softmax, its weights times ``V``, an output projection and a residual Add."""
+    g = _Graph(6)
+    x, d = "input", 32
+    for _ in range(2):
+        q, k, v = (
+            g.node("MatMul", [x, g.const(g.rng.normal(0, d**-0.5, (d, d)).astype(np.float32), "w")]) for _ in "qkv"
+        )
+        scores = g.node("MatMul", [q, g.node("Transpose", [k], perm=[0, 2, 1])])
+        mixed = g.node("MatMul", [g.node("Softmax", [scores], axis=-1), v])
+        out = g.node("MatMul", [mixed, g.const(g.rng.normal(0, d**-0.5, (d, d)).astype(np.float32), "w")])
+        x = g.node("Add", [x, out])
+    g.nodes[-1].output[0] = "tokens"
+    return g.model("attention", ["N", 49, d], [("tokens", ["N", 49, d])])
+
+
 def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray]:
     """The model of case ``name`` and ``images`` inputs drawn for it."""
     rng = np.random.default_rng(seed)
@@ -259,6 +306,10 @@ def case(name: str, images: int, seed: int = 0) -> tuple[onnx.ModelProto, np.nda
         return mobilenet_v2(), rng.normal(0, 1, (images, 3, 96, 96)).astype(np.float32)
     if name == "blazeface":
         return blazeface(), rng.random((images, 3, 128, 128), dtype=np.float32) * 2 - 1
+    if name == "tdnn":
+        return tdnn(), rng.normal(0, 1, (images, 40, 100)).astype(np.float32)
+    if name == "attention":
+        return attention(), rng.normal(0, 1, (images, 49, 32)).astype(np.float32)
     data = rng.normal(0, 1, (images, 8, 24, 24)).astype(np.float32)
     if name == "rail_sat":
         data += rng.uniform(-2, 2, (images, 1, 1, 1)).astype(np.float32)
