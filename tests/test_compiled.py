@@ -1603,3 +1603,23 @@ def test_an_attention_block_compiles_entirely(rng, bits, target):
     fast, slow = _both(quantized, 2 * rng.normal(0, 1, (4, 10, d)).astype(np.float32))
     np.testing.assert_array_equal(fast["y"], slow["y"])
     assert quantized._programs[(True, None)].interpreted_nodes == []
+
+
+def test_the_attention_guard_checks_magnitudes_only_where_cauchy_schwarz_reaches_the_rail():
+    """ESP32-S3 int8, 128-long products: rows whose norms alone would reach the 20-bit lanes (Cauchy-Schwarz
+    trips) but whose large values never meet (the exact magnitudes stay small) keep the node compiled; values
+    that do meet send it to the interpreter. Both give the interpreter's integers."""
+    node = QNode("MatMul", "attention", ["x", "k"], ["y"], {}, bits=8)
+    node.input_shapes = [["N", 3, 128], ["N", 128, 16]]
+    exponents = {"x": -7, "k": -5, "y": -3}
+    a, c = np.zeros((2, 3, 128), np.int64), np.zeros((2, 128, 16), np.int64)
+    a[..., :64], c[:, 64:] = 127, 127  # norms 127 * 8 each: their product 2^20 reaches 2^19; every sum is 0
+    for meet in (False, True):
+        if meet:
+            c[:, :64] = 127
+        model = QuantizedModel([node], {}, exponents, ["x", "k"], ["y"], get_target("esp32s3"), 8)
+        model.compiled = True
+        fast = model.run({"x": a, "k": c})["y"]
+        model.compiled = False
+        np.testing.assert_array_equal(fast, model.run({"x": a, "k": c})["y"])
+        assert model._guarded == ({"y"} if meet else set())

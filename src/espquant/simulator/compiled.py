@@ -690,8 +690,15 @@ def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool =
         magnitude = _magnitude(b, node, check)
         return _reaches_rail(b, b.op("Add", [distance, magnitude]), check, hint), magnitude
     cheap = _reaches_rail(b, b.op("Add", [distance, _patch_norm_bound(b, node, check)]), check, hint)
+    precise = lambda: _reaches_rail(b, b.op("Add", [distance, _magnitude(b, node, check)]), check, hint)  # noqa: E731
+    return _confirmed(b, cheap, precise), None
+
+
+def _confirmed(b: _Builder, cheap: str, precise: Callable[[], str]) -> str:
+    """The scalar flag ``cheap`` (a bound that may be too large), confirmed or cleared where it is set by the
+    flag ``precise`` builds: an ``If`` runs those nodes only then."""
     mark = len(b.nodes)
-    precise = _reaches_rail(b, b.op("Add", [distance, _magnitude(b, node, check)]), check, hint)
+    flag = precise()
     then_nodes = b.nodes[mark:]
     del b.nodes[mark:]
     kept = b.fresh("kept")
@@ -699,7 +706,7 @@ def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool =
         "If",
         [cheap],
         then_branch=helper.make_graph(
-            then_nodes, b.fresh("precise"), [], [helper.make_tensor_value_info(precise, TensorProto.BOOL, [])]
+            then_nodes, b.fresh("precise"), [], [helper.make_tensor_value_info(flag, TensorProto.BOOL, [])]
         ),
         else_branch=helper.make_graph(
             [helper.make_node("Identity", [cheap], [kept])],
@@ -707,7 +714,7 @@ def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool =
             [],
             [helper.make_tensor_value_info(kept, TensorProto.BOOL, [])],
         ),
-    ), None
+    )
 
 
 def _magnitude(b: _Builder, node: QNode, check: _RailCheck) -> str:
@@ -1033,12 +1040,37 @@ def _lower_matmul_activations(b: _Builder, node: QNode) -> None:
             widths.append(m.profile.tail_acc_bits[node.bits])
         limit = 2.0 ** (min(widths) - 1)
         if bound >= limit:
-            magnitude = b.op("MatMul", [b.op("Abs", [t]) for t in operands])
-            largest = b.op("ReduceMax", [magnitude], keepdims=0)
-            b.guard(b.op("GreaterOrEqual", [largest, b.const(limit, node.outputs[0], dtype)]), node)
+            widest = 2.0 ** (2 * max(m.width(t) for t in node.inputs[:2]) - 2) * depth  # above every sum of squares
+            squared = (
+                operands
+                if dtype == np.float64 or widest < EXACT_FLOAT32
+                else [b.op("Cast", [t], to=TensorProto.DOUBLE) for t in operands]
+            )
+            b.guard(_products_reach(b, operands, squared, limit, dtype, node.outputs[0]), node)
     rounded = b.shift_round(sums, np.asarray([shift]), node.outputs[0], dtype=dtype)
     low, high, output = _clamp(b, node)
     b.saturate(rounded, output, dtype=dtype, bounds=(low, high))
+
+
+def _products_reach(b: _Builder, operands: list[str], squared: list[str], limit: float, dtype: Any, hint: str) -> str:
+    """The scalar flag "some ``sum_k |a_ik| |b_kj|`` reaches ``limit``" of a MatMul of two activations (exact
+    integers in ``dtype``). First Cauchy-Schwarz over the whole batch, ``max_i ||a_i||^2 max_j ||b_j||^2 >= limit^2``
+    (two reductions of ``squared``, the operands in a type that holds their sums of squares exactly, and no
+    second product; the product of the two maxima in double with a relative margin for its rounding); only
+    where that reaches the limit, the magnitudes themselves (``|a| @ |b|``)."""
+    largest = []
+    for operand, axis in zip(squared, (-1, -2)):
+        squares = b.op("ReduceSumSquare", [operand], axes=[axis], keepdims=0)
+        largest.append(b.op("Cast", [b.op("ReduceMax", [squares], keepdims=0)], to=TensorProto.DOUBLE))
+    squared_limit = limit * limit * (1.0 - 2.0**-40)
+    cheap = b.op("GreaterOrEqual", [b.op("Mul", largest), b.const(squared_limit, hint, np.float64)])
+
+    def precise() -> str:
+        magnitude = b.op("MatMul", [b.op("Abs", [t]) for t in operands])
+        reach = b.op("ReduceMax", [magnitude], keepdims=0)
+        return b.op("GreaterOrEqual", [reach, b.const(limit, hint, dtype)])
+
+    return _confirmed(b, cheap, precise)
 
 
 def _lower_add_sub(b: _Builder, node: QNode) -> None:
