@@ -28,11 +28,12 @@ ZOO = shared_dir() / "zoo"
 FILES = sorted(ZOO.glob("*.espdl")) if ZOO.is_dir() else []
 needs_zoo = pytest.mark.skipif(not FILES, reason=f"the model zoo was not found at {ZOO} (set ESPQUANT_SHARED)")
 # Small files that together hold LUT (int16 table), Gelu (int8 table), PRelu without a table, Div, ReduceMean,
-# Softmax and float edges.
+# Softmax, float edges and dilated 1-D convolutions (the TDNN).
 QUICK = (
     "human_face_detect_s3_human_face_detect_msr_s8_v1.espdl",
     "pp_ocr_v6_p4_pp_ocr_v6_rec_s16_w640.espdl",
     "pp_ocr_v6_p4_pp_ocr_v6_rec_s8.espdl",
+    "speaker_verification_p4_sv_tdnn_tiny_3s.espdl",
 )
 
 
@@ -80,3 +81,20 @@ def test_the_whole_zoo_lowers():
     """Every file's every node has a kernel: loading lowers the whole graph (running it is the heavy test)."""
     for path in FILES:
         load_espdl(path, _target(path))
+
+
+@needs_zoo
+@pytest.mark.parametrize(
+    ("name", "left"),
+    [
+        ("pp_ocr_v6_p4_pp_ocr_v6_rec_s8.espdl", set()),  # 1-D convolutions, ReduceMean: all in the graph
+        ("speaker_verification_p4_sv_tdnn_tiny_3s.espdl", {"Div"}),  # a Div of two activations stays
+    ],
+)
+def test_what_small_zoo_files_leave_to_the_interpreter(name, left):
+    """The compiled path's reach on real files: what a program still hands to the numpy interpreter."""
+    path = ZOO / name
+    model = load_espdl(path, _target(path))
+    model.run(_random_inputs(model))
+    interpreted = {n.op_type for p in model.quantized._programs.values() for n in p.interpreted_nodes}
+    assert interpreted == left
