@@ -1030,7 +1030,8 @@ def _lower_matmul_activations(b: _Builder, node: QNode) -> None:
     dtype = F32 if bound + half < EXACT_FLOAT32 else np.float64
     a, c = b.use(node.inputs[0]), b.use(node.inputs[1])
     operands = [a, c] if dtype == F32 else [b.op("Cast", [t], to=TensorProto.DOUBLE) for t in (a, c)]
-    sums = b.op("MatMul", operands)
+    ranks = (len(shapes[0]), len(shapes[1]))  # type: ignore[arg-type]
+    sums = _batched_product(b, operands, dtype, ranks)
     if m.profile.simd:  # kernels._accumulate: lane blocks of the SIMD width, the tail columns in the wider lanes
         lanes_n = simd_lanes(node.bits)
         widths = []
@@ -1046,13 +1047,29 @@ def _lower_matmul_activations(b: _Builder, node: QNode) -> None:
                 if dtype == np.float64 or widest < EXACT_FLOAT32
                 else [b.op("Cast", [t], to=TensorProto.DOUBLE) for t in operands]
             )
-            b.guard(_products_reach(b, operands, squared, limit, dtype, node.outputs[0]), node)
+            b.guard(_products_reach(b, operands, squared, limit, dtype, ranks, node.outputs[0]), node)
     rounded = b.shift_round(sums, np.asarray([shift]), node.outputs[0], dtype=dtype)
     low, high, output = _clamp(b, node)
     b.saturate(rounded, output, dtype=dtype, bounds=(low, high))
 
 
-def _products_reach(b: _Builder, operands: list[str], squared: list[str], limit: float, dtype: Any, hint: str) -> str:
+def _batched_product(b: _Builder, operands: list[str], dtype: Any, ranks: tuple[int, int]) -> str:
+    """``a @ b`` with ONNX's MatMul broadcasting (operands of ``ranks``); in double as an Einsum: onnxruntime
+    before 1.24 fuses a Transpose before a MatMul into its FusedMatMul, which has no double kernel (a session of
+    ``K^T`` in double then fails to load; onnxruntime 1.23.2, Python 3.10). Einsum broadcasts axes of length 1
+    but wants as many batch axes on both sides: the shorter operand gains leading ones."""
+    if dtype == F32:
+        return b.op("MatMul", operands)
+    lifted = [
+        b.op("Unsqueeze", [t, b.const(np.arange(max(ranks) - rank), t, np.int64)]) if rank < max(ranks) else t
+        for t, rank in zip(operands, ranks)
+    ]
+    return b.op("Einsum", lifted, equation="...ij,...jk->...ik")
+
+
+def _products_reach(
+    b: _Builder, operands: list[str], squared: list[str], limit: float, dtype: Any, ranks: tuple[int, int], hint: str
+) -> str:
     """The scalar flag "some ``sum_k |a_ik| |b_kj|`` reaches ``limit``" of a MatMul of two activations (exact
     integers in ``dtype``). First Cauchy-Schwarz over the whole batch, ``max_i ||a_i||^2 max_j ||b_j||^2 >= limit^2``
     (two reductions of ``squared``, the operands in a type that holds their sums of squares exactly, and no
@@ -1066,7 +1083,7 @@ def _products_reach(b: _Builder, operands: list[str], squared: list[str], limit:
     cheap = b.op("GreaterOrEqual", [b.op("Mul", largest), b.const(squared_limit, hint, np.float64)])
 
     def precise() -> str:
-        magnitude = b.op("MatMul", [b.op("Abs", [t]) for t in operands])
+        magnitude = _batched_product(b, [b.op("Abs", [t]) for t in operands], dtype, ranks)
         reach = b.op("ReduceMax", [magnitude], keepdims=0)
         return b.op("GreaterOrEqual", [reach, b.const(limit, hint, dtype)])
 
