@@ -690,7 +690,10 @@ def _rail_check(b: _Builder, node: QNode, check: _RailCheck, cheap_first: bool =
         magnitude = _magnitude(b, node, check)
         return _reaches_rail(b, b.op("Add", [distance, magnitude]), check, hint), magnitude
     cheap = _reaches_rail(b, b.op("Add", [distance, _patch_norm_bound(b, node, check)]), check, hint)
-    precise = lambda: _reaches_rail(b, b.op("Add", [distance, _magnitude(b, node, check)]), check, hint)  # noqa: E731
+
+    def precise() -> str:
+        return _reaches_rail(b, b.op("Add", [distance, _magnitude(b, node, check)]), check, hint)
+
     return _confirmed(b, cheap, precise), None
 
 
@@ -1741,13 +1744,7 @@ def _lower_reduce(b: _Builder, node: QNode) -> None:
         return
     # ReduceSum: every step in double, where the sum, its half and its shift are all exact.
     total = b.op("ReduceSum", [b.op("Cast", [x], to=TensorProto.DOUBLE), *axes_input], keepdims=keepdims)
-    shift = np.array(e_out - e_in)
-    if m.profile.rounding == "half_up" and shift > 0:
-        total = b.op("Add", [total, b.const(2.0 ** (int(shift) - 1), hint, np.float64)])
-        rounded = b.op("Floor", [b.op("Mul", [total, b.const(2.0**-shift, hint, np.float64)])])
-    else:
-        rounded = b.shift_round(total, shift, hint, dtype=np.float64)
-    b.saturate(rounded, hint, dtype=np.float64)
+    b.saturate(b.shift_round(total, np.array(e_out - e_in), hint, dtype=np.float64), hint, dtype=np.float64)
 
 
 _LOWER: dict[str, Callable[[_Builder, QNode], None]] = {
